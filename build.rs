@@ -1,0 +1,206 @@
+//! Builds kernels/ with nvcc (through the `cc` crate) into a static library, links the
+//! CUDA runtime statically, and generates the Rust FFI of kernels/include/*.h with
+//! bindgen. Only runs with the `cuda` feature; without it the crate is CPU-only.
+//!
+//! Environment:
+//! - `NVCC`: the nvcc to use (default: `nvcc` on PATH).
+//! - `FLASHKERNELS_CUDA_ARCHS`: comma-separated targets, `sm_XX` for machine code and
+//!   `compute_XX` for PTX (default: sm_80,sm_86,sm_89,sm_90a,compute_90).
+//! - `FLASHKERNELS_KERNEL_CACHE`: a folder where the compiled kernel library is kept,
+//!   keyed by a hash of the sources, targets and compiler, so the release, test and
+//!   Python builds compile the kernels once between them.
+//! - `LIBCLANG_PATH`: where bindgen finds libclang.
+
+use std::collections::hash_map::DefaultHasher;
+use std::env;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DEFAULT_ARCHS: &str = "sm_80,sm_86,sm_89,sm_90a,compute_90";
+const LIB_NAME: &str = "flashkernels_cuda";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    for var in [
+        "NVCC",
+        "FLASHKERNELS_CUDA_ARCHS",
+        "FLASHKERNELS_KERNEL_CACHE",
+        "LIBCLANG_PATH",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let nvcc = find_nvcc();
+    let cuda_lib_dir = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("lib"))
+        .expect("nvcc lives in <cuda>/bin");
+
+    let archs = env::var("FLASHKERNELS_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into());
+    let gencodes = gencode_flags(&archs);
+    let sources = kernel_sources(Path::new("kernels"));
+    let key = cache_key(&nvcc, &gencodes, &sources);
+
+    let lib_file = out_dir.join(format!("lib{LIB_NAME}.a"));
+    let cached = env::var_os("FLASHKERNELS_KERNEL_CACHE")
+        .map(|dir| PathBuf::from(dir).join(format!("{key:016x}")).join(lib_file.file_name().unwrap()));
+    match cached.as_ref().filter(|c| c.exists()) {
+        Some(hit) => {
+            fs::copy(hit, &lib_file).expect("copy cached kernel library");
+        }
+        None => {
+            compile_kernels(&nvcc, &gencodes, &sources);
+            if let Some(c) = &cached {
+                // A failed cache write only costs a rebuild next time.
+                let _ = fs::create_dir_all(c.parent().unwrap()).and_then(|_| fs::copy(&lib_file, c));
+            }
+        }
+    }
+
+    println!("cargo:rustc-link-search=native={}", out_dir.display());
+    println!("cargo:rustc-link-lib=static={LIB_NAME}");
+    // The PyPI layout keeps libcudart_static.a in <cuda>/lib, not targets/<arch>/lib.
+    println!("cargo:rustc-link-search=native={}", cuda_lib_dir.display());
+    println!("cargo:rustc-link-lib=static=cudart_static");
+    for lib in ["stdc++", "dl", "rt", "pthread"] {
+        println!("cargo:rustc-link-lib={lib}");
+    }
+
+    generate_bindings(&out_dir);
+}
+
+fn find_nvcc() -> PathBuf {
+    let candidate = env::var_os("NVCC").map(PathBuf::from).or_else(|| {
+        env::var_os("PATH").and_then(|paths| {
+            env::split_paths(&paths)
+                .map(|p| p.join("nvcc"))
+                .find(|p| p.is_file())
+        })
+    });
+    match candidate.filter(|p| p.is_file()) {
+        Some(p) => p,
+        None => panic!(
+            "\n\nflashkernels: nvcc not found (looked at $NVCC and PATH).\n\
+             - Get it from PyPI into the project's toolchain folder: `scripts/bootstrap.sh`,\n\
+               then `eval \"$(scripts/bootstrap.sh --env)\"` (nvcc 13.0, no root needed).\n\
+             - Or build the CPU-only library: `cargo build --no-default-features`.\n\n"
+        ),
+    }
+}
+
+fn gencode_flags(archs: &str) -> Vec<String> {
+    let flags: Vec<String> = archs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            if let Some(n) = a.strip_prefix("sm_") {
+                format!("-gencode=arch=compute_{n},code=sm_{n}")
+            } else if let Some(n) = a.strip_prefix("compute_") {
+                format!("-gencode=arch=compute_{n},code=compute_{n}")
+            } else {
+                panic!("FLASHKERNELS_CUDA_ARCHS: `{a}` is neither sm_XX nor compute_XX")
+            }
+        })
+        .collect();
+    assert!(!flags.is_empty(), "FLASHKERNELS_CUDA_ARCHS names no target");
+    flags
+}
+
+/// Every file under kernels/, sorted, so the cache key is stable.
+fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).expect("read kernels/") {
+            let path = entry.expect("kernels/ entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn cache_key(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) -> u64 {
+    let mut h = DefaultHasher::new();
+    nvcc_flags().hash(&mut h);
+    gencodes.hash(&mut h);
+    let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout);
+    version.unwrap_or_default().hash(&mut h);
+    for s in sources {
+        s.hash(&mut h);
+        fs::read(s).expect("read kernel source").hash(&mut h);
+    }
+    h.finish()
+}
+
+fn nvcc_flags() -> Vec<&'static str> {
+    vec!["-std=c++17", "--use_fast_math"]
+}
+
+fn compile_kernels(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) {
+    // cc picks nvcc up from $NVCC when building CUDA; `.compiler()` would make it treat
+    // nvcc as a host compiler and pass it gcc flags.
+    env::set_var("NVCC", nvcc);
+    let mut build = cc::Build::new();
+    build
+        .cuda(true)
+        .cargo_metadata(false)
+        .warnings(false)
+        .extra_warnings(false)
+        .debug(false) // cc would pass -G, which makes device code unusably slow
+        .opt_level(3)
+        .include("kernels/include");
+    for f in nvcc_flags() {
+        build.flag(f);
+    }
+    for g in gencodes {
+        build.flag(g);
+    }
+    for s in sources.iter().filter(|s| s.extension().is_some_and(|e| e == "cu")) {
+        build.file(s);
+    }
+    build.compile(LIB_NAME);
+}
+
+fn generate_bindings(out_dir: &Path) {
+    let mut builder = bindgen::Builder::default()
+        .allowlist_function("fk_.*")
+        .allowlist_type("fk_.*")
+        .allowlist_var("FK_.*")
+        .derive_default(true)
+        .layout_tests(false)
+        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
+    let mut headers: Vec<PathBuf> = fs::read_dir("kernels/include")
+        .expect("read kernels/include")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "h"))
+        .collect();
+    headers.sort();
+    for h in &headers {
+        builder = builder.header(h.to_string_lossy());
+    }
+    builder
+        .generate()
+        .unwrap_or_else(|e| {
+            panic!(
+                "\n\nflashkernels: bindgen failed ({e}). It needs libclang: run \
+                 `scripts/bootstrap.sh` and `eval \"$(scripts/bootstrap.sh --env)\"` \
+                 (sets LIBCLANG_PATH), or `apt-get install libclang-dev`.\n\n"
+            )
+        })
+        .write_to_file(out_dir.join("ffi.rs"))
+        .expect("write ffi.rs");
+}
