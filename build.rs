@@ -50,8 +50,11 @@ fn main() {
     let key = cache_key(&nvcc, &gencodes, &sources);
 
     let lib_file = out_dir.join(format!("lib{LIB_NAME}.a"));
-    let cached = env::var_os("FLASHKERNELS_KERNEL_CACHE")
-        .map(|dir| PathBuf::from(dir).join(format!("{key:016x}")).join(lib_file.file_name().unwrap()));
+    let cached = env::var_os("FLASHKERNELS_KERNEL_CACHE").map(|dir| {
+        PathBuf::from(dir)
+            .join(format!("{key:016x}"))
+            .join(lib_file.file_name().unwrap())
+    });
     match cached.as_ref().filter(|c| c.exists()) {
         Some(hit) => {
             fs::copy(hit, &lib_file).expect("copy cached kernel library");
@@ -60,7 +63,8 @@ fn main() {
             compile_kernels(&nvcc, &gencodes, &sources);
             if let Some(c) = &cached {
                 // A failed cache write only costs a rebuild next time.
-                let _ = fs::create_dir_all(c.parent().unwrap()).and_then(|_| fs::copy(&lib_file, c));
+                let _ =
+                    fs::create_dir_all(c.parent().unwrap()).and_then(|_| fs::copy(&lib_file, c));
             }
         }
     }
@@ -137,7 +141,10 @@ fn cache_key(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) -> u64 {
     let mut h = DefaultHasher::new();
     nvcc_flags().hash(&mut h);
     gencodes.hash(&mut h);
-    let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout);
+    let version = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout);
     version.unwrap_or_default().hash(&mut h);
     for s in sources {
         s.hash(&mut h);
@@ -169,7 +176,10 @@ fn compile_kernels(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) {
     for g in gencodes {
         build.flag(g);
     }
-    for s in sources.iter().filter(|s| s.extension().is_some_and(|e| e == "cu")) {
+    for s in sources
+        .iter()
+        .filter(|s| s.extension().is_some_and(|e| e == "cu"))
+    {
         build.file(s);
     }
     build.compile(LIB_NAME);

@@ -207,7 +207,10 @@ pub mod cuda {
 
     /// Checks what the kernel needs beyond the op's semantics: dtype, head dim, 16-byte
     /// aligned rows, sizes that fit its 32-bit indices and grid.
-    pub fn check_kernel_support(p: &AttentionProblem, views: &[(&'static str, &DeviceView)]) -> Result<()> {
+    pub fn check_kernel_support(
+        p: &AttentionProblem,
+        views: &[(&'static str, &DeviceView)],
+    ) -> Result<()> {
         if !matches!(p.dtype, DType::F16 | DType::BF16) {
             return Err(Error::UnsupportedDType {
                 name: "q",
@@ -225,7 +228,11 @@ pub mod cuda {
         let limit = i32::MAX as u64;
         for (what, value) in [("seqlen_q", p.seqlen_q), ("seqlen_k", p.seqlen_k)] {
             if value as u64 > limit {
-                return Err(Error::TooLarge { what: what.into(), value: value as u64, limit });
+                return Err(Error::TooLarge {
+                    what: what.into(),
+                    value: value as u64,
+                    limit,
+                });
             }
         }
         for (what, value) in [("batch", p.batch), ("heads", p.heads)] {
@@ -241,7 +248,10 @@ pub mod cuda {
         for (name, view) in views {
             if view.device != device {
                 return Err(Error::DeviceMismatch {
-                    detail: format!("{name} is on cuda:{} but q is on cuda:{device}", view.device),
+                    detail: format!(
+                        "{name} is on cuda:{} but q is on cuda:{device}",
+                        view.device
+                    ),
                 });
             }
             let elem = view.dtype.size() as u64;
@@ -284,7 +294,8 @@ pub mod cuda {
                 });
             }
         }
-        let out = DeviceTensor::poisoned(stream, p.dtype, &[p.batch, p.seqlen_q, p.heads, p.head_dim])?;
+        let out =
+            DeviceTensor::poisoned(stream, p.dtype, &[p.batch, p.seqlen_q, p.heads, p.head_dim])?;
         let lse = DeviceTensor::poisoned(stream, DType::F32, &[p.batch, p.heads, p.seqlen_q])?;
         // SAFETY: all views come from live DeviceTensors whose layouts were checked
         // against their allocations; outputs are freshly allocated with matching shapes.
@@ -318,7 +329,12 @@ pub mod cuda {
         opts: &AttentionOptions,
         stream: *mut c_void,
     ) -> Result<()> {
-        let p = validate((q.dtype, &q.layout), (k.dtype, &k.layout), (v.dtype, &v.layout), opts)?;
+        let p = validate(
+            (q.dtype, &q.layout),
+            (k.dtype, &k.layout),
+            (v.dtype, &v.layout),
+            opts,
+        )?;
         let o_shape = [p.batch, p.seqlen_q, p.heads, p.head_dim];
         if out.layout.shape != o_shape || out.dtype != p.dtype || out.layout.strides[3] != 1 {
             return Err(Error::ShapeMismatch {
@@ -340,7 +356,10 @@ pub mod cuda {
         check_kernel_support(&p, &[("q", q), ("k", k), ("v", v), ("out", out)])?;
         if lse.device != q.device {
             return Err(Error::DeviceMismatch {
-                detail: format!("lse is on cuda:{} but q is on cuda:{}", lse.device, q.device),
+                detail: format!(
+                    "lse is on cuda:{} but q is on cuda:{}",
+                    lse.device, q.device
+                ),
             });
         }
         let s = |l: &Layout, i: usize| l.strides[i] as i64;

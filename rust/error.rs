@@ -37,7 +37,10 @@ pub enum Error {
     },
     /// A tensor with a zero-sized dimension.
     #[error("{name} is empty (shape {shape:?})")]
-    Empty { name: &'static str, shape: Vec<usize> },
+    Empty {
+        name: &'static str,
+        shape: Vec<usize>,
+    },
     /// A size or offset that the kernel's 32-bit indexing (or grid limits) cannot hold.
     #[error("{what} = {value} exceeds the limit {limit}")]
     TooLarge {

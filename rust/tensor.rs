@@ -129,8 +129,9 @@ impl Layout {
             .iter()
             .zip(&self.strides)
             .try_fold(1usize, |acc, (&n, &s)| {
-                n.checked_sub(1)
-                    .map_or(Some(acc), |m| m.checked_mul(s).and_then(|x| x.checked_add(acc)))
+                n.checked_sub(1).map_or(Some(acc), |m| {
+                    m.checked_mul(s).and_then(|x| x.checked_add(acc))
+                })
             });
         match span {
             Some(span) if self.numel() == 0 || span <= storage_len => Ok(()),
@@ -252,7 +253,9 @@ impl HostTensor {
     /// A tensor over `data` with explicit strides (in elements).
     pub fn from_data(data: HostData, layout: Layout) -> Result<Self> {
         if layout.shape.is_empty() {
-            return Err(Error::InvalidArgument("a tensor needs at least one dimension".into()));
+            return Err(Error::InvalidArgument(
+                "a tensor needs at least one dimension".into(),
+            ));
         }
         layout.check("tensor", data.len())?;
         Ok(HostTensor { data, layout })

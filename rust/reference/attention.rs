@@ -7,9 +7,13 @@ pub fn attention(p: &AttentionProblem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<
     let mut out = vec![0f32; b * nq * h * d];
     let mut lse = vec![0f32; b * h * nq];
     // One task per (batch, head); each writes disjoint rows of O and LSE.
-    let tasks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).map(move |hi| (bi, hi))).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(tasks.len());
-    let results: Vec<Vec<(usize, usize, Vec<f32>, Vec<f32>)>> = std::thread::scope(|s| {
+    let tasks: Vec<(usize, usize)> = (0..b)
+        .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(tasks.len());
+    let results: Vec<Vec<HeadResult>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let tasks = &tasks;
@@ -19,16 +23,19 @@ pub fn attention(p: &AttentionProblem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<
                         .skip(t)
                         .step_by(threads)
                         .map(|&(bi, hi)| {
-                            let (o, l) = head(p, q, k, v, bi, hi);
-                            (bi, hi, o, l)
+                            let (o, lse) = head(p, q, k, v, bi, hi);
+                            HeadResult { bi, hi, o, lse }
                         })
                         .collect()
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("reference worker")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reference worker"))
+            .collect()
     });
-    for (bi, hi, o, l) in results.into_iter().flatten() {
+    for HeadResult { bi, hi, o, lse: l } in results.into_iter().flatten() {
         for i in 0..nq {
             let dst = ((bi * nq + i) * h + hi) * d;
             out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
@@ -36,6 +43,14 @@ pub fn attention(p: &AttentionProblem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<
         lse[(bi * h + hi) * nq..(bi * h + hi + 1) * nq].copy_from_slice(&l);
     }
     (out, lse)
+}
+
+/// O rows (Nq x D) and LSE of one (batch, head).
+struct HeadResult {
+    bi: usize,
+    hi: usize,
+    o: Vec<f32>,
+    lse: Vec<f32>,
 }
 
 /// One (batch, head): O rows (Nq x D) and LSE (Nq).

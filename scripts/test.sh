@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh checkout: toolchain set-up (into .toolchain/), lint,
+# Rust tests (CUDA build and CPU-only build), the Python wheel and its tests. GPU tests
+# are reported as ignored/skipped on a machine without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+eval "$(bash scripts/bootstrap.sh --env)"
+
+echo "== format and lint"
+cargo fmt --check
+cargo clippy --all-targets --features python -- -D warnings
+
+echo "== Rust tests (with the CUDA kernels built in)"
+cargo test --release
+
+echo "== Rust tests, CPU-only build (no nvcc involved)"
+cargo test --release --no-default-features --lib --tests
+
+echo "== Python wheel and tests"
+rm -rf target/wheels
+maturin build --release --quiet -o target/wheels
+python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps target/wheels/*.whl
+# Run from python/tests so the installed wheel, not the source folder, is imported.
+(cd python/tests && python -m pytest -q -rs .)
