@@ -78,6 +78,14 @@ pub fn validate(
                 shape: l.shape.clone(),
             });
         }
+        if l.strides.len() != 4 {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: shape {:?} has {} strides {:?}",
+                l.shape,
+                l.strides.len(),
+                l.strides
+            )));
+        }
         if l.numel() == 0 {
             return Err(Error::Empty {
                 name,
@@ -204,11 +212,15 @@ pub mod cuda {
 
     /// Largest grid y/z extent (heads, batch).
     const MAX_GRID_YZ: usize = 65_535;
+    /// Longest sequence the kernel's 32-bit row arithmetic handles: it forms values up to
+    /// a sequence length plus one tile (128 rows).
+    const MAX_SEQLEN: u64 = i32::MAX as u64 - 1024;
 
     /// Checks what the kernel needs beyond the op's semantics: dtype, head dim, 16-byte
-    /// aligned rows, sizes that fit its 32-bit indices and grid.
+    /// aligned rows, sizes that fit its 32-bit indices and grid, every view on `device`.
     pub fn check_kernel_support(
         p: &AttentionProblem,
+        device: usize,
         views: &[(&'static str, &DeviceView)],
     ) -> Result<()> {
         if !matches!(p.dtype, DType::F16 | DType::BF16) {
@@ -225,13 +237,12 @@ pub mod cuda {
                 p.head_dim
             )));
         }
-        let limit = i32::MAX as u64;
         for (what, value) in [("seqlen_q", p.seqlen_q), ("seqlen_k", p.seqlen_k)] {
-            if value as u64 > limit {
+            if value as u64 > MAX_SEQLEN {
                 return Err(Error::TooLarge {
                     what: what.into(),
                     value: value as u64,
-                    limit,
+                    limit: MAX_SEQLEN,
                 });
             }
         }
@@ -244,7 +255,6 @@ pub mod cuda {
                 });
             }
         }
-        let device = views[0].1.device;
         for (name, view) in views {
             if view.device != device {
                 return Err(Error::DeviceMismatch {
@@ -293,6 +303,9 @@ pub mod cuda {
                     ),
                 });
             }
+            // Inputs written on another stream: order the launch after them without
+            // blocking the host.
+            stream.wait_for(t.stream())?;
         }
         let out =
             DeviceTensor::poisoned(stream, p.dtype, &[p.batch, p.seqlen_q, p.heads, p.head_dim])?;
@@ -336,7 +349,9 @@ pub mod cuda {
             opts,
         )?;
         let o_shape = [p.batch, p.seqlen_q, p.heads, p.head_dim];
-        if out.layout.shape != o_shape || out.dtype != p.dtype || out.layout.strides[3] != 1 {
+        let unit_last =
+            |l: &Layout| l.strides.len() == l.shape.len() && l.strides.last() == Some(&1);
+        if out.layout.shape != o_shape || out.dtype != p.dtype || !unit_last(&out.layout) {
             return Err(Error::ShapeMismatch {
                 detail: format!(
                     "out must be {} {o_shape:?} with unit last stride, got {} {:?} strides {:?}",
@@ -345,7 +360,7 @@ pub mod cuda {
             });
         }
         let lse_shape = [p.batch, p.heads, p.seqlen_q];
-        if lse.layout.shape != lse_shape || lse.dtype != DType::F32 || lse.layout.strides[2] != 1 {
+        if lse.layout.shape != lse_shape || lse.dtype != DType::F32 || !unit_last(&lse.layout) {
             return Err(Error::ShapeMismatch {
                 detail: format!(
                     "lse must be float32 {lse_shape:?} with unit last stride, got {} {:?} strides {:?}",
@@ -353,7 +368,7 @@ pub mod cuda {
                 ),
             });
         }
-        check_kernel_support(&p, &[("q", q), ("k", k), ("v", v), ("out", out)])?;
+        check_kernel_support(&p, q.device, &[("q", q), ("k", k), ("v", v), ("out", out)])?;
         if lse.device != q.device {
             return Err(Error::DeviceMismatch {
                 detail: format!(
@@ -361,6 +376,12 @@ pub mod cuda {
                     lse.device, q.device
                 ),
             });
+        }
+        if lse.ptr % 4 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "lse: needs a 4-byte aligned pointer, got {:#x}",
+                lse.ptr
+            )));
         }
         let s = |l: &Layout, i: usize| l.strides[i] as i64;
         let params = ffi::fk_attention_fwd_params {

@@ -129,6 +129,15 @@ impl Stream {
         self.inner.cu_stream() as *mut c_void
     }
 
+    /// Makes work queued on `self` from now on wait for what is queued on `other` so far
+    /// (an event, no host synchronization). A no-op when both are the same stream.
+    pub fn wait_for(&self, other: &Stream) -> Result<()> {
+        if self.raw() != other.raw() {
+            self.inner.join(&other.inner)?;
+        }
+        Ok(())
+    }
+
     /// Blocks until all work queued so far has finished.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.inner.synchronize()?)

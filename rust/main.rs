@@ -18,6 +18,7 @@ struct Case {
     causal: bool,
 }
 
+#[cfg(feature = "cuda")]
 const GPU_CASES: &[Case] = &[
     Case {
         batch: 1,

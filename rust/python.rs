@@ -543,6 +543,7 @@ fn attention_forward(
                     .collect();
                 attention::cuda::check_kernel_support(
                     &p,
+                    views[0].device,
                     &[("q", &views[0]), ("k", &views[1]), ("v", &views[2])],
                 )
                 .map_err(to_py_err)?;
