@@ -26,5 +26,9 @@ for line in sys.stdin:
 cargo build --release --bin flashkernels
 cp target/release/flashkernels .gpu/bin/flashkernels
 maturin build --release --quiet -o .gpu/wheel >/dev/null
+# The GPU machine's Python has torch, cupy and jax but no pytest: bring it as wheels.
+python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .gpu/pywheels \
+  pytest iniconfig pluggy packaging pygments
 ls -la .gpu/bin .gpu/wheel
 du -sh .gpu

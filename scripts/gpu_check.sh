@@ -33,7 +33,7 @@ step "CLI"
 timeout 120 .gpu/bin/flashkernels 2>&1 | tee "$OUT/cli.log" || status=1
 
 step "Python GPU tests"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheel/*.whl
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheel/*.whl .gpu/pywheels/*.whl
 export PYTHONPATH=/tmp/site
 timeout 300 python3 -m pytest -q -rs python/tests 2>&1 | tail -n 30 | tee "$OUT/pytest.log" || status=1
 
