@@ -23,7 +23,7 @@ done
 
 step "compute-sanitizer (memcheck) on the GPU tests, small cases"
 if command -v compute-sanitizer >/dev/null; then
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
     .gpu/bin/test-gpu_attention --ignored --test-threads=1 odd_lengths 2>&1 | tail -n 15 | tee "$OUT/sanitizer.log" || status=1
 else
   echo "compute-sanitizer not found"
