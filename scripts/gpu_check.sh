@@ -13,7 +13,7 @@ step() { echo; echo "=== $* ==="; }
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/device.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/device.txt" || true
+echo "commit: ${FK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$OUT/device.txt"
 
 step "Rust GPU tests"
 for t in .gpu/bin/test-*; do
