@@ -1,28 +1,38 @@
 // FlashAttention-2-style dense attention forward for sm_80+.
 //
-// One thread block computes BLOCK_M query rows of one (batch, head); each warp owns 16 of
-// those rows for the whole kernel, so softmax statistics never leave registers. Per key
+// One thread block computes BLOCK_M query rows of one (batch, head); each warp owns 16 or
+// 32 of those rows for the whole kernel, so softmax statistics never leave registers. Per key
 // block: S = Q K^T on tensor cores, masking (sequence end, causal), online softmax in the
 // exp2 domain, O += P V with P reused straight from the S accumulators as an MMA operand.
 // K and V tiles are double-buffered with cp.async so the next block's loads overlap this
 // block's math. Nothing of size Nq x Nk is ever stored.
 #pragma once
 
+#include <stdlib.h>
+
 #include "../common/mma_sm80.cuh"
 #include "dense_fwd.h"
 
 namespace fk {
 
-template <int kHeadDim_, typename Element_> struct DenseFwdTraitsSm80 {
+// Tile configuration. kMTiles is the number of 16-row MMA tiles a warp owns: with 2,
+// every K/V fragment read from shared memory (ldmatrix) feeds two MMAs, halving the
+// shared-memory traffic per FLOP, which is what bounds the 1-tile version; the cost is
+// twice the accumulator registers, so Q is then re-read from shared memory each key block
+// instead of living in registers.
+template <int kHeadDim_, typename Element_, int kMTiles_, int kNWarps_, int kBlockN_,
+          int kMinBlocksPerSm_>
+struct DenseFwdTraitsSm80 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNWarps = 8;
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kBlockM = 16 * kNWarps; // 16 query rows per warp
-  static constexpr int kBlockN = 64;
-  // Register budget: 256 threads x 2 blocks caps a thread at 128 registers, which the
-  // head-dim-128 accumulators (64 floats of O + 32 of S + 32 of Q) do not fit.
-  static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarpRows * kNWarps;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr bool kQInRegs = kMTiles == 1;
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
   using Tile = SwizzledTile<kHeadDim>;
   static constexpr int kSmemQ = kBlockM * kHeadDim;  // elements
   static constexpr int kSmemKV = kBlockN * kHeadDim; // elements, one K or V stage
@@ -58,6 +68,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
   constexpr int BN = Traits::kBlockN;
+  constexpr int MT = Traits::kMTiles;
   constexpr int kKSteps = D / 16;  // k-steps of S = Q K^T
   constexpr int kSTiles = BN / 8;  // 8-wide column tiles of S
   constexpr int kOTiles = D / 8;   // 8-wide column tiles of O
@@ -80,6 +91,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int g = lane / 4; // row within the 8-row half of an MMA fragment
   const int t = lane % 4; // column pair within an 8-wide fragment
   const int m0 = m_block * BM;
+  const int warp_row0 = warp * Traits::kWarpRows; // first row of this warp in the tile
 
   const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
                      head * p.q_head_stride + int64_t(m0) * p.q_row_stride;
@@ -104,22 +116,34 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   }
   cp_async_commit();
 
+  // A fragment of Q for (m-tile, k-step): rows warp_row0 + 16 mt + [0, 16).
+  auto load_q = [&](uint32_t(&a)[4], int mt, int ks) {
+    const int row = warp_row0 + mt * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
+    ldmatrix_x4(a, smem_addr(sQ + Tile::offset(row, 2 * ks + lane / 16)));
+  };
   cp_async_wait<1>(); // Q has landed
   __syncthreads();
-  uint32_t qf[kKSteps][4];
+  uint32_t qf[Traits::kQInRegs ? kKSteps : 1][4];
+  if constexpr (Traits::kQInRegs) {
 #pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks) {
-    const int row = warp * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-    ldmatrix_x4(qf[ks], smem_addr(sQ + Tile::offset(row, 2 * ks + lane / 16)));
+    for (int ks = 0; ks < kKSteps; ++ks) load_q(qf[ks], 0, ks);
   }
 
-  float acc[kOTiles][4];
+  float acc[MT][kOTiles][4];
 #pragma unroll
-  for (int i = 0; i < kOTiles; ++i)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}; // log2 domain, scale applied
-  float row_sum[2] = {0.f, 0.f};             // this thread's partial sums
+    for (int i = 0; i < kOTiles; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][i][e] = 0.f;
+  float row_max[MT][2], row_sum[MT][2]; // max in the log2 domain, scale applied;
+#pragma unroll                          // sums are this thread's partial sums
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[mt][r] = -INFINITY;
+      row_sum[mt][r] = 0.f;
+    }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   for (int n = 0; n < n_blocks; ++n) {
@@ -140,21 +164,37 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     const Element *sKs = sK + stage * Traits::kSmemKV;
     const Element *sVs = sV + stage * Traits::kSmemKV;
 
-    // S = Q K^T for this warp's 16 rows and the block's BN keys.
-    float s[kSTiles][4];
+    // S = Q K^T for this warp's rows and the block's BN keys. Each K fragment is loaded
+    // once and used by all MT m-tiles.
+    float s[MT][kSTiles][4];
 #pragma unroll
-    for (int j = 0; j < kSTiles; ++j)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (Traits::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = qf[ks][e];
+        } else {
+          load_q(a[mt], mt, ks);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kSTiles; j += 2) {
         uint32_t b[4];
         const int row = (j + lane / 16) * 8 + (lane % 8);
         ldmatrix_x4(b, smem_addr(sKs + Tile::offset(row, 2 * ks + ((lane / 8) & 1))));
-        mma_16x8x16<Element>(s[j], qf[ks], b[0], b[1]);
-        mma_16x8x16<Element>(s[j + 1], qf[ks], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<Element>(s[mt][j], a[mt], b[0], b[1]);
+          mma_16x8x16<Element>(s[mt][j + 1], a[mt], b[2], b[3]);
+        }
       }
     }
 
@@ -162,59 +202,69 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     const bool need_mask = (k0 + BN > p.seqlen_k) || (kCausal && k0 + BN - 1 > m0 + diag);
     if (need_mask) {
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = k0 + j * 8 + 2 * t + (e & 1);
-          const int row = m0 + warp * 16 + g + (e >= 2 ? 8 : 0);
-          if (col >= p.seqlen_k || (kCausal && col > row + diag)) s[j][e] = -INFINITY;
-        }
+        for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = k0 + j * 8 + 2 * t + (e & 1);
+            const int row = m0 + warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0);
+            if (col >= p.seqlen_k || (kCausal && col > row + diag)) s[mt][j][e] = -INFINITY;
+          }
     }
 
     // Online softmax: new running max, rescale what was accumulated, exponentiate.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
-        mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]) * scale_log2);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row that has seen only masked keys keeps max -inf; subtract 0 instead so the
-      // exponentials below are exp2(-inf) = 0 rather than NaN.
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = mx;
-      row_sum[r] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
 #pragma unroll
-      for (int i = 0; i < kOTiles; ++i) {
-        acc[i][2 * r] *= alpha;
-        acc[i][2 * r + 1] *= alpha;
+        for (int j = 0; j < kSTiles; ++j)
+          mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]) * scale_log2);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // A row that has seen only masked keys keeps max -inf; subtract 0 instead so the
+        // exponentials below are exp2(-inf) = 0 rather than NaN.
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(row_max[mt][r] - m_use);
+        row_max[mt][r] = mx;
+        row_sum[mt][r] *= alpha;
+#pragma unroll
+        for (int i = 0; i < kOTiles; ++i) {
+          acc[mt][i][2 * r] *= alpha;
+          acc[mt][i][2 * r + 1] *= alpha;
+        }
+#pragma unroll
+        for (int j = 0; j < kSTiles; ++j) {
+          s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], scale_log2, -m_use));
+          s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], scale_log2, -m_use));
+          row_sum[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+        }
       }
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j) {
-        s[j][2 * r] = exp2f(fmaf(s[j][2 * r], scale_log2, -m_use));
-        s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -m_use));
-        row_sum[r] += s[j][2 * r] + s[j][2 * r + 1];
-      }
-    }
 
     // O += P V. The S accumulators of two adjacent 8-key tiles are exactly the A
     // fragment of one 16-key k-step, so P never touches shared memory.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = ET::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = ET::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = ET::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = ET::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = ET::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = ET::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = ET::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = ET::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
         uint32_t b[4];
         const int row = kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
         ldmatrix_x4_trans(b, smem_addr(sVs + Tile::offset(row, 2 * np + lane / 16)));
-        mma_16x8x16<Element>(acc[2 * np], a, b[0], b[1]);
-        mma_16x8x16<Element>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<Element>(acc[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16x8x16<Element>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
     __syncthreads(); // everyone is done with this stage before it is refilled
@@ -225,31 +275,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   cp_async_wait<0>();
   __syncthreads();
 
-  float inv_sum[2], lse[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv_sum[r] = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -INFINITY;
-  }
-
   Element *sO = sQ;
+  float lse[MT][2];
 #pragma unroll
-  for (int i = 0; i < kOTiles; ++i)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = warp * 16 + g + 8 * r;
-      *reinterpret_cast<uint32_t *>(sO + Tile::offset(row, i) + 2 * t) =
-          ET::pack(acc[i][2 * r] * inv_sum[r], acc[i][2 * r + 1] * inv_sum[r]);
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+      lse[mt][r] = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+      const int row = warp_row0 + mt * 16 + g + 8 * r;
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i)
+        *reinterpret_cast<uint32_t *>(sO + Tile::offset(row, i) + 2 * t) =
+            ET::pack(acc[mt][i][2 * r] * inv_sum, acc[mt][i][2 * r + 1] * inv_sum);
     }
   __syncwarp();
 
   Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
 #pragma unroll
-  for (int i = lane; i < 16 * Tile::kChunksPerRow; i += 32) {
-    const int row = warp * 16 + i / Tile::kChunksPerRow;
+  for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
+    const int row = warp_row0 + i / Tile::kChunksPerRow;
     const int chunk = i % Tile::kChunksPerRow;
     const int grow = m0 + row;
     if (grow < p.seqlen_q)
@@ -258,17 +306,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   }
   if (t == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int grow = m0 + warp * 16 + g + 8 * r;
-      if (grow < p.seqlen_q)
-        p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + grow] = lse[r];
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int grow = m0 + warp_row0 + mt * 16 + g + 8 * r;
+        if (grow < p.seqlen_q)
+          p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + grow] = lse[mt][r];
+      }
   }
 }
 
-template <int kHeadDim, typename Element, bool kCausal>
-cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &p, cudaStream_t stream) {
-  using Traits = DenseFwdTraitsSm80<kHeadDim, Element>;
+template <class Traits, bool kCausal>
+cudaError_t launch_dense_fwd(const fk_attention_fwd_params &p, cudaStream_t stream) {
   auto kernel = dense_fwd_kernel<Traits, kCausal>;
   constexpr size_t smem = Traits::kSmemBytes;
   if (smem > 48 * 1024) {
@@ -279,6 +328,22 @@ cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &p, cudaStream_t st
   const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int kHeadDim, typename Element, bool kCausal>
+cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &p, cudaStream_t stream) {
+  // 1 m-tile per warp: 8 warps, Q in registers. 2 m-tiles: 4 warps (FlashAttention-2's
+  // split), half the shared-memory reads per MMA. TEMPORARY: FK_DENSE_FWD_MTILES picks
+  // one for the side-by-side measurement; the default is the one measured faster.
+  static const int mtiles = [] {
+    const char *e = getenv("FK_DENSE_FWD_MTILES");
+    return e && e[0] == '1' ? 1 : 2;
+  }();
+  if (mtiles == 1)
+    return launch_dense_fwd<
+        DenseFwdTraitsSm80<kHeadDim, Element, 1, 8, 64, kHeadDim <= 64 ? 2 : 1>, kCausal>(p, stream);
+  return launch_dense_fwd<
+      DenseFwdTraitsSm80<kHeadDim, Element, 2, 4, kHeadDim <= 64 ? 64 : 32, 2>, kCausal>(p, stream);
 }
 
 } // namespace fk
