@@ -8,8 +8,6 @@
 // block's math. Nothing of size Nq x Nk is ever stored.
 #pragma once
 
-#include <stdlib.h>
-
 #include "../common/mma_sm80.cuh"
 #include "dense_fwd.h"
 
@@ -330,20 +328,24 @@ cudaError_t launch_dense_fwd(const fk_attention_fwd_params &p, cudaStream_t stre
   return cudaGetLastError();
 }
 
+// Per head dim, the configuration measured faster on an H200
+// (benches/results/2026-11-26-h200-dense-fwd-mtiles): at D=64 two m-tiles per warp halve
+// the shared-memory reads per MMA (+12%); at D=128 their 128 accumulator floats per
+// thread spill at 255 registers, and one m-tile with Q in registers wins by 16%.
+template <int kHeadDim> struct DenseFwdConfigSm80;
+template <> struct DenseFwdConfigSm80<64> {
+  static constexpr int kMTiles = 2, kNWarps = 4, kBlockN = 64, kMinBlocksPerSm = 2;
+};
+template <> struct DenseFwdConfigSm80<128> {
+  static constexpr int kMTiles = 1, kNWarps = 8, kBlockN = 64, kMinBlocksPerSm = 1;
+};
+
 template <int kHeadDim, typename Element, bool kCausal>
 cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &p, cudaStream_t stream) {
-  // 1 m-tile per warp: 8 warps, Q in registers. 2 m-tiles: 4 warps (FlashAttention-2's
-  // split), half the shared-memory reads per MMA. TEMPORARY: FK_DENSE_FWD_MTILES picks
-  // one for the side-by-side measurement; the default is the one measured faster.
-  static const int mtiles = [] {
-    const char *e = getenv("FK_DENSE_FWD_MTILES");
-    return e && e[0] == '1' ? 1 : 2;
-  }();
-  if (mtiles == 1)
-    return launch_dense_fwd<
-        DenseFwdTraitsSm80<kHeadDim, Element, 1, 8, 64, kHeadDim <= 64 ? 2 : 1>, kCausal>(p, stream);
-  return launch_dense_fwd<
-      DenseFwdTraitsSm80<kHeadDim, Element, 2, 4, kHeadDim <= 64 ? 64 : 32, 2>, kCausal>(p, stream);
+  using C = DenseFwdConfigSm80<kHeadDim>;
+  using Traits = DenseFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
+                                    C::kMinBlocksPerSm>;
+  return launch_dense_fwd<Traits, kCausal>(p, stream);
 }
 
 } // namespace fk
