@@ -151,33 +151,7 @@ def _export(name: str, x: Any, stream: Any = None, *, for_cuda: bool = False) ->
         raise TypeError(f"{name}: cannot be read through DLPack: {e}") from e
 
 
-_torch_ops: Any = None  # ._torch_ops once registered (needs torch)
-
-
-def _register_torch_ops() -> Any:
-    global _torch_ops
-    if _torch_ops is None:
-        from . import _torch_ops as ops
-
-        _torch_ops = ops
-    return _torch_ops
-
-
 def _attention(
-    tensors: tuple, *, heads_first: bool, causal: bool, scale: Optional[float], return_lse: bool
-) -> Any:
-    if _framework(tensors[0]) == "torch":
-        ops = _register_torch_ops()
-        if sys.modules["torch"].compiler.is_compiling():
-            # Under torch.compile: a registered op that the tracer understands.
-            out, lse = ops.attention_fwd(*tensors, heads_first, bool(causal), scale)
-            return (out, lse) if return_lse else out
-    return _attention_eager(
-        tensors, heads_first=heads_first, causal=causal, scale=scale, return_lse=return_lse
-    )
-
-
-def _attention_eager(
     tensors: tuple, *, heads_first: bool, causal: bool, scale: Optional[float], return_lse: bool
 ) -> Any:
     devices = []
@@ -284,8 +258,3 @@ def _to_caller(fw: Optional[str], like: Any, dev_type: int, t: Any) -> Any:
     if dev_type in _HOST_DEVICES:
         return jax.device_put(t, next(iter(like.devices())))
     return jax.dlpack.from_dlpack(t)
-
-
-if "torch" in sys.modules:
-    # Register now, so torch.compile finds the op even if no eager call came first.
-    _register_torch_ops()

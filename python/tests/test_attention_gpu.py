@@ -246,39 +246,3 @@ def test_jax_gpu_buffers_are_freed():
         out = fk.flash_attn_func(x, x, x)
         out.block_until_ready()
         del out
-
-
-@needs_torch
-@pytest.mark.parametrize("heads_first", [True, False])
-def test_torch_compile_fullgraph(heads_first):
-    """torch.compile traces the call as one registered op (no graph break), with the same
-    result as eager."""
-    torch.manual_seed(3)
-    shape = (2, 4, 130, 64) if heads_first else (2, 130, 4, 64)
-    q, k, v = (randn(*shape, dtype=torch.bfloat16) for _ in range(3))
-
-    def f(q, k, v):
-        if heads_first:
-            out, lse = fk.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
-        else:
-            out, lse = fk.flash_attn_func(q, k, v, causal=True, return_lse=True)
-        return out * 2, lse
-
-    torch._dynamo.reset()
-    got, got_lse = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
-    want, want_lse = f(q, k, v)
-    assert got.shape == want.shape and got.stride() == want.stride()
-    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
-
-
-@needs_torch
-def test_torch_custom_op_registration():
-    """torch's own checks of the registered op: schema, fake (meta) implementation against
-    the real one, and tracing through AOT dispatch."""
-    torch.manual_seed(4)
-    q, k, v = (randn(1, 2, 65, 128, dtype=torch.float16) for _ in range(3))
-    for heads_first in (True, False):
-        args = (q, k, v, heads_first, True, None) if heads_first else (
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads_first, False, 0.1
-        )
-        torch.library.opcheck(torch.ops.flashkernels.attention_fwd.default, args)
