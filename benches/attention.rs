@@ -32,6 +32,7 @@ fn problem(b: usize, h: usize, n: usize, d: usize, causal: bool, dtype: DType) -
         &AttentionOptions {
             scale: None,
             causal,
+            ..Default::default()
         },
     )
     .expect("valid bench problem")
@@ -64,6 +65,7 @@ fn bench_cpu(c: &mut Criterion) {
             let opts = AttentionOptions {
                 scale: None,
                 causal,
+                ..Default::default()
             };
             g.throughput(Throughput::Elements(p.flops() as u64));
             g.bench_function(
@@ -134,6 +136,7 @@ fn bench_gpu(c: &mut Criterion) {
                 let opts = AttentionOptions {
                     scale: None,
                     causal,
+                    ..Default::default()
                 };
                 let qkv_shape = [b, n, h, d];
                 let (vq, vk, vv) = (

@@ -112,12 +112,16 @@ fn problem(c: &Case, dtype: DType) -> AttentionProblem {
     AttentionProblem {
         batch: c.batch,
         heads: c.heads,
+        heads_kv: c.heads,
         seqlen_q: c.seqlen,
         seqlen_k: c.seqlen,
         head_dim: c.head_dim,
         scale: 1.0 / (c.head_dim as f32).sqrt(),
         causal: c.causal,
+        window_left: None,
+        window_right: c.causal.then_some(0),
         dtype,
+        seqlens: None,
     }
 }
 
@@ -140,6 +144,7 @@ fn run_cpu(reason: &str) -> Result<()> {
         let opts = AttentionOptions {
             scale: None,
             causal: c.causal,
+            ..Default::default()
         };
         let t0 = Instant::now();
         attention::forward_cpu(&q, &k, &v, &opts)?;
@@ -172,6 +177,7 @@ fn run_gpu(device: flashkernels::Device) -> Result<bool> {
         let opts = AttentionOptions {
             scale: None,
             causal: c.causal,
+            ..Default::default()
         };
         let dq = DeviceTensor::from_host(&stream, &q)?;
         let dk = DeviceTensor::from_host(&stream, &k)?;

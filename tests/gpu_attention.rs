@@ -86,6 +86,7 @@ fn run_gpu(s: &Stream, c: &Case, x: &Inputs) -> (HostTensor, HostTensor) {
     let opts = AttentionOptions {
         scale: c.scale,
         causal: c.causal,
+        ..Default::default()
     };
     let r = attention::forward(&up(&x.hq), &up(&x.hk), &up(&x.hv), &opts).expect("kernel launch");
     assert_eq!(r.out.device_name(), "cuda:0");
@@ -199,6 +200,7 @@ fn check_case(s: &Stream, c: Case) {
         let opts = AttentionOptions {
             scale: c.scale,
             causal: c.causal,
+            ..Default::default()
         };
         let r = attention::forward(
             &Tensor::Host(x.hq.clone()),

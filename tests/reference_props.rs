@@ -106,7 +106,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let x = random_inputs(seed, &s, DType::F32, dist);
-        let opts = AttentionOptions { scale, causal };
+        let opts = AttentionOptions { scale, causal, ..Default::default() };
         let got = run(&x, DType::F32, storage, &opts);
         let (o, lse) = naive_attention(&x.q, &x.k, &x.v, scale_of(&opts, s.head_dim), causal);
         assert_close("O", &got.o, &o, RTOL, ATOL);
@@ -124,7 +124,7 @@ proptest! {
     ) {
         let dtype = if bf { DType::BF16 } else { DType::F16 };
         let x = random_inputs(seed, &s, dtype, Dist::Normal);
-        let opts = AttentionOptions { scale: None, causal };
+        let opts = AttentionOptions { scale: None, causal, ..Default::default() };
         let got = run(&x, dtype, Storage::HeadsFirst, &opts);
         let (o, lse) = naive_attention(&x.q, &x.k, &x.v, default_scale(s.head_dim), causal);
         // Round-to-nearest of the output: half an ulp, 2^-9 (bf16) or 2^-12 (f16).
@@ -147,7 +147,7 @@ proptest! {
         // One random c per (batch, head), shared by all keys.
         let c: Vec<f32> = (0..s.batch * s.heads * s.head_dim).map(|_| rng.uniform()).collect();
         x.v = x.v.map(|b, _, h, d| c[(b * s.heads + h) * s.head_dim + d]);
-        let opts = AttentionOptions { scale, causal };
+        let opts = AttentionOptions { scale, causal, ..Default::default() };
         let got = run(&x, DType::F32, Storage::Contiguous, &opts);
         let mut want = Vec::with_capacity(got.o.len());
         for b in 0..s.batch {
@@ -180,7 +180,7 @@ proptest! {
         let s = Shape { batch: b, heads: h, seqlen_q: nq, seqlen_k: nk, head_dim: nk };
         let mut x = random_inputs(seed, &s, DType::F32, Dist::Normal);
         x.v = x.v.map(|_, j, _, d| if d == j { 1.0 } else { 0.0 });
-        let opts = AttentionOptions { scale, causal };
+        let opts = AttentionOptions { scale, causal, ..Default::default() };
         let sc = scale_of(&opts, s.head_dim);
         let got = run(&x, DType::F32, Storage::Contiguous, &opts);
         for bi in 0..b {
@@ -216,7 +216,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let x = random_inputs(seed, &s, DType::F32, Dist::Uniform);
-        let opts = AttentionOptions { scale: None, causal };
+        let opts = AttentionOptions { scale: None, causal, ..Default::default() };
         let got = run(&x, DType::F32, storage, &opts);
         let sc = default_scale(s.head_dim);
         for b in 0..s.batch {
@@ -249,7 +249,7 @@ proptest! {
     ) {
         let s = Shape { batch: b, heads: h, seqlen_q: n, seqlen_k: n, head_dim: d };
         let x = random_inputs(seed, &s, DType::F32, Dist::Normal);
-        let opts = AttentionOptions { scale, causal: true };
+        let opts = AttentionOptions { scale, causal: true, ..Default::default() };
         let got = run(&x, DType::F32, Storage::Contiguous, &opts);
         let sc = scale_of(&opts, d);
         for bi in 0..b {
@@ -279,7 +279,7 @@ proptest! {
             k: x.k.map(|b, j, h, d| x.k.at(b, perm[j], h, d)),
             v: x.v.map(|b, j, h, d| x.v.at(b, perm[j], h, d)),
         };
-        let opts = AttentionOptions { scale, causal: false };
+        let opts = AttentionOptions { scale, causal: false, ..Default::default() };
         let a = run(&x, DType::F32, Storage::Contiguous, &opts);
         let p = run(&y, DType::F32, Storage::HeadsFirst, &opts);
         let a_o: Vec<f64> = a.o.iter().map(|&v| v as f64).collect();
@@ -302,7 +302,7 @@ proptest! {
             k: x.k.clone(),
             v: x.v.map(|b, j, h, d| alpha * x.v.at(b, j, h, d)),
         };
-        let opts = AttentionOptions { scale: None, causal };
+        let opts = AttentionOptions { scale: None, causal, ..Default::default() };
         let a = run(&x, DType::F32, Storage::Contiguous, &opts);
         let sa = run(&y, DType::F32, Storage::Contiguous, &opts);
         let want: Vec<f64> = a.o.iter().map(|&v| alpha as f64 * v as f64).collect();
@@ -325,7 +325,7 @@ proptest! {
             host_tensor(&x.k, DType::F32, storage),
             host_tensor(&x.v, DType::F32, storage),
         );
-        let opts = AttentionOptions { scale: None, causal };
+        let opts = AttentionOptions { scale: None, causal, ..Default::default() };
         let direct = attention::forward_cpu(&q, &k, &v, &opts).unwrap();
         let r = attention::forward(&Tensor::Host(q), &Tensor::Host(k), &Tensor::Host(v), &opts)
             .unwrap();
@@ -361,6 +361,7 @@ fn edge_shapes_match_naive() {
         let opts = AttentionOptions {
             scale: None,
             causal,
+            ..Default::default()
         };
         let got = run(&x, DType::F32, Storage::HeadsFirst, &opts);
         let (o, lse) = naive_attention(&x.q, &x.k, &x.v, default_scale(d), causal);
@@ -384,6 +385,7 @@ fn causal_rows_without_keys_are_zero() {
     let opts = AttentionOptions {
         scale: None,
         causal: true,
+        ..Default::default()
     };
     let got = run(&x, DType::F32, Storage::Contiguous, &opts);
     let empty = s.seqlen_q - s.seqlen_k;
@@ -429,6 +431,7 @@ fn causal_mask_changes_the_result() {
         &AttentionOptions {
             scale: None,
             causal: true,
+            ..Default::default()
         },
     );
     let full = run(
@@ -459,6 +462,7 @@ fn storage_layout_does_not_change_the_result() {
     let opts = AttentionOptions {
         scale: Some(0.7),
         causal: true,
+        ..Default::default()
     };
     let base = run(&x, DType::F32, Storage::Contiguous, &opts);
     for storage in [Storage::HeadsFirst, Storage::HeadsFirstPadded { pad: 3 }] {

@@ -1,5 +1,5 @@
-// Instantiation: dense attention forward, head dim 128, bf16 (one file per pair so nvcc
-// compiles them in parallel).
+// Instantiation: dense attention forward, head dims padded to 128, bf16 (one file per
+// pair so nvcc compiles them in parallel).
 #include "dense_fwd_sm80.cuh"
 
 namespace fk {

@@ -1,5 +1,5 @@
-// Instantiation: dense attention forward, head dim 64, f16 (one file per pair so nvcc
-// compiles them in parallel).
+// Instantiation: dense attention forward, head dims padded to 64, f16 (one file per
+// pair so nvcc compiles them in parallel).
 #include "dense_fwd_sm80.cuh"
 
 namespace fk {

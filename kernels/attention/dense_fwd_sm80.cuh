@@ -1,13 +1,18 @@
 // FlashAttention-2-style dense attention forward for sm_80+.
 //
-// One thread block computes BLOCK_M query rows of one (batch, head); each warp owns 16 or
-// 32 of those rows for the whole kernel, so softmax statistics never leave registers. Per key
-// block: S = Q K^T on tensor cores, masking (sequence end, causal), online softmax in the
-// exp2 domain, O += P V with P reused straight from the S accumulators as an MMA operand.
-// K and V tiles are double-buffered with cp.async so the next block's loads overlap this
-// block's math. Nothing of size Nq x Nk is ever stored.
+// One thread block computes BLOCK_M query rows of one (sequence, head); each warp owns 16
+// or 32 of those rows for the whole kernel, so softmax statistics never leave registers.
+// Per key block: S = Q K^T on tensor cores, masking (sequence end, causal / sliding
+// window), online softmax in the exp2 domain, O += P V with P reused straight from the S
+// accumulators as an MMA operand. K and V tiles are double-buffered with cp.async so the
+// next block's loads overlap this block's math. Nothing of size Nq x Nk is ever stored.
+// Key blocks wholly outside the causal / window band are never visited, so a window of
+// width W costs O(N * W). Sequences come from a dense batch or from cu_seqlens (varlen);
+// GQA maps query head h to kv head h / (H / H_kv). The head dim is padded up to the
+// compiled kHeadDim: padded columns are zero-filled on load and never stored.
 #pragma once
 
+#include "../common/launch.cuh"
 #include "../common/mma_sm80.cuh"
 #include "dense_fwd.h"
 
@@ -19,7 +24,7 @@ namespace fk {
 // twice the accumulator registers, so Q is then re-read from shared memory each key block
 // instead of living in registers.
 template <int kHeadDim_, typename Element_, int kMTiles_, int kNWarps_, int kBlockN_,
-          int kMinBlocksPerSm_>
+          int kMinBlocksPerSm_, bool kQInRegs_>
 struct DenseFwdTraitsSm80 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -29,7 +34,8 @@ struct DenseFwdTraitsSm80 {
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kBlockM = kWarpRows * kNWarps;
   static constexpr int kBlockN = kBlockN_;
-  static constexpr bool kQInRegs = kMTiles == 1;
+  static constexpr bool kQInRegs = kQInRegs_;
+  static_assert(!kQInRegs || kMTiles == 1, "Q lives in registers only with one m-tile");
   static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
   using Tile = SwizzledTile<kHeadDim>;
   static constexpr int kSmemQ = kBlockM * kHeadDim;  // elements
@@ -37,11 +43,13 @@ struct DenseFwdTraitsSm80 {
   static constexpr size_t kSmemBytes = size_t(kSmemQ + 4 * kSmemKV) * sizeof(Element);
 };
 
-// Cooperative cp.async of a ROWS x kHeadDim tile; rows >= rows_valid become zeros.
+// Cooperative cp.async of a ROWS x kHeadDim tile; rows >= rows_valid and 16-byte chunks
+// >= chunks_valid (the head dim's padding) become zeros.
 template <class Traits, int ROWS>
 __device__ __forceinline__ void load_tile(typename Traits::Element *smem,
                                           const typename Traits::Element *gmem,
-                                          int64_t row_stride, int rows_valid, int tid) {
+                                          int64_t row_stride, int rows_valid, int chunks_valid,
+                                          int tid) {
   using Tile = typename Traits::Tile;
   constexpr int kChunks = ROWS * Tile::kChunksPerRow;
   static_assert(kChunks % Traits::kNThreads == 0, "tile must split evenly over threads");
@@ -50,14 +58,15 @@ __device__ __forceinline__ void load_tile(typename Traits::Element *smem,
     const int idx = i * Traits::kNThreads + tid;
     const int row = idx / Tile::kChunksPerRow;
     const int chunk = idx % Tile::kChunksPerRow;
-    const bool valid = row < rows_valid;
+    const bool valid = row < rows_valid && chunk < chunks_valid;
     // Out-of-range rows still need a legal address: use the tile's first row.
     const auto *src = gmem + (valid ? row * row_stride + chunk * 8 : 0);
     cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
   }
 }
 
-template <class Traits, bool kCausal>
+// kHasMask: causal or a sliding window (bounds in p.window_left / p.window_right).
+template <class Traits, bool kHasMask>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     dense_fwd_kernel(const fk_attention_fwd_params p) {
   using Element = typename Traits::Element;
@@ -82,35 +91,56 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // they start first and the tail of the grid is short.
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int head = blockIdx.y;
+  const int head_kv = head / (p.heads / p.heads_kv);
   const int batch = blockIdx.z;
+  // This sequence's lengths and first rows (varlen: packed rows, no batch stride).
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int q_start = varlen ? p.cu_seqlens_q[batch] : 0;
+  const int k_start = varlen ? p.cu_seqlens_k[batch] : 0;
+  const int nq = varlen ? p.cu_seqlens_q[batch + 1] - q_start : p.seqlen_q;
+  const int nk = varlen ? p.cu_seqlens_k[batch + 1] - k_start : p.seqlen_k;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane / 4; // row within the 8-row half of an MMA fragment
   const int t = lane % 4; // column pair within an 8-wide fragment
   const int m0 = m_block * BM;
+  if (m0 >= nq) return; // a varlen grid is sized for the longest sequence
   const int warp_row0 = warp * Traits::kWarpRows; // first row of this warp in the tile
+  const int d_chunks = p.head_dim / 8;             // valid 16-byte chunks of a row
 
   const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
-                     head * p.q_head_stride + int64_t(m0) * p.q_row_stride;
-  const Element *k =
-      static_cast<const Element *>(p.k) + batch * p.k_batch_stride + head * p.k_head_stride;
-  const Element *v =
-      static_cast<const Element *>(p.v) + batch * p.v_batch_stride + head * p.v_head_stride;
+                     head * p.q_head_stride + int64_t(q_start + m0) * p.q_row_stride;
+  const Element *k = static_cast<const Element *>(p.k) + batch * p.k_batch_stride +
+                     head_kv * p.k_head_stride + int64_t(k_start) * p.k_row_stride;
+  const Element *v = static_cast<const Element *>(p.v) + batch * p.v_batch_stride +
+                     head_kv * p.v_head_stride + int64_t(k_start) * p.v_row_stride;
 
-  // Causal, aligned bottom-right: query row i sees keys j <= i + diag.
-  const int diag = p.seqlen_k - p.seqlen_q;
-  int n_blocks = (p.seqlen_k + BN - 1) / BN;
-  if (kCausal) {
-    const int last_key = m0 + BM - 1 + diag; // last key any row of this block sees
-    n_blocks = min(n_blocks, max(0, (last_key + BN) / BN));
+  // Masks, aligned bottom-right: query row i sees keys
+  // i + diag - window_left <= j <= i + diag + window_right (a negative bound = none).
+  const int diag = nk - nq;
+  const bool has_left = kHasMask && p.window_left >= 0;
+  const bool has_right = kHasMask && p.window_right >= 0;
+  int n_begin = 0;
+  int n_end = (nk + BN - 1) / BN;
+  if (has_right) {
+    // Last key any row of this block sees; 64-bit so huge windows cannot overflow.
+    const int64_t last_key = int64_t(m0) + BM - 1 + diag + p.window_right;
+    n_end = int(min(int64_t(n_end), max(int64_t(0), (last_key + BN) / BN)));
+  }
+  if (has_left) {
+    const int64_t first_key = int64_t(m0) + diag - p.window_left; // first key row m0 sees
+    n_begin = int(min(int64_t(n_end), max(int64_t(0), first_key) / BN));
   }
 
-  load_tile<Traits, BM>(sQ, q, p.q_row_stride, p.seqlen_q - m0, tid);
+  load_tile<Traits, BM>(sQ, q, p.q_row_stride, nq - m0, d_chunks, tid);
   cp_async_commit();
-  if (n_blocks > 0) {
-    load_tile<Traits, BN>(sK, k, p.k_row_stride, p.seqlen_k, tid);
-    load_tile<Traits, BN>(sV, v, p.v_row_stride, p.seqlen_k, tid);
+  if (n_begin < n_end) {
+    const int64_t first = int64_t(n_begin) * BN;
+    load_tile<Traits, BN>(sK + (n_begin & 1) * Traits::kSmemKV, k + first * p.k_row_stride,
+                          p.k_row_stride, nk - n_begin * BN, d_chunks, tid);
+    load_tile<Traits, BN>(sV + (n_begin & 1) * Traits::kSmemKV, v + first * p.v_row_stride,
+                          p.v_row_stride, nk - n_begin * BN, d_chunks, tid);
   }
   cp_async_commit();
 
@@ -144,15 +174,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
-  for (int n = 0; n < n_blocks; ++n) {
+  for (int n = n_begin; n < n_end; ++n) {
     const int stage = n & 1;
-    if (n + 1 < n_blocks) {
+    if (n + 1 < n_end) {
       const int64_t next = int64_t(n + 1) * BN;
-      const int rows_left = p.seqlen_k - (n + 1) * BN;
+      const int rows_left = nk - (n + 1) * BN;
       load_tile<Traits, BN>(sK + (stage ^ 1) * Traits::kSmemKV, k + next * p.k_row_stride,
-                            p.k_row_stride, rows_left, tid);
+                            p.k_row_stride, rows_left, d_chunks, tid);
       load_tile<Traits, BN>(sV + (stage ^ 1) * Traits::kSmemKV, v + next * p.v_row_stride,
-                            p.v_row_stride, rows_left, tid);
+                            p.v_row_stride, rows_left, d_chunks, tid);
       cp_async_commit();
       cp_async_wait<1>(); // block n has landed, block n + 1 may still be in flight
     } else {
@@ -197,7 +227,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
 
     const int k0 = n * BN;
-    const bool need_mask = (k0 + BN > p.seqlen_k) || (kCausal && k0 + BN - 1 > m0 + diag);
+    // Per-element masking only on blocks that cross the sequence end or a band edge.
+    const bool need_mask =
+        (k0 + BN > nk) ||
+        (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
+        (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
     if (need_mask) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -206,8 +240,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = k0 + j * 8 + 2 * t + (e & 1);
-            const int row = m0 + warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0);
-            if (col >= p.seqlen_k || (kCausal && col > row + diag)) s[mt][j][e] = -INFINITY;
+            // Key offset from the diagonal; 32-bit is exact since sequences are < 2^30.
+            const int rel = col - (m0 + warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0)) - diag;
+            if (col >= nk || (has_right && rel > p.window_right) ||
+                (has_left && rel < -p.window_left))
+              s[mt][j][e] = -INFINITY;
           }
     }
 
@@ -268,7 +305,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     __syncthreads(); // everyone is done with this stage before it is refilled
   }
 
-  // Epilogue. Wait for any copy still in flight (there are some when n_blocks == 0)
+  // Epilogue. Wait for any copy still in flight (there are some when no block ran)
   // before reusing this warp's Q rows in shared memory to stage O for 16-byte stores.
   cp_async_wait<0>();
   __syncthreads();
@@ -292,13 +329,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   __syncwarp();
 
-  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride +
+               head * p.o_head_stride + int64_t(q_start) * p.o_row_stride;
 #pragma unroll
   for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
     const int row = warp_row0 + i / Tile::kChunksPerRow;
     const int chunk = i % Tile::kChunksPerRow;
     const int grow = m0 + row;
-    if (grow < p.seqlen_q)
+    if (grow < nq && chunk < d_chunks)
       *reinterpret_cast<uint4 *>(o + int64_t(grow) * p.o_row_stride + chunk * 8) =
           *reinterpret_cast<const uint4 *>(sO + Tile::offset(row, chunk));
   }
@@ -308,44 +346,47 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int grow = m0 + warp_row0 + mt * 16 + g + 8 * r;
-        if (grow < p.seqlen_q)
-          p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + grow] = lse[mt][r];
+        if (grow < nq)
+          p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + q_start + grow] =
+              lse[mt][r];
       }
   }
 }
 
-template <class Traits, bool kCausal>
+template <class Traits, bool kHasMask>
 cudaError_t launch_dense_fwd(const fk_attention_fwd_params &p, cudaStream_t stream) {
-  auto kernel = dense_fwd_kernel<Traits, kCausal>;
-  constexpr size_t smem = Traits::kSmemBytes;
-  if (smem > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
   const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
-  kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(dense_fwd_kernel<Traits, kHasMask>, grid, dim3(Traits::kNThreads),
+                       Traits::kSmemBytes, stream, p);
 }
 
-// Per head dim, the configuration measured faster on an H200
+// Per padded head dim, the configuration measured faster on an H200
 // (benches/results/2026-11-26-h200-dense-fwd-mtiles): at D=64 two m-tiles per warp halve
 // the shared-memory reads per MMA (+12%); at D=128 their 128 accumulator floats per
-// thread spill at 255 registers, and one m-tile with Q in registers wins by 16%.
+// thread spill at 255 registers, and one m-tile with Q in registers wins by 16%. D=256
+// (not yet measured) keeps Q in shared memory (64 Q registers would spill next to 128
+// accumulators) and halves the key block so shared memory stays at 96 KB, which sm_86
+// and sm_89 (99 KB per block) can launch.
 template <int kHeadDim> struct DenseFwdConfigSm80;
 template <> struct DenseFwdConfigSm80<64> {
   static constexpr int kMTiles = 2, kNWarps = 4, kBlockN = 64, kMinBlocksPerSm = 2;
+  static constexpr bool kQInRegs = false;
 };
 template <> struct DenseFwdConfigSm80<128> {
   static constexpr int kMTiles = 1, kNWarps = 8, kBlockN = 64, kMinBlocksPerSm = 1;
+  static constexpr bool kQInRegs = true;
+};
+template <> struct DenseFwdConfigSm80<256> {
+  static constexpr int kMTiles = 1, kNWarps = 4, kBlockN = 32, kMinBlocksPerSm = 1;
+  static constexpr bool kQInRegs = false;
 };
 
-template <int kHeadDim, typename Element, bool kCausal>
+template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &p, cudaStream_t stream) {
   using C = DenseFwdConfigSm80<kHeadDim>;
   using Traits = DenseFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
-                                    C::kMinBlocksPerSm>;
-  return launch_dense_fwd<Traits, kCausal>(p, stream);
+                                    C::kMinBlocksPerSm, C::kQInRegs>;
+  return launch_dense_fwd<Traits, kHasMask>(p, stream);
 }
 
 } // namespace fk

@@ -21,17 +21,33 @@ typedef enum {
   FK_DTYPE_BF16 = 2,
 } fk_dtype;
 
-/* Dense scaled-dot-product attention forward.
- * Q: (B, Nq, H, D) through the strides below; K, V: (B, Nk, H, D); O like Q;
- * LSE: (B, H, Nq) f32 with unit row stride. Causal masking is aligned bottom-right:
- * query i sees keys j <= i + Nk - Nq. Rows with no visible key give O = 0 and
- * LSE = -inf. */
+/* Sequence layout shared by the dense attention forward and backward.
+ *
+ * Dense batches: Q is (B, Nq, H, D) through the strides below; K, V are (B, Nk, H_kv, D);
+ * O (and dO, dQ) like Q; dK, dV like K. LSE (and the backward's Delta workspace) is
+ * (B, H, Nq) f32 with unit row stride.
+ * Variable-length batches (cu_seqlens_q != NULL): sequences are packed along the row
+ * axis, Q is (total_q, H, D) and K, V are (total_k, H_kv, D); sequence b owns rows
+ * [cu_seqlens_q[b], cu_seqlens_q[b+1]) of Q and [cu_seqlens_k[b], cu_seqlens_k[b+1]) of
+ * K and V (int32 device arrays of B+1 offsets, validated by the caller); the batch
+ * strides are then ignored, seqlen_q / seqlen_k are the longest sequence's lengths, and
+ * LSE is (H, total_q): element (b, h, i) lives at h * lse_head_stride + cu_seqlens_q[b] + i.
+ *
+ * Masking, per sequence with lengths nq, nk and diag = nk - nq (aligned bottom-right, as
+ * FlashAttention >= 2.1): query i sees key j iff
+ *   j >= i + diag - window_left   (when window_left >= 0)
+ *   j <= i + diag + window_right  (when window_right >= 0; causal means window_right = 0)
+ * A window side of -1 is unbounded. Rows with no visible key give O = 0, LSE = -inf and
+ * zero gradients.
+ * GQA / MQA: H is a multiple of H_kv; query head h reads K/V head h / (H / H_kv). */
 typedef struct {
   const void *q;
   const void *k;
   const void *v;
   void *o;
   float *lse;
+  const int32_t *cu_seqlens_q; /* NULL for dense batches */
+  const int32_t *cu_seqlens_k; /* NULL iff cu_seqlens_q is NULL */
 
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t k_batch_stride, k_row_stride, k_head_stride;
@@ -40,21 +56,67 @@ typedef struct {
   int64_t lse_batch_stride, lse_head_stride;
 
   int32_t batch;
+  int32_t heads;    /* query heads */
+  int32_t heads_kv; /* key/value heads; divides heads */
+  int32_t seqlen_q; /* max over the batch for varlen */
+  int32_t seqlen_k;
+  int32_t head_dim; /* multiple of 8, <= 256 */
+  float softmax_scale;
+  int32_t window_left;  /* -1 = unbounded */
+  int32_t window_right; /* -1 = unbounded; causal callers pass 0 */
+  int32_t dtype;        /* fk_dtype */
+  int32_t device;       /* CUDA device ordinal the pointers live on */
+} fk_attention_fwd_params;
+
+/* Dense attention backward (FlashAttention-2 style: scores recomputed tile by tile).
+ * Inputs: Q, K, V, O, dO and LSE of the forward (same layouts as there). Outputs dQ
+ * (like Q), dK, dV (like K, V; for GQA summed over each group's query heads).
+ * `delta` is a workspace laid out like LSE (same strides) that receives
+ * rowsum(dO * O). The result is deterministic: no atomics, every gradient row is
+ * owned and summed by one thread block in a fixed order. */
+typedef struct {
+  const void *q;
+  const void *k;
+  const void *v;
+  const void *o;
+  const void *dout;
+  const float *lse;
+  void *dq;
+  void *dk;
+  void *dv;
+  float *delta;
+  const int32_t *cu_seqlens_q;
+  const int32_t *cu_seqlens_k;
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int64_t lse_batch_stride, lse_head_stride; /* also delta's */
+
+  int32_t batch;
   int32_t heads;
+  int32_t heads_kv;
   int32_t seqlen_q;
   int32_t seqlen_k;
   int32_t head_dim;
   float softmax_scale;
-  int32_t causal;
-  int32_t dtype; /* fk_dtype */
-  int32_t device; /* CUDA device ordinal the pointers live on */
-} fk_attention_fwd_params;
+  int32_t window_left;
+  int32_t window_right;
+  int32_t dtype;
+  int32_t device;
+} fk_attention_bwd_params;
 
-/* Head dims the dense forward kernel is compiled for. */
-int32_t fk_attention_fwd_supports_head_dim(int32_t head_dim);
+/* Head dims the dense kernels are compiled for (every multiple of 8 up to 256). */
+int32_t fk_attention_supports_head_dim(int32_t head_dim);
 
-/* Launches on `stream` (a cudaStream_t / CUstream; NULL = legacy default stream). */
+/* Launch on `stream` (a cudaStream_t / CUstream; NULL = legacy default stream). */
 int32_t fk_attention_fwd(const fk_attention_fwd_params *params, void *stream);
+int32_t fk_attention_bwd(const fk_attention_bwd_params *params, void *stream);
 
 /* Text for a cudaError_t value returned by a launcher. Never NULL. */
 const char *fk_error_string(int32_t code);

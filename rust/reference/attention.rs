@@ -1,109 +1,248 @@
+//! Dense attention, forward and backward, as plain loops over packed sequences.
+//!
+//! Buffers are contiguous: Q / O / dO / dQ are (rows_q, H, D) and K / V / dK / dV are
+//! (rows_k, H_kv, D), where a dense batch is the packing of its B sequences of equal
+//! length, so (B, N, H, D) contiguous memory is already in this form. LSE is laid out as
+//! [`AttentionProblem::lse_index`] says. Generic over f32 (what the library serves) and
+//! f64 (what the tests' finite differences need).
+
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
+
 use crate::attention::AttentionProblem;
 
-/// Dense attention on contiguous f32 (B, Nq, H, D) / (B, Nk, H, D) buffers.
-/// Returns O (B, Nq, H, D) and LSE (B, H, Nq), both f32. Rows run on all cores.
-pub fn attention(p: &AttentionProblem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (b, h, nq, d) = (p.batch, p.heads, p.seqlen_q, p.head_dim);
-    let mut out = vec![0f32; b * nq * h * d];
-    let mut lse = vec![0f32; b * h * nq];
-    // One task per (batch, head); each writes disjoint rows of O and LSE.
-    let tasks: Vec<(usize, usize)> = (0..b)
-        .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
-        .collect();
+/// The float types the reference runs in.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const NEG_INFINITY: Self;
+    fn from_f32(x: f32) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn from_f32(x: f32) -> Self {
+        x as f64
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// dQ, dK, dV of one backward call, laid out like Q, K, V.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<T> {
+    pub dq: Vec<T>,
+    pub dk: Vec<T>,
+    pub dv: Vec<T>,
+}
+
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::ZERO, |acc, (&x, &y)| acc + x * y)
+}
+
+/// Runs `work` for every item on all cores, returning the results in item order.
+fn parallel_map<I: Sync, R: Send>(items: &[I], work: impl Fn(&I) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(tasks.len());
-    let results: Vec<Vec<HeadResult>> = std::thread::scope(|s| {
+        .min(items.len())
+        .max(1);
+    let mut slots: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let work = &work;
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let tasks = &tasks;
                 s.spawn(move || {
-                    tasks
-                        .iter()
-                        .skip(t)
+                    (t..items.len())
                         .step_by(threads)
-                        .map(|&(bi, hi)| {
-                            let (o, lse) = head(p, q, k, v, bi, hi);
-                            HeadResult { bi, hi, o, lse }
-                        })
-                        .collect()
+                        .map(|i| (i, work(&items[i])))
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("reference worker"))
-            .collect()
-    });
-    for HeadResult { bi, hi, o, lse: l } in results.into_iter().flatten() {
-        for i in 0..nq {
-            let dst = ((bi * nq + i) * h + hi) * d;
-            out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
+        for h in handles {
+            for (i, r) in h.join().expect("reference worker") {
+                slots[i] = Some(r);
+            }
         }
-        lse[(bi * h + hi) * nq..(bi * h + hi + 1) * nq].copy_from_slice(&l);
+    });
+    slots
+        .into_iter()
+        .map(|r| r.expect("every item ran"))
+        .collect()
+}
+
+/// Row `r` of head `h` in a (rows, heads, d) buffer.
+fn row_range(r: usize, h: usize, heads: usize, d: usize) -> std::ops::Range<usize> {
+    let start = (r * heads + h) * d;
+    start..start + d
+}
+
+/// Attention forward. Returns O (laid out like Q) and LSE (natural log, per
+/// [`AttentionProblem::lse_index`]).
+pub fn attention<T: Real>(p: &AttentionProblem, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
+    let (hq, hkv, d) = (p.heads, p.heads_kv, p.head_dim);
+    let mut out = vec![T::ZERO; p.rows_q() * hq * d];
+    let mut lse = vec![T::NEG_INFINITY; p.rows_q() * hq];
+    let tasks: Vec<(usize, usize)> = (0..p.batch)
+        .flat_map(|b| (0..hq).map(move |h| (b, h)))
+        .collect();
+    // One task per (sequence, query head): O rows (nq x D) and LSE (nq).
+    let results = parallel_map(&tasks, |&(b, h)| {
+        let (qr, kr) = (p.q_rows(b), p.k_rows(b));
+        let (nq, nk) = (qr.len(), kr.len());
+        let hk = h / p.group_size();
+        let mut o = vec![T::ZERO; nq * d];
+        let mut l = vec![T::NEG_INFINITY; nq];
+        let mut scores = Vec::with_capacity(nk);
+        let scale = T::from_f32(p.scale);
+        for i in 0..nq {
+            let keys = p.visible_keys(i, nq, nk);
+            if keys.is_empty() {
+                continue; // O stays 0, LSE -inf
+            }
+            let qi = &q[row_range(qr.start + i, h, hq, d)];
+            scores.clear();
+            let mut max = T::NEG_INFINITY;
+            for j in keys.clone() {
+                let s = dot(qi, &k[row_range(kr.start + j, hk, hkv, d)]) * scale;
+                if s > max {
+                    max = s;
+                }
+                scores.push(s);
+            }
+            let mut sum = T::ZERO;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let oi = &mut o[i * d..(i + 1) * d];
+            for (j, &w) in keys.zip(&scores) {
+                for (acc, &x) in oi.iter_mut().zip(&v[row_range(kr.start + j, hk, hkv, d)]) {
+                    *acc += w * x;
+                }
+            }
+            for acc in oi.iter_mut() {
+                *acc = *acc / sum;
+            }
+            l[i] = max + sum.ln();
+        }
+        (o, l)
+    });
+    for (&(b, h), (o, l)) in tasks.iter().zip(results) {
+        let qr = p.q_rows(b);
+        for i in 0..qr.len() {
+            out[row_range(qr.start + i, h, hq, d)].copy_from_slice(&o[i * d..(i + 1) * d]);
+            lse[p.lse_index(b, h, i)] = l[i];
+        }
     }
     (out, lse)
 }
 
-/// O rows (Nq x D) and LSE of one (batch, head).
-struct HeadResult {
-    bi: usize,
-    hi: usize,
-    o: Vec<f32>,
-    lse: Vec<f32>,
-}
-
-/// One (batch, head): O rows (Nq x D) and LSE (Nq).
-fn head(
+/// Attention backward from the forward's O and LSE (as FlashAttention's backward):
+/// P = exp(scale * Q K^T - LSE), Delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T,
+/// dS = P * (dP - Delta), dQ = scale * dS K, dK = scale * dS^T Q. For GQA, dK and dV sum
+/// over the query heads of each group.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<T: Real>(
     p: &AttentionProblem,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bi: usize,
-    hi: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let (h, nq, nk, d) = (p.heads, p.seqlen_q, p.seqlen_k, p.head_dim);
-    // Range of row i of a (B, n, H, D) buffer, for this (batch, head).
-    let row = |n: usize, i: usize| {
-        let start = ((bi * n + i) * h + hi) * d;
-        start..start + d
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+) -> Gradients<T> {
+    let (hq, hkv, d, group) = (p.heads, p.heads_kv, p.head_dim, p.group_size());
+    let mut grads = Gradients {
+        dq: vec![T::ZERO; p.rows_q() * hq * d],
+        dk: vec![T::ZERO; p.rows_k() * hkv * d],
+        dv: vec![T::ZERO; p.rows_k() * hkv * d],
     };
-    let mut o = vec![0f32; nq * d];
-    let mut lse = vec![f32::NEG_INFINITY; nq];
-    let mut scores = vec![0f32; nk];
-    for i in 0..nq {
-        // Bottom-right aligned causal mask: keys j <= i + nk - nq.
-        let visible = if p.causal {
-            (i + nk + 1).saturating_sub(nq).min(nk)
-        } else {
-            nk
-        };
-        if visible == 0 {
-            continue; // O stays 0, LSE -inf
-        }
-        let qi = &q[row(nq, i)];
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores[..visible].iter_mut().enumerate() {
-            let kj = &k[row(nk, j)];
-            *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * p.scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in &mut scores[..visible] {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oi = &mut o[i * d..(i + 1) * d];
-        for (j, &w) in scores[..visible].iter().enumerate() {
-            let vj = &v[row(nk, j)];
-            for (acc, x) in oi.iter_mut().zip(vj) {
-                *acc += w * x;
+    let tasks: Vec<(usize, usize)> = (0..p.batch)
+        .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+        .collect();
+    // One task per (sequence, kv head): its dK, dV rows and the dQ rows of its group.
+    let results = parallel_map(&tasks, |&(b, hk)| {
+        let (qr, kr) = (p.q_rows(b), p.k_rows(b));
+        let (nq, nk) = (qr.len(), kr.len());
+        let scale = T::from_f32(p.scale);
+        let mut dq = vec![T::ZERO; group * nq * d];
+        let mut dk = vec![T::ZERO; nk * d];
+        let mut dv = vec![T::ZERO; nk * d];
+        for g in 0..group {
+            let h = hk * group + g;
+            for i in 0..nq {
+                let keys = p.visible_keys(i, nq, nk);
+                let l = lse[p.lse_index(b, h, i)];
+                if keys.is_empty() || l == T::NEG_INFINITY {
+                    continue;
+                }
+                let qi = &q[row_range(qr.start + i, h, hq, d)];
+                let doi = &dout[row_range(qr.start + i, h, hq, d)];
+                let delta = dot(doi, &out[row_range(qr.start + i, h, hq, d)]);
+                let dqi = &mut dq[(g * nq + i) * d..(g * nq + i + 1) * d];
+                for j in keys {
+                    let kj = &k[row_range(kr.start + j, hk, hkv, d)];
+                    let vj = &v[row_range(kr.start + j, hk, hkv, d)];
+                    let pij = (dot(qi, kj) * scale - l).exp();
+                    let ds = pij * (dot(doi, vj) - delta);
+                    for (acc, &x) in dv[j * d..(j + 1) * d].iter_mut().zip(doi) {
+                        *acc += pij * x;
+                    }
+                    for (acc, &x) in dk[j * d..(j + 1) * d].iter_mut().zip(qi) {
+                        *acc += ds * scale * x;
+                    }
+                    for (acc, &x) in dqi.iter_mut().zip(kj) {
+                        *acc += ds * scale * x;
+                    }
+                }
             }
         }
-        for acc in oi.iter_mut() {
-            *acc /= sum;
+        (dq, dk, dv)
+    });
+    for (&(b, hk), (dq, dk, dv)) in tasks.iter().zip(results) {
+        let (qr, kr) = (p.q_rows(b), p.k_rows(b));
+        let nq = qr.len();
+        for g in 0..group {
+            for i in 0..nq {
+                grads.dq[row_range(qr.start + i, hk * group + g, hq, d)]
+                    .copy_from_slice(&dq[(g * nq + i) * d..(g * nq + i + 1) * d]);
+            }
         }
-        lse[i] = max + sum.ln();
+        for j in 0..kr.len() {
+            grads.dk[row_range(kr.start + j, hk, hkv, d)].copy_from_slice(&dk[j * d..(j + 1) * d]);
+            grads.dv[row_range(kr.start + j, hk, hkv, d)].copy_from_slice(&dv[j * d..(j + 1) * d]);
+        }
     }
-    (o, lse)
+    grads
 }

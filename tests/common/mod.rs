@@ -364,3 +364,66 @@ pub fn logical_values(t: &HostTensor) -> Vec<f32> {
     }
     out
 }
+
+/// The mask of the general definition, as a predicate (written independently of the
+/// library's range arithmetic): query i of nq sees key j of nk iff
+/// -left <= j - i - (nk - nq) <= right, with causal capping right at 0.
+pub fn allowed(
+    i: usize,
+    j: usize,
+    nq: usize,
+    nk: usize,
+    causal: bool,
+    window: (Option<usize>, Option<usize>),
+) -> bool {
+    let rel = j as i64 - i as i64 - (nk as i64 - nq as i64);
+    let right = if causal { Some(0) } else { window.1 };
+    window.0.is_none_or(|l| rel >= -(l as i64)) && right.is_none_or(|r| rel <= r as i64)
+}
+
+/// Naive f64 attention over one sequence with GQA and any mask: q is (nq, hq, d),
+/// k and v are (nk, hkv, d), row-major. Returns O (nq, hq, d) and LSE (hq, nq).
+pub fn naive_general(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dims: (usize, usize, usize, usize, usize), // (nq, nk, hq, hkv, d)
+    scale: f64,
+    mask: impl Fn(usize, usize) -> bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let (nq, nk, hq, hkv, d) = dims;
+    let group = hq / hkv;
+    let mut o = vec![0.0; nq * hq * d];
+    let mut lse = vec![f64::NEG_INFINITY; hq * nq];
+    for h in 0..hq {
+        let hk = h / group;
+        for i in 0..nq {
+            let keys: Vec<usize> = (0..nk).filter(|&j| mask(i, j)).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    scale
+                        * (0..d)
+                            .map(|x| q[(i * hq + h) * d + x] * k[(j * hkv + hk) * d + x])
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for x in 0..d {
+                o[(i * hq + h) * d + x] = keys
+                    .iter()
+                    .zip(&w)
+                    .map(|(&j, wj)| wj * v[(j * hkv + hk) * d + x])
+                    .sum::<f64>()
+                    / sum;
+            }
+            lse[h * nq + i] = m + sum.ln();
+        }
+    }
+    (o, lse)
+}
