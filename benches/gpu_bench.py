@@ -1,13 +1,23 @@
-"""GPU benchmark: flashkernels' dense attention forward next to torch's SDPA backends
-(flash = FlashAttention-2, cuDNN, memory-efficient), timed in the same run.
+"""GPU benchmark: flashkernels' dense attention next to its peers, timed in the same run.
+
+Suites (--suite, default all):
+- fwd: forward vs torch's SDPA backends (flash = FlashAttention-2, cuDNN, memory-efficient).
+- train: forward + backward (autograd, dO of ones-like random) vs the same backends;
+  FLOPs 3.5x the forward's (the convention of ../shared/ANCHORS.md).
+- gqa: 32 query heads over 8 kv heads, forward and forward + backward, vs SDPA with
+  enable_gqa=True (each backend that takes it).
+- varlen: a ragged batch, ours packed (flash_attn_varlen_func) vs the peers on the
+  zero-padded dense batch (what a user without varlen runs); FLOPs count real tokens only.
+- window: sliding window (w, w) and causal window (w, 0) vs FlexAttention (block mask,
+  compiled) and SDPA with a dense band mask; FLOPs count the visible pairs only.
 
 Each case is checked for correctness against torch SDPA (float32 math) before timing.
 Timing: CUDA events through triton.testing.do_bench (median), contenders interleaved
 over several rounds (A, B, C, D, A, B, ...) and the median of the rounds reported, as
-../shared/ANCHORS.md recommends. FLOPs: 4*B*H*N*N*D, halved when causal.
+../shared/ANCHORS.md recommends.
 
-Writes <out>/attention_fwd.json and <out>/attention_fwd.md; prints the table last.
-usage: python3 benches/gpu_bench.py --out DIR [--rounds 3] [--quick]
+Writes <out>/attention_<suite>.json and <out>/attention_<suite>.md; prints the tables.
+usage: python3 benches/gpu_bench.py --out DIR [--suite all] [--rounds 3] [--quick]
 """
 
 import argparse
@@ -24,24 +34,21 @@ from triton.testing import do_bench
 
 import flashkernels
 
-# (D, N, causal) with B*N = 16384 tokens and H*D = 2048, as in ANCHORS.md.
-CASES = [
-    (64, 512, False), (64, 2048, False), (64, 8192, False), (64, 16384, False), (64, 8192, True),
-    (128, 512, False), (128, 2048, False), (128, 8192, False), (128, 16384, False),
-    (128, 8192, True), (128, 16384, True),
-]
-QUICK = [(128, 8192, False), (128, 8192, True), (64, 8192, False)]
-
 PEERS = {
     "torch_flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "mem_efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
+BF16 = torch.bfloat16
 
-
-def flops(b, h, n, d, causal):
-    f = 4.0 * b * h * n * n * d
-    return f / 2 if causal else f
+# (D, N, causal) with B*N = 16384 tokens and H*D = 2048, as in ANCHORS.md.
+FWD_CASES = [
+    (64, 512, False), (64, 2048, False), (64, 8192, False), (64, 16384, False), (64, 8192, True),
+    (128, 512, False), (128, 2048, False), (128, 8192, False), (128, 16384, False),
+    (128, 8192, True), (128, 16384, True),
+]
+TRAIN_CASES = [(d, n, c) for d in (64, 128) for n in (2048, 8192, 16384) for c in (False, True)]
+QUICK = {"fwd": [(128, 8192, False), (128, 8192, True)], "train": [(128, 8192, True)]}
 
 
 def rel_err(got, want):
@@ -49,28 +56,30 @@ def rel_err(got, want):
     return ((got - want).norm() / want.norm()).item()
 
 
-def run_case(d, n, causal, rounds):
-    b, h = 16384 // n, 2048 // d
-    gen = torch.Generator(device="cuda").manual_seed(n * d + causal)
-    # (B, N, H, D) storage, as flash-attn; torch gets (B, H, N, D) views of it (no copy).
-    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+def randn(*shape, seed, requires_grad=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(*shape, device="cuda", dtype=BF16, generator=gen)
+    return x.requires_grad_(requires_grad)
 
-    ours = lambda: flashkernels.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
-    fns = {"flashkernels": ours}
-    for name, backend in PEERS.items():
-        def peer(backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-        fns[name] = peer
 
-    # Correctness first: ours against SDPA in float32 math (on a slice when huge).
-    nb = max(1, min(b, 2))
-    ref = F.scaled_dot_product_attention(qt[:nb].float(), kt[:nb].float(), vt[:nb].float(),
-                                         is_causal=causal).transpose(1, 2)
-    err = rel_err(ours()[:nb], ref)
+def sdpa_peer(backend, qt, kt, vt, **kw):
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, **kw)
+    return run
 
+
+def train_step(fwd, grad_inputs, dout):
+    """forward + backward of fwd() with upstream gradient dout."""
+    def run():
+        for x in grad_inputs:
+            x.grad = None
+        fwd().backward(dout)
+    return run
+
+
+def timed(fns, rounds):
+    """Median-of-rounds times (ms), contenders interleaved; failures recorded as text."""
     times = {name: [] for name in fns}
     errors = {}
     for _ in range(rounds):
@@ -79,59 +88,207 @@ def run_case(d, n, causal, rounds):
                 continue
             try:
                 times[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-            except Exception as e:  # a backend may not support a shape: record why
+            except Exception as e:  # a backend may not support a case: record why
                 errors[name] = f"{type(e).__name__}: {e}"[:200]
-    f = flops(b, h, n, d, causal)
-    row = {"B": b, "H": h, "N": n, "D": d, "causal": causal, "rel_err_vs_sdpa_fp32": err,
-           "results": {}}
+    return times, errors
+
+
+def result_row(case, fns, flops, err, rounds):
+    times, errors = timed(fns, rounds)
+    row = dict(case, rel_err_vs_sdpa_fp32=err, results={})
     for name, ts in times.items():
         if ts:
             ms = statistics.median(ts)
-            row["results"][name] = {"ms": ms, "tflops": f / ms / 1e9, "rounds_ms": ts}
+            row["results"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rounds_ms": ts}
         else:
             row["results"][name] = {"error": errors.get(name, "no timing")}
     ours_ms = row["results"]["flashkernels"].get("ms")
-    for name in PEERS:
-        peer_ms = row["results"][name].get("ms")
-        if ours_ms and peer_ms:
-            row["results"][name]["ours_speedup"] = peer_ms / ours_ms
+    for name, r in row["results"].items():
+        if name != "flashkernels" and ours_ms and r.get("ms"):
+            r["ours_speedup"] = r["ms"] / ours_ms
     return row
 
 
-def markdown(rows, meta):
+def dense_flops(b, h, nq, nk, d, causal):
+    f = 4.0 * b * h * nq * nk * d
+    return f / 2 if causal else f
+
+
+def case_fwd(d, n, causal, rounds, train=False, hkv=None):
+    b, h = 16384 // n, 2048 // d
+    hkv = hkv or h
+    seed = n * d + causal + 7 * hkv
+    # (B, N, H, D) storage, as flash-attn; torch gets (B, H, N, D) views of it (no copy).
+    q = randn(b, n, h, d, seed=seed, requires_grad=train)
+    k = randn(b, n, hkv, d, seed=seed + 1, requires_grad=train)
+    v = randn(b, n, hkv, d, seed=seed + 2, requires_grad=train)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    kw = {"is_causal": causal}
+    if hkv != h:
+        kw["enable_gqa"] = True
+    ours = lambda: flashkernels.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+    peers = {name: sdpa_peer(be, qt, kt, vt, **kw) for name, be in PEERS.items()}
+    # Correctness first: ours against SDPA in float32 math (on a slice when huge).
+    nb = max(1, min(b, 2))
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(qt[:nb].float(), kt[:nb].float(), vt[:nb].float(),
+                                             **kw).transpose(1, 2)
+        err = rel_err(ours()[:nb], ref)
+    flops = dense_flops(b, h, n, n, d, causal)
+    fns = {"flashkernels": ours, **peers}
+    if train:
+        dout = randn(b, n, h, d, seed=seed + 3)
+        doutt = dout.transpose(1, 2)
+        fns = {"flashkernels": train_step(ours, (q, k, v), dout)}
+        for name, fn in peers.items():
+            fns[name] = train_step(fn, (q, k, v), doutt)
+        flops *= 3.5
+    case = {"B": b, "H": h, "H_kv": hkv, "N": n, "D": d, "causal": causal}
+    return result_row(case, fns, flops, err, rounds)
+
+
+def case_varlen(d, lengths, causal, rounds, train):
+    h = 2048 // d
+    total, longest = sum(lengths), max(lengths)
+    seed = total + d
+    q = randn(total, h, d, seed=seed, requires_grad=train)
+    k = randn(total, h, d, seed=seed + 1, requires_grad=train)
+    v = randn(total, h, d, seed=seed + 2, requires_grad=train)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+
+    def ours():
+        return flashkernels.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=causal)
+
+    # Peers: the same sequences zero-padded to the longest (B, H, N, D), key padding masked
+    # by running each on the padded batch (a user without varlen runs exactly this).
+    b = len(lengths)
+    pad = [torch.zeros(b, longest, h, d, device="cuda", dtype=BF16) for _ in range(3)]
+    for i, n in enumerate(lengths):
+        for p, x in zip(pad, (q, k, v)):
+            p[i, :n] = x.detach()[offsets[i]:offsets[i] + n]
+    mask = torch.zeros(b, 1, longest, longest, dtype=torch.bool, device="cuda")
+    for i, n in enumerate(lengths):
+        mask[i, :, :, :n] = True
+        if causal:
+            mask[i] &= torch.ones(longest, longest, dtype=torch.bool, device="cuda").tril()
+    pt = [p.transpose(1, 2).requires_grad_(train) for p in pad]
+    peers = {
+        "torch_flash_padded": sdpa_peer(SDPBackend.FLASH_ATTENTION, *pt, is_causal=causal),
+        "cudnn_padded_masked": sdpa_peer(SDPBackend.CUDNN_ATTENTION, *pt, attn_mask=mask),
+        "mem_efficient_padded_masked": sdpa_peer(SDPBackend.EFFICIENT_ATTENTION, *pt, attn_mask=mask),
+    }
+    with torch.no_grad():
+        got = ours()
+        errs = []
+        for i, n in enumerate(lengths[:4]):
+            sl = slice(offsets[i], offsets[i] + n)
+            ref = F.scaled_dot_product_attention(*(x.detach()[sl].transpose(0, 1)[None].float()
+                                                   for x in (q, k, v)), is_causal=causal)
+            errs.append(rel_err(got[sl], ref[0].transpose(0, 1)))
+    flops = sum(dense_flops(1, h, n, n, d, causal) for n in lengths)
+    fns = {"flashkernels": ours, **peers}
+    if train:
+        dout = randn(total, h, d, seed=seed + 3)
+        doutp = torch.zeros(b, h, longest, d, device="cuda", dtype=BF16)
+        fns = {"flashkernels": train_step(ours, (q, k, v), dout)}
+        for name, fn in peers.items():
+            fns[name] = train_step(fn, pt, doutp)
+        flops *= 3.5
+    case = {"lengths": lengths, "H": h, "D": d, "causal": causal, "train": train}
+    return result_row(case, fns, flops, max(errs), rounds)
+
+
+def case_window(d, n, w, causal, rounds, train):
+    b, h = 1, 12
+    seed = n + w + causal
+    q = randn(b, n, h, d, seed=seed, requires_grad=train)
+    k = randn(b, n, h, d, seed=seed + 1, requires_grad=train)
+    v = randn(b, n, h, d, seed=seed + 2, requires_grad=train)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    right = 0 if causal else w
+    ours = lambda: flashkernels.flash_attn_func(q, k, v, window_size=(w, right))  # noqa: E731
+    i = torch.arange(n, device="cuda")
+    band = (i[None, :] >= i[:, None] - w) & (i[None, :] <= i[:, None] + right)
+    peers = {"sdpa_band_mask": sdpa_peer(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, attn_mask=band)}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def band_mod(b_, h_, qi, kj):
+            return (kj >= qi - w) & (kj <= qi + right)
+
+        block_mask = create_block_mask(band_mod, None, None, n, n, device="cuda")
+        flex = torch.compile(flex_attention)
+        peers["flex_attention"] = lambda: flex(qt, kt, vt, block_mask=block_mask)
+    except Exception as e:  # recorded in the row, the rest still runs
+        print(f"FlexAttention unavailable: {e}")
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(),
+                                             attn_mask=band).transpose(1, 2)
+        err = rel_err(ours(), ref)
+    pairs = band.sum().item()
+    flops = 4.0 * b * h * pairs * d
+    fns = {"flashkernels": ours, **peers}
+    if train:
+        dout = randn(b, n, h, d, seed=seed + 3)
+        fns = {"flashkernels": train_step(ours, (q, k, v), dout)}
+        for name, fn in peers.items():
+            fns[name] = train_step(fn, (q, k, v), dout.transpose(1, 2))
+        flops *= 3.5
+    case = {"B": b, "H": h, "N": n, "D": d, "window": [w, right], "train": train}
+    return result_row(case, fns, flops, err, rounds)
+
+
+def suite_cases(suite, quick):
+    if suite == "fwd":
+        for d, n, c in QUICK["fwd"] if quick else FWD_CASES:
+            yield lambda r, d=d, n=n, c=c: case_fwd(d, n, c, r)
+    elif suite == "train":
+        for d, n, c in QUICK["train"] if quick else TRAIN_CASES:
+            yield lambda r, d=d, n=n, c=c: case_fwd(d, n, c, r, train=True)
+    elif suite == "gqa":
+        # 32 query heads over 8 kv heads at D128 (ANCHORS.md's GQA case).
+        for train in (False, True):
+            yield lambda r, t=train: case_fwd(128, 4096, True, r, train=t, hkv=8)
+    elif suite == "varlen":
+        lengths = [4096, 3000, 1000, 517, 2048, 129, 3500, 1800]
+        for d in (64, 128):
+            for train in (False, True):
+                yield lambda r, d=d, t=train: case_varlen(d, lengths, True, r, t)
+    elif suite == "window":
+        for n in (4096, 16384):
+            for causal in (False, True):
+                for train in (False, True):
+                    yield lambda r, n=n, c=causal, t=train: case_window(64, n, 256, c, r, t)
+
+
+def markdown(suite, rows, meta):
     lines = [
-        f"# Dense attention forward, bf16 — {meta['device']} — {meta['date']} — commit {meta['commit']}",
+        f"# Attention ({suite}), bf16 — {meta['device']} — {meta['date']} — commit {meta['commit']}",
         "",
-        "TFLOP/s (median of interleaved rounds, CUDA events). Ratio = peer time / our time "
-        "(>1: we are faster). B·N = 16384 tokens, H·D = 2048.",
+        "TFLOP/s (median of interleaved rounds, CUDA events); x = peer time / our time "
+        "(> 1: we are faster).",
         "",
-        "| D | N | causal | ours ms | ours TFLOP/s | FA2 TFLOP/s | ours/FA2 | cuDNN TFLOP/s | ours/cuDNN "
-        "| mem-eff TFLOP/s | ours/mem-eff | rel. err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        res = r["results"]
-
-        def tf(name):
-            x = res[name]
-            return f"{x['tflops']:.0f}" if "tflops" in x else "n/a"
-
-        def ratio(name):
-            x = res[name]
-            return f"{x['ours_speedup']:.2f}" if "ours_speedup" in x else "n/a"
-
-        ours = res["flashkernels"]
-        lines.append(
-            f"| {r['D']} | {r['N']} | {'yes' if r['causal'] else 'no'} | "
-            f"{ours.get('ms', float('nan')):.3f} | {tf('flashkernels')} | {tf('torch_flash')} | "
-            f"{ratio('torch_flash')} | {tf('cudnn')} | {ratio('cudnn')} | {tf('mem_efficient')} | "
-            f"{ratio('mem_efficient')} | {r['rel_err_vs_sdpa_fp32']:.1e} |")
+        case = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("results", "rel_err_vs_sdpa_fp32"))
+        cells = []
+        for name, x in r["results"].items():
+            if "tflops" in x:
+                ratio = f" (x{x['ours_speedup']:.2f})" if "ours_speedup" in x else ""
+                cells.append(f"{name} {x['ms']:.3f} ms {x['tflops']:.0f} TF/s{ratio}")
+            else:
+                cells.append(f"{name}: {x['error']}")
+        lines.append(f"- {case}, err {r['rel_err_vs_sdpa_fp32']:.1e}: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--suite", default="all", choices=["all", "fwd", "train", "gqa", "varlen", "window"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -147,20 +304,25 @@ def main():
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
     }
-    rows = []
-    for d, n, causal in (QUICK if args.quick else CASES):
-        rows.append(run_case(d, n, causal, args.rounds))
-        r = rows[-1]["results"]
-        print(f"D{d} N{n} causal={causal}: ours {r['flashkernels'].get('tflops', 0):.0f} TFLOP/s, "
-              f"FA2 {r['torch_flash'].get('tflops', 0):.0f}, err {rows[-1]['rel_err_vs_sdpa_fp32']:.1e}",
-              flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_fwd.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    md = markdown(rows, meta)
-    with open(os.path.join(args.out, "attention_fwd.md"), "w") as f:
-        f.write(md)
-    print(md)
+    suites = ["fwd", "train", "gqa", "varlen", "window"] if args.suite == "all" else [args.suite]
+    for suite in suites:
+        rows = []
+        for run in suite_cases(suite, args.quick):
+            try:
+                rows.append(run(args.rounds))
+            except Exception as e:  # one broken case must not hide the others
+                print(f"{suite}: case failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            r = rows[-1]["results"]["flashkernels"]
+            print(f"{suite}: ours {r.get('tflops', 0):.0f} TFLOP/s, err "
+                  f"{rows[-1]['rel_err_vs_sdpa_fp32']:.1e}", flush=True)
+        with open(os.path.join(args.out, f"attention_{suite}.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        md = markdown(suite, rows, meta)
+        with open(os.path.join(args.out, f"attention_{suite}.md"), "w") as f:
+            f.write(md)
+        print(md, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-//! `flashkernels`: the main job. Runs dense attention forward over a fixed set of shapes,
-//! on the GPU when there is one (each case checked against the CPU reference, then timed)
-//! and otherwise on the CPU reference. The first line says which.
+//! `flashkernels`: the main job. Runs dense attention forward and backward over a fixed
+//! set of shapes, on the GPU when there is one (each case checked against the CPU
+//! reference, then timed) and otherwise on the CPU reference. The first line says which.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -138,7 +138,10 @@ fn describe(c: &Case) -> String {
 
 fn run_cpu(reason: &str) -> Result<()> {
     println!("flashkernels: running the CPU reference ({reason})");
-    println!("{:<28} {:>10} {:>10}", "case", "ms", "GFLOP/s");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>10}",
+        "case", "fwd ms", "GFLOP/s", "bwd ms", "GFLOP/s"
+    );
     for c in CPU_CASES {
         let [q, k, v] = inputs(c, DType::BF16)?;
         let opts = AttentionOptions {
@@ -147,10 +150,21 @@ fn run_cpu(reason: &str) -> Result<()> {
             ..Default::default()
         };
         let t0 = Instant::now();
-        attention::forward_cpu(&q, &k, &v, &opts)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let gflops = problem(c, DType::BF16).flops() / secs / 1e9;
-        println!("{:<28} {:>10.2} {:>10.2}", describe(c), secs * 1e3, gflops);
+        let f = attention::forward_cpu(&q, &k, &v, &opts)?;
+        let fwd = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        attention::backward_cpu(&q, &k, &v, &f.out, &f.lse, &q, &opts)?;
+        let bwd = t0.elapsed().as_secs_f64();
+        let flops = problem(c, DType::BF16).flops();
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+            describe(c),
+            fwd * 1e3,
+            flops / fwd / 1e9,
+            bwd * 1e3,
+            // The backward does 2.5x the forward's matmul work (FlashAttention's count).
+            2.5 * flops / bwd / 1e9
+        );
     }
     Ok(())
 }
@@ -167,8 +181,8 @@ fn run_gpu(device: flashkernels::Device) -> Result<bool> {
     );
     let stream = device.default_stream();
     println!(
-        "{:<28} {:>10} {:>10} {:>12}",
-        "case", "ms", "TFLOP/s", "rel. error"
+        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12}",
+        "case", "fwd ms", "TFLOP/s", "rel. error", "bwd ms", "TFLOP/s", "grad error"
     );
     let mut all_ok = true;
     for c in GPU_CASES {
@@ -222,17 +236,64 @@ fn run_gpu(device: flashkernels::Device) -> Result<bool> {
         }
         stream.synchronize()?;
         let secs = t0.elapsed().as_secs_f64() / iters as f64;
-        let tflops = problem(c, dtype).flops() / secs / 1e12;
+        let flops = problem(c, dtype).flops();
+
+        // Backward from the kernel's own O and LSE, with dO = Q (any non-zero tensor).
+        let dout = Tensor::Cuda(DeviceTensor::from_host(&stream, &q)?);
+        let backward = || attention::backward(&tq, &tk, &tv, &out.out, &out.lse, &dout, &opts);
+        let grads = backward()?;
+        // The CPU reference backward costs seconds per GFLOP: check the small cases only.
+        let mut grads_ok = true;
+        let grad_err = if c.batch * c.heads * c.seqlen * c.seqlen <= 8 << 20 {
+            let f = attention::forward_cpu(&q, &k, &v, &opts)?;
+            let r = attention::backward_cpu(&q, &k, &v, &f.out, &f.lse, &q, &opts)?;
+            let e = [(&grads.dq, &r.dq), (&grads.dk, &r.dk), (&grads.dv, &r.dv)]
+                .into_iter()
+                .map(|(g, r)| Ok(rel_l2(&g.to_host()?.to_f32_vec(), &r.to_f32_vec())))
+                .collect::<Result<Vec<f64>>>()?
+                .into_iter()
+                .fold(0f64, f64::max);
+            grads_ok = e < 2e-2 && e.is_finite();
+            Some(e)
+        } else {
+            None
+        };
+        for _ in 0..2 {
+            backward()?;
+        }
+        stream.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..iters / 2 {
+            backward()?;
+        }
+        stream.synchronize()?;
+        let bwd_secs = t0.elapsed().as_secs_f64() / (iters / 2) as f64;
         println!(
-            "{:<28} {:>10.3} {:>10.1} {:>12.2e}{}",
+            "{:<28} {:>10.3} {:>10.1} {:>12.2e} {:>10.3} {:>10.1} {:>12}{}",
             describe(c),
             secs * 1e3,
-            tflops,
+            flops / secs / 1e12,
             err,
-            if ok { "" } else { "  MISMATCH" }
+            bwd_secs * 1e3,
+            // The backward does 2.5x the forward's matmul work (FlashAttention's count).
+            2.5 * flops / bwd_secs / 1e12,
+            grad_err.map_or("not checked".into(), |e| format!("{e:.2e}")),
+            if ok && grads_ok { "" } else { "  MISMATCH" }
         );
+        all_ok &= grads_ok;
     }
     Ok(all_ok)
+}
+
+/// ||got - want|| / ||want||.
+#[cfg(feature = "cuda")]
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += ((g - w) as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 /// Relative L2 error of the GPU output against the CPU reference on the last (up to 128)
@@ -262,14 +323,10 @@ fn check_suffix_rows(
         &slice(v, 0, c.seqlen)?,
         opts,
     )?;
-    let want = reference.out.to_f32_vec();
-    let got = slice(gpu_o, first, rows)?.to_f32_vec();
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(&want) {
-        num += ((g - w) as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
+    Ok(rel_l2(
+        &slice(gpu_o, first, rows)?.to_f32_vec(),
+        &reference.out.to_f32_vec(),
+    ))
 }
 
 fn main() -> ExitCode {

@@ -39,7 +39,8 @@ timeout 300 python3 -m pytest -q -rs python/tests 2>&1 | tail -n 30 | tee "$OUT/
 
 if [ "${1:-}" != "--no-bench" ]; then
   step "benchmark"
-  timeout 400 python3 benches/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+  # Every suite (fwd, train, gqa, varlen, window); BENCH_ARGS narrows it (e.g. "--suite train").
+  timeout 450 python3 benches/gpu_bench.py --out "$OUT" --rounds 2 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
 fi
 echo
 echo "gpu_check status: $status"
