@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh checkout: toolchain set-up (into .toolchain/), lint,
-# Rust tests (CUDA build and CPU-only build), the Python wheel and its tests. GPU tests
-# are reported as ignored/skipped on a machine without a GPU.
+# Rust tests (CUDA build and CPU-only build), the CUDA kernels on a CPU emulator, the
+# Python wheel and its tests. GPU tests are reported as ignored/skipped on a machine
+# without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -16,6 +17,9 @@ cargo test --release
 
 echo "== Rust tests, CPU-only build (no nvcc involved)"
 cargo test --release --no-default-features --lib --tests
+
+echo "== CUDA kernels on the CPU emulator (tests/emulator, against an f64 reference)"
+bash scripts/emulate_kernels.sh
 
 echo "== Python wheel and tests"
 rm -rf target/wheels

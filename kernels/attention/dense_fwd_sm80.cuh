@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int batch = blockIdx.z;
   // This sequence's lengths and first rows (varlen: packed rows, no batch stride).
   const bool varlen = p.cu_seqlens_q != nullptr;
+  const int strided_batch = varlen ? 0 : batch; // varlen ignores the batch strides
   const int q_start = varlen ? p.cu_seqlens_q[batch] : 0;
   const int k_start = varlen ? p.cu_seqlens_k[batch] : 0;
   const int nq = varlen ? p.cu_seqlens_q[batch + 1] - q_start : p.seqlen_q;
@@ -109,11 +110,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int warp_row0 = warp * Traits::kWarpRows; // first row of this warp in the tile
   const int d_chunks = p.head_dim / 8;             // valid 16-byte chunks of a row
 
-  const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
+  const Element *q = static_cast<const Element *>(p.q) + strided_batch * p.q_batch_stride +
                      head * p.q_head_stride + int64_t(q_start + m0) * p.q_row_stride;
-  const Element *k = static_cast<const Element *>(p.k) + batch * p.k_batch_stride +
+  const Element *k = static_cast<const Element *>(p.k) + strided_batch * p.k_batch_stride +
                      head_kv * p.k_head_stride + int64_t(k_start) * p.k_row_stride;
-  const Element *v = static_cast<const Element *>(p.v) + batch * p.v_batch_stride +
+  const Element *v = static_cast<const Element *>(p.v) + strided_batch * p.v_batch_stride +
                      head_kv * p.v_head_stride + int64_t(k_start) * p.v_row_stride;
 
   // Masks, aligned bottom-right: query row i sees keys
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   __syncwarp();
 
-  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride +
+  Element *o = static_cast<Element *>(p.o) + strided_batch * p.o_batch_stride +
                head * p.o_head_stride + int64_t(q_start) * p.o_row_stride;
 #pragma unroll
   for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
@@ -347,7 +348,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       for (int r = 0; r < 2; ++r) {
         const int grow = m0 + warp_row0 + mt * 16 + g + 8 * r;
         if (grow < nq)
-          p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + q_start + grow] =
+          p.lse[strided_batch * p.lse_batch_stride + head * p.lse_head_stride + q_start + grow] =
               lse[mt][r];
       }
   }

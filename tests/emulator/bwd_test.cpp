@@ -1,0 +1,215 @@
+// Backward suite: fk_attention_bwd (kernels/attention/dense_bwd_*) on the emulator against
+// the f64 reference. O and LSE come from the f64 reference forward, or, in the
+// "fwd+bwd" cases, from fk_attention_fwd, which checks that the forward's LSE is what the
+// backward expects (rows without keys included). dQ, dK, dV are checked per valid element;
+// rows that see (or are seen by) no key must be exactly zero; everything outside the
+// sequences must stay untouched (NaN); the Delta workspace must hold rowsum(dO * O).
+// Usage: bwd_test [case index...] (all cases by default).
+#include "harness.h"
+
+#include "emulated/attention/dense_bwd_sm80.cuh"
+#include "emulated/attention/dense_bwd_api.cu"
+#include "emulated/attention/dense_fwd_sm80.cuh"
+#include "emulated/attention/dense_fwd_api.cu"
+
+using namespace harness;
+
+template <typename T> void bwd_case(const Case &c, Report &r) {
+  Problem<T> p(c, 4321);
+  const Seqs &s = p.s;
+  const int H = c.H, Hkv = c.Hkv, D = c.D;
+  Tensor<T> O = p.like_q(), dQ = p.like_q(), dK = p.like_k(), dV = p.like_k();
+  Lse lse(c, s), delta(c, s);
+
+  // Reference: P (f64) per row, and the gradients. Delta uses the O the kernel is given
+  // (as the kernel does), except in fwd+bwd cases, which are checked against the exact
+  // gradients.
+  std::vector<std::vector<double>> Prows(size_t(s.totq()) * H);
+  std::vector<double> Oex(size_t(s.totq()) * H * D), Lex(size_t(s.totq()) * H);
+  for (int b = 0; b < s.B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < c.nq[b]; ++i) {
+        const size_t r = size_t(s.cq[b] + i) * H + h;
+        std::vector<double> Or;
+        ref_row(p, b, h, i, Prows[r], Or, Lex[r]);
+        std::copy(Or.begin(), Or.end(), Oex.begin() + r * D);
+      }
+  if (c.fwd_then_bwd) {
+    const int rc = run_fwd(p, O, lse);
+    if (rc != 0) return r.fail(format("fk_attention_fwd returned %d", rc));
+  } else {
+    for (int b = 0; b < s.B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < c.nq[b]; ++i) {
+          const size_t r = size_t(s.cq[b] + i) * H + h;
+          lse.at(b, h, i) = float(Lex[r]);
+          for (int d = 0; d < D; ++d) O.at(b, i, h, d) = to_e<T>(float(Oex[r * D + d]));
+        }
+  }
+  std::vector<double> rdQ(size_t(s.totq()) * H * D, 0.0), rdK(size_t(s.totk()) * Hkv * D, 0.0),
+      rdV(rdK.size(), 0.0), rdelta(size_t(s.totq()) * H, 0.0);
+  std::vector<char> q_seen(size_t(s.totq()) * H, 0), k_seen(size_t(s.totk()) * Hkv, 0);
+  for (int b = 0; b < s.B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const int hk = p.kv_head(h);
+      for (int i = 0; i < c.nq[b]; ++i) {
+        const size_t r = size_t(s.cq[b] + i) * H + h;
+        const std::vector<double> &P = Prows[r];
+        double Delta = 0, Dk = 0;
+        for (int d = 0; d < D; ++d) {
+          Dk += double(O.get(b, i, h, d)) * p.dO.get(b, i, h, d);
+          Delta += (c.fwd_then_bwd ? Oex[r * D + d] : O.get(b, i, h, d)) * p.dO.get(b, i, h, d);
+        }
+        rdelta[r] = Dk;
+        for (int j = 0; j < c.nk[b]; ++j) {
+          if (P[j] == 0.0) continue;
+          const size_t rk = size_t(s.ck[b] + j) * Hkv + hk;
+          q_seen[r] = k_seen[rk] = 1;
+          double dP = 0;
+          for (int d = 0; d < D; ++d) dP += double(p.dO.get(b, i, h, d)) * p.V.get(b, j, hk, d);
+          const double dS = P[j] * (dP - Delta);
+          for (int d = 0; d < D; ++d) {
+            rdQ[r * D + d] += p.scale * dS * p.K.get(b, j, hk, d);
+            rdK[rk * D + d] += p.scale * dS * p.Q.get(b, i, h, d);
+            rdV[rk * D + d] += P[j] * p.dO.get(b, i, h, d);
+          }
+        }
+      }
+    }
+
+  std::vector<int32_t> cuq(s.cq.begin(), s.cq.end()), cuk(s.ck.begin(), s.ck.end());
+  fk_attention_bwd_params q{};
+  q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data(), q.o = O.data.data();
+  q.dout = p.dO.data.data(), q.lse = lse.data.data(), q.delta = delta.data.data();
+  q.dq = dQ.data.data(), q.dk = dK.data.data(), q.dv = dV.data.data();
+  set_common(q, p, lse, cuq, cuk);
+  q.o_batch_stride = O.bs, q.o_row_stride = O.rs, q.o_head_stride = O.hs;
+  q.do_batch_stride = p.dO.bs, q.do_row_stride = p.dO.rs, q.do_head_stride = p.dO.hs;
+  q.dq_batch_stride = dQ.bs, q.dq_row_stride = dQ.rs, q.dq_head_stride = dQ.hs;
+  q.dk_batch_stride = dK.bs, q.dk_row_stride = dK.rs, q.dk_head_stride = dK.hs;
+  q.dv_batch_stride = dV.bs, q.dv_row_stride = dV.rs, q.dv_head_stride = dV.hs;
+  const long sw0 = emu::g_switches;
+  const int launches0 = fk::g_emu_launches;
+  const int rc = fk_attention_bwd(&q, nullptr);
+  if (rc != 0) return r.fail(format("fk_attention_bwd returned %d", rc));
+  r.info(format("%d launch(es), %ld fiber switches", fk::g_emu_launches - launches0,
+                emu::g_switches - sw0));
+
+  auto check = [&](const char *what, const Tensor<T> &t, const std::vector<double> &ref,
+                   const std::vector<char> &seen, const std::vector<int> &cu,
+                   const std::vector<int> &n) {
+    Stats st;
+    for (size_t b = 0; b < n.size(); ++b)
+      for (int i = 0; i < n[b]; ++i)
+        for (int h = 0; h < t.heads; ++h) {
+          const size_t r = size_t(cu[b] + i) * t.heads + h;
+          for (int d = 0; d < D; ++d) {
+            const float kv = t.get(int(b), i, h, d);
+            if (!seen[r] && kv != 0.f) ++st.not_zero;
+            st.add(kv, ref[r * D + d]);
+          }
+        }
+    st.pad_touched = count_pad_touched(t, n);
+    // Gradients are sums of many terms: scale the max-error bound by their magnitude.
+    double ref_max = 0;
+    for (double x : ref) ref_max = std::max(ref_max, std::abs(x));
+    const double bf = c.dtype == FK_DTYPE_BF16;
+    r.check(what, st, bf ? 1.5e-2 : 3e-3, (bf ? 4e-2 : 6e-3) * std::max(1.0, ref_max));
+  };
+  check("dQ", dQ, rdQ, q_seen, s.cq, c.nq);
+  check("dK", dK, rdK, k_seen, s.ck, c.nk);
+  check("dV", dV, rdV, k_seen, s.ck, c.nk);
+  Stats sd;
+  for (int b = 0; b < s.B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < c.nq[b]; ++i)
+        sd.add(delta.at(b, h, i), rdelta[size_t(s.cq[b] + i) * H + h]);
+  sd.pad_touched = count_pad_touched(delta, c.nq, H);
+  r.check("Delta", sd, 1e-5, 1e-3);
+}
+
+// Launcher checks: what would be undefined behaviour on the device is refused.
+int api_checks() {
+  int bad = 0;
+  fk_attention_bwd_params p{};
+  alignas(16) int dummy[64];
+  p.q = p.k = p.v = p.o = p.dout = dummy;
+  p.lse = reinterpret_cast<float *>(dummy);
+  p.dq = p.dk = p.dv = dummy;
+  p.delta = reinterpret_cast<float *>(dummy);
+  p.batch = 1, p.heads = 2, p.heads_kv = 1, p.seqlen_q = 1, p.seqlen_k = 1, p.head_dim = 64;
+  p.window_left = -1, p.window_right = -1, p.dtype = FK_DTYPE_F16;
+  auto expect = [&](const char *what, fk_attention_bwd_params q) {
+    const int launches0 = fk::g_emu_launches;
+    const int rc = fk_attention_bwd(&q, nullptr);
+    if (rc != cudaErrorInvalidValue || fk::g_emu_launches != launches0) {
+      printf("api %s: rc %d  <-- BAD\n", what, rc);
+      ++bad;
+    }
+  };
+  auto q = p; q.heads = 3; q.heads_kv = 2; expect("heads % heads_kv", q);
+  q = p; q.head_dim = 12; expect("head_dim 12", q);
+  q = p; q.head_dim = 264; expect("head_dim 264", q);
+  q = p; q.head_dim = 0; expect("head_dim 0", q);
+  q = p; q.batch = 0; expect("batch 0", q);
+  q = p; q.heads_kv = 0; expect("heads_kv 0", q);
+  q = p; q.dq = nullptr; expect("null dq", q);
+  q = p; q.delta = nullptr; expect("null delta", q);
+  q = p; q.cu_seqlens_q = dummy; expect("cu_seqlens_q without cu_seqlens_k", q);
+  q = p; q.window_left = -2; expect("window_left -2", q);
+  q = p; q.dtype = 7; expect("dtype 7", q);
+  q = p; q.seqlen_q = -1; expect("seqlen_q -1", q);
+  if (fk_attention_bwd(nullptr, nullptr) != cudaErrorInvalidValue) {
+    printf("api null params  <-- BAD\n");
+    ++bad;
+  }
+  printf("api checks: %s\n", bad ? "FAILED" : "ok");
+  return bad;
+}
+
+int main(int argc, char **argv) {
+  const int F = FK_DTYPE_F16, BF = FK_DTYPE_BF16;
+  const int kHuge = 1000000000;
+  std::vector<Case> cases = {
+      {"d64 f16 gqa2 nomask batch2", F, 2, 1, 64, {100, 100}, {100, 100}, false, -1, -1},
+      {"d64 bf16 causal nq<nk", BF, 1, 1, 64, {70}, {130}, false, -1, 0},
+      {"d64 f16 causal nq>nk", F, 2, 2, 64, {130}, {70}, false, -1, 0},
+      {"d128 f16 window(20,5) nq>nk", F, 1, 1, 128, {150}, {90}, false, 20, 5},
+      {"d40 f16 causal head-major", F, 1, 1, 40, {65}, {65}, false, -1, 0, true},
+      {"d8 bf16 nomask", BF, 1, 1, 8, {33}, {47}, false, -1, -1},
+      {"d136 bf16 gqa2 nomask", BF, 4, 2, 136, {40}, {40}, false, -1, -1},
+      {"d256 f16 gqa2 window(10,-1)", F, 2, 1, 256, {70}, {80}, false, 10, -1},
+      {"d256 bf16 causal", BF, 1, 1, 256, {50}, {50}, false, -1, 0},
+      {"varlen d64 f16 gqa2 causal", F, 2, 1, 64, {0, 17, 80, 3}, {5, 0, 100, 1}, true, -1, 0},
+      {"varlen d96 bf16 gqa2 window(7,3)", BF, 4, 2, 96, {1, 40, 90}, {70, 40, 33}, true, 7, 3},
+      {"varlen d200 f16 nomask", F, 2, 2, 200, {20, 1, 45}, {33, 2, 1}, true, -1, -1},
+      {"d128 f16 window(-1,1000)", F, 1, 1, 128, {100}, {100}, false, -1, 1000},
+      {"d64 f16 window(3,2)", F, 1, 1, 64, {200}, {200}, false, 3, 2},
+      {"d64 f16 window(0,0) nq<nk", F, 1, 1, 64, {100}, {140}, false, 0, 0},
+      {"dense nq=0", F, 1, 1, 64, {0}, {50}, false, -1, -1},
+      {"dense nk=0 gqa2 causal", BF, 2, 1, 128, {50}, {0}, false, -1, 0},
+      {"d64 f16 causal nq>>nk", F, 1, 1, 64, {200}, {10}, false, -1, 0},
+      {"d128 bf16 window(1e9,1e9)", BF, 1, 1, 128, {60}, {70}, false, kHuge, kHuge},
+      {"d256 f16 gqa4 window(5,5)", F, 4, 1, 256, {45}, {45}, false, 5, 5},
+  };
+  // Forward kernel, then backward kernel, against the exact f64 gradients.
+  const std::vector<Case> fwd_then_bwd = {
+      {"d64 f16 gqa2 causal nq>nk", F, 4, 2, 64, {150}, {90}, false, -1, 0},
+      {"d128 bf16 gqa4 window(16,5)", BF, 4, 1, 128, {130}, {140}, false, 16, 5},
+      {"varlen d256 f16 gqa2 window(7,3)", F, 2, 1, 256, {0, 1, 45, 70}, {3, 1, 0, 66}, true, 7, 3},
+      {"d40 bf16 nomask nq<nk", BF, 2, 2, 40, {40}, {150}, false, -1, -1},
+      {"varlen d96 f16 gqa2 causal", F, 2, 1, 96, {1, 80, 0, 5}, {0, 100, 7, 1}, true, -1, 0},
+      {"d200 bf16 window(1e9,1e9)", BF, 1, 1, 200, {50}, {60}, false, kHuge, kHuge},
+  };
+  for (Case c : fwd_then_bwd) {
+    c.name = "fwd+bwd " + c.name;
+    c.fwd_then_bwd = true;
+    cases.push_back(c);
+  }
+  int bad = argc > 1 ? 0 : api_checks();
+  bad += run_cases(cases, argc, argv, [](const Case &c, Report &r) {
+    c.dtype == FK_DTYPE_F16 ? bwd_case<__half>(c, r) : bwd_case<__nv_bfloat16>(c, r);
+  });
+  printf(bad ? "backward: %d FAILED\n" : "backward: all passed\n", bad);
+  return bad != 0;
+}
