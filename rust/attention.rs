@@ -270,7 +270,8 @@ fn validate_inputs(
     if hq % hkv != 0 {
         return Err(Error::ShapeMismatch {
             detail: format!(
-                "q has {hq} heads, which is not a multiple of k/v's {hkv} heads                  (grouped-query attention needs heads_q % heads_kv == 0)"
+                "q has {hq} heads, which is not a multiple of k/v's {hkv} heads \
+                 (grouped-query attention needs heads_q % heads_kv == 0)"
             ),
         });
     }
@@ -292,7 +293,8 @@ fn validate_inputs(
             if s.cu_seqlens_q.len() != s.cu_seqlens_k.len() {
                 return Err(Error::ShapeMismatch {
                     detail: format!(
-                        "cu_seqlens_q has {} offsets but cu_seqlens_k has {}: both must be                          batch + 1",
+                        "cu_seqlens_q has {} offsets but cu_seqlens_k has {}: both must be \
+                         batch + 1",
                         s.cu_seqlens_q.len(),
                         s.cu_seqlens_k.len()
                     ),

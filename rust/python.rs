@@ -2,7 +2,9 @@
 //!
 //! It is deliberately low level: the Python package (python/flashkernels) picks the
 //! stream and allocates outputs with the caller's framework; this module consumes DLPack
-//! capsules, validates, and runs the CPU reference or the CUDA kernel.
+//! capsules, validates, and runs the CPU reference or the CUDA kernels: the attention
+//! forward ([`attention_forward`]) and backward ([`attention_backward`]), dense or
+//! variable-length, with GQA and sliding windows (the options of `crate::attention`).
 //!
 //! - DLPack is parsed here with our own `#[repr(C)]` mirror of dlpack.h (v1.x), both the
 //!   classic "dltensor" and the versioned "dltensor_versioned" capsule. A capsule is
@@ -22,7 +24,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyTuple};
 
-use crate::attention::{self, AttentionOptions, AttentionProblem};
+use crate::attention::{self, AttentionOptions, AttentionProblem, SeqLens};
 use crate::error::Error;
 use crate::tensor::{DType, HostData, HostTensor, Layout};
 
@@ -474,16 +476,144 @@ fn check_cuda_device(device: usize) -> Result<(), Error> {
     }
 }
 
+/// Attention options from the Python arguments. Windows are non-negative ints or None
+/// (unbounded); a window wider than `i32::MAX` is unbounded in practice and is clamped
+/// there, which is also what the CUDA kernels do.
+fn options(
+    scale: Option<f64>,
+    causal: bool,
+    window_left: Option<i64>,
+    window_right: Option<i64>,
+) -> PyResult<AttentionOptions> {
+    let window = |name: &str, w: Option<i64>| -> PyResult<Option<usize>> {
+        match w {
+            None => Ok(None),
+            Some(w) if w < 0 => Err(to_py_err(Error::InvalidArgument(format!(
+                "{name} must be a non-negative int, or None for unbounded, got {w}"
+            )))),
+            Some(w) => Ok(Some(w.min(i32::MAX as i64) as usize)),
+        }
+    };
+    Ok(AttentionOptions {
+        scale: scale.map(|s| s as f32),
+        causal,
+        window_left: window("window_left", window_left)?,
+        window_right: window("window_right", window_right)?,
+    })
+}
+
+/// The varlen offsets, when given (both or neither), as int32.
+fn seqlens(
+    cu_seqlens_q: Option<Vec<i64>>,
+    cu_seqlens_k: Option<Vec<i64>>,
+    heads_first: bool,
+) -> PyResult<Option<SeqLens>> {
+    let to_i32 = |name: &str, cu: Vec<i64>| -> PyResult<Vec<i32>> {
+        cu.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                i32::try_from(x).map_err(|_| {
+                    to_py_err(Error::InvalidArgument(format!(
+                        "{name}: offset {i} is {x}, outside the int32 range"
+                    )))
+                })
+            })
+            .collect()
+    };
+    match (cu_seqlens_q, cu_seqlens_k) {
+        (None, None) => Ok(None),
+        (Some(q), Some(k)) => {
+            if heads_first {
+                return Err(to_py_err(Error::InvalidArgument(
+                    "cu_seqlens_q/cu_seqlens_k take packed (total_seqlen, heads, head_dim) \
+                     tensors: heads_first must be False"
+                        .into(),
+                )));
+            }
+            Ok(Some(SeqLens {
+                cu_seqlens_q: to_i32("cu_seqlens_q", q)?,
+                cu_seqlens_k: to_i32("cu_seqlens_k", k)?,
+            }))
+        }
+        _ => Err(to_py_err(Error::InvalidArgument(
+            "cu_seqlens_q and cu_seqlens_k must be given together".into(),
+        ))),
+    }
+}
+
+/// Where all the tensors live: one place, or a DeviceMismatch naming each.
+fn common_place(ts: &[&Imported]) -> PyResult<Place> {
+    if ts.iter().any(|t| t.device != ts[0].device) {
+        let where_: Vec<String> = ts
+            .iter()
+            .map(|t| format!("{} on {}", t.name, device_name(t.device)))
+            .collect();
+        return Err(to_py_err(Error::DeviceMismatch {
+            detail: format!("{}: all must be on one device", where_.join(", ")),
+        }));
+    }
+    ts[0].place()
+}
+
+/// Outputs from `alloc` must be where the inputs are.
+fn check_output_devices(outputs: &[&Imported], device: DLDevice) -> PyResult<()> {
+    for o in outputs {
+        if o.device != device {
+            return Err(to_py_err(Error::DeviceMismatch {
+                detail: format!(
+                    "{} was allocated on {}, the inputs are on {}",
+                    o.name,
+                    device_name(o.device),
+                    device_name(device)
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Validates Q, K, V (logical layouts) for a dense or varlen problem.
+fn validate_problem(
+    qkv: [(&Imported, &Layout); 3],
+    seqlens: Option<&SeqLens>,
+    opts: &AttentionOptions,
+    heads_first: bool,
+) -> PyResult<AttentionProblem> {
+    let [(q, lq), (k, lk), (v, lv)] = qkv;
+    let r = match seqlens {
+        None => attention::validate((q.dtype, lq), (k.dtype, lk), (v.dtype, lv), opts),
+        Some(s) => attention::validate_varlen((q.dtype, lq), (k.dtype, lk), (v.dtype, lv), s, opts),
+    };
+    r.map_err(|e| to_py_err(with_layout_note(e, heads_first)))
+}
+
+/// Runs `f` (the CPU reference) without the GIL, turning a panic into a RuntimeError.
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
+        .map_err(panic_err)?
+        .map_err(to_py_err)
+}
+
 /// Attention forward on DLPack capsules.
 ///
 /// `q`, `k`, `v`: capsules (or `(capsule, "bfloat16")`), logical layout (B, N, H, D), or
-/// (B, H, N, D) with `heads_first`. After validation, calls
-/// `alloc(out_shape, lse_shape, dtype_name)`, which must return capsules
-/// `(out, lse)` for a writable (B, Nq, H, D) output in q's dtype and a (B, H, Nq) float32
-/// LSE on the inputs' device. CUDA work is queued on `stream` (a CUstream as an integer,
-/// 0 for the legacy default stream) and not synchronized.
+/// (B, H, N, D) with `heads_first`; K and V may have fewer heads than Q (GQA). With
+/// `cu_seqlens_q` and `cu_seqlens_k` (B+1 offsets each), the batch is variable-length:
+/// q, k, v are packed (total, heads, head_dim) and `heads_first` must be False.
+/// `window_left` / `window_right`: sliding window (non-negative, None = unbounded).
+/// After validation, calls `alloc(out_shape, lse_shape, dtype_name)`, which must return
+/// capsules `(out, lse)` for a writable output of `out_shape` (q's shape in kernel order)
+/// in q's dtype and a float32 LSE of `lse_shape` ((B, H, Nq), or (H, total_q) for varlen)
+/// on the inputs' device. CUDA work is queued on `stream` (a CUstream as an integer, 0
+/// for the legacy default stream) and not synchronized.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, alloc, *, heads_first, causal, scale=None, stream=0))]
+#[pyo3(signature = (
+    q, k, v, alloc, *, heads_first, causal, scale=None, window_left=None, window_right=None,
+    cu_seqlens_q=None, cu_seqlens_k=None, stream=0
+))]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward(
     py: Python<'_>,
@@ -494,45 +624,33 @@ fn attention_forward(
     heads_first: bool,
     causal: bool,
     scale: Option<f64>,
+    window_left: Option<i64>,
+    window_right: Option<i64>,
+    cu_seqlens_q: Option<Vec<i64>>,
+    cu_seqlens_k: Option<Vec<i64>>,
     stream: usize,
 ) -> PyResult<()> {
     guarded(|| {
+        let opts = options(scale, causal, window_left, window_right)?;
+        let seqlens = seqlens(cu_seqlens_q, cu_seqlens_k, heads_first)?;
         let inputs = [import("q", q)?, import("k", k)?, import("v", v)?];
-        let places = inputs
-            .iter()
-            .map(Imported::place)
-            .collect::<PyResult<Vec<_>>>()?;
-        if inputs.iter().any(|t| t.device != inputs[0].device) {
-            return Err(to_py_err(Error::DeviceMismatch {
-                detail: format!(
-                    "q is on {}, k on {}, v on {}: all must be on one device",
-                    device_name(inputs[0].device),
-                    device_name(inputs[1].device),
-                    device_name(inputs[2].device)
-                ),
-            }));
-        }
-        let opts = AttentionOptions {
-            scale: scale.map(|s| s as f32),
-            causal,
-        };
+        let [q, k, v] = &inputs;
+        let place = common_place(&[q, k, v])?;
         let layouts = inputs
             .iter()
             .map(|t| t.logical_layout(heads_first))
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_py_err)?;
-        let [q, k, v] = &inputs;
-        let p = attention::validate(
-            (q.dtype, &layouts[0]),
-            (k.dtype, &layouts[1]),
-            (v.dtype, &layouts[2]),
+        let p = validate_problem(
+            [(q, &layouts[0]), (k, &layouts[1]), (v, &layouts[2])],
+            seqlens.as_ref(),
             &opts,
-        )
-        .map_err(|e| to_py_err(with_layout_note(e, heads_first)))?;
+            heads_first,
+        )?;
 
         // Fail before allocating when the GPU path cannot run this problem.
         #[cfg(feature = "cuda")]
-        let views = match places[0] {
+        let views = match place {
             Place::Host => None,
             Place::Cuda(ordinal) => {
                 check_cuda_device(ordinal).map_err(to_py_err)?;
@@ -543,7 +661,7 @@ fn attention_forward(
                     .collect();
                 attention::cuda::check_kernel_support(
                     &p,
-                    views[0].device,
+                    ordinal,
                     &[("q", &views[0]), ("k", &views[1]), ("v", &views[2])],
                 )
                 .map_err(to_py_err)?;
@@ -551,39 +669,30 @@ fn attention_forward(
             }
         };
         #[cfg(not(feature = "cuda"))]
-        if let Place::Cuda(_) = places[0] {
+        if let Place::Cuda(_) = place {
             let _ = stream;
             return Err(to_py_err(Error::CudaNotBuilt));
         }
 
-        let (out, lse) = allocate(py, alloc, &p)?;
-        for o in [&out, &lse] {
-            if o.device != inputs[0].device {
-                return Err(to_py_err(Error::DeviceMismatch {
-                    detail: format!(
-                        "{} was allocated on {}, the inputs are on {}",
-                        o.name,
-                        device_name(o.device),
-                        device_name(inputs[0].device)
-                    ),
-                }));
-            }
-        }
+        let [out, lse] = allocate(
+            py,
+            alloc,
+            ["out", "lse"],
+            (p.q_shape(), p.lse_shape()),
+            p.dtype,
+        )?;
+        check_output_devices(&[&out, &lse], q.device)?;
 
-        match places[0] {
+        match place {
             Place::Host => {
                 let hq = q.to_host(layouts[0].clone()).map_err(to_py_err)?;
                 let hk = k.to_host(layouts[1].clone()).map_err(to_py_err)?;
                 let hv = v.to_host(layouts[2].clone()).map_err(to_py_err)?;
                 // The reference can take a while: let other Python threads run.
-                let result = py
-                    .detach(|| {
-                        catch_unwind(AssertUnwindSafe(|| {
-                            attention::forward_cpu(&hq, &hk, &hv, &opts)
-                        }))
-                    })
-                    .map_err(panic_err)?
-                    .map_err(to_py_err)?;
+                let result = run_detached(py, || match &seqlens {
+                    None => attention::forward_cpu(&hq, &hk, &hv, &opts),
+                    Some(s) => attention::forward_cpu_varlen(&hq, &hk, &hv, s, &opts),
+                })?;
                 out.write_host(&result.out).map_err(to_py_err)?;
                 lse.write_host(&result.lse).map_err(to_py_err)?;
                 Ok(())
@@ -591,9 +700,8 @@ fn attention_forward(
             #[cfg(feature = "cuda")]
             Place::Cuda(ordinal) => {
                 let views = views.expect("views are built for CUDA inputs");
-                out.check_output(p.dtype, &[p.batch, p.seqlen_q, p.heads, p.head_dim])
-                    .map_err(to_py_err)?;
-                lse.check_output(DType::F32, &[p.batch, p.heads, p.seqlen_q])
+                out.check_output(p.dtype, &p.q_shape()).map_err(to_py_err)?;
+                lse.check_output(DType::F32, &p.lse_shape())
                     .map_err(to_py_err)?;
                 let out_view = out.device_view(out.layout.clone(), ordinal);
                 let lse_view = lse.device_view(lse.layout.clone(), ordinal);
@@ -602,12 +710,171 @@ fn attention_forward(
                 // they overlap nothing; the caller passes its framework's current stream
                 // of this device (or 0), and the inputs were exported for that stream.
                 unsafe {
-                    attention::cuda::forward_views(
+                    attention::cuda::forward_views_varlen(
                         &views[0],
                         &views[1],
                         &views[2],
                         &out_view,
                         &lse_view,
+                        seqlens.as_ref(),
+                        &opts,
+                        stream as *mut c_void,
+                    )
+                }
+                .map_err(to_py_err)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => Err(to_py_err(Error::CudaNotBuilt)),
+        }
+    })
+}
+
+/// Attention backward on DLPack capsules: dQ, dK, dV from the forward's q, k, v, its
+/// `out` and `lse`, and `dout` (the gradient of `out`).
+///
+/// Layouts and options as [`attention_forward`]: `out` and `dout` are laid out like q,
+/// `lse` as the forward returned it. After validation, calls
+/// `alloc(q_shape, kv_shape, dtype_name)`, which must return capsules `(dq, dk, dv)`:
+/// writable, dq of `q_shape`, dk and dv of `kv_shape` (kernel order), in q's dtype, on
+/// the inputs' device. For GQA, dK and dV sum over each group's query heads. The result
+/// is deterministic.
+#[pyfunction]
+#[pyo3(signature = (
+    q, k, v, out, lse, dout, alloc, *, heads_first, causal, scale=None, window_left=None,
+    window_right=None, cu_seqlens_q=None, cu_seqlens_k=None, stream=0
+))]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dout: &Bound<'_, PyAny>,
+    alloc: &Bound<'_, PyAny>,
+    heads_first: bool,
+    causal: bool,
+    scale: Option<f64>,
+    window_left: Option<i64>,
+    window_right: Option<i64>,
+    cu_seqlens_q: Option<Vec<i64>>,
+    cu_seqlens_k: Option<Vec<i64>>,
+    stream: usize,
+) -> PyResult<()> {
+    guarded(|| {
+        let opts = options(scale, causal, window_left, window_right)?;
+        let seqlens = seqlens(cu_seqlens_q, cu_seqlens_k, heads_first)?;
+        let inputs = [
+            import("q", q)?,
+            import("k", k)?,
+            import("v", v)?,
+            import("out", out)?,
+            import("lse", lse)?,
+            import("dout", dout)?,
+        ];
+        let [q, k, v, out, lse, dout] = &inputs;
+        let place = common_place(&[q, k, v, out, lse, dout])?;
+        // LSE is (B, H, Nq) (or (H, total_q)) in both layouts.
+        let layouts = [q, k, v, out, dout]
+            .iter()
+            .map(|t| t.logical_layout(heads_first))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_py_err)?;
+        let p = validate_problem(
+            [(q, &layouts[0]), (k, &layouts[1]), (v, &layouts[2])],
+            seqlens.as_ref(),
+            &opts,
+            heads_first,
+        )?;
+        attention::validate_backward(
+            &p,
+            (out.dtype, &layouts[3]),
+            (lse.dtype, &lse.layout),
+            (dout.dtype, &layouts[4]),
+        )
+        .map_err(|e| to_py_err(with_layout_note(e, heads_first)))?;
+
+        #[cfg(feature = "cuda")]
+        let views = match place {
+            Place::Host => None,
+            Place::Cuda(ordinal) => {
+                check_cuda_device(ordinal).map_err(to_py_err)?;
+                let views: Vec<_> = [q, k, v, out, dout]
+                    .iter()
+                    .zip(&layouts)
+                    .map(|(t, l)| t.device_view(l.clone(), ordinal))
+                    .collect();
+                attention::cuda::check_kernel_support(
+                    &p,
+                    ordinal,
+                    &[
+                        ("q", &views[0]),
+                        ("k", &views[1]),
+                        ("v", &views[2]),
+                        ("out", &views[3]),
+                        ("dout", &views[4]),
+                    ],
+                )
+                .map_err(to_py_err)?;
+                Some(views)
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        if let Place::Cuda(_) = place {
+            let _ = stream;
+            return Err(to_py_err(Error::CudaNotBuilt));
+        }
+
+        let [dq, dk, dv] = allocate(
+            py,
+            alloc,
+            ["dq", "dk", "dv"],
+            (p.q_shape(), p.kv_shape()),
+            p.dtype,
+        )?;
+        check_output_devices(&[&dq, &dk, &dv], q.device)?;
+
+        match place {
+            Place::Host => {
+                let host = |t: &Imported, l: &Layout| t.to_host(l.clone()).map_err(to_py_err);
+                let hq = host(q, &layouts[0])?;
+                let hk = host(k, &layouts[1])?;
+                let hv = host(v, &layouts[2])?;
+                let ho = host(out, &layouts[3])?;
+                let hl = host(lse, &lse.layout)?;
+                let hd = host(dout, &layouts[4])?;
+                let g = run_detached(py, || match &seqlens {
+                    None => attention::backward_cpu(&hq, &hk, &hv, &ho, &hl, &hd, &opts),
+                    Some(s) => {
+                        attention::backward_cpu_varlen(&hq, &hk, &hv, &ho, &hl, &hd, s, &opts)
+                    }
+                })?;
+                dq.write_host(&g.dq).map_err(to_py_err)?;
+                dk.write_host(&g.dk).map_err(to_py_err)?;
+                dv.write_host(&g.dv).map_err(to_py_err)?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let views = views.expect("views are built for CUDA inputs");
+                dq.check_output(p.dtype, &p.q_shape()).map_err(to_py_err)?;
+                dk.check_output(p.dtype, &p.kv_shape()).map_err(to_py_err)?;
+                dv.check_output(p.dtype, &p.kv_shape()).map_err(to_py_err)?;
+                let lse_view = lse.device_view(lse.layout.clone(), ordinal);
+                let dq_view = dq.device_view(dq.layout.clone(), ordinal);
+                let dk_view = dk.device_view(dk.layout.clone(), ordinal);
+                let dv_view = dv.device_view(dv.layout.clone(), ordinal);
+                // SAFETY: as in `attention_forward`: live producer memory until the
+                // `Imported`s drop, fresh (non-overlapping) gradient buffers, and the
+                // caller's stream, for which the inputs were exported.
+                unsafe {
+                    attention::cuda::backward_views(
+                        [
+                            &views[0], &views[1], &views[2], &views[3], &lse_view, &views[4],
+                            &dq_view, &dk_view, &dv_view,
+                        ],
+                        seqlens.as_ref(),
                         &opts,
                         stream as *mut c_void,
                     )
@@ -634,24 +901,32 @@ fn with_layout_note(e: Error, heads_first: bool) -> Error {
     }
 }
 
-fn allocate(
+/// Calls `alloc(shape_a, shape_b, dtype_name)` and imports the N capsules it returns
+/// (named `names`, in order).
+fn allocate<const N: usize>(
     py: Python<'_>,
     alloc: &Bound<'_, PyAny>,
-    p: &AttentionProblem,
-) -> PyResult<(Imported, Imported)> {
-    let out_shape = PyTuple::new(py, [p.batch, p.seqlen_q, p.heads, p.head_dim])?;
-    let lse_shape = PyTuple::new(py, [p.batch, p.heads, p.seqlen_q])?;
-    let pair = alloc.call1((out_shape, lse_shape, p.dtype.name()))?;
-    let pair = pair
-        .cast::<PyTuple>()
-        .map_err(|_| PyTypeError::new_err("alloc must return a tuple (out, lse)"))?;
-    if pair.len() != 2 {
-        return Err(PyTypeError::new_err("alloc must return a tuple (out, lse)"));
+    names: [&'static str; N],
+    shapes: (Vec<usize>, Vec<usize>),
+    dtype: DType,
+) -> PyResult<[Imported; N]> {
+    let what = || PyTypeError::new_err(format!("alloc must return a tuple ({})", names.join(", ")));
+    let result = alloc.call1((
+        PyTuple::new(py, shapes.0)?,
+        PyTuple::new(py, shapes.1)?,
+        dtype.name(),
+    ))?;
+    let tuple = result.cast::<PyTuple>().map_err(|_| what())?;
+    if tuple.len() != N {
+        return Err(what());
     }
-    Ok((
-        import("out", &pair.get_item(0)?)?,
-        import("lse", &pair.get_item(1)?)?,
-    ))
+    let mut imported = Vec::with_capacity(N);
+    for (i, name) in names.into_iter().enumerate() {
+        imported.push(import(name, &tuple.get_item(i)?)?);
+    }
+    Ok(imported
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N capsules imported")))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -891,6 +1166,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(check_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_class::<buffer::DeviceBuffer>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

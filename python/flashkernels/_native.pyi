@@ -3,7 +3,7 @@
 Low level: the public API is in `flashkernels/__init__.py`.
 """
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 __version__: str
 
@@ -25,16 +25,55 @@ def attention_forward(
     heads_first: bool,
     causal: bool,
     scale: Optional[float] = None,
+    window_left: Optional[int] = None,
+    window_right: Optional[int] = None,
+    cu_seqlens_q: Optional[Sequence[int]] = None,
+    cu_seqlens_k: Optional[Sequence[int]] = None,
     stream: int = 0,
 ) -> None:
-    """Consumes DLPack capsules q, k, v ((B, N, H, D), or (B, H, N, D) with heads_first),
-    validates them, calls `alloc(out_shape, lse_shape, dtype_name)` for the output
-    capsules ((B, Nq, H, D) in q's dtype and (B, H, Nq) float32) and fills them: with the
-    CPU reference for host memory, with the CUDA kernel queued on `stream` (a CUstream
+    """Consumes DLPack capsules q, k, v ((B, N, H, D), or (B, H, N, D) with heads_first;
+    k and v may have fewer heads than q, a divisor of them: GQA), validates them, calls
+    `alloc(out_shape, lse_shape, dtype_name)` for the output capsules and fills them: with
+    the CPU reference for host memory, with the CUDA kernel queued on `stream` (a CUstream
     as an integer; 0 = legacy default stream) for device memory.
 
-    Raises ValueError (shapes, strides, scale, devices), TypeError (dtypes, non-capsules)
-    or RuntimeError (CUDA unavailable or failing).
+    `out_shape` is q's shape in kernel order ((B, Nq, H, D)), in q's dtype; `lse_shape` is
+    (B, H, Nq), float32. `window_left` / `window_right`: sliding window, non-negative (None
+    = unbounded; `causal` caps the right side at 0), bottom-right aligned. With
+    `cu_seqlens_q` and `cu_seqlens_k` (B+1 offsets each, both or neither) the batch is
+    variable-length: q, k, v are packed (total, heads, head_dim), heads_first must be
+    False, out is (total_q, H, D) and lse (H, total_q).
+
+    Raises ValueError (shapes, strides, scale, windows, offsets, devices), TypeError
+    (dtypes, non-capsules) or RuntimeError (CUDA unavailable or failing).
+    """
+
+def attention_backward(
+    q: _Capsule,
+    k: _Capsule,
+    v: _Capsule,
+    out: _Capsule,
+    lse: _Capsule,
+    dout: _Capsule,
+    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, _Capsule, _Capsule]],
+    *,
+    heads_first: bool,
+    causal: bool,
+    scale: Optional[float] = None,
+    window_left: Optional[int] = None,
+    window_right: Optional[int] = None,
+    cu_seqlens_q: Optional[Sequence[int]] = None,
+    cu_seqlens_k: Optional[Sequence[int]] = None,
+    stream: int = 0,
+) -> None:
+    """The gradients of attention_forward: consumes q, k, v, out, lse (as the forward
+    returned them) and dout (out's gradient, laid out like q), with the forward's options;
+    calls `alloc(q_shape, kv_shape, dtype_name)` (kernel order, q's dtype) for the
+    capsules `(dq, dk, dv)` and fills them (CPU reference or CUDA kernels on `stream`).
+    For GQA, dk and dv sum over each group's query heads. Deterministic. The CUDA path
+    needs a contiguous lse.
+
+    Raises as attention_forward.
     """
 
 class DeviceBuffer:

@@ -12,15 +12,36 @@ def bottom_right_mask(nq: int, nk: int) -> np.ndarray:
     return j <= i + (nk - nq)
 
 
-def numpy_attention(q, k, v, *, causal=False, scale=None):
-    """O (B, Nq, H, D) and LSE (B, H, Nq) in float64 from (B, N, H, D) inputs. Rows with
-    no visible key give O = 0 and LSE = -inf (flashkernels' convention)."""
+def attention_mask(nq: int, nk: int, *, causal=False, window=(None, None)) -> np.ndarray:
+    """(nq, nk) bool, True where query i may see key j, flashkernels' (and flash-attn's)
+    bottom-right aligned rule: i + nk - nq - left <= j <= i + nk - nq + right, causal
+    capping right at 0, None (or -1) sides unbounded."""
+    left, right = (None if w is None or w < 0 else w for w in window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    i = np.arange(nq)[:, None]
+    j = np.arange(nk)[None, :]
+    diag = i + nk - nq
+    mask = np.ones((nq, nk), bool)
+    if left is not None:
+        mask &= j >= diag - left
+    if right is not None:
+        mask &= j <= diag + right
+    return mask
+
+
+def numpy_attention(q, k, v, *, causal=False, scale=None, window=(None, None)):
+    """O (B, Nq, H, D) and LSE (B, H, Nq) in float64 from (B, N, H, D) inputs (k, v may
+    have fewer heads: GQA). Rows with no visible key give O = 0 and LSE = -inf
+    (flashkernels' convention)."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = (np.repeat(x, group, axis=2) for x in (k, v))
     d = q.shape[-1]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if causal:
-        s = np.where(bottom_right_mask(q.shape[1], k.shape[1]), s, -np.inf)
+    if causal or window != (None, None):
+        s = np.where(attention_mask(q.shape[1], k.shape[1], causal=causal, window=window), s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
@@ -30,6 +51,32 @@ def numpy_attention(q, k, v, *, causal=False, scale=None):
         p = np.where(denom > 0, p / denom, 0.0)
     out = np.einsum("bhqk,bkhd->bqhd", p, v)
     return out, lse
+
+
+def varlen_mask(lens_q, lens_k, *, causal=False, window=(None, None)) -> np.ndarray:
+    """(B, max_q, max_k) bool: each sequence's `attention_mask` in the top-left corner of
+    a padded batch, False on padding."""
+    mq, mk = max(max(lens_q), 1), max(max(lens_k), 1)
+    mask = np.zeros((len(lens_q), mq, mk), bool)
+    for b, (nq, nk) in enumerate(zip(lens_q, lens_k)):
+        mask[b, :nq, :nk] = attention_mask(nq, nk, causal=causal, window=window)
+    return mask
+
+
+def pad_varlen(x, cu, max_len=None) -> np.ndarray:
+    """Packed (total, H, D) -> zero-padded (B, max_len, H, D)."""
+    x = np.asarray(x)
+    lens = np.diff(cu)
+    max_len = max(int(lens.max()), 1) if max_len is None else max_len
+    out = np.zeros((len(lens), max_len) + x.shape[1:], x.dtype)
+    for b in range(len(lens)):
+        out[b, : lens[b]] = x[cu[b] : cu[b + 1]]
+    return out
+
+
+def unpad_varlen(x, cu) -> np.ndarray:
+    """Padded (B, N, ...) -> packed (total, ...)."""
+    return np.concatenate([x[b, : cu[b + 1] - cu[b]] for b in range(len(cu) - 1)])
 
 
 @pytest.fixture
@@ -57,3 +104,9 @@ def reference():
 def causal_mask():
     """`bottom_right_mask(nq, nk)`."""
     return bottom_right_mask
+
+
+@pytest.fixture
+def window_mask():
+    """`attention_mask(nq, nk, *, causal, window)`."""
+    return attention_mask

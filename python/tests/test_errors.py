@@ -1,5 +1,7 @@
 """Every error path: the exception type and what its message says."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -38,9 +40,9 @@ def test_mismatched_shapes(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match=r"shape mismatch: k has shape \[2, 9, 3, 16\] but v has shape \[2, 8, 3, 16\]"):
         fk.flash_attn_func(q, k, v[:, :8])
-    with pytest.raises(ValueError, match="must agree on batch, heads and head_dim"):
+    with pytest.raises(ValueError, match="must agree on batch and head_dim"):
         fk.flash_attn_func(q[..., :8], k, v)
-    with pytest.raises(ValueError, match="must agree on batch, heads and head_dim"):
+    with pytest.raises(ValueError, match="must agree on batch and head_dim"):
         fk.flash_attn_func(q[:1], k, v)
     # (B, H, N, D) callers are told which order the shapes are printed in.
     with pytest.raises(ValueError, match=r"shapes shown as \(batch, seqlen, heads, head_dim\)"):
@@ -200,3 +202,225 @@ def test_device_buffer_without_cuda():
         fk._native.DeviceBuffer(0, [2, 3], "float16")
     with pytest.raises(TypeError, match='dtype "int8" is not supported'):
         fk._native.DeviceBuffer(0, [2, 3], "int8")
+
+
+# ---- GQA, windows, varlen, backward
+
+
+def test_heads_not_a_multiple(randn):
+    q, k = randn(1, 5, 6, 8), randn(1, 5, 4, 8)
+    with pytest.raises(ValueError, match="q has 6 heads, which is not a multiple of k/v's 4 heads"):
+        fk.flash_attn_func(q, k, k)
+    t = lambda x: x.swapaxes(1, 2)  # noqa: E731
+    with pytest.raises(ValueError, match="not a multiple"):
+        fk.scaled_dot_product_attention(t(q), t(k), t(k), enable_gqa=True)
+
+
+def test_sdpa_gqa_needs_enable_gqa(randn):
+    q, k = randn(1, 4, 5, 8), randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="query has 4 heads but key has 2: pass enable_gqa=True"):
+        fk.scaled_dot_product_attention(q, k, k)
+    fk.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+
+
+@pytest.mark.parametrize("window", [(-2, 0), (0, -5), (-3, -3)])
+def test_negative_window(qkv, window):
+    with pytest.raises(ValueError, match=r"window_size=\(.*\): each side must be >= 0, or -1 for unbounded"):
+        fk.flash_attn_func(*qkv, window_size=window)
+
+
+@pytest.mark.parametrize("window", [3, (1, 2, 3), ("a", 1), (1.5, 0), None])
+def test_window_of_wrong_type(qkv, window):
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        fk.flash_attn_func(*qkv, window_size=window)
+
+
+def test_native_rejects_negative_windows(qkv):
+    def alloc(out_shape, lse_shape, dtype):
+        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
+
+    for side in ("window_left", "window_right"):
+        with pytest.raises(ValueError, match=f"{side} must be a non-negative int, or None for unbounded, got -1"):
+            fk._native.attention_forward(
+                *(x.__dlpack__() for x in qkv), alloc, heads_first=False, causal=False, **{side: -1}
+            )
+
+
+@pytest.fixture
+def packed(randn):
+    """Packed q (10 rows), k/v (12 rows), two heads, and valid offsets."""
+    return randn(10, 2, 8), randn(12, 2, 8), randn(12, 2, 8), np.array([0, 4, 10], np.int32), np.array([0, 5, 12], np.int32)
+
+
+@pytest.mark.parametrize(
+    "cu_q, message",
+    [
+        ([0, 6, 4, 10], r"cu_seqlens_q: must be non-decreasing, but offset 1 is 6 and offset 2 is 4"),
+        ([0, 4, 11], r"cu_seqlens_q: ends at 11 but the packed tensor has 10 rows"),
+        ([0, 4, 9], r"cu_seqlens_q: ends at 9 but the packed tensor has 10 rows"),
+        ([1, 4, 10], r"cu_seqlens_q: must start at 0, got 1"),
+        ([0], r"cu_seqlens_q: needs batch \+ 1 >= 2 offsets, got 1"),
+        ([0, -1, 10], r"must be non-decreasing"),
+        ([0, 10], r"cu_seqlens_q has 2 offsets but cu_seqlens_k has 3"),
+    ],
+)
+def test_bad_cu_seqlens(packed, cu_q, message):
+    q, k, v, _, cu_k = packed
+    with pytest.raises(ValueError, match=message):
+        fk.flash_attn_varlen_func(q, k, v, np.array(cu_q, np.int32), cu_k, 10, 10)
+    with pytest.raises(ValueError, match=message):
+        fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k.tolist(), 10, 10)
+
+
+def test_cu_seqlens_outside_int32(packed):
+    q, k, v, cu_q, cu_k = packed
+    with pytest.raises(ValueError, match="cu_seqlens_k: offset 2 is 4294967296, outside the int32 range"):
+        fk.flash_attn_varlen_func(q, k, v, cu_q, [0, 5, 2**32], 10, 2**32)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32, np.int16, np.float32])
+def test_cu_seqlens_must_be_int32(packed, dtype):
+    q, k, v, cu_q, cu_k = packed
+    name = np.dtype(dtype).name
+    with pytest.raises(TypeError, match=f"cu_seqlens_q must be int32 \\(as flash-attn takes it\\), got {name}"):
+        fk.flash_attn_varlen_func(q, k, v, cu_q.astype(dtype), cu_k, 10, 10)
+    with pytest.raises(TypeError, match=f"cu_seqlens_k must be int32.*got {name}"):
+        fk.attention_backward(q, k, v, q, np.zeros((2, 10), np.float32), q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k.astype(dtype))
+
+
+def test_cu_seqlens_shape_and_type(packed):
+    q, k, v, cu_q, cu_k = packed
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be one-dimensional.*\(1, 3\)"):
+        fk.flash_attn_varlen_func(q, k, v, cu_q[None], cu_k, 10, 10)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be an int32 array or tensor, got str"):
+        fk.flash_attn_varlen_func(q, k, v, "0,4,10", cu_k, 10, 10)
+    with pytest.raises(TypeError, match="cu_seqlens_q must hold ints"):
+        fk.flash_attn_varlen_func(q, k, v, [0, 4.0, 10], cu_k, 10, 10)
+
+
+def test_cu_seqlens_together(packed):
+    q, k, v, cu_q, cu_k = packed
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k must be given together"):
+        fk.attention_backward(q, k, v, q, np.zeros((2, 10), np.float32), q, cu_seqlens_q=cu_q)
+
+    def alloc(out_shape, lse_shape, dtype):
+        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
+
+    with pytest.raises(ValueError, match="must be given together"):
+        fk._native.attention_forward(
+            q.__dlpack__(), k.__dlpack__(), v.__dlpack__(), alloc, heads_first=False, causal=False, cu_seqlens_k=[0, 12]
+        )
+
+
+def test_varlen_layout(packed, randn):
+    q, k, v, cu_q, cu_k = packed
+    with pytest.raises(ValueError, match=r"q: expected a rank-3 tensor \(total_seqlen, heads, head_dim\)"):
+        fk.flash_attn_varlen_func(q[None], k, v, cu_q, cu_k, 10, 10)
+
+    def alloc(out_shape, lse_shape, dtype):
+        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
+
+    with pytest.raises(ValueError, match="heads_first must be False"):
+        fk._native.attention_forward(
+            q.__dlpack__(), k.__dlpack__(), v.__dlpack__(), alloc, heads_first=True, causal=False,
+            cu_seqlens_q=[0, 4, 10], cu_seqlens_k=[0, 5, 12],
+        )
+
+
+def test_max_seqlen_too_small(packed):
+    q, k, v, cu_q, cu_k = packed
+    with pytest.raises(ValueError, match=r"max_seqlen_q=5 is smaller than the longest sequence \(6\) in cu_seqlens_q"):
+        fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 7)
+    with pytest.raises(ValueError, match=r"max_seqlen_k=6 is smaller than the longest sequence \(7\) in cu_seqlens_k"):
+        fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 6)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int, got float"):
+        fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6.0, 7)
+
+
+@pytest.fixture
+def fwd(randn):
+    """q, k, v (GQA: 4 and 2 heads), out, lse and dout of a causal call."""
+    q, k, v = randn(2, 7, 4, 16), randn(2, 9, 2, 16), randn(2, 9, 2, 16)
+    out, lse = fk.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    return q, k, v, out, lse, randn(2, 7, 4, 16)
+
+
+def test_backward_mismatched_shapes(fwd):
+    q, k, v, out, lse, dout = fwd
+    with pytest.raises(ValueError, match=r"dout has shape \[2, 6, 4, 16\], expected q's \[2, 7, 4, 16\]"):
+        fk.attention_backward(q, k, v, out, lse, dout[:, :6], causal=True)
+    with pytest.raises(ValueError, match=r"out has shape \[2, 7, 2, 16\], expected q's"):
+        fk.attention_backward(q, k, v, out[:, :, :2], lse, dout, causal=True)
+    with pytest.raises(ValueError, match=r"lse has shape \[2, 4, 6\], expected \[2, 4, 7\] \(the forward's lse\)"):
+        fk.attention_backward(q, k, v, out, lse[..., :6], dout, causal=True)
+    with pytest.raises(ValueError, match=r"lse has shape \[4, 7\], expected \[2, 4, 7\]"):
+        fk.attention_backward(q, k, v, out, lse[0], dout, causal=True)
+    with pytest.raises(ValueError, match=r"shape mismatch: k has shape \[2, 9, 2, 16\] but v has shape \[2, 8, 2, 16\]"):
+        fk.attention_backward(q, k, v[:, :8], out, lse, dout, causal=True)
+    with pytest.raises(ValueError, match=r"dout: expected a rank-4 tensor"):
+        fk.attention_backward(q, k, v, out, lse, dout[0], causal=True)
+
+
+def test_backward_mismatched_dtypes(fwd):
+    q, k, v, out, lse, dout = fwd
+    with pytest.raises(TypeError, match="dtype mismatch: dout is float16 but q is float32"):
+        fk.attention_backward(q, k, v, out, lse, dout.astype(np.float16))
+    with pytest.raises(TypeError, match="dtype mismatch: out is float16 but q is float32"):
+        fk.attention_backward(q, k, v, out.astype(np.float16), lse, dout)
+    with pytest.raises(TypeError, match="lse: dtype float16 is not supported here"):
+        fk.attention_backward(q, k, v, out, lse.astype(np.float16), dout)
+    with pytest.raises(TypeError, match="dout: dtype float64 is not supported"):
+        fk.attention_backward(q, k, v, out, lse, dout.astype(np.float64))
+
+
+def test_backward_mixed_devices_and_non_arrays(fwd):
+    q, k, v, out, lse, dout = fwd
+    with pytest.raises(ValueError, match=r"q, k, v, out, lse and dout must be on one device, got .*lse on cuda:0"):
+        fk.attention_backward(q, k, v, out, FakeCudaArray(), dout)
+    with pytest.raises(TypeError, match="dout: expected an array or tensor that supports DLPack"):
+        fk.attention_backward(q, k, v, out, lse, [1.0])
+
+
+def test_backward_bad_options(fwd):
+    q, k, v, out, lse, dout = fwd
+    with pytest.raises(ValueError, match="window_size"):
+        fk.attention_backward(q, k, v, out, lse, dout, window_size=(-2, 0))
+    with pytest.raises(ValueError, match="scale must be finite and positive"):
+        fk.attention_backward(q, k, v, out, lse, dout, softmax_scale=-1.0)
+
+
+def test_native_backward_checks_outputs(fwd):
+    q, k, v, out, lse, dout = fwd
+    caps = lambda: [x.__dlpack__() for x in (q, k, v, out, lse, dout)]  # noqa: E731
+
+    def two(q_shape, kv_shape, dtype):
+        return np.empty(q_shape, dtype).__dlpack__(), np.empty(kv_shape, dtype).__dlpack__()
+
+    with pytest.raises(TypeError, match=r"alloc must return a tuple \(dq, dk, dv\)"):
+        fk._native.attention_backward(*caps(), two, heads_first=False, causal=True)
+
+    def wrong_kv(q_shape, kv_shape, dtype):
+        assert q_shape == (2, 7, 4, 16) and kv_shape == (2, 9, 2, 16) and dtype == "float32"
+        return tuple(np.empty(s, dtype).__dlpack__() for s in (q_shape, q_shape, kv_shape))
+
+    with pytest.raises(ValueError, match=r"dk must be float32 \[2, 9, 2, 16\], got float32 \[2, 7, 4, 16\]"):
+        fk._native.attention_backward(*caps(), wrong_kv, heads_first=False, causal=True)
+
+    def read_only(q_shape, kv_shape, dtype):
+        dv = np.empty(kv_shape, dtype)
+        dv.flags.writeable = False
+        return np.empty(q_shape, dtype).__dlpack__(), np.empty(kv_shape, dtype).__dlpack__(), dv.__dlpack__(max_version=(1, 0))
+
+    with pytest.raises(ValueError, match="dv is read-only"):
+        fk._native.attention_backward(*caps(), read_only, heads_first=False, causal=True)
+
+
+def test_backward_releases_inputs(fwd):
+    """Every capsule is handed back on success and on error (numpy's references drop)."""
+    q, k, v, out, lse, dout = fwd
+    before = [sys.getrefcount(x) for x in fwd]
+    for _ in range(3):
+        fk.attention_backward(q, k, v, out, lse, dout, causal=True)
+        with pytest.raises(ValueError):
+            fk.attention_backward(q, k, v, out, lse, dout[:, :3], causal=True)
+    assert [sys.getrefcount(x) for x in fwd] == before
