@@ -42,6 +42,9 @@ alignas(128) inline unsigned char smem_raw[kEmuMaxSmem] asm("emu_shared_memory")
 namespace dense_bwd_detail {
 extern unsigned char smem_raw[kEmuMaxSmem] asm("emu_shared_memory");
 }
+namespace gemm {
+extern unsigned char smem_raw[kEmuMaxSmem] asm("emu_shared_memory");
+}
 } // namespace fk
 
 namespace emu {
