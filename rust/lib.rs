@@ -5,6 +5,7 @@
 //! launcher (kernels/) on the caller's stream. See docs/ARCHITECTURE.md.
 
 pub mod attention;
+pub mod conv;
 mod error;
 pub mod reference;
 pub mod tensor;
@@ -18,6 +19,7 @@ mod ffi;
 mod python;
 
 pub use attention::{AttentionOptions, AttentionOutput};
+pub use conv::{Activation, Conv2dOptions, ConvAlgo, Pool2dOptions};
 pub use error::{Error, Result};
 pub use tensor::{DType, Element, HostData, HostTensor, Layout};
 

@@ -4,7 +4,9 @@
 //! stream and allocates outputs with the caller's framework; this module consumes DLPack
 //! capsules, validates, and runs the CPU reference or the CUDA kernels: the attention
 //! forward ([`attention_forward`]) and backward ([`attention_backward`]), dense or
-//! variable-length, with GQA and sliding windows (the options of `crate::attention`).
+//! variable-length, with GQA and sliding windows (the options of `crate::attention`);
+//! conv2d forward / backward and 2-D max / average pooling forward / backward
+//! ([`conv2d_forward`], [`conv2d_backward`], [`pool2d_forward`], [`pool2d_backward`]).
 //!
 //! - DLPack is parsed here with our own `#[repr(C)]` mirror of dlpack.h (v1.x), both the
 //!   classic "dltensor" and the versioned "dltensor_versioned" capsule. A capsule is
@@ -25,6 +27,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyTuple};
 
 use crate::attention::{self, AttentionOptions, AttentionProblem, SeqLens};
+use crate::conv;
 use crate::error::Error;
 use crate::tensor::{DType, HostData, HostTensor, Layout};
 
@@ -1160,6 +1163,517 @@ mod buffer {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Convolution and pooling.
+
+/// Parses the options of a convolution from Python values.
+#[allow(clippy::too_many_arguments)]
+fn conv_options(
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    activation: Option<&str>,
+    algo: Option<&str>,
+) -> Result<conv::Conv2dOptions, Error> {
+    Ok(conv::Conv2dOptions {
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation: conv::Activation::from_name(activation.unwrap_or("none"))?,
+        algo: algo.map(conv::ConvAlgo::from_name).transpose()?,
+    })
+}
+
+/// Calls `alloc(shape, dtype_name)` and imports the one capsule it returns.
+fn allocate_one(
+    py: Python<'_>,
+    alloc: &Bound<'_, PyAny>,
+    name: &'static str,
+    shape: &[usize],
+    dtype: DType,
+) -> PyResult<Imported> {
+    let result = alloc.call1((PyTuple::new(py, shape)?, dtype.name()))?;
+    import(name, &result)
+}
+
+/// The place of the inputs; CUDA inputs need a usable device and a CUDA build.
+fn conv_place(ts: &[&Imported]) -> PyResult<Place> {
+    let place = common_place(ts)?;
+    if let Place::Cuda(ordinal) = place {
+        check_cuda_device(ordinal).map_err(to_py_err)?;
+        #[cfg(not(feature = "cuda"))]
+        return Err(to_py_err(Error::CudaNotBuilt));
+    }
+    Ok(place)
+}
+
+/// Conv2d forward on DLPack capsules: y = act(conv(x, weight) + bias), torch's
+/// semantics, x (N, C, H, W) and weight (K, C / groups, R, S) in any memory order.
+///
+/// After validation, calls `alloc(shape, dtype_name)` once for y and, with `keep_pre`,
+/// once more for y_pre (conv + bias, what the backward of an activation needs); each call
+/// must return a capsule of a writable (N, K, P, Q) tensor (any strides: channels-last
+/// outputs are fine) on the inputs' device. `activation`: None, "relu", "gelu" (exact)
+/// or "silu". `algo`: None (flashkernels chooses), "im2col" or "implicit_gemm" (CUDA
+/// only). CUDA work is queued on `stream` and not synchronized.
+#[pyfunction]
+#[pyo3(signature = (
+    x, weight, bias, alloc, *, stride, padding, dilation, groups, activation=None, algo=None,
+    keep_pre=false, stream=0
+))]
+#[allow(clippy::too_many_arguments)]
+fn conv2d_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    alloc: &Bound<'_, PyAny>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    activation: Option<&str>,
+    algo: Option<&str>,
+    keep_pre: bool,
+    stream: usize,
+) -> PyResult<()> {
+    guarded(|| {
+        let opts =
+            conv_options(stride, padding, dilation, groups, activation, algo).map_err(to_py_err)?;
+        let x = import("x", x)?;
+        let w = import("weight", weight)?;
+        let b = bias.map(|b| import("bias", b)).transpose()?;
+        let mut ins = vec![&x, &w];
+        ins.extend(b.as_ref());
+        let place = conv_place(&ins)?;
+        let p = conv::validate(
+            (x.dtype, &x.layout),
+            (w.dtype, &w.layout),
+            b.as_ref().map(|b| (b.dtype, &b.layout)),
+            &opts,
+        )
+        .map_err(to_py_err)?;
+        #[cfg(feature = "cuda")]
+        if let Place::Cuda(ordinal) = place {
+            // Fail before allocating when the GPU path cannot run this problem.
+            let xv = x.device_view(x.layout.clone(), ordinal);
+            let wv = w.device_view(w.layout.clone(), ordinal);
+            conv::cuda::check_kernel_support(&p, ordinal, &[("x", &xv), ("weight", &wv)])
+                .map_err(to_py_err)?;
+        }
+        let y = allocate_one(py, alloc, "y", &p.y_shape(), p.dtype)?;
+        let y_pre = keep_pre
+            .then(|| allocate_one(py, alloc, "y_pre", &p.y_shape(), p.dtype))
+            .transpose()?;
+        let mut outs = vec![&y];
+        outs.extend(y_pre.as_ref());
+        check_output_devices(&outs, x.device)?;
+        for o in &outs {
+            o.check_output(p.dtype, &p.y_shape()).map_err(to_py_err)?;
+        }
+        match place {
+            Place::Host => {
+                let hx = x.to_host(x.layout.clone()).map_err(to_py_err)?;
+                let hw = w.to_host(w.layout.clone()).map_err(to_py_err)?;
+                let hb = b
+                    .as_ref()
+                    .map(|b| b.to_host(b.layout.clone()))
+                    .transpose()
+                    .map_err(to_py_err)?;
+                let o = run_detached(py, || {
+                    conv::conv2d_cpu(&hx, &hw, hb.as_ref(), &opts, keep_pre)
+                })?;
+                y.write_host(&o.y).map_err(to_py_err)?;
+                if let (Some(dst), Some(src)) = (&y_pre, &o.y_pre) {
+                    dst.write_host(src).map_err(to_py_err)?;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let v = |t: &Imported| t.device_view(t.layout.clone(), ordinal);
+                let bv = b.as_ref().map(v);
+                let pv = y_pre.as_ref().map(v);
+                // SAFETY: live producer memory until the `Imported`s drop after this call;
+                // fresh outputs; the caller's stream, for which the inputs were exported.
+                unsafe {
+                    conv::cuda::conv2d_forward_views(
+                        &v(&x),
+                        &v(&w),
+                        bv.as_ref(),
+                        &v(&y),
+                        pv.as_ref(),
+                        &opts,
+                        stream as *mut c_void,
+                    )
+                }
+                .map_err(to_py_err)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => {
+                let _ = stream;
+                Err(to_py_err(Error::CudaNotBuilt))
+            }
+        }
+    })
+}
+
+/// Conv2d backward on DLPack capsules: from x, weight and dy (the gradient of conv + bias,
+/// before any activation), the gradients asked for by `need` = (input, weight, bias).
+/// Calls `alloc(shape, dtype_name)` for each, in that order: dx like x's logical shape,
+/// dweight like weight's, dbias (K).
+#[pyfunction]
+#[pyo3(signature = (
+    x, weight, dy, alloc, *, stride, padding, dilation, groups, need=(true, true, true),
+    algo=None, stream=0
+))]
+#[allow(clippy::too_many_arguments)]
+fn conv2d_backward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    dy: &Bound<'_, PyAny>,
+    alloc: &Bound<'_, PyAny>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    need: (bool, bool, bool),
+    algo: Option<&str>,
+    stream: usize,
+) -> PyResult<()> {
+    guarded(|| {
+        let opts =
+            conv_options(stride, padding, dilation, groups, None, algo).map_err(to_py_err)?;
+        let x = import("x", x)?;
+        let w = import("weight", weight)?;
+        let dy = import("dy", dy)?;
+        let place = conv_place(&[&x, &w, &dy])?;
+        let p = conv::validate((x.dtype, &x.layout), (w.dtype, &w.layout), None, &opts)
+            .map_err(to_py_err)?;
+        conv::validate_backward(&p, (dy.dtype, &dy.layout)).map_err(to_py_err)?;
+        let grads = conv::ConvGrads {
+            input: need.0,
+            weight: need.1,
+            bias: need.2,
+        };
+        let shapes = [p.x_shape(), p.weight_shape(), vec![p.k]];
+        let names = ["dx", "dweight", "dbias"];
+        let mut outs: Vec<Option<Imported>> = Vec::new();
+        for (i, want) in [need.0, need.1, need.2].into_iter().enumerate() {
+            outs.push(
+                want.then(|| allocate_one(py, alloc, names[i], &shapes[i], p.dtype))
+                    .transpose()?,
+            );
+        }
+        let present: Vec<&Imported> = outs.iter().flatten().collect();
+        check_output_devices(&present, x.device)?;
+        for (o, shape) in outs.iter().zip(&shapes) {
+            if let Some(o) = o {
+                o.check_output(p.dtype, shape).map_err(to_py_err)?;
+            }
+        }
+        match place {
+            Place::Host => {
+                let h = |t: &Imported| t.to_host(t.layout.clone()).map_err(to_py_err);
+                let (hx, hw, hdy) = (h(&x)?, h(&w)?, h(&dy)?);
+                let g = run_detached(py, || {
+                    conv::conv2d_backward_cpu(&hx, &hw, &hdy, &opts, grads)
+                })?;
+                for (dst, src) in outs.iter().zip([&g.dx, &g.dweight, &g.dbias]) {
+                    if let (Some(dst), Some(src)) = (dst, src) {
+                        dst.write_host(src).map_err(to_py_err)?;
+                    }
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let v = |t: &Imported| t.device_view(t.layout.clone(), ordinal);
+                let ov: Vec<Option<crate::DeviceView>> =
+                    outs.iter().map(|o| o.as_ref().map(v)).collect();
+                // SAFETY: as in `conv2d_forward`.
+                unsafe {
+                    conv::cuda::conv2d_backward_views(
+                        [&v(&x), &v(&w), &v(&dy)],
+                        [ov[0].as_ref(), ov[1].as_ref(), ov[2].as_ref()],
+                        &opts,
+                        stream as *mut c_void,
+                    )
+                }
+                .map_err(to_py_err)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => {
+                let _ = stream;
+                Err(to_py_err(Error::CudaNotBuilt))
+            }
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pool_options(
+    kernel_size: [usize; 2],
+    stride: Option<[usize; 2]>,
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Option<usize>,
+) -> conv::Pool2dOptions {
+    conv::Pool2dOptions {
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+    }
+}
+
+fn pool_kind(kind: &str) -> Result<conv::PoolKind, Error> {
+    match kind {
+        "max" => Ok(conv::PoolKind::Max),
+        "avg" => Ok(conv::PoolKind::Avg),
+        _ => Err(Error::InvalidArgument(format!(
+            "pooling kind must be \"max\" or \"avg\", got {kind:?}"
+        ))),
+    }
+}
+
+/// Writes int32 indices to the caller's buffer at `ptr` (host memory).
+///
+/// # Safety
+/// `ptr` must address `v.len()` writable, 4-byte aligned int32 values.
+unsafe fn write_indices(ptr: usize, v: &[i32]) {
+    // SAFETY: as the caller vouches.
+    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), ptr as *mut i32, v.len()) };
+}
+
+/// 2-D pooling forward on DLPack capsules, torch's max_pool2d / avg_pool2d semantics.
+/// `kind`: "max" or "avg". Calls `alloc(shape, dtype_name)` once for y (N, C, P, Q).
+/// For max pooling, `indices` is the address of a contiguous int32 buffer of y's element
+/// count on the inputs' device (host or CUDA), written with each window's argmax as
+/// h * W + w; allocate it with y's shape, which `pool2d_output_shape` gives.
+#[pyfunction]
+#[pyo3(signature = (
+    x, alloc, *, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad=true,
+    divisor_override=None, indices=0, stream=0
+))]
+#[allow(clippy::too_many_arguments)]
+fn pool2d_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    alloc: &Bound<'_, PyAny>,
+    kind: &str,
+    kernel_size: [usize; 2],
+    stride: Option<[usize; 2]>,
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Option<usize>,
+    indices: usize,
+    stream: usize,
+) -> PyResult<()> {
+    guarded(|| {
+        let kind = pool_kind(kind).map_err(to_py_err)?;
+        let opts = pool_options(
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
+        );
+        let x = import("x", x)?;
+        let place = conv_place(&[&x])?;
+        let p = conv::validate_pool(kind, (x.dtype, &x.layout), &opts).map_err(to_py_err)?;
+        if kind == conv::PoolKind::Max && (indices == 0 || indices % 4 != 0) {
+            return Err(to_py_err(Error::InvalidArgument(format!(
+                "indices: max pooling needs a 4-byte aligned int32 buffer, got address {indices:#x}"
+            ))));
+        }
+        let y = allocate_one(py, alloc, "y", &p.y_shape(), p.dtype)?;
+        check_output_devices(&[&y], x.device)?;
+        y.check_output(p.dtype, &p.y_shape()).map_err(to_py_err)?;
+        match place {
+            Place::Host => {
+                let hx = x.to_host(x.layout.clone()).map_err(to_py_err)?;
+                match kind {
+                    conv::PoolKind::Max => {
+                        let o = run_detached(py, || conv::max_pool2d_cpu(&hx, &opts))?;
+                        y.write_host(&o.y).map_err(to_py_err)?;
+                        let idx = o.indices.to_host().map_err(to_py_err)?;
+                        // SAFETY: the caller passes an int32 buffer of y's element count.
+                        unsafe { write_indices(indices, &idx) };
+                    }
+                    conv::PoolKind::Avg => {
+                        let o = run_detached(py, || conv::avg_pool2d_cpu(&hx, &opts))?;
+                        y.write_host(&o).map_err(to_py_err)?;
+                    }
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let v = |t: &Imported| t.device_view(t.layout.clone(), ordinal);
+                // SAFETY: as in `conv2d_forward`; the caller vouches for `indices`.
+                unsafe {
+                    conv::cuda::pool2d_forward_views(
+                        kind,
+                        &v(&x),
+                        &v(&y),
+                        indices as u64,
+                        &opts,
+                        stream as *mut c_void,
+                    )
+                }
+                .map_err(to_py_err)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => {
+                let _ = stream;
+                Err(to_py_err(Error::CudaNotBuilt))
+            }
+        }
+    })
+}
+
+/// 2-D pooling backward on DLPack capsules: dx of `input_shape` (the forward's x, in dy's
+/// dtype) from dy and, for max pooling, the forward's int32 indices at address `indices`
+/// (same device). Calls `alloc(shape, dtype_name)` once for dx.
+#[pyfunction]
+#[pyo3(signature = (
+    dy, input_shape, alloc, *, kind, kernel_size, stride, padding, dilation, ceil_mode,
+    count_include_pad=true, divisor_override=None, indices=0, stream=0
+))]
+#[allow(clippy::too_many_arguments)]
+fn pool2d_backward(
+    py: Python<'_>,
+    dy: &Bound<'_, PyAny>,
+    input_shape: Vec<usize>,
+    alloc: &Bound<'_, PyAny>,
+    kind: &str,
+    kernel_size: [usize; 2],
+    stride: Option<[usize; 2]>,
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Option<usize>,
+    indices: usize,
+    stream: usize,
+) -> PyResult<()> {
+    guarded(|| {
+        let kind = pool_kind(kind).map_err(to_py_err)?;
+        let opts = pool_options(
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
+        );
+        let dy = import("dy", dy)?;
+        let place = conv_place(&[&dy])?;
+        let x_layout = Layout::contiguous(&input_shape);
+        let p = conv::validate_pool(kind, (dy.dtype, &x_layout), &opts).map_err(to_py_err)?;
+        conv::validate_pool_backward(&p, (dy.dtype, &dy.layout)).map_err(to_py_err)?;
+        if kind == conv::PoolKind::Max && (indices == 0 || indices % 4 != 0) {
+            return Err(to_py_err(Error::InvalidArgument(format!(
+                "indices: max pooling needs a 4-byte aligned int32 buffer, got address {indices:#x}"
+            ))));
+        }
+        let dx = allocate_one(py, alloc, "dx", &p.x_shape(), p.dtype)?;
+        check_output_devices(&[&dx], dy.device)?;
+        dx.check_output(p.dtype, &p.x_shape()).map_err(to_py_err)?;
+        match place {
+            Place::Host => {
+                let hdy = dy.to_host(dy.layout.clone()).map_err(to_py_err)?;
+                // Only the geometry and dtype of x are read.
+                let hx = HostTensor::from_fn(p.dtype, &input_shape, |_| 0.0).map_err(to_py_err)?;
+                let g = match kind {
+                    conv::PoolKind::Max => {
+                        let n: usize = p.y_shape().iter().product();
+                        // SAFETY: the caller passes the forward's int32 indices of y's count.
+                        let idx = unsafe { std::slice::from_raw_parts(indices as *const i32, n) }
+                            .to_vec();
+                        run_detached(py, || conv::max_pool2d_backward_cpu(&hx, &hdy, &idx, &opts))?
+                    }
+                    conv::PoolKind::Avg => {
+                        run_detached(py, || conv::avg_pool2d_backward_cpu(&hx, &hdy, &opts))?
+                    }
+                };
+                dx.write_host(&g).map_err(to_py_err)
+            }
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let v = |t: &Imported| t.device_view(t.layout.clone(), ordinal);
+                // SAFETY: as in `conv2d_forward`; the caller vouches for `indices`.
+                unsafe {
+                    conv::cuda::pool2d_backward_views(
+                        kind,
+                        (p.dtype, &x_layout),
+                        &v(&dy),
+                        indices as u64,
+                        &v(&dx),
+                        &opts,
+                        stream as *mut c_void,
+                    )
+                }
+                .map_err(to_py_err)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => {
+                let _ = stream;
+                Err(to_py_err(Error::CudaNotBuilt))
+            }
+        }
+    })
+}
+
+/// The output shape (N, C, P, Q) of a pooling call (validated), to size the indices.
+#[pyfunction]
+#[pyo3(signature = (
+    input_shape, *, kind, kernel_size, stride, padding, dilation, ceil_mode,
+    count_include_pad=true, divisor_override=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn pool2d_output_shape(
+    input_shape: Vec<usize>,
+    kind: &str,
+    kernel_size: [usize; 2],
+    stride: Option<[usize; 2]>,
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Option<usize>,
+) -> PyResult<Vec<usize>> {
+    guarded(|| {
+        let kind = pool_kind(kind).map_err(to_py_err)?;
+        let opts = pool_options(
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
+        );
+        let l = Layout::contiguous(&input_shape);
+        let p = conv::validate_pool(kind, (DType::F32, &l), &opts).map_err(to_py_err)?;
+        Ok(p.y_shape())
+    })
+}
+
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -1167,6 +1681,11 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(pool2d_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(pool2d_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(pool2d_output_shape, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_class::<buffer::DeviceBuffer>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -10,6 +10,12 @@ Entry points, with the signatures users already know:
   variable-length batches, packed (total_seqlen, heads, head_dim).
 - ``attention_backward(q, k, v, out, lse, dout, ...)``: the gradients (dq, dk, dv), for
   frameworks whose autograd flashkernels does not plug into (numpy, cupy, jax).
+- ``conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+  activation=None, algo=None)``, ``max_pool2d(...)``, ``avg_pool2d(...)``:
+  torch.nn.functional's signatures and semantics, (N, C, H, W) inputs in NCHW or
+  channels-last memory, with an optional fused activation ("relu", "gelu", "silu") for
+  conv2d; ``conv2d_backward``, ``max_pool2d_backward``, ``avg_pool2d_backward`` for
+  numpy users (see ``_conv``).
 
 All reach the same Rust op, which takes (B, N, H, D) through strides: torch's layout is
 passed by swapping two strides, never by copying. With ``return_lse=True`` the forward
@@ -97,6 +103,12 @@ __all__ = [
     "flash_attn_varlen_func",
     "attention_backward",
     "register_torch_ops",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
 ]
 
 # DLPack device types.
@@ -276,10 +288,11 @@ def attention_backward(
 
 
 def register_torch_ops() -> None:
-    """Registers the torch.library ops ``torch.ops.flashkernels.attention_fwd`` and
-    ``attention_bwd`` (importing torch). Not needed in the usual cases (see the module
-    docs); idempotent."""
+    """Registers the torch.library ops ``torch.ops.flashkernels.attention_fwd``,
+    ``attention_bwd``, ``conv2d_fwd`` and ``conv2d_bwd`` (importing torch). Not needed
+    in the usual cases (see the module docs); idempotent."""
     from . import _torch  # noqa: F401  (registers on import)
+    from . import _torch_conv  # noqa: F401  (conv2d / pooling ops, likewise)
 
 
 # ---------------------------------------------------------------------------------------
@@ -634,6 +647,20 @@ def _backward(
     if heads_first:
         grads = tuple(g.swapaxes(1, 2) for g in grads)
     return grads
+
+
+# ---------------------------------------------------------------------------------------
+# Convolution and pooling (python/flashkernels/_conv.py): imported here, after the DLPack
+# glue it uses and before the torch registration below, which registers its ops too.
+
+from ._conv import (  # noqa: E402
+    avg_pool2d,
+    avg_pool2d_backward,
+    conv2d,
+    conv2d_backward,
+    max_pool2d,
+    max_pool2d_backward,
+)
 
 
 # ---------------------------------------------------------------------------------------

@@ -76,6 +76,96 @@ def attention_backward(
     Raises as attention_forward.
     """
 
+def conv2d_forward(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    alloc: Callable[[Tuple[int, ...], str], Any],
+    *,
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    groups: int,
+    activation: Optional[str] = None,
+    algo: Optional[str] = None,
+    keep_pre: bool = False,
+    stream: int = 0,
+) -> None:
+    """y = act(conv(x, weight) + bias) (torch's conv2d) on DLPack capsules, x (N, C, H, W)
+    and weight (K, C / groups, R, S) in any memory order, bias (K) or None. Calls
+    `alloc(shape, dtype_name)` for y and, with `keep_pre`, for y_pre (conv + bias), each a
+    writable (N, K, P, Q) capsule on the inputs' device. `activation`: None, "relu",
+    "gelu", "silu"; `algo` (CUDA): None, "im2col", "implicit_gemm"."""
+
+def conv2d_backward(
+    x: Any,
+    weight: Any,
+    dy: Any,
+    alloc: Callable[[Tuple[int, ...], str], Any],
+    *,
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    groups: int,
+    need: Tuple[bool, bool, bool] = ...,
+    algo: Optional[str] = None,
+    stream: int = 0,
+) -> None:
+    """dx, dweight, dbias (those `need` asks for, allocated in that order through
+    `alloc(shape, dtype_name)`) from dy, the gradient of conv + bias."""
+
+def pool2d_forward(
+    x: Any,
+    alloc: Callable[[Tuple[int, ...], str], Any],
+    *,
+    kind: str,
+    kernel_size: Tuple[int, int],
+    stride: Optional[Tuple[int, int]],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    ceil_mode: bool,
+    count_include_pad: bool = True,
+    divisor_override: Optional[int] = None,
+    indices: int = 0,
+    stream: int = 0,
+) -> None:
+    """torch's max_pool2d (`kind="max"`) / avg_pool2d (`"avg"`). Calls `alloc` for y;
+    max pooling writes int32 argmax indices (h * W + w) to the contiguous buffer at address
+    `indices` (y's element count, on x's device)."""
+
+def pool2d_backward(
+    dy: Any,
+    input_shape: list[int],
+    alloc: Callable[[Tuple[int, ...], str], Any],
+    *,
+    kind: str,
+    kernel_size: Tuple[int, int],
+    stride: Optional[Tuple[int, int]],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    ceil_mode: bool,
+    count_include_pad: bool = True,
+    divisor_override: Optional[int] = None,
+    indices: int = 0,
+    stream: int = 0,
+) -> None:
+    """dx of `input_shape` from dy (and the forward's int32 indices at `indices` for max
+    pooling); calls `alloc` for dx."""
+
+def pool2d_output_shape(
+    input_shape: list[int],
+    *,
+    kind: str,
+    kernel_size: Tuple[int, int],
+    stride: Optional[Tuple[int, int]],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    ceil_mode: bool,
+    count_include_pad: bool = True,
+    divisor_override: Optional[int] = None,
+) -> list[int]:
+    """(N, C, P, Q) of a pooling call, validated."""
+
 class DeviceBuffer:
     """Contiguous CUDA memory allocated by flashkernels (stream-ordered, on the legacy
     default stream), filled with NaN, exported through DLPack. Present in CUDA builds."""

@@ -4,5 +4,10 @@
 //! oracles (python/tests/).
 
 mod attention;
+mod conv;
 
 pub use attention::{attention, attention_backward, Gradients, Real};
+pub use conv::{
+    activate, activation_backward, activation_derivative, avg_pool2d, avg_pool2d_backward, conv2d,
+    conv2d_backward, erf, max_pool2d, max_pool2d_backward, ConvForward, ConvGradients, ConvReal,
+};

@@ -1,0 +1,199 @@
+"""torch integration of convolution and pooling: autograd, and the torch.library custom
+ops that torch.compile and torch.export trace.
+
+- Eager calls on plain tensors go through ``torch.autograd.Function`` s whose backward
+  calls flashkernels' backward (the convolution's for dx, dweight, dbias; pooling's for
+  dx), so torch tensors are differentiable on CPU (the reference) and CUDA (the kernels).
+  The fused activation's derivative is applied with torch ops to the saved
+  pre-activation before the convolution's backward.
+- Under torch.compile / torch.export (and for tensor subclasses such as FakeTensor),
+  conv2d is ``torch.ops.flashkernels.conv2d_fwd`` (fake implementation and autograd
+  formula registered), whose backward is ``torch.ops.flashkernels.conv2d_bwd``. Pooling
+  has no custom op yet: under torch.compile it graph-breaks to the eager route.
+
+Registered when imported (see the package's ``register_torch_ops``). No ``from
+__future__ import annotations``: torch.library infers the op schemas from annotations.
+"""
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._conv import ConvArgs, PoolArgs, _int32_indices, conv_backward, conv_forward, pool_backward, pool_forward
+from ._torch import _use_op
+
+Tensor = torch.Tensor
+
+
+def _activation_grad(activation: Optional[str], y_pre: Tensor, dy: Tensor) -> Tensor:
+    """dy * act'(y_pre), computed in float32 (or float64) and returned in dy's dtype."""
+    if activation is None:
+        return dy
+    x = y_pre.to(torch.float64 if y_pre.dtype == torch.float64 else torch.float32)
+    if activation == "relu":
+        d = (x > 0).to(x.dtype)
+    elif activation == "gelu":
+        d = 0.5 * (1.0 + torch.special.erf(x * (1.0 / math.sqrt(2.0)))) + x * torch.exp(-0.5 * x * x) * (
+            1.0 / math.sqrt(2.0 * math.pi)
+        )
+    else:  # silu
+        s = torch.sigmoid(x)
+        d = s * (1.0 + x * (1.0 - s))
+    return (dy.to(x.dtype) * d).to(dy.dtype)
+
+
+def _ready(t: Tensor) -> Tensor:
+    """Gradients can arrive with zero (expanded) strides: give the kernels real memory."""
+    return t if all(s != 0 or n == 1 for n, s in zip(t.shape, t.stride())) else t.contiguous()
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
+        keep = args.activation is not None
+        y, y_pre = conv_forward(x, w, b, args, keep_pre=keep)
+        ctx.save_for_backward(x, w, y_pre)
+        ctx.args = args
+        ctx.has_bias = b is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        x, w, y_pre = ctx.saved_tensors
+        args = ctx.args
+        dy = _ready(dy)
+        if args.activation is not None:
+            dy = _activation_grad(args.activation, y_pre, dy)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        if not any(need):
+            return None, None, None, None
+        dx, dw, db = conv_backward(dy, x, w, args, need)
+        return dx, dw, db, None
+
+
+def _out_size(n: int, k: int, s: int, p: int, d: int) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _op_args(stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str, algo: str, weight: Tensor) -> ConvArgs:
+    return ConvArgs(weight, stride, padding, dilation, groups, activation or None, algo or None)
+
+
+@torch.library.custom_op("flashkernels::conv2d_fwd", mutates_args=())
+def conv2d_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+    groups: int, activation: str, algo: str,
+) -> Tuple[Tensor, Tensor]:
+    """(y, y_pre): y_pre (conv + bias) is returned only with an activation, else empty."""
+    args = _op_args(stride, padding, dilation, groups, activation, algo, weight)
+    keep = args.activation is not None
+    y, y_pre = conv_forward(x, weight, bias, args, keep_pre=keep)
+    return y, (y_pre if keep else x.new_empty(0))
+
+
+@conv2d_fwd.register_fake
+def _conv2d_fwd_fake(x, weight, bias, stride, padding, dilation, groups, activation, algo):
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    shape = (n, k, _out_size(h, r, stride[0], padding[0], dilation[0]), _out_size(w, s, stride[1], padding[1], dilation[1]))
+    y = x.new_empty(shape)
+    return y, (x.new_empty(shape) if activation else x.new_empty(0))
+
+
+@torch.library.custom_op("flashkernels::conv2d_bwd", mutates_args=())
+def conv2d_bwd(
+    dy_pre: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+    groups: int, algo: str, need: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) from the pre-activation gradient; empty where not needed."""
+    args = _op_args(stride, padding, dilation, groups, "", algo, weight)
+    grads = conv_backward(_ready(dy_pre), x, weight, args, (need[0], need[1], need[2]))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)  # type: ignore[return-value]
+
+
+@conv2d_bwd.register_fake
+def _conv2d_bwd_fake(dy_pre, x, weight, stride, padding, dilation, groups, algo, need):
+    shapes = (x.shape, weight.shape, (weight.shape[0],))
+    return tuple(x.new_empty(s if n else (0,)) for s, n in zip(shapes, need))
+
+
+def _conv2d_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, stride, padding, dilation, groups, activation, algo = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.options = (stride, padding, dilation, groups, activation, algo)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_fwd_backward(ctx: Any, dy: Tensor, _dy_pre: Any) -> tuple:
+    x, weight, y_pre = ctx.saved_tensors
+    stride, padding, dilation, groups, activation, algo = ctx.options
+    if activation:
+        dy = _activation_grad(activation, y_pre, dy)
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    dx, dw, db = torch.ops.flashkernels.conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, algo, need)
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 6
+
+
+conv2d_fwd.register_autograd(_conv2d_fwd_backward, setup_context=_conv2d_setup)
+
+
+def conv2d(x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
+    tensors = [t for t in (x, w, b) if t is not None]
+    if _use_op(tensors):
+        return torch.ops.flashkernels.conv2d_fwd(
+            x, w, b, list(args.stride), list(args.padding), list(args.dilation), args.groups,
+            args.activation or "", args.algo or "",
+        )[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _Conv2d.apply(x, w, b, args)
+    return conv_forward(x, w, b, args, keep_pre=False)[0]
+
+
+class _MaxPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, args: PoolArgs) -> Tuple[Tensor, Tensor]:
+        y, idx32 = pool_forward(x, args)
+        ctx.save_for_backward(idx32)
+        ctx.args = args
+        ctx.input_shape = tuple(x.shape)
+        idx = idx32.to(torch.int64)
+        ctx.mark_non_differentiable(idx)
+        return y, idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor, _didx: Any) -> tuple:
+        (idx32,) = ctx.saved_tensors
+        return pool_backward(_ready(dy), ctx.input_shape, idx32, ctx.args), None
+
+
+def max_pool2d(x: Tensor, args: PoolArgs) -> Tuple[Tensor, Tensor]:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaxPool2d.apply(x, args)
+    y, idx32 = pool_forward(x, args)
+    return y, idx32.to(torch.int64)
+
+
+class _AvgPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, args: PoolArgs) -> Tensor:
+        ctx.args = args
+        ctx.input_shape = tuple(x.shape)
+        return pool_forward(x, args)[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        return pool_backward(_ready(dy), ctx.input_shape, None, ctx.args), None
+
+
+def avg_pool2d(x: Tensor, args: PoolArgs) -> Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AvgPool2d.apply(x, args)
+    return pool_forward(x, args)[0]
+
+
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "_int32_indices"]

@@ -1,0 +1,301 @@
+//! The CUDA convolution and pooling kernels against the CPU reference. Every test needs a
+//! GPU: they are ignored by default; run them with
+//! `cargo test --test gpu_conv -- --ignored` on a machine with one. Without a GPU an
+//! ignored run fails loudly instead of passing.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::Rng;
+use flashkernels::conv::{
+    self, cuda, Activation, Conv2dOptions, ConvAlgo, ConvGrads, Pool2dOptions, PoolKind,
+};
+use flashkernels::{DType, Device, DeviceTensor, HostTensor, Layout, Stream, Tensor};
+
+/// A stream on device 0, or a panic that says there is no GPU.
+fn stream() -> Stream {
+    assert!(
+        flashkernels::cuda_available(),
+        "no CUDA device: these tests need an NVIDIA GPU and driver (device_count: {:?})",
+        flashkernels::device::device_count()
+    );
+    Device::new(0)
+        .expect("open cuda:0")
+        .new_stream()
+        .expect("create a stream")
+}
+
+/// A random (N, C, H, W)-logical host tensor in `dtype`, stored NCHW or NHWC.
+fn tensor(
+    rng: &mut Rng,
+    dtype: DType,
+    [n, c, h, w]: [usize; 4],
+    nhwc: bool,
+    scale: f32,
+) -> HostTensor {
+    let mem_shape = if nhwc { [n, h, w, c] } else { [n, c, h, w] };
+    let mem = HostTensor::from_fn(dtype, &mem_shape, |_| rng.normal() * scale).unwrap();
+    let strides = if nhwc {
+        vec![h * w * c, 1, w * c, c]
+    } else {
+        Layout::contiguous(&[n, c, h, w]).strides
+    };
+    HostTensor::from_data(
+        mem.data().clone(),
+        Layout {
+            shape: vec![n, c, h, w],
+            strides,
+        },
+    )
+    .unwrap()
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-3, // TF32-class tensor-core math may be used for f32
+        DType::F16 => 2e-3,
+        DType::BF16 => 1.6e-2,
+    }
+}
+
+/// Max |got - want| relative to max |want|.
+fn rel_err(got: &HostTensor, want: &HostTensor) -> f64 {
+    assert_eq!(got.shape(), want.shape());
+    let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+    assert!(
+        g.iter().all(|v| v.is_finite()),
+        "non-finite output (an unwritten element?)"
+    );
+    let scale = w.iter().fold(1e-6f32, |m, v| m.max(v.abs())) as f64;
+    g.iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max)
+        / scale
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    x: [usize; 4],
+    k: usize,
+    rs: [usize; 2],
+    opts: Conv2dOptions,
+}
+
+fn case(
+    x: [usize; 4],
+    k: usize,
+    rs: [usize; 2],
+    stride: usize,
+    pad: usize,
+    dil: usize,
+    groups: usize,
+) -> Case {
+    Case {
+        x,
+        k,
+        rs,
+        opts: Conv2dOptions {
+            stride: [stride; 2],
+            padding: [pad; 2],
+            dilation: [dil; 2],
+            groups,
+            ..Conv2dOptions::default()
+        },
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        case([2, 64, 16, 16], 64, [3, 3], 1, 1, 1, 1),
+        case([2, 32, 28, 28], 64, [1, 1], 1, 0, 1, 1),
+        case([1, 16, 33, 31], 64, [7, 7], 2, 3, 1, 1),
+        case([2, 64, 14, 14], 64, [3, 3], 1, 1, 1, 64), // depthwise
+        case([2, 64, 12, 12], 128, [3, 3], 2, 1, 1, 4), // grouped
+        case([1, 32, 17, 19], 32, [3, 3], 1, 2, 2, 1),  // dilated
+        case([3, 3, 24, 24], 16, [3, 3], 1, 1, 1, 1),   // stem: 3 channels
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn conv_forward_matches_reference() {
+    let s = stream();
+    let mut rng = Rng::new(7);
+    for c in cases() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            for nhwc in [false, true] {
+                for (ai, act) in [
+                    Activation::None,
+                    Activation::Relu,
+                    Activation::Gelu,
+                    Activation::Silu,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    for algo in [None, Some(ConvAlgo::Im2col), Some(ConvAlgo::ImplicitGemm)] {
+                        let opts = Conv2dOptions {
+                            activation: act,
+                            algo,
+                            ..c.opts
+                        };
+                        let cg = c.x[1] / opts.groups;
+                        let x = tensor(&mut rng, dtype, c.x, nhwc, 1.0);
+                        let wscale = 1.0 / ((cg * c.rs[0] * c.rs[1]) as f32).sqrt();
+                        let w = tensor(&mut rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, wscale);
+                        let b =
+                            HostTensor::from_fn(dtype, &[c.k], |i| (i as f32 * 0.1).sin()).unwrap();
+                        let want =
+                            conv::conv2d_cpu(&x, &w, (ai % 2 == 0).then_some(&b), &opts, true)
+                                .unwrap();
+                        let dev = |t: &HostTensor| DeviceTensor::from_host(&s, t).unwrap();
+                        let bd = dev(&b);
+                        let got = match cuda::conv2d_forward(
+                            &dev(&x),
+                            &dev(&w),
+                            (ai % 2 == 0).then_some(&bd),
+                            &opts,
+                            true,
+                        ) {
+                            Ok(o) => o,
+                            // A forced algorithm may not support this case: that must be a
+                            // typed refusal, never a wrong answer.
+                            Err(flashkernels::Error::Unsupported(msg)) if algo.is_some() => {
+                                eprintln!("skip {c:?} {dtype} {algo:?}: {msg}");
+                                continue;
+                            }
+                            Err(e) => panic!("{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: {e}"),
+                        };
+                        let err = rel_err(&got.y.to_host().unwrap(), &want.y);
+                        let err_pre = rel_err(
+                            &got.y_pre.unwrap().to_host().unwrap(),
+                            want.y_pre.as_ref().unwrap(),
+                        );
+                        assert!(
+                            err <= tol(dtype) && err_pre <= tol(dtype),
+                            "{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: rel err {err} / {err_pre}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn conv_backward_matches_reference() {
+    let s = stream();
+    let mut rng = Rng::new(11);
+    for c in cases() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            for nhwc in [false, true] {
+                let cg = c.x[1] / c.opts.groups;
+                let x = tensor(&mut rng, dtype, c.x, nhwc, 1.0);
+                let w = tensor(&mut rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, 0.2);
+                let p = conv::validate((dtype, x.layout()), (dtype, w.layout()), None, &c.opts)
+                    .unwrap();
+                let dy = tensor(&mut rng, dtype, p.y_shape().try_into().unwrap(), nhwc, 1.0);
+                let want = conv::conv2d_backward_cpu(&x, &w, &dy, &c.opts, ConvGrads::ALL).unwrap();
+                let dev = |t: &HostTensor| DeviceTensor::from_host(&s, t).unwrap();
+                let got =
+                    cuda::conv2d_backward(&dev(&x), &dev(&w), &dev(&dy), &c.opts, ConvGrads::ALL)
+                        .unwrap_or_else(|e| panic!("{c:?} {dtype} nhwc={nhwc}: {e}"));
+                for (name, g, w) in [
+                    ("dx", got.dx.unwrap(), want.dx.unwrap()),
+                    ("dweight", got.dweight.unwrap(), want.dweight.unwrap()),
+                    ("dbias", got.dbias.unwrap(), want.dbias.unwrap()),
+                ] {
+                    let err = rel_err(&g.to_host().unwrap(), &w);
+                    // Gradients sum over many more terms than the forward.
+                    assert!(
+                        err <= 4.0 * tol(dtype),
+                        "{name} {c:?} {dtype} nhwc={nhwc}: rel err {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn pooling_matches_reference() {
+    let s = stream();
+    let mut rng = Rng::new(13);
+    let configs = [
+        Pool2dOptions {
+            stride: Some([2, 2]),
+            padding: [1, 1],
+            ..Pool2dOptions::new([3, 3])
+        },
+        Pool2dOptions {
+            ceil_mode: true,
+            ..Pool2dOptions::new([2, 2])
+        },
+        Pool2dOptions {
+            stride: Some([1, 2]),
+            dilation: [2, 1],
+            ..Pool2dOptions::new([3, 2])
+        },
+        Pool2dOptions {
+            padding: [1, 1],
+            count_include_pad: false,
+            ceil_mode: true,
+            ..Pool2dOptions::new([3, 3])
+        },
+        Pool2dOptions {
+            divisor_override: Some(5),
+            ..Pool2dOptions::new([2, 3])
+        },
+    ];
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        for nhwc in [false, true] {
+            for opts in configs {
+                let x = tensor(&mut rng, dtype, [2, 24, 17, 15], nhwc, 1.0);
+                let xd = Tensor::Cuda(DeviceTensor::from_host(&s, &x).unwrap());
+                let xh = Tensor::Host(x.clone());
+                for kind in [PoolKind::Max, PoolKind::Avg] {
+                    let avg_ok = opts.dilation == [1, 1];
+                    let max_ok = opts.divisor_override.is_none() && opts.count_include_pad;
+                    if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
+                        continue;
+                    }
+                    let p = conv::validate_pool(kind, (dtype, x.layout()), &opts).unwrap();
+                    let dy = tensor(&mut rng, dtype, p.y_shape().try_into().unwrap(), false, 1.0);
+                    let dyd = Tensor::Cuda(DeviceTensor::from_host(&s, &dy).unwrap());
+                    let dyh = Tensor::Host(dy);
+                    let (y, yh, dx, dxh) = match kind {
+                        PoolKind::Max => {
+                            let g = conv::max_pool2d(&xd, &opts).unwrap();
+                            let h = conv::max_pool2d(&xh, &opts).unwrap();
+                            assert_eq!(
+                                g.indices.to_host().unwrap(),
+                                h.indices.to_host().unwrap(),
+                                "{opts:?} {dtype}"
+                            );
+                            let dx =
+                                conv::max_pool2d_backward(&xd, &dyd, &g.indices, &opts).unwrap();
+                            let dxh =
+                                conv::max_pool2d_backward(&xh, &dyh, &h.indices, &opts).unwrap();
+                            (g.y, h.y, dx, dxh)
+                        }
+                        PoolKind::Avg => (
+                            conv::avg_pool2d(&xd, &opts).unwrap(),
+                            conv::avg_pool2d(&xh, &opts).unwrap(),
+                            conv::avg_pool2d_backward(&xd, &dyd, &opts).unwrap(),
+                            conv::avg_pool2d_backward(&xh, &dyh, &opts).unwrap(),
+                        ),
+                    };
+                    let ey = rel_err(&y.to_host().unwrap(), &yh.to_host().unwrap());
+                    let edx = rel_err(&dx.to_host().unwrap(), &dxh.to_host().unwrap());
+                    assert!(
+                        ey <= tol(dtype) && edx <= tol(dtype),
+                        "{kind:?} {opts:?} {dtype} nhwc={nhwc}: {ey} {edx}"
+                    );
+                }
+            }
+        }
+    }
+}
