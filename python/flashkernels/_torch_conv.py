@@ -8,8 +8,8 @@ ops that torch.compile and torch.export trace.
   pre-activation before the convolution's backward.
 - Under torch.compile / torch.export (and for tensor subclasses such as FakeTensor),
   conv2d is ``torch.ops.flashkernels.conv2d_fwd`` (fake implementation and autograd
-  formula registered), whose backward is ``torch.ops.flashkernels.conv2d_bwd``. Pooling
-  has no custom op yet: under torch.compile it graph-breaks to the eager route.
+  formula registered), whose backward is ``torch.ops.flashkernels.conv2d_bwd``; pooling
+  is ``torch.ops.flashkernels.pool2d_fwd`` / ``pool2d_bwd`` likewise.
 
 Registered when imported (see the package's ``register_torch_ops``). No ``from
 __future__ import annotations``: torch.library infers the op schemas from annotations.
@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._conv import ConvArgs, PoolArgs, _int32_indices, conv_backward, conv_forward, pool_backward, pool_forward
+from . import _native
 from ._torch import _use_op
 
 Tensor = torch.Tensor
@@ -152,6 +153,64 @@ def conv2d(x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
     return conv_forward(x, w, b, args, keep_pre=False)[0]
 
 
+def _pool_args(kind: str, kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int], ceil_mode: bool, count_include_pad: bool, divisor: int) -> PoolArgs:
+    return PoolArgs(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor or None)
+
+
+def _pool_op_args(args: PoolArgs) -> tuple:
+    return (args.kind, list(args.kernel_size), list(args.stride), list(args.padding), list(args.dilation),
+            args.ceil_mode, args.count_include_pad, args.divisor_override or 0)
+
+
+@torch.library.custom_op("flashkernels::pool2d_fwd", mutates_args=())
+def pool2d_fwd(
+    x: Tensor, kind: str, kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
+    ceil_mode: bool, count_include_pad: bool, divisor: int,
+) -> Tuple[Tensor, Tensor]:
+    """(y, int32 argmax indices): indices only for max pooling, else empty."""
+    args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
+    y, idx32 = pool_forward(x, args)
+    return y, (idx32 if idx32 is not None else x.new_empty(0, dtype=torch.int32))
+
+
+@pool2d_fwd.register_fake
+def _pool2d_fwd_fake(x, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor):
+    args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
+    shape = tuple(_native.pool2d_output_shape([int(n) for n in x.shape], **args.native()))
+    idx = x.new_empty(shape, dtype=torch.int32) if kind == "max" else x.new_empty(0, dtype=torch.int32)
+    return x.new_empty(shape), idx
+
+
+@torch.library.custom_op("flashkernels::pool2d_bwd", mutates_args=())
+def pool2d_bwd(
+    dy: Tensor, indices: Tensor, input_shape: List[int], kind: str, kernel_size: List[int], stride: List[int],
+    padding: List[int], dilation: List[int], ceil_mode: bool, count_include_pad: bool, divisor: int,
+) -> Tensor:
+    """dx from dy (and, for max pooling, the forward's int32 indices)."""
+    args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
+    return pool_backward(_ready(dy), input_shape, indices if kind == "max" else None, args)
+
+
+@pool2d_bwd.register_fake
+def _pool2d_bwd_fake(dy, indices, input_shape, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor):
+    return dy.new_empty(input_shape)
+
+
+def _pool2d_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.input_shape = list(inputs[0].shape)
+    ctx.options = inputs[1:]
+
+
+def _pool2d_fwd_backward(ctx: Any, dy: Tensor, _didx: Any) -> tuple:
+    (idx32,) = ctx.saved_tensors
+    dx = torch.ops.flashkernels.pool2d_bwd(dy, idx32, ctx.input_shape, *ctx.options)
+    return (dx,) + (None,) * 8
+
+
+pool2d_fwd.register_autograd(_pool2d_fwd_backward, setup_context=_pool2d_setup)
+
+
 class _MaxPool2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, args: PoolArgs) -> Tuple[Tensor, Tensor]:
@@ -171,6 +230,9 @@ class _MaxPool2d(torch.autograd.Function):
 
 
 def max_pool2d(x: Tensor, args: PoolArgs) -> Tuple[Tensor, Tensor]:
+    if _use_op([x]):
+        y, idx32 = torch.ops.flashkernels.pool2d_fwd(x, *_pool_op_args(args))
+        return y, idx32.to(torch.int64)
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaxPool2d.apply(x, args)
     y, idx32 = pool_forward(x, args)
@@ -191,6 +253,8 @@ class _AvgPool2d(torch.autograd.Function):
 
 
 def avg_pool2d(x: Tensor, args: PoolArgs) -> Tensor:
+    if _use_op([x]):
+        return torch.ops.flashkernels.pool2d_fwd(x, *_pool_op_args(args))[0]
     if torch.is_grad_enabled() and x.requires_grad:
         return _AvgPool2d.apply(x, args)
     return pool_forward(x, args)[0]

@@ -142,10 +142,42 @@ def test_torch_compile_fullgraph_conv():
         _close(got.grad, ref.grad, 2e-4)
 
 
+def test_pool_ops_opcheck():
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    for args in (
+        ("max", [3, 3], [2, 2], [1, 1], [1, 1], False, True, 0),
+        ("max", [2, 3], [2, 1], [0, 1], [2, 1], True, True, 0),
+        ("avg", [3, 3], [2, 2], [1, 1], [1, 1], True, False, 0),
+        ("avg", [2, 2], [2, 2], [1, 0], [1, 1], False, True, 3),
+    ):
+        torch.library.opcheck(
+            torch.ops.flashkernels.pool2d_fwd.default,
+            (x, *args),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
+
+
+def test_torch_compile_fullgraph_pooling():
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        y, _ = fk.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+        return (y.square().sum() + fk.avg_pool2d(x, 2, ceil_mode=True).sum())
+
+    loss = f(x)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    want = F.max_pool2d(x2, 3, stride=2, padding=1).square().sum() + F.avg_pool2d(x2, 2, ceil_mode=True).sum()
+    want.backward()
+    _close(loss, want)
+    _close(x.grad, x2.grad, 2e-4)
+
+
 @pytest.mark.parametrize("order", ["import flashkernels, torch", "import torch, flashkernels"])
 def test_conv_ops_registered_whatever_the_import_order(order):
     import subprocess
     import sys
 
-    code = f"{order}; assert hasattr(torch.ops.flashkernels, 'conv2d_fwd') and hasattr(torch.ops.flashkernels, 'conv2d_bwd')"
+    code = f"{order}; assert hasattr(torch.ops.flashkernels, 'conv2d_fwd') and hasattr(torch.ops.flashkernels, 'conv2d_bwd') and hasattr(torch.ops.flashkernels, 'pool2d_fwd')"
     subprocess.run([sys.executable, "-c", code], check=True)
