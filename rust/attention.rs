@@ -9,7 +9,7 @@
 //!
 //! Variable-length batches ([`forward_varlen`], [`backward_varlen`]) pack B sequences
 //! along the row axis, as flash-attn's varlen API: Q is (total_q, H, D), K and V are
-//! (total_k, H_kv, D), sequence b owns rows cu_seqlens_q[b]..cu_seqlens_q[b+1] (and
+//! (total_k, H_kv, D), sequence b owns rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` (and
 //! likewise for K), and LSE is (H, total_q). No work or memory goes to padding.
 //!
 //! Masking, per sequence (nq queries, nk keys), aligned bottom-right as

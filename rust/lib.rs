@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod conv;
 mod error;
+pub mod longformer;
 pub mod reference;
 pub mod tensor;
 

@@ -5,9 +5,11 @@
 
 mod attention;
 mod conv;
+mod longformer;
 
 pub use attention::{attention, attention_backward, Gradients, Real};
 pub use conv::{
     activate, activation_backward, activation_derivative, avg_pool2d, avg_pool2d_backward, conv2d,
     conv2d_backward, erf, max_pool2d, max_pool2d_backward, ConvForward, ConvGradients, ConvReal,
 };
+pub use longformer::{longformer, longformer_backward, LongformerGrads, LongformerInputs};

@@ -1,0 +1,589 @@
+//! Longformer self-attention (Beltagy et al. 2020), forward and backward: validate ->
+//! problem -> tile plan -> CPU reference (the CUDA path is not written yet).
+//!
+//! Layout: Q, K, V (and the global projections Q_g, K_g, V_g) are (B, N, H, D), with a
+//! unit-stride head dim; queries and keys share the sequence length N and the heads (no
+//! GQA). Outputs: O (B, N, H, D) contiguous in Q's dtype and LSE (B, H, N) f32 (natural
+//! log of each scaled score row's sum of exponentials).
+//!
+//! Per (sequence b, head h), with one-sided window w and dilation d_h:
+//! - a padded query row outputs O = 0, LSE = -inf and gets zero gradients;
+//! - a non-global, non-padded query i attends, with Q, K, V, to the keys
+//!   j = i + d_h * t for t in [-w, w] (t in [-w, 0] when causal) that lie in [0, N) and
+//!   are not padded, plus every global key (only those with j <= i when causal); a global
+//!   key inside the window counts once;
+//! - a global query i attends, with Q_g, K_g, V_g, to every non-padded key (only those
+//!   with j <= i when causal: causality applies to global rows and columns too, so no
+//!   position ever sees its future).
+//!
+//! When the global projections are not given, Q, K, V serve for global rows too, and the
+//! backward folds the global rows' gradients into dQ, dK, dV.
+//!
+//! `window = 0` is accepted: a non-global query then sees itself and the global keys.
+//! (Hugging Face requires an even two-sided `attention_window` >= 2, i.e. w >= 1; w = 0
+//! is the natural limit of the definition and costs nothing to support.) A window or a
+//! dilation larger than N is clipped to the sequence.
+//!
+//! Every non-padded row sees at least itself, so only padded rows are empty.
+
+use crate::error::{Error, Result};
+use crate::reference;
+use crate::tensor::{DType, HostTensor, Layout};
+
+/// Options of a Longformer call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongformerOptions {
+    /// One-sided window w (Hugging Face's `attention_window // 2`); 0 allowed.
+    pub window: usize,
+    /// Dilation per head (length H), or one value for every head (length 1); each >= 1.
+    pub dilation: Vec<usize>,
+    /// Autoregressive: the window is t in [-w, 0] and no key after the query is seen.
+    pub causal: bool,
+    /// Softmax scale; `None` means 1/sqrt(D).
+    pub scale: Option<f32>,
+}
+
+impl LongformerOptions {
+    /// Window `w`, dilation 1 on every head, not causal, default scale.
+    pub fn new(window: usize) -> Self {
+        LongformerOptions {
+            window,
+            dilation: vec![1],
+            causal: false,
+            scale: None,
+        }
+    }
+}
+
+/// A per-token boolean mask of shape (B, N), row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenMask {
+    pub shape: Vec<usize>,
+    pub values: Vec<bool>,
+}
+
+impl TokenMask {
+    /// A mask over `values` with the given shape (checked by [`validate`]).
+    pub fn new(values: Vec<bool>, shape: &[usize]) -> Self {
+        TokenMask {
+            shape: shape.to_vec(),
+            values,
+        }
+    }
+
+    /// A (batch, seqlen) mask that is true exactly at the listed (b, i) positions.
+    pub fn from_positions(batch: usize, seqlen: usize, positions: &[(usize, usize)]) -> Self {
+        let mut values = vec![false; batch * seqlen];
+        for &(b, i) in positions {
+            values[b * seqlen + i] = true;
+        }
+        TokenMask::new(values, &[batch, seqlen])
+    }
+}
+
+/// The global projections Q_g, K_g, V_g, each shaped like Q.
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalProjections<'a> {
+    pub q: &'a HostTensor,
+    pub k: &'a HostTensor,
+    pub v: &'a HostTensor,
+}
+
+/// O and LSE of one forward call.
+#[derive(Debug)]
+pub struct LongformerOutput {
+    pub out: HostTensor,
+    pub lse: HostTensor,
+}
+
+/// Gradients of one backward call, each laid out (and typed) like its input. `global`
+/// holds dQ_g, dK_g, dV_g when the global projections were given; otherwise the global
+/// rows' gradients are included in dq, dk, dv.
+#[derive(Debug)]
+pub struct LongformerGradients {
+    pub dq: HostTensor,
+    pub dk: HostTensor,
+    pub dv: HostTensor,
+    pub global: Option<[HostTensor; 3]>,
+}
+
+/// A validated call: sizes, options and the masks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongformerProblem {
+    pub batch: usize,
+    pub seqlen: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub window: usize,
+    /// One dilation per head (length `heads`).
+    pub dilation: Vec<usize>,
+    pub causal: bool,
+    pub scale: f32,
+    pub dtype: DType,
+    /// True when Q_g, K_g, V_g were given (else Q, K, V serve for global rows).
+    pub separate_global: bool,
+    /// (B, N) row-major: global tokens.
+    pub global: Vec<bool>,
+    /// (B, N) row-major: padded tokens.
+    pub padding: Vec<bool>,
+    /// Per sequence, its global positions in increasing order.
+    pub global_positions: Vec<Vec<usize>>,
+}
+
+impl LongformerProblem {
+    /// Shape of Q, K, V, O and their gradients.
+    pub fn qkv_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.seqlen, self.heads, self.head_dim]
+    }
+
+    /// Shape of LSE: (B, H, N).
+    pub fn lse_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.heads, self.seqlen]
+    }
+
+    /// Index in the contiguous LSE of (sequence b, head h, token i).
+    pub fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.heads + h) * self.seqlen + i
+    }
+
+    pub fn is_global(&self, b: usize, i: usize) -> bool {
+        self.global[b * self.seqlen + i]
+    }
+
+    pub fn is_padded(&self, b: usize, i: usize) -> bool {
+        self.padding[b * self.seqlen + i]
+    }
+
+    /// The keys query `i` of sequence `b` attends to on head `h`, increasing, each once.
+    pub fn keys(&self, b: usize, h: usize, i: usize) -> Vec<usize> {
+        let n = self.seqlen;
+        if self.is_padded(b, i) {
+            return Vec::new();
+        }
+        let last = if self.causal { i } else { n - 1 };
+        if self.is_global(b, i) {
+            return (0..=last).filter(|&j| !self.is_padded(b, j)).collect();
+        }
+        // Clipping both to N keeps every product in range and changes no key.
+        let d = self.dilation[h].min(n) as i64;
+        let w = self.window.min(n) as i64;
+        let hi = if self.causal { 0 } else { w };
+        let mut keys: Vec<usize> = (-w..=hi)
+            .map(|t| i as i64 + d * t)
+            .filter(|&j| j >= 0 && j < n as i64)
+            .map(|j| j as usize)
+            .filter(|&j| !self.is_padded(b, j))
+            .collect();
+        keys.extend(
+            self.global_positions[b]
+                .iter()
+                .copied()
+                .take_while(|&g| g <= last),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Number of (query, key) pairs scored, over all sequences and heads.
+    pub fn pairs(&self) -> usize {
+        (0..self.batch)
+            .flat_map(|b| (0..self.heads).map(move |h| (b, h)))
+            .map(|(b, h)| {
+                (0..self.seqlen)
+                    .map(|i| self.keys(b, h, i).len())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// The tile schedule for query tiles of `block_m` rows and key tiles of `block_n`
+    /// keys: per (sequence, head), the (query tile, key tile) pairs that hold at least
+    /// one allowed (query, key) pair, and only those. Exact by construction (built from
+    /// [`LongformerProblem::keys`]), so no listed tile is empty and no allowed pair is
+    /// missed. For fixed w, dilation and number of globals its size grows linearly in N.
+    pub fn plan(&self, block_m: usize, block_n: usize) -> Result<LongformerPlan> {
+        if block_m == 0 || block_n == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "tile sizes must be positive, got block_m = {block_m}, block_n = {block_n}"
+            )));
+        }
+        let n = self.seqlen;
+        let q_tiles = n.div_ceil(block_m);
+        let mut tiles = Vec::with_capacity(self.batch * self.heads);
+        for b in 0..self.batch {
+            for h in 0..self.heads {
+                let mut pairs = Vec::new();
+                for qt in 0..q_tiles {
+                    let mut kts: Vec<usize> = (qt * block_m..((qt + 1) * block_m).min(n))
+                        .flat_map(|i| self.keys(b, h, i))
+                        .map(|j| j / block_n)
+                        .collect();
+                    kts.sort_unstable();
+                    kts.dedup();
+                    pairs.extend(kts.into_iter().map(|kt| (qt, kt)));
+                }
+                tiles.push(pairs);
+            }
+        }
+        Ok(LongformerPlan {
+            block_m,
+            block_n,
+            heads: self.heads,
+            q_tiles,
+            k_tiles: n.div_ceil(block_n),
+            tiles,
+        })
+    }
+}
+
+/// The host-side tile schedule of a Longformer problem (see [`LongformerProblem::plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LongformerPlan {
+    pub block_m: usize,
+    pub block_n: usize,
+    pub heads: usize,
+    /// Query tiles per sequence: ceil(N / block_m).
+    pub q_tiles: usize,
+    /// Key tiles per sequence: ceil(N / block_n).
+    pub k_tiles: usize,
+    /// Indexed by b * H + h: (query tile, key tile) pairs, sorted.
+    pub tiles: Vec<Vec<(usize, usize)>>,
+}
+
+impl LongformerPlan {
+    /// The tile pairs of sequence `b`, head `h`.
+    pub fn pairs(&self, b: usize, h: usize) -> &[(usize, usize)] {
+        &self.tiles[b * self.heads + h]
+    }
+
+    /// Tile pairs over all sequences and heads.
+    pub fn len(&self) -> usize {
+        self.tiles.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+const QKV_LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
+const MASK_LAYOUT: &str = "(batch, seqlen)";
+
+fn check_layout(name: &'static str, l: &Layout) -> Result<()> {
+    if l.shape.len() != 4 {
+        return Err(Error::Rank {
+            name,
+            expected: 4,
+            layout: QKV_LAYOUT,
+            shape: l.shape.clone(),
+        });
+    }
+    if l.strides.len() != 4 {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: shape {:?} has {} strides {:?}",
+            l.shape,
+            l.strides.len(),
+            l.strides
+        )));
+    }
+    if l.numel() == 0 {
+        return Err(Error::Empty {
+            name,
+            shape: l.shape.clone(),
+        });
+    }
+    if l.strides[3] != 1 {
+        return Err(Error::NonUnitStride {
+            name,
+            shape: l.shape.clone(),
+            strides: l.strides.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn check_mask(
+    name: &'static str,
+    m: Option<&TokenMask>,
+    batch: usize,
+    n: usize,
+) -> Result<Vec<bool>> {
+    let Some(m) = m else {
+        return Ok(vec![false; batch * n]);
+    };
+    if m.shape.len() != 2 {
+        return Err(Error::Rank {
+            name,
+            expected: 2,
+            layout: MASK_LAYOUT,
+            shape: m.shape.clone(),
+        });
+    }
+    if m.shape != [batch, n] {
+        return Err(Error::ShapeMismatch {
+            detail: format!(
+                "{name} has shape {:?}, expected (batch, seqlen) = {:?}",
+                m.shape,
+                [batch, n]
+            ),
+        });
+    }
+    if m.values.len() != batch * n {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: shape {:?} needs {} values, got {}",
+            m.shape,
+            batch * n,
+            m.values.len()
+        )));
+    }
+    Ok(m.values.clone())
+}
+
+/// Checks Q, K, V, the optional global projections (by dtype and layout), the masks and
+/// the options; returns the validated problem.
+pub fn validate(
+    q: (DType, &Layout),
+    k: (DType, &Layout),
+    v: (DType, &Layout),
+    globals: Option<[(DType, &Layout); 3]>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+) -> Result<LongformerProblem> {
+    let mut all = vec![("q", q), ("k", k), ("v", v)];
+    if let Some([qg, kg, vg]) = globals {
+        all.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
+    }
+    for &(name, (_, l)) in &all {
+        check_layout(name, l)?;
+    }
+    for &(name, (dtype, l)) in &all[1..] {
+        if dtype != q.0 {
+            return Err(Error::DTypeMismatch {
+                detail: format!("{name} is {dtype} but q is {}", q.0),
+            });
+        }
+        if l.shape != q.1.shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "{name} has shape {:?} but q has shape {:?}: all must be {QKV_LAYOUT} \
+                     of one size",
+                    l.shape, q.1.shape
+                ),
+            });
+        }
+    }
+    let (batch, n, heads, d) = (q.1.shape[0], q.1.shape[1], q.1.shape[2], q.1.shape[3]);
+    let dilation = match opts.dilation.len() {
+        1 => vec![opts.dilation[0]; heads],
+        len if len == heads => opts.dilation.clone(),
+        len => {
+            return Err(Error::InvalidArgument(format!(
+                "dilation has {len} values {:?}: give one per head ({heads}) or one for all",
+                opts.dilation
+            )))
+        }
+    };
+    if let Some(h) = dilation.iter().position(|&x| x == 0) {
+        return Err(Error::InvalidArgument(format!(
+            "dilation must be >= 1, got 0 for head {h} ({:?})",
+            opts.dilation
+        )));
+    }
+    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "scale must be finite and positive, got {scale}"
+        )));
+    }
+    let global = check_mask("global_mask", global_mask, batch, n)?;
+    let padding = check_mask("padding_mask", padding_mask, batch, n)?;
+    if let Some(x) = (0..batch * n).find(|&x| global[x] && padding[x]) {
+        return Err(Error::InvalidArgument(format!(
+            "token {} of sequence {} is both global and padded: a padded token cannot be global",
+            x % n,
+            x / n
+        )));
+    }
+    let global_positions = (0..batch)
+        .map(|b| (0..n).filter(|&i| global[b * n + i]).collect())
+        .collect();
+    Ok(LongformerProblem {
+        batch,
+        seqlen: n,
+        heads,
+        head_dim: d,
+        window: opts.window,
+        dilation,
+        causal: opts.causal,
+        scale,
+        dtype: q.0,
+        separate_global: globals.is_some(),
+        global,
+        padding,
+        global_positions,
+    })
+}
+
+fn f32_data(t: &HostTensor) -> Vec<f32> {
+    t.to_contiguous(DType::F32).to_f32_vec()
+}
+
+fn problem_of(
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    globals: Option<GlobalProjections<'_>>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+) -> Result<LongformerProblem> {
+    let lay = |t: &HostTensor| (t.dtype(), t.layout().clone());
+    let g = globals.map(|g| [lay(g.q), lay(g.k), lay(g.v)]);
+    validate(
+        (q.dtype(), q.layout()),
+        (k.dtype(), k.layout()),
+        (v.dtype(), v.layout()),
+        g.as_ref()
+            .map(|[a, b, c]| [(a.0, &a.1), (b.0, &b.1), (c.0, &c.1)]),
+        global_mask,
+        padding_mask,
+        opts,
+    )
+}
+
+/// Q, K, V, Q_g, K_g, V_g as f32 vectors (the global ones are Q, K, V when not given).
+fn inputs(
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    globals: Option<GlobalProjections<'_>>,
+) -> [Vec<f32>; 6] {
+    let (q, k, v) = (f32_data(q), f32_data(k), f32_data(v));
+    let (qg, kg, vg) = match globals {
+        Some(g) => (f32_data(g.q), f32_data(g.k), f32_data(g.v)),
+        None => (q.clone(), k.clone(), v.clone()),
+    };
+    [q, k, v, qg, kg, vg]
+}
+
+/// The CPU reference forward on host tensors (f32 accumulation; O in Q's dtype, LSE f32).
+pub fn forward_cpu(
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    globals: Option<GlobalProjections<'_>>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+) -> Result<LongformerOutput> {
+    let p = problem_of(q, k, v, globals, global_mask, padding_mask, opts)?;
+    let [q, k, v, qg, kg, vg] = inputs(q, k, v, globals);
+    let x = reference::LongformerInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        q_g: &qg,
+        k_g: &kg,
+        v_g: &vg,
+    };
+    let (o, lse) = reference::longformer(&p, &x);
+    Ok(LongformerOutput {
+        out: HostTensor::from_vec(o, &p.qkv_shape())?.to_contiguous(p.dtype),
+        lse: HostTensor::from_vec(lse, &p.lse_shape())?,
+    })
+}
+
+/// Checks the backward's extra inputs: O and dO shaped and typed like Q, LSE f32 (B, H, N).
+pub fn validate_backward(
+    p: &LongformerProblem,
+    out: (DType, &Layout),
+    lse: (DType, &Layout),
+    dout: (DType, &Layout),
+) -> Result<()> {
+    let shape = p.qkv_shape();
+    for (name, (dtype, l)) in [("out", out), ("dout", dout)] {
+        check_layout(name, l)?;
+        if l.shape != shape {
+            return Err(Error::ShapeMismatch {
+                detail: format!("{name} has shape {:?}, expected q's {shape:?}", l.shape),
+            });
+        }
+        if dtype != p.dtype {
+            return Err(Error::DTypeMismatch {
+                detail: format!("{name} is {dtype} but q is {}", p.dtype),
+            });
+        }
+    }
+    let lse_shape = p.lse_shape();
+    if lse.1.shape != lse_shape {
+        return Err(Error::ShapeMismatch {
+            detail: format!(
+                "lse has shape {:?}, expected {lse_shape:?} (the forward's lse)",
+                lse.1.shape
+            ),
+        });
+    }
+    if lse.0 != DType::F32 {
+        return Err(Error::UnsupportedDType {
+            name: "lse",
+            dtype: lse.0,
+            supported: "lse is float32, as the forward returns it",
+        });
+    }
+    Ok(())
+}
+
+/// The CPU reference backward on host tensors (f32; gradients in Q's dtype).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_cpu(
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    globals: Option<GlobalProjections<'_>>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    out: &HostTensor,
+    lse: &HostTensor,
+    dout: &HostTensor,
+    opts: &LongformerOptions,
+) -> Result<LongformerGradients> {
+    let p = problem_of(q, k, v, globals, global_mask, padding_mask, opts)?;
+    validate_backward(
+        &p,
+        (out.dtype(), out.layout()),
+        (lse.dtype(), lse.layout()),
+        (dout.dtype(), dout.layout()),
+    )?;
+    let [q, k, v, qg, kg, vg] = inputs(q, k, v, globals);
+    let x = reference::LongformerInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        q_g: &qg,
+        k_g: &kg,
+        v_g: &vg,
+    };
+    let g = reference::longformer_backward(&p, &x, &f32_data(out), &f32_data(lse), &f32_data(dout));
+    let shape = p.qkv_shape();
+    let t = |x: Vec<f32>| -> Result<HostTensor> {
+        Ok(HostTensor::from_vec(x, &shape)?.to_contiguous(p.dtype))
+    };
+    if globals.is_some() {
+        Ok(LongformerGradients {
+            dq: t(g.dq)?,
+            dk: t(g.dk)?,
+            dv: t(g.dv)?,
+            global: Some([t(g.dq_g)?, t(g.dk_g)?, t(g.dv_g)?]),
+        })
+    } else {
+        let sum = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        Ok(LongformerGradients {
+            dq: t(sum(g.dq, g.dq_g))?,
+            dk: t(sum(g.dk, g.dk_g))?,
+            dv: t(sum(g.dv, g.dv_g))?,
+            global: None,
+        })
+    }
+}
