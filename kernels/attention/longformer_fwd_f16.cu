@@ -1,0 +1,9 @@
+// Instantiation: Longformer local-attention forward, f16, head dims padded to 64 and 128.
+#include "longformer_fwd_sm80.cuh"
+
+namespace fk {
+template cudaError_t run_longformer_fwd_sm80<64, __half>(const fk_longformer_fwd_params &,
+                                                         cudaStream_t);
+template cudaError_t run_longformer_fwd_sm80<128, __half>(const fk_longformer_fwd_params &,
+                                                          cudaStream_t);
+} // namespace fk

@@ -1,0 +1,358 @@
+// Longformer local-attention forward (non-global query rows) for sm_80+.
+//
+// The dense forward's machinery (dense_fwd_sm80.cuh: traits, swizzled tiles, tile sizes,
+// cp.async double buffering, S = Q K^T and O += P V on tensor cores, online softmax in the
+// exp2 domain) driven by a host-built work list: a thread block owns BLOCK_M query rows of
+// one (sequence, head) and visits only the key tiles its CSR row lists (the dilated band's
+// tiles and those holding global keys), so the cost is O(N * (w + #globals)). Inside a
+// visited tile every element gets the exact rule of fk_longformer.h: not padded, and
+// causal, and (global key or j - i a multiple of d_h within w * d_h). Padded tokens' K and
+// V rows are zero-filled on load, so whatever they hold never reaches O. Global query rows
+// are computed masked and never stored; padded rows (global or not) store O = 0,
+// LSE = -inf.
+#pragma once
+
+#include "../include/fk_longformer.h"
+#include "dense_fwd_sm80.cuh"
+
+namespace fk {
+
+// cp.async of a ROWS x kHeadDim tile whose rows are tokens row0 + r of a sequence; rows
+// past the sequence end or padded become zeros, as do head-dim padding chunks.
+template <class Traits, int ROWS>
+__device__ __forceinline__ void load_tile_masked(typename Traits::Element *smem,
+                                                 const typename Traits::Element *gmem,
+                                                 int64_t row_stride, int rows_valid,
+                                                 const uint8_t *pad, int chunks_valid, int tid) {
+  using Tile = typename Traits::Tile;
+  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
+  static_assert(kChunks % Traits::kNThreads == 0, "tile must split evenly over threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
+    const int idx = i * Traits::kNThreads + tid;
+    const int row = idx / Tile::kChunksPerRow;
+    const int chunk = idx % Tile::kChunksPerRow;
+    const bool valid =
+        row < rows_valid && chunk < chunks_valid && (pad == nullptr || pad[row] == 0);
+    const auto *src = gmem + (valid ? row * row_stride + chunk * 8 : 0);
+    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+    longformer_fwd_kernel(const fk_longformer_fwd_params p) {
+  using Element = typename Traits::Element;
+  using Tile = typename Traits::Tile;
+  using ET = ElemTraits<Element>;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int BM = Traits::kBlockM;
+  constexpr int BN = Traits::kBlockN;
+  constexpr int MT = Traits::kMTiles;
+  constexpr int kKSteps = D / 16;
+  constexpr int kSTiles = BN / 8;
+  constexpr int kOTiles = D / 8;
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kLn2 = 0.6931471805599453f;
+  static_assert(BM == FK_LONGFORMER_BLOCK_M && BN == FK_LONGFORMER_BLOCK_N,
+                "the host's tile plan assumes the ABI's tile sizes");
+  static_assert(2 * kSTiles <= 32, "key flags of a thread fit a 32-bit mask");
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element *sQ = reinterpret_cast<Element *>(smem_raw);
+  Element *sK = sQ + Traits::kSmemQ;
+  Element *sV = sK + 2 * Traits::kSmemKV;
+
+  const int m_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int n_tokens = p.seqlen;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int m0 = m_block * BM;
+  const int warp_row0 = warp * Traits::kWarpRows;
+  const int d_chunks = p.head_dim / 8;
+
+  const uint8_t *glob = p.global_mask ? p.global_mask + int64_t(batch) * n_tokens : nullptr;
+  const uint8_t *pad = p.padding_mask ? p.padding_mask + int64_t(batch) * n_tokens : nullptr;
+  // Clipping w and d to N changes no key and keeps w * d far from overflow.
+  const int dil = min(p.dilation[head], max(n_tokens, 1));
+  const int win = min(p.window, n_tokens);
+  const int64_t reach = int64_t(win) * dil; // |j - i| <= reach inside the band
+  const bool causal = p.causal != 0;
+
+  const int num_q_tiles = gridDim.x;
+  const int64_t csr_row =
+      (int64_t(batch) * p.num_classes + p.head_class[head]) * num_q_tiles + m_block;
+  const int it_begin = p.tile_offsets[csr_row];
+  const int it_end = p.tile_offsets[csr_row + 1];
+
+  const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
+                     head * p.q_head_stride + int64_t(m0) * p.q_row_stride;
+  const Element *k = static_cast<const Element *>(p.k) + batch * p.k_batch_stride +
+                     head * p.k_head_stride;
+  const Element *v = static_cast<const Element *>(p.v) + batch * p.v_batch_stride +
+                     head * p.v_head_stride;
+
+  auto load_kv = [&](int it, int stage) {
+    const int k0 = p.tile_ids[it] * BN;
+    load_tile_masked<Traits, BN>(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.k_row_stride,
+                                 p.k_row_stride, n_tokens - k0, pad ? pad + k0 : nullptr,
+                                 d_chunks, tid);
+    load_tile_masked<Traits, BN>(sV + stage * Traits::kSmemKV, v + int64_t(k0) * p.v_row_stride,
+                                 p.v_row_stride, n_tokens - k0, pad ? pad + k0 : nullptr,
+                                 d_chunks, tid);
+  };
+
+  load_tile_masked<Traits, BM>(sQ, q, p.q_row_stride, n_tokens - m0, pad ? pad + m0 : nullptr,
+                               d_chunks, tid);
+  cp_async_commit();
+  if (it_begin < it_end) load_kv(it_begin, 0);
+  cp_async_commit();
+
+  // This thread's query rows: which attend locally (not padded, not global).
+  bool row_local[MT][2];
+  int row_idx[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + warp_row0 + mt * 16 + g + 8 * r;
+      row_idx[mt][r] = i;
+      row_local[mt][r] =
+          i < n_tokens && !(pad && pad[i] != 0) && !(glob && glob[i] != 0);
+    }
+
+  auto load_q = [&](uint32_t(&a)[4], int mt, int ks) {
+    const int row = warp_row0 + mt * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
+    ldmatrix_x4(a, smem_addr(sQ + Tile::offset(row, 2 * ks + lane / 16)));
+  };
+  cp_async_wait<1>();
+  __syncthreads();
+  uint32_t qf[Traits::kQInRegs ? kKSteps : 1][4];
+  if constexpr (Traits::kQInRegs) {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) load_q(qf[ks], 0, ks);
+  }
+
+  float acc[MT][kOTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < kOTiles; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][i][e] = 0.f;
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[mt][r] = -INFINITY;
+      row_sum[mt][r] = 0.f;
+    }
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  for (int it = it_begin; it < it_end; ++it) {
+    const int stage = (it - it_begin) & 1;
+    if (it + 1 < it_end) {
+      load_kv(it + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const Element *sKs = sK + stage * Traits::kSmemKV;
+    const Element *sVs = sV + stage * Traits::kSmemKV;
+    const int k0 = p.tile_ids[it] * BN;
+
+    // Flags of the 2 * kSTiles key columns this thread holds: bit 2 j + c is column
+    // k0 + 8 j + 2 t + c.
+    uint32_t key_ok = 0, key_glob = 0;
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = k0 + j * 8 + 2 * t + c;
+        if (col < n_tokens) {
+          if (!(pad && pad[col] != 0)) key_ok |= 1u << (2 * j + c);
+          if (glob && glob[col] != 0) key_glob |= 1u << (2 * j + c);
+        }
+      }
+
+    float s[MT][kSTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (Traits::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = qf[ks][e];
+        } else {
+          load_q(a[mt], mt, ks);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kSTiles; j += 2) {
+        uint32_t b[4];
+        const int row = (j + lane / 16) * 8 + (lane % 8);
+        ldmatrix_x4(b, smem_addr(sKs + Tile::offset(row, 2 * ks + ((lane / 8) & 1))));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<Element>(s[mt][j], a[mt], b[0], b[1]);
+          mma_16x8x16<Element>(s[mt][j + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // The per-element rule, on every visited tile.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >= 2 ? 1 : 0;
+          const int bit = 2 * j + (e & 1);
+          const int col = k0 + j * 8 + 2 * t + (e & 1);
+          const int rel = col - row_idx[mt][r]; // |rel| < N < 2^30
+          const int dist = rel < 0 ? -rel : rel;
+          const bool band = dist <= reach && (dil == 1 || dist % dil == 0);
+          const bool allowed = row_local[mt][r] && ((key_ok >> bit) & 1u) &&
+                               !(causal && rel > 0) && (band || ((key_glob >> bit) & 1u));
+          if (!allowed) s[mt][j][e] = -INFINITY;
+        }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
+#pragma unroll
+        for (int j = 0; j < kSTiles; ++j)
+          mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]) * scale_log2);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(row_max[mt][r] - m_use);
+        row_max[mt][r] = mx;
+        row_sum[mt][r] *= alpha;
+#pragma unroll
+        for (int i = 0; i < kOTiles; ++i) {
+          acc[mt][i][2 * r] *= alpha;
+          acc[mt][i][2 * r + 1] *= alpha;
+        }
+#pragma unroll
+        for (int j = 0; j < kSTiles; ++j) {
+          s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], scale_log2, -m_use));
+          s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], scale_log2, -m_use));
+          row_sum[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+        }
+      }
+
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = ET::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = ET::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = ET::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = ET::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t b[4];
+        const int row = kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
+        ldmatrix_x4_trans(b, smem_addr(sVs + Tile::offset(row, 2 * np + lane / 16)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<Element>(acc[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16x8x16<Element>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: stage O in this warp's Q rows, then 16-byte stores of the local rows (the
+  // result) and the padded ones (zeros; padding wins over global, as in the Rust rule).
+  auto writes_row = [&](int i) {
+    return (pad && pad[i] != 0) || !(glob && glob[i] != 0);
+  };
+  Element *sO = sQ;
+  float lse[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+      lse[mt][r] = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+      const int row = warp_row0 + mt * 16 + g + 8 * r;
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i)
+        *reinterpret_cast<uint32_t *>(sO + Tile::offset(row, i) + 2 * t) =
+            ET::pack(acc[mt][i][2 * r] * inv_sum, acc[mt][i][2 * r + 1] * inv_sum);
+    }
+  __syncwarp();
+
+  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+#pragma unroll
+  for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
+    const int row = warp_row0 + i / Tile::kChunksPerRow;
+    const int chunk = i % Tile::kChunksPerRow;
+    const int grow = m0 + row;
+    if (grow < n_tokens && chunk < d_chunks && writes_row(grow))
+      *reinterpret_cast<uint4 *>(o + int64_t(grow) * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4 *>(sO + Tile::offset(row, chunk));
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int grow = row_idx[mt][r];
+        if (grow < n_tokens && writes_row(grow))
+          p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + grow] = lse[mt][r];
+      }
+  }
+}
+
+// Tile configurations: 128 x 64 at both head dims (the ABI's BLOCK_M x BLOCK_N). D=128 is
+// the dense forward's; at D=64 the dense choice (two m-tiles per warp, 2 blocks per SM)
+// spills here (255 registers: the mask state is extra), so one m-tile per warp, 8 warps,
+// Q in registers, as at D=128.
+template <int kHeadDim> struct LongformerFwdConfigSm80;
+template <> struct LongformerFwdConfigSm80<64> {
+  static constexpr int kMTiles = 1, kNWarps = 8, kBlockN = 64, kMinBlocksPerSm = 1;
+  static constexpr bool kQInRegs = true;
+};
+template <> struct LongformerFwdConfigSm80<128> : DenseFwdConfigSm80<128> {};
+
+template <int kHeadDim, typename Element>
+cudaError_t run_longformer_fwd_sm80(const fk_longformer_fwd_params &p, cudaStream_t stream) {
+  using C = LongformerFwdConfigSm80<kHeadDim>;
+  using Traits = DenseFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
+                                    C::kMinBlocksPerSm, C::kQInRegs>;
+  const dim3 grid((p.seqlen + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  return launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads),
+                       Traits::kSmemBytes, stream, p);
+}
+
+} // namespace fk
