@@ -1,6 +1,7 @@
-// C entry point of the Longformer local-attention forward: checks what would be undefined
-// behaviour on the device, then dispatches on (dtype, head dim) and launches on the
-// caller's device and stream. The tile plan (CSR) is validated by the caller.
+// C entry point of the Longformer forward (passes LOCAL and GLOBAL_ROWS): checks what would
+// be undefined behaviour on the device, then dispatches on (dtype, head dim) and launches on
+// the caller's device and stream. The tile plan (CSR) and q_rows are validated by the
+// caller.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -11,24 +12,37 @@ namespace {
 
 template <typename T>
 cudaError_t longformer_dispatch_head_dim(const fk_longformer_fwd_params &p, cudaStream_t s) {
-  if (p.head_dim <= 64) return fk::run_longformer_fwd_sm80<64, T>(p, s);
+  if (p.c.head_dim <= 64) return fk::run_longformer_fwd_sm80<64, T>(p, s);
   return fk::run_longformer_fwd_sm80<128, T>(p, s);
 }
 
 } // namespace
 
 extern "C" int32_t fk_longformer_fwd(const fk_longformer_fwd_params *p, void *stream) {
-  if (p == nullptr || p->q == nullptr || p->k == nullptr || p->v == nullptr || p->o == nullptr ||
-      p->lse == nullptr || p->dilation == nullptr || p->head_class == nullptr ||
-      p->tile_offsets == nullptr || p->tile_ids == nullptr || p->batch <= 0 || p->heads <= 0 ||
-      p->seqlen < 0 || p->window < 0 || p->num_classes <= 0 || p->head_dim <= 0 ||
-      p->head_dim % 8 != 0 || p->head_dim > 128)
+  if (p == nullptr) return cudaErrorInvalidValue;
+  const fk_longformer_common &c = p->c;
+  if (p->q == nullptr || p->k == nullptr || p->v == nullptr || p->o == nullptr ||
+      p->lse == nullptr || c.dilation == nullptr || c.head_class == nullptr ||
+      c.tile_offsets == nullptr || c.tile_ids == nullptr || c.batch <= 0 || c.heads <= 0 ||
+      c.seqlen < 0 || c.window < 0 || c.num_classes <= 0 || c.head_dim <= 0 ||
+      c.head_dim % 8 != 0 || c.head_dim > 128)
     return cudaErrorInvalidValue;
-  if (p->seqlen == 0) return cudaSuccess;
-  fk::DeviceGuard guard(p->device);
+  // Outer rows: contiguous query tiles (LOCAL) or the gathered q_rows (GLOBAL_ROWS). k_rows
+  // is not read by either forward pass.
+  switch (c.pass) {
+  case FK_LONGFORMER_LOCAL:
+    if (c.q_rows != nullptr) return cudaErrorInvalidValue;
+    break;
+  case FK_LONGFORMER_GLOBAL_ROWS:
+    if (c.q_rows == nullptr || c.q_rows_per_seq < 1) return cudaErrorInvalidValue;
+    break;
+  default: return cudaErrorInvalidValue;
+  }
+  if (c.seqlen == 0) return cudaSuccess;
+  fk::DeviceGuard guard(c.device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
+  switch (c.dtype) {
   case FK_DTYPE_F16: return longformer_dispatch_head_dim<__half>(*p, s);
   case FK_DTYPE_BF16: return longformer_dispatch_head_dim<__nv_bfloat16>(*p, s);
   default: return cudaErrorInvalidValue;

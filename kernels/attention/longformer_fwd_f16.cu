@@ -1,4 +1,4 @@
-// Instantiation: Longformer local-attention forward, f16, head dims padded to 64 and 128.
+// Instantiation: Longformer forward (both passes), f16, head dims padded to 64 and 128.
 #include "longformer_fwd_sm80.cuh"
 
 namespace fk {

@@ -1,15 +1,26 @@
-// Longformer local-attention forward (non-global query rows) for sm_80+.
+// Longformer attention forward for sm_80+: the LOCAL and GLOBAL_ROWS passes of
+// fk_longformer.h, one kernel.
 //
 // The dense forward's machinery (dense_fwd_sm80.cuh: traits, swizzled tiles, tile sizes,
 // cp.async double buffering, S = Q K^T and O += P V on tensor cores, online softmax in the
 // exp2 domain) driven by a host-built work list: a thread block owns BLOCK_M query rows of
-// one (sequence, head) and visits only the key tiles its CSR row lists (the dilated band's
-// tiles and those holding global keys), so the cost is O(N * (w + #globals)). Inside a
-// visited tile every element gets the exact rule of fk_longformer.h: not padded, and
-// causal, and (global key or j - i a multiple of d_h within w * d_h). Padded tokens' K and
-// V rows are zero-filled on load, so whatever they hold never reaches O. Global query rows
-// are computed masked and never stored; padded rows (global or not) store O = 0,
-// LSE = -inf.
+// one (sequence, head) and visits only the key tiles its CSR row lists, so the cost is
+// O(N * (w + #globals)) for LOCAL and O(#globals * N) for GLOBAL_ROWS. Inside a visited
+// tile every element gets the exact rule of fk_longformer.h.
+//
+// LOCAL: the block's rows are the contiguous tokens [m * BLOCK_M, (m + 1) * BLOCK_M); a row
+// attends when local (not padded, not global) to the non-padded keys in the dilated band or
+// global (causal: j <= i). Global query rows are computed masked and never stored; padded
+// rows (global or not) store O = 0, LSE = -inf.
+// GLOBAL_ROWS: the block's rows are gathered, row r is token q_rows[b][m * BLOCK_M + r]
+// (none when -1, outside [0, N) or past per_seq); a listed row attends to every non-padded
+// key (causal: j <= i). This is the LOCAL rule with the band made all-true (d = 1, reach
+// N) and no global mask, so both passes share one instruction stream; a listed padded row
+// attends to nothing and stores O = 0, LSE = -inf (padding wins, as in LOCAL). Only listed
+// rows are stored, at their token positions.
+//
+// Padded tokens' Q, K and V rows are zero-filled on load (as are rows past the sequence or
+// not listed), so whatever they hold never reaches O.
 #pragma once
 
 #include "../include/fk_longformer.h"
@@ -35,6 +46,29 @@ __device__ __forceinline__ void load_tile_masked(typename Traits::Element *smem,
     const bool valid =
         row < rows_valid && chunk < chunks_valid && (pad == nullptr || pad[row] == 0);
     const auto *src = gmem + (valid ? row * row_stride + chunk * 8 : 0);
+    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
+  }
+}
+
+// cp.async of a ROWS x kHeadDim tile whose row r is token token_of(r) of a sequence
+// (gmem: the sequence's token 0); rows whose token is < 0 (none) or padded become zeros, as
+// do head-dim padding chunks.
+template <class Traits, int ROWS, class TokenOf>
+__device__ __forceinline__ void load_rows_masked(typename Traits::Element *smem,
+                                                 const typename Traits::Element *gmem,
+                                                 int64_t row_stride, const TokenOf &token_of,
+                                                 const uint8_t *pad, int chunks_valid, int tid) {
+  using Tile = typename Traits::Tile;
+  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
+  static_assert(kChunks % Traits::kNThreads == 0, "tile must split evenly over threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
+    const int idx = i * Traits::kNThreads + tid;
+    const int row = idx / Tile::kChunksPerRow;
+    const int chunk = idx % Tile::kChunksPerRow;
+    const int tok = token_of(row);
+    const bool valid = tok >= 0 && chunk < chunks_valid && (pad == nullptr || pad[tok] == 0);
+    const auto *src = gmem + (valid ? int64_t(tok) * row_stride + chunk * 8 : 0);
     cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
   }
 }
@@ -66,7 +100,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int m_block = blockIdx.x;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
-  const int n_tokens = p.seqlen;
+  const fk_longformer_common &pc = p.c;
+  const int n_tokens = pc.seqlen;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -74,31 +109,49 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int t = lane % 4;
   const int m0 = m_block * BM;
   const int warp_row0 = warp * Traits::kWarpRows;
-  const int d_chunks = p.head_dim / 8;
+  const int d_chunks = pc.head_dim / 8;
+  const bool gathered = pc.pass == FK_LONGFORMER_GLOBAL_ROWS;
 
-  const uint8_t *glob = p.global_mask ? p.global_mask + int64_t(batch) * n_tokens : nullptr;
-  const uint8_t *pad = p.padding_mask ? p.padding_mask + int64_t(batch) * n_tokens : nullptr;
-  // Clipping w and d to N changes no key and keeps w * d far from overflow.
-  const int dil = min(p.dilation[head], max(n_tokens, 1));
-  const int win = min(p.window, n_tokens);
+  // GLOBAL_ROWS ignores the global mask: with it NULL, a "local" row is a non-padded one
+  // and no key is global, and the band below is all-true, which leaves the pass's rule.
+  const uint8_t *glob =
+      pc.global_mask && !gathered ? pc.global_mask + int64_t(batch) * n_tokens : nullptr;
+  const uint8_t *pad = pc.padding_mask ? pc.padding_mask + int64_t(batch) * n_tokens : nullptr;
+  // Clipping w and d to N changes no key and keeps w * d far from overflow. GLOBAL_ROWS:
+  // d = 1 and reach N make band(i, j) true for every i, j in [0, N).
+  const int dil = gathered ? 1 : min(pc.dilation[head], max(n_tokens, 1));
+  const int win = gathered ? n_tokens : min(pc.window, n_tokens);
   const int64_t reach = int64_t(win) * dil; // |j - i| <= reach inside the band
-  const bool causal = p.causal != 0;
+  const bool causal = pc.causal != 0;
 
-  const int num_q_tiles = gridDim.x;
+  // Token of the block's row `row` (in [0, BM)), or -1 for none: contiguous for LOCAL,
+  // gathered from q_rows for GLOBAL_ROWS (-1 entries, entries outside [0, N) and entries
+  // past per_seq are none).
+  const int32_t *q_rows =
+      gathered ? pc.q_rows + int64_t(batch) * pc.q_rows_per_seq + m0 : nullptr;
+  const int rows_in_tile = (gathered ? pc.q_rows_per_seq : n_tokens) - m0;
+  auto token_of = [&](int row) -> int {
+    if (row >= rows_in_tile) return -1;
+    if (!gathered) return m0 + row;
+    const int tok = q_rows[row];
+    return tok >= 0 && tok < n_tokens ? tok : -1;
+  };
+
+  const int num_outer_tiles = gridDim.x;
   const int64_t csr_row =
-      (int64_t(batch) * p.num_classes + p.head_class[head]) * num_q_tiles + m_block;
-  const int it_begin = p.tile_offsets[csr_row];
-  const int it_end = p.tile_offsets[csr_row + 1];
+      (int64_t(batch) * pc.num_classes + pc.head_class[head]) * num_outer_tiles + m_block;
+  const int it_begin = pc.tile_offsets[csr_row];
+  const int it_end = pc.tile_offsets[csr_row + 1];
 
   const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
-                     head * p.q_head_stride + int64_t(m0) * p.q_row_stride;
+                     head * p.q_head_stride;
   const Element *k = static_cast<const Element *>(p.k) + batch * p.k_batch_stride +
                      head * p.k_head_stride;
   const Element *v = static_cast<const Element *>(p.v) + batch * p.v_batch_stride +
                      head * p.v_head_stride;
 
   auto load_kv = [&](int it, int stage) {
-    const int k0 = p.tile_ids[it] * BN;
+    const int k0 = pc.tile_ids[it] * BN;
     load_tile_masked<Traits, BN>(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.k_row_stride,
                                  p.k_row_stride, n_tokens - k0, pad ? pad + k0 : nullptr,
                                  d_chunks, tid);
@@ -107,23 +160,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
                                  d_chunks, tid);
   };
 
-  load_tile_masked<Traits, BM>(sQ, q, p.q_row_stride, n_tokens - m0, pad ? pad + m0 : nullptr,
-                               d_chunks, tid);
+  load_rows_masked<Traits, BM>(sQ, q, p.q_row_stride, token_of, pad, d_chunks, tid);
   cp_async_commit();
   if (it_begin < it_end) load_kv(it_begin, 0);
   cp_async_commit();
 
-  // This thread's query rows: which attend locally (not padded, not global).
+  // This thread's query rows: their tokens (-1: none) and which attend (LOCAL: not padded,
+  // not global; GLOBAL_ROWS: not padded).
   bool row_local[MT][2];
   int row_idx[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int i = m0 + warp_row0 + mt * 16 + g + 8 * r;
+      const int i = token_of(warp_row0 + mt * 16 + g + 8 * r);
       row_idx[mt][r] = i;
-      row_local[mt][r] =
-          i < n_tokens && !(pad && pad[i] != 0) && !(glob && glob[i] != 0);
+      row_local[mt][r] = i >= 0 && !(pad && pad[i] != 0) && !(glob && glob[i] != 0);
     }
 
   auto load_q = [&](uint32_t(&a)[4], int mt, int ks) {
@@ -153,7 +205,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       row_max[mt][r] = -INFINITY;
       row_sum[mt][r] = 0.f;
     }
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const float scale_log2 = pc.softmax_scale * kLog2e;
 
   for (int it = it_begin; it < it_end; ++it) {
     const int stage = (it - it_begin) & 1;
@@ -167,7 +219,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     __syncthreads();
     const Element *sKs = sK + stage * Traits::kSmemKV;
     const Element *sVs = sV + stage * Traits::kSmemKV;
-    const int k0 = p.tile_ids[it] * BN;
+    const int k0 = pc.tile_ids[it] * BN;
 
     // Flags of the 2 * kSTiles key columns this thread holds: bit 2 j + c is column
     // k0 + 8 j + 2 t + c.
@@ -225,7 +277,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
           const int r = e >= 2 ? 1 : 0;
           const int bit = 2 * j + (e & 1);
           const int col = k0 + j * 8 + 2 * t + (e & 1);
-          const int rel = col - row_idx[mt][r]; // |rel| < N < 2^30
+          const int rel = col - row_idx[mt][r]; // |rel| <= N < 2^30
           const int dist = rel < 0 ? -rel : rel;
           const bool band = dist <= reach && (dil == 1 || dist % dil == 0);
           const bool allowed = row_local[mt][r] && ((key_ok >> bit) & 1u) &&
@@ -288,10 +340,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   cp_async_wait<0>();
   __syncthreads();
 
-  // Epilogue: stage O in this warp's Q rows, then 16-byte stores of the local rows (the
-  // result) and the padded ones (zeros; padding wins over global, as in the Rust rule).
+  // Epilogue: stage O in this warp's Q rows, then 16-byte stores of the rows the pass
+  // writes: LOCAL the local rows (the result) and the padded ones (zeros; padding wins over
+  // global, as in the Rust rule); GLOBAL_ROWS (glob NULL) every listed row. i: a token, or -1.
   auto writes_row = [&](int i) {
-    return (pad && pad[i] != 0) || !(glob && glob[i] != 0);
+    return i >= 0 && ((pad && pad[i] != 0) || !(glob && glob[i] != 0));
   };
   Element *sO = sQ;
   float lse[MT][2];
@@ -317,8 +370,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
     const int row = warp_row0 + i / Tile::kChunksPerRow;
     const int chunk = i % Tile::kChunksPerRow;
-    const int grow = m0 + row;
-    if (grow < n_tokens && chunk < d_chunks && writes_row(grow))
+    const int grow = token_of(row);
+    if (chunk < d_chunks && writes_row(grow))
       *reinterpret_cast<uint4 *>(o + int64_t(grow) * p.o_row_stride + chunk * 8) =
           *reinterpret_cast<const uint4 *>(sO + Tile::offset(row, chunk));
   }
@@ -328,7 +381,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int grow = row_idx[mt][r];
-        if (grow < n_tokens && writes_row(grow))
+        if (writes_row(grow))
           p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + grow] = lse[mt][r];
       }
   }
@@ -350,7 +403,9 @@ cudaError_t run_longformer_fwd_sm80(const fk_longformer_fwd_params &p, cudaStrea
   using C = LongformerFwdConfigSm80<kHeadDim>;
   using Traits = DenseFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
                                     C::kMinBlocksPerSm, C::kQInRegs>;
-  const dim3 grid((p.seqlen + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  // Outer tiles: contiguous query tiles of N (LOCAL) or gathered tiles of q_rows.
+  const int outer_rows = p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.c.seqlen;
+  const dim3 grid((outer_rows + Traits::kBlockM - 1) / Traits::kBlockM, p.c.heads, p.c.batch);
   return launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads),
                        Traits::kSmemBytes, stream, p);
 }

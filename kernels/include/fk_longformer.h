@@ -1,25 +1,38 @@
-/* flashkernels C ABI: Longformer local-attention forward (non-global query rows).
+/* flashkernels C ABI: Longformer attention, forward and backward, as passes of one
+ * block-sparse kernel family driven by host-built work lists.
  *
  * Conventions as in flashkernels.h (strides in elements, 64-bit, unit-stride head dim;
- * the launcher takes the caller's stream and returns a cudaError_t value).
+ * launchers take the caller's stream and return a cudaError_t value).
  *
- * Per (sequence b, head h), with one-sided window w and dilation d_h, a non-global,
- * non-padded query i attends to the keys j = i + d_h * t, t in [-w, w] (t in [-w, 0] when
- * causal), that lie in [0, N) and are not padded, plus every non-padded global key (only
- * j <= i when causal); a global key inside the window counts once.
- * A padded query row gets O = 0 and LSE = -inf (also when it is marked global). Global,
- * non-padded query rows are NOT written (O and LSE keep whatever the caller put there):
- * they are a separate dense computation. An empty work list still needs a non-NULL
- * tile_ids.
+ * THE RULE. Per (sequence b, head h), with one-sided window w and dilation d_h, token i is
+ * "local" when it is neither padded nor global. Every pair (query i, key j) below also
+ * needs: i, j in [0, N), key j not padded, and (when causal) j <= i. Then
+ *   band(i, j)  := |j - i| <= w * d_h and (j - i) % d_h == 0   (w, d_h clipped to N)
+ *   LOCAL       : local(i) and (band(i, j) or global(j))          -- a local row's keys
+ *   GLOBAL_ROWS : i is a listed (global) row                       -- a global row's keys
+ *   LOCAL_BAND  : local(i) and band(i, j) and not global(j)        -- dK/dV only
+ *   GLOBAL_COLS : local(i) and j is a listed (global) key          -- dK/dV only
+ * LOCAL = LOCAL_BAND + GLOBAL_COLS, disjointly: a global key inside the window counts once.
+ * A global row uses Q_g, K_g, V_g; the caller passes those as q, k, v of GLOBAL_ROWS.
  *
- * Work list: query tiles are FK_LONGFORMER_BLOCK_M rows, key tiles FK_LONGFORMER_BLOCK_N
- * keys. Heads are grouped into classes (heads of equal dilation share one); for
- * (sequence b, class c, query tile m) the kernel visits exactly the key tiles
- * tile_ids[tile_offsets[r] .. tile_offsets[r + 1]) with r = (b * num_classes + c) *
- * num_q_tiles + m, num_q_tiles = ceil(N / FK_LONGFORMER_BLOCK_M). The list must contain
- * every key tile holding an allowed (query, key) pair of a non-global row of the query
- * tile (extra tiles only cost time: the per-element rule above is applied inside every
- * visited tile; a tile listed twice would be counted twice). */
+ * ROWS. Query (or key) rows of a pass are either contiguous tiles (tile m = tokens
+ * [m * BLOCK, (m + 1) * BLOCK)) or gathered: `q_rows` / `k_rows` is a device (B, per_seq)
+ * int32 array of token indices, each sequence's valid entries first (increasing), then -1;
+ * tile m of sequence b is entries [m * BLOCK, (m + 1) * BLOCK) of its row.
+ *
+ * WORK LIST (CSR). A thread block owns one tile of its "outer" rows (queries for the
+ * forward and dQ, keys for dK/dV) of one (sequence b, head h) and visits exactly the
+ * "inner" tiles tile_ids[tile_offsets[r] .. tile_offsets[r + 1]), r = (b * num_classes +
+ * head_class[h]) * num_outer_tiles + m, where num_outer_tiles = ceil(N / BLOCK) for
+ * contiguous outer rows, ceil(per_seq / BLOCK) for gathered ones. Inner tile ids index
+ * contiguous tiles of N, or tiles of the gathered list when the inner rows are gathered.
+ * Heads of equal dilation can share a class (the rule depends on h only through d_h).
+ * The list must name every inner tile holding a pair of the pass's rule for some row of
+ * the outer tile; extra tiles only cost time (the rule is applied per element inside
+ * every visited tile); a tile listed twice is counted twice. Each of tile_offsets and
+ * tile_ids must be non-NULL (an empty list is offsets of zeros).
+ *
+ * Padded tokens' Q, K, V rows are never read into a result (zero-filled on load). */
 #ifndef FK_LONGFORMER_H
 #define FK_LONGFORMER_H
 
@@ -31,22 +44,18 @@
 extern "C" {
 #endif
 
-#define FK_LONGFORMER_BLOCK_M 128 /* query rows per tile (every compiled head dim) */
-#define FK_LONGFORMER_BLOCK_N 64  /* keys per tile (every compiled head dim) */
+#define FK_LONGFORMER_BLOCK_M 128  /* forward: query rows per tile (every head dim) */
+#define FK_LONGFORMER_BLOCK_N 64   /* forward: keys per tile (every head dim) */
+#define FK_LONGFORMER_BWD_BLOCK 64 /* backward: query and key tile size of dQ and dK/dV */
 
+/* Passes (see THE RULE above). */
+#define FK_LONGFORMER_LOCAL 0
+#define FK_LONGFORMER_GLOBAL_ROWS 1
+#define FK_LONGFORMER_LOCAL_BAND 2
+#define FK_LONGFORMER_GLOBAL_COLS 3
+
+/* What every pass shares: sizes, the rule's inputs, the schedule. */
 typedef struct {
-  const void *q; /* (B, N, H, D) through the q strides, dtype below */
-  const void *k; /* (B, N, H, D) */
-  const void *v; /* (B, N, H, D) */
-  void *o;       /* (B, N, H, D); global rows are left untouched */
-  float *lse;    /* (B, H, N) f32, unit row stride; natural log; global rows untouched */
-
-  int64_t q_batch_stride, q_row_stride, q_head_stride; /* elements */
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t o_batch_stride, o_row_stride, o_head_stride;
-  int64_t lse_batch_stride, lse_head_stride;
-
   int32_t batch;    /* B >= 1 */
   int32_t seqlen;   /* N >= 0, queries and keys alike (< 2^30) */
   int32_t heads;    /* H >= 1 (no GQA) */
@@ -57,18 +66,91 @@ typedef struct {
   const uint8_t *global_mask;  /* device (B, N) row-major, nonzero = global token; NULL = none */
   const uint8_t *padding_mask; /* device (B, N) row-major, nonzero = padded token; NULL = none */
 
-  const int32_t *head_class;   /* device, H entries in [0, num_classes): CSR class of a head */
-  int32_t num_classes;         /* >= 1 */
-  const int32_t *tile_offsets; /* device, B * num_classes * num_q_tiles + 1 offsets into tile_ids */
-  const int32_t *tile_ids;     /* device, key tile indices in [0, ceil(N / BLOCK_N)) */
+  int32_t pass;              /* FK_LONGFORMER_* */
+  const int32_t *q_rows;     /* device (B, q_rows_per_seq) gathered query rows, or NULL */
+  int32_t q_rows_per_seq;
+  const int32_t *k_rows;     /* device (B, k_rows_per_seq) gathered key rows, or NULL */
+  int32_t k_rows_per_seq;
+  const int32_t *head_class; /* device, H entries in [0, num_classes) */
+  int32_t num_classes;       /* >= 1 */
+  const int32_t *tile_offsets;
+  const int32_t *tile_ids;
 
   float softmax_scale; /* multiplies Q K^T */
-  int32_t dtype;       /* fk_dtype */
+  int32_t dtype;       /* fk_dtype: f16 or bf16 */
   int32_t device;      /* CUDA device ordinal the pointers live on */
+} fk_longformer_common;
+
+/* ---- Forward ----
+ * pass LOCAL: outer = contiguous query tiles (BLOCK_M), inner = contiguous key tiles
+ *   (BLOCK_N), q_rows = k_rows = NULL. Writes O and LSE of every local row (its keys per
+ *   LOCAL) and of every padded row (O = 0, LSE = -inf); global rows untouched.
+ * pass GLOBAL_ROWS: outer = gathered query tiles of q_rows (BLOCK_M), inner = contiguous
+ *   key tiles (BLOCK_N), k_rows = NULL, q/k/v = Q_g/K_g/V_g. Writes O and LSE of the listed
+ *   rows only. */
+typedef struct {
+  fk_longformer_common c;
+  const void *q; /* (B, N, H, D) through the q strides */
+  const void *k;
+  const void *v;
+  void *o;    /* (B, N, H, D) */
+  float *lse; /* (B, H, N) f32, unit row stride; natural log */
+  int64_t q_batch_stride, q_row_stride, q_head_stride; /* elements */
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;
 } fk_longformer_fwd_params;
 
-/* Launch on `stream` (NULL = legacy default stream). */
 int32_t fk_longformer_fwd(const fk_longformer_fwd_params *params, void *stream);
+
+/* ---- Backward ----
+ * Recomputation from O and LSE, FlashAttention-2 style, deterministic (no atomics): every
+ * gradient row is summed by one thread block in the work list's order. Host order:
+ *   1. fk_longformer_bwd_delta: delta = rowsum(dO * O) for every (b, h, i) (any pass value).
+ *   2. dq  LOCAL       (q, k, v = Q, K, V)     -> dq: every row of its tiles (non-local rows 0)
+ *   3. dkdv LOCAL_BAND (Q, K, V)               -> dk, dv: every row of its tiles
+ *   4. dkdv GLOBAL_COLS (Q, K, V; k_rows)      -> dk, dv: the listed key rows
+ *   5. dq  GLOBAL_ROWS (Q_g, K_g, V_g; q_rows) -> dq (or dQ_g): the listed rows
+ *   6. dkdv GLOBAL_ROWS (Q_g, K_g, V_g; q_rows)-> dk, dv (or dK_g, dV_g): every row of its tiles
+ * Steps 4-6 only when some sequence has a global token. LSE and delta are those of the
+ * row's own pass (the forward's).
+ *
+ * dq: outer = query tiles of BWD_BLOCK (contiguous for LOCAL, gathered q_rows for
+ *   GLOBAL_ROWS), inner = contiguous key tiles of BWD_BLOCK.
+ * dkdv: outer = key tiles of BWD_BLOCK (contiguous for LOCAL_BAND and GLOBAL_ROWS; gathered
+ *   k_rows for GLOBAL_COLS), inner = query tiles of BWD_BLOCK (contiguous for LOCAL_BAND
+ *   and GLOBAL_COLS; gathered q_rows for GLOBAL_ROWS).
+ * accumulate (dkdv only): nonzero adds the result to what dk, dv hold (f32 add, one
+ *   rounding to the element type) instead of overwriting them. A key row no visited pair
+ *   touches gets 0 (or is left as is when accumulating).
+ * Padded tokens (clarifications): their dO and O rows are not read either, so step 1 gives
+ *   them delta = 0; a listed row (q_rows) or key (k_rows) that is padded takes part in no
+ *   pair (dq GLOBAL_ROWS writes 0 for such a row), so the host should list only
+ *   non-padded global tokens. With separate Q_g, K_g, V_g, dQ_g rows that are not listed
+ *   are not written by step 5 (the caller zeroes them), nor are dK_g, dV_g when steps 4-6
+ *   are skipped. */
+typedef struct {
+  fk_longformer_common c;
+  const void *q, *k, *v, *o, *dout; /* (B, N, H, D) */
+  const float *lse;                 /* (B, H, N) f32, the forward's */
+  float *delta;                     /* (B, H, N) f32, same strides as lse: written by step 1 */
+  void *dq, *dk, *dv;               /* (B, N, H, D) */
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int64_t lse_batch_stride, lse_head_stride; /* lse and delta; unit row stride */
+  int32_t accumulate;
+} fk_longformer_bwd_params;
+
+int32_t fk_longformer_bwd_delta(const fk_longformer_bwd_params *params, void *stream);
+int32_t fk_longformer_bwd_dq(const fk_longformer_bwd_params *params, void *stream);
+int32_t fk_longformer_bwd_dkdv(const fk_longformer_bwd_params *params, void *stream);
 
 #ifdef __cplusplus
 }

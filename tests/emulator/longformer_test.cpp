@@ -1,11 +1,19 @@
-// Longformer forward suite: fk_longformer_fwd (kernels/attention/longformer_fwd_*) on the
-// emulator against an f64 reference of the local rule (include/fk_longformer.h): a
-// non-global, non-padded query i of head h sees the non-padded keys i + d_h t, t in [-w, w]
-// (causal: [-w, 0]), inside [0, N), plus every non-padded global key (causal: j <= i).
-// Checks: O and LSE of local rows; padded rows O = 0 and LSE = -inf exactly; global rows,
-// and everything outside the tensors, untouched (NaN); padded tokens' Q, K and V are NaN,
-// so any leak of them shows up. The work list (CSR of key tiles per (sequence, dilation
-// class, query tile)) is built here as the Rust plan builds it: exact, from the rule.
+// Longformer forward suite: fk_longformer_fwd (kernels/attention/longformer_fwd_*), both
+// passes, on the emulator against an f64 reference of the rule of include/fk_longformer.h.
+//   LOCAL: a non-global, non-padded query i of head h sees the non-padded keys i + d_h t,
+//     t in [-w, w] (causal: [-w, 0]), inside [0, N), plus every non-padded global key
+//     (causal: j <= i). Uses Q, K, V.
+//   GLOBAL_ROWS: a listed (global) query i sees every non-padded key (causal: j <= i). Uses
+//     distinct tensors Q_g, K_g, V_g; its rows are gathered through q_rows.
+// Modes: LOCAL only (the pass alone: local rows checked, padded rows O = 0 and LSE = -inf
+// exactly, global rows untouched), GLOBAL_ROWS only (listed rows checked, every other row
+// untouched), and end to end (LOCAL with Q, K, V, then GLOBAL_ROWS with Q_g, K_g, V_g into
+// the same O and LSE: every row checked against the full Longformer forward). Everything
+// outside the tensors must stay NaN; padded tokens' Q, K, V (and Q_g, K_g, V_g) are NaN, so
+// any leak of them shows up. The work lists (CSR of key tiles per (sequence, class, query
+// tile)) are built here as the host builds them: LOCAL exactly from the rule; GLOBAL_ROWS per
+// gathered tile, every key tile holding a non-padded key j with (not causal or j <= the
+// tile's last row). Also: the entry point's argument checks.
 // Usage: longformer_test [case index...] (all cases by default).
 #include "harness.h"
 
@@ -17,6 +25,8 @@
 
 using namespace harness;
 
+enum Mode { LOCAL_ONLY, GLOBAL_ONLY, BOTH };
+
 struct LCase {
   std::string name;
   int dtype;
@@ -26,17 +36,32 @@ struct LCase {
   bool causal;
   std::vector<std::vector<int>> globals;    // per sequence
   std::vector<std::vector<int>> padded;     // per sequence
-  bool full_plan = false;                   // visit every key tile (superset work list)
+  bool full_plan = false;                   // visit every key tile (superset work lists)
+  int mode = LOCAL_ONLY;
+  int extra_slots = 0;      // q_rows_per_seq = the largest count + this (more -1 entries)
+  bool one_class = false;   // GLOBAL_ROWS work list with one class for every head
+  bool list_padded = false; // q_rows also list padded global tokens (stored O = 0, LSE = -inf)
 };
 
-// The rule (the brief's / rust LongformerProblem::keys for non-global rows).
+// Tokens a, a + step, ... below e.
+static std::vector<int> range(int a, int e, int step = 1) {
+  std::vector<int> v;
+  for (int i = a; i < e; i += step) v.push_back(i);
+  return v;
+}
+
+// The rule (fk_longformer.h / rust LongformerProblem::keys).
 struct Rule {
   const LCase &c;
-  std::vector<uint8_t> glob, pad; // (B, N)
-  explicit Rule(const LCase &c_) : c(c_), glob(size_t(c_.B) * c_.N, 0), pad(size_t(c_.B) * c_.N, 0) {
+  std::vector<uint8_t> glob, pad;       // (B, N)
+  std::vector<std::vector<int>> listed; // per sequence: q_rows' valid entries, increasing
+  explicit Rule(const LCase &c_)
+      : c(c_), glob(size_t(c_.B) * c_.N, 0), pad(size_t(c_.B) * c_.N, 0), listed(c_.B) {
     for (int b = 0; b < c.B; ++b) {
       for (int i : c.globals[b]) glob[size_t(b) * c.N + i] = 1;
       for (int i : c.padded[b]) pad[size_t(b) * c.N + i] = 1;
+      for (int i = 0; i < c.N; ++i)
+        if (is_glob(b, i) && (c.list_padded || !is_pad(b, i))) listed[b].push_back(i);
     }
   }
   bool is_glob(int b, int i) const { return glob[size_t(b) * c.N + i]; }
@@ -55,41 +80,75 @@ struct Rule {
       if (!is_pad(b, g) && (!c.causal || g <= i)) ks.insert(g);
     return std::vector<int>(ks.begin(), ks.end());
   }
+  // Keys of global row i: every non-padded key (causal: j <= i); none for a padded row.
+  std::vector<int> global_keys(int b, int i) const {
+    std::vector<int> ks;
+    if (is_pad(b, i)) return ks;
+    for (int j = 0; j < (c.causal ? i + 1 : c.N); ++j)
+      if (!is_pad(b, j)) ks.push_back(j);
+    return ks;
+  }
 };
 
-template <typename T> void lf_case(const LCase &lc, Report &r) {
-  Case c{lc.name, lc.dtype, lc.H, lc.H, lc.D, std::vector<int>(lc.B, lc.N),
-         std::vector<int>(lc.B, lc.N), false, -1, -1};
-  Problem<T> p(c, 4321);
-  Rule rule(lc);
-  // Padded tokens' inputs are poison: they must never reach the results.
-  for (int b = 0; b < lc.B; ++b)
-    for (int i : lc.padded[b])
-      for (int h = 0; h < lc.H; ++h)
-        for (int d = 0; d < lc.D; ++d)
-          p.Q.at(b, i, h, d) = p.K.at(b, i, h, d) = p.V.at(b, i, h, d) = to_e<T>(NAN);
-  Tensor<T> O = p.like_q();
-  Lse lse(c, p.s);
-
-  // Work list: classes = distinct dilations; per (b, class, q tile) the sorted key tiles
-  // holding an allowed pair of a local row (or all tiles with full_plan).
-  const int BM = FK_LONGFORMER_BLOCK_M, BN = FK_LONGFORMER_BLOCK_N;
-  const int mt = (lc.N + BM - 1) / BM, nt = (lc.N + BN - 1) / BN;
-  std::map<int, int> cls;
-  std::vector<int32_t> head_class(lc.H), rep_head;
-  for (int h = 0; h < lc.H; ++h) {
-    auto it = cls.find(lc.dilation[h]);
-    if (it == cls.end()) {
-      it = cls.emplace(lc.dilation[h], int(rep_head.size())).first;
-      rep_head.push_back(h);
-    }
-    head_class[h] = it->second;
+// f64 reference of one row over the keys ks; false when there is none (O = 0, LSE = -inf).
+template <typename T>
+void ref_keys(const Problem<T> &p, int b, int h, int i, const std::vector<int> &ks,
+              std::vector<double> &o, double &lse) {
+  const int D = p.c.D;
+  std::vector<double> s(ks.size());
+  double mx = -INFINITY;
+  for (size_t x = 0; x < ks.size(); ++x) {
+    double a = 0;
+    for (int d = 0; d < D; ++d) a += double(p.Q.get(b, i, h, d)) * p.K.get(b, ks[x], h, d);
+    s[x] = a * double(p.scale);
+    mx = std::max(mx, s[x]);
   }
-  const int C = int(rep_head.size());
-  std::vector<int32_t> offs{0}, ids;
+  double l = 0;
+  for (double &e : s) l += (e = std::exp(e - mx));
+  o.assign(D, 0.0);
+  for (size_t x = 0; x < ks.size(); ++x)
+    for (int d = 0; d < D; ++d) o[d] += s[x] / l * p.V.get(b, ks[x], h, d);
+  lse = mx + std::log(l);
+}
+
+// A pass's schedule: classes, CSR, and (GLOBAL_ROWS) q_rows.
+struct Plan {
+  std::vector<int32_t> head_class, offs{0}, ids, q_rows;
+  int C = 0, outer_tiles = 0, per_seq = 0;
+};
+
+// Classes = distinct dilations (rep_head: one head per class), or one class for all.
+static void classes(const LCase &lc, bool one, Plan &pl, std::vector<int> &rep_head) {
+  pl.head_class.assign(lc.H, 0);
+  rep_head.clear();
+  if (one) {
+    rep_head.push_back(0);
+  } else {
+    std::map<int, int> cls;
+    for (int h = 0; h < lc.H; ++h) {
+      auto it = cls.find(lc.dilation[h]);
+      if (it == cls.end()) {
+        it = cls.emplace(lc.dilation[h], int(rep_head.size())).first;
+        rep_head.push_back(h);
+      }
+      pl.head_class[h] = it->second;
+    }
+  }
+  pl.C = int(rep_head.size());
+}
+
+// LOCAL: per (b, class, q tile) the sorted key tiles holding an allowed pair of a local row
+// (or every tile with full_plan).
+static Plan local_plan(const LCase &lc, const Rule &rule) {
+  const int BM = FK_LONGFORMER_BLOCK_M, BN = FK_LONGFORMER_BLOCK_N;
+  const int nt = (lc.N + BN - 1) / BN;
+  Plan pl;
+  std::vector<int> rep_head;
+  classes(lc, false, pl, rep_head);
+  pl.outer_tiles = (lc.N + BM - 1) / BM;
   for (int b = 0; b < lc.B; ++b)
-    for (int cc = 0; cc < C; ++cc)
-      for (int m = 0; m < mt; ++m) {
+    for (int cc = 0; cc < pl.C; ++cc)
+      for (int m = 0; m < pl.outer_tiles; ++m) {
         std::set<int> tiles;
         if (lc.full_plan) {
           for (int n = 0; n < nt; ++n) tiles.insert(n);
@@ -98,11 +157,50 @@ template <typename T> void lf_case(const LCase &lc, Report &r) {
             if (rule.local_row(b, i))
               for (int j : rule.keys(b, rep_head[cc], i)) tiles.insert(j / BN);
         }
-        ids.insert(ids.end(), tiles.begin(), tiles.end());
-        offs.push_back(int32_t(ids.size()));
+        pl.ids.insert(pl.ids.end(), tiles.begin(), tiles.end());
+        pl.offs.push_back(int32_t(pl.ids.size()));
       }
-  std::vector<int32_t> dil(lc.dilation.begin(), lc.dilation.end());
+  return pl;
+}
 
+// GLOBAL_ROWS: q_rows (B, per_seq), per_seq = the largest count (+ extra_slots), -1 after
+// each sequence's entries; per (b, class, gathered tile) every key tile holding a non-padded
+// key j with (not causal or j <= the tile's last row) (or every tile with full_plan).
+static Plan global_plan(const LCase &lc, const Rule &rule) {
+  const int BM = FK_LONGFORMER_BLOCK_M, BN = FK_LONGFORMER_BLOCK_N;
+  const int nt = (lc.N + BN - 1) / BN;
+  Plan pl;
+  std::vector<int> rep_head;
+  classes(lc, lc.one_class, pl, rep_head);
+  for (int b = 0; b < lc.B; ++b) pl.per_seq = std::max(pl.per_seq, int(rule.listed[b].size()));
+  if (pl.per_seq == 0) return pl; // no global row anywhere: the host skips the pass
+  pl.per_seq += lc.extra_slots;
+  pl.outer_tiles = (pl.per_seq + BM - 1) / BM;
+  pl.q_rows.assign(size_t(lc.B) * pl.per_seq, -1);
+  for (int b = 0; b < lc.B; ++b)
+    for (size_t x = 0; x < rule.listed[b].size(); ++x)
+      pl.q_rows[size_t(b) * pl.per_seq + x] = rule.listed[b][x];
+  for (int b = 0; b < lc.B; ++b)
+    for (int cc = 0; cc < pl.C; ++cc)
+      for (int m = 0; m < pl.outer_tiles; ++m) {
+        int last = -1;
+        for (int x = m * BM; x < std::min(pl.per_seq, (m + 1) * BM); ++x)
+          last = std::max(last, pl.q_rows[size_t(b) * pl.per_seq + x]);
+        if (last >= 0)
+          for (int n = 0; n < nt; ++n) {
+            bool any = lc.full_plan;
+            for (int j = n * BN; j < std::min(lc.N, (n + 1) * BN) && !any; ++j)
+              any = !rule.is_pad(b, j) && (!lc.causal || j <= last);
+            if (any) pl.ids.push_back(n);
+          }
+        pl.offs.push_back(int32_t(pl.ids.size()));
+      }
+  return pl;
+}
+
+template <typename T>
+int run_pass(int pass, const LCase &lc, const Rule &rule, const Problem<T> &p, const Plan &pl,
+             Tensor<T> &O, Lse &lse, const std::vector<int32_t> &dil) {
   fk_longformer_fwd_params q{};
   q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data();
   q.o = O.data.data(), q.lse = lse.data.data();
@@ -111,67 +209,162 @@ template <typename T> void lf_case(const LCase &lc, Report &r) {
   q.v_batch_stride = p.V.bs, q.v_row_stride = p.V.rs, q.v_head_stride = p.V.hs;
   q.o_batch_stride = O.bs, q.o_row_stride = O.rs, q.o_head_stride = O.hs;
   q.lse_batch_stride = lse.bs, q.lse_head_stride = lse.hs;
-  q.batch = lc.B, q.seqlen = lc.N, q.heads = lc.H, q.head_dim = lc.D;
-  q.window = lc.window, q.causal = lc.causal;
-  q.dilation = dil.data();
-  q.global_mask = rule.glob.data(), q.padding_mask = rule.pad.data();
-  q.head_class = head_class.data(), q.num_classes = C;
+  fk_longformer_common &c = q.c;
+  c.batch = lc.B, c.seqlen = lc.N, c.heads = lc.H, c.head_dim = lc.D;
+  c.window = lc.window, c.causal = lc.causal;
+  c.dilation = dil.data();
+  c.global_mask = rule.glob.data(), c.padding_mask = rule.pad.data();
+  c.pass = pass;
+  c.q_rows = pass == FK_LONGFORMER_GLOBAL_ROWS ? pl.q_rows.data() : nullptr;
+  c.q_rows_per_seq = pass == FK_LONGFORMER_GLOBAL_ROWS ? pl.per_seq : 0;
+  c.head_class = pl.head_class.data(), c.num_classes = pl.C;
   static const int32_t no_tile = 0; // an empty list still needs a pointer
-  q.tile_offsets = offs.data(), q.tile_ids = ids.empty() ? &no_tile : ids.data();
-  q.softmax_scale = p.scale, q.dtype = lc.dtype, q.device = 0;
+  c.tile_offsets = pl.offs.data(), c.tile_ids = pl.ids.empty() ? &no_tile : pl.ids.data();
+  c.softmax_scale = p.scale, c.dtype = lc.dtype, c.device = 0;
+  return fk_longformer_fwd(&q, nullptr);
+}
+
+template <typename T> void lf_case(const LCase &lc, Report &r) {
+  Case c{lc.name, lc.dtype, lc.H, lc.H, lc.D, std::vector<int>(lc.B, lc.N),
+         std::vector<int>(lc.B, lc.N), false, -1, -1};
+  Problem<T> p(c, 4321), pg(c, 8765); // Q, K, V and Q_g, K_g, V_g
+  Rule rule(lc);
+  // Padded tokens' inputs are poison: they must never reach the results.
+  for (int b = 0; b < lc.B; ++b)
+    for (int i : lc.padded[b])
+      for (int h = 0; h < lc.H; ++h)
+        for (int d = 0; d < lc.D; ++d) {
+          p.Q.at(b, i, h, d) = p.K.at(b, i, h, d) = p.V.at(b, i, h, d) = to_e<T>(NAN);
+          pg.Q.at(b, i, h, d) = pg.K.at(b, i, h, d) = pg.V.at(b, i, h, d) = to_e<T>(NAN);
+        }
+  Tensor<T> O = p.like_q();
+  Lse lse(c, p.s);
+  std::vector<int32_t> dil(lc.dilation.begin(), lc.dilation.end());
+  const bool run_local = lc.mode != GLOBAL_ONLY, run_global = lc.mode != LOCAL_ONLY;
+  const Plan lp = local_plan(lc, rule), gp = global_plan(lc, rule);
+  const int nt = (lc.N + FK_LONGFORMER_BLOCK_N - 1) / FK_LONGFORMER_BLOCK_N;
+
   const long sw0 = emu::g_switches;
-  const int rc = fk_longformer_fwd(&q, nullptr);
-  if (rc != 0) return r.fail(format("fk_longformer_fwd returned %d", rc));
+  if (run_local) {
+    const int rc = run_pass(FK_LONGFORMER_LOCAL, lc, rule, p, lp, O, lse, dil);
+    if (rc != 0) return r.fail(format("fk_longformer_fwd LOCAL returned %d", rc));
+  }
+  if (run_global && gp.per_seq > 0) {
+    const int rc = run_pass(FK_LONGFORMER_GLOBAL_ROWS, lc, rule, pg, gp, O, lse, dil);
+    if (rc != 0) return r.fail(format("fk_longformer_fwd GLOBAL_ROWS returned %d", rc));
+  }
 
   Stats so, sl;
-  long global_touched = 0, padded_rows = 0, global_rows = 0;
-  std::vector<double> s, o(lc.D);
-  for (int b = 0; b < lc.B; ++b)
+  long untouched_bad = 0, padded_rows = 0, global_rows = 0, local_rows = 0;
+  std::vector<double> o;
+  double L;
+  for (int b = 0; b < lc.B; ++b) {
+    std::vector<uint8_t> listed(lc.N, 0);
+    for (int i : rule.listed[b]) listed[i] = 1;
     for (int h = 0; h < lc.H; ++h)
       for (int i = 0; i < lc.N; ++i) {
         const float kl = lse.at(b, h, i);
-        if (rule.is_pad(b, i)) { // padding wins over global
+        // Which pass writes row i (the last one run wins), and what.
+        const bool by_local = run_local && !(rule.is_glob(b, i) && !rule.is_pad(b, i));
+        const bool by_global = run_global && listed[i];
+        if (!by_local && !by_global) { // must be untouched
+          for (int d = 0; d < lc.D; ++d) untouched_bad += !std::isnan(O.get(b, i, h, d));
+          untouched_bad += !std::isnan(kl);
+          continue;
+        }
+        if (rule.is_pad(b, i)) { // padding wins over global, in both passes
           ++padded_rows;
           for (int d = 0; d < lc.D; ++d) so.not_zero += O.get(b, i, h, d) != 0.f;
           sl.not_zero += kl != -INFINITY;
           continue;
         }
-        if (rule.is_glob(b, i)) {
+        if (by_global) {
           ++global_rows;
-          for (int d = 0; d < lc.D; ++d) global_touched += !std::isnan(O.get(b, i, h, d));
-          global_touched += !std::isnan(kl);
-          continue;
+          ref_keys(pg, b, h, i, rule.global_keys(b, i), o, L);
+        } else {
+          ++local_rows;
+          ref_keys(p, b, h, i, rule.keys(b, h, i), o, L);
         }
-        const std::vector<int> ks = rule.keys(b, h, i);
-        s.assign(ks.size(), 0.0);
-        double mx = -INFINITY;
-        for (size_t x = 0; x < ks.size(); ++x) {
-          double a = 0;
-          for (int d = 0; d < lc.D; ++d) a += double(p.Q.get(b, i, h, d)) * p.K.get(b, ks[x], h, d);
-          s[x] = a * double(p.scale);
-          mx = std::max(mx, s[x]);
-        }
-        double l = 0;
-        for (double &e : s) l += (e = std::exp(e - mx));
-        std::fill(o.begin(), o.end(), 0.0);
-        for (size_t x = 0; x < ks.size(); ++x)
-          for (int d = 0; d < lc.D; ++d) o[d] += s[x] / l * p.V.get(b, ks[x], h, d);
         for (int d = 0; d < lc.D; ++d) so.add(O.get(b, i, h, d), o[d]);
-        sl.add(kl, mx + std::log(l));
+        sl.add(kl, L);
       }
+  }
   so.pad_touched = count_pad_touched(O, c.nq);
   sl.pad_touched = count_pad_touched(lse, c.nq, c.H);
-  r.info(format("%ld fiber switches, %d classes, %zu tiles visited of %d, %ld padded / %ld global "
-                "rows", emu::g_switches - sw0, C, ids.size(), lc.B * C * mt * nt, padded_rows,
-                global_rows));
-  if (global_touched) r.fail(format("global rows written: %ld elements", global_touched));
+  r.info(format("%ld fiber switches; LOCAL %d classes, %zu tiles of %d; GLOBAL_ROWS per_seq %d, "
+                "%d classes, %zu tiles of %d; rows x heads: %ld local, %ld global, %ld padded",
+                emu::g_switches - sw0, lp.C, run_local ? lp.ids.size() : 0,
+                lc.B * lp.C * lp.outer_tiles * nt, gp.per_seq, gp.C,
+                run_global ? gp.ids.size() : 0, lc.B * gp.C * gp.outer_tiles * nt, local_rows,
+                global_rows, padded_rows));
+  if (untouched_bad)
+    r.fail(format("rows no pass writes were written: %ld elements", untouched_bad));
   r.check("O", so, rel_tol(lc.dtype), abs_tol(lc.dtype));
   r.check("LSE", sl, 1e-5, 1e-4);
 }
 
+// The entry point's argument checks (nothing is launched: every call fails or has N = 0).
+static void api_checks(Report &r) {
+  alignas(16) static uint16_t buf[64] = {};
+  static float lse_buf[4];
+  static const int32_t one = 1, zero = 0, offs[2] = {0, 0}, rows[1] = {0};
+  auto base = [&] {
+    fk_longformer_fwd_params q{};
+    q.q = q.k = q.v = buf, q.o = buf, q.lse = lse_buf;
+    q.c.batch = 1, q.c.seqlen = 0, q.c.heads = 1, q.c.head_dim = 8, q.c.window = 1;
+    q.c.dilation = &one, q.c.head_class = &zero, q.c.num_classes = 1;
+    q.c.tile_offsets = offs, q.c.tile_ids = &zero, q.c.dtype = FK_DTYPE_F16;
+    q.c.pass = FK_LONGFORMER_LOCAL;
+    return q;
+  };
+  struct Check {
+    const char *what;
+    std::function<void(fk_longformer_fwd_params &)> edit;
+    int want;
+  };
+  const int bad = cudaErrorInvalidValue;
+  const std::vector<Check> checks = {
+      {"LOCAL, N = 0", [](fk_longformer_fwd_params &) {}, 0},
+      {"GLOBAL_ROWS, N = 0",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows = rows, q.c.q_rows_per_seq = 1;
+       },
+       0},
+      {"LOCAL with q_rows", [](fk_longformer_fwd_params &q) { q.c.q_rows = rows; }, bad},
+      {"GLOBAL_ROWS without q_rows",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows_per_seq = 1;
+       },
+       bad},
+      {"GLOBAL_ROWS, q_rows_per_seq 0",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows = rows;
+       },
+       bad},
+      {"pass LOCAL_BAND",
+       [](fk_longformer_fwd_params &q) { q.c.pass = FK_LONGFORMER_LOCAL_BAND; }, bad},
+      {"pass GLOBAL_COLS",
+       [](fk_longformer_fwd_params &q) { q.c.pass = FK_LONGFORMER_GLOBAL_COLS; }, bad},
+      {"pass -1", [](fk_longformer_fwd_params &q) { q.c.pass = -1; }, bad},
+      {"pass 4", [](fk_longformer_fwd_params &q) { q.c.pass = 4; }, bad},
+      {"head_dim 12", [](fk_longformer_fwd_params &q) { q.c.head_dim = 12; }, bad},
+      {"tile_ids NULL", [](fk_longformer_fwd_params &q) { q.c.tile_ids = nullptr; }, bad},
+  };
+  for (const Check &ch : checks) {
+    fk_longformer_fwd_params q = base();
+    ch.edit(q);
+    const int rc = fk_longformer_fwd(&q, nullptr);
+    if (rc != ch.want) r.fail(format("%s: returned %d, want %d", ch.what, rc, ch.want));
+  }
+  if (fk_longformer_fwd(nullptr, nullptr) != bad) r.fail("NULL params accepted");
+  if (r.ok) r.brief = format("%zu checks", checks.size() + 1);
+}
+
 int main(int argc, char **argv) {
   const int F = FK_DTYPE_F16, BF = FK_DTYPE_BF16;
+  const int G = GLOBAL_ONLY, E = BOTH;
   const std::vector<LCase> cases = {
+      // LOCAL alone.
       {"d64 f16 w1 d1 no globals", F, 1, 200, 1, 64, 1, {1}, false, {{}}, {{}}},
       {"d64 bf16 w3 dil 1..4 globals start/mid/end", BF, 1, 300, 4, 64, 3, {1, 2, 3, 4}, false,
        {{0, 150, 299}}, {{}}},
@@ -190,23 +383,51 @@ int main(int argc, char **argv) {
       {"d64 f16 w6 dil(1,2) full plan (superset)", F, 1, 200, 2, 64, 6, {1, 2}, false,
        {{0, 100}}, {{199}}, true},
       {"d64 f16 all padded / global", F, 1, 70, 1, 64, 2, {1}, false, {{0, 1, 2}},
-       {{3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
-         27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48,
-         49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69}}},
+       {range(3, 70)}},
       {"d8 bf16 N=1", BF, 1, 1, 1, 8, 3, {2}, true, {{}}, {{}}},
+      // GLOBAL_ROWS alone.
+      {"GLOBAL_ROWS d64 f16 causal, 150 globals (2 gathered tiles) + a 0-global sequence, "
+       "padded (global) tokens", F, 2, 333, 2, 64, 3, {1, 2}, true, {range(0, 300, 2), {}},
+       {{7, 8, 130, 131, 301, 302}, {}}, false, G},
+      {"GLOBAL_ROWS d128 bf16 full plan, a tile of -1 only, one class", BF, 2, 200, 2, 128, 2,
+       {3, 1}, false, {{0, 99, 199}, {50}}, {{10, 11}, range(190, 200)}, true, G, 130, true},
+      {"GLOBAL_ROWS d8 bf16 N=1 causal", BF, 1, 1, 1, 8, 0, {1}, true, {{0}}, {{}}, false, G},
+      {"GLOBAL_ROWS d72 f16 listed padded globals -> O = 0, LSE = -inf", F, 1, 150, 2, 72, 1,
+       {1, 4}, false, {{0, 20, 21, 149}}, {{20, 149}}, false, G, 0, false, true},
+      // End to end: LOCAL (Q, K, V) then GLOBAL_ROWS (Q_g, K_g, V_g), every row checked.
+      {"e2e d64 f16 w3 dil 1..4, globals start/mid/end/in windows, padding middle + tail", F, 2,
+       333, 4, 64, 3, {1, 2, 3, 4}, false, {{0, 1, 5, 166, 168, 332}, {10, 100, 101, 250}},
+       {{50, 51, 168, 200}, range(320, 333)}, false, E},
+      {"e2e d128 bf16 causal w4 dil(1,3), 150 globals, a 0-global sequence, padded tail", BF, 3,
+       300, 2, 128, 4, {1, 3}, true, {range(1, 300, 2), {}, {0, 150, 299}},
+       {{}, range(250, 300), {5, 299}}, false, E},
+      {"e2e d8 f16 causal w0 dil(2,1)", F, 1, 130, 2, 8, 0, {2, 1}, true, {{0, 64, 129}}, {{3}},
+       false, E},
+      {"e2e d72 bf16 w > N dil(1,4)", BF, 2, 200, 2, 72, 1000, {1, 4}, false, {{199}, {0, 100}},
+       {{0, 1}, {}}, false, E},
+      {"e2e d64 bf16 causal w1 dil(4,3,2,1), 129 globals, -1 slots, one class", BF, 2, 257, 4, 64,
+       1, {4, 3, 2, 1}, true, {range(0, 257, 2), {3}}, {{}, range(200, 257)}, false, E, 5, true},
+      {"e2e d128 f16 w1 dil(1,2) full plans, seq 1's only global padded", F, 2, 190, 2, 128, 1,
+       {1, 2}, false, {{64, 65, 127, 128}, {30}}, {{100}, {30}}, true, E},
+      {"e2e d40 f16 causal w2 no globals (GLOBAL_ROWS not run)", F, 1, 100, 1, 40, 2, {1}, true,
+       {{}}, {{}}, false, E},
   };
   int bad = 0;
-  for (size_t i = 0; i < cases.size(); ++i) {
+  for (size_t i = 0; i <= cases.size(); ++i) {
     bool selected = argc <= 1;
     for (int a = 1; a < argc; ++a) selected |= std::to_string(i) == argv[a];
     if (!selected) continue;
     Report r;
-    cases[i].dtype == FK_DTYPE_F16 ? lf_case<__half>(cases[i], r)
-                                   : lf_case<__nv_bfloat16>(cases[i], r);
-    if (r.ok && argc <= 1)
-      printf("[%zu] %s: %s\n", i, cases[i].name.c_str(), r.brief.c_str());
+    const std::string name = i < cases.size() ? cases[i].name : "entry point argument checks";
+    if (i == cases.size())
+      api_checks(r);
     else
-      printf("[%zu] %s%s\n%s", i, cases[i].name.c_str(), r.ok ? "" : ": FAILED", r.detail.c_str());
+      cases[i].dtype == FK_DTYPE_F16 ? lf_case<__half>(cases[i], r)
+                                     : lf_case<__nv_bfloat16>(cases[i], r);
+    if (r.ok && argc <= 1)
+      printf("[%zu] %s: %s\n", i, name.c_str(), r.brief.c_str());
+    else
+      printf("[%zu] %s%s\n%s", i, name.c_str(), r.ok ? "" : ": FAILED", r.detail.c_str());
     fflush(stdout);
     bad += !r.ok;
   }
