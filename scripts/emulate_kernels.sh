@@ -3,7 +3,8 @@
 # sources as host C++ against an emulator of CUDA thread blocks (warp-level mma.sync,
 # ldmatrix, shuffles, cp.async) and checks them against an f64 reference: the attention
 # forward suite, the backward suite (which includes forward-then-backward cases), the
-# convolution / pooling suite and the Longformer forward suite.
+# convolution / pooling suite, the Longformer forward suite and the Longformer backward
+# suite.
 # Needs g++ and the CUDA headers that scripts/bootstrap.sh installs. Exits non-zero on any
 # failure. Usage: scripts/emulate_kernels.sh
 set -euo pipefail
@@ -30,7 +31,7 @@ ln -s "$root/kernels/include" "$obj/emulated/include"
 # -fno-strict-aliasing: the kernels type-pun through reinterpret_cast, as CUDA code may.
 flags=(-std=c++17 -O2 -fno-strict-aliasing -Wall -Wextra -Wno-unknown-pragmas
   -I"$obj" -I"$root/tests/emulator" -I"$root" -isystem "$cuda_include")
-suites=(fwd bwd conv longformer)
+suites=(fwd bwd conv longformer longformer_bwd)
 
 start=$SECONDS
 pids=()

@@ -45,6 +45,9 @@ extern unsigned char smem_raw[kEmuMaxSmem] asm("emu_shared_memory");
 namespace gemm {
 extern unsigned char smem_raw[kEmuMaxSmem] asm("emu_shared_memory");
 }
+namespace longformer_bwd_detail {
+extern unsigned char smem_raw[kEmuMaxSmem] asm("emu_shared_memory");
+}
 } // namespace fk
 
 namespace emu {

@@ -1,0 +1,710 @@
+// Longformer attention backward for sm_80+ (fk_longformer.h: fk_longformer_bwd_*),
+// deterministic, no atomics.
+//
+// The dense backward's kernels (dense_bwd_sm80.cuh) with the dense band replaced by the
+// host's work list and THE RULE of fk_longformer.h applied per element, and with rows that
+// may be gathered (q_rows / k_rows) instead of contiguous:
+// 1. delta: Delta_i = sum_d dO_id O_id for every token (0 for padded tokens, whose dO and
+//    O rows are never read).
+// 2. dQ (passes LOCAL, GLOBAL_ROWS): one thread block per (64-query tile, head, sequence),
+//    4 warps x 16 query rows, walks its CSR list of contiguous 64-key tiles: S = Q K^T,
+//    P = exp(S scale - LSE), dP = dO V^T, dS = P (dP - Delta), dQ += dS K.
+// 3. dK/dV (passes LOCAL_BAND, GLOBAL_COLS, GLOBAL_ROWS): one thread block per (64-key
+//    tile, head, sequence), 4 warps x 16 key rows, on transposed tiles S^T = K Q^T as in
+//    the dense kernel, walks its CSR list of 64-query tiles (each as 64 / kBlockM steps of
+//    kBlockM queries): dV += P^T dO, dK += dS^T Q. Writes, or with `accumulate` adds in
+//    f32 to, dK and dV.
+// Every loaded row that takes no part in the pass (padded token, gathered entry -1, token
+// past N, a query row the pass does not own) is zero-filled, and its LSE / Delta are
+// replaced by +inf (log2 domain) / 0, so P = 0 and dS = 0 exactly there: whatever such
+// rows hold in memory (NaN included) never reaches a result.
+#pragma once
+
+#include "../include/fk_longformer.h"
+#include "dense_bwd_sm80.cuh"
+
+namespace fk {
+namespace longformer_bwd_detail {
+
+using namespace dense_bwd_detail; // load_a, gemm_abt, gemm_xb, zero, stage_rows, lse_log2,
+                                  // unpack2, kLog2e
+
+constexpr int kBlock = FK_LONGFORMER_BWD_BLOCK; // outer tiles and listed inner tiles
+
+// THE RULE (fk_longformer.h) for one (sequence, head). query_ok / key_ok say whether a row
+// takes part at all; pair() is the whole per-element rule, given those flags, the key's
+// global flag and whether i and j have equal residues modulo d_h (residue(), computed once
+// per row instead of a division per element). Used by the dQ and the dK/dV kernels alike.
+struct Rule {
+  int n;          // N
+  int dil;        // d_h clipped to N
+  int64_t reach;  // w * d_h, w clipped to N
+  bool causal;
+  const uint8_t *glob; // this sequence's (N) masks, or nullptr
+  const uint8_t *pad;
+
+  __device__ __forceinline__ Rule(const fk_longformer_common &c, int b, int h) {
+    n = c.seqlen;
+    dil = min(c.dilation[h], max(n, 1));
+    reach = int64_t(min(c.window, n)) * dil;
+    causal = c.causal != 0;
+    glob = c.global_mask ? c.global_mask + int64_t(b) * n : nullptr;
+    pad = c.padding_mask ? c.padding_mask + int64_t(b) * n : nullptr;
+  }
+  __device__ __forceinline__ bool padded(int i) const { return pad != nullptr && pad[i] != 0; }
+  __device__ __forceinline__ bool global(int i) const { return glob != nullptr && glob[i] != 0; }
+  // Query token i (-1: none) is a row of `pass`: local for LOCAL, LOCAL_BAND, GLOBAL_COLS;
+  // a listed row for GLOBAL_ROWS (i comes from q_rows then). A padded token never is.
+  __device__ __forceinline__ bool query_ok(int pass, int i) const {
+    return i >= 0 && !padded(i) && (pass == FK_LONGFORMER_GLOBAL_ROWS || !global(i));
+  }
+  // Key token j (-1: none) can be a key: in [0, N) and not padded. (For GLOBAL_COLS the key
+  // is a listed one, j comes from k_rows.)
+  __device__ __forceinline__ bool key_ok(int j) const { return j >= 0 && !padded(j); }
+  // i mod d_h: (j - i) % d_h == 0 iff residue(i) == residue(j).
+  __device__ __forceinline__ int residue(int i) const { return dil == 1 ? 0 : i % dil; }
+  // Query i attends to key j in `pass`; congruent: residue(i) == residue(j).
+  __device__ __forceinline__ bool pair(int pass, int i, int j, bool q_ok, bool k_ok,
+                                       bool k_glob, bool congruent) const {
+    if (!q_ok || !k_ok) return false;
+    const int rel = j - i; // |rel| < N < 2^30
+    if (causal && rel > 0) return false;
+    if (pass == FK_LONGFORMER_GLOBAL_ROWS || pass == FK_LONGFORMER_GLOBAL_COLS) return true;
+    const int dist = rel < 0 ? -rel : rel;
+    const bool band = dist <= reach && congruent;
+    return pass == FK_LONGFORMER_LOCAL ? (band || k_glob) : (band && !k_glob);
+  }
+};
+
+// The rows of one side of a pass for one sequence: contiguous tokens 0..N-1 (list ==
+// nullptr) or a gathered list of `count` entries. token(idx) is the token of entry idx,
+// or -1 (past the end, a -1 entry, or out of [0, N)).
+struct Rows {
+  const int32_t *list;
+  int count, n;
+  __device__ __forceinline__ Rows(const int32_t *rows, int per_seq, int b, int n_)
+      : list(rows ? rows + int64_t(b) * per_seq : nullptr), count(rows ? per_seq : n_), n(n_) {}
+  __device__ __forceinline__ int token(int idx) const {
+    if (idx >= count) return -1;
+    const int t = list ? list[idx] : idx;
+    return t >= 0 && t < n ? t : -1;
+  }
+};
+
+// cp.async of a ROWS x COLS tile whose row r is token tok(r) of the tensor at `base` (row 0
+// of the sequence and head); tok(r) < 0 and head-dim chunks >= chunks_valid become zeros.
+template <int kNThreads, int COLS, int ROWS, typename Element, typename TokFn>
+__device__ __forceinline__ void load_rows(Element *smem, const Element *base,
+                                          int64_t row_stride, const TokFn &tok,
+                                          int chunks_valid, int tid) {
+  using Tile = SwizzledTile<COLS>;
+  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
+  static_assert(kChunks % kNThreads == 0, "tile must split evenly over threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / kNThreads; ++i) {
+    const int idx = i * kNThreads + tid;
+    const int row = idx / Tile::kChunksPerRow;
+    const int chunk = idx % Tile::kChunksPerRow;
+    const int token = chunk < chunks_valid ? tok(row) : -1;
+    const bool valid = token >= 0;
+    const Element *src = base + (valid ? int64_t(token) * row_stride + chunk * 8 : 0);
+    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
+  }
+}
+
+// 16-byte stores of rows [row0, row0 + 16) of a staged tile by one warp to the tokens
+// tok_s[row] (shared memory); rows with tok_s[row] < 0 and chunks >= chunks_valid are
+// skipped.
+template <int COLS, typename Element>
+__device__ __forceinline__ void store_rows_to(Element *base, int64_t row_stride,
+                                              const Element *tile, int row0, const int *tok_s,
+                                              int chunks_valid, int lane) {
+  using Tile = SwizzledTile<COLS>;
+#pragma unroll
+  for (int i = lane; i < 16 * Tile::kChunksPerRow; i += 32) {
+    const int row = row0 + i / Tile::kChunksPerRow;
+    const int chunk = i % Tile::kChunksPerRow;
+    if (chunk >= chunks_valid) continue;
+    const int token = tok_s[row];
+    if (token >= 0)
+      *reinterpret_cast<uint4 *>(base + int64_t(token) * row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4 *>(tile + Tile::offset(row, chunk));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel 1: Delta = rowsum(dO * O) of every token; padded tokens get 0 (their rows are not
+// read). The dense kernel's shape (kDeltaThreads = 128, 8 lanes per row, kDeltaRows = 64).
+
+template <typename Element>
+__global__ void __launch_bounds__(kDeltaThreads)
+    longformer_bwd_delta_kernel(const fk_longformer_bwd_params p) {
+  constexpr int kLanesPerRow = 8;
+  constexpr int kRowsPerPass = kDeltaThreads / kLanesPerRow;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int n = p.c.seqlen;
+  const int m0 = blockIdx.x * kDeltaRows;
+  const uint8_t *pad = p.c.padding_mask ? p.c.padding_mask + int64_t(batch) * n : nullptr;
+  const Element *o = static_cast<const Element *>(p.o) + int64_t(batch) * p.o_batch_stride +
+                     int64_t(head) * p.o_head_stride;
+  const Element *dout = static_cast<const Element *>(p.dout) +
+                        int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
+  float *delta = p.delta + int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
+  const int sub = threadIdx.x % kLanesPerRow;
+  const int chunks = p.c.head_dim / 8;
+  for (int r = threadIdx.x / kLanesPerRow; r < kDeltaRows; r += kRowsPerPass) {
+    const int i = m0 + r;
+    float acc = 0.f;
+    if (i < n && !(pad && pad[i] != 0)) {
+      for (int c = sub; c < chunks; c += kLanesPerRow) {
+        const uint4 ov = *reinterpret_cast<const uint4 *>(o + int64_t(i) * p.o_row_stride + c * 8);
+        const uint4 dv =
+            *reinterpret_cast<const uint4 *>(dout + int64_t(i) * p.do_row_stride + c * 8);
+        const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
+        const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float2 a = unpack2<Element>(ow[w]);
+          const float2 b = unpack2<Element>(dw[w]);
+          acc = fmaf(a.x, b.x, acc);
+          acc = fmaf(a.y, b.y, acc);
+        }
+      }
+    }
+    // Every lane runs the same number of passes, so the shuffles are warp-uniform.
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    if (sub == 0 && i < n) delta[i] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel 2: dQ. 64 query rows per block (16 per warp), 64 keys per step, K / V double
+// buffered.
+template <int kHeadDim_, typename Element_, int kKeySplit_, int kMinBlocksPerSm_>
+struct LongformerBwdQTraitsSm80 {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlock;
+  static constexpr int kBlockN = kBlock;
+  static constexpr int kKeySplit = kKeySplit_; // a step's keys in this many parts
+  static constexpr int kNWarps = kBlockM / 16;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;  // elements of Q or dO
+  static constexpr int kSmemKV = kBlockN * kHeadDim; // elements of one K or V stage
+  // Q, dO; two stages of K and of V; two stages of key flags.
+  static constexpr size_t kSmemBytes =
+      size_t(2 * kSmemQ + 4 * kSmemKV) * sizeof(Element) + 2 * kBlockN * sizeof(int);
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
+    longformer_bwd_dq_kernel(const fk_longformer_bwd_params p) {
+  using Element = typename Tr::Element;
+  constexpr int D = Tr::kHeadDim;
+  constexpr int BM = Tr::kBlockM;
+  constexpr int BN = Tr::kBlockN;
+  constexpr int kSTiles = BN / 8; // 8-key column tiles of S
+  constexpr int kOTiles = D / 8;  // 8-column tiles of dQ
+  constexpr int KP = BN / Tr::kKeySplit; // keys per part of a step
+  constexpr int kPTiles = KP / 8;
+  static_assert(KP % 16 == 0, "a part is whole k-steps of dS K");
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element *sQ = reinterpret_cast<Element *>(smem_raw);
+  Element *sdO = sQ + Tr::kSmemQ;
+  Element *sK = sdO + Tr::kSmemQ;     // two stages
+  Element *sV = sK + 2 * Tr::kSmemKV; // two stages
+  int *sKf = reinterpret_cast<int *>(sV + 2 * Tr::kSmemKV); // two stages of key flags
+
+  const fk_longformer_common &c = p.c;
+  const int m_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int pass = c.pass;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int warp_row0 = warp * 16;
+  const int chunks_valid = c.head_dim / 8;
+  const int m0 = m_block * BM; // entry of the outer rows
+
+  const Rule rule(c, batch, head);
+  // Outer rows: gathered q_rows for GLOBAL_ROWS, contiguous tokens for LOCAL.
+  const Rows rows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
+                  batch, rule.n);
+  const int64_t csr_row =
+      (int64_t(batch) * c.num_classes + c.head_class[head]) * gridDim.x + m_block;
+  const int it_begin = c.tile_offsets[csr_row];
+  const int it_end = c.tile_offsets[csr_row + 1];
+
+  const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
+                     int64_t(head) * p.q_head_stride;
+  const Element *dout = static_cast<const Element *>(p.dout) +
+                        int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
+  const Element *k = static_cast<const Element *>(p.k) + int64_t(batch) * p.k_batch_stride +
+                     int64_t(head) * p.k_head_stride;
+  const Element *v = static_cast<const Element *>(p.v) + int64_t(batch) * p.v_batch_stride +
+                     int64_t(head) * p.v_head_stride;
+  const int64_t lse_base = int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
+
+  // Token of tile row r if it is a row of this pass, else -1 (zero-filled).
+  auto q_tok = [&](int r) {
+    const int i = rows.token(m0 + r);
+    return rule.query_ok(pass, i) ? i : -1;
+  };
+  auto load_kv = [&](int it, int stage) {
+    const int k0 = c.tile_ids[it] * BN;
+    auto k_tok = [&](int r) {
+      const int j = k0 + r < rule.n ? k0 + r : -1;
+      return rule.key_ok(j) ? j : -1;
+    };
+    load_rows<Tr::kNThreads, D, BN>(sK + stage * Tr::kSmemKV, k, p.k_row_stride, k_tok,
+                                    chunks_valid, tid);
+    load_rows<Tr::kNThreads, D, BN>(sV + stage * Tr::kSmemKV, v, p.v_row_stride, k_tok,
+                                    chunks_valid, tid);
+  };
+
+  // Flags of key k0 + r (r = tid < BN) of step it: -1 if it can never be a key, else its
+  // residue, plus 2^30 if global.
+  auto key_flags = [&](int it) {
+    const int j = c.tile_ids[it] * BN + tid;
+    if (j >= rule.n || !rule.key_ok(j)) return -1;
+    return rule.residue(j) | (rule.global(j) ? 1 << 30 : 0);
+  };
+
+  if (it_begin < it_end) {
+    load_rows<Tr::kNThreads, D, BM>(sQ, q, p.q_row_stride, q_tok, chunks_valid, tid);
+    load_rows<Tr::kNThreads, D, BM>(sdO, dout, p.do_row_stride, q_tok, chunks_valid, tid);
+    load_kv(it_begin, 0);
+    if (tid < BN) sKf[tid] = key_flags(it_begin);
+  }
+  cp_async_commit();
+
+  // This thread's rows g and g + 8: token, whether a row of the pass, residue, LSE (log2),
+  // Delta.
+  int row_i[2], row_res[2];
+  bool row_ok[2];
+  float l2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_i[r] = rows.token(m0 + warp_row0 + g + 8 * r);
+    row_ok[r] = rule.query_ok(pass, row_i[r]);
+    row_res[r] = row_ok[r] ? rule.residue(row_i[r]) : 0;
+    l2[r] = row_ok[r] ? lse_log2(p.lse[lse_base + row_i[r]]) : INFINITY;
+    dl[r] = row_ok[r] ? p.delta[lse_base + row_i[r]] : 0.f;
+  }
+
+  float acc[kOTiles][4];
+  zero(acc);
+  const float scale_log2 = c.softmax_scale * kLog2e;
+
+  for (int it = it_begin; it < it_end; ++it) {
+    const int stage = (it - it_begin) & 1;
+    const bool has_next = it + 1 < it_end;
+    int next_kf = -1;
+    if (has_next) {
+      load_kv(it + 1, stage ^ 1);
+      cp_async_commit();
+      // Into a register now, into shared memory after this step's math.
+      if (tid < BN) next_kf = key_flags(it + 1);
+      cp_async_wait<1>(); // step it has landed, step it + 1 may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const Element *sKs = sK + stage * Tr::kSmemKV;
+    const Element *sVs = sV + stage * Tr::kSmemKV;
+    const int k0 = c.tile_ids[it] * BN;
+
+    // The rule per element, before S is live (fewer registers): bit 4 j + e of `allowed`
+    // is element s[j][e], query row g + 8 (e >= 2), key k0 + 8 j + 2 t + (e & 1).
+    static_assert(4 * kSTiles <= 32, "a thread's elements fit a 32-bit mask");
+    const int *kf_s = sKf + stage * BN;
+    uint32_t allowed = 0;
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int kf = kf_s[j * 8 + 2 * t + e];
+        const int col = k0 + j * 8 + 2 * t + e;
+        const bool k_glob = (kf >> 30) & 1;
+        const int k_res = kf & ((1 << 30) - 1);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          if (rule.pair(pass, row_i[r], col, row_ok[r], kf >= 0, k_glob, k_res == row_res[r]))
+            allowed |= 1u << (4 * j + 2 * r + e);
+      }
+
+    // The step's keys in kKeySplit parts of KP (fewer live registers at D = 128).
+#pragma unroll 1
+    for (int kp = 0; kp < Tr::kKeySplit; ++kp) {
+      const Element *sKp = sKs + kp * KP * D; // KP % 8 == 0 keeps the swizzle
+      const Element *sVp = sVs + kp * KP * D;
+      const uint32_t allowed_p = allowed >> (4 * kPTiles * kp);
+      // S = Q K^T, then P = exp2(S scale log2e - lse2[row]) where allowed, else 0.
+      float s[kPTiles][4];
+      zero(s);
+      gemm_abt<D>(s, sQ, warp_row0, sKp, lane);
+#pragma unroll
+      for (int j = 0; j < kPTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[j][e] = (allowed_p >> (4 * j + e)) & 1u
+                        ? exp2f(fmaf(s[j][e], scale_log2, -l2[e >> 1]))
+                        : 0.f;
+
+      // dP = dO V^T, dS = P (dP - Delta[row]).
+      float dp[kPTiles][4];
+      zero(dp);
+      gemm_abt<D>(dp, sdO, warp_row0, sVp, lane);
+#pragma unroll
+      for (int j = 0; j < kPTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - dl[e >> 1]);
+
+      // dQ += dS K.
+      gemm_xb<D>(acc, dp, sKp, lane);
+    }
+    if (has_next && tid < BN) sKf[(stage ^ 1) * BN + tid] = next_kf;
+    __syncthreads(); // everyone is done with this stage before it is refilled
+  }
+
+  // Epilogue: rows that are not rows of the pass (LOCAL: global and padded rows) get exact
+  // zeros, as do rows without any key. Stage this warp's rows in sQ, then store every row
+  // with a token: the whole tile for LOCAL, the listed rows for GLOBAL_ROWS.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (!row_ok[r])
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i) acc[i][2 * r] = acc[i][2 * r + 1] = 0.f;
+  stage_rows<D>(sQ, warp_row0, acc, c.softmax_scale, lane);
+  int *tok_s = sKf; // free now: the tokens of the rows, this warp's written by itself
+  if (lane < 16) tok_s[warp_row0 + lane] = rows.token(m0 + warp_row0 + lane);
+  __syncwarp();
+  Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_batch_stride +
+                int64_t(head) * p.dq_head_stride;
+  store_rows_to<D>(dq, p.dq_row_stride, sQ, warp_row0, tok_s, chunks_valid, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel 3: dK, dV. 64 key rows per block (16 per warp), kBlockM queries per step (a listed
+// 64-query tile is kBlock / kBlockM steps); Q, dO, LSE, Delta and the query tokens double
+// buffered.
+template <int kHeadDim_, typename Element_, int kBlockM_, int kMinBlocksPerSm_>
+struct LongformerBwdKVTraitsSm80 {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlock;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kSubSteps = kBlock / kBlockM;
+  static constexpr int kNWarps = kBlockN / 16;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+  static_assert(kBlockM % 16 == 0 && kBlock % kBlockM == 0, "steps split a listed tile");
+  static_assert(kNThreads >= kBlockM, "one thread per query loads LSE / Delta");
+  static constexpr int kSmemKV = kBlockN * kHeadDim; // elements of K or V
+  static constexpr int kSmemQ = kBlockM * kHeadDim;  // elements of one Q or dO stage
+  // K, V; two stages of Q and of dO; two stages of LSE (log2), Delta, query token and
+  // query residue.
+  static constexpr size_t kSmemBytes =
+      size_t(2 * kSmemKV + 4 * kSmemQ) * sizeof(Element) + 8 * kBlockM * sizeof(float);
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
+    longformer_bwd_dkdv_kernel(const fk_longformer_bwd_params p) {
+  using Element = typename Tr::Element;
+  using ET = ElemTraits<Element>;
+  constexpr int D = Tr::kHeadDim;
+  constexpr int BN = Tr::kBlockN;
+  constexpr int BM = Tr::kBlockM;
+  constexpr int kSTiles = BM / 8; // 8-query column tiles of S^T
+  constexpr int kOTiles = D / 8;  // 8-column tiles of dK, dV
+  constexpr int kDv = 0, kDk = 1;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element *sK = reinterpret_cast<Element *>(smem_raw);
+  Element *sV = sK + Tr::kSmemKV;
+  Element *sQ = sV + Tr::kSmemKV;     // two stages
+  Element *sdO = sQ + 2 * Tr::kSmemQ; // two stages
+  float *sLse = reinterpret_cast<float *>(sdO + 2 * Tr::kSmemQ); // two stages, log2 domain
+  float *sDelta = sLse + 2 * BM;                                  // two stages
+  int *sQi = reinterpret_cast<int *>(sDelta + 2 * BM); // two stages: query token or -1
+  int *sQr = sQi + 2 * BM;                              // two stages: its residue
+
+  const fk_longformer_common &c = p.c;
+  const int n_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int pass = c.pass;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int warp_row0 = warp * 16; // this warp's 16 key rows
+  const int chunks_valid = c.head_dim / 8;
+  const int n0 = n_block * BN; // entry of the outer (key) rows
+
+  const Rule rule(c, batch, head);
+  // Outer rows: gathered k_rows for GLOBAL_COLS, else contiguous. Inner rows: gathered
+  // q_rows for GLOBAL_ROWS, else contiguous.
+  const Rows krows(pass == FK_LONGFORMER_GLOBAL_COLS ? c.k_rows : nullptr, c.k_rows_per_seq,
+                   batch, rule.n);
+  const Rows qrows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
+                   batch, rule.n);
+  const int64_t csr_row =
+      (int64_t(batch) * c.num_classes + c.head_class[head]) * gridDim.x + n_block;
+  const int tile_begin = c.tile_offsets[csr_row];
+  const int n_iters = (c.tile_offsets[csr_row + 1] - tile_begin) * Tr::kSubSteps;
+
+  const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
+                     int64_t(head) * p.q_head_stride;
+  const Element *dout = static_cast<const Element *>(p.dout) +
+                        int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
+  const Element *k = static_cast<const Element *>(p.k) + int64_t(batch) * p.k_batch_stride +
+                     int64_t(head) * p.k_head_stride;
+  const Element *v = static_cast<const Element *>(p.v) + int64_t(batch) * p.v_batch_stride +
+                     int64_t(head) * p.v_head_stride;
+  const int64_t lse_base = int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
+
+  // First query entry of step it, and the token of its row r if a row of the pass, else -1.
+  auto iter_m0 = [&](int it) {
+    return c.tile_ids[tile_begin + it / Tr::kSubSteps] * kBlock + (it % Tr::kSubSteps) * BM;
+  };
+  auto q_tok = [&](int m0, int r) {
+    const int i = qrows.token(m0 + r);
+    return rule.query_ok(pass, i) ? i : -1;
+  };
+  auto load_q_do = [&](int it, int stage) {
+    const int m0 = iter_m0(it);
+    auto tok = [&](int r) { return q_tok(m0, r); };
+    load_rows<Tr::kNThreads, D, BM>(sQ + stage * Tr::kSmemQ, q, p.q_row_stride, tok,
+                                    chunks_valid, tid);
+    load_rows<Tr::kNThreads, D, BM>(sdO + stage * Tr::kSmemQ, dout, p.do_row_stride, tok,
+                                    chunks_valid, tid);
+  };
+  // Token, residue, LSE (log2) and Delta of query tid of step it (tid < BM).
+  auto fetch_stats = [&](int it, int &qi, int &qr, float &l2, float &dl) {
+    qi = q_tok(iter_m0(it), tid);
+    qr = qi >= 0 ? rule.residue(qi) : 0;
+    l2 = qi >= 0 ? lse_log2(p.lse[lse_base + qi]) : INFINITY;
+    dl = qi >= 0 ? p.delta[lse_base + qi] : 0.f;
+  };
+
+  // This thread's key rows g and g + 8.
+  int key_i[2], key_res[2];
+  bool key_ok[2], key_glob[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key_i[r] = krows.token(n0 + warp_row0 + g + 8 * r);
+    key_ok[r] = rule.key_ok(key_i[r]);
+    key_glob[r] = key_ok[r] && rule.global(key_i[r]);
+    key_res[r] = key_ok[r] ? rule.residue(key_i[r]) : 0;
+  }
+
+  if (n_iters > 0) {
+    auto k_tok = [&](int r) {
+      const int j = krows.token(n0 + r);
+      return rule.key_ok(j) ? j : -1;
+    };
+    load_rows<Tr::kNThreads, D, BN>(sK, k, p.k_row_stride, k_tok, chunks_valid, tid);
+    load_rows<Tr::kNThreads, D, BN>(sV, v, p.v_row_stride, k_tok, chunks_valid, tid);
+    load_q_do(0, 0);
+    if (tid < BM) fetch_stats(0, sQi[tid], sQr[tid], sLse[tid], sDelta[tid]);
+  }
+  cp_async_commit();
+
+  float acc[2][kOTiles][4];
+  zero(acc[kDv]);
+  zero(acc[kDk]);
+  const float scale_log2 = c.softmax_scale * kLog2e;
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int stage = it & 1;
+    const bool has_next = it + 1 < n_iters;
+    int next_qi = -1, next_qr = 0;
+    float next_l2 = INFINITY, next_dl = 0.f;
+    if (has_next) {
+      load_q_do(it + 1, stage ^ 1);
+      cp_async_commit();
+      if (tid < BM) fetch_stats(it + 1, next_qi, next_qr, next_l2, next_dl);
+      cp_async_wait<1>(); // step it has landed, step it + 1 may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const Element *sQs = sQ + stage * Tr::kSmemQ;
+    const Element *sdOs = sdO + stage * Tr::kSmemQ;
+    const float *lse_s = sLse + stage * BM;
+    const float *delta_s = sDelta + stage * BM;
+    const int *qi_s = sQi + stage * BM;
+    const int *qr_s = sQr + stage * BM;
+
+    // The rule per element, before S^T is live (fewer registers): bit 4 j + e of
+    // `allowed` is element s[j][e], key row g + 8 (e >= 2), query column 8 j + 2 t + (e & 1).
+    static_assert(4 * kSTiles <= 32, "a thread's elements fit a 32-bit mask");
+    uint32_t allowed = 0;
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = qi_s[j * 8 + 2 * t + (e & 1)];
+        const int r = e >> 1;
+        if (rule.pair(pass, qi, key_i[r], qi >= 0, key_ok[r], key_glob[r],
+                      qr_s[j * 8 + 2 * t + (e & 1)] == key_res[r]))
+          allowed |= 1u << (4 * j + e);
+      }
+
+    // S^T = K_j Q_i^T: rows = this warp's keys, columns = the step's BM queries; then
+    // P^T = exp2(S^T scale log2e - lse2[query]) where allowed, else 0.
+    float s[kSTiles][4];
+    zero(s);
+    gemm_abt<D>(s, sK, warp_row0, sQs, lane);
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[j][e] = (allowed >> (4 * j + e)) & 1u
+                      ? exp2f(fmaf(s[j][e], scale_log2, -lse_s[j * 8 + 2 * t + (e & 1)]))
+                      : 0.f;
+
+    // dV += P^T dO_i.
+    gemm_xb<D>(acc[kDv], s, sdOs, lane);
+
+    // dP^T = V_j dO_i^T, then dS^T = P^T (dP^T - Delta[query]), dK += dS^T Q_i.
+    float dp[kSTiles][4];
+    zero(dp);
+    gemm_abt<D>(dp, sV, warp_row0, sdOs, lane);
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+      const float2 dl = *reinterpret_cast<const float2 *>(delta_s + j * 8 + 2 * t);
+      dp[j][0] = s[j][0] * (dp[j][0] - dl.x);
+      dp[j][1] = s[j][1] * (dp[j][1] - dl.y);
+      dp[j][2] = s[j][2] * (dp[j][2] - dl.x);
+      dp[j][3] = s[j][3] * (dp[j][3] - dl.y);
+    }
+    gemm_xb<D>(acc[kDk], dp, sQs, lane);
+
+    if (has_next && tid < BM) {
+      sQi[(stage ^ 1) * BM + tid] = next_qi;
+      sQr[(stage ^ 1) * BM + tid] = next_qr;
+      sLse[(stage ^ 1) * BM + tid] = next_l2;
+      sDelta[(stage ^ 1) * BM + tid] = next_dl;
+    }
+    __syncthreads(); // everyone is done with this stage before it is refilled
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+  Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_batch_stride +
+                int64_t(head) * p.dk_head_stride;
+  Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_batch_stride +
+                int64_t(head) * p.dv_head_stride;
+  if (p.accumulate) {
+    // Read, add in f32, round once, write: this thread's two rows, two columns per tile.
+    // Keys that can never be a key (padded) are left as they are.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!key_ok[r]) continue;
+      Element *dkr = dk + int64_t(key_i[r]) * p.dk_row_stride + 2 * t;
+      Element *dvr = dv + int64_t(key_i[r]) * p.dv_row_stride + 2 * t;
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i) {
+        if (i >= chunks_valid) break;
+        uint32_t *pk = reinterpret_cast<uint32_t *>(dkr + i * 8);
+        uint32_t *pv = reinterpret_cast<uint32_t *>(dvr + i * 8);
+        const float2 ok = unpack2<Element>(*pk);
+        const float2 ov = unpack2<Element>(*pv);
+        *pk = ET::pack(fmaf(acc[kDk][i][2 * r], c.softmax_scale, ok.x),
+                       fmaf(acc[kDk][i][2 * r + 1], c.softmax_scale, ok.y));
+        *pv = ET::pack(acc[kDv][i][2 * r] + ov.x, acc[kDv][i][2 * r + 1] + ov.y);
+      }
+    }
+    return;
+  }
+  // Overwrite: every row with a token (the tile's keys, or the listed ones for
+  // GLOBAL_COLS), exact zeros for keys that can never be a key. Staged in this warp's rows
+  // of sK / sV for 16-byte stores.
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (!key_ok[r])
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i)
+        acc[kDk][i][2 * r] = acc[kDk][i][2 * r + 1] = acc[kDv][i][2 * r] =
+            acc[kDv][i][2 * r + 1] = 0.f;
+  stage_rows<D>(sK, warp_row0, acc[kDk], c.softmax_scale, lane);
+  stage_rows<D>(sV, warp_row0, acc[kDv], 1.f, lane);
+  static_assert(2 * BM >= BN, "the query-token stages hold a key tile's tokens");
+  int *tok_s = sQi; // free now: the tokens of the rows, this warp's written by itself
+  if (lane < 16) tok_s[warp_row0 + lane] = krows.token(n0 + warp_row0 + lane);
+  __syncwarp();
+  store_rows_to<D>(dk, p.dk_row_stride, sK, warp_row0, tok_s, chunks_valid, lane);
+  store_rows_to<D>(dv, p.dv_row_stride, sV, warp_row0, tok_s, chunks_valid, lane);
+}
+
+} // namespace longformer_bwd_detail
+
+// Tile configuration per padded head dim (tiles are FK_LONGFORMER_BWD_BLOCK = 64 on both
+// sides): 4 warps per block; dK/dV takes kKVBlockM queries per step (the dense D = 128
+// choice: 32); dQ works through a step's 64 keys in kQKeySplit parts.
+template <int kHeadDim> struct LongformerBwdConfigSm80;
+template <> struct LongformerBwdConfigSm80<64> {
+  static constexpr int kKVBlockM = 64, kKVMinBlocks = 2;
+  static constexpr int kQKeySplit = 1, kQMinBlocks = 2;
+};
+template <> struct LongformerBwdConfigSm80<128> {
+  static constexpr int kKVBlockM = 32, kKVMinBlocks = 1;
+  static constexpr int kQKeySplit = 2, kQMinBlocks = 1;
+};
+
+template <typename Element>
+cudaError_t run_longformer_bwd_delta_sm80(const fk_longformer_bwd_params &p,
+                                          cudaStream_t stream) {
+  using namespace longformer_bwd_detail;
+  const dim3 grid((p.c.seqlen + kDeltaRows - 1) / kDeltaRows, p.c.heads, p.c.batch);
+  return launch_kernel(longformer_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0,
+                       stream, p);
+}
+
+// Number of outer tiles: contiguous ceil(N / 64) or gathered ceil(per_seq / 64).
+inline int longformer_bwd_outer_tiles(int rows) {
+  return (rows + FK_LONGFORMER_BWD_BLOCK - 1) / FK_LONGFORMER_BWD_BLOCK;
+}
+
+template <int kHeadDim, typename Element>
+cudaError_t run_longformer_bwd_dq_sm80(const fk_longformer_bwd_params &p, cudaStream_t stream) {
+  using namespace longformer_bwd_detail;
+  using C = LongformerBwdConfigSm80<kHeadDim>;
+  using Tr = LongformerBwdQTraitsSm80<kHeadDim, Element, C::kQKeySplit, C::kQMinBlocks>;
+  static_assert(Tr::kSmemBytes <= 99 * 1024, "shared memory must fit sm_86 / sm_89");
+  const int tiles = longformer_bwd_outer_tiles(
+      p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.c.seqlen);
+  if (tiles == 0) return cudaSuccess;
+  return launch_kernel(longformer_bwd_dq_kernel<Tr>, dim3(tiles, p.c.heads, p.c.batch),
+                       dim3(Tr::kNThreads), Tr::kSmemBytes, stream, p);
+}
+
+template <int kHeadDim, typename Element>
+cudaError_t run_longformer_bwd_dkdv_sm80(const fk_longformer_bwd_params &p,
+                                         cudaStream_t stream) {
+  using namespace longformer_bwd_detail;
+  using C = LongformerBwdConfigSm80<kHeadDim>;
+  using Tr = LongformerBwdKVTraitsSm80<kHeadDim, Element, C::kKVBlockM, C::kKVMinBlocks>;
+  static_assert(Tr::kSmemBytes <= 99 * 1024, "shared memory must fit sm_86 / sm_89");
+  const int tiles = longformer_bwd_outer_tiles(
+      p.c.pass == FK_LONGFORMER_GLOBAL_COLS ? p.c.k_rows_per_seq : p.c.seqlen);
+  if (tiles == 0) return cudaSuccess;
+  return launch_kernel(longformer_bwd_dkdv_kernel<Tr>, dim3(tiles, p.c.heads, p.c.batch),
+                       dim3(Tr::kNThreads), Tr::kSmemBytes, stream, p);
+}
+
+} // namespace fk
