@@ -758,7 +758,7 @@ pub mod cuda {
     }
 
     /// Makes `stream` wait for every other tensor's stream, all on one device.
-    fn order_after(stream: &Stream, others: &[(&str, &DeviceTensor)]) -> Result<()> {
+    pub(crate) fn order_after(stream: &Stream, others: &[(&str, &DeviceTensor)]) -> Result<()> {
         for (name, t) in others {
             if t.stream().ordinal() != stream.ordinal() {
                 return Err(Error::DeviceMismatch {
@@ -865,7 +865,12 @@ pub mod cuda {
     }
 
     /// Checks an output view's dtype, shape and unit last stride.
-    fn check_out(name: &str, view: &DeviceView, dtype: DType, shape: &[usize]) -> Result<()> {
+    pub(crate) fn check_out(
+        name: &str,
+        view: &DeviceView,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<()> {
         let unit_last = view.layout.strides.len() == view.layout.shape.len()
             && view.layout.strides.last() == Some(&1);
         if view.layout.shape != shape || view.dtype != dtype || !unit_last {
@@ -905,7 +910,7 @@ pub mod cuda {
 
     /// (batch, row, head) strides of a Q/K/V-like view: a packed varlen view has no
     /// batch stride (its rows are located through cu_seqlens).
-    fn bsh(l: &Layout) -> (i64, i64, i64) {
+    pub(crate) fn bsh(l: &Layout) -> (i64, i64, i64) {
         let s = |i: usize| l.strides[i] as i64;
         if l.strides.len() == 3 {
             (0, s(0), s(1))
@@ -915,7 +920,7 @@ pub mod cuda {
     }
 
     /// (batch, head) strides of an LSE-like view: (B, H, N) or varlen (H, total).
-    fn lse_strides(l: &Layout) -> (i64, i64) {
+    pub(crate) fn lse_strides(l: &Layout) -> (i64, i64) {
         if l.strides.len() == 2 {
             (0, l.strides[0] as i64)
         } else {
@@ -927,7 +932,7 @@ pub mod cuda {
         w.map_or(-1, |w| w.min(i32::MAX as usize) as i32)
     }
 
-    fn dtype_arg(d: DType) -> i32 {
+    pub(crate) fn dtype_arg(d: DType) -> i32 {
         match d {
             DType::F16 => ffi::fk_dtype_FK_DTYPE_F16 as i32,
             _ => ffi::fk_dtype_FK_DTYPE_BF16 as i32,
@@ -971,7 +976,7 @@ pub mod cuda {
     ///
     /// # Safety
     /// `raw` must be a live stream of `device`'s primary context (or null).
-    unsafe fn borrowed(device: usize, raw: *mut c_void) -> Result<Stream> {
+    pub(crate) unsafe fn borrowed(device: usize, raw: *mut c_void) -> Result<Stream> {
         // SAFETY: as the caller vouches.
         Ok(unsafe { Device::new(device)?.borrow_stream(raw) })
     }

@@ -192,6 +192,15 @@ impl DeviceTensor {
 
     /// A contiguous tensor with every byte set to `POISON_BYTE` (NaN in every dtype).
     pub fn poisoned(stream: &Stream, dtype: DType, shape: &[usize]) -> Result<Self> {
+        Self::filled(stream, dtype, shape, POISON_BYTE)
+    }
+
+    /// A contiguous tensor of zeros.
+    pub fn zeros(stream: &Stream, dtype: DType, shape: &[usize]) -> Result<Self> {
+        Self::filled(stream, dtype, shape, 0)
+    }
+
+    fn filled(stream: &Stream, dtype: DType, shape: &[usize], byte: u8) -> Result<Self> {
         let layout = Layout::contiguous(shape);
         let bytes = layout.numel() * dtype.size();
         if bytes == 0 {
@@ -206,7 +215,7 @@ impl DeviceTensor {
         {
             let (ptr, _sync) = driver::DevicePtrMut::device_ptr_mut(&mut buf, s);
             // SAFETY: ptr points at `bytes` bytes of this allocation.
-            unsafe { driver::result::memset_d8_async(ptr, POISON_BYTE, bytes, s.cu_stream())? };
+            unsafe { driver::result::memset_d8_async(ptr, byte, bytes, s.cu_stream())? };
         }
         Ok(DeviceTensor {
             buf,
@@ -255,6 +264,16 @@ impl DeviceTensor {
             device: self.stream.ordinal(),
         }
     }
+}
+
+/// Sets `bytes` bytes at device address `ptr` to `byte`, in `stream`'s order.
+///
+/// # Safety
+/// `ptr .. ptr + bytes` must be live device memory of `stream`'s device.
+pub(crate) unsafe fn memset_async(stream: &Stream, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
+    // SAFETY: as the caller vouches.
+    unsafe { driver::result::memset_d8_async(ptr, byte, bytes, stream.cuda().cu_stream())? };
+    Ok(())
 }
 
 /// Device memory described by a raw pointer: what launchers consume, and what the Python

@@ -1,5 +1,6 @@
 //! Longformer self-attention (Beltagy et al. 2020), forward and backward: validate ->
-//! problem -> tile plan -> CPU reference (the CUDA path is not written yet).
+//! problem -> work lists ([`schedule`]) -> the CUDA passes ([`cuda`]), or the CPU
+//! reference for host tensors.
 //!
 //! Layout: Q, K, V (and the global projections Q_g, K_g, V_g) are (B, N, H, D), with a
 //! unit-stride head dim; queries and keys share the sequence length N and the heads (no
@@ -29,6 +30,10 @@
 use crate::error::{Error, Result};
 use crate::reference;
 use crate::tensor::{DType, HostTensor, Layout};
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod schedule;
 
 /// Options of a Longformer call.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +76,37 @@ impl TokenMask {
         }
     }
 
+    /// A (batch, seqlen) mask from each sequence's token indices (e.g. its global
+    /// tokens); an index out of [0, seqlen) or listed twice is an error.
+    pub fn from_indices(batch: usize, seqlen: usize, indices: &[Vec<i64>]) -> Result<Self> {
+        if indices.len() != batch {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "global token indices are given for {} sequences, but the batch has {batch}",
+                    indices.len()
+                ),
+            });
+        }
+        let mut values = vec![false; batch * seqlen];
+        for (b, list) in indices.iter().enumerate() {
+            for &i in list {
+                if i < 0 || i as u64 >= seqlen as u64 {
+                    return Err(Error::InvalidArgument(format!(
+                        "global token index {i} of sequence {b} is out of range [0, {seqlen})"
+                    )));
+                }
+                let slot = &mut values[b * seqlen + i as usize];
+                if *slot {
+                    return Err(Error::InvalidArgument(format!(
+                        "global token index {i} of sequence {b} is listed twice"
+                    )));
+                }
+                *slot = true;
+            }
+        }
+        Ok(TokenMask::new(values, &[batch, seqlen]))
+    }
+
     /// A (batch, seqlen) mask that is true exactly at the listed (b, i) positions.
     pub fn from_positions(batch: usize, seqlen: usize, positions: &[(usize, usize)]) -> Self {
         let mut values = vec![false; batch * seqlen];
@@ -91,20 +127,20 @@ pub struct GlobalProjections<'a> {
 
 /// O and LSE of one forward call.
 #[derive(Debug)]
-pub struct LongformerOutput {
-    pub out: HostTensor,
-    pub lse: HostTensor,
+pub struct LongformerOutput<T = HostTensor> {
+    pub out: T,
+    pub lse: T,
 }
 
 /// Gradients of one backward call, each laid out (and typed) like its input. `global`
 /// holds dQ_g, dK_g, dV_g when the global projections were given; otherwise the global
 /// rows' gradients are included in dq, dk, dv.
 #[derive(Debug)]
-pub struct LongformerGradients {
-    pub dq: HostTensor,
-    pub dk: HostTensor,
-    pub dv: HostTensor,
-    pub global: Option<[HostTensor; 3]>,
+pub struct LongformerGradients<T = HostTensor> {
+    pub dq: T,
+    pub dk: T,
+    pub dv: T,
+    pub global: Option<[T; 3]>,
 }
 
 /// A validated call: sizes, options and the masks.
@@ -195,75 +231,6 @@ impl LongformerProblem {
                     .sum::<usize>()
             })
             .sum()
-    }
-
-    /// The tile schedule for query tiles of `block_m` rows and key tiles of `block_n`
-    /// keys: per (sequence, head), the (query tile, key tile) pairs that hold at least
-    /// one allowed (query, key) pair, and only those. Exact by construction (built from
-    /// [`LongformerProblem::keys`]), so no listed tile is empty and no allowed pair is
-    /// missed. For fixed w, dilation and number of globals its size grows linearly in N.
-    pub fn plan(&self, block_m: usize, block_n: usize) -> Result<LongformerPlan> {
-        if block_m == 0 || block_n == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "tile sizes must be positive, got block_m = {block_m}, block_n = {block_n}"
-            )));
-        }
-        let n = self.seqlen;
-        let q_tiles = n.div_ceil(block_m);
-        let mut tiles = Vec::with_capacity(self.batch * self.heads);
-        for b in 0..self.batch {
-            for h in 0..self.heads {
-                let mut pairs = Vec::new();
-                for qt in 0..q_tiles {
-                    let mut kts: Vec<usize> = (qt * block_m..((qt + 1) * block_m).min(n))
-                        .flat_map(|i| self.keys(b, h, i))
-                        .map(|j| j / block_n)
-                        .collect();
-                    kts.sort_unstable();
-                    kts.dedup();
-                    pairs.extend(kts.into_iter().map(|kt| (qt, kt)));
-                }
-                tiles.push(pairs);
-            }
-        }
-        Ok(LongformerPlan {
-            block_m,
-            block_n,
-            heads: self.heads,
-            q_tiles,
-            k_tiles: n.div_ceil(block_n),
-            tiles,
-        })
-    }
-}
-
-/// The host-side tile schedule of a Longformer problem (see [`LongformerProblem::plan`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LongformerPlan {
-    pub block_m: usize,
-    pub block_n: usize,
-    pub heads: usize,
-    /// Query tiles per sequence: ceil(N / block_m).
-    pub q_tiles: usize,
-    /// Key tiles per sequence: ceil(N / block_n).
-    pub k_tiles: usize,
-    /// Indexed by b * H + h: (query tile, key tile) pairs, sorted.
-    pub tiles: Vec<Vec<(usize, usize)>>,
-}
-
-impl LongformerPlan {
-    /// The tile pairs of sequence `b`, head `h`.
-    pub fn pairs(&self, b: usize, h: usize) -> &[(usize, usize)] {
-        &self.tiles[b * self.heads + h]
-    }
-
-    /// Tile pairs over all sequences and heads.
-    pub fn len(&self) -> usize {
-        self.tiles.iter().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -9,6 +9,7 @@ mod common;
 
 use common::Rng;
 use flashkernels::attention::{self, AttentionOptions};
+use flashkernels::longformer::schedule::{self, Pass, WorkList};
 use flashkernels::longformer::{
     self, GlobalProjections, LongformerOptions, LongformerProblem, TokenMask,
 };
@@ -400,29 +401,156 @@ proptest! {
         }
     }
 
-    /// The plan lists exactly the tiles that hold an allowed pair of the dense rule.
+    /// Every work list names every inner tile that holds a pair of its pass (and, with
+    /// all tokens local, exactly those), in increasing order.
     #[test]
-    fn plan_is_exact((_seed, c) in case_strategy(70, 2), bm in 1usize..20, bn in 1usize..20) {
+    fn work_lists_cover_their_pass((_seed, c) in case_strategy(70, 2), bo in 1usize..20, bi in 1usize..20) {
         let p = c.problem();
-        let plan = p.plan(bm, bn).unwrap();
+        check_work_lists(&p, bo, bi).map_err(TestCaseError::fail)?;
+    }
+
+    /// The kernels' passes split the rule: LOCAL + GLOBAL_ROWS is the independent
+    /// definition, LOCAL_BAND + GLOBAL_COLS is LOCAL, each disjointly.
+    #[test]
+    fn passes_partition_the_rule((_seed, c) in case_strategy(40, 2)) {
+        let p = c.problem();
         let [bs, n, _, _] = c.dims;
-        prop_assert_eq!(plan.q_tiles, n.div_ceil(bm));
-        prop_assert_eq!(plan.k_tiles, n.div_ceil(bn));
-        let dil = c.per_head_dilation();
         for b in 0..bs {
             let (gl, pd) = (&c.global[b * n..(b + 1) * n], &c.padded[b * n..(b + 1) * n]);
-            for (h, &dilation) in dil.iter().enumerate() {
+            for (h, &dilation) in c.per_head_dilation().iter().enumerate() {
                 let r = Rules { window: c.window, dilation, causal: c.causal };
-                let mut want: Vec<(usize, usize)> = (0..n)
-                    .flat_map(|i| (0..n).map(move |j| (i, j)))
-                    .filter(|&(i, j)| allowed(i, j, gl, pd, &r))
-                    .map(|(i, j)| (i / bm, j / bn))
-                    .collect();
-                want.sort_unstable();
-                want.dedup();
-                prop_assert_eq!(plan.pairs(b, h), &want[..], "b {} h {}", b, h);
+                for i in 0..n {
+                    for j in 0..n {
+                        let at = |pass| p.pass_allows(pass, b, h, i, j);
+                        let (l, g) = (at(Pass::Local), at(Pass::GlobalRows));
+                        prop_assert!(!(l && g));
+                        prop_assert_eq!(l || g, allowed(i, j, gl, pd, &r), "({}, {})", i, j);
+                        let (band, cols) = (at(Pass::LocalBand), at(Pass::GlobalCols));
+                        prop_assert!(!(band && cols));
+                        prop_assert_eq!(band || cols, l);
+                    }
+                }
             }
         }
+    }
+}
+
+/// The inner tiles (of `bi`) the brute-force rule needs for each outer tile (of `bo`), per
+/// pass, compared with the work lists.
+fn check_work_lists(p: &LongformerProblem, bo: usize, bi: usize) -> Result<(), String> {
+    let n = p.seqlen;
+    let (class, dilations) = p.head_classes();
+    let nc = dilations.len();
+    let all_local = p.global.iter().chain(&p.padding).all(|&x| !x);
+    let check = |name: &str, list: &WorkList, r: usize, mut want: Vec<usize>, exact: bool| {
+        want.sort_unstable();
+        want.dedup();
+        let got: Vec<usize> = list.row(r).iter().map(|&t| t as usize).collect();
+        if got.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("{name} row {r}: not increasing: {got:?}"));
+        }
+        if let Some(t) = want.iter().find(|t| !got.contains(t)) {
+            return Err(format!(
+                "{name} row {r}: misses tile {t}: got {got:?}, need {want:?}"
+            ));
+        }
+        if exact && got != want {
+            return Err(format!(
+                "{name} row {r}: got {got:?}, exactly {want:?} expected"
+            ));
+        }
+        Ok(())
+    };
+    let local = p.local_rows_work(bo, bi);
+    let band = p.band_keys_work(bo, bi);
+    if local.rows() != p.batch * nc * n.div_ceil(bo) || band.rows() != local.rows() {
+        return Err(format!("row counts {} {}", local.rows(), band.rows()));
+    }
+    for b in 0..p.batch {
+        for (h, &cl) in class.iter().enumerate() {
+            for m in 0..n.div_ceil(bo) {
+                let r = (b * nc + cl as usize) * n.div_ceil(bo) + m;
+                let outer = m * bo..((m + 1) * bo).min(n);
+                let pairs = |pass: Pass, q_outer: bool| {
+                    outer
+                        .clone()
+                        .flat_map(|x| (0..n).map(move |y| (x, y)))
+                        .filter(move |&(x, y)| {
+                            let (i, j) = if q_outer { (x, y) } else { (y, x) };
+                            p.pass_allows(pass, b, h, i, j)
+                        })
+                        .map(|(_, y)| y / bi)
+                        .collect::<Vec<_>>()
+                };
+                check("local", &local, r, pairs(Pass::Local, true), all_local)?;
+                check("band", &band, r, pairs(Pass::LocalBand, false), all_local)?;
+            }
+        }
+    }
+    let Some(g) = p.gathered_globals() else {
+        return Ok(());
+    };
+    let rows = |b: usize| -> Vec<usize> {
+        g.rows[b * g.per_seq..(b + 1) * g.per_seq]
+            .iter()
+            .filter(|&&x| x >= 0)
+            .map(|&x| x as usize)
+            .collect()
+    };
+    let cols = p.global_cols_work(&g, bo, bi);
+    let grows = p.global_rows_work(&g, bo, bi);
+    let by_key = p.global_rows_by_key_work(&g, bo, bi);
+    for b in 0..p.batch {
+        let listed = rows(b);
+        for h in 0..p.heads {
+            for m in 0..g.per_seq.div_ceil(bo) {
+                let r = b * g.per_seq.div_ceil(bo) + m;
+                let tile = listed.iter().skip(m * bo).take(bo);
+                let want_cols = tile
+                    .clone()
+                    .flat_map(|&j| {
+                        (0..n).filter(move |&i| p.pass_allows(Pass::GlobalCols, b, h, i, j))
+                    })
+                    .map(|i| i / bi)
+                    .collect();
+                check("global cols", &cols, r, want_cols, false)?;
+                let want_rows = tile
+                    .flat_map(|&i| {
+                        (0..n).filter(move |&j| p.pass_allows(Pass::GlobalRows, b, h, i, j))
+                    })
+                    .map(|j| j / bi)
+                    .collect();
+                check("global rows", &grows, r, want_rows, false)?;
+            }
+            for kt in 0..n.div_ceil(bo) {
+                let r = b * n.div_ceil(bo) + kt;
+                let want = listed
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &i)| {
+                        (kt * bo..((kt + 1) * bo).min(n))
+                            .any(|j| p.pass_allows(Pass::GlobalRows, b, h, i, j))
+                    })
+                    .map(|(x, _)| x / bi)
+                    .collect();
+                check("global rows by key", &by_key, r, want, false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn work_lists_at_the_kernel_tile_sizes() {
+    // Long windows, dilation beyond a tile, a global run longer than a tile.
+    for (n, w, dil, globals) in [
+        (300, 40, 1, vec![0, 5, 299]),
+        (500, 3, 150, vec![250]),
+        (700, 2, 70, (100..240).collect::<Vec<_>>()),
+    ] {
+        let p = plain_case(n, w, dil, &globals).problem();
+        check_work_lists(&p, schedule::FWD_BLOCK_M, schedule::FWD_BLOCK_N).unwrap();
+        check_work_lists(&p, schedule::BWD_BLOCK, schedule::BWD_BLOCK).unwrap();
     }
 }
 
@@ -443,16 +571,19 @@ fn plain_case(n: usize, window: usize, dilation: usize, globals: &[usize]) -> Ca
 }
 
 #[test]
-fn plan_grows_linearly_in_seqlen() {
+fn work_lists_grow_linearly_in_seqlen() {
     let (bm, bn): (usize, usize) = (16, 16);
-    for (w, dil) in [(0, 1), (3, 1), (8, 2), (32, 1), (5, 4)] {
+    for (w, dil) in [(0, 1), (3, 1), (8, 2), (32, 1), (5, 4), (2, 40)] {
         for globals in [vec![], vec![0], vec![0, 7]] {
             let count = |n: usize| {
-                plain_case(n, w, dil, &globals)
-                    .problem()
-                    .plan(bm, bn)
-                    .unwrap()
-                    .len()
+                let p = plain_case(n, w, dil, &globals).problem();
+                let mut c = p.local_rows_work(bm, bn).len() + p.band_keys_work(bn, bm).len();
+                if let Some(g) = p.gathered_globals() {
+                    c += p.global_cols_work(&g, bn, bm).len()
+                        + p.global_rows_work(&g, bm, bn).len()
+                        + p.global_rows_by_key_work(&g, bn, bm).len();
+                }
+                c
             };
             let (c1, c2, c4) = (count(256), count(512), count(1024));
             // Linear: doubling N doubles the increment (a quadratic schedule would
@@ -462,10 +593,11 @@ fn plan_grows_linearly_in_seqlen() {
                 "w {w} d {dil} g {globals:?}: {c1} {c2} {c4}"
             );
             // A band of half-width w*d covers at most (bm + 2wd)/bn + 2 key tiles per query
-            // tile, plus one full row and one full column of tiles per global token.
+            // tile (both directions), plus a row and a column of tiles per global token
+            // (each counted by two passes).
             let n: usize = 1024;
-            let band = n.div_ceil(bm) * ((bm + 2 * w * dil) / bn + 2);
-            let glob = globals.len() * (n.div_ceil(bm) + n.div_ceil(bn));
+            let band = 2 * n.div_ceil(bm) * ((bm + 2 * w * dil) / bn + 2);
+            let glob = 2 * globals.len() * (n.div_ceil(bm) + n.div_ceil(bn));
             assert!(
                 c4 <= band + glob,
                 "w {w} d {dil} g {globals:?}: {c4} > {band} + {glob}"
@@ -473,15 +605,6 @@ fn plan_grows_linearly_in_seqlen() {
             // And much fewer than the dense grid.
             assert!(c4 < n.div_ceil(bm) * n.div_ceil(bn));
         }
-    }
-}
-
-#[test]
-fn plan_rejects_zero_tiles() {
-    let p = plain_case(8, 1, 1, &[]).problem();
-    for (bm, bn) in [(0, 4), (4, 0)] {
-        let e = p.plan(bm, bn).unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     }
 }
 
@@ -836,102 +959,26 @@ fn backward_input_checks() {
 
 // ---- Hugging Face golden fixtures (scripts/make_longformer_fixtures.py) ----
 
-/// A fixture's `config` entries (key, value).
-type Config = Vec<(String, String)>;
-/// A fixture's tensors: (name, shape, values), bools as 0/1.
-type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
-
-/// One fixture file: its config line and its tensors.
-fn parse_fixture(text: &str) -> (Config, Tensors) {
-    let mut config = Vec::new();
-    let mut tensors = Vec::new();
-    let mut lines = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty());
-    while let Some(line) = lines.next() {
-        let mut words = line.split_whitespace();
-        match words.next() {
-            Some("config") => {
-                for kv in words {
-                    let (k, v) = kv.split_once('=').expect("key=value");
-                    config.push((k.to_string(), v.to_string()));
-                }
-            }
-            Some("tensor") => {
-                let name = words.next().expect("name").to_string();
-                let _dtype = words.next().expect("dtype");
-                let shape: Vec<usize> = words
-                    .next()
-                    .expect("shape")
-                    .split(',')
-                    .map(|x| x.parse().unwrap())
-                    .collect();
-                let values: Vec<f32> = lines
-                    .next()
-                    .expect("values line")
-                    .split_whitespace()
-                    .map(|x| x.parse().unwrap())
-                    .collect();
-                assert_eq!(values.len(), shape.iter().product::<usize>(), "{name}");
-                tensors.push((name, shape, values));
-            }
-            other => panic!("unexpected line start {other:?}"),
-        }
-    }
-    (config, tensors)
-}
-
-/// The forward against Hugging Face's `LongformerSelfAttention` outputs (float32, with
-/// separate global projections and end padding). The fixtures are committed: their
-/// absence is a failure, not a skip.
 #[test]
 fn matches_hugging_face_fixtures() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/longformer");
-    let entries =
-        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("fixtures at {}: {e}", dir.display()));
-    let mut files: Vec<_> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 4,
-        "expected the 4 committed fixtures, found {files:?}"
-    );
-    for path in files {
-        let (config, tensors) = parse_fixture(&std::fs::read_to_string(&path).unwrap());
-        let cfg = |k: &str| -> String {
-            config
-                .iter()
-                .find(|(key, _)| key == k)
-                .unwrap_or_else(|| panic!("{}: no {k}", path.display()))
-                .1
-                .clone()
-        };
-        let get = |name: &str| {
-            let (_, shape, values) = tensors
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .unwrap_or_else(|| panic!("{}: no tensor {name}", path.display()));
-            (shape.clone(), values.clone())
-        };
+    for f in common::longformer_fixtures::load() {
         let ts: Vec<HostTensor> = ["q", "k", "v", "q_g", "k_g", "v_g"]
             .iter()
             .map(|n| {
-                let (s, v) = get(n);
+                let (s, v) = f.get(n);
                 tensor(&v, &s)
             })
             .collect();
         let mask = |name: &str| {
-            let (s, v) = get(name);
-            TokenMask::new(v.iter().map(|&x| x != 0.0).collect(), &s)
+            let (s, v) = f.mask(name);
+            TokenMask::new(v, &s)
         };
         let (gm, pm) = (mask("global_mask"), mask("padding_mask"));
         let opts = LongformerOptions {
-            window: cfg("window").parse().unwrap(),
-            dilation: vec![cfg("dilation").parse().unwrap()],
-            causal: cfg("causal") != "0",
-            scale: Some(cfg("scale").parse().unwrap()),
+            window: f.window,
+            dilation: vec![f.dilation],
+            causal: f.causal,
+            scale: Some(f.scale),
         };
         let g = GlobalProjections {
             q: &ts[3],
@@ -941,8 +988,12 @@ fn matches_hugging_face_fixtures() {
         let r =
             longformer::forward_cpu(&ts[0], &ts[1], &ts[2], Some(g), Some(&gm), Some(&pm), &opts)
                 .unwrap();
-        let (_, want) = get("out_hf");
-        let what = path.display().to_string();
-        assert_close(&what, &r.out.to_f32_vec(), &f64s(&want), 2e-5);
+        let (_, want) = f.get("out_hf");
+        assert_close(
+            &f.path.display().to_string(),
+            &r.out.to_f32_vec(),
+            &f64s(&want),
+            2e-5,
+        );
     }
 }

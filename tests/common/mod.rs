@@ -7,6 +7,8 @@
 //! library (no `HostTensor::get`, no `to_contiguous`).
 #![allow(dead_code)]
 
+pub mod longformer_fixtures;
+
 use flashkernels::{DType, HostData, HostTensor, Layout};
 use half::{bf16, f16};
 

@@ -1,0 +1,779 @@
+//! The CUDA path of the Longformer op: the kernels' own checks, one upload of the
+//! schedule (masks, dilations, work lists), then the passes of fk_longformer.h in stream
+//! order. The forward is two passes (local rows, global rows); the backward six (delta,
+//! dQ local, dK/dV band, dK/dV global columns, dQ global rows, dK/dV global rows).
+
+use std::ffi::c_void;
+
+use super::schedule::{Gathered, WorkList, BWD_BLOCK, FWD_BLOCK_M, FWD_BLOCK_N};
+use super::{
+    validate, validate_backward, LongformerGradients, LongformerOptions, LongformerOutput,
+    LongformerProblem, TokenMask,
+};
+use crate::attention::cuda::{borrowed, bsh, check_out, dtype_arg, lse_strides, order_after};
+use crate::device::{memset_async, DeviceTensor, DeviceView, Stream};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::tensor::{DType, Layout};
+
+const _: () = assert!(
+    ffi::FK_LONGFORMER_BLOCK_M as usize == FWD_BLOCK_M
+        && ffi::FK_LONGFORMER_BLOCK_N as usize == FWD_BLOCK_N
+        && ffi::FK_LONGFORMER_BWD_BLOCK as usize == BWD_BLOCK,
+    "the host's work lists assume the ABI's tile sizes"
+);
+
+/// Largest grid y/z extent (heads, batch).
+const MAX_GRID_YZ: usize = 65_535;
+/// Longest sequence the kernels' 32-bit token arithmetic handles.
+const MAX_SEQLEN: usize = 1 << 30;
+/// Largest head dim the Longformer kernels are instantiated for.
+const MAX_HEAD_DIM: usize = 128;
+
+/// Checks what the kernels need beyond the op's semantics: dtype, head dim, sizes that
+/// fit their indices and grids, 16-byte aligned rows, every view on one device.
+fn check_kernel_support(
+    p: &LongformerProblem,
+    device: usize,
+    views: &[(&'static str, &DeviceView)],
+) -> Result<()> {
+    if !matches!(p.dtype, DType::F16 | DType::BF16) {
+        return Err(Error::UnsupportedDType {
+            name: "q",
+            dtype: p.dtype,
+            supported: "the CUDA kernels take float16 or bfloat16",
+        });
+    }
+    if p.head_dim % 8 != 0 || p.head_dim > MAX_HEAD_DIM {
+        return Err(Error::Unsupported(format!(
+            "head_dim {} (the Longformer CUDA kernels take multiples of 8 up to {MAX_HEAD_DIM})",
+            p.head_dim
+        )));
+    }
+    if p.seqlen > MAX_SEQLEN {
+        return Err(Error::TooLarge {
+            what: "seqlen".into(),
+            value: p.seqlen as u64,
+            limit: MAX_SEQLEN as u64,
+        });
+    }
+    for (what, value) in [("batch", p.batch), ("heads", p.heads)] {
+        if value > MAX_GRID_YZ {
+            return Err(Error::TooLarge {
+                what: what.into(),
+                value: value as u64,
+                limit: MAX_GRID_YZ as u64,
+            });
+        }
+    }
+    for (name, view) in views {
+        if view.device != device {
+            return Err(Error::DeviceMismatch {
+                detail: format!(
+                    "{name} is on cuda:{} but q is on cuda:{device}",
+                    view.device
+                ),
+            });
+        }
+        let elem = view.dtype.size() as u64;
+        let misaligned_stride = view.layout.strides[..view.layout.strides.len() - 1]
+            .iter()
+            .any(|&s| (s as u64 * elem) % 16 != 0);
+        if view.ptr % 16 != 0 || misaligned_stride {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: the CUDA kernel needs 16-byte aligned rows (pointer {:#x}, strides {:?} \
+                 in {}-byte elements); make the tensor contiguous",
+                view.ptr, view.layout.strides, elem
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_lse(name: &str, view: &DeviceView, p: &LongformerProblem, device: usize) -> Result<()> {
+    check_out(name, view, DType::F32, &p.lse_shape())?;
+    if view.layout != Layout::contiguous(&p.lse_shape()) {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: must be a contiguous (batch, heads, seqlen) float32 tensor, got strides {:?}",
+            view.layout.strides
+        )));
+    }
+    if view.device != device {
+        return Err(Error::DeviceMismatch {
+            detail: format!(
+                "{name} is on cuda:{} but q is on cuda:{device}",
+                view.device
+            ),
+        });
+    }
+    if view.ptr % 4 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: needs a 4-byte aligned pointer, got {:#x}",
+            view.ptr
+        )));
+    }
+    Ok(())
+}
+
+fn check_contiguous(name: &str, view: &DeviceView) -> Result<()> {
+    if view.layout != Layout::contiguous(&view.layout.shape) {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: the Longformer backward writes contiguous gradients, got strides {:?}",
+            view.layout.strides
+        )));
+    }
+    Ok(())
+}
+
+/// The host side of one call: problem, schedule, and where it lives on the device.
+struct Schedule {
+    head_class: Vec<i32>,
+    num_classes: usize,
+    globals: Option<Gathered>,
+}
+
+impl Schedule {
+    fn new(p: &LongformerProblem) -> Self {
+        let (head_class, dilations) = p.head_classes();
+        Schedule {
+            head_class,
+            num_classes: dilations.len(),
+            globals: p.gathered_globals(),
+        }
+    }
+}
+
+/// One device buffer holding every small array of a call (uploaded with one copy, freed
+/// in stream order when dropped).
+struct Arena {
+    bytes: Vec<u8>,
+}
+
+/// Where an array went in the arena (byte offset).
+#[derive(Clone, Copy)]
+struct Slot(usize);
+
+impl Arena {
+    fn new() -> Self {
+        Arena { bytes: Vec::new() }
+    }
+
+    fn align(&mut self) {
+        while self.bytes.len() % 16 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    fn push_i32(&mut self, v: &[i32]) -> Slot {
+        self.align();
+        let at = self.bytes.len();
+        self.bytes.extend(v.iter().flat_map(|x| x.to_ne_bytes()));
+        // Keep every slot a valid (possibly empty) address inside the buffer.
+        self.bytes.extend([0u8; 4]);
+        Slot(at)
+    }
+
+    fn push_u8(&mut self, v: &[bool]) -> Slot {
+        self.align();
+        let at = self.bytes.len();
+        self.bytes.extend(v.iter().map(|&x| x as u8));
+        self.bytes.push(0);
+        Slot(at)
+    }
+
+    fn push_list(&mut self, w: &WorkList) -> Result<(Slot, Slot)> {
+        if w.ids.len() > i32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "Longformer work list entries".into(),
+                value: w.ids.len() as u64,
+                limit: i32::MAX as u64,
+            });
+        }
+        Ok((self.push_i32(&w.offsets), self.push_i32(&w.ids)))
+    }
+
+    fn upload(self, stream: &Stream) -> Result<Uploaded> {
+        let cs = stream.cuda();
+        let buf = cs.clone_htod(&self.bytes)?;
+        let base = {
+            let (base, _sync) = cudarc::driver::DevicePtr::device_ptr(&buf, cs);
+            base
+        };
+        Ok(Uploaded { _buf: buf, base })
+    }
+}
+
+struct Uploaded {
+    _buf: cudarc::driver::CudaSlice<u8>,
+    base: u64,
+}
+
+impl Uploaded {
+    fn i32(&self, s: Slot) -> *const i32 {
+        (self.base + s.0 as u64) as *const i32
+    }
+    fn u8(&self, s: Slot) -> *const u8 {
+        (self.base + s.0 as u64) as *const u8
+    }
+}
+
+/// The arena slots of what every pass shares.
+struct Shared {
+    dilation: Slot,
+    global_mask: Slot,
+    padding_mask: Slot,
+    head_class: Slot,
+    one_class: Slot,
+    global_rows: Option<Slot>,
+}
+
+fn push_shared(arena: &mut Arena, p: &LongformerProblem, s: &Schedule) -> Shared {
+    let dilation: Vec<i32> = p
+        .dilation
+        .iter()
+        .map(|&d| d.min(i32::MAX as usize) as i32)
+        .collect();
+    Shared {
+        dilation: arena.push_i32(&dilation),
+        global_mask: arena.push_u8(&p.global),
+        padding_mask: arena.push_u8(&p.padding),
+        head_class: arena.push_i32(&s.head_class),
+        one_class: arena.push_i32(&vec![0; p.heads]),
+        global_rows: s.globals.as_ref().map(|g| arena.push_i32(&g.rows)),
+    }
+}
+
+/// One pass's schedule: pass, gathered rows, classes, work list.
+struct PassArgs {
+    pass: u32,
+    q_rows: bool,
+    k_rows: bool,
+    per_class: bool,
+    list: (Slot, Slot),
+}
+
+fn common(
+    p: &LongformerProblem,
+    s: &Schedule,
+    sh: &Shared,
+    up: &Uploaded,
+    a: &PassArgs,
+    device: usize,
+) -> ffi::fk_longformer_common {
+    let per_seq = s.globals.as_ref().map_or(0, |g| g.per_seq) as i32;
+    let rows = sh.global_rows.map_or(std::ptr::null(), |r| up.i32(r));
+    ffi::fk_longformer_common {
+        batch: p.batch as i32,
+        seqlen: p.seqlen as i32,
+        heads: p.heads as i32,
+        head_dim: p.head_dim as i32,
+        window: p.window.min(i32::MAX as usize) as i32,
+        causal: p.causal as i32,
+        dilation: up.i32(sh.dilation),
+        global_mask: up.u8(sh.global_mask),
+        padding_mask: up.u8(sh.padding_mask),
+        pass: a.pass as i32,
+        q_rows: if a.q_rows { rows } else { std::ptr::null() },
+        q_rows_per_seq: if a.q_rows { per_seq } else { 0 },
+        k_rows: if a.k_rows { rows } else { std::ptr::null() },
+        k_rows_per_seq: if a.k_rows { per_seq } else { 0 },
+        head_class: up.i32(if a.per_class {
+            sh.head_class
+        } else {
+            sh.one_class
+        }),
+        num_classes: if a.per_class { s.num_classes as i32 } else { 1 },
+        tile_offsets: up.i32(a.list.0),
+        tile_ids: up.i32(a.list.1),
+        softmax_scale: p.scale,
+        dtype: dtype_arg(p.dtype),
+        device: device as i32,
+    }
+}
+
+/// Allocates O and LSE and runs the forward on Q's stream. `globals` are Q_g, K_g, V_g
+/// (when absent, Q, K, V serve for global rows too).
+pub fn forward(
+    [q, k, v]: [&DeviceTensor; 3],
+    globals: Option<[&DeviceTensor; 3]>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+) -> Result<LongformerOutput<DeviceTensor>> {
+    let p = problem_of_views(
+        [&q.view(), &k.view(), &v.view()],
+        globals.map(|g| g.map(DeviceTensor::view)).as_ref(),
+        global_mask,
+        padding_mask,
+        opts,
+    )?;
+    let stream = q.stream();
+    let mut inputs = vec![("k", k), ("v", v)];
+    if let Some([qg, kg, vg]) = globals {
+        inputs.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
+    }
+    order_after(stream, &inputs)?;
+    let out = DeviceTensor::poisoned(stream, p.dtype, &p.qkv_shape())?;
+    let lse = DeviceTensor::poisoned(stream, DType::F32, &p.lse_shape())?;
+    let g = globals.map(|g| g.map(DeviceTensor::view));
+    // SAFETY: every view comes from a live DeviceTensor; the outputs are fresh.
+    unsafe {
+        launch_forward(
+            &p,
+            [&q.view(), &k.view(), &v.view()],
+            g.as_ref().map(|[a, b, c]| [a, b, c]),
+            [&out.view(), &lse.view()],
+            || Ok(stream.clone()),
+        )?
+    };
+    Ok(LongformerOutput { out, lse })
+}
+
+fn problem_of_views(
+    [q, k, v]: [&DeviceView; 3],
+    globals: Option<&[DeviceView; 3]>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+) -> Result<LongformerProblem> {
+    validate(
+        (q.dtype, &q.layout),
+        (k.dtype, &k.layout),
+        (v.dtype, &v.layout),
+        globals.map(|[a, b, c]| {
+            [
+                (a.dtype, &a.layout),
+                (b.dtype, &b.layout),
+                (c.dtype, &c.layout),
+            ]
+        }),
+        global_mask,
+        padding_mask,
+        opts,
+    )
+}
+
+/// Runs the forward on raw device memory, writing `out` (B, N, H, D) and `lse`
+/// (B, H, N) f32 contiguous.
+///
+/// # Safety
+/// Every view must describe live device memory on its device that its layout stays
+/// inside; `out` and `lse` must not overlap the inputs or each other; `stream` must be a
+/// live stream (or null) of the views' device, ordered after whatever produced the inputs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward_views(
+    [q, k, v]: [&DeviceView; 3],
+    globals: Option<[&DeviceView; 3]>,
+    out: &DeviceView,
+    lse: &DeviceView,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+    stream: *mut c_void,
+) -> Result<()> {
+    let owned = globals.map(|g| g.map(Clone::clone));
+    let p = problem_of_views([q, k, v], owned.as_ref(), global_mask, padding_mask, opts)?;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        launch_forward(&p, [q, k, v], globals, [out, lse], || {
+            borrowed(q.device, stream)
+        })
+    }
+}
+
+/// # Safety
+/// As [`forward_views`].
+unsafe fn launch_forward(
+    p: &LongformerProblem,
+    [q, k, v]: [&DeviceView; 3],
+    globals: Option<[&DeviceView; 3]>,
+    [out, lse]: [&DeviceView; 2],
+    stream: impl FnOnce() -> Result<Stream>,
+) -> Result<()> {
+    check_out("out", out, p.dtype, &p.qkv_shape())?;
+    let mut views = vec![("q", q), ("k", k), ("v", v), ("out", out)];
+    if let Some([qg, kg, vg]) = globals {
+        views.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
+    }
+    check_kernel_support(p, q.device, &views)?;
+    check_lse("lse", lse, p, q.device)?;
+
+    let s = Schedule::new(p);
+    let mut arena = Arena::new();
+    let sh = push_shared(&mut arena, p, &s);
+    let local = arena.push_list(&p.local_rows_work(FWD_BLOCK_M, FWD_BLOCK_N))?;
+    let global = match &s.globals {
+        Some(g) => Some(arena.push_list(&p.global_rows_work(g, FWD_BLOCK_M, FWD_BLOCK_N))?),
+        None => None,
+    };
+    let stream = &stream()?;
+    let up = arena.upload(stream)?;
+
+    let params = |a: PassArgs, [q, k, v]: [&DeviceView; 3]| {
+        let (q_b, q_r, q_h) = bsh(&q.layout);
+        let (k_b, k_r, k_h) = bsh(&k.layout);
+        let (v_b, v_r, v_h) = bsh(&v.layout);
+        let (o_b, o_r, o_h) = bsh(&out.layout);
+        let (l_b, l_h) = lse_strides(&lse.layout);
+        ffi::fk_longformer_fwd_params {
+            c: common(p, &s, &sh, &up, &a, q.device),
+            q: q.ptr as *const c_void,
+            k: k.ptr as *const c_void,
+            v: v.ptr as *const c_void,
+            o: out.ptr as *mut c_void,
+            lse: lse.ptr as *mut f32,
+            q_batch_stride: q_b,
+            q_row_stride: q_r,
+            q_head_stride: q_h,
+            k_batch_stride: k_b,
+            k_row_stride: k_r,
+            k_head_stride: k_h,
+            v_batch_stride: v_b,
+            v_row_stride: v_r,
+            v_head_stride: v_h,
+            o_batch_stride: o_b,
+            o_row_stride: o_r,
+            o_head_stride: o_h,
+            lse_batch_stride: l_b,
+            lse_head_stride: l_h,
+        }
+    };
+    let local_params = params(
+        PassArgs {
+            pass: ffi::FK_LONGFORMER_LOCAL,
+            q_rows: false,
+            k_rows: false,
+            per_class: true,
+            list: local,
+        },
+        [q, k, v],
+    );
+    // SAFETY: params were validated above; the caller vouches for the memory.
+    ffi::check(unsafe { ffi::fk_longformer_fwd(&local_params, stream.raw()) })?;
+    if let Some(list) = global {
+        let global_params = params(
+            PassArgs {
+                pass: ffi::FK_LONGFORMER_GLOBAL_ROWS,
+                q_rows: true,
+                k_rows: false,
+                per_class: false,
+                list,
+            },
+            globals.unwrap_or([q, k, v]),
+        );
+        // SAFETY: as above.
+        ffi::check(unsafe { ffi::fk_longformer_fwd(&global_params, stream.raw()) })?;
+    }
+    Ok(())
+}
+
+/// The backward's tensors: inputs (and their global projections) and outputs.
+pub struct BackwardViews<'a> {
+    /// Q, K, V.
+    pub inputs: [&'a DeviceView; 3],
+    /// Q_g, K_g, V_g when given.
+    pub globals: Option<[&'a DeviceView; 3]>,
+    /// The forward's O and LSE, and dO.
+    pub out: &'a DeviceView,
+    pub lse: &'a DeviceView,
+    pub dout: &'a DeviceView,
+    /// dQ, dK, dV (contiguous).
+    pub grads: [&'a DeviceView; 3],
+    /// dQ_g, dK_g, dV_g (contiguous): required exactly when `globals` is given.
+    pub global_grads: Option<[&'a DeviceView; 3]>,
+}
+
+/// Allocates the gradients and runs the backward on Q's stream.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    [q, k, v]: [&DeviceTensor; 3],
+    globals: Option<[&DeviceTensor; 3]>,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+) -> Result<LongformerGradients<DeviceTensor>> {
+    let gviews = globals.map(|g| g.map(DeviceTensor::view));
+    let p = problem_of_views(
+        [&q.view(), &k.view(), &v.view()],
+        gviews.as_ref(),
+        global_mask,
+        padding_mask,
+        opts,
+    )?;
+    validate_backward(
+        &p,
+        (out.dtype(), out.layout()),
+        (lse.dtype(), lse.layout()),
+        (dout.dtype(), dout.layout()),
+    )?;
+    let stream = q.stream();
+    let mut inputs = vec![
+        ("k", k),
+        ("v", v),
+        ("out", out),
+        ("lse", lse),
+        ("dout", dout),
+    ];
+    if let Some([qg, kg, vg]) = globals {
+        inputs.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
+    }
+    order_after(stream, &inputs)?;
+    let alloc = || DeviceTensor::poisoned(stream, p.dtype, &p.qkv_shape());
+    let grads = [alloc()?, alloc()?, alloc()?];
+    let global_grads = match globals {
+        Some(_) => Some([alloc()?, alloc()?, alloc()?]),
+        None => None,
+    };
+    let (qv, kv, vv) = (q.view(), k.view(), v.view());
+    let (ov, lv, dov) = (out.view(), lse.view(), dout.view());
+    let gv = grads.each_ref().map(DeviceTensor::view);
+    let ggv = global_grads
+        .as_ref()
+        .map(|g| g.each_ref().map(DeviceTensor::view));
+    let views = BackwardViews {
+        inputs: [&qv, &kv, &vv],
+        globals: gviews.as_ref().map(|[a, b, c]| [a, b, c]),
+        out: &ov,
+        lse: &lv,
+        dout: &dov,
+        grads: [&gv[0], &gv[1], &gv[2]],
+        global_grads: ggv.as_ref().map(|[a, b, c]| [a, b, c]),
+    };
+    // SAFETY: every view comes from a live DeviceTensor; the gradients are fresh.
+    unsafe { launch_backward(&p, &views, || Ok(stream.clone()))? };
+    let [dq, dk, dv] = grads;
+    Ok(LongformerGradients {
+        dq,
+        dk,
+        dv,
+        global: global_grads,
+    })
+}
+
+/// Runs the backward on raw device memory, writing the gradients in `views`.
+///
+/// # Safety
+/// As [`forward_views`]; the gradient views must not overlap any other view.
+pub unsafe fn backward_views(
+    views: &BackwardViews<'_>,
+    global_mask: Option<&TokenMask>,
+    padding_mask: Option<&TokenMask>,
+    opts: &LongformerOptions,
+    stream: *mut c_void,
+) -> Result<()> {
+    let owned = views.globals.map(|g| g.map(Clone::clone));
+    let p = problem_of_views(
+        views.inputs,
+        owned.as_ref(),
+        global_mask,
+        padding_mask,
+        opts,
+    )?;
+    validate_backward(
+        &p,
+        (views.out.dtype, &views.out.layout),
+        (views.lse.dtype, &views.lse.layout),
+        (views.dout.dtype, &views.dout.layout),
+    )?;
+    let device = views.inputs[0].device;
+    // SAFETY: forwarded from the caller.
+    unsafe { launch_backward(&p, views, || borrowed(device, stream)) }
+}
+
+/// # Safety
+/// As [`backward_views`].
+unsafe fn launch_backward(
+    p: &LongformerProblem,
+    vw: &BackwardViews<'_>,
+    stream: impl FnOnce() -> Result<Stream>,
+) -> Result<()> {
+    let [q, k, v] = vw.inputs;
+    if vw.globals.is_some() != vw.global_grads.is_some() {
+        return Err(Error::InvalidArgument(
+            "the global projections' gradients are needed exactly when the projections are given"
+                .into(),
+        ));
+    }
+    let mut views = vec![
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("out", vw.out),
+        ("dout", vw.dout),
+    ];
+    let mut outputs = vec![
+        ("dq", vw.grads[0]),
+        ("dk", vw.grads[1]),
+        ("dv", vw.grads[2]),
+    ];
+    if let Some([qg, kg, vg]) = vw.globals {
+        views.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
+    }
+    if let Some([a, b, c]) = vw.global_grads {
+        outputs.extend([("dq_global", a), ("dk_global", b), ("dv_global", c)]);
+    }
+    for &(name, view) in &outputs {
+        check_out(name, view, p.dtype, &p.qkv_shape())?;
+        check_contiguous(name, view)?;
+    }
+    views.extend(outputs.iter().copied());
+    check_kernel_support(p, q.device, &views)?;
+    check_lse("lse", vw.lse, p, q.device)?;
+
+    let s = Schedule::new(p);
+    let mut arena = Arena::new();
+    let sh = push_shared(&mut arena, p, &s);
+    let dq_local = arena.push_list(&p.local_rows_work(BWD_BLOCK, BWD_BLOCK))?;
+    let band = arena.push_list(&p.band_keys_work(BWD_BLOCK, BWD_BLOCK))?;
+    let global_lists = match &s.globals {
+        Some(g) => Some((
+            arena.push_list(&p.global_cols_work(g, BWD_BLOCK, BWD_BLOCK))?,
+            arena.push_list(&p.global_rows_work(g, BWD_BLOCK, BWD_BLOCK))?,
+            arena.push_list(&p.global_rows_by_key_work(g, BWD_BLOCK, BWD_BLOCK))?,
+        )),
+        None => None,
+    };
+    let stream = &stream()?;
+    let up = arena.upload(stream)?;
+    let lse_len: usize = p.lse_shape().iter().product();
+    // SAFETY: the delta pass writes every element before any pass reads it.
+    let delta = unsafe { stream.cuda().alloc::<f32>(lse_len)? };
+    let (delta_ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(&delta, stream.cuda());
+
+    let bytes = p.batch * p.seqlen * p.heads * p.head_dim * p.dtype.size();
+    if let Some([dqg, dkg, dvg]) = vw.global_grads {
+        // Rows the global passes do not write are zero: dQ_g off the global rows always,
+        // all of dK_g, dV_g when no sequence has a global token.
+        let zero: &[&DeviceView] = if s.globals.is_some() {
+            &[dqg]
+        } else {
+            &[dqg, dkg, dvg]
+        };
+        for z in zero {
+            // SAFETY: a checked contiguous view of `bytes` bytes on this device.
+            unsafe { memset_async(stream, z.ptr, 0, bytes)? };
+        }
+    }
+
+    let (l_b, l_h) = lse_strides(&vw.lse.layout);
+    let params = |a: PassArgs,
+                  [q, k, v]: [&DeviceView; 3],
+                  [dq, dk, dv]: [&DeviceView; 3],
+                  accumulate: bool| {
+        let (q_b, q_r, q_h) = bsh(&q.layout);
+        let (k_b, k_r, k_h) = bsh(&k.layout);
+        let (v_b, v_r, v_h) = bsh(&v.layout);
+        let (o_b, o_r, o_h) = bsh(&vw.out.layout);
+        let (do_b, do_r, do_h) = bsh(&vw.dout.layout);
+        let (dq_b, dq_r, dq_h) = bsh(&dq.layout);
+        let (dk_b, dk_r, dk_h) = bsh(&dk.layout);
+        let (dv_b, dv_r, dv_h) = bsh(&dv.layout);
+        ffi::fk_longformer_bwd_params {
+            c: common(p, &s, &sh, &up, &a, q.device),
+            q: q.ptr as *const c_void,
+            k: k.ptr as *const c_void,
+            v: v.ptr as *const c_void,
+            o: vw.out.ptr as *const c_void,
+            dout: vw.dout.ptr as *const c_void,
+            lse: vw.lse.ptr as *const f32,
+            delta: delta_ptr as *mut f32,
+            dq: dq.ptr as *mut c_void,
+            dk: dk.ptr as *mut c_void,
+            dv: dv.ptr as *mut c_void,
+            q_batch_stride: q_b,
+            q_row_stride: q_r,
+            q_head_stride: q_h,
+            k_batch_stride: k_b,
+            k_row_stride: k_r,
+            k_head_stride: k_h,
+            v_batch_stride: v_b,
+            v_row_stride: v_r,
+            v_head_stride: v_h,
+            o_batch_stride: o_b,
+            o_row_stride: o_r,
+            o_head_stride: o_h,
+            do_batch_stride: do_b,
+            do_row_stride: do_r,
+            do_head_stride: do_h,
+            dq_batch_stride: dq_b,
+            dq_row_stride: dq_r,
+            dq_head_stride: dq_h,
+            dk_batch_stride: dk_b,
+            dk_row_stride: dk_r,
+            dk_head_stride: dk_h,
+            dv_batch_stride: dv_b,
+            dv_row_stride: dv_r,
+            dv_head_stride: dv_h,
+            lse_batch_stride: l_b,
+            lse_head_stride: l_h,
+            accumulate: accumulate as i32,
+        }
+    };
+    let pass = |pass: u32, q_rows: bool, k_rows: bool, per_class: bool, list| PassArgs {
+        pass,
+        q_rows,
+        k_rows,
+        per_class,
+        list,
+    };
+    let local_in = [q, k, v];
+    let grads = vw.grads;
+    let run =
+        |f: unsafe extern "C" fn(*const ffi::fk_longformer_bwd_params, *mut c_void) -> i32,
+         params: ffi::fk_longformer_bwd_params| {
+            // SAFETY: params were validated above; the caller vouches for the memory.
+            ffi::check(unsafe { f(&params, stream.raw()) })
+        };
+
+    // 1-3: delta, the local rows' dQ, the band's dK / dV.
+    let band_pass = pass(ffi::FK_LONGFORMER_LOCAL_BAND, false, false, true, band);
+    run(
+        ffi::fk_longformer_bwd_delta,
+        params(band_pass, local_in, grads, false),
+    )?;
+    let dq_pass = pass(ffi::FK_LONGFORMER_LOCAL, false, false, true, dq_local);
+    run(
+        ffi::fk_longformer_bwd_dq,
+        params(dq_pass, local_in, grads, false),
+    )?;
+    let band_pass = pass(ffi::FK_LONGFORMER_LOCAL_BAND, false, false, true, band);
+    run(
+        ffi::fk_longformer_bwd_dkdv,
+        params(band_pass, local_in, grads, false),
+    )?;
+
+    if let Some((cols, rows, rows_by_key)) = global_lists {
+        // 4: the local rows' dK / dV of global keys (rows the band pass left at zero).
+        let cols_pass = pass(ffi::FK_LONGFORMER_GLOBAL_COLS, false, true, false, cols);
+        run(
+            ffi::fk_longformer_bwd_dkdv,
+            params(cols_pass, local_in, grads, false),
+        )?;
+        // 5-6: global rows, on their projections; into the local gradients (dQ rows the
+        // local pass set to zero, dK / dV accumulated) when there are none.
+        let (global_in, global_out, accumulate) = match (vw.globals, vw.global_grads) {
+            (Some(g), Some(gg)) => (g, gg, false),
+            _ => (local_in, grads, true),
+        };
+        let rows_pass = pass(ffi::FK_LONGFORMER_GLOBAL_ROWS, true, false, false, rows);
+        run(
+            ffi::fk_longformer_bwd_dq,
+            params(rows_pass, global_in, global_out, false),
+        )?;
+        let by_key = pass(
+            ffi::FK_LONGFORMER_GLOBAL_ROWS,
+            true,
+            false,
+            false,
+            rows_by_key,
+        );
+        run(
+            ffi::fk_longformer_bwd_dkdv,
+            params(by_key, global_in, global_out, accumulate),
+        )?;
+    }
+    Ok(())
+}
