@@ -5,7 +5,8 @@
 //! capsules, validates, and runs the CPU reference or the CUDA kernels: the attention
 //! forward ([`attention_forward`]) and backward ([`attention_backward`]), dense or
 //! variable-length, with GQA and sliding windows (the options of `crate::attention`);
-//! conv2d forward / backward and 2-D max / average pooling forward / backward
+//! Longformer attention forward / backward (`longformer`, with global tokens, padding,
+//! dilation); conv2d forward / backward and 2-D max / average pooling forward / backward
 //! ([`conv2d_forward`], [`conv2d_backward`], [`pool2d_forward`], [`pool2d_backward`]).
 //!
 //! - DLPack is parsed here with our own `#[repr(C)]` mirror of dlpack.h (v1.x), both the
@@ -25,6 +26,8 @@ use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError}
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyTuple};
+
+mod longformer;
 
 use crate::attention::{self, AttentionOptions, AttentionProblem, SeqLens};
 use crate::conv;
@@ -1681,6 +1684,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(longformer::longformer_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(longformer::longformer_backward, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_forward, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_backward, m)?)?;
     m.add_function(wrap_pyfunction!(pool2d_forward, m)?)?;

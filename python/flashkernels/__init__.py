@@ -16,6 +16,12 @@ Entry points, with the signatures users already know:
   channels-last memory, with an optional fused activation ("relu", "gelu", "silu") for
   conv2d; ``conv2d_backward``, ``max_pool2d_backward``, ``avg_pool2d_backward`` for
   numpy users (see ``_conv``).
+- ``longformer_attention(q, k, v, window, *, dilation=1, causal=False, global_tokens=None,
+  padding_mask=None, global_qkv=None, scale=None, return_lse=False)``: Longformer
+  self-attention (sliding window with per-head dilation, global tokens with their own
+  projections, padding) on (batch, seqlen, heads, head_dim) arrays;
+  ``longformer_attention_backward`` for numpy users (see ``_longformer``). Its masks are
+  read on the host (a device-to-host copy for GPU masks).
 
 All reach the same Rust op, which takes (B, N, H, D) through strides: torch's layout is
 passed by swapping two strides, never by copying. With ``return_lse=True`` the forward
@@ -109,6 +115,8 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "longformer_attention",
+    "longformer_attention_backward",
 ]
 
 # DLPack device types.
@@ -289,10 +297,12 @@ def attention_backward(
 
 def register_torch_ops() -> None:
     """Registers the torch.library ops ``torch.ops.flashkernels.attention_fwd``,
-    ``attention_bwd``, ``conv2d_fwd`` and ``conv2d_bwd`` (importing torch). Not needed
-    in the usual cases (see the module docs); idempotent."""
+    ``attention_bwd``, ``conv2d_fwd``, ``conv2d_bwd``, ``longformer_fwd`` and
+    ``longformer_bwd`` (importing torch). Not needed in the usual cases (see the module
+    docs); idempotent."""
     from . import _torch  # noqa: F401  (registers on import)
     from . import _torch_conv  # noqa: F401  (conv2d / pooling ops, likewise)
+    from . import _torch_longformer  # noqa: F401  (Longformer ops, likewise)
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,6 +671,9 @@ from ._conv import (  # noqa: E402
     max_pool2d,
     max_pool2d_backward,
 )
+
+# Longformer attention (python/flashkernels/_longformer.py), likewise.
+from ._longformer import longformer_attention, longformer_attention_backward  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------

@@ -166,6 +166,71 @@ def pool2d_output_shape(
 ) -> list[int]:
     """(N, C, P, Q) of a pooling call, validated."""
 
+# A host mask: one byte per token (nonzero = set) and its shape, (batch, seqlen).
+_HostMask = Tuple[bytes, Sequence[int]]
+
+def longformer_forward(
+    q: _Capsule,
+    k: _Capsule,
+    v: _Capsule,
+    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, _Capsule]],
+    *,
+    window: int,
+    dilation: Sequence[int],
+    causal: bool = False,
+    scale: Optional[float] = None,
+    global_mask: Optional[_HostMask] = None,
+    global_indices: Optional[Sequence[Sequence[int]]] = None,
+    padding_mask: Optional[_HostMask] = None,
+    q_global: Optional[_Capsule] = None,
+    k_global: Optional[_Capsule] = None,
+    v_global: Optional[_Capsule] = None,
+    stream: int = 0,
+) -> None:
+    """Longformer forward on DLPack capsules q, k, v ((B, N, H, D); optionally
+    q_global, k_global, v_global, all three or none, for the global rows). `window`:
+    one-sided w >= 0; `dilation`: one value >= 1, or one per head. Global tokens come
+    from `global_mask` or `global_indices` (per-sequence index lists; not both);
+    `padding_mask` marks padded tokens. Masks are host data: the work lists are built on
+    the host. After validation calls `alloc(out_shape, lse_shape, dtype_name)` for
+    capsules (out like q, lse float32 (B, H, N) contiguous) and fills them (CPU
+    reference, or CUDA kernels queued on `stream`, not synchronized).
+
+    Raises ValueError (shapes, masks, indices, window, dilation, scale, devices),
+    TypeError (dtypes) or RuntimeError (CUDA unavailable or failing).
+    """
+
+def longformer_backward(
+    q: _Capsule,
+    k: _Capsule,
+    v: _Capsule,
+    out: _Capsule,
+    lse: _Capsule,
+    dout: _Capsule,
+    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, ...]],
+    *,
+    window: int,
+    dilation: Sequence[int],
+    causal: bool = False,
+    scale: Optional[float] = None,
+    global_mask: Optional[_HostMask] = None,
+    global_indices: Optional[Sequence[Sequence[int]]] = None,
+    padding_mask: Optional[_HostMask] = None,
+    q_global: Optional[_Capsule] = None,
+    k_global: Optional[_Capsule] = None,
+    v_global: Optional[_Capsule] = None,
+    stream: int = 0,
+) -> None:
+    """The gradients of longformer_forward from its inputs, `out`, `lse` and `dout`
+    (out's gradient, shaped like q), with the forward's options. Calls
+    `alloc(shape, shape, dtype_name)` for 3 capsules (dq, dk, dv), or 6 (then dq_global,
+    dk_global, dv_global) when the global projections are given (contiguous, q's shape
+    and dtype); without them the global rows' gradients are folded into dq, dk, dv.
+    Deterministic.
+
+    Raises as longformer_forward.
+    """
+
 class DeviceBuffer:
     """Contiguous CUDA memory allocated by flashkernels (stream-ordered, on the legacy
     default stream), filled with NaN, exported through DLPack. Present in CUDA builds."""

@@ -12,9 +12,8 @@ a vectorised implementation that shares no code with the generator's loop:
 - global query i: every non-padded key, with q_g, k_g, v_g;
 - padded query rows: 0.
 
-NOT YET COMPARED: flashkernels' own Longformer op. It does not exist yet; when it lands,
-add a test here that runs it on (q, k, v, q_g, k_g, v_g, global_mask, padding_mask, window,
-scale) and compares with ``out_hf``.
+flashkernels' own op is compared with ``out_hf`` in test_longformer_api.py
+(``test_hugging_face_fixtures``) and, on a GPU, in tests/gpu_longformer.rs.
 """
 
 from __future__ import annotations
