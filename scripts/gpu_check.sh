@@ -42,6 +42,7 @@ if [ "${1:-}" != "--no-bench" ]; then
   # Every suite (fwd, train, gqa, varlen, window); BENCH_ARGS narrows it (e.g. "--suite train").
   timeout 450 python3 benches/gpu_bench.py --out "$OUT" --rounds 2 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
   timeout 300 python3 benches/gpu_bench_conv.py --out "$OUT" --rounds 2 2>&1 | tee "$OUT/bench_conv.log" || status=1
+  timeout 300 python3 benches/gpu_bench_longformer.py --out "$OUT" --rounds 2 2>&1 | tee "$OUT/bench_longformer.log" || status=1
 fi
 echo
 echo "gpu_check status: $status"
