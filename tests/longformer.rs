@@ -497,6 +497,36 @@ fn check_work_lists(p: &LongformerProblem, bo: usize, bi: usize) -> Result<(), S
             .map(|&x| x as usize)
             .collect()
     };
+    // LOCAL with packed global keys: contiguous tiles for band pairs, then gathered tiles.
+    let packed = p.local_rows_packed_work(&g, bo, bi);
+    let key_tiles = n.div_ceil(bi);
+    for b in 0..p.batch {
+        let listed = rows(b);
+        for (h, &cl) in class.iter().enumerate() {
+            for m in 0..n.div_ceil(bo) {
+                let r = (b * nc + cl as usize) * n.div_ceil(bo) + m;
+                let outer = m * bo..((m + 1) * bo).min(n);
+                let mut want: Vec<usize> = outer
+                    .clone()
+                    .flat_map(|i| (0..n).map(move |j| (i, j)))
+                    .filter(|&(i, j)| p.pass_allows(Pass::LocalBand, b, h, i, j))
+                    .map(|(_, j)| j / bi)
+                    .collect();
+                want.extend(
+                    listed
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &j)| {
+                            outer
+                                .clone()
+                                .any(|i| p.pass_allows(Pass::GlobalCols, b, h, i, j))
+                        })
+                        .map(|(x, _)| key_tiles + x / bi),
+                );
+                check("packed local", &packed, r, want, false)?;
+            }
+        }
+    }
     let cols = p.global_cols_work(&g, bo, bi);
     let grows = p.global_rows_work(&g, bo, bi);
     let by_key = p.global_rows_by_key_work(&g, bo, bi);

@@ -19,6 +19,18 @@
 // attends to nothing and stores O = 0, LSE = -inf (padding wins, as in LOCAL). Only listed
 // rows are stored, at their token positions.
 //
+// Packed global keys (LOCAL with k_rows): inner ids below nkt = ceil(N / BLOCK_N) are
+// contiguous key tiles whose global keys are skipped (LOCAL_BAND), ids nkt + m are tile m of
+// the gathered global keys (GLOBAL_COLS: every listed non-padded key, causal j <= i), loaded
+// by token; the tile's 64 tokens are staged in shared memory (per stage), from which the
+// key flags and, causal, each row's cut (the listed tokens increase, so the keys j <= i are
+// a prefix: a binary search) are read. Without k_rows every id is a contiguous tile with the
+// LOCAL rule, as before.
+// Split over keys (GLOBAL_ROWS, num_splits > 1): grid x = outer tiles x splits (a tile's
+// splits adjacent); split s visits its slice of the CSR row and writes f32 partial O
+// (normalised) and LSE to the workspace; longformer_fwd_combine_kernel (launched after it
+// on the same stream) merges the splits in order and writes O and LSE of the listed rows.
+//
 // Padded tokens' Q, K and V rows are zero-filled on load (as are rows past the sequence or
 // not listed), so whatever they hold never reaches O.
 #pragma once
@@ -91,13 +103,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   static_assert(BM == FK_LONGFORMER_BLOCK_M && BN == FK_LONGFORMER_BLOCK_N,
                 "the host's tile plan assumes the ABI's tile sizes");
   static_assert(2 * kSTiles <= 32, "key flags of a thread fit a 32-bit mask");
+  static_assert(Traits::kNThreads >= BN, "one thread per key token of a gathered tile");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element *sQ = reinterpret_cast<Element *>(smem_raw);
   Element *sK = sQ + Traits::kSmemQ;
   Element *sV = sK + 2 * Traits::kSmemKV;
+  int *sKTok = reinterpret_cast<int *>(sV + 2 * Traits::kSmemKV); // 2 stages x BN tokens
 
-  const int m_block = blockIdx.x;
+  // Split over keys (GLOBAL_ROWS only; the entry point checks): the splits of one outer
+  // tile are adjacent blocks of the grid's x.
+  const int m_block = blockIdx.x / max(p.num_splits, 1);
+  const int split = blockIdx.x % max(p.num_splits, 1);
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const fk_longformer_common &pc = p.c;
@@ -137,11 +154,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     return tok >= 0 && tok < n_tokens ? tok : -1;
   };
 
-  const int num_outer_tiles = gridDim.x;
+  const int num_splits = max(p.num_splits, 1);
+  const int num_outer_tiles = gridDim.x / num_splits;
   const int64_t csr_row =
       (int64_t(batch) * pc.num_classes + pc.head_class[head]) * num_outer_tiles + m_block;
-  const int it_begin = pc.tile_offsets[csr_row];
-  const int it_end = pc.tile_offsets[csr_row + 1];
+  const int row_begin = pc.tile_offsets[csr_row];
+  const int64_t row_len = pc.tile_offsets[csr_row + 1] - row_begin;
+  // Split s visits entries [len * s / S, len * (s + 1) / S) of the row (S = 1: all).
+  const int it_begin = row_begin + int(row_len * split / num_splits);
+  const int it_end = row_begin + int(row_len * (split + 1) / num_splits);
+
+  // Packed global keys (LOCAL with k_rows): inner ids >= nkt are tiles of the gathered
+  // keys, key row x of gathered tile gt is token k_rows[b][gt * BN + x] (none when -1,
+  // outside [0, N) or past per_seq). Without k_rows every id is a contiguous key tile.
+  // (Read from the parameters where used: registers are scarce at D = 128.)
+  const bool packed = !gathered && pc.k_rows != nullptr;
+  auto nkt = [&] { return (pc.seqlen + BN - 1) / BN; };
+  auto key_token = [&](int gt, int row) -> int {
+    const int64_t x = int64_t(gt) * BN + row;
+    if (x >= pc.k_rows_per_seq) return -1;
+    const int tok = pc.k_rows[int64_t(blockIdx.z) * pc.k_rows_per_seq + x];
+    return tok >= 0 && tok < pc.seqlen ? tok : -1;
+  };
 
   const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
                      head * p.q_head_stride;
@@ -151,7 +185,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
                      head * p.v_head_stride;
 
   auto load_kv = [&](int it, int stage) {
-    const int k0 = pc.tile_ids[it] * BN;
+    const int tile = pc.tile_ids[it];
+    if (packed && tile >= nkt()) { // gathered global keys, by token
+      const int gt = tile - nkt();
+      auto tok_of = [&](int row) { return key_token(gt, row); };
+      load_rows_masked<Traits, BN>(sK + stage * Traits::kSmemKV, k, p.k_row_stride, tok_of, pad,
+                                   d_chunks, tid);
+      load_rows_masked<Traits, BN>(sV + stage * Traits::kSmemKV, v, p.v_row_stride, tok_of, pad,
+                                   d_chunks, tid);
+      // The tile's tokens, for its flags and causal cut (read after the loop's barrier).
+      if (tid < BN) sKTok[stage * BN + tid] = tok_of(tid);
+      return;
+    }
+    const int k0 = tile * BN;
     load_tile_masked<Traits, BN>(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.k_row_stride,
                                  p.k_row_stride, n_tokens - k0, pad ? pad + k0 : nullptr,
                                  d_chunks, tid);
@@ -219,21 +265,40 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     __syncthreads();
     const Element *sKs = sK + stage * Traits::kSmemKV;
     const Element *sVs = sV + stage * Traits::kSmemKV;
-    const int k0 = pc.tile_ids[it] * BN;
+    const int tile = pc.tile_ids[it];
 
-    // Flags of the 2 * kSTiles key columns this thread holds: bit 2 j + c is column
-    // k0 + 8 j + 2 t + c.
-    uint32_t key_ok = 0, key_glob = 0;
+    // Flags of the 2 * kSTiles key columns this thread holds, bit 2 j + c for tile column
+    // x = 8 j + 2 t + c: key_band (allowed when in the band) and key_any (allowed whatever
+    // the band); the causal and row tests come in the element test below.
+    const bool gtile = packed && tile >= nkt();
+    uint32_t key_band = 0, key_any = 0;
+    if (!gtile) {
+      // Contiguous key tile, column x = token k0 + x. Without k_rows the pairs follow LOCAL
+      // (band or global key), with k_rows LOCAL_BAND (global keys skipped: they are in the
+      // gathered tiles).
+      const int k0 = tile * BN;
 #pragma unroll
-    for (int j = 0; j < kSTiles; ++j)
+      for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = k0 + j * 8 + 2 * t + c;
-        if (col < n_tokens) {
-          if (!(pad && pad[col] != 0)) key_ok |= 1u << (2 * j + c);
-          if (glob && glob[col] != 0) key_glob |= 1u << (2 * j + c);
+        for (int c = 0; c < 2; ++c) {
+          const int col = k0 + j * 8 + 2 * t + c;
+          if (col < n_tokens && !(pad && pad[col] != 0)) {
+            const bool is_glob = glob && glob[col] != 0;
+            if (!packed || !is_glob) key_band |= 1u << (2 * j + c);
+            if (!packed && is_glob) key_any |= 1u << (2 * j + c);
+          }
         }
-      }
+    } else {
+      // Gathered key tile (GLOBAL_COLS): every listed non-padded key, whatever the band.
+      const int *tk = sKTok + stage * BN;
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int tok = tk[j * 8 + 2 * t + c];
+          if (tok >= 0 && !(pad && pad[tok] != 0)) key_any |= 1u << (2 * j + c);
+        }
+    }
 
     float s[MT][kSTiles][4];
 #pragma unroll
@@ -268,22 +333,54 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
 
     // The per-element rule, on every visited tile.
+    if (!gtile) {
+      const int k0 = tile * BN;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
+        for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >= 2 ? 1 : 0;
-          const int bit = 2 * j + (e & 1);
-          const int col = k0 + j * 8 + 2 * t + (e & 1);
-          const int rel = col - row_idx[mt][r]; // |rel| <= N < 2^30
-          const int dist = rel < 0 ? -rel : rel;
-          const bool band = dist <= reach && (dil == 1 || dist % dil == 0);
-          const bool allowed = row_local[mt][r] && ((key_ok >> bit) & 1u) &&
-                               !(causal && rel > 0) && (band || ((key_glob >> bit) & 1u));
-          if (!allowed) s[mt][j][e] = -INFINITY;
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >= 2 ? 1 : 0;
+            const int bit = 2 * j + (e & 1);
+            const int col = k0 + j * 8 + 2 * t + (e & 1);
+            const int rel = col - row_idx[mt][r]; // |rel| <= N < 2^30
+            const int dist = rel < 0 ? -rel : rel;
+            const bool band = dist <= reach && (dil == 1 || dist % dil == 0);
+            const bool allowed =
+                row_local[mt][r] && !(causal && rel > 0) &&
+                ((band && ((key_band >> bit) & 1u)) || ((key_any >> bit) & 1u));
+            if (!allowed) s[mt][j][e] = -INFINITY;
+          }
+    } else {
+      // Causal: the listed tokens increase (then -1), so the keys j <= i of row i are the
+      // tile's first cut(i) columns (a binary search of the staged tokens).
+      const int *tk = sKTok + stage * BN;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = row_idx[mt][r];
+          int cut = BN;
+          if (causal) {
+            cut = 0;
+#pragma unroll
+            for (int step = BN; step >= 1; step /= 2)
+              if (cut + step <= BN) {
+                const int tok = tk[cut + step - 1];
+                if (tok >= 0 && tok <= i) cut += step;
+              }
+          }
+#pragma unroll
+          for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const bool allowed = row_local[mt][r] && j * 8 + 2 * t + c < cut &&
+                                   ((key_any >> (2 * j + c)) & 1u);
+              if (!allowed) s[mt][j][2 * r + c] = -INFINITY;
+            }
         }
+    }
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -346,6 +443,36 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   auto writes_row = [&](int i) {
     return i >= 0 && ((pad && pad[i] != 0) || !(glob && glob[i] != 0));
   };
+  if (p.num_splits > 1) {
+    const int split = blockIdx.x % p.num_splits;
+    // GLOBAL_ROWS split: this split's O (normalised by its own sum, 0 without a key) and
+    // LSE (-inf without a key) of every listed row, f32, to the workspace at the row's
+    // entry index x; the combine kernel writes O and LSE.
+    const int64_t ws_row0 =
+        ((int64_t(split) * pc.batch + batch) * pc.heads + head) * pc.q_rows_per_seq + m0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = row_sum[mt][r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+        const int row = warp_row0 + mt * 16 + g + 8 * r;
+        if (row_idx[mt][r] < 0) continue;
+        float *po = p.partial_o + (ws_row0 + row) * pc.head_dim;
+#pragma unroll
+        for (int i = 0; i < kOTiles; ++i)
+          if (i * 8 < pc.head_dim) {
+            po[i * 8 + 2 * t] = acc[mt][i][2 * r] * inv_sum;
+            po[i * 8 + 2 * t + 1] = acc[mt][i][2 * r + 1] * inv_sum;
+          }
+        if (t == 0)
+          p.partial_lse[ws_row0 + row] =
+              l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+      }
+    return;
+  }
   Element *sO = sQ;
   float lse[MT][2];
 #pragma unroll
@@ -387,6 +514,53 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   }
 }
 
+// Combine of the GLOBAL_ROWS splits: one warp per (b, h, entry x) of q_rows, listed entries
+// only; O = sum_s exp(lse_s - lse) O_s, LSE = log sum_s exp(lse_s), splits in increasing s
+// (deterministic). Splits without a key (lse_s = -inf) are not read; a row none of whose
+// splits saw a key gets O = 0, LSE = -inf.
+template <typename Element>
+__global__ void longformer_fwd_combine_kernel(const fk_longformer_fwd_params p) {
+  using ET = ElemTraits<Element>;
+  const fk_longformer_common &pc = p.c;
+  const int64_t per_split = int64_t(pc.batch) * pc.heads * pc.q_rows_per_seq;
+  const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (w >= per_split) return;
+  const int lane = threadIdx.x % 32;
+  const int x = int(w % pc.q_rows_per_seq);
+  const int head = int(w / pc.q_rows_per_seq % pc.heads);
+  const int batch = int(w / pc.q_rows_per_seq / pc.heads);
+  const int tok = pc.q_rows[int64_t(batch) * pc.q_rows_per_seq + x];
+  if (tok < 0 || tok >= pc.seqlen) return;
+  const int S = p.num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.partial_lse[s * per_split + w]);
+  float lse = -INFINITY;
+  if (mx != -INFINITY) {
+    float sum = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float ls = p.partial_lse[s * per_split + w];
+      if (ls != -INFINITY) sum += expf(ls - mx);
+    }
+    lse = mx + logf(sum);
+  }
+  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride +
+               int64_t(tok) * p.o_row_stride + head * p.o_head_stride;
+  for (int d = 2 * lane; d < pc.head_dim; d += 64) {
+    float a0 = 0.f, a1 = 0.f;
+    if (lse != -INFINITY)
+      for (int s = 0; s < S; ++s) {
+        const float ls = p.partial_lse[s * per_split + w];
+        if (ls == -INFINITY) continue;
+        const float wgt = expf(ls - lse);
+        const float *po = p.partial_o + (s * per_split + w) * pc.head_dim + d;
+        a0 = fmaf(wgt, po[0], a0);
+        a1 = fmaf(wgt, po[1], a1);
+      }
+    *reinterpret_cast<uint32_t *>(o + d) = ET::pack(a0, a1);
+  }
+  if (lane == 0) p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + tok] = lse;
+}
+
 // Tile configurations: 128 x 64 at both head dims (the ABI's BLOCK_M x BLOCK_N). D=128 is
 // the dense forward's; at D=64 the dense choice (two m-tiles per warp, 2 blocks per SM)
 // spills here (255 registers: the mask state is extra), so one m-tile per warp, 8 warps,
@@ -405,9 +579,20 @@ cudaError_t run_longformer_fwd_sm80(const fk_longformer_fwd_params &p, cudaStrea
                                     C::kMinBlocksPerSm, C::kQInRegs>;
   // Outer tiles: contiguous query tiles of N (LOCAL) or gathered tiles of q_rows.
   const int outer_rows = p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.c.seqlen;
-  const dim3 grid((outer_rows + Traits::kBlockM - 1) / Traits::kBlockM, p.c.heads, p.c.batch);
-  return launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads),
-                       Traits::kSmemBytes, stream, p);
+  // Split over keys: the splits of an outer tile are adjacent in x (entry point: x fits).
+  const int num_splits = p.num_splits > 1 ? p.num_splits : 1;
+  const int outer_tiles = (outer_rows + Traits::kBlockM - 1) / Traits::kBlockM;
+  const dim3 grid(unsigned(outer_tiles) * unsigned(num_splits), p.c.heads, p.c.batch);
+  // + the key tokens of gathered key tiles (two stages).
+  const size_t smem = Traits::kSmemBytes + 2 * Traits::kBlockN * sizeof(int);
+  cudaError_t err = launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads),
+                                  smem, stream, p);
+  if (err != cudaSuccess || num_splits == 1) return err;
+  constexpr int kCombineWarps = 4;
+  const int64_t rows = int64_t(p.c.batch) * p.c.heads * p.c.q_rows_per_seq;
+  const dim3 cgrid(unsigned((rows + kCombineWarps - 1) / kCombineWarps));
+  return launch_kernel(longformer_fwd_combine_kernel<Element>, cgrid, dim3(32 * kCombineWarps),
+                       0, stream, p);
 }
 
 } // namespace fk

@@ -82,12 +82,30 @@ typedef struct {
 } fk_longformer_common;
 
 /* ---- Forward ----
- * pass LOCAL: outer = contiguous query tiles (BLOCK_M), inner = contiguous key tiles
- *   (BLOCK_N), q_rows = k_rows = NULL. Writes O and LSE of every local row (its keys per
- *   LOCAL) and of every padded row (O = 0, LSE = -inf); global rows untouched.
+ * pass LOCAL: outer = contiguous query tiles (BLOCK_M), q_rows = NULL. Writes O and LSE of
+ *   every local row and of every padded row (O = 0, LSE = -inf); global rows untouched.
+ *   Inner tiles, with k_rows = NULL: contiguous key tiles (BLOCK_N), pairs per LOCAL.
+ *   With k_rows (the gathered global tokens, k_rows_per_seq >= 1): an inner id t below
+ *   ceil(N / BLOCK_N) is contiguous key tile t, whose pairs follow LOCAL_BAND (its global
+ *   keys are skipped); an id t >= ceil(N / BLOCK_N) is tile t - ceil(N / BLOCK_N) of the
+ *   gathered keys (BLOCK_N entries of k_rows), whose pairs follow GLOBAL_COLS. Together
+ *   that is LOCAL again, with the global keys packed into few tiles instead of one
+ *   mostly-empty contiguous tile per global token. k_rows must list exactly the tokens
+ *   global_mask marks (increasing, as ROWS says), or keys are counted twice or never.
  * pass GLOBAL_ROWS: outer = gathered query tiles of q_rows (BLOCK_M), inner = contiguous
  *   key tiles (BLOCK_N), k_rows = NULL, q/k/v = Q_g/K_g/V_g. Writes O and LSE of the listed
- *   rows only. */
+ *   rows only.
+ *   Split over keys (flash-decoding), for few global rows and long sequences: with
+ *   num_splits > 1 each outer tile of each (b, h) runs as num_splits blocks; split s
+ *   visits entries [len * s / num_splits, len * (s + 1) / num_splits) of its CSR row
+ *   (len = the row's length) and writes its partial result to the workspace: partial_o
+ *   (num_splits, B, H, q_rows_per_seq, D) f32, normalised by its own sum (0 when it saw
+ *   no key), and partial_lse (num_splits, B, H, q_rows_per_seq) f32 (-inf when it saw no
+ *   key), contiguous, entry x of the gathered row at index x; then a combine kernel,
+ *   launched by the same call, writes O = sum_s exp(lse_s - lse) O_s and
+ *   LSE = log sum_s exp(lse_s) of the listed rows (every split in a fixed order:
+ *   deterministic). num_splits = 1: no workspace (both may be NULL). LOCAL requires
+ *   num_splits = 1. */
 typedef struct {
   fk_longformer_common c;
   const void *q; /* (B, N, H, D) through the q strides */
@@ -100,6 +118,9 @@ typedef struct {
   int64_t v_batch_stride, v_row_stride, v_head_stride;
   int64_t o_batch_stride, o_row_stride, o_head_stride;
   int64_t lse_batch_stride, lse_head_stride;
+  int32_t num_splits;  /* >= 1; GLOBAL_ROWS only */
+  float *partial_o;    /* workspace, see above (num_splits > 1) */
+  float *partial_lse;  /* workspace, see above (num_splits > 1) */
 } fk_longformer_fwd_params;
 
 int32_t fk_longformer_fwd(const fk_longformer_fwd_params *params, void *stream);

@@ -401,15 +401,23 @@ unsafe fn launch_forward(
     let s = Schedule::new(p);
     let mut arena = Arena::new();
     let sh = push_shared(&mut arena, p, &s);
-    let local = arena.push_list(&p.local_rows_work(FWD_BLOCK_M, FWD_BLOCK_N))?;
+    // Local rows see the global keys through packed gathered tiles (k_rows).
+    let local = match &s.globals {
+        Some(g) => arena.push_list(&p.local_rows_packed_work(g, FWD_BLOCK_M, FWD_BLOCK_N))?,
+        None => arena.push_list(&p.local_rows_work(FWD_BLOCK_M, FWD_BLOCK_N))?,
+    };
     let global = match &s.globals {
-        Some(g) => Some(arena.push_list(&p.global_rows_work(g, FWD_BLOCK_M, FWD_BLOCK_N))?),
+        Some(g) => {
+            let list = p.global_rows_work(g, FWD_BLOCK_M, FWD_BLOCK_N);
+            let splits = global_row_splits(p, g, &list);
+            Some((arena.push_list(&list)?, splits, g.per_seq))
+        }
         None => None,
     };
     let stream = &stream()?;
     let up = arena.upload(stream)?;
 
-    let params = |a: PassArgs, [q, k, v]: [&DeviceView; 3]| {
+    let params = |a: PassArgs, [q, k, v]: [&DeviceView; 3], split: (i32, u64, u64)| {
         let (q_b, q_r, q_h) = bsh(&q.layout);
         let (k_b, k_r, k_h) = bsh(&k.layout);
         let (v_b, v_r, v_h) = bsh(&v.layout);
@@ -436,21 +444,41 @@ unsafe fn launch_forward(
             o_head_stride: o_h,
             lse_batch_stride: l_b,
             lse_head_stride: l_h,
+            num_splits: split.0,
+            partial_o: split.1 as *mut f32,
+            partial_lse: split.2 as *mut f32,
         }
     };
     let local_params = params(
         PassArgs {
             pass: ffi::FK_LONGFORMER_LOCAL,
             q_rows: false,
-            k_rows: false,
+            k_rows: s.globals.is_some(),
             per_class: true,
             list: local,
         },
         [q, k, v],
+        (1, 0, 0),
     );
     // SAFETY: params were validated above; the caller vouches for the memory.
     ffi::check(unsafe { ffi::fk_longformer_fwd(&local_params, stream.raw()) })?;
-    if let Some(list) = global {
+    if let Some((list, splits, per_seq)) = global {
+        // Workspace of the split pass: partial O (f32) and LSE per split; freed in stream
+        // order after the combine.
+        let rows = splits * p.batch * p.heads * per_seq;
+        let workspace = if splits > 1 {
+            // SAFETY: the split pass writes every element the combine reads.
+            Some(unsafe { stream.cuda().alloc::<f32>(rows * (p.head_dim + 1))? })
+        } else {
+            None
+        };
+        let (po, pl) = match &workspace {
+            Some(w) => {
+                let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, stream.cuda());
+                (ptr, ptr + (rows * p.head_dim * 4) as u64)
+            }
+            None => (0, 0),
+        };
         let global_params = params(
             PassArgs {
                 pass: ffi::FK_LONGFORMER_GLOBAL_ROWS,
@@ -460,11 +488,32 @@ unsafe fn launch_forward(
                 list,
             },
             globals.unwrap_or([q, k, v]),
+            (splits as i32, po, pl),
         );
         // SAFETY: as above.
         ffi::check(unsafe { ffi::fk_longformer_fwd(&global_params, stream.raw()) })?;
     }
     Ok(())
+}
+
+/// Thread blocks the global-rows forward should fill before it is split over keys: two
+/// waves on a 132-SM GPU.
+const GLOBAL_ROWS_TARGET_BLOCKS: usize = 264;
+/// Fewest key tiles a split should walk (below that the combine costs more than it saves).
+const MIN_TILES_PER_SPLIT: usize = 4;
+
+/// How many key splits the global-rows forward uses: few global rows over a long sequence
+/// would otherwise leave most of the GPU idle (one block per 128 global rows per head).
+fn global_row_splits(p: &LongformerProblem, g: &Gathered, list: &WorkList) -> usize {
+    let blocks = p.batch * p.heads * g.per_seq.div_ceil(FWD_BLOCK_M);
+    let longest = (0..list.rows())
+        .map(|r| list.row(r).len())
+        .max()
+        .unwrap_or(0);
+    GLOBAL_ROWS_TARGET_BLOCKS
+        .div_ceil(blocks)
+        .min(longest / MIN_TILES_PER_SPLIT)
+        .max(1)
 }
 
 /// The backward's tensors: inputs (and their global projections) and outputs.

@@ -263,6 +263,48 @@ impl LongformerProblem {
         list
     }
 
+    /// Pass LOCAL with packed global keys (forward): outer = contiguous query tiles of
+    /// `bm`, per (sequence, dilation class); inner = the key tiles of `bn` meeting a local
+    /// row's band at a non-global key (ids below ceil(N / bn)), then ceil(N / bn) + m for
+    /// each tile m (of `bn` entries) of the gathered global keys that a local row of the
+    /// tile sees. Each global key then costs one packed column instead of a whole tile.
+    pub fn local_rows_packed_work(&self, g: &Gathered, bm: usize, bn: usize) -> WorkList {
+        let counts = Counts::new(self);
+        let (_, dilations) = self.head_classes();
+        let n = self.seqlen;
+        let key_tiles = n.div_ceil(bn);
+        let mut list = WorkList::new();
+        for b in 0..self.batch {
+            for &dil in &dilations {
+                let (d, t0, t1) = self.band(dil);
+                for m in 0..n.div_ceil(bm) {
+                    let (lo, hi) = counts.span(bm, m);
+                    let mut rows =
+                        (lo..hi).filter(|&i| !self.is_global(b, i) && !self.is_padded(b, i));
+                    let Some(first) = rows.next() else {
+                        list.push_row(&[]);
+                        continue;
+                    };
+                    let last = rows.next_back().unwrap_or(first);
+                    let mut tiles = band_tiles(first, last, d, t0, t1, n, bn);
+                    // Band pairs need a local (non-padded, non-global) key.
+                    tiles.retain(|&t| counts.tile_has_local(b, bn, t));
+                    tiles.extend(
+                        (0..g.tiles(bn))
+                            .filter(|&x| {
+                                g.tile(b, x, bn)
+                                    .next()
+                                    .is_some_and(|key| !self.causal || key <= last)
+                            })
+                            .map(|x| key_tiles + x),
+                    );
+                    list.push_row(&tiles);
+                }
+            }
+        }
+        list
+    }
+
     /// Pass LOCAL_BAND (dK/dV): outer = contiguous key tiles of `bn`, per (sequence,
     /// dilation class); inner = query tiles of `bm` holding a local row whose band meets a
     /// non-global key of the tile.

@@ -14,6 +14,11 @@
 // tile)) are built here as the host builds them: LOCAL exactly from the rule; GLOBAL_ROWS per
 // gathered tile, every key tile holding a non-padded key j with (not causal or j <= the
 // tile's last row). Also: the entry point's argument checks.
+// Packed global keys (LOCAL with k_rows = the listed global tokens): the work list holds the
+// contiguous key tiles with a LOCAL_BAND pair (global keys excluded) plus nkt + m for each
+// gathered key tile m with a listed key some local row of the tile sees; checked against the
+// same reference (a global key inside a window counts once). Split over keys (GLOBAL_ROWS
+// num_splits > 1): the workspace starts as NaN; checked against the same reference.
 // Usage: longformer_test [case index...] (all cases by default).
 #include "harness.h"
 
@@ -40,8 +45,18 @@ struct LCase {
   int mode = LOCAL_ONLY;
   int extra_slots = 0;      // q_rows_per_seq = the largest count + this (more -1 entries)
   bool one_class = false;   // GLOBAL_ROWS work list with one class for every head
-  bool list_padded = false; // q_rows also list padded global tokens (stored O = 0, LSE = -inf)
+  bool list_padded = false; // q_rows (and k_rows) also list padded global tokens (stored O =
+                            // 0, LSE = -inf; as keys they take part in no pair)
+  bool packed = false;      // LOCAL with packed global keys (k_rows, gathered key tiles)
+  int splits = 1;           // GLOBAL_ROWS num_splits (flash-decoding split over keys)
 };
+
+// A copy of c with packed global keys in LOCAL and / or GLOBAL_ROWS split over keys.
+static LCase variant(LCase c, bool packed, int splits, const char *tag) {
+  c.packed = packed, c.splits = splits;
+  c.name = std::string(tag) + " " + c.name;
+  return c;
+}
 
 // Tokens a, a + step, ... below e.
 static std::vector<int> range(int a, int e, int step = 1) {
@@ -80,6 +95,17 @@ struct Rule {
       if (!is_pad(b, g) && (!c.causal || g <= i)) ks.insert(g);
     return std::vector<int>(ks.begin(), ks.end());
   }
+  // LOCAL_BAND keys of local row i: the band's non-padded, non-global keys.
+  std::vector<int> band_keys(int b, int h, int i) const {
+    const int64_t n = c.N, d = std::min<int64_t>(c.dilation[h], n), w = std::min<int64_t>(c.window, n);
+    const int64_t hi = c.causal ? 0 : w;
+    std::vector<int> ks;
+    for (int64_t tt = -w; tt <= hi; ++tt) {
+      const int64_t j = i + d * tt;
+      if (j >= 0 && j < n && !is_pad(b, int(j)) && !is_glob(b, int(j))) ks.push_back(int(j));
+    }
+    return ks;
+  }
   // Keys of global row i: every non-padded key (causal: j <= i); none for a padded row.
   std::vector<int> global_keys(int b, int i) const {
     std::vector<int> ks;
@@ -113,8 +139,8 @@ void ref_keys(const Problem<T> &p, int b, int h, int i, const std::vector<int> &
 
 // A pass's schedule: classes, CSR, and (GLOBAL_ROWS) q_rows.
 struct Plan {
-  std::vector<int32_t> head_class, offs{0}, ids, q_rows;
-  int C = 0, outer_tiles = 0, per_seq = 0;
+  std::vector<int32_t> head_class, offs{0}, ids, q_rows, k_rows;
+  int C = 0, outer_tiles = 0, per_seq = 0, k_per_seq = 0;
 };
 
 // Classes = distinct dilations (rep_head: one head per class), or one class for all.
@@ -138,7 +164,11 @@ static void classes(const LCase &lc, bool one, Plan &pl, std::vector<int> &rep_h
 }
 
 // LOCAL: per (b, class, q tile) the sorted key tiles holding an allowed pair of a local row
-// (or every tile with full_plan).
+// (or every tile with full_plan). Packed (k_rows = the global tokens, non-padded ones unless
+// list_padded, per_seq = the largest count + extra_slots, at least 1): the contiguous key
+// tiles holding a LOCAL_BAND pair of a local row of the tile, then nkt + m for each gathered
+// key tile m holding a listed key some local row of the tile sees (causal: key <= the
+// tile's last local row); full_plan: every contiguous and every gathered tile.
 static Plan local_plan(const LCase &lc, const Rule &rule) {
   const int BM = FK_LONGFORMER_BLOCK_M, BN = FK_LONGFORMER_BLOCK_N;
   const int nt = (lc.N + BN - 1) / BN;
@@ -146,6 +176,37 @@ static Plan local_plan(const LCase &lc, const Rule &rule) {
   std::vector<int> rep_head;
   classes(lc, false, pl, rep_head);
   pl.outer_tiles = (lc.N + BM - 1) / BM;
+  if (lc.packed) {
+    for (int b = 0; b < lc.B; ++b)
+      pl.k_per_seq = std::max(pl.k_per_seq, int(rule.listed[b].size()));
+    pl.k_per_seq = std::max(pl.k_per_seq + lc.extra_slots, 1);
+    pl.k_rows.assign(size_t(lc.B) * pl.k_per_seq, -1);
+    for (int b = 0; b < lc.B; ++b)
+      for (size_t x = 0; x < rule.listed[b].size(); ++x)
+        pl.k_rows[size_t(b) * pl.k_per_seq + x] = rule.listed[b][x];
+    const int gt = (pl.k_per_seq + BN - 1) / BN;
+    for (int b = 0; b < lc.B; ++b)
+      for (int cc = 0; cc < pl.C; ++cc)
+        for (int m = 0; m < pl.outer_tiles; ++m) {
+          std::set<int> tiles;
+          int last_local = -1;
+          for (int i = m * BM; i < std::min(lc.N, (m + 1) * BM); ++i)
+            if (rule.local_row(b, i)) {
+              last_local = i;
+              for (int j : rule.band_keys(b, rep_head[cc], i)) tiles.insert(j / BN);
+            }
+          for (int x = 0; x < pl.k_per_seq; ++x) {
+            const int j = pl.k_rows[size_t(b) * pl.k_per_seq + x];
+            if (j >= 0 && !rule.is_pad(b, j) && last_local >= 0 && (!lc.causal || j <= last_local))
+              tiles.insert(nt + x / BN);
+          }
+          if (lc.full_plan)
+            for (int n = 0; n < nt + gt; ++n) tiles.insert(n);
+          pl.ids.insert(pl.ids.end(), tiles.begin(), tiles.end());
+          pl.offs.push_back(int32_t(pl.ids.size()));
+        }
+    return pl;
+  }
   for (int b = 0; b < lc.B; ++b)
     for (int cc = 0; cc < pl.C; ++cc)
       for (int m = 0; m < pl.outer_tiles; ++m) {
@@ -217,6 +278,17 @@ int run_pass(int pass, const LCase &lc, const Rule &rule, const Problem<T> &p, c
   c.pass = pass;
   c.q_rows = pass == FK_LONGFORMER_GLOBAL_ROWS ? pl.q_rows.data() : nullptr;
   c.q_rows_per_seq = pass == FK_LONGFORMER_GLOBAL_ROWS ? pl.per_seq : 0;
+  c.k_rows = pl.k_rows.empty() ? nullptr : pl.k_rows.data();
+  c.k_rows_per_seq = pl.k_rows.empty() ? 0 : pl.k_per_seq;
+  // Split over keys (GLOBAL_ROWS): the workspace starts as NaN, so any entry the combine
+  // reads that no split wrote shows up.
+  std::vector<float> ws_o, ws_lse;
+  q.num_splits = pass == FK_LONGFORMER_GLOBAL_ROWS ? lc.splits : 1;
+  if (q.num_splits > 1) {
+    const size_t rows = size_t(q.num_splits) * lc.B * lc.H * pl.per_seq;
+    ws_o.assign(rows * lc.D, NAN), ws_lse.assign(rows, NAN);
+    q.partial_o = ws_o.data(), q.partial_lse = ws_lse.data();
+  }
   c.head_class = pl.head_class.data(), c.num_classes = pl.C;
   static const int32_t no_tile = 0; // an empty list still needs a pointer
   c.tile_offsets = pl.offs.data(), c.tile_ids = pl.ids.empty() ? &no_tile : pl.ids.data();
@@ -291,10 +363,11 @@ template <typename T> void lf_case(const LCase &lc, Report &r) {
   }
   so.pad_touched = count_pad_touched(O, c.nq);
   sl.pad_touched = count_pad_touched(lse, c.nq, c.H);
-  r.info(format("%ld fiber switches; LOCAL %d classes, %zu tiles of %d; GLOBAL_ROWS per_seq %d, "
+  r.info(format("%ld fiber switches; LOCAL %d classes, %zu tiles of %d (k_rows per_seq %d); "
+                "GLOBAL_ROWS per_seq %d, %d splits, "
                 "%d classes, %zu tiles of %d; rows x heads: %ld local, %ld global, %ld padded",
                 emu::g_switches - sw0, lp.C, run_local ? lp.ids.size() : 0,
-                lc.B * lp.C * lp.outer_tiles * nt, gp.per_seq, gp.C,
+                lc.B * lp.C * lp.outer_tiles * nt, lp.k_per_seq, gp.per_seq, lc.splits, gp.C,
                 run_global ? gp.ids.size() : 0, lc.B * gp.C * gp.outer_tiles * nt, local_rows,
                 global_rows, padded_rows));
   if (untouched_bad)
@@ -315,6 +388,7 @@ static void api_checks(Report &r) {
     q.c.dilation = &one, q.c.head_class = &zero, q.c.num_classes = 1;
     q.c.tile_offsets = offs, q.c.tile_ids = &zero, q.c.dtype = FK_DTYPE_F16;
     q.c.pass = FK_LONGFORMER_LOCAL;
+    q.num_splits = 1;
     return q;
   };
   struct Check {
@@ -349,6 +423,40 @@ static void api_checks(Report &r) {
       {"pass 4", [](fk_longformer_fwd_params &q) { q.c.pass = 4; }, bad},
       {"head_dim 12", [](fk_longformer_fwd_params &q) { q.c.head_dim = 12; }, bad},
       {"tile_ids NULL", [](fk_longformer_fwd_params &q) { q.c.tile_ids = nullptr; }, bad},
+      {"num_splits 0", [](fk_longformer_fwd_params &q) { q.num_splits = 0; }, bad},
+      {"num_splits -1", [](fk_longformer_fwd_params &q) { q.num_splits = -1; }, bad},
+      {"LOCAL, num_splits 2 with workspaces",
+       [](fk_longformer_fwd_params &q) {
+         q.num_splits = 2, q.partial_o = lse_buf, q.partial_lse = lse_buf;
+       },
+       bad},
+      {"GLOBAL_ROWS, num_splits 2 with workspaces, N = 0",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows = rows, q.c.q_rows_per_seq = 1;
+         q.num_splits = 2, q.partial_o = lse_buf, q.partial_lse = lse_buf;
+       },
+       0},
+      {"GLOBAL_ROWS, num_splits 2, partial_o NULL",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows = rows, q.c.q_rows_per_seq = 1;
+         q.num_splits = 2, q.partial_lse = lse_buf;
+       },
+       bad},
+      {"GLOBAL_ROWS, num_splits 2, partial_lse NULL",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows = rows, q.c.q_rows_per_seq = 1;
+         q.num_splits = 2, q.partial_o = lse_buf;
+       },
+       bad},
+      {"GLOBAL_ROWS, num_splits 1, no workspace, N = 0",
+       [](fk_longformer_fwd_params &q) {
+         q.c.pass = FK_LONGFORMER_GLOBAL_ROWS, q.c.q_rows = rows, q.c.q_rows_per_seq = 1;
+       },
+       0},
+      {"LOCAL with k_rows, N = 0",
+       [](fk_longformer_fwd_params &q) { q.c.k_rows = rows, q.c.k_rows_per_seq = 1; }, 0},
+      {"LOCAL with k_rows, k_rows_per_seq 0",
+       [](fk_longformer_fwd_params &q) { q.c.k_rows = rows; }, bad},
   };
   for (const Check &ch : checks) {
     fk_longformer_fwd_params q = base();
@@ -363,7 +471,7 @@ static void api_checks(Report &r) {
 int main(int argc, char **argv) {
   const int F = FK_DTYPE_F16, BF = FK_DTYPE_BF16;
   const int G = GLOBAL_ONLY, E = BOTH;
-  const std::vector<LCase> cases = {
+  std::vector<LCase> cases = {
       // LOCAL alone.
       {"d64 f16 w1 d1 no globals", F, 1, 200, 1, 64, 1, {1}, false, {{}}, {{}}},
       {"d64 bf16 w3 dil 1..4 globals start/mid/end", BF, 1, 300, 4, 64, 3, {1, 2, 3, 4}, false,
@@ -412,6 +520,42 @@ int main(int argc, char **argv) {
       {"e2e d40 f16 causal w2 no globals (GLOBAL_ROWS not run)", F, 1, 100, 1, 40, 2, {1}, true,
        {{}}, {{}}, false, E},
   };
+  // Packed global keys (LOCAL with k_rows): variants of LOCAL-alone cases, then new ones.
+  for (size_t i : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
+    cases.push_back(variant(cases[i], true, 1, "packed"));
+  const std::vector<LCase> packed = {
+      {"d128 f16 causal w8 dil(1,3), 150 globals (3 gathered tiles) in windows, padding", F, 1,
+       400, 2, 128, 8, {1, 3}, true, {range(0, 300, 2)}, {{7, 8, 9, 131, 133, 250, 399}}},
+      {"d72 bf16 w4 dil(2,1), 100 globals, listed padded globals, -1 slots, batch 2", BF, 2, 300,
+       2, 72, 4, {2, 1}, false, {range(3, 300, 3), {0, 5, 150}},
+       {{6, 9, 12, 100, 101, 299}, {5, 200, 201}}, false, LOCAL_ONLY, 3, false, true},
+      {"d64 f16 causal w16 dil(1,2,4), 70 globals (2 gathered tiles), padding head", F, 1, 333,
+       3, 64, 16, {1, 2, 4}, true, {range(20, 300, 4)}, {{0, 1, 2}}},
+      {"d8 bf16 w2 no globals (k_rows all -1)", BF, 1, 130, 1, 8, 2, {1}, false, {{}}, {{}}},
+      {"d128 bf16 w1 dil(1,2) 65 globals, 2 gathered tiles, full plan", BF, 1, 260, 2, 128, 1,
+       {1, 2}, false, {range(0, 260, 4)}, {{1, 259}}, true},
+  };
+  for (const LCase &c : packed) cases.push_back(variant(c, true, 1, "packed"));
+  // GLOBAL_ROWS split over keys: variants of GLOBAL_ROWS-alone cases, then new ones.
+  const std::pair<size_t, int> split_of[] = {{13, 2}, {14, 3}, {15, 5}, {16, 7}, {13, 40}};
+  for (auto [i, S] : split_of)
+    cases.push_back(variant(cases[i], false, S, format("split %d", S).c_str()));
+  const std::vector<LCase> split = {
+      {"GLOBAL_ROWS d128 f16 causal N=700, globals early/late, padded head", F, 1, 700, 2, 128,
+       3, {1, 2}, true, {{0, 1, 5, 64, 300, 699}}, {{2, 3, 4, 10}}, false, G},
+      {"GLOBAL_ROWS d64 bf16 N=200 (4 key tiles), batch 2, padding", BF, 2, 200, 2, 64, 3, {1, 1},
+       false, {{0, 199}, {50}}, {{100}, range(150, 200)}, false, G},
+      {"GLOBAL_ROWS d72 f16 causal, listed padded + early rows", F, 1, 300, 1, 72, 1, {2}, true,
+       {{0, 3, 4, 150, 299}}, {{3, 200}}, false, G, 2, false, true},
+  };
+  for (int S : {2, 3, 7}) cases.push_back(variant(split[0], false, S, format("split %d", S).c_str()));
+  cases.push_back(variant(split[1], false, 9, "split 9 (> CSR entries)"));
+  cases.push_back(variant(split[2], false, 3, "split 3"));
+  cases.push_back(variant(split[2], false, 12, "split 12 (> CSR entries)"));
+  // End to end with both: packed LOCAL then split GLOBAL_ROWS.
+  const std::pair<size_t, int> e2e_of[] = {{17, 2}, {18, 3}, {19, 7}, {20, 2}, {21, 3}, {22, 4}, {23, 2}};
+  for (auto [i, S] : e2e_of)
+    cases.push_back(variant(cases[i], true, S, format("packed + split %d", S).c_str()));
   int bad = 0;
   for (size_t i = 0; i <= cases.size(); ++i) {
     bool selected = argc <= 1;
