@@ -284,6 +284,30 @@ fn padding_anywhere() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn few_global_rows_over_a_long_sequence() {
+    // Few gathered rows against thousands of keys: the global passes split over keys
+    // (the host picks the splits), the local rows see packed global-key tiles.
+    let s = stream();
+    for (n, globals) in [
+        (2085, vec![0, 1, 2, 3]),
+        (4100, vec![0, 999, 1000, 2047, 4099]),
+        (3000, (0..3000).step_by(150).collect()),
+    ] {
+        for causal in [false, true] {
+            for separate in [true, false] {
+                let mut c = Case::new([1, n, 1, 64], 32, &[1]);
+                c.globals = vec![globals.clone()];
+                c.padded = vec![(n - 20..n).filter(|i| !globals.contains(i)).collect()];
+                c.causal = causal;
+                c.separate = separate;
+                check(&s, &c, n as u64);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn backward_is_deterministic() {
     let s = stream();
     let mut c = Case::new([1, 500, 2, 64], 32, &[1, 2]);
