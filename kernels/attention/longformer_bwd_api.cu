@@ -1,7 +1,8 @@
 // C entry points of the Longformer backward (fk_longformer.h): check what would be
 // undefined behaviour on the device, then dispatch on (dtype, head dim) and launch on the
-// caller's device and stream. The work list (CSR) and the gathered row lists are validated
-// by the caller.
+// caller's device and stream (with num_splits > 1: the split pass, then its reduce, on
+// that stream). The work list (CSR) and the gathered row lists are validated by the
+// caller.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,6 +35,19 @@ bool longformer_bwd_pass_ok(const fk_longformer_bwd_params *p) {
   return true;
 }
 
+// Splits (num_splits > 1): only `split_pass` (dq GLOBAL_ROWS, dkdv GLOBAL_COLS), with the
+// workspace; the split grid's x (outer tiles x splits) and the reduce's grid must fit.
+bool longformer_bwd_splits_ok(const fk_longformer_bwd_params *p, int split_pass,
+                              int32_t per_seq) {
+  if (p->num_splits < 1) return false;
+  if (p->num_splits == 1) return true;
+  if (p->c.pass != split_pass || p->partial == nullptr) return false;
+  const int64_t outer =
+      (int64_t(per_seq) + FK_LONGFORMER_BWD_BLOCK - 1) / FK_LONGFORMER_BWD_BLOCK;
+  return outer * p->num_splits <= INT32_MAX &&
+         int64_t(p->c.batch) * p->c.heads * per_seq / 4 < INT32_MAX;
+}
+
 template <typename T>
 cudaError_t longformer_bwd_dq_dispatch(const fk_longformer_bwd_params &p, cudaStream_t s) {
   if (p.c.head_dim <= 64) return fk::run_longformer_bwd_dq_sm80<64, T>(p, s);
@@ -60,7 +74,11 @@ extern "C" int32_t fk_longformer_bwd_delta(const fk_longformer_bwd_params *p, vo
 
 extern "C" int32_t fk_longformer_bwd_dq(const fk_longformer_bwd_params *p, void *stream) {
   if (!longformer_bwd_common_ok(p) || !longformer_bwd_pass_ok(p) || p->dq == nullptr ||
-      (p->c.pass != FK_LONGFORMER_LOCAL && p->c.pass != FK_LONGFORMER_GLOBAL_ROWS))
+      (p->c.pass != FK_LONGFORMER_LOCAL && p->c.pass != FK_LONGFORMER_GLOBAL_ROWS) ||
+      !longformer_bwd_splits_ok(p, FK_LONGFORMER_GLOBAL_ROWS, p->c.q_rows_per_seq))
+    return cudaErrorInvalidValue;
+  // LOCAL's packed global keys (optional): a list of at least one entry per sequence.
+  if (p->c.pass == FK_LONGFORMER_LOCAL && p->c.k_rows != nullptr && p->c.k_rows_per_seq < 1)
     return cudaErrorInvalidValue;
   if (p->c.seqlen == 0) return cudaSuccess;
   fk::DeviceGuard guard(p->c.device);
@@ -74,7 +92,8 @@ extern "C" int32_t fk_longformer_bwd_dkdv(const fk_longformer_bwd_params *p, voi
   if (!longformer_bwd_common_ok(p) || !longformer_bwd_pass_ok(p) || p->dk == nullptr ||
       p->dv == nullptr ||
       (p->c.pass != FK_LONGFORMER_LOCAL_BAND && p->c.pass != FK_LONGFORMER_GLOBAL_COLS &&
-       p->c.pass != FK_LONGFORMER_GLOBAL_ROWS))
+       p->c.pass != FK_LONGFORMER_GLOBAL_ROWS) ||
+      !longformer_bwd_splits_ok(p, FK_LONGFORMER_GLOBAL_COLS, p->c.k_rows_per_seq))
     return cudaErrorInvalidValue;
   if (p->c.seqlen == 0) return cudaSuccess;
   fk::DeviceGuard guard(p->c.device);

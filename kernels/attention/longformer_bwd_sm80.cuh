@@ -14,6 +14,16 @@
 //    the dense kernel, walks its CSR list of 64-query tiles (each as 64 / kBlockM steps of
 //    kBlockM queries): dV += P^T dO, dK += dS^T Q. Writes, or with `accumulate` adds in
 //    f32 to, dK and dV.
+// Packed global keys (dq LOCAL with k_rows): inner ids below nkt = ceil(N / 64) are
+// contiguous key tiles with LOCAL_BAND pairs (their global keys skipped), ids nkt + m are
+// tile m of the gathered global keys (k_rows), loaded by token, with GLOBAL_COLS pairs;
+// the per-stage key flags hold those keys' tokens, so the causal test (token <= i) is read
+// per element like the band's flags. Without k_rows every id is a contiguous LOCAL tile.
+// Splits (num_splits > 1; dq GLOBAL_ROWS over key tiles, dkdv GLOBAL_COLS over query
+// tiles): grid x = outer tiles x splits (a tile's splits adjacent); split s visits its
+// slice of the CSR row and writes its unscaled f32 sums of the listed rows to `partial`;
+// longformer_bwd_reduce_kernel (launched after it on the same stream) sums the splits in
+// increasing s and writes (or adds) the listed rows as the unsplit pass would.
 // Every loaded row that takes no part in the pass (padded token, gathered entry -1, token
 // past N, a query row the pass does not own) is zero-filled, and its LSE / Delta are
 // replaced by +inf (log2 domain) / 0, so P = 0 and dS = 0 exactly there: whatever such
@@ -109,6 +119,29 @@ __device__ __forceinline__ void load_rows(Element *smem, const Element *base,
     const bool valid = token >= 0;
     const Element *src = base + (valid ? int64_t(token) * row_stride + chunk * 8 : 0);
     cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
+  }
+}
+
+// load_rows of two tensors with the same rows (K and V): tok(r) once per chunk.
+template <int kNThreads, int COLS, int ROWS, typename Element, typename TokFn>
+__device__ __forceinline__ void load_rows2(Element *smem_a, const Element *base_a,
+                                           int64_t stride_a, Element *smem_b,
+                                           const Element *base_b, int64_t stride_b,
+                                           const TokFn &tok, int chunks_valid, int tid) {
+  using Tile = SwizzledTile<COLS>;
+  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
+  static_assert(kChunks % kNThreads == 0, "tile must split evenly over threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / kNThreads; ++i) {
+    const int idx = i * kNThreads + tid;
+    const int row = idx / Tile::kChunksPerRow;
+    const int chunk = idx % Tile::kChunksPerRow;
+    const int token = chunk < chunks_valid ? tok(row) : -1;
+    const bool valid = token >= 0;
+    const Element *src_a = base_a + (valid ? int64_t(token) * stride_a + chunk * 8 : 0);
+    const Element *src_b = base_b + (valid ? int64_t(token) * stride_b + chunk * 8 : 0);
+    cp_async_16(smem_addr(smem_a + Tile::offset(row, chunk)), src_a, valid ? 16 : 0);
+    cp_async_16(smem_addr(smem_b + Tile::offset(row, chunk)), src_b, valid ? 16 : 0);
   }
 }
 
@@ -221,7 +254,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   int *sKf = reinterpret_cast<int *>(sV + 2 * Tr::kSmemKV); // two stages of key flags
 
   const fk_longformer_common &c = p.c;
-  const int m_block = blockIdx.x;
+  // Split over keys (GLOBAL_ROWS, num_splits > 1; the entry point checks): the splits of
+  // one outer tile are adjacent blocks of the grid's x.
+  const int num_splits = max(p.num_splits, 1);
+  const int m_block = blockIdx.x / num_splits;
+  const int split = blockIdx.x % num_splits;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int pass = c.pass;
@@ -239,9 +276,25 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   const Rows rows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
                   batch, rule.n);
   const int64_t csr_row =
-      (int64_t(batch) * c.num_classes + c.head_class[head]) * gridDim.x + m_block;
-  const int it_begin = c.tile_offsets[csr_row];
-  const int it_end = c.tile_offsets[csr_row + 1];
+      (int64_t(batch) * c.num_classes + c.head_class[head]) * (gridDim.x / num_splits) +
+      m_block;
+  // Split s visits entries [len * s / S, len * (s + 1) / S) of the row (S = 1: all).
+  const int row_begin = c.tile_offsets[csr_row];
+  const int64_t row_len = c.tile_offsets[csr_row + 1] - row_begin;
+  const int it_begin = row_begin + int(row_len * split / num_splits);
+  const int it_end = row_begin + int(row_len * (split + 1) / num_splits);
+
+  // Packed global keys (LOCAL with k_rows): inner ids >= nkt are tiles of the gathered
+  // keys, key row x of gathered tile gt is token k_rows[b][gt * BN + x] (none when -1,
+  // outside [0, N) or past per_seq). Read from the parameters where used (registers).
+  auto packed = [&] { return pass == FK_LONGFORMER_LOCAL && c.k_rows != nullptr; };
+  auto nkt = [&] { return (c.seqlen + BN - 1) / BN; };
+  auto gathered_key = [&](int gt, int x) -> int {
+    const int64_t e = int64_t(gt) * BN + x;
+    if (e >= c.k_rows_per_seq) return -1;
+    const int tok = c.k_rows[int64_t(batch) * c.k_rows_per_seq + e];
+    return tok >= 0 && tok < c.seqlen ? tok : -1;
+  };
 
   const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
                      int64_t(head) * p.q_head_stride;
@@ -259,21 +312,28 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     return rule.query_ok(pass, i) ? i : -1;
   };
   auto load_kv = [&](int it, int stage) {
-    const int k0 = c.tile_ids[it] * BN;
+    const int tile = c.tile_ids[it];
+    const bool gtile = packed() && tile >= nkt();
+    const int k0 = tile * BN;
     auto k_tok = [&](int r) {
-      const int j = k0 + r < rule.n ? k0 + r : -1;
+      const int j = gtile ? gathered_key(tile - nkt(), r) : k0 + r < rule.n ? k0 + r : -1;
       return rule.key_ok(j) ? j : -1;
     };
-    load_rows<Tr::kNThreads, D, BN>(sK + stage * Tr::kSmemKV, k, p.k_row_stride, k_tok,
-                                    chunks_valid, tid);
-    load_rows<Tr::kNThreads, D, BN>(sV + stage * Tr::kSmemKV, v, p.v_row_stride, k_tok,
-                                    chunks_valid, tid);
+    load_rows2<Tr::kNThreads, D, BN>(sK + stage * Tr::kSmemKV, k, p.k_row_stride,
+                                     sV + stage * Tr::kSmemKV, v, p.v_row_stride, k_tok,
+                                     chunks_valid, tid);
   };
 
-  // Flags of key k0 + r (r = tid < BN) of step it: -1 if it can never be a key, else its
-  // residue, plus 2^30 if global.
+  // Flags of key r = tid < BN of step it: -1 if it can never be a key; of a contiguous
+  // tile (key k0 + r) its residue, plus 2^30 if global; of a gathered key tile its token
+  // (the pairs are GLOBAL_COLS there: only the causal test needs the key).
   auto key_flags = [&](int it) {
-    const int j = c.tile_ids[it] * BN + tid;
+    const int tile = c.tile_ids[it];
+    if (packed() && tile >= nkt()) {
+      const int j = gathered_key(tile - nkt(), tid);
+      return rule.key_ok(j) ? j : -1;
+    }
+    const int j = tile * BN + tid;
     if (j >= rule.n || !rule.key_ok(j)) return -1;
     return rule.residue(j) | (rule.global(j) ? 1 << 30 : 0);
   };
@@ -320,26 +380,37 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     __syncthreads();
     const Element *sKs = sK + stage * Tr::kSmemKV;
     const Element *sVs = sV + stage * Tr::kSmemKV;
-    const int k0 = c.tile_ids[it] * BN;
+    const int tile = c.tile_ids[it];
+    const int k0 = tile * BN;
 
     // The rule per element, before S is live (fewer registers): bit 4 j + e of `allowed`
-    // is element s[j][e], query row g + 8 (e >= 2), key k0 + 8 j + 2 t + (e & 1).
+    // is element s[j][e], query row g + 8 (e >= 2), key column 8 j + 2 t + (e & 1).
     static_assert(4 * kSTiles <= 32, "a thread's elements fit a 32-bit mask");
     const int *kf_s = sKf + stage * BN;
     uint32_t allowed = 0;
+    {
+      // Contiguous key tile (column x = key k0 + x): LOCAL, or with packed global keys
+      // LOCAL_BAND (the global keys are in the gathered tiles); GLOBAL_ROWS as is. Gathered
+      // key tile: GLOBAL_COLS, column x = the flag (its token: every listed key of a local
+      // row, causal: token <= i).
+      const bool gtile = packed() && tile >= nkt();
+      const int tpass = gtile ? FK_LONGFORMER_GLOBAL_COLS
+                              : packed() ? FK_LONGFORMER_LOCAL_BAND : pass;
 #pragma unroll
-    for (int j = 0; j < kSTiles; ++j)
+      for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int kf = kf_s[j * 8 + 2 * t + e];
-        const int col = k0 + j * 8 + 2 * t + e;
-        const bool k_glob = (kf >> 30) & 1;
-        const int k_res = kf & ((1 << 30) - 1);
+        for (int e = 0; e < 2; ++e) {
+          const int kf = kf_s[j * 8 + 2 * t + e];
+          const int col = gtile ? kf : k0 + j * 8 + 2 * t + e;
+          const bool k_glob = (kf >> 30) & 1;
+          const int k_res = kf & ((1 << 30) - 1);
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-          if (rule.pair(pass, row_i[r], col, row_ok[r], kf >= 0, k_glob, k_res == row_res[r]))
-            allowed |= 1u << (4 * j + 2 * r + e);
-      }
+          for (int r = 0; r < 2; ++r)
+            if (rule.pair(tpass, row_i[r], col, row_ok[r], kf >= 0, k_glob,
+                          k_res == row_res[r]))
+              allowed |= 1u << (4 * j + 2 * r + e);
+        }
+    }
 
     // The step's keys in kKeySplit parts of KP (fewer live registers at D = 128).
 #pragma unroll 1
@@ -385,6 +456,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     if (!row_ok[r])
 #pragma unroll
       for (int i = 0; i < kOTiles; ++i) acc[i][2 * r] = acc[i][2 * r + 1] = 0.f;
+  if (p.num_splits > 1) {
+    // GLOBAL_ROWS split: this split's unscaled f32 sums of every listed row (zeros for a
+    // padded one, or without keys) at the row's entry index; the reduce writes dQ.
+    const int64_t ws_row0 =
+        ((int64_t(blockIdx.x % p.num_splits) * c.batch + batch) * c.heads + head) *
+            c.q_rows_per_seq +
+        m0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row_i[r] < 0) continue;
+      float *pr = p.partial + (ws_row0 + warp_row0 + g + 8 * r) * c.head_dim + 2 * t;
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i)
+        if (i < chunks_valid)
+          *reinterpret_cast<float2 *>(pr + i * 8) = make_float2(acc[i][2 * r], acc[i][2 * r + 1]);
+    }
+    return;
+  }
   stage_rows<D>(sQ, warp_row0, acc, c.softmax_scale, lane);
   int *tok_s = sKf; // free now: the tokens of the rows, this warp's written by itself
   if (lane < 16) tok_s[warp_row0 + lane] = rows.token(m0 + warp_row0 + lane);
@@ -413,9 +502,9 @@ struct LongformerBwdKVTraitsSm80 {
   static constexpr int kSmemKV = kBlockN * kHeadDim; // elements of K or V
   static constexpr int kSmemQ = kBlockM * kHeadDim;  // elements of one Q or dO stage
   // K, V; two stages of Q and of dO; two stages of LSE (log2), Delta, query token and
-  // query residue.
-  static constexpr size_t kSmemBytes =
-      size_t(2 * kSmemKV + 4 * kSmemQ) * sizeof(Element) + 8 * kBlockM * sizeof(float);
+  // query residue; the key rows' tokens and the first key entry (for the epilogue).
+  static constexpr size_t kSmemBytes = size_t(2 * kSmemKV + 4 * kSmemQ) * sizeof(Element) +
+                                       8 * kBlockM * sizeof(float) + (kBlockN + 1) * sizeof(int);
 };
 
 template <class Tr>
@@ -439,9 +528,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   float *sDelta = sLse + 2 * BM;                                  // two stages
   int *sQi = reinterpret_cast<int *>(sDelta + 2 * BM); // two stages: query token or -1
   int *sQr = sQi + 2 * BM;                              // two stages: its residue
+  // The key rows' tokens (-1: none), then the block's first key entry n0. At D = 128 they
+  // are written before the loop and the epilogue reads them here (n0 is a division when
+  // split, not worth a register through the loop: fewer spills); at D = 64 (no spills
+  // either way, measured) the epilogue computes them.
+  constexpr bool kTokInSmem = D > 64;
+  int *sKtok = sQr + 2 * BM;
 
   const fk_longformer_common &c = p.c;
-  const int n_block = blockIdx.x;
+  // Split over queries (GLOBAL_COLS, num_splits > 1; the entry point checks): the splits
+  // of one outer tile are adjacent blocks of the grid's x.
+  const int num_splits = max(p.num_splits, 1);
+  const int n_block = blockIdx.x / num_splits;
+  const int split = blockIdx.x % num_splits;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int pass = c.pass;
@@ -462,9 +561,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   const Rows qrows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
                    batch, rule.n);
   const int64_t csr_row =
-      (int64_t(batch) * c.num_classes + c.head_class[head]) * gridDim.x + n_block;
-  const int tile_begin = c.tile_offsets[csr_row];
-  const int n_iters = (c.tile_offsets[csr_row + 1] - tile_begin) * Tr::kSubSteps;
+      (int64_t(batch) * c.num_classes + c.head_class[head]) * (gridDim.x / num_splits) +
+      n_block;
+  // Split s visits entries [len * s / S, len * (s + 1) / S) of the row (S = 1: all).
+  const int row_begin = c.tile_offsets[csr_row];
+  const int64_t row_len = c.tile_offsets[csr_row + 1] - row_begin;
+  const int tile_begin = row_begin + int(row_len * split / num_splits);
+  const int n_iters =
+      (row_begin + int(row_len * (split + 1) / num_splits) - tile_begin) * Tr::kSubSteps;
 
   const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
                      int64_t(head) * p.q_head_stride;
@@ -487,10 +591,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   auto load_q_do = [&](int it, int stage) {
     const int m0 = iter_m0(it);
     auto tok = [&](int r) { return q_tok(m0, r); };
-    load_rows<Tr::kNThreads, D, BM>(sQ + stage * Tr::kSmemQ, q, p.q_row_stride, tok,
-                                    chunks_valid, tid);
-    load_rows<Tr::kNThreads, D, BM>(sdO + stage * Tr::kSmemQ, dout, p.do_row_stride, tok,
-                                    chunks_valid, tid);
+    load_rows2<Tr::kNThreads, D, BM>(sQ + stage * Tr::kSmemQ, q, p.q_row_stride,
+                                     sdO + stage * Tr::kSmemQ, dout, p.do_row_stride, tok,
+                                     chunks_valid, tid);
   };
   // Token, residue, LSE (log2) and Delta of query tid of step it (tid < BM).
   auto fetch_stats = [&](int it, int &qi, int &qr, float &l2, float &dl) {
@@ -511,6 +614,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     key_res[r] = key_ok[r] ? rule.residue(key_i[r]) : 0;
   }
 
+  if (kTokInSmem && tid < BN) sKtok[tid] = krows.token(n0 + tid);
+  if (kTokInSmem && tid == 0) sKtok[BN] = n0;
   if (n_iters > 0) {
     auto k_tok = [&](int r) {
       const int j = krows.token(n0 + r);
@@ -605,6 +710,39 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 
   cp_async_wait<0>();
   __syncthreads();
+  // Exact zeros for keys that can never be a key (the overwrite and split results; the
+  // accumulate path leaves such rows alone).
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (!key_ok[r])
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i)
+        acc[kDk][i][2 * r] = acc[kDk][i][2 * r + 1] = acc[kDv][i][2 * r] =
+            acc[kDv][i][2 * r + 1] = 0.f;
+  if (p.num_splits > 1) {
+    // GLOBAL_COLS split: this split's unscaled f32 sums of every listed key (zeros for a
+    // padded one) at the key's entry index, dK then dV; the reduce writes or adds them.
+    const int64_t ws_row0 =
+        ((int64_t(blockIdx.x % p.num_splits) * c.batch + batch) * c.heads + head) *
+            c.k_rows_per_seq +
+        (kTokInSmem ? sKtok[BN] : n0);
+    const int64_t dv_off =
+        int64_t(p.num_splits) * c.batch * c.heads * c.k_rows_per_seq * c.head_dim;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (key_i[r] < 0) continue;
+      float *pk = p.partial + (ws_row0 + warp_row0 + g + 8 * r) * c.head_dim + 2 * t;
+#pragma unroll
+      for (int i = 0; i < kOTiles; ++i)
+        if (i < chunks_valid) {
+          *reinterpret_cast<float2 *>(pk + i * 8) =
+              make_float2(acc[kDk][i][2 * r], acc[kDk][i][2 * r + 1]);
+          *reinterpret_cast<float2 *>(pk + dv_off + i * 8) =
+              make_float2(acc[kDv][i][2 * r], acc[kDv][i][2 * r + 1]);
+        }
+    }
+    return;
+  }
   Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_batch_stride +
                 int64_t(head) * p.dk_head_stride;
   Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_batch_stride +
@@ -632,23 +770,85 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     return;
   }
   // Overwrite: every row with a token (the tile's keys, or the listed ones for
-  // GLOBAL_COLS), exact zeros for keys that can never be a key. Staged in this warp's rows
-  // of sK / sV for 16-byte stores.
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-    if (!key_ok[r])
-#pragma unroll
-      for (int i = 0; i < kOTiles; ++i)
-        acc[kDk][i][2 * r] = acc[kDk][i][2 * r + 1] = acc[kDv][i][2 * r] =
-            acc[kDv][i][2 * r + 1] = 0.f;
+  // GLOBAL_COLS), staged in this warp's rows of sK / sV for 16-byte stores.
   stage_rows<D>(sK, warp_row0, acc[kDk], c.softmax_scale, lane);
   stage_rows<D>(sV, warp_row0, acc[kDv], 1.f, lane);
-  static_assert(2 * BM >= BN, "the query-token stages hold a key tile's tokens");
-  int *tok_s = sQi; // free now: the tokens of the rows, this warp's written by itself
-  if (lane < 16) tok_s[warp_row0 + lane] = krows.token(n0 + warp_row0 + lane);
+  int *tok_s = sKtok; // the tokens of the rows (D = 128: written before the loop)
+  if (!kTokInSmem && lane < 16) tok_s[warp_row0 + lane] = krows.token(n0 + warp_row0 + lane);
   __syncwarp();
   store_rows_to<D>(dk, p.dk_row_stride, sK, warp_row0, tok_s, chunks_valid, lane);
   store_rows_to<D>(dv, p.dv_row_stride, sV, warp_row0, tok_s, chunks_valid, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel 4: reduce of the splits (dq GLOBAL_ROWS: kKV = false; dkdv GLOBAL_COLS: kKV =
+// true). One warp per (b, h, entry x) of the gathered list whose token is in [0, N);
+// sums the splits' f32 partials in increasing s (deterministic), then writes what the
+// unsplit pass writes: dQ = scale * sum (a padded row's partials are zeros); dK = scale *
+// sum, dV = sum, overwritten, or added in f32 (one rounding) with `accumulate`, where a
+// padded key is left as it is.
+constexpr int kReduceWarps = 4;
+
+template <typename Element, bool kKV>
+__global__ void __launch_bounds__(32 * kReduceWarps)
+    longformer_bwd_reduce_kernel(const fk_longformer_bwd_params p) {
+  using ET = ElemTraits<Element>;
+  const fk_longformer_common &c = p.c;
+  const int per_seq = kKV ? c.k_rows_per_seq : c.q_rows_per_seq;
+  const int32_t *list = kKV ? c.k_rows : c.q_rows;
+  const int64_t per_split = int64_t(c.batch) * c.heads * per_seq; // rows of one split
+  const int64_t w = int64_t(blockIdx.x) * kReduceWarps + threadIdx.x / 32;
+  if (w >= per_split) return;
+  const int lane = threadIdx.x % 32;
+  const int x = int(w % per_seq);
+  const int head = int(w / per_seq % c.heads);
+  const int batch = int(w / per_seq / c.heads);
+  const int tok = list[int64_t(batch) * per_seq + x];
+  if (tok < 0 || tok >= c.seqlen) return;
+  const int S = p.num_splits;
+  const int dim = c.head_dim;
+  if (!kKV) {
+    Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_batch_stride +
+                  int64_t(tok) * p.dq_row_stride + int64_t(head) * p.dq_head_stride;
+    for (int d = 2 * lane; d < dim; d += 64) {
+      float a0 = 0.f, a1 = 0.f;
+      for (int s = 0; s < S; ++s) {
+        const float2 v =
+            *reinterpret_cast<const float2 *>(p.partial + (s * per_split + w) * dim + d);
+        a0 += v.x;
+        a1 += v.y;
+      }
+      *reinterpret_cast<uint32_t *>(dq + d) = ET::pack(a0 * c.softmax_scale, a1 * c.softmax_scale);
+    }
+    return;
+  }
+  const bool padded = c.padding_mask && c.padding_mask[int64_t(batch) * c.seqlen + tok] != 0;
+  if (p.accumulate && padded) return;
+  const int64_t dv_off = int64_t(S) * per_split * dim;
+  Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_batch_stride +
+                int64_t(tok) * p.dk_row_stride + int64_t(head) * p.dk_head_stride;
+  Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_batch_stride +
+                int64_t(tok) * p.dv_row_stride + int64_t(head) * p.dv_head_stride;
+  for (int d = 2 * lane; d < dim; d += 64) {
+    float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float *pk = p.partial + (s * per_split + w) * dim + d;
+      const float2 kk = *reinterpret_cast<const float2 *>(pk);
+      const float2 vv = *reinterpret_cast<const float2 *>(pk + dv_off);
+      k0 += kk.x, k1 += kk.y, v0 += vv.x, v1 += vv.y;
+    }
+    uint32_t *pk = reinterpret_cast<uint32_t *>(dk + d);
+    uint32_t *pv = reinterpret_cast<uint32_t *>(dv + d);
+    if (p.accumulate) {
+      const float2 ok = unpack2<Element>(*pk);
+      const float2 ov = unpack2<Element>(*pv);
+      *pk = ET::pack(fmaf(k0, c.softmax_scale, ok.x), fmaf(k1, c.softmax_scale, ok.y));
+      *pv = ET::pack(v0 + ov.x, v1 + ov.y);
+    } else {
+      *pk = ET::pack(k0 * c.softmax_scale, k1 * c.softmax_scale);
+      *pv = ET::pack(v0, v1);
+    }
+  }
 }
 
 } // namespace longformer_bwd_detail
@@ -680,6 +880,19 @@ inline int longformer_bwd_outer_tiles(int rows) {
   return (rows + FK_LONGFORMER_BWD_BLOCK - 1) / FK_LONGFORMER_BWD_BLOCK;
 }
 
+// The reduce of a split pass (num_splits > 1), after it on the same stream: one warp per
+// entry of the gathered list of every (b, h).
+template <typename Element, bool kKV>
+cudaError_t launch_longformer_bwd_reduce(const fk_longformer_bwd_params &p,
+                                         cudaStream_t stream) {
+  using namespace longformer_bwd_detail;
+  const int64_t rows =
+      int64_t(p.c.batch) * p.c.heads * (kKV ? p.c.k_rows_per_seq : p.c.q_rows_per_seq);
+  const dim3 grid(unsigned((rows + kReduceWarps - 1) / kReduceWarps));
+  return launch_kernel(longformer_bwd_reduce_kernel<Element, kKV>, grid,
+                       dim3(32 * kReduceWarps), 0, stream, p);
+}
+
 template <int kHeadDim, typename Element>
 cudaError_t run_longformer_bwd_dq_sm80(const fk_longformer_bwd_params &p, cudaStream_t stream) {
   using namespace longformer_bwd_detail;
@@ -689,8 +902,14 @@ cudaError_t run_longformer_bwd_dq_sm80(const fk_longformer_bwd_params &p, cudaSt
   const int tiles = longformer_bwd_outer_tiles(
       p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.c.seqlen);
   if (tiles == 0) return cudaSuccess;
-  return launch_kernel(longformer_bwd_dq_kernel<Tr>, dim3(tiles, p.c.heads, p.c.batch),
-                       dim3(Tr::kNThreads), Tr::kSmemBytes, stream, p);
+  // Split over keys: the splits of an outer tile are adjacent in x (entry point: x fits).
+  const int num_splits = p.num_splits > 1 ? p.num_splits : 1;
+  const cudaError_t err =
+      launch_kernel(longformer_bwd_dq_kernel<Tr>,
+                    dim3(unsigned(tiles) * unsigned(num_splits), p.c.heads, p.c.batch),
+                    dim3(Tr::kNThreads), Tr::kSmemBytes, stream, p);
+  if (err != cudaSuccess || num_splits == 1) return err;
+  return launch_longformer_bwd_reduce<Element, false>(p, stream);
 }
 
 template <int kHeadDim, typename Element>
@@ -703,8 +922,14 @@ cudaError_t run_longformer_bwd_dkdv_sm80(const fk_longformer_bwd_params &p,
   const int tiles = longformer_bwd_outer_tiles(
       p.c.pass == FK_LONGFORMER_GLOBAL_COLS ? p.c.k_rows_per_seq : p.c.seqlen);
   if (tiles == 0) return cudaSuccess;
-  return launch_kernel(longformer_bwd_dkdv_kernel<Tr>, dim3(tiles, p.c.heads, p.c.batch),
-                       dim3(Tr::kNThreads), Tr::kSmemBytes, stream, p);
+  // Split over queries: the splits of an outer tile are adjacent in x (entry point: x fits).
+  const int num_splits = p.num_splits > 1 ? p.num_splits : 1;
+  const cudaError_t err =
+      launch_kernel(longformer_bwd_dkdv_kernel<Tr>,
+                    dim3(unsigned(tiles) * unsigned(num_splits), p.c.heads, p.c.batch),
+                    dim3(Tr::kNThreads), Tr::kSmemBytes, stream, p);
+  if (err != cudaSuccess || num_splits == 1) return err;
+  return launch_longformer_bwd_reduce<Element, true>(p, stream);
 }
 
 } // namespace fk

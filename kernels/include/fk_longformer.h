@@ -167,6 +167,24 @@ typedef struct {
   int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
   int64_t lse_batch_stride, lse_head_stride; /* lse and delta; unit row stride */
   int32_t accumulate;
+  /* Packed global keys and splits, as in the forward:
+   * - dq LOCAL with k_rows (the gathered global tokens, exactly those global_mask marks):
+   *   inner ids below ceil(N / BWD_BLOCK) are contiguous key tiles with LOCAL_BAND pairs,
+   *   ids from ceil(N / BWD_BLOCK) on are tiles (BWD_BLOCK entries) of k_rows with
+   *   GLOBAL_COLS pairs. k_rows = NULL: contiguous tiles with LOCAL pairs, as before.
+   * - num_splits > 1, for dq GLOBAL_ROWS and dkdv GLOBAL_COLS only (few outer rows, long
+   *   inner lists): each outer tile of each (b, h) runs as num_splits blocks, split s
+   *   visiting entries [len * s / num_splits, len * (s + 1) / num_splits) of its CSR row,
+   *   and writes its f32 partial sums (what the single block accumulates over those
+   *   entries; the reduce applies any final scaling) to `partial`, contiguous:
+   *     dq:   (num_splits, B, H, q_rows_per_seq, D)
+   *     dkdv: (num_splits, B, H, k_rows_per_seq, D) for dK, then the same for dV;
+   *   entry x of the gathered list at index x. A reduce kernel launched by the same call
+   *   sums the splits in increasing s (deterministic) and writes the listed rows exactly
+   *   as the unsplit pass would (dq: overwrite; dkdv: overwrite or add per `accumulate`).
+   *   num_splits = 1: no workspace (partial may be NULL). Other passes require 1. */
+  int32_t num_splits;
+  float *partial;
 } fk_longformer_bwd_params;
 
 int32_t fk_longformer_bwd_delta(const fk_longformer_bwd_params *params, void *stream);

@@ -192,7 +192,7 @@ impl Arena {
         Ok((self.push_i32(&w.offsets), self.push_i32(&w.ids)))
     }
 
-    fn upload(self, stream: &Stream) -> Result<Uploaded> {
+    fn upload(&self, stream: &Stream) -> Result<Uploaded> {
         let cs = stream.cuda();
         let buf = cs.clone_htod(&self.bytes)?;
         let base = {
@@ -398,24 +398,15 @@ unsafe fn launch_forward(
     check_kernel_support(p, q.device, &views)?;
     check_lse("lse", lse, p, q.device)?;
 
-    let s = Schedule::new(p);
-    let mut arena = Arena::new();
-    let sh = push_shared(&mut arena, p, &s);
-    // Local rows see the global keys through packed gathered tiles (k_rows).
-    let local = match &s.globals {
-        Some(g) => arena.push_list(&p.local_rows_packed_work(g, FWD_BLOCK_M, FWD_BLOCK_N))?,
-        None => arena.push_list(&p.local_rows_work(FWD_BLOCK_M, FWD_BLOCK_N))?,
-    };
-    let global = match &s.globals {
-        Some(g) => {
-            let list = p.global_rows_work(g, FWD_BLOCK_M, FWD_BLOCK_N);
-            let splits = global_row_splits(p, g, &list);
-            Some((arena.push_list(&list)?, splits, g.per_seq))
-        }
-        None => None,
-    };
+    let plan = cached_plan(p, false, forward_plan)?;
     let stream = &stream()?;
-    let up = arena.upload(stream)?;
+    let up = plan.arena.upload(stream)?;
+    let (s, sh) = (&plan.s, &plan.sh);
+    let local = plan.lists[0];
+    let global = s
+        .globals
+        .as_ref()
+        .map(|g| (plan.lists[1], plan.splits[1], g.per_seq));
 
     let params = |a: PassArgs, [q, k, v]: [&DeviceView; 3], split: (i32, u64, u64)| {
         let (q_b, q_r, q_h) = bsh(&q.layout);
@@ -424,7 +415,7 @@ unsafe fn launch_forward(
         let (o_b, o_r, o_h) = bsh(&out.layout);
         let (l_b, l_h) = lse_strides(&lse.layout);
         ffi::fk_longformer_fwd_params {
-            c: common(p, &s, &sh, &up, &a, q.device),
+            c: common(p, s, sh, &up, &a, q.device),
             q: q.ptr as *const c_void,
             k: k.ptr as *const c_void,
             v: v.ptr as *const c_void,
@@ -496,16 +487,140 @@ unsafe fn launch_forward(
     Ok(())
 }
 
+/// The host side of a call, everything but the tensors: the schedule, and the arena
+/// holding its device arrays with the work lists in the launcher's order.
+struct Plan {
+    s: Schedule,
+    arena: Arena,
+    sh: Shared,
+    lists: Vec<(Slot, Slot)>,
+    /// Per list: the splits of its pass (1 = not split).
+    splits: Vec<usize>,
+}
+
+impl Plan {
+    fn new(p: &LongformerProblem) -> Self {
+        let s = Schedule::new(p);
+        let mut arena = Arena::new();
+        let sh = push_shared(&mut arena, p, &s);
+        Plan {
+            s,
+            arena,
+            sh,
+            lists: Vec::new(),
+            splits: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, list: &WorkList, splits: usize) -> Result<()> {
+        let slots = self.arena.push_list(list)?;
+        self.lists.push(slots);
+        self.splits.push(splits);
+        Ok(())
+    }
+}
+
+/// Forward lists: the local rows (global keys packed when there are any), then the
+/// global rows (split over keys).
+fn forward_plan(p: &LongformerProblem) -> Result<Plan> {
+    let mut plan = Plan::new(p);
+    match plan.s.globals.clone() {
+        Some(g) => {
+            plan.push(&p.local_rows_packed_work(&g, FWD_BLOCK_M, FWD_BLOCK_N), 1)?;
+            let list = p.global_rows_work(&g, FWD_BLOCK_M, FWD_BLOCK_N);
+            let splits = global_row_splits(p, &g, &list, FWD_BLOCK_M);
+            plan.push(&list, splits)?;
+        }
+        None => plan.push(&p.local_rows_work(FWD_BLOCK_M, FWD_BLOCK_N), 1)?,
+    }
+    Ok(plan)
+}
+
+/// Backward lists: dQ of the local rows (global keys packed), dK/dV of the band, then with
+/// global tokens dK/dV of the global columns, dQ of the global rows (both split) and
+/// dK/dV of the global rows.
+fn backward_plan(p: &LongformerProblem) -> Result<Plan> {
+    let mut plan = Plan::new(p);
+    let b = BWD_BLOCK;
+    match plan.s.globals.clone() {
+        Some(g) => {
+            plan.push(&p.local_rows_packed_work(&g, b, b), 1)?;
+            plan.push(&p.band_keys_work(b, b), 1)?;
+            let cols = p.global_cols_work(&g, b, b);
+            plan.push(&cols, global_row_splits(p, &g, &cols, b))?;
+            let rows = p.global_rows_work(&g, b, b);
+            plan.push(&rows, global_row_splits(p, &g, &rows, b))?;
+            plan.push(&p.global_rows_by_key_work(&g, b, b), 1)?;
+        }
+        None => {
+            plan.push(&p.local_rows_work(b, b), 1)?;
+            plan.push(&p.band_keys_work(b, b), 1)?;
+        }
+    }
+    Ok(plan)
+}
+
+/// What a plan depends on (not the tensors, dtype, head dim or scale).
+#[derive(PartialEq)]
+struct PlanKey {
+    backward: bool,
+    dims: [usize; 3],
+    window: usize,
+    dilation: Vec<usize>,
+    causal: bool,
+    global: Vec<bool>,
+    padding: Vec<bool>,
+}
+
+/// Plans built recently: training calls the op with the same masks step after step, and
+/// building the lists costs about as much host time as the kernels take on the GPU.
+const PLAN_CACHE_SIZE: usize = 8;
+
+#[allow(clippy::type_complexity)]
+static PLAN_CACHE: std::sync::Mutex<Vec<(PlanKey, std::sync::Arc<Plan>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn cached_plan(
+    p: &LongformerProblem,
+    backward: bool,
+    build: fn(&LongformerProblem) -> Result<Plan>,
+) -> Result<std::sync::Arc<Plan>> {
+    let key = PlanKey {
+        backward,
+        dims: [p.batch, p.seqlen, p.heads],
+        window: p.window,
+        dilation: p.dilation.clone(),
+        causal: p.causal,
+        global: p.global.clone(),
+        padding: p.padding.clone(),
+    };
+    // A panic elsewhere while holding the lock leaves a consistent cache: keep using it.
+    let mut cache = PLAN_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(at) = cache.iter().position(|(k, _)| *k == key) {
+        let hit = cache.remove(at);
+        let plan = hit.1.clone();
+        cache.push(hit);
+        return Ok(plan);
+    }
+    let plan = std::sync::Arc::new(build(p)?);
+    if cache.len() == PLAN_CACHE_SIZE {
+        cache.remove(0);
+    }
+    cache.push((key, plan.clone()));
+    Ok(plan)
+}
+
 /// Thread blocks the global-rows forward should fill before it is split over keys: two
 /// waves on a 132-SM GPU.
 const GLOBAL_ROWS_TARGET_BLOCKS: usize = 264;
 /// Fewest key tiles a split should walk (below that the combine costs more than it saves).
 const MIN_TILES_PER_SPLIT: usize = 4;
 
-/// How many key splits the global-rows forward uses: few global rows over a long sequence
-/// would otherwise leave most of the GPU idle (one block per 128 global rows per head).
-fn global_row_splits(p: &LongformerProblem, g: &Gathered, list: &WorkList) -> usize {
-    let blocks = p.batch * p.heads * g.per_seq.div_ceil(FWD_BLOCK_M);
+/// How many splits a pass over gathered global rows (or keys) uses: few of them against
+/// a long sequence would otherwise leave most of the GPU idle (one block per tile of
+/// `block` gathered entries per head).
+fn global_row_splits(p: &LongformerProblem, g: &Gathered, list: &WorkList, block: usize) -> usize {
+    let blocks = p.batch * p.heads * g.per_seq.div_ceil(block);
     let longest = (0..list.rows())
         .map(|r| list.row(r).len())
         .max()
@@ -672,21 +787,38 @@ unsafe fn launch_backward(
     check_kernel_support(p, q.device, &views)?;
     check_lse("lse", vw.lse, p, q.device)?;
 
-    let s = Schedule::new(p);
-    let mut arena = Arena::new();
-    let sh = push_shared(&mut arena, p, &s);
-    let dq_local = arena.push_list(&p.local_rows_work(BWD_BLOCK, BWD_BLOCK))?;
-    let band = arena.push_list(&p.band_keys_work(BWD_BLOCK, BWD_BLOCK))?;
-    let global_lists = match &s.globals {
-        Some(g) => Some((
-            arena.push_list(&p.global_cols_work(g, BWD_BLOCK, BWD_BLOCK))?,
-            arena.push_list(&p.global_rows_work(g, BWD_BLOCK, BWD_BLOCK))?,
-            arena.push_list(&p.global_rows_by_key_work(g, BWD_BLOCK, BWD_BLOCK))?,
-        )),
-        None => None,
-    };
+    let plan = cached_plan(p, true, backward_plan)?;
+    let (s, sh) = (&plan.s, &plan.sh);
+    let global_lists = s.globals.as_ref().map(|g| {
+        let l = &plan.lists;
+        (
+            (l[2], plan.splits[2]),
+            (l[3], plan.splits[3]),
+            l[4],
+            g.per_seq,
+        )
+    });
+    let (dq_local, band) = (plan.lists[0], plan.lists[1]);
     let stream = &stream()?;
-    let up = arena.upload(stream)?;
+    let up = plan.arena.upload(stream)?;
+    // One workspace for the split passes' f32 partial sums (dK and dV of GLOBAL_COLS, or dQ
+    // of GLOBAL_ROWS; the passes run one after the other in stream order).
+    let partial_len = global_lists.map_or(0, |((_, cs), (_, rs), _, per_seq)| {
+        let rows = p.batch * p.heads * per_seq * p.head_dim;
+        let cols = if cs > 1 { 2 * cs * rows } else { 0 };
+        let dq = if rs > 1 { rs * rows } else { 0 };
+        cols.max(dq)
+    });
+    let partial = if partial_len > 0 {
+        // SAFETY: each split pass writes every partial element its reduce reads.
+        Some(unsafe { stream.cuda().alloc::<f32>(partial_len)? })
+    } else {
+        None
+    };
+    let partial_ptr = partial.as_ref().map_or(0, |w| {
+        let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, stream.cuda());
+        ptr
+    });
     let lse_len: usize = p.lse_shape().iter().product();
     // SAFETY: the delta pass writes every element before any pass reads it.
     let delta = unsafe { stream.cuda().alloc::<f32>(lse_len)? };
@@ -711,7 +843,8 @@ unsafe fn launch_backward(
     let params = |a: PassArgs,
                   [q, k, v]: [&DeviceView; 3],
                   [dq, dk, dv]: [&DeviceView; 3],
-                  accumulate: bool| {
+                  accumulate: bool,
+                  splits: usize| {
         let (q_b, q_r, q_h) = bsh(&q.layout);
         let (k_b, k_r, k_h) = bsh(&k.layout);
         let (v_b, v_r, v_h) = bsh(&v.layout);
@@ -721,7 +854,7 @@ unsafe fn launch_backward(
         let (dk_b, dk_r, dk_h) = bsh(&dk.layout);
         let (dv_b, dv_r, dv_h) = bsh(&dv.layout);
         ffi::fk_longformer_bwd_params {
-            c: common(p, &s, &sh, &up, &a, q.device),
+            c: common(p, s, sh, &up, &a, q.device),
             q: q.ptr as *const c_void,
             k: k.ptr as *const c_void,
             v: v.ptr as *const c_void,
@@ -759,6 +892,12 @@ unsafe fn launch_backward(
             lse_batch_stride: l_b,
             lse_head_stride: l_h,
             accumulate: accumulate as i32,
+            num_splits: splits as i32,
+            partial: if splits > 1 {
+                partial_ptr as *mut f32
+            } else {
+                std::ptr::null_mut()
+            },
         }
     };
     let pass = |pass: u32, q_rows: bool, k_rows: bool, per_class: bool, list| PassArgs {
@@ -779,28 +918,25 @@ unsafe fn launch_backward(
 
     // 1-3: delta, the local rows' dQ, the band's dK / dV.
     let band_pass = pass(ffi::FK_LONGFORMER_LOCAL_BAND, false, false, true, band);
-    run(
-        ffi::fk_longformer_bwd_delta,
-        params(band_pass, local_in, grads, false),
-    )?;
-    let dq_pass = pass(ffi::FK_LONGFORMER_LOCAL, false, false, true, dq_local);
+    let delta_params = params(band_pass, local_in, grads, false, 1);
+    run(ffi::fk_longformer_bwd_delta, delta_params)?;
+    let packed = s.globals.is_some();
+    let dq_pass = pass(ffi::FK_LONGFORMER_LOCAL, false, packed, true, dq_local);
     run(
         ffi::fk_longformer_bwd_dq,
-        params(dq_pass, local_in, grads, false),
+        params(dq_pass, local_in, grads, false, 1),
     )?;
     let band_pass = pass(ffi::FK_LONGFORMER_LOCAL_BAND, false, false, true, band);
     run(
         ffi::fk_longformer_bwd_dkdv,
-        params(band_pass, local_in, grads, false),
+        params(band_pass, local_in, grads, false, 1),
     )?;
 
-    if let Some((cols, rows, rows_by_key)) = global_lists {
+    if let Some(((cols, cols_splits), (rows, rows_splits), rows_by_key, _)) = global_lists {
         // 4: the local rows' dK / dV of global keys (rows the band pass left at zero).
         let cols_pass = pass(ffi::FK_LONGFORMER_GLOBAL_COLS, false, true, false, cols);
-        run(
-            ffi::fk_longformer_bwd_dkdv,
-            params(cols_pass, local_in, grads, false),
-        )?;
+        let cols_params = params(cols_pass, local_in, grads, false, cols_splits);
+        run(ffi::fk_longformer_bwd_dkdv, cols_params)?;
         // 5-6: global rows, on their projections; into the local gradients (dQ rows the
         // local pass set to zero, dK / dV accumulated) when there are none.
         let (global_in, global_out, accumulate) = match (vw.globals, vw.global_grads) {
@@ -808,10 +944,8 @@ unsafe fn launch_backward(
             _ => (local_in, grads, true),
         };
         let rows_pass = pass(ffi::FK_LONGFORMER_GLOBAL_ROWS, true, false, false, rows);
-        run(
-            ffi::fk_longformer_bwd_dq,
-            params(rows_pass, global_in, global_out, false),
-        )?;
+        let rows_params = params(rows_pass, global_in, global_out, false, rows_splits);
+        run(ffi::fk_longformer_bwd_dq, rows_params)?;
         let by_key = pass(
             ffi::FK_LONGFORMER_GLOBAL_ROWS,
             true,
@@ -819,10 +953,8 @@ unsafe fn launch_backward(
             false,
             rows_by_key,
         );
-        run(
-            ffi::fk_longformer_bwd_dkdv,
-            params(by_key, global_in, global_out, accumulate),
-        )?;
+        let by_key_params = params(by_key, global_in, global_out, accumulate, 1);
+        run(ffi::fk_longformer_bwd_dkdv, by_key_params)?;
     }
     Ok(())
 }

@@ -13,6 +13,11 @@
 //   dV: three gradient tensors, each the sum of both paths.
 // Step 4 (GLOBAL_COLS) writes in shared mode and accumulates in separate mode (LOCAL_BAND
 // leaves global keys' rows at 0, so both are right; the Rust host writes).
+// Variants: `packed` runs step 2 with k_rows = every token global_mask marks (padded ones
+// included, increasing, then -1) and the packed work list (contiguous key tiles with a
+// LOCAL_BAND pair, then nkt + m for each gathered key tile m with a GLOBAL_COLS pair), and
+// step 4 with that list too (a padded listed key: no pair; left as is when accumulating);
+// `splits` runs steps 4 and 5 with num_splits > 1 and a NaN-poisoned workspace.
 // Outputs start as NaN (except what the contract has the host pre-zero); padded tokens'
 // Q, K, V, dO, O (and Q_g, K_g, V_g) are NaN, so any leak shows; every element outside the
 // tensors must stay NaN; gradient rows no pair touches must be exactly 0; Delta must be
@@ -41,6 +46,8 @@ struct BCase {
   bool shared;                           // Q_g = Q, K_g = K, V_g = V
   bool full_plan = false;                // visit every inner tile (superset work lists)
   int extra_slots = 0;                   // -1 entries past the longest global list
+  bool packed = false; // step 2 with k_rows (packed global keys); step 4 lists padded globals
+  int splits = 1;      // num_splits of steps 4 (dkdv GLOBAL_COLS) and 5 (dq GLOBAL_ROWS)
 };
 
 // The rule, written from the header independently of the kernels.
@@ -202,6 +209,20 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     for (int i = 0; i < N; ++i)
       if (rule.grow(b, i)) grows[size_t(b) * per_seq + n++] = i;
   }
+  // Packed variant: every token global_mask marks (padded ones too), at least one entry.
+  int most_all = 0;
+  for (int b = 0; b < B; ++b) {
+    int n = 0;
+    for (int i = 0; i < N; ++i) n += rule.is_glob(b, i);
+    most_all = std::max(most_all, n);
+  }
+  const int per_seq_all = std::max(most_all + lc.extra_slots, 1);
+  std::vector<int32_t> gall(size_t(B) * per_seq_all, -1);
+  for (int b = 0; b < B; ++b) {
+    int n = 0;
+    for (int i = 0; i < N; ++i)
+      if (rule.is_glob(b, i)) gall[size_t(b) * per_seq_all + n++] = i;
+  }
 
   // Classes: distinct dilations.
   std::map<int, int> cls;
@@ -219,34 +240,52 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
   struct Csr {
     std::vector<int32_t> offs{0}, ids;
   };
-  auto contiguous = [&](int, int idx) { return idx < N ? idx : -1; };
-  auto gathered = [&](int b, int idx) { return idx < per_seq ? grows[size_t(b) * per_seq + idx] : -1; };
-  using TokFn = std::function<int(int, int)>;
+  // A side's rows: contiguous (list nullptr) or a gathered list of `per` entries per sequence.
+  struct Side {
+    const std::vector<int32_t> *list;
+    int per;
+  };
+  const Side contiguous{nullptr, N}, gathered{&grows, per_seq}, gathered_all{&gall, per_seq_all};
+  auto tok = [&](const Side &sd, int b, int idx) {
+    if (idx >= sd.per) return -1;
+    return sd.list ? (*sd.list)[size_t(b) * sd.per + idx] : idx;
+  };
   long visited = 0;
-  auto build = [&](int pass, bool outer_gathered, bool inner_gathered, bool outer_is_query) {
+  // Inner tiles of outer tile m holding a pair of `pass`, ids + id0 (all with full_plan).
+  auto tiles_of = [&](std::set<int> &tiles, int pass, const Side &outer, const Side &inner,
+                      bool outer_is_query, int b, int cc, int m, int id0) {
+    const int nt = (inner.per + BK - 1) / BK;
+    if (lc.full_plan) {
+      for (int n = 0; n < nt; ++n) tiles.insert(id0 + n);
+      return;
+    }
+    for (int x = m * BK; x < (m + 1) * BK; ++x) {
+      const int o = tok(outer, b, x);
+      if (o < 0) continue;
+      for (int y = 0; y < inner.per; ++y) {
+        const int u = tok(inner, b, y);
+        if (u < 0 || tiles.count(id0 + y / BK)) continue;
+        const bool hit = outer_is_query ? rule.pass_pair(pass, b, rep_head[cc], o, u)
+                                        : rule.pass_pair(pass, b, rep_head[cc], u, o);
+        if (hit) tiles.insert(id0 + y / BK);
+      }
+    }
+  };
+  // packed (dq LOCAL only): LOCAL_BAND contiguous tiles, then nkt + GLOBAL_COLS tiles of
+  // gathered_all.
+  auto build = [&](int pass, const Side &outer, const Side &inner, bool outer_is_query,
+                   bool packed = false) {
     Csr csr;
-    const TokFn outer = outer_gathered ? TokFn(gathered) : TokFn(contiguous);
-    const TokFn inner = inner_gathered ? TokFn(gathered) : TokFn(contiguous);
-    const int n_outer = outer_gathered ? per_seq : N, n_inner = inner_gathered ? per_seq : N;
-    const int mt = (n_outer + BK - 1) / BK, nt = (n_inner + BK - 1) / BK;
+    const int mt = (outer.per + BK - 1) / BK, nkt = (N + BK - 1) / BK;
     for (int b = 0; b < B; ++b)
       for (int cc = 0; cc < C; ++cc)
         for (int m = 0; m < mt; ++m) {
           std::set<int> tiles;
-          if (lc.full_plan) {
-            for (int n = 0; n < nt; ++n) tiles.insert(n);
+          if (packed) {
+            tiles_of(tiles, FK_LONGFORMER_LOCAL_BAND, outer, inner, true, b, cc, m, 0);
+            tiles_of(tiles, FK_LONGFORMER_GLOBAL_COLS, outer, gathered_all, true, b, cc, m, nkt);
           } else {
-            for (int x = m * BK; x < (m + 1) * BK; ++x) {
-              const int o = outer(b, x);
-              if (o < 0) continue;
-              for (int y = 0; y < n_inner; ++y) {
-                const int u = inner(b, y);
-                if (u < 0 || tiles.count(y / BK)) continue;
-                const bool hit = outer_is_query ? rule.pass_pair(pass, b, rep_head[cc], o, u)
-                                                : rule.pass_pair(pass, b, rep_head[cc], u, o);
-                if (hit) tiles.insert(y / BK);
-              }
-            }
+            tiles_of(tiles, pass, outer, inner, outer_is_query, b, cc, m, 0);
           }
           csr.ids.insert(csr.ids.end(), tiles.begin(), tiles.end());
           csr.offs.push_back(int32_t(csr.ids.size()));
@@ -254,6 +293,13 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     visited += long(csr.ids.size());
     if (csr.ids.empty()) csr.ids.push_back(0); // an empty list still needs a pointer
     return csr;
+  };
+  // Split workspace, poisoned before every split launch.
+  std::vector<float> work;
+  auto set_splits = [&](fk_longformer_bwd_params &q, int per, bool kv) {
+    if (lc.splits <= 1) return;
+    work.assign(size_t(lc.splits) * B * H * std::max(per, 1) * D * (kv ? 2 : 1), NAN);
+    q.num_splits = lc.splits, q.partial = work.data();
   };
 
   // Outputs.
@@ -280,6 +326,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
   base.o_batch_stride = O.bs, base.o_row_stride = O.rs, base.o_head_stride = O.hs;
   base.do_batch_stride = p.dO.bs, base.do_row_stride = p.dO.rs, base.do_head_stride = p.dO.hs;
   base.lse_batch_stride = lse.bs, base.lse_head_stride = lse.hs;
+  base.num_splits = 1;
   auto set_qkv = [&](fk_longformer_bwd_params &q, const Tensor<T> &Qt, const Tensor<T> &Kt,
                      const Tensor<T> &Vt) {
     q.q = Qt.data.data(), q.k = Kt.data.data(), q.v = Vt.data.data();
@@ -309,15 +356,16 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
   // 1. Delta.
   if (!run("delta", fk_longformer_bwd_delta(&base, nullptr))) return;
   // 2. dQ, LOCAL.
-  const Csr csr_local = build(FK_LONGFORMER_LOCAL, false, false, true);
+  const Csr csr_local = build(FK_LONGFORMER_LOCAL, contiguous, contiguous, true, lc.packed);
   {
     fk_longformer_bwd_params q = base;
     q.c.pass = FK_LONGFORMER_LOCAL;
+    if (lc.packed) q.c.k_rows = gall.data(), q.c.k_rows_per_seq = per_seq_all;
     set_qkv(q, p.Q, p.K, p.V), set_dq(q, dQ), set_csr(q, csr_local);
     if (!run("dq LOCAL", fk_longformer_bwd_dq(&q, nullptr))) return;
   }
   // 3. dK, dV, LOCAL_BAND.
-  const Csr csr_band = build(FK_LONGFORMER_LOCAL_BAND, false, false, false);
+  const Csr csr_band = build(FK_LONGFORMER_LOCAL_BAND, contiguous, contiguous, false);
   {
     fk_longformer_bwd_params q = base;
     q.c.pass = FK_LONGFORMER_LOCAL_BAND;
@@ -328,26 +376,62 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     // 4. dK, dV of the global keys from local rows. LOCAL_BAND left those rows at 0, so
     // writing them (as the Rust host does) and accumulating are the same: shared mode
     // writes, separate mode accumulates.
-    const Csr csr_cols = build(FK_LONGFORMER_GLOBAL_COLS, true, false, false);
+    const Side &cols = lc.packed ? gathered_all : gathered;
+    const Csr csr_cols = build(FK_LONGFORMER_GLOBAL_COLS, cols, contiguous, false);
     {
       fk_longformer_bwd_params q = base;
       q.c.pass = FK_LONGFORMER_GLOBAL_COLS;
-      q.c.k_rows = grows.data(), q.c.k_rows_per_seq = per_seq;
+      q.c.k_rows = cols.list->data(), q.c.k_rows_per_seq = cols.per;
+      set_splits(q, cols.per, true);
       q.accumulate = !shared;
       set_qkv(q, p.Q, p.K, p.V), set_dkdv(q, dK, dV), set_csr(q, csr_cols);
       if (!run("dkdv GLOBAL_COLS", fk_longformer_bwd_dkdv(&q, nullptr))) return;
+      if (lc.splits > 1) {
+        // accumulate = 1 onto nonzero rows: split (NaN-poisoned workspace) against unsplit,
+        // both from the same random dK, dV; a padded listed key is left as it is by both.
+        Tensor<T> aK = p.like_k(), aV = p.like_k(), bK = p.like_k(), bV = p.like_k();
+        std::mt19937 rng(99);
+        std::normal_distribution<float> nd;
+        for (int b = 0; b < B; ++b)
+          for (int i = 0; i < N; ++i)
+            for (int h = 0; h < H; ++h)
+              for (int d = 0; d < D; ++d) {
+                aK.at(b, i, h, d) = bK.at(b, i, h, d) = to_e<T>(nd(rng));
+                aV.at(b, i, h, d) = bV.at(b, i, h, d) = to_e<T>(nd(rng));
+              }
+        fk_longformer_bwd_params u = q, sp = q;
+        u.accumulate = sp.accumulate = 1;
+        u.num_splits = 1, u.partial = nullptr;
+        set_dkdv(u, aK, aV), set_dkdv(sp, bK, bV), set_splits(sp, cols.per, true);
+        if (!run("dkdv GLOBAL_COLS accumulate", fk_longformer_bwd_dkdv(&u, nullptr)) ||
+            !run("dkdv GLOBAL_COLS accumulate split", fk_longformer_bwd_dkdv(&sp, nullptr)))
+          return;
+        long bad = 0;
+        const double tol = lc.dtype == FK_DTYPE_BF16 ? 1.6e-2 : 2e-3;
+        for (size_t e = 0; e < aK.data.size(); ++e) {
+          const float x[2] = {float(aK.data[e]), float(aV.data[e])};
+          const float y[2] = {float(bK.data[e]), float(bV.data[e])};
+          for (int w = 0; w < 2; ++w)
+            if (std::isnan(x[w]) != std::isnan(y[w]) ||
+                (!std::isnan(x[w]) &&
+                 std::abs(x[w] - y[w]) > tol * std::max(1.f, std::abs(x[w]))))
+              ++bad;
+        }
+        if (bad) r.fail(format("split vs unsplit GLOBAL_COLS accumulate: %ld elements differ", bad));
+      }
     }
     // 5. dQ (or dQ_g) of the global rows.
-    const Csr csr_grows_q = build(FK_LONGFORMER_GLOBAL_ROWS, true, false, true);
+    const Csr csr_grows_q = build(FK_LONGFORMER_GLOBAL_ROWS, gathered, contiguous, true);
     {
       fk_longformer_bwd_params q = base;
       q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
       q.c.q_rows = grows.data(), q.c.q_rows_per_seq = per_seq;
+      set_splits(q, per_seq, false);
       set_qkv(q, Qg, Kg, Vg), set_dq(q, shared ? dQ : dQg), set_csr(q, csr_grows_q);
       if (!run("dq GLOBAL_ROWS", fk_longformer_bwd_dq(&q, nullptr))) return;
     }
     // 6. dK, dV (accumulated) or dK_g, dV_g (written) of the global rows.
-    const Csr csr_grows_kv = build(FK_LONGFORMER_GLOBAL_ROWS, false, true, false);
+    const Csr csr_grows_kv = build(FK_LONGFORMER_GLOBAL_ROWS, contiguous, gathered, false);
     {
       fk_longformer_bwd_params q = base;
       q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
@@ -432,6 +516,7 @@ int api_checks() {
   const Fn dq = fk_longformer_bwd_dq, dkdv = fk_longformer_bwd_dkdv,
            dl = fk_longformer_bwd_delta;
   const int E = cudaErrorInvalidValue;
+  p.num_splits = 1;
   auto q = p; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("dq pass LOCAL_BAND", dq, q, E);
   q = p; q.c.pass = FK_LONGFORMER_LOCAL; expect("dkdv pass LOCAL", dkdv, q, E);
   q = p; q.c.pass = 7; expect("dkdv pass 7", dkdv, q, E);
@@ -453,6 +538,29 @@ int api_checks() {
   q = p; q.delta = nullptr; expect("null delta", dq, q, E);
   q = p; q.lse = nullptr; expect("null lse", dkdv, q, E);
   q = p; q.c.seqlen = -1; expect("seqlen -1", dl, q, E);
+  // Splits: >= 1; > 1 only for dq GLOBAL_ROWS and dkdv GLOBAL_COLS, with the workspace,
+  // and grids that fit. Packed keys (dq LOCAL with k_rows): at least one entry.
+  static float work[16];
+  static const int32_t rows1[1] = {0};
+  q = p; q.num_splits = 0; expect("dq num_splits 0", dq, q, E);
+  q = p; q.num_splits = -3; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("dkdv num_splits -3", dkdv, q, E);
+  q = p; q.num_splits = 2; q.partial = work; expect("dq LOCAL splits 2", dq, q, E);
+  q = p; q.num_splits = 2; q.partial = work; q.c.pass = FK_LONGFORMER_LOCAL_BAND;
+  expect("dkdv LOCAL_BAND splits 2", dkdv, q, E);
+  q = p; q.num_splits = 2; q.partial = work; q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
+  q.c.q_rows = rows1, q.c.q_rows_per_seq = 1; expect("dkdv GLOBAL_ROWS splits 2", dkdv, q, E);
+  q = p; q.num_splits = 2; q.partial = work; q.c.pass = FK_LONGFORMER_GLOBAL_COLS;
+  q.c.k_rows = rows1, q.c.k_rows_per_seq = 1; expect("dq GLOBAL_COLS splits 2", dq, q, E);
+  q = p; q.num_splits = 2; q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
+  q.c.q_rows = rows1, q.c.q_rows_per_seq = 1; expect("dq GLOBAL_ROWS splits 2 no partial", dq, q, E);
+  q = p; q.num_splits = 2; q.c.pass = FK_LONGFORMER_GLOBAL_COLS;
+  q.c.k_rows = rows1, q.c.k_rows_per_seq = 1; expect("dkdv GLOBAL_COLS splits 2 no partial", dkdv, q, E);
+  q = p; q.num_splits = 1 << 30; q.partial = work; q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
+  q.c.q_rows = rows1, q.c.q_rows_per_seq = 129; expect("dq split grid x overflow", dq, q, E);
+  q = p; q.num_splits = 2; q.partial = work; q.c.pass = FK_LONGFORMER_GLOBAL_COLS;
+  q.c.heads = 60000, q.c.k_rows = rows1, q.c.k_rows_per_seq = 1 << 20;
+  expect("dkdv reduce grid overflow", dkdv, q, E);
+  q = p; q.c.k_rows = rows1, q.c.k_rows_per_seq = 0; expect("dq LOCAL k_rows per_seq 0", dq, q, E);
   q = p; q.c.seqlen = 0; expect("seqlen 0 delta", dl, q, 0);
   q = p; q.c.seqlen = 0; expect("seqlen 0 dq", dq, q, 0);
   q = p; q.c.seqlen = 0; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("seqlen 0 dkdv", dkdv, q, 0);
@@ -493,6 +601,26 @@ int main(int argc, char **argv) {
        false, {{10, 76}}, {{30}}, false, true},
       {"shared d128 f16 causal w2 dil 2 full plan, B2", F, 2, 70, 1, 128, 2, {2}, true,
        {{0, 69}, {35}}, {{}, {68, 69}}, true, true},
+      // Packed global keys (dq LOCAL with k_rows) and splits (dq GLOBAL_ROWS, dkdv
+      // GLOBAL_COLS), end to end.
+      {"packed+S2 shared d64 f16 70 globals in windows + seq without, padding, B2", F, 2, 160,
+       1, 64, 2, {1}, false, {many, {}}, {{150, 151, 4}, {7}}, true, false, 0, true, 2},
+      {"packed+S3 separate d64 bf16 causal 70 globals dil(3,1) padded global", BF, 1, 150, 2,
+       64, 5, {3, 1}, true, {many}, {{149, 6, 71}}, false, false, 0, true, 3},
+      {"packed+S7 separate d128 f16 causal w5 dil(1,4) globals, padding", F, 1, 130, 2, 128, 5,
+       {1, 4}, true, {{0, 63, 64, 100, 129}}, {{10, 64, 127}}, false, false, 1, true, 7},
+      {"packed+S7 shared d72 bf16 causal w3 dil(2,1) full plan, padded global", BF, 1, 140, 2,
+       72, 3, {2, 1}, true, {{1, 2, 70, 80, 139}}, {{2, 90}}, true, true, 0, true, 7},
+      {"packed+S2 shared d8 bf16 causal 70 globals, extra slots", BF, 1, 150, 1, 8, 1, {1},
+       true, {many}, {{}}, true, false, 3, true, 2},
+      {"packed separate d8 f16 no globals (k_rows all -1)", F, 2, 70, 1, 8, 2, {2}, false,
+       {{}, {}}, {{0}, {69}}, false, false, 0, true, 1},
+      {"packed+S3 shared d128 bf16 70 globals w1 dil(1,2), extra slots", BF, 1, 150, 2, 128, 1,
+       {1, 2}, false, {many}, {{149}}, true, false, 5, true, 3},
+      {"S2 separate d64 f16 w4 dil 2 globals, padding (not packed)", F, 1, 200, 1, 64, 4, {2},
+       false, {{5, 100, 199}}, {{50}}, false, false, 2, false, 2},
+      {"packed+S20 separate d72 f16 70 globals w2, full plan, more splits than entries", F, 1,
+       150, 1, 72, 2, {1}, false, {many}, {{3}}, false, true, 0, true, 20},
   };
   int bad = argc > 1 ? 0 : api_checks();
   for (size_t i = 0; i < cases.size(); ++i) {
