@@ -724,7 +724,18 @@ pub mod cuda {
                 });
             }
         }
-        for (what, value) in [("batch", p.batch), ("heads", p.heads)] {
+        check_grid_and_views(p.batch, p.heads, device, views)
+    }
+
+    /// Batch and heads within the grid's y / z extents; every view on `device` with
+    /// 16-byte aligned rows (the kernels' cp.async and vector stores).
+    pub(crate) fn check_grid_and_views(
+        batch: usize,
+        heads: usize,
+        device: usize,
+        views: &[(&'static str, &DeviceView)],
+    ) -> Result<()> {
+        for (what, value) in [("batch", batch), ("heads", heads)] {
             if value > MAX_GRID_YZ {
                 return Err(Error::TooLarge {
                     what: what.into(),

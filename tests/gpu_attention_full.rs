@@ -105,38 +105,8 @@ fn bwd(c: &Case, t: [&Tensor; 6]) -> attention::AttentionGradients<Tensor> {
     .unwrap_or_else(|e| panic!("{c:?}: backward: {e}"))
 }
 
-/// max |got - want| <= tol * max |want| (and every value finite, so a poisoned element
-/// the kernel forgot to write fails), or exact -inf where the reference has -inf.
 fn assert_close(c: &Case, what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
-    assert_eq!(got.shape(), want.shape(), "{c:?}: {what} shape");
-    let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
-    let scale = w
-        .iter()
-        .filter(|x| x.is_finite())
-        .fold(0f64, |m, &x| m.max(x.abs() as f64));
-    let mut worst = (0f64, 0usize);
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        if b == f32::NEG_INFINITY {
-            assert_eq!(a, b, "{c:?}: {what}[{i}] must be -inf (row without keys)");
-            continue;
-        }
-        assert!(
-            a.is_finite(),
-            "{c:?}: {what}[{i}] = {a} (unwritten or overflow)"
-        );
-        let err = (a as f64 - b as f64).abs();
-        if err > worst.0 {
-            worst = (err, i);
-        }
-    }
-    assert!(
-        worst.0 <= tol * scale.max(1e-6),
-        "{c:?}: {what}: max error {} at {} (got {}, want {}) > {tol} x max|want| {scale}",
-        worst.0,
-        worst.1,
-        g[worst.1],
-        w[worst.1]
-    );
+    common::assert_close_to_reference(c, what, got, want, tol);
 }
 
 /// Forward and backward on the GPU against the CPU reference; returns the GPU gradients

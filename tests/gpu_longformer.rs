@@ -80,38 +80,8 @@ fn random(rng: &mut Rng, dtype: DType, shape: &[usize]) -> HostTensor {
     HostTensor::from_vec(v, shape).unwrap().to_contiguous(dtype)
 }
 
-/// max |got - want| <= tol * max |want|, every value finite (a poisoned element the
-/// kernels forgot to write fails), and exact -inf where the reference has -inf.
 fn assert_close(c: &Case, what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
-    assert_eq!(got.shape(), want.shape(), "{c:?}: {what} shape");
-    let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
-    let scale = w
-        .iter()
-        .filter(|x| x.is_finite())
-        .fold(0f64, |m, &x| m.max(x.abs() as f64));
-    let mut worst = (0f64, 0usize);
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        if b == f32::NEG_INFINITY {
-            assert_eq!(a, b, "{c:?}: {what}[{i}] must be -inf (padded row)");
-            continue;
-        }
-        assert!(
-            a.is_finite(),
-            "{c:?}: {what}[{i}] = {a} (unwritten or overflow)"
-        );
-        let err = (a as f64 - b as f64).abs();
-        if err > worst.0 {
-            worst = (err, i);
-        }
-    }
-    assert!(
-        worst.0 <= tol * scale.max(1e-6),
-        "{c:?}: {what}: max error {} at {} (got {}, want {}) > {tol} x max|want| {scale}",
-        worst.0,
-        worst.1,
-        g[worst.1],
-        w[worst.1]
-    );
+    common::assert_close_to_reference(c, what, got, want, tol);
 }
 
 fn grads_of(g: LongformerGradients<DeviceTensor>) -> Vec<HostTensor> {

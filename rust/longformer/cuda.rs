@@ -10,7 +10,9 @@ use super::{
     validate, validate_backward, LongformerGradients, LongformerOptions, LongformerOutput,
     LongformerProblem, TokenMask,
 };
-use crate::attention::cuda::{borrowed, bsh, check_out, dtype_arg, lse_strides, order_after};
+use crate::attention::cuda::{
+    borrowed, bsh, check_grid_and_views, check_out, dtype_arg, lse_strides, order_after,
+};
 use crate::device::{memset_async, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -23,8 +25,6 @@ const _: () = assert!(
     "the host's work lists assume the ABI's tile sizes"
 );
 
-/// Largest grid y/z extent (heads, batch).
-const MAX_GRID_YZ: usize = 65_535;
 /// Longest sequence the kernels' 32-bit token arithmetic handles.
 const MAX_SEQLEN: usize = 1 << 30;
 /// Largest head dim the Longformer kernels are instantiated for.
@@ -57,37 +57,7 @@ fn check_kernel_support(
             limit: MAX_SEQLEN as u64,
         });
     }
-    for (what, value) in [("batch", p.batch), ("heads", p.heads)] {
-        if value > MAX_GRID_YZ {
-            return Err(Error::TooLarge {
-                what: what.into(),
-                value: value as u64,
-                limit: MAX_GRID_YZ as u64,
-            });
-        }
-    }
-    for (name, view) in views {
-        if view.device != device {
-            return Err(Error::DeviceMismatch {
-                detail: format!(
-                    "{name} is on cuda:{} but q is on cuda:{device}",
-                    view.device
-                ),
-            });
-        }
-        let elem = view.dtype.size() as u64;
-        let misaligned_stride = view.layout.strides[..view.layout.strides.len() - 1]
-            .iter()
-            .any(|&s| (s as u64 * elem) % 16 != 0);
-        if view.ptr % 16 != 0 || misaligned_stride {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: the CUDA kernel needs 16-byte aligned rows (pointer {:#x}, strides {:?} \
-                 in {}-byte elements); make the tensor contiguous",
-                view.ptr, view.layout.strides, elem
-            )));
-        }
-    }
-    Ok(())
+    check_grid_and_views(p.batch, p.heads, device, views)
 }
 
 fn check_lse(name: &str, view: &DeviceView, p: &LongformerProblem, device: usize) -> Result<()> {

@@ -429,3 +429,47 @@ pub fn naive_general(
     }
     (o, lse)
 }
+
+/// For GPU results against the CPU reference: max |got - want| <= tol * max |want|,
+/// every value finite (a poisoned element a kernel forgot to write fails), and exact -inf
+/// where the reference has -inf (rows without keys). `case` names the problem in messages.
+pub fn assert_close_to_reference(
+    case: &dyn std::fmt::Debug,
+    what: &str,
+    got: &HostTensor,
+    want: &HostTensor,
+    tol: f64,
+) {
+    assert_eq!(got.shape(), want.shape(), "{case:?}: {what} shape");
+    let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+    let scale = w
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0f64, |m, &x| m.max(x.abs() as f64));
+    let mut worst = (0f64, 0usize);
+    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
+        if b == f32::NEG_INFINITY {
+            assert_eq!(
+                a, b,
+                "{case:?}: {what}[{i}] must be -inf (row without keys)"
+            );
+            continue;
+        }
+        assert!(
+            a.is_finite(),
+            "{case:?}: {what}[{i}] = {a} (unwritten or overflow)"
+        );
+        let err = (a as f64 - b as f64).abs();
+        if err > worst.0 {
+            worst = (err, i);
+        }
+    }
+    assert!(
+        worst.0 <= tol * scale.max(1e-6),
+        "{case:?}: {what}: max error {} at {} (got {}, want {}) > {tol} x max|want| {scale}",
+        worst.0,
+        worst.1,
+        g[worst.1],
+        w[worst.1]
+    );
+}
