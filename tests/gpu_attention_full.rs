@@ -184,6 +184,37 @@ fn opts(causal: bool, left: Option<usize>, right: Option<usize>) -> AttentionOpt
     }
 }
 
+/// One small case of every forward and backward kernel instantiation (head dims 64, 128
+/// and 256, f16 and bf16) and path (GQA, causal, window, varlen): what `gpu_check.sh quick`
+/// runs first and under compute-sanitizer.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn smoke() {
+    let s = stream();
+    for (i, c) in [
+        dense((1, 77, 93, 4, 2, 64), DType::BF16, opts(true, None, None)),
+        dense(
+            (2, 65, 65, 2, 2, 128),
+            DType::F16,
+            opts(false, Some(16), Some(5)),
+        ),
+        dense((1, 40, 33, 1, 1, 256), DType::BF16, opts(false, None, None)),
+        varlen(
+            &[(17, 40), (1, 1), (130, 64)],
+            2,
+            1,
+            96,
+            DType::F16,
+            opts(true, None, None),
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check(&s, c, i as u64);
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn every_head_dim() {

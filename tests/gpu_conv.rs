@@ -117,6 +117,136 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The forward of one case on the GPU against the CPU reference. A forced algorithm may
+/// refuse a case: that must be a typed refusal, never a wrong answer (returns false).
+#[allow(clippy::too_many_arguments)] // one case's full description
+fn check_forward(
+    s: &Stream,
+    rng: &mut Rng,
+    c: &Case,
+    dtype: DType,
+    nhwc: bool,
+    act: Activation,
+    with_bias: bool,
+    algo: Option<ConvAlgo>,
+) -> bool {
+    let opts = Conv2dOptions {
+        activation: act,
+        algo,
+        ..c.opts
+    };
+    let cg = c.x[1] / opts.groups;
+    let x = tensor(rng, dtype, c.x, nhwc, 1.0);
+    let wscale = 1.0 / ((cg * c.rs[0] * c.rs[1]) as f32).sqrt();
+    let w = tensor(rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, wscale);
+    let b = HostTensor::from_fn(dtype, &[c.k], |i| (i as f32 * 0.1).sin()).unwrap();
+    let want = conv::conv2d_cpu(&x, &w, with_bias.then_some(&b), &opts, true).unwrap();
+    let dev = |t: &HostTensor| DeviceTensor::from_host(s, t).unwrap();
+    let bd = dev(&b);
+    let got = match cuda::conv2d_forward(&dev(&x), &dev(&w), with_bias.then_some(&bd), &opts, true)
+    {
+        Ok(o) => o,
+        Err(flashkernels::Error::Unsupported(msg)) if algo.is_some() => {
+            eprintln!("skip {c:?} {dtype} {algo:?}: {msg}");
+            return false;
+        }
+        Err(e) => panic!("{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: {e}"),
+    };
+    let err = rel_err(&got.y.to_host().unwrap(), &want.y);
+    let err_pre = rel_err(
+        &got.y_pre.unwrap().to_host().unwrap(),
+        want.y_pre.as_ref().unwrap(),
+    );
+    assert!(
+        err <= tol(dtype) && err_pre <= tol(dtype),
+        "{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: rel err {err} / {err_pre}"
+    );
+    true
+}
+
+/// dx, dweight and dbias of one case on the GPU against the CPU reference.
+fn check_backward(s: &Stream, rng: &mut Rng, c: &Case, dtype: DType, nhwc: bool) {
+    let cg = c.x[1] / c.opts.groups;
+    let x = tensor(rng, dtype, c.x, nhwc, 1.0);
+    let w = tensor(rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, 0.2);
+    let p = conv::validate((dtype, x.layout()), (dtype, w.layout()), None, &c.opts).unwrap();
+    let dy = tensor(rng, dtype, p.y_shape().try_into().unwrap(), nhwc, 1.0);
+    let want = conv::conv2d_backward_cpu(&x, &w, &dy, &c.opts, ConvGrads::ALL).unwrap();
+    let dev = |t: &HostTensor| DeviceTensor::from_host(s, t).unwrap();
+    let got = cuda::conv2d_backward(&dev(&x), &dev(&w), &dev(&dy), &c.opts, ConvGrads::ALL)
+        .unwrap_or_else(|e| panic!("{c:?} {dtype} nhwc={nhwc}: {e}"));
+    for (name, g, w) in [
+        ("dx", got.dx.unwrap(), want.dx.unwrap()),
+        ("dweight", got.dweight.unwrap(), want.dweight.unwrap()),
+        ("dbias", got.dbias.unwrap(), want.dbias.unwrap()),
+    ] {
+        let err = rel_err(&g.to_host().unwrap(), &w);
+        // Gradients sum over many more terms than the forward.
+        assert!(
+            err <= 4.0 * tol(dtype),
+            "{name} {c:?} {dtype} nhwc={nhwc}: rel err {err}"
+        );
+    }
+}
+
+/// Max or average pooling, forward and backward, on the GPU against the CPU reference.
+/// Returns false for combinations torch does not define (nothing checked).
+fn check_pool(
+    s: &Stream,
+    rng: &mut Rng,
+    kind: PoolKind,
+    opts: &Pool2dOptions,
+    dtype: DType,
+    nhwc: bool,
+) -> bool {
+    let avg_ok = opts.dilation == [1, 1];
+    let max_ok = opts.divisor_override.is_none() && opts.count_include_pad;
+    if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
+        return false;
+    }
+    let x = tensor(rng, dtype, [2, 24, 17, 15], nhwc, 1.0);
+    let xd = Tensor::Cuda(DeviceTensor::from_host(s, &x).unwrap());
+    let xh = Tensor::Host(x.clone());
+    let p = conv::validate_pool(kind, (dtype, x.layout()), opts).unwrap();
+    let dy = tensor(rng, dtype, p.y_shape().try_into().unwrap(), false, 1.0);
+    let dyd = Tensor::Cuda(DeviceTensor::from_host(s, &dy).unwrap());
+    let dyh = Tensor::Host(dy);
+    let (y, yh, dx, dxh) = match kind {
+        PoolKind::Max => {
+            let g = conv::max_pool2d(&xd, opts).unwrap();
+            let h = conv::max_pool2d(&xh, opts).unwrap();
+            assert_eq!(
+                g.indices.to_host().unwrap(),
+                h.indices.to_host().unwrap(),
+                "{opts:?} {dtype}"
+            );
+            let dx = conv::max_pool2d_backward(&xd, &dyd, &g.indices, opts).unwrap();
+            let dxh = conv::max_pool2d_backward(&xh, &dyh, &h.indices, opts).unwrap();
+            (g.y, h.y, dx, dxh)
+        }
+        PoolKind::Avg => (
+            conv::avg_pool2d(&xd, opts).unwrap(),
+            conv::avg_pool2d(&xh, opts).unwrap(),
+            conv::avg_pool2d_backward(&xd, &dyd, opts).unwrap(),
+            conv::avg_pool2d_backward(&xh, &dyh, opts).unwrap(),
+        ),
+    };
+    let ey = rel_err(&y.to_host().unwrap(), &yh.to_host().unwrap());
+    let edx = rel_err(&dx.to_host().unwrap(), &dxh.to_host().unwrap());
+    assert!(
+        ey <= tol(dtype) && edx <= tol(dtype),
+        "{kind:?} {opts:?} {dtype} nhwc={nhwc}: {ey} {edx}"
+    );
+    true
+}
+
+const ACTIVATIONS: [Activation; 4] = [
+    Activation::None,
+    Activation::Relu,
+    Activation::Gelu,
+    Activation::Silu,
+];
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn conv_forward_matches_reference() {
@@ -125,57 +255,9 @@ fn conv_forward_matches_reference() {
     for c in cases() {
         for dtype in [DType::F16, DType::BF16, DType::F32] {
             for nhwc in [false, true] {
-                for (ai, act) in [
-                    Activation::None,
-                    Activation::Relu,
-                    Activation::Gelu,
-                    Activation::Silu,
-                ]
-                .into_iter()
-                .enumerate()
-                {
+                for (ai, act) in ACTIVATIONS.into_iter().enumerate() {
                     for algo in [None, Some(ConvAlgo::Im2col), Some(ConvAlgo::ImplicitGemm)] {
-                        let opts = Conv2dOptions {
-                            activation: act,
-                            algo,
-                            ..c.opts
-                        };
-                        let cg = c.x[1] / opts.groups;
-                        let x = tensor(&mut rng, dtype, c.x, nhwc, 1.0);
-                        let wscale = 1.0 / ((cg * c.rs[0] * c.rs[1]) as f32).sqrt();
-                        let w = tensor(&mut rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, wscale);
-                        let b =
-                            HostTensor::from_fn(dtype, &[c.k], |i| (i as f32 * 0.1).sin()).unwrap();
-                        let want =
-                            conv::conv2d_cpu(&x, &w, (ai % 2 == 0).then_some(&b), &opts, true)
-                                .unwrap();
-                        let dev = |t: &HostTensor| DeviceTensor::from_host(&s, t).unwrap();
-                        let bd = dev(&b);
-                        let got = match cuda::conv2d_forward(
-                            &dev(&x),
-                            &dev(&w),
-                            (ai % 2 == 0).then_some(&bd),
-                            &opts,
-                            true,
-                        ) {
-                            Ok(o) => o,
-                            // A forced algorithm may not support this case: that must be a
-                            // typed refusal, never a wrong answer.
-                            Err(flashkernels::Error::Unsupported(msg)) if algo.is_some() => {
-                                eprintln!("skip {c:?} {dtype} {algo:?}: {msg}");
-                                continue;
-                            }
-                            Err(e) => panic!("{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: {e}"),
-                        };
-                        let err = rel_err(&got.y.to_host().unwrap(), &want.y);
-                        let err_pre = rel_err(
-                            &got.y_pre.unwrap().to_host().unwrap(),
-                            want.y_pre.as_ref().unwrap(),
-                        );
-                        assert!(
-                            err <= tol(dtype) && err_pre <= tol(dtype),
-                            "{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: rel err {err} / {err_pre}"
-                        );
+                        check_forward(&s, &mut rng, &c, dtype, nhwc, act, ai % 2 == 0, algo);
                     }
                 }
             }
@@ -191,40 +273,14 @@ fn conv_backward_matches_reference() {
     for c in cases() {
         for dtype in [DType::F16, DType::BF16, DType::F32] {
             for nhwc in [false, true] {
-                let cg = c.x[1] / c.opts.groups;
-                let x = tensor(&mut rng, dtype, c.x, nhwc, 1.0);
-                let w = tensor(&mut rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, 0.2);
-                let p = conv::validate((dtype, x.layout()), (dtype, w.layout()), None, &c.opts)
-                    .unwrap();
-                let dy = tensor(&mut rng, dtype, p.y_shape().try_into().unwrap(), nhwc, 1.0);
-                let want = conv::conv2d_backward_cpu(&x, &w, &dy, &c.opts, ConvGrads::ALL).unwrap();
-                let dev = |t: &HostTensor| DeviceTensor::from_host(&s, t).unwrap();
-                let got =
-                    cuda::conv2d_backward(&dev(&x), &dev(&w), &dev(&dy), &c.opts, ConvGrads::ALL)
-                        .unwrap_or_else(|e| panic!("{c:?} {dtype} nhwc={nhwc}: {e}"));
-                for (name, g, w) in [
-                    ("dx", got.dx.unwrap(), want.dx.unwrap()),
-                    ("dweight", got.dweight.unwrap(), want.dweight.unwrap()),
-                    ("dbias", got.dbias.unwrap(), want.dbias.unwrap()),
-                ] {
-                    let err = rel_err(&g.to_host().unwrap(), &w);
-                    // Gradients sum over many more terms than the forward.
-                    assert!(
-                        err <= 4.0 * tol(dtype),
-                        "{name} {c:?} {dtype} nhwc={nhwc}: rel err {err}"
-                    );
-                }
+                check_backward(&s, &mut rng, &c, dtype, nhwc);
             }
         }
     }
 }
 
-#[test]
-#[ignore = "needs a CUDA device"]
-fn pooling_matches_reference() {
-    let s = stream();
-    let mut rng = Rng::new(13);
-    let configs = [
+fn pool_configs() -> [Pool2dOptions; 5] {
+    [
         Pool2dOptions {
             stride: Some([2, 2]),
             padding: [1, 1],
@@ -249,53 +305,67 @@ fn pooling_matches_reference() {
             divisor_override: Some(5),
             ..Pool2dOptions::new([2, 3])
         },
-    ];
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn pooling_matches_reference() {
+    let s = stream();
+    let mut rng = Rng::new(13);
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         for nhwc in [false, true] {
-            for opts in configs {
-                let x = tensor(&mut rng, dtype, [2, 24, 17, 15], nhwc, 1.0);
-                let xd = Tensor::Cuda(DeviceTensor::from_host(&s, &x).unwrap());
-                let xh = Tensor::Host(x.clone());
+            for opts in pool_configs() {
                 for kind in [PoolKind::Max, PoolKind::Avg] {
-                    let avg_ok = opts.dilation == [1, 1];
-                    let max_ok = opts.divisor_override.is_none() && opts.count_include_pad;
-                    if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
-                        continue;
-                    }
-                    let p = conv::validate_pool(kind, (dtype, x.layout()), &opts).unwrap();
-                    let dy = tensor(&mut rng, dtype, p.y_shape().try_into().unwrap(), false, 1.0);
-                    let dyd = Tensor::Cuda(DeviceTensor::from_host(&s, &dy).unwrap());
-                    let dyh = Tensor::Host(dy);
-                    let (y, yh, dx, dxh) = match kind {
-                        PoolKind::Max => {
-                            let g = conv::max_pool2d(&xd, &opts).unwrap();
-                            let h = conv::max_pool2d(&xh, &opts).unwrap();
-                            assert_eq!(
-                                g.indices.to_host().unwrap(),
-                                h.indices.to_host().unwrap(),
-                                "{opts:?} {dtype}"
-                            );
-                            let dx =
-                                conv::max_pool2d_backward(&xd, &dyd, &g.indices, &opts).unwrap();
-                            let dxh =
-                                conv::max_pool2d_backward(&xh, &dyh, &h.indices, &opts).unwrap();
-                            (g.y, h.y, dx, dxh)
-                        }
-                        PoolKind::Avg => (
-                            conv::avg_pool2d(&xd, &opts).unwrap(),
-                            conv::avg_pool2d(&xh, &opts).unwrap(),
-                            conv::avg_pool2d_backward(&xd, &dyd, &opts).unwrap(),
-                            conv::avg_pool2d_backward(&xh, &dyh, &opts).unwrap(),
-                        ),
-                    };
-                    let ey = rel_err(&y.to_host().unwrap(), &yh.to_host().unwrap());
-                    let edx = rel_err(&dx.to_host().unwrap(), &dxh.to_host().unwrap());
-                    assert!(
-                        ey <= tol(dtype) && edx <= tol(dtype),
-                        "{kind:?} {opts:?} {dtype} nhwc={nhwc}: {ey} {edx}"
-                    );
+                    check_pool(&s, &mut rng, kind, &opts, dtype, nhwc);
                 }
             }
         }
+    }
+}
+
+/// One small case of every conv and pooling kernel (both algorithms, the f32 direct path,
+/// backward, max and avg pooling): what `gpu_check.sh quick` runs under compute-sanitizer.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn smoke() {
+    let s = stream();
+    let mut rng = Rng::new(17);
+    let c = case([1, 16, 9, 11], 24, [3, 3], 2, 1, 1, 1);
+    let grouped = case([1, 32, 7, 7], 32, [3, 3], 1, 1, 1, 4);
+    for (c, dtype, nhwc, algo) in [
+        (&c, DType::BF16, true, ConvAlgo::ImplicitGemm),
+        (&c, DType::F16, false, ConvAlgo::Im2col),
+        (&grouped, DType::BF16, true, ConvAlgo::ImplicitGemm),
+    ] {
+        assert!(
+            check_forward(
+                &s,
+                &mut rng,
+                c,
+                dtype,
+                nhwc,
+                Activation::Gelu,
+                true,
+                Some(algo)
+            ),
+            "{c:?}: {algo:?} refused a case it supports"
+        );
+    }
+    check_forward(
+        &s,
+        &mut rng,
+        &c,
+        DType::F32,
+        false,
+        Activation::Relu,
+        true,
+        None,
+    );
+    check_backward(&s, &mut rng, &c, DType::BF16, true);
+    check_backward(&s, &mut rng, &c, DType::F32, false);
+    let opts = pool_configs()[0];
+    for kind in [PoolKind::Max, PoolKind::Avg] {
+        assert!(check_pool(&s, &mut rng, kind, &opts, DType::BF16, true));
     }
 }

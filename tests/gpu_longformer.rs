@@ -276,6 +276,29 @@ fn few_global_rows_over_a_long_sequence() {
     }
 }
 
+/// One small case of every Longformer pass (local, global rows, global columns, the split
+/// and packed variants) at head dims 64 and 128: what `gpu_check.sh quick` runs first and
+/// under compute-sanitizer.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn smoke() {
+    let s = stream();
+    let mut a = Case::new([2, 300, 2, 64], 16, &[1, 2]);
+    a.globals = vec![vec![0, 150], vec![299]];
+    a.padded = vec![vec![], (280..299).collect()];
+    let mut b = Case::new([1, 200, 1, 128], 8, &[1]);
+    b.dtype = DType::F16;
+    b.globals = vec![vec![3]];
+    b.causal = true;
+    // Few global rows over thousands of keys: the split and packed paths.
+    let mut c = Case::new([1, 2085, 1, 64], 32, &[1]);
+    c.globals = vec![vec![0, 1, 2, 3]];
+    c.separate = false;
+    for (i, case) in [a, b, c].iter().enumerate() {
+        check(&s, case, i as u64);
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_is_deterministic() {

@@ -110,3 +110,37 @@ def causal_mask():
 def window_mask():
     """`attention_mask(nq, nk, *, causal, window)`."""
     return attention_mask
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fk-quick",
+        action="store_true",
+        help="keep a covering subset of each parametrized test: the first item for every "
+        "(parameter, value) pair, so every op, dtype and option value still runs once "
+        "(the GPU check's quick step, scripts/gpu_check.py)",
+    )
+
+
+def covering_subset(items):
+    """(kept, dropped): greedy, in collection order, an item is kept when it brings a
+    (test function, parameter, value) triple not yet covered."""
+    seen, kept, dropped = set(), [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        fn = (item.path, item.originalname)
+        keys = {(fn, name, repr(value)) for name, value in params.items()} or {(fn, None, None)}
+        if keys - seen:
+            seen |= keys
+            kept.append(item)
+        else:
+            dropped.append(item)
+    return kept, dropped
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--fk-quick"):
+        kept, dropped = covering_subset(items)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
