@@ -5,7 +5,7 @@
 # without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --test-env
 eval "$(bash scripts/bootstrap.sh --env)"
 
 echo "== format and lint"
@@ -24,6 +24,7 @@ bash scripts/emulate_kernels.sh
 echo "== Python wheel and tests"
 rm -rf target/wheels
 maturin build --release --quiet -o target/wheels
-python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps target/wheels/*.whl
-# Run from python/tests so the installed wheel, not the source folder, is imported.
-(cd python/tests && python -m pytest -q -rs .)
+"$FK_TEST_PYTHON" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps target/wheels/*.whl
+# Run from python/tests so the installed wheel, not the source folder, is imported. torch is
+# there (CPU): autograd, opcheck, torch.compile and the torch.distributed (gloo) tests run.
+(cd python/tests && "$FK_TEST_PYTHON" -m pytest -q -rs .)
