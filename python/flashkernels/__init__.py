@@ -22,6 +22,11 @@ Entry points, with the signatures users already know:
   projections, padding) on (batch, seqlen, heads, head_dim) arrays;
   ``longformer_attention_backward`` for numpy users (see ``_longformer``). Its masks are
   read on the host (a device-to-host copy for GPU masks).
+- ``ring_attention(q, k, v, causal=False, softmax_scale=None, group=None)``: past one
+  GPU, attention over a sequence sharded across the ranks of a torch.distributed group
+  (context parallelism), differentiable; ``merge_attention_states(out_a, lse_a, out_b,
+  lse_b)``, the exact log-sum-exp merge it is built on (see ``flashkernels.ring``). Both
+  are loaded on first use, since they import torch.
 
 All reach the same Rust op, which takes (B, N, H, D) through strides: torch's layout is
 passed by swapping two strides, never by copying. With ``return_lse=True`` the forward
@@ -674,6 +679,20 @@ from ._conv import (  # noqa: E402
 
 # Longformer attention (python/flashkernels/_longformer.py), likewise.
 from ._longformer import longformer_attention, longformer_attention_backward  # noqa: E402
+
+
+# Ring (context-parallel) attention over torch.distributed (python/flashkernels/ring.py).
+# It imports torch, so it is loaded when first asked for (``flashkernels.ring_attention``),
+# and kept out of __all__ (``from flashkernels import *`` must not import torch).
+_RING_NAMES = ("ring_attention", "merge_attention_states")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RING_NAMES:
+        from . import ring
+
+        return getattr(ring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------
