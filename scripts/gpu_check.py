@@ -169,8 +169,8 @@ def quick_steps():
                        " && ".join(f"compute-sanitizer --tool {tool} --error-exitcode 1 "
                                    + rust_test(s, "--exact smoke") for s in SMOKE_SUITES), 90)
                   for tool in SANITIZERS]
-    cli = Step("main-job", "the main job: every op checked against the CPU reference, timed",
-               ".gpu/bin/flashkernels", 60)
+    cli = Step("main-job", "the main job (--quick: small shapes): every op vs the CPU reference",
+               ".gpu/bin/flashkernels --quick", 60)
     env = Step("python-env", "install the wheel and pytest", python_env(), 60)
     # (steps, seconds kept for the phases after them)
     return [([env], 240), (smoke, 200), (suites + [py], 90), (sanitizers + [cli], 0)]
