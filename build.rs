@@ -10,6 +10,10 @@
 //!   keyed by a hash of the sources, targets and compiler, so the release, test and
 //!   Python builds compile the kernels once between them.
 //! - `LIBCLANG_PATH`: where bindgen finds libclang.
+//!
+//! On x86_64 Linux (glibc) it also pins the Python extension (the cdylib) to glibc 2.28
+//! symbol versions, whatever the build machine's glibc, so that the wheel is
+//! manylinux_2_28 like torch's: see `glibc_2_28_compat`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -32,11 +36,12 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    glibc_2_28_compat(&out_dir);
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
 
-    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let nvcc = find_nvcc();
     let cuda_lib_dir = nvcc
         .parent()
@@ -213,4 +218,146 @@ fn generate_bindings(out_dir: &Path) {
         })
         .write_to_file(out_dir.join("ffi.rs"))
         .expect("write ffi.rs");
+}
+
+/// glibc functions whose default symbol version on a newer glibc (Debian 12 has 2.36) is
+/// past 2.28, each with the older version of the same function, present in every glibc
+/// from 2.28 on. A linker binds an unversioned reference (from Rust's std, from
+/// libcudart_static.a) to the default version of the glibc it links against, which made
+/// the wheel manylinux_2_34: the 2.34 ones moved from libpthread/libdl/librt into libc
+/// and got a new version there, the old version staying as an alias of the same code; the
+/// libm ones got new versions in 2.29 (new implementations, same ABI). maturin checks the
+/// extension against manylinux_2_28 (`compatibility` in pyproject.toml) and names any
+/// symbol that still escapes: add it here.
+const GLIBC_COMPAT: &[(&str, &str)] = &[
+    ("exp", "GLIBC_2.2.5"),
+    ("exp2", "GLIBC_2.2.5"),
+    ("log", "GLIBC_2.2.5"),
+    ("log2", "GLIBC_2.2.5"),
+    ("pow", "GLIBC_2.2.5"),
+    ("dlclose", "GLIBC_2.2.5"),
+    ("dlerror", "GLIBC_2.2.5"),
+    ("dlmopen", "GLIBC_2.3.4"),
+    ("dlopen", "GLIBC_2.2.5"),
+    ("dlsym", "GLIBC_2.2.5"),
+    ("dlvsym", "GLIBC_2.2.5"),
+    ("pthread_attr_getguardsize", "GLIBC_2.2.5"),
+    ("pthread_attr_getstack", "GLIBC_2.2.5"),
+    ("pthread_attr_setstacksize", "GLIBC_2.2.5"),
+    ("pthread_condattr_setpshared", "GLIBC_2.2.5"),
+    ("pthread_create", "GLIBC_2.2.5"),
+    ("pthread_detach", "GLIBC_2.2.5"),
+    ("pthread_getattr_np", "GLIBC_2.2.5"),
+    ("pthread_getspecific", "GLIBC_2.2.5"),
+    ("pthread_join", "GLIBC_2.2.5"),
+    ("pthread_key_create", "GLIBC_2.2.5"),
+    ("pthread_key_delete", "GLIBC_2.2.5"),
+    ("pthread_kill", "GLIBC_2.2.5"),
+    ("pthread_mutex_trylock", "GLIBC_2.2.5"),
+    ("pthread_mutexattr_destroy", "GLIBC_2.2.5"),
+    ("pthread_mutexattr_init", "GLIBC_2.2.5"),
+    ("pthread_mutexattr_setpshared", "GLIBC_2.2.5"),
+    ("pthread_mutexattr_settype", "GLIBC_2.2.5"),
+    ("pthread_once", "GLIBC_2.2.5"),
+    ("pthread_rwlock_destroy", "GLIBC_2.2.5"),
+    ("pthread_rwlock_init", "GLIBC_2.2.5"),
+    ("pthread_rwlock_rdlock", "GLIBC_2.2.5"),
+    ("pthread_rwlock_timedrdlock", "GLIBC_2.2.5"),
+    ("pthread_rwlock_timedwrlock", "GLIBC_2.2.5"),
+    ("pthread_rwlock_tryrdlock", "GLIBC_2.2.5"),
+    ("pthread_rwlock_trywrlock", "GLIBC_2.2.5"),
+    ("pthread_rwlock_unlock", "GLIBC_2.2.5"),
+    ("pthread_rwlock_wrlock", "GLIBC_2.2.5"),
+    ("pthread_rwlockattr_destroy", "GLIBC_2.2.5"),
+    ("pthread_rwlockattr_init", "GLIBC_2.2.5"),
+    ("pthread_rwlockattr_setpshared", "GLIBC_2.2.5"),
+    ("pthread_setname_np", "GLIBC_2.12"),
+    ("pthread_setspecific", "GLIBC_2.2.5"),
+    ("pthread_sigmask", "GLIBC_2.2.5"),
+    ("pthread_spin_destroy", "GLIBC_2.2.5"),
+    ("pthread_spin_init", "GLIBC_2.2.5"),
+    ("pthread_spin_lock", "GLIBC_2.2.5"),
+    ("pthread_spin_trylock", "GLIBC_2.2.5"),
+    ("pthread_spin_unlock", "GLIBC_2.2.5"),
+    ("sem_destroy", "GLIBC_2.2.5"),
+    ("sem_init", "GLIBC_2.2.5"),
+    ("sem_post", "GLIBC_2.2.5"),
+    ("sem_timedwait", "GLIBC_2.2.5"),
+    ("sem_trywait", "GLIBC_2.2.5"),
+    ("sem_wait", "GLIBC_2.2.5"),
+    ("shm_open", "GLIBC_2.2.5"),
+    ("shm_unlink", "GLIBC_2.2.5"),
+];
+
+/// Functions Rust's std uses that glibc 2.28 does not export at all, written here on top
+/// of what 2.28 has (x86_64 assembly, `;` separates instructions): gettid (2.30) is the
+/// raw syscall; fstat64 / stat64 / lstat64 (2.33) were, before 2.33, inline wrappers
+/// around __fxstat64 / __xstat64 / __lxstat64 with _STAT_VER 1, which glibc still exports.
+const GLIBC_SHIMS: &[(&str, &str)] = &[
+    ("gettid", "mov $186, %eax; syscall; ret"),
+    (
+        "fstat64",
+        "mov %rsi, %rdx; mov %edi, %esi; mov $1, %edi; jmp __fxstat64@PLT",
+    ),
+    (
+        "stat64",
+        "mov %rsi, %rdx; mov %rdi, %rsi; mov $1, %edi; jmp __xstat64@PLT",
+    ),
+    (
+        "lstat64",
+        "mov %rsi, %rdx; mov %rdi, %rsi; mov $1, %edi; jmp __lxstat64@PLT",
+    ),
+];
+
+/// Links the cdylib with `--wrap=NAME` for every function above, against a generated
+/// assembly file whose hidden `__wrap_NAME` jumps to `NAME@OLD_VERSION` (or runs the shim).
+/// Each wrapper has its own section, so `--gc-sections` drops those nothing calls. It also
+/// keeps libpthread.so.0, libdl.so.2 and librt.so.1 as DT_NEEDED: before glibc 2.34 the
+/// old versions live there, not in libc.so.6 (from 2.34 on they are empty stubs).
+fn glibc_2_28_compat(out_dir: &Path) {
+    let target_is = |var: &str, want: &str| env::var(var).is_ok_and(|v| v == want);
+    if !(target_is("CARGO_CFG_TARGET_OS", "linux")
+        && target_is("CARGO_CFG_TARGET_ENV", "gnu")
+        && target_is("CARGO_CFG_TARGET_ARCH", "x86_64"))
+    {
+        return;
+    }
+    let mut asm = String::from("# Generated by build.rs (glibc_2_28_compat).\n");
+    let mut wrappers: Vec<(&str, String)> = Vec::new();
+    for (name, version) in GLIBC_COMPAT {
+        asm.push_str(&format!(".symver fk_compat_{name}, {name}@{version}\n"));
+        wrappers.push((name, format!("jmp fk_compat_{name}@PLT")));
+    }
+    wrappers.extend(
+        GLIBC_SHIMS
+            .iter()
+            .map(|(name, body)| (*name, body.to_string())),
+    );
+    for (name, body) in &wrappers {
+        asm.push_str(&format!(
+            ".section .text.__wrap_{name},\"ax\",@progbits\n\
+             .globl __wrap_{name}\n.hidden __wrap_{name}\n.type __wrap_{name}, @function\n\
+             __wrap_{name}: {body}\n.size __wrap_{name}, . - __wrap_{name}\n"
+        ));
+    }
+    asm.push_str(".section .note.GNU-stack,\"\",@progbits\n");
+    let src = out_dir.join("glibc_2_28_compat.s");
+    fs::write(&src, asm).expect("write glibc_2_28_compat.s");
+    let objects = cc::Build::new()
+        .file(&src)
+        .cargo_metadata(false)
+        .warnings(false)
+        .compile_intermediates();
+    for obj in objects {
+        println!("cargo:rustc-cdylib-link-arg={}", obj.display());
+    }
+    let wrap: Vec<String> = wrappers
+        .iter()
+        .map(|(n, _)| format!("--wrap={n}"))
+        .collect();
+    println!("cargo:rustc-cdylib-link-arg=-Wl,{}", wrap.join(","));
+    println!(
+        "cargo:rustc-cdylib-link-arg=-Wl,--push-state,--no-as-needed,\
+         -l:libpthread.so.0,-l:libdl.so.2,-l:librt.so.1,--pop-state"
+    );
 }
