@@ -2,7 +2,8 @@
 # Installs what the build and the tests need into a project-local, reused folder
 # (.toolchain/), from PyPI only. Idempotent: a second run only checks stamp files.
 #   scripts/bootstrap.sh              the build toolchain (.toolchain/venv): nvcc 13.0 and
-#                                     CUDA headers, libclang for bindgen, maturin
+#                                     CUDA headers, libclang for bindgen, maturin,
+#                                     auditwheel (the wheel's manylinux tag)
 #   scripts/bootstrap.sh --test-env   also the Python the tests run in (.toolchain/pyenv):
 #                                     numpy, pytest, jax[cpu], torch (its CPU path, for the
 #                                     autograd / torch.compile / torch.distributed tests;
@@ -37,10 +38,10 @@ install() {  # install VENV STAMP PACKAGES...
   touch "$stamp"
 }
 
-install "$venv" "$tc/.stamp-v1" \
+install "$venv" "$tc/.stamp-v2" \
   "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-runtime==13.0.*" \
   "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" \
-  "libclang==18.1.1" "maturin>=1.7,<2"
+  "libclang==18.1.1" "maturin>=1.7,<2" "auditwheel>=6,<7"
 
 case "${1:-}" in
   --test-env)

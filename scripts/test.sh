@@ -24,6 +24,7 @@ bash scripts/emulate_kernels.sh
 echo "== Python wheel and tests"
 rm -rf target/wheels
 maturin build --release --quiet -o target/wheels
+bash scripts/check_wheel.sh target/wheels/*.whl  # manylinux_2_28, installable where torch is
 "$FK_TEST_PYTHON" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps target/wheels/*.whl
 # Run from python/tests so the installed wheel, not the source folder, is imported. torch is
 # there (CPU): autograd, opcheck, torch.compile and the torch.distributed (gloo) tests run.
