@@ -24,10 +24,12 @@ and <step>.log; bench also bench.md. Then, here: python3 scripts/make_record.py 
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +152,14 @@ def python_env():
             f"--upgrade --target {SITE} {wheels}")
 
 
+def sanitizer():
+    """compute-sanitizer from PATH, else from a CUDA toolkit folder."""
+    found = shutil.which("compute-sanitizer") or next(iter(sorted(glob.glob(
+        "/usr/local/cuda*/compute-sanitizer/compute-sanitizer") + glob.glob(
+        "/usr/local/cuda*/bin/compute-sanitizer"))), None)
+    return shlex.quote(found) if found else "compute-sanitizer"
+
+
 def rust_test(suite, args):
     return f".gpu/bin/test-{suite} --ignored {args}"
 
@@ -162,15 +172,17 @@ def quick_steps():
     py = Step("python-gpu", "Python GPU tests, a covering subset (every op, dtype, option; "
               "torch autograd and torch.compile on CUDA)",
               # from python/tests, so the installed wheel is imported, not the sources
-              "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick "
+              "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu "
               "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py",
               110, {"PYTHONPATH": SITE})
     sanitizers = [Step(f"sanitizer-{tool}", f"compute-sanitizer {tool} over the smoke tests",
-                       " && ".join(f"compute-sanitizer --tool {tool} --error-exitcode 1 "
+                       " && ".join(f"{sanitizer()} --tool {tool} --error-exitcode 1 "
                                    + rust_test(s, "--exact smoke") for s in SMOKE_SUITES), 90)
                   for tool in SANITIZERS]
+    # A main job that fell back to the CPU reference has proven nothing here: fail it.
     cli = Step("main-job", "the main job (--quick: small shapes): every op vs the CPU reference",
-               ".gpu/bin/flashkernels --quick", 60)
+               ".gpu/bin/flashkernels --quick > /tmp/fk-main.txt; rc=$?; cat /tmp/fk-main.txt; "
+               "[ $rc -eq 0 ] && ! head -n 1 /tmp/fk-main.txt | grep -q 'CPU reference'", 60)
     env = Step("python-env", "install the wheel and pytest", python_env(), 60)
     # (steps, seconds kept for the phases after them)
     return [([env], 240), (smoke, 200), (suites + [py], 90), (sanitizers + [cli], 0)]
@@ -184,7 +196,8 @@ def run_quick(args, runner):
 
 
 def run_bench(args, runner):
-    runner.phase([Step("python-env", "install the wheel", python_env(), 60)], 60)
+    runner.phase([Step("python-env", "install the wheel", python_env(), 60)],
+                 min(60, max(0.0, runner.left() - 60)))
     left = runner.left() - 15
     runner.phase([Step("bench", "every op against its peer (benches/gpu_bench_all.py)",
                        f"python3 benches/gpu_bench_all.py --out {shlex.quote(args.out)} "

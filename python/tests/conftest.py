@@ -120,6 +120,27 @@ def pytest_addoption(parser):
         "(parameter, value) pair, so every op, dtype and option value still runs once "
         "(the GPU check's quick step, scripts/gpu_check.py)",
     )
+    parser.addoption(
+        "--fk-require-gpu",
+        action="store_true",
+        help="on the GPU machine: a test skipped for want of a CUDA device (or torch) fails "
+        "instead, so a broken GPU setup cannot pass as skips (cupy / jax-GPU skips stay)",
+    )
+
+
+# Skip reasons that mean "no GPU here"; with --fk-require-gpu they are failures.
+NO_GPU_REASONS = ("needs a CUDA device", "needs a CUDA device and torch")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.config.getoption("--fk-require-gpu"):
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if reason.removeprefix("Skipped: ") in NO_GPU_REASONS:
+            report.outcome = "failed"
+            report.longrepr = f"skipped on the GPU machine: {reason}"
 
 
 def covering_subset(items):

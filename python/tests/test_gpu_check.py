@@ -73,6 +73,16 @@ def test_quick_writes_its_json_and_log_even_without_a_gpu(tmp_path):
     assert "=====" in (tmp_path / "quick.log").read_text()
 
 
+def test_bench_without_a_gpu_fails_with_its_json(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/gpu_check.py"), "bench",
+                          "--budget", "30", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["status"] == "fail" and doc["meta"]["kind"] == "bench"
+    assert any(s["name"] == "bench" and s["status"] == "fail" for s in doc["steps"])
+
+
 def item(fn, **params):
     return SimpleNamespace(path="t.py", originalname=fn,
                            callspec=SimpleNamespace(params=params) if params else None)
