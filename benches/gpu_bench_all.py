@@ -221,7 +221,7 @@ def main():
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, 64)
     meta = {"kind": "bench", "device": torch.cuda.get_device_name(), "driver": driver_version(),
-            "commit": os.environ.get("FK_COMMIT") or "unknown",
+            "commit": os.environ.get("FK_COMMIT") or "unknown",  # gpu_check.py fills it in
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version(), "rounds": args.rounds,
             "budget_s": args.budget}

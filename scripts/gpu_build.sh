@@ -37,6 +37,8 @@ maturin build --release --quiet -o .gpu/wheel >/dev/null
 python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .gpu/pywheels \
   pytest iniconfig pluggy packaging pygments
+# The commit the results belong to (the device's copy of the tree has no .git).
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!benches/results' || echo -dirty)" > .gpu/COMMIT
 ls -la .gpu/bin .gpu/wheel
 size=$(du -sm .gpu | cut -f1)
 echo ".gpu: ${size} MiB (carry limit 64 MiB)"

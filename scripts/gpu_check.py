@@ -54,12 +54,13 @@ class Step:
 class Runner:
     """Runs phases of steps against one deadline and collects their results."""
 
-    def __init__(self, budget, min_step=10):
+    def __init__(self, budget, min_step=10, after_phase=None):
         self.start = time.time()
         self.deadline = self.start + budget
         self.min_step = min_step
         self.results = []
         self.logs = []
+        self.after_phase = after_phase  # saves what is known so far (a kill loses little)
 
     def left(self):
         return self.deadline - time.time()
@@ -76,6 +77,8 @@ class Runner:
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
             for s, (status, secs, out) in zip(todo, pool.map(lambda s: self._run(s, min(s.cap, allowed)), todo)):
                 self._record(s, status, secs, out, None)
+        if self.after_phase:
+            self.after_phase()
 
     def _run(self, step, timeout):
         env = dict(os.environ, **step.env)
@@ -132,13 +135,20 @@ def count_tests(out):
     return counts
 
 
+def built_commit():
+    """The commit .gpu/ was built from (gpu_build.sh writes it: the device has no .git)."""
+    try:
+        with open(os.path.join(ROOT, ".gpu", "COMMIT")) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def meta(kind, budget):
     smi = subprocess.run("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader",
                          shell=True, capture_output=True, text=True)
     name, _, driver = (smi.stdout.strip().splitlines() or ["none (no nvidia-smi output)"])[0].partition(", ")
-    commit = os.environ.get("FK_COMMIT") or subprocess.run(
-        "git rev-parse --short HEAD", shell=True, cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip() or "unknown"
+    commit = os.environ.get("FK_COMMIT") or built_commit()
     return {"kind": kind, "device": name, "driver": driver or None, "commit": commit,
             "date": datetime.date.today().isoformat(), "budget_s": budget}
 
@@ -188,11 +198,10 @@ def quick_steps():
     return [([env], 240), (smoke, 200), (suites + [py], 90), (sanitizers + [cli], 0)]
 
 
-def run_quick(args, runner):
+def run_quick(runner):
     for steps, reserve in quick_steps():
         # A short budget still gives every phase a minute before it is cut.
         runner.phase(steps, min(reserve, max(0.0, runner.left() - 60)))
-    return {"steps": runner.results}
 
 
 def run_bench(args, runner):
@@ -203,13 +212,6 @@ def run_bench(args, runner):
                        f"python3 benches/gpu_bench_all.py --out {shlex.quote(args.out)} "
                        f"--budget {max(0, left - 20):.0f} --rounds {args.rounds}",
                        left, {"PYTHONPATH": SITE})])
-    path = os.path.join(args.out, "bench.json")
-    doc = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            doc = json.load(f)
-    doc["steps"] = runner.results
-    return doc
 
 
 def main():
@@ -220,16 +222,29 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="bench: interleaved rounds")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    runner = Runner(args.budget)
-    doc = run_quick(args, runner) if args.step == "quick" else run_bench(args, runner)
-    doc["meta"] = {**doc.get("meta", {}), **meta(args.step, args.budget),
-                   "elapsed_s": round(time.time() - runner.start, 1)}
-    ok = all(s["status"] == "pass" for s in runner.results)
-    doc["status"] = "pass" if ok else "fail"
-    with open(os.path.join(args.out, f"{args.step}.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.join(args.out, f"{args.step}.log"), "w") as f:
-        f.write("".join(runner.logs))
+    doc = {}
+
+    def save():
+        if args.step == "bench":  # the driver writes bench.json; keep its rows
+            path = os.path.join(args.out, "bench.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    doc.update(json.load(f))
+        doc["steps"] = runner.results
+        doc["meta"] = {**doc.get("meta", {}), **meta(args.step, args.budget),
+                       "elapsed_s": round(time.time() - runner.start, 1)}
+        doc["status"] = "pass" if all(s["status"] == "pass" for s in runner.results) else "fail"
+        with open(os.path.join(args.out, f"{args.step}.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        with open(os.path.join(args.out, f"{args.step}.log"), "w") as f:
+            f.write("".join(runner.logs))
+
+    runner = Runner(args.budget, after_phase=save)
+    if args.step == "quick":
+        run_quick(runner)
+    else:
+        run_bench(args, runner)
+    ok = doc["status"] == "pass"
     print(f"gpu_check {args.step}: {doc['status']} in {doc['meta']['elapsed_s']:.0f} s "
           f"({sum(s['status'] == 'pass' for s in runner.results)}/{len(runner.results)} steps passed)")
     return 0 if ok else 1
