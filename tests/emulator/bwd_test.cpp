@@ -77,7 +77,7 @@ template <typename T> void bwd_case(const Case &c, Report &r) {
       }
     }
 
-  std::vector<int32_t> cuq(s.cq.begin(), s.cq.end()), cuk(s.ck.begin(), s.ck.end());
+  const emu::DeviceArray<int32_t> cuq(s.cq), cuk(s.ck);
   fk_attention_bwd_params q{};
   q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data(), q.o = O.data.data();
   q.dout = p.dO.data.data(), q.lse = lse.data.data(), q.delta = delta.data.data();

@@ -49,11 +49,14 @@ struct Seqs {
 };
 
 // A (rows, heads, D) tensor in a padded layout. Every element that is not part of a
-// sequence (head-dim padding, row / head / batch gaps, slack) starts as NaN: inputs there
-// must never be read (a read shows up as NaN in the results), outputs there must stay NaN.
-// Varlen batch strides are set to nonsense since the ABI says they are ignored.
+// sequence (head-dim padding, row / head / batch gaps) starts as NaN: inputs there must
+// never be read (a read shows up as NaN in the results), outputs there must stay NaN. The
+// allocation (emu::DeviceArray) ends right after the last element of the last row, so a
+// read or write past it is caught (ASan build: at once; elsewhere: a guard page). Varlen
+// batch strides are set to nonsense since the ABI says they are ignored (if used, accesses
+// land in other rows or past the end).
 template <typename T> struct Tensor {
-  std::vector<T> data;
+  emu::DeviceArray<T> data;
   int64_t bs = 0, rs = 0, hs = 0;
   bool varlen = false;
   std::vector<int> start; // varlen: first packed row of each sequence
@@ -63,25 +66,26 @@ template <typename T> struct Tensor {
       : varlen(c.varlen), start(cu), heads(heads_), D(D_) {
     const int B = int(cu.size()) - 1;
     const int64_t Dalloc = D + 16; // two 16-byte chunks of garbage after each head's row
-    size_t count;
     if (varlen) {
       hs = Dalloc;
       rs = heads * Dalloc + 8;
-      bs = 7 * rs; // ignored by contract; if used, reads land in NaN slack or other rows
-      count = size_t(cu[B] + 7 * B + 1) * rs;
+      bs = 7 * rs;
     } else if (!c.head_major) {
       hs = Dalloc;
       rs = heads * Dalloc + 8;
       bs = maxn * rs + 8;
-      count = size_t(B) * bs + 8;
     } else {
       rs = Dalloc;
       hs = maxn * Dalloc + 8;
       bs = heads * hs + 8;
-      count = size_t(B) * bs + 8;
     }
-    data.assign(count, to_e<T>(NAN));
-    if (reinterpret_cast<uintptr_t>(data.data()) % 16) abort(); // cp.async needs it
+    // Exactly up to the last valid element.
+    int64_t count = 0;
+    for (int b = 0; b < B; ++b) {
+      const int n = varlen ? cu[b + 1] - cu[b] : maxn;
+      if (n > 0 && heads > 0 && D > 0) count = std::max(count, index(b, n - 1, heads - 1, D - 1) + 1);
+    }
+    data.assign(size_t(count), to_e<T>(NAN));
   }
   int64_t index(int b, int i, int h, int d) const {
     return varlen ? (start[b] + i) * rs + h * hs + d : b * bs + i * rs + h * hs + d;
@@ -90,22 +94,25 @@ template <typename T> struct Tensor {
   float get(int b, int i, int h, int d) const { return to_f(data[index(b, i, h, d)]); }
 };
 
-// LSE-like (B, H, Nq) f32 with a padded head stride, or (H, total_q) for varlen.
+// LSE-like (B, H, Nq) f32 with a padded head stride, or (H, total_q) for varlen; the
+// allocation ends at the last valid element.
 struct Lse {
-  std::vector<float> data;
+  emu::DeviceArray<float> data;
   int64_t bs = 0, hs = 0;
   bool varlen;
   std::vector<int> start;
   Lse(const Case &c, const Seqs &s) : varlen(c.varlen), start(s.cq) {
+    int64_t count = 0;
     if (varlen) {
       hs = s.totq() + 4;
       bs = 3; // ignored by contract
-      data.assign(size_t(c.H) * hs + 3 * s.B + 4, NAN);
+      if (s.totq() > 0) count = (c.H - 1) * hs + s.totq();
     } else {
       hs = s.maxq + 4;
       bs = c.H * hs + 4;
-      data.assign(size_t(s.B) * bs + 4, NAN);
+      if (s.maxq > 0) count = (s.B - 1) * bs + (c.H - 1) * hs + s.maxq;
     }
+    data.assign(size_t(count), NAN);
   }
   int64_t index(int b, int h, int i) const {
     return varlen ? h * hs + start[b] + i : b * bs + h * hs + i;
@@ -186,8 +193,8 @@ void ref_row(const Problem<T> &p, int b, int h, int i, std::vector<double> &P,
 
 // Fills params' tensor fields shared by forward and backward.
 template <typename Params, typename T>
-void set_common(Params &q, const Problem<T> &p, const Lse &lse, const std::vector<int32_t> &cuq,
-                const std::vector<int32_t> &cuk) {
+void set_common(Params &q, const Problem<T> &p, const Lse &lse,
+                const emu::DeviceArray<int32_t> &cuq, const emu::DeviceArray<int32_t> &cuk) {
   q.cu_seqlens_q = p.c.varlen ? cuq.data() : nullptr;
   q.cu_seqlens_k = p.c.varlen ? cuk.data() : nullptr;
   q.q_batch_stride = p.Q.bs, q.q_row_stride = p.Q.rs, q.q_head_stride = p.Q.hs;
@@ -204,7 +211,7 @@ void set_common(Params &q, const Problem<T> &p, const Lse &lse, const std::vecto
 // Runs the forward through the C entry point into O and lse (poisoned beforehand).
 template <typename T>
 int run_fwd(const Problem<T> &p, Tensor<T> &O, Lse &lse) {
-  std::vector<int32_t> cuq(p.s.cq.begin(), p.s.cq.end()), cuk(p.s.ck.begin(), p.s.ck.end());
+  const emu::DeviceArray<int32_t> cuq(p.s.cq), cuk(p.s.ck);
   fk_attention_fwd_params q{};
   q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data();
   q.o = O.data.data(), q.lse = lse.data.data();
@@ -292,7 +299,10 @@ int run_cases(const std::vector<Case> &cases, int argc, char **argv, F &&run_one
     for (int a = 1; a < argc; ++a) selected |= std::to_string(i) == argv[a];
     if (!selected) continue;
     Report r;
+    const std::string label = format("case %zu (%s)", i, cases[i].name.c_str());
+    emu::g_case = label.c_str();
     run_one(cases[i], r);
+    emu::g_case = nullptr;
     if (r.ok && argc <= 1)
       printf("[%zu] %s: %s\n", i, cases[i].name.c_str(), r.brief.c_str());
     else

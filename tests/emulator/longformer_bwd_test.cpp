@@ -239,6 +239,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
   // CSR: per (b, class, outer tile), the inner tiles holding a pair of `pass`.
   struct Csr {
     std::vector<int32_t> offs{0}, ids;
+    emu::DeviceArray<int32_t> d_offs, d_ids; // as uploaded: exact allocations
   };
   // A side's rows: contiguous (list nullptr) or a gathered list of `per` entries per sequence.
   struct Side {
@@ -292,10 +293,11 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
         }
     visited += long(csr.ids.size());
     if (csr.ids.empty()) csr.ids.push_back(0); // an empty list still needs a pointer
+    csr.d_offs = emu::DeviceArray<int32_t>(csr.offs), csr.d_ids = emu::DeviceArray<int32_t>(csr.ids);
     return csr;
   };
   // Split workspace, poisoned before every split launch.
-  std::vector<float> work;
+  emu::DeviceArray<float> work;
   auto set_splits = [&](fk_longformer_bwd_params &q, int per, bool kv) {
     if (lc.splits <= 1) return;
     work.assign(size_t(lc.splits) * B * H * std::max(per, 1) * D * (kv ? 2 : 1), NAN);
@@ -313,13 +315,17 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
           if (!any_global) dKg.at(b, i, h, d) = dVg.at(b, i, h, d) = to_e<T>(0.f); // steps skipped
         }
   std::vector<int32_t> dil(lc.dilation.begin(), lc.dilation.end());
+  // What the kernels read, each its own exact allocation, as the host uploads it.
+  const emu::DeviceArray<int32_t> d_dil(dil), d_head_class(head_class), d_grows(grows),
+      d_gall(gall);
+  const emu::DeviceArray<uint8_t> d_glob(rule.glob), d_pad(rule.pad);
 
   fk_longformer_bwd_params base{};
   fk_longformer_common &cm = base.c;
   cm.batch = B, cm.seqlen = N, cm.heads = H, cm.head_dim = D, cm.window = lc.window;
-  cm.causal = lc.causal, cm.dilation = dil.data();
-  cm.global_mask = rule.glob.data(), cm.padding_mask = rule.pad.data();
-  cm.head_class = head_class.data(), cm.num_classes = C;
+  cm.causal = lc.causal, cm.dilation = d_dil.data();
+  cm.global_mask = d_glob.data(), cm.padding_mask = d_pad.data();
+  cm.head_class = d_head_class.data(), cm.num_classes = C;
   cm.softmax_scale = p.scale, cm.dtype = lc.dtype, cm.device = 0;
   base.o = O.data.data(), base.dout = p.dO.data.data();
   base.lse = lse.data.data(), base.delta = delta.data.data();
@@ -344,7 +350,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     q.dv_head_stride = tv.hs;
   };
   auto set_csr = [&](fk_longformer_bwd_params &q, const Csr &csr) {
-    q.c.tile_offsets = csr.offs.data(), q.c.tile_ids = csr.ids.data();
+    q.c.tile_offsets = csr.d_offs.data(), q.c.tile_ids = csr.d_ids.data();
   };
   auto run = [&](const char *what, int rc) {
     if (rc != 0) r.fail(format("%s returned %d", what, rc));
@@ -360,7 +366,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
   {
     fk_longformer_bwd_params q = base;
     q.c.pass = FK_LONGFORMER_LOCAL;
-    if (lc.packed) q.c.k_rows = gall.data(), q.c.k_rows_per_seq = per_seq_all;
+    if (lc.packed) q.c.k_rows = d_gall.data(), q.c.k_rows_per_seq = per_seq_all;
     set_qkv(q, p.Q, p.K, p.V), set_dq(q, dQ), set_csr(q, csr_local);
     if (!run("dq LOCAL", fk_longformer_bwd_dq(&q, nullptr))) return;
   }
@@ -381,7 +387,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     {
       fk_longformer_bwd_params q = base;
       q.c.pass = FK_LONGFORMER_GLOBAL_COLS;
-      q.c.k_rows = cols.list->data(), q.c.k_rows_per_seq = cols.per;
+      q.c.k_rows = (cols.list == &gall ? d_gall : d_grows).data(), q.c.k_rows_per_seq = cols.per;
       set_splits(q, cols.per, true);
       q.accumulate = !shared;
       set_qkv(q, p.Q, p.K, p.V), set_dkdv(q, dK, dV), set_csr(q, csr_cols);
@@ -425,7 +431,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     {
       fk_longformer_bwd_params q = base;
       q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
-      q.c.q_rows = grows.data(), q.c.q_rows_per_seq = per_seq;
+      q.c.q_rows = d_grows.data(), q.c.q_rows_per_seq = per_seq;
       set_splits(q, per_seq, false);
       set_qkv(q, Qg, Kg, Vg), set_dq(q, shared ? dQ : dQg), set_csr(q, csr_grows_q);
       if (!run("dq GLOBAL_ROWS", fk_longformer_bwd_dq(&q, nullptr))) return;
@@ -435,7 +441,7 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
     {
       fk_longformer_bwd_params q = base;
       q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
-      q.c.q_rows = grows.data(), q.c.q_rows_per_seq = per_seq;
+      q.c.q_rows = d_grows.data(), q.c.q_rows_per_seq = per_seq;
       q.accumulate = shared;
       set_qkv(q, Qg, Kg, Vg), set_csr(q, csr_grows_kv);
       if (shared)

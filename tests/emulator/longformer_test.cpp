@@ -273,25 +273,29 @@ int run_pass(int pass, const LCase &lc, const Rule &rule, const Problem<T> &p, c
   fk_longformer_common &c = q.c;
   c.batch = lc.B, c.seqlen = lc.N, c.heads = lc.H, c.head_dim = lc.D;
   c.window = lc.window, c.causal = lc.causal;
-  c.dilation = dil.data();
-  c.global_mask = rule.glob.data(), c.padding_mask = rule.pad.data();
+  // Every list the kernels read is its own exact allocation, as the host uploads it.
+  const emu::DeviceArray<int32_t> d_dil(dil), d_q_rows(pl.q_rows), d_k_rows(pl.k_rows);
+  const emu::DeviceArray<int32_t> d_class(pl.head_class), d_offs(pl.offs), d_ids(pl.ids);
+  const emu::DeviceArray<uint8_t> d_glob(rule.glob), d_pad(rule.pad);
+  c.dilation = d_dil.data();
+  c.global_mask = d_glob.data(), c.padding_mask = d_pad.data();
   c.pass = pass;
-  c.q_rows = pass == FK_LONGFORMER_GLOBAL_ROWS ? pl.q_rows.data() : nullptr;
+  c.q_rows = pass == FK_LONGFORMER_GLOBAL_ROWS ? d_q_rows.data() : nullptr;
   c.q_rows_per_seq = pass == FK_LONGFORMER_GLOBAL_ROWS ? pl.per_seq : 0;
-  c.k_rows = pl.k_rows.empty() ? nullptr : pl.k_rows.data();
+  c.k_rows = pl.k_rows.empty() ? nullptr : d_k_rows.data();
   c.k_rows_per_seq = pl.k_rows.empty() ? 0 : pl.k_per_seq;
   // Split over keys (GLOBAL_ROWS): the workspace starts as NaN, so any entry the combine
   // reads that no split wrote shows up.
-  std::vector<float> ws_o, ws_lse;
+  emu::DeviceArray<float> ws_o, ws_lse;
   q.num_splits = pass == FK_LONGFORMER_GLOBAL_ROWS ? lc.splits : 1;
   if (q.num_splits > 1) {
     const size_t rows = size_t(q.num_splits) * lc.B * lc.H * pl.per_seq;
     ws_o.assign(rows * lc.D, NAN), ws_lse.assign(rows, NAN);
     q.partial_o = ws_o.data(), q.partial_lse = ws_lse.data();
   }
-  c.head_class = pl.head_class.data(), c.num_classes = pl.C;
+  c.head_class = d_class.data(), c.num_classes = pl.C;
   static const int32_t no_tile = 0; // an empty list still needs a pointer
-  c.tile_offsets = pl.offs.data(), c.tile_ids = pl.ids.empty() ? &no_tile : pl.ids.data();
+  c.tile_offsets = d_offs.data(), c.tile_ids = pl.ids.empty() ? &no_tile : d_ids.data();
   c.softmax_scale = p.scale, c.dtype = lc.dtype, c.device = 0;
   return fk_longformer_fwd(&q, nullptr);
 }

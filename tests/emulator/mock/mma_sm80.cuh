@@ -38,9 +38,11 @@ inline float to_float(__nv_bfloat16, uint16_t bits) {
 }
 inline uint16_t half_of(uint32_t r, int hi) { return uint16_t(hi ? r >> 16 : r & 0xffff); }
 
-inline uint16_t smem_b16(uint32_t byte_off) {
+// A 16-bit shared-memory read on behalf of a collective (ldmatrix) of the current thread.
+EMU_NO_TRACK inline uint16_t smem_b16(uint32_t byte_off, const void *pc) {
   if (byte_off + 2 > emu::g_smem_bytes || byte_off % 2)
     emu::fail("shared-memory read out of range");
+  emu::race::access(emu::smem() + byte_off, 2, 'r', pc);
   uint16_t v;
   memcpy(&v, emu::smem() + byte_off, 2);
   return v;
@@ -90,8 +92,9 @@ inline uint32_t smem_addr(const void *p) {
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8 m + i gives the address of
 // row i of matrix m; lane 4 g + t receives, in register m, elements (g, 2t..2t+1) of
 // matrix m (.trans: elements (2t, g) and (2t+1, g)).
-template <bool kTrans> inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr) {
+template <bool kTrans> EMU_UNTRACKED void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr) {
   using emu_detail::smem_b16;
+  const void *pc = __builtin_return_address(0); // in the kernel, for race reports
   auto &w = emu::ws();
   const int lane = emu::lane();
   if (addr % 16) emu::fail("ldmatrix address not 16-byte aligned");
@@ -103,11 +106,11 @@ template <bool kTrans> inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr
     uint16_t lo, hi;
     if (!kTrans) {
       const uint32_t row = w.addr[8 * m + g];
-      lo = smem_b16(row + 2 * (2 * t));
-      hi = smem_b16(row + 2 * (2 * t + 1));
+      lo = smem_b16(row + 2 * (2 * t), pc);
+      hi = smem_b16(row + 2 * (2 * t + 1), pc);
     } else {
-      lo = smem_b16(w.addr[8 * m + 2 * t] + 2 * g);
-      hi = smem_b16(w.addr[8 * m + 2 * t + 1] + 2 * g);
+      lo = smem_b16(w.addr[8 * m + 2 * t] + 2 * g, pc);
+      hi = smem_b16(w.addr[8 * m + 2 * t + 1] + 2 * g, pc);
     }
     out[m] = uint32_t(lo) | (uint32_t(hi) << 16);
   }
@@ -117,28 +120,33 @@ template <bool kTrans> inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl<false>(r, addr); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl<true>(r, addr); }
 
-// cp.async.cg.shared.global 16 bytes, src_bytes of them read. The destination reads as NaN
-// until a wait retires the group the copy was committed in.
-inline void cp_async_16(uint32_t dst, const void *src, int src_bytes) {
+// cp.async.cg.shared.global 16 bytes, src_bytes of them read (the rest zero-filled). The
+// source is read at the issue (so a bad address is reported where the kernel issued it);
+// the destination reads as NaN until a wait retires the group the copy was committed in,
+// which is when the data lands.
+EMU_UNTRACKED inline void cp_async_16(uint32_t dst, const void *src, int src_bytes) {
   if (dst % 16 || dst + 16 > emu::g_smem_bytes)
     emu::fail("cp.async destination out of range or misaligned");
   if (src_bytes != 0 && src_bytes != 16) emu::fail("cp.async src_bytes not 0 or 16");
   if (src_bytes && reinterpret_cast<uintptr_t>(src) % 16)
     emu::fail("cp.async source not 16-byte aligned");
+  emu::race::access(emu::smem() + dst, 16, 'i', __builtin_return_address(0));
+  emu::CopyOp op{emu::smem() + dst, {}};
+  if (src_bytes) memcpy(op.data, src, 16);
   memset(emu::smem() + dst, 0xFF, 16);
-  emu::g_cur->open.push_back({emu::smem() + dst, src, src_bytes});
+  emu::g_cur->open.push_back(op);
 }
 inline void cp_async_commit() {
   emu::g_cur->groups.push_back(std::move(emu::g_cur->open));
   emu::g_cur->open.clear();
 }
 // cp.async.wait_group N: all but the N most recent committed groups have landed.
-template <int N> inline void cp_async_wait() {
+template <int N> EMU_UNTRACKED void cp_async_wait() {
   auto &gs = emu::g_cur->groups;
   while (int(gs.size()) > N) {
     for (auto &op : gs.front()) {
-      memset(op.dst, 0, 16);
-      if (op.bytes) memcpy(op.dst, op.src, op.bytes);
+      emu::race::access(op.dst, 16, 'l', __builtin_return_address(0));
+      memcpy(op.dst, op.data, 16);
     }
     gs.erase(gs.begin());
   }
