@@ -1,6 +1,8 @@
 //! Builds kernels/ with nvcc (through the `cc` crate) into a static library, links the
 //! CUDA runtime statically, and generates the Rust FFI of kernels/include/*.h with
-//! bindgen. Only runs with the `cuda` feature; without it the crate is CPU-only.
+//! bindgen. Only runs with the `cuda` feature; without it the crate is CPU-only. With the
+//! `emulator` feature instead, the same sources are compiled as host C++ against the CPU
+//! emulator of tests/emulator (see `build_emulated_kernels`), with the same bindings.
 //!
 //! Environment:
 //! - `NVCC`: the nvcc to use (default: `nvcc` on PATH).
@@ -10,6 +12,8 @@
 //!   keyed by a hash of the sources, targets and compiler, so the release, test and
 //!   Python builds compile the kernels once between them.
 //! - `LIBCLANG_PATH`: where bindgen finds libclang.
+//! - `FLASHKERNELS_CUDA_INCLUDE` (`emulator` only): the CUDA headers (default: nvcc's
+//!   `../include`); the emulated library is cached in `FLASHKERNELS_KERNEL_CACHE` too.
 //!
 //! On x86_64 Linux (glibc) it also pins the Python extension (the cdylib) to glibc 2.28
 //! symbol versions, whatever the build machine's glibc, so that the wheel is
@@ -24,6 +28,7 @@ use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "sm_80,sm_86,sm_89,sm_90a,compute_90";
 const LIB_NAME: &str = "flashkernels_cuda";
+const EMU_LIB_NAME: &str = "flashkernels_emulated";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -33,11 +38,24 @@ fn main() {
         "FLASHKERNELS_CUDA_ARCHS",
         "FLASHKERNELS_KERNEL_CACHE",
         "LIBCLANG_PATH",
+        "FLASHKERNELS_CUDA_INCLUDE",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     glibc_2_28_compat(&out_dir);
+    let emulator = env::var_os("CARGO_FEATURE_EMULATOR").is_some();
+    if emulator && env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        panic!(
+            "\n\nflashkernels: the `emulator` and `cuda` features exclude each other (one device \
+             backend per build): `cargo build --no-default-features --features emulator`.\n\n"
+        );
+    }
+    if emulator {
+        build_emulated_kernels(&out_dir);
+        generate_bindings(&out_dir);
+        return;
+    }
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -124,13 +142,13 @@ fn gencode_flags(archs: &str) -> Vec<String> {
     flags
 }
 
-/// Every file under kernels/, sorted, so the cache key is stable.
+/// Every file under `dir` (kernels/, tests/emulator/), sorted, so the cache key is stable.
 fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).expect("read kernels/") {
-            let path = entry.expect("kernels/ entry").path();
+        for entry in fs::read_dir(&d).expect("read a source folder") {
+            let path = entry.expect("source folder entry").path();
             if path.is_dir() {
                 stack.push(path);
             } else {
@@ -188,6 +206,187 @@ fn compile_kernels(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) {
         build.file(s);
     }
     build.compile(LIB_NAME);
+}
+
+/// Feature `emulator`: the same kernels/ sources, each `.cu` its own translation unit as
+/// under nvcc, compiled as host C++ against the CPU emulator of tests/emulator (the device
+/// of rust/device/emulated.rs). The kernels include `../common/launch.cuh` and
+/// `../common/mma_sm80.cuh` relative to themselves, so they are compiled through an overlay
+/// of symlinks in OUT_DIR, as scripts/emulate_kernels.sh does: `emulated/<folder>/*` are
+/// the real files of kernels/<folder>/ (attention, conv, include); `emulated/common/` holds tests/emulator/device/* (the
+/// serialized launch), then tests/emulator/mock/* (the emulated instructions), then the
+/// real kernels/common/* for what neither replaces. The C ABI is untouched, so ffi.rs is
+/// the same. Only the CUDA headers (cuda_fp16.h, cuda_runtime.h for dim3 and error codes)
+/// are needed, from the toolchain nvcc comes with; nvcc itself is not run.
+fn build_emulated_kernels(out_dir: &Path) {
+    // What the library is made of besides kernels/: the emulator's headers and the device
+    // sources, not the C++ suites beside them (`*_test.cpp`, negative/).
+    let emulator_sources: Vec<PathBuf> = kernel_sources(Path::new("tests/emulator"))
+        .into_iter()
+        .filter(|p| {
+            !p.starts_with("tests/emulator/negative") && !p.to_string_lossy().ends_with("_test.cpp")
+        })
+        .collect();
+    for p in &emulator_sources {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    println!("cargo:rerun-if-changed=tests/emulator/mock");
+    println!("cargo:rerun-if-changed=tests/emulator/device");
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let emu_dir = root.join("tests/emulator");
+    let cuda_include = find_cuda_include();
+
+    let overlay = out_dir.join("emulated");
+    if overlay.exists() {
+        fs::remove_dir_all(&overlay).expect("clear the emulator overlay");
+    }
+    let common = overlay.join("common");
+    fs::create_dir_all(&common).expect("create the emulator overlay");
+    // File by file: `emulated/attention/../common` must be the overlay's common/, which a
+    // symlinked folder would not give (`..` of a symlinked folder is its target's parent).
+    for entry in fs::read_dir(root.join("kernels")).expect("read kernels/") {
+        let dir = entry.expect("kernels/ entry").path();
+        let name = dir.file_name().unwrap().to_owned();
+        if !dir.is_dir() || name == "common" {
+            continue;
+        }
+        fs::create_dir_all(overlay.join(&name)).expect("create an overlay folder");
+        for file in fs::read_dir(&dir).expect("read a kernels/ folder") {
+            let file = file.expect("kernel file").path();
+            symlink(&file, &overlay.join(&name).join(file.file_name().unwrap()));
+        }
+    }
+    for source in [
+        emu_dir.join("device"),
+        emu_dir.join("mock"),
+        root.join("kernels/common"),
+    ] {
+        for entry in fs::read_dir(&source).expect("read an overlay source folder") {
+            let path = entry.expect("overlay entry").path();
+            let link = common.join(path.file_name().unwrap());
+            let header = path.extension().is_some_and(|e| e == "cuh" || e == "h");
+            if header && !link.exists() {
+                symlink(&path, &link);
+            }
+        }
+    }
+
+    // One wrapper per .cu, including it through the overlay so its quoted includes resolve
+    // there.
+    let wrappers = out_dir.join("emulated_sources");
+    fs::create_dir_all(&wrappers).expect("create the wrapper folder");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .cargo_metadata(false)
+        .warnings(false)
+        .extra_warnings(false)
+        .debug(false)
+        .opt_level(2)
+        .std("c++17")
+        // The kernels type-pun through reinterpret_cast, as CUDA code may.
+        .flag("-fno-strict-aliasing")
+        .include(out_dir)
+        .include(&emu_dir)
+        .include(&root)
+        .flag("-isystem")
+        .flag(cuda_include.to_str().expect("UTF-8 CUDA include path"));
+    for s in kernel_sources(Path::new("kernels")) {
+        if s.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let rel = s.strip_prefix("kernels").unwrap();
+        let name = rel.to_string_lossy().replace(['/', '\\'], "_");
+        let wrapper = wrappers.join(format!("{name}.cpp"));
+        let text = format!(
+            "// Generated by build.rs (feature `emulator`).\n#include \"emulated/{}\"\n",
+            rel.to_string_lossy()
+        );
+        if fs::read_to_string(&wrapper).ok().as_deref() != Some(text.as_str()) {
+            fs::write(&wrapper, text).expect("write a kernel wrapper");
+        }
+        build.file(&wrapper);
+    }
+    build.file(emu_dir.join("device/runtime.cpp"));
+
+    // The kernel cache, as for nvcc's library: keyed by the compiler, the flags and every
+    // source the library is made of (kernels/ and the emulator).
+    let mut key = DefaultHasher::new();
+    "emulator".hash(&mut key);
+    let compiler = build.get_compiler();
+    compiler.args().hash(&mut key);
+    Command::new(compiler.path())
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default()
+        .hash(&mut key);
+    let mut sources = kernel_sources(Path::new("kernels"));
+    sources.extend(emulator_sources);
+    for s in &sources {
+        s.hash(&mut key);
+        fs::read(s).expect("read a source").hash(&mut key);
+    }
+    let lib_file = out_dir.join(format!("lib{EMU_LIB_NAME}.a"));
+    let cached = env::var_os("FLASHKERNELS_KERNEL_CACHE").map(|dir| {
+        PathBuf::from(dir)
+            .join(format!("emulated-{:016x}", key.finish()))
+            .join(lib_file.file_name().unwrap())
+    });
+    match cached.as_ref().filter(|c| c.exists()) {
+        Some(hit) => {
+            fs::copy(hit, &lib_file).expect("copy the cached emulated kernel library");
+        }
+        None => {
+            build.compile(EMU_LIB_NAME);
+            if let Some(c) = &cached {
+                // A failed cache write only costs a rebuild next time.
+                let _ =
+                    fs::create_dir_all(c.parent().unwrap()).and_then(|_| fs::copy(&lib_file, c));
+            }
+        }
+    }
+
+    println!("cargo:rustc-link-search=native={}", out_dir.display());
+    println!("cargo:rustc-link-lib=static={EMU_LIB_NAME}");
+    println!("cargo:rustc-link-lib=stdc++");
+}
+
+/// The CUDA headers of the toolchain nvcc comes with (`<nvcc>/../include`), or
+/// `$FLASHKERNELS_CUDA_INCLUDE`.
+fn find_cuda_include() -> PathBuf {
+    if let Some(dir) = env::var_os("FLASHKERNELS_CUDA_INCLUDE") {
+        return PathBuf::from(dir);
+    }
+    let nvcc = find_nvcc();
+    let dir = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("include"))
+        .expect("nvcc lives in <cuda>/bin");
+    assert!(
+        dir.join("cuda_fp16.h").is_file(),
+        "flashkernels: no cuda_fp16.h in {} (set FLASHKERNELS_CUDA_INCLUDE)",
+        dir.display()
+    );
+    dir
+}
+
+fn symlink(target: &Path, link: &Path) {
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(target, link).unwrap_or_else(|e| {
+        panic!(
+            "flashkernels: symlink {} -> {}: {e}",
+            link.display(),
+            target.display()
+        )
+    });
+    #[cfg(not(unix))]
+    panic!(
+        "flashkernels: the `emulator` feature needs symlinks (Unix); cannot link {} -> {}",
+        link.display(),
+        target.display()
+    );
 }
 
 fn generate_bindings(out_dir: &Path) {

@@ -81,7 +81,7 @@ fn bench_cpu(c: &mut Criterion) {
     g.finish();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 fn bench_gpu(c: &mut Criterion) {
     use flashkernels::attention::cuda::forward_views;
     use flashkernels::{Device, DeviceTensor, DeviceView};
@@ -182,7 +182,7 @@ fn bench_gpu(c: &mut Criterion) {
     );
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "emulator")))]
 fn bench_gpu(_: &mut Criterion) {
     eprintln!("attention_gpu: skipped, built without the `cuda` feature");
 }

@@ -471,7 +471,7 @@ fn forward_any(
                 lse: Tensor::Host(o.lse),
             })
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         (Tensor::Cuda(q), Tensor::Cuda(k), Tensor::Cuda(v)) => {
             let o = cuda::forward_any(q, k, v, seqlens, opts)?;
             Ok(AttentionOutput {
@@ -583,7 +583,7 @@ fn backward_any(
                 dv: Tensor::Host(g.dv),
             })
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         [Tensor::Cuda(q), Tensor::Cuda(k), Tensor::Cuda(v), Tensor::Cuda(o), Tensor::Cuda(l), Tensor::Cuda(d)] =>
         {
             let g = cuda::backward_any([q, k, v, o, l, d], seqlens, opts)?;
@@ -667,7 +667,7 @@ fn backward_cpu_any(
     })
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda {
     //! The CUDA path: kernel-specific checks, then the C launchers.
 
@@ -677,7 +677,7 @@ pub mod cuda {
         validate_backward, validate_inputs, AttentionGradients, AttentionOptions, AttentionOutput,
         AttentionProblem, SeqLens,
     };
-    use crate::device::{Device, DeviceTensor, DeviceView, Stream};
+    use crate::device::{Device, DeviceBuffer, DeviceTensor, DeviceView, Stream};
     use crate::error::{Error, Result};
     use crate::ffi;
     use crate::tensor::{DType, Layout};
@@ -953,10 +953,7 @@ pub mod cuda {
     /// Device copies of the varlen offsets (freed in stream order when dropped), and
     /// their pointers (null for dense batches).
     struct DeviceSeqLens {
-        _bufs: Option<(
-            cudarc::driver::CudaSlice<i32>,
-            cudarc::driver::CudaSlice<i32>,
-        )>,
+        _bufs: Option<(DeviceBuffer, DeviceBuffer)>,
         q: *const i32,
         k: *const i32,
     }
@@ -969,16 +966,11 @@ pub mod cuda {
                 k: std::ptr::null(),
             });
         };
-        let cs = stream.cuda();
-        let bq = cs.clone_htod(&s.cu_seqlens_q)?;
-        let bk = cs.clone_htod(&s.cu_seqlens_k)?;
-        let ptr = |b: &cudarc::driver::CudaSlice<i32>| {
-            let (p, _sync) = cudarc::driver::DevicePtr::device_ptr(b, cs);
-            p as *const i32
-        };
+        let bq = DeviceBuffer::upload_values(stream, &s.cu_seqlens_q)?;
+        let bk = DeviceBuffer::upload_values(stream, &s.cu_seqlens_k)?;
         Ok(DeviceSeqLens {
-            q: ptr(&bq),
-            k: ptr(&bk),
+            q: bq.ptr() as *const i32,
+            k: bk.ptr() as *const i32,
             _bufs: Some((bq, bk)),
         })
     }
@@ -1179,8 +1171,8 @@ pub mod cuda {
         // order after the kernels.
         let lse_len: usize = p.lse_shape().iter().product();
         // SAFETY: the kernels write every element they later read.
-        let delta = unsafe { stream.cuda().alloc::<f32>(lse_len)? };
-        let (delta_ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(&delta, stream.cuda());
+        let delta = unsafe { DeviceBuffer::alloc_elems::<f32>(stream, lse_len)? };
+        let delta_ptr = delta.ptr();
         let (q_b, q_r, q_h) = bsh(&q.layout);
         let (k_b, k_r, k_h) = bsh(&k.layout);
         let (v_b, v_r, v_h) = bsh(&v.layout);

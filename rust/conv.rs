@@ -439,7 +439,7 @@ pub fn conv2d_forward(
                 y_pre: o.y_pre.map(Tensor::Host),
             })
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         (Tensor::Cuda(x), Tensor::Cuda(w), b @ (None | Some(Tensor::Cuda(_)))) => {
             let b = match b {
                 Some(Tensor::Cuda(b)) => Some(b),
@@ -506,7 +506,7 @@ pub fn conv2d_backward(
                 dbias: g.dbias.map(Tensor::Host),
             })
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         (Tensor::Cuda(x), Tensor::Cuda(w), Tensor::Cuda(dy)) => {
             let g = cuda::conv2d_backward(x, w, dy, opts, grads)?;
             Ok(Conv2dGradients {
@@ -738,7 +738,7 @@ pub fn validate_pool_backward(p: &Pool2dProblem, dy: (DType, &Layout)) -> Result
 #[derive(Debug)]
 pub enum Indices {
     Host(Vec<i32>),
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     Cuda(cuda::DeviceIndices),
 }
 
@@ -747,7 +747,7 @@ impl Indices {
     pub fn to_host(&self) -> Result<Vec<i32>> {
         match self {
             Indices::Host(v) => Ok(v.clone()),
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Indices::Cuda(d) => d.to_host(),
         }
     }
@@ -770,7 +770,7 @@ pub fn max_pool2d(x: &Tensor, opts: &Pool2dOptions) -> Result<MaxPool2dOutput<Te
                 indices: o.indices,
             })
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         Tensor::Cuda(x) => {
             let o = cuda::max_pool2d(x, opts)?;
             Ok(MaxPool2dOutput {
@@ -816,7 +816,7 @@ pub fn max_pool2d_backward(
         (Tensor::Host(x), Tensor::Host(dy), Indices::Host(i)) => {
             Ok(Tensor::Host(max_pool2d_backward_cpu(x, dy, i, opts)?))
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         (Tensor::Cuda(x), Tensor::Cuda(dy), Indices::Cuda(i)) => {
             Ok(Tensor::Cuda(cuda::max_pool2d_backward(x, dy, i, opts)?))
         }
@@ -824,7 +824,7 @@ pub fn max_pool2d_backward(
         (x, dy, i) => {
             let where_ = match i {
                 Indices::Host(_) => "cpu".to_string(),
-                #[cfg(feature = "cuda")]
+                #[cfg(any(feature = "cuda", feature = "emulator"))]
                 Indices::Cuda(d) => format!("cuda:{}", d.stream().ordinal()),
             };
             Err(Error::DeviceMismatch {
@@ -863,7 +863,7 @@ pub fn max_pool2d_backward_cpu(
 pub fn avg_pool2d(x: &Tensor, opts: &Pool2dOptions) -> Result<Tensor> {
     match x {
         Tensor::Host(x) => Ok(Tensor::Host(avg_pool2d_cpu(x, opts)?)),
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         Tensor::Cuda(x) => Ok(Tensor::Cuda(cuda::avg_pool2d(x, opts)?)),
     }
 }
@@ -884,7 +884,7 @@ pub fn avg_pool2d_backward(x: &Tensor, dy: &Tensor, opts: &Pool2dOptions) -> Res
         (Tensor::Host(x), Tensor::Host(dy)) => {
             Ok(Tensor::Host(avg_pool2d_backward_cpu(x, dy, opts)?))
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         (Tensor::Cuda(x), Tensor::Cuda(dy)) => {
             Ok(Tensor::Cuda(cuda::avg_pool2d_backward(x, dy, opts)?))
         }
@@ -908,7 +908,7 @@ pub fn avg_pool2d_backward_cpu(
     )
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda {
     //! The CUDA path: kernel-specific checks, the plan (algorithm and workspace), then
     //! the C launchers of kernels/include/fk_conv.h.
@@ -920,7 +920,7 @@ pub mod cuda {
         Conv2dGradients, Conv2dOptions, Conv2dOutput, Conv2dProblem, ConvAlgo, ConvGrads, Indices,
         MaxPool2dOutput, Pool2dOptions, Pool2dProblem, PoolKind,
     };
-    use crate::device::{Device, DeviceTensor, DeviceView, Stream};
+    use crate::device::{Device, DeviceBuffer, DeviceTensor, DeviceView, Stream};
     use crate::error::{Error, Result};
     use crate::ffi;
     use crate::tensor::{DType, Layout};
@@ -1182,7 +1182,7 @@ pub mod cuda {
 
     /// A 256-byte aligned device workspace, freed in stream order when dropped.
     struct Workspace {
-        _buf: Option<cudarc::driver::CudaSlice<u8>>,
+        _buf: Option<DeviceBuffer>,
         ptr: *mut c_void,
     }
 
@@ -1193,13 +1193,9 @@ pub mod cuda {
                 ptr: std::ptr::null_mut(),
             });
         }
-        let cs = stream.cuda();
         // SAFETY: the kernels write every workspace byte they read.
-        let buf = unsafe { cs.alloc::<u8>(bytes)? };
-        let ptr = {
-            let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(&buf, cs);
-            ptr
-        };
+        let buf = unsafe { DeviceBuffer::alloc(stream, bytes)? };
+        let ptr = buf.ptr();
         if ptr % 256 != 0 {
             return Err(Error::Cuda(format!(
                 "workspace at {ptr:#x} is not 256-byte aligned"
@@ -1444,7 +1440,7 @@ pub mod cuda {
     /// Max-pooling indices in device memory (contiguous int32, y's logical shape),
     /// freed in stream order when dropped.
     pub struct DeviceIndices {
-        buf: cudarc::driver::CudaSlice<i32>,
+        buf: DeviceBuffer,
         shape: Vec<usize>,
         stream: Stream,
     }
@@ -1463,7 +1459,7 @@ pub mod cuda {
         fn new(stream: &Stream, shape: &[usize]) -> Result<Self> {
             let n: usize = shape.iter().product();
             // SAFETY: the forward kernel writes every index before any read.
-            let buf = unsafe { stream.cuda().alloc::<i32>(n)? };
+            let buf = unsafe { DeviceBuffer::alloc_elems::<i32>(stream, n)? };
             Ok(DeviceIndices {
                 buf,
                 shape: shape.to_vec(),
@@ -1481,13 +1477,12 @@ pub mod cuda {
 
         /// The device address.
         pub fn ptr(&self) -> u64 {
-            let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(&self.buf, self.stream.cuda());
-            ptr
+            self.buf.ptr()
         }
 
         /// Copies back to the host (waits for the stream).
         pub fn to_host(&self) -> Result<Vec<i32>> {
-            Ok(self.stream.cuda().clone_dtoh(&self.buf)?)
+            self.buf.download_values()
         }
     }
 

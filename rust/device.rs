@@ -1,156 +1,39 @@
-//! CUDA devices, streams and device tensors over `cudarc`.
+//! Devices, streams and device tensors: one API over two backends.
 //!
-//! cudarc loads libcuda dynamically and panics when it is missing, so every entry point
-//! here checks for the driver first and reports its absence as [`Error::NoDriver`].
-
-use std::ffi::c_void;
-use std::sync::Arc;
-
-use cudarc::driver::{self, CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError};
+//! - feature `cuda` (`device/cuda.rs`): CUDA through `cudarc`.
+//!   cudarc loads libcuda dynamically and panics when it is missing, so every entry point
+//!   checks for the driver first and reports its absence as [`Error::NoDriver`].
+//! - feature `emulator` (`device/emulated.rs`): the CPU emulator of tests/emulator as the
+//!   device. The kernels of kernels/ are compiled as host C++ against it (build.rs), device
+//!   memory is host memory (one guarded, exactly-sized, poisoned allocation per buffer),
+//!   and every operation completes before it returns, so streams run in order. The ops'
+//!   CUDA paths (validation, plans, parameter structs, launches) are the same code.
+//!
+//! Everything the ops need of the device goes through this module: [`DeviceTensor`], and
+//! for their scratch memory (offsets, work lists, workspaces) `DeviceBuffer` and
+//! `memset_async`.
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor, Layout};
 
-impl From<DriverError> for Error {
-    fn from(e: DriverError) -> Self {
-        Error::Cuda(format!("{e:?}"))
-    }
-}
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+use cuda as backend;
 
-/// True when libcuda can be loaded (an NVIDIA driver is installed).
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen libcuda; never panics.
-    unsafe { driver::sys::is_culib_present() }
-}
+#[cfg(feature = "emulator")]
+mod emulated;
+#[cfg(feature = "emulator")]
+use emulated as backend;
+#[cfg(feature = "emulator")]
+pub use emulated::{emulated_launches, EMULATOR_NAME};
 
-/// Number of CUDA devices; an error when there is no driver.
-pub fn device_count() -> Result<usize> {
-    if !driver_present() {
-        return Err(Error::NoDriver(
-            "libcuda.so could not be loaded; install the NVIDIA driver".into(),
-        ));
-    }
-    match CudaContext::device_count() {
-        Ok(n) => Ok(n.max(0) as usize),
-        // CUDA_ERROR_NO_DEVICE from cuInit: a driver without a GPU.
-        Err(e) => Err(Error::NoDevice(format!("{e:?}"))),
-    }
-}
-
-/// True when a driver and at least one GPU are present.
-pub fn cuda_available() -> bool {
-    device_count().is_ok_and(|n| n > 0)
-}
-
-/// A CUDA device: its primary context.
-#[derive(Clone)]
-pub struct Device {
-    ctx: Arc<CudaContext>,
-}
-
-impl std::fmt::Debug for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Device(cuda:{})", self.ordinal())
-    }
-}
-
-impl Device {
-    /// Opens device `ordinal`, or says why there is none.
-    pub fn new(ordinal: usize) -> Result<Self> {
-        let count = device_count()?;
-        if ordinal >= count {
-            return Err(Error::NoDevice(format!(
-                "device {ordinal} requested, {count} CUDA device(s) present"
-            )));
-        }
-        Ok(Device {
-            ctx: CudaContext::new(ordinal)?,
-        })
-    }
-
-    pub fn ordinal(&self) -> usize {
-        self.ctx.ordinal()
-    }
-
-    pub fn name(&self) -> Result<String> {
-        Ok(self.ctx.name()?)
-    }
-
-    /// (major, minor) compute capability.
-    pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        Ok(self.ctx.compute_capability()?)
-    }
-
-    /// The device's default stream.
-    pub fn default_stream(&self) -> Stream {
-        Stream {
-            inner: self.ctx.default_stream(),
-        }
-    }
-
-    /// A new non-blocking stream owned by flashkernels.
-    pub fn new_stream(&self) -> Result<Stream> {
-        Ok(Stream {
-            inner: self.ctx.new_stream()?,
-        })
-    }
-
-    /// Wraps a stream created by someone else (torch, cupy) without taking ownership.
-    ///
-    /// # Safety
-    /// `raw` must be a live CUstream of this device's primary context, and must outlive
-    /// the returned value.
-    pub unsafe fn borrow_stream(&self, raw: *mut c_void) -> Stream {
-        Stream {
-            inner: self.ctx.wrap_borrowed_stream(raw as driver::sys::CUstream),
-        }
-    }
-}
-
-/// A CUDA stream. Work is queued on it and never synchronized implicitly.
-#[derive(Clone)]
-pub struct Stream {
-    inner: Arc<CudaStream>,
-}
-
-impl Stream {
-    pub fn device(&self) -> Device {
-        Device {
-            ctx: self.inner.context().clone(),
-        }
-    }
-
-    pub fn ordinal(&self) -> usize {
-        self.inner.context().ordinal()
-    }
-
-    /// The CUstream handle, for kernel launchers.
-    pub fn raw(&self) -> *mut c_void {
-        self.inner.cu_stream() as *mut c_void
-    }
-
-    /// Makes work queued on `self` from now on wait for what is queued on `other` so far
-    /// (an event, no host synchronization). A no-op when both are the same stream.
-    pub fn wait_for(&self, other: &Stream) -> Result<()> {
-        if self.raw() != other.raw() {
-            self.inner.join(&other.inner)?;
-        }
-        Ok(())
-    }
-
-    /// Blocks until all work queued so far has finished.
-    pub fn synchronize(&self) -> Result<()> {
-        Ok(self.inner.synchronize()?)
-    }
-
-    pub(crate) fn cuda(&self) -> &Arc<CudaStream> {
-        &self.inner
-    }
-}
+pub use backend::{cuda_available, device_count, driver_present, Device, Stream};
+pub(crate) use backend::{memset_async, DeviceBuffer};
 
 /// A tensor in device memory that flashkernels allocated (and frees on drop).
 pub struct DeviceTensor {
-    buf: CudaSlice<u8>,
+    buf: DeviceBuffer,
     dtype: DType,
     layout: Layout,
     stream: Stream,
@@ -181,9 +64,8 @@ impl DeviceTensor {
                 shape: host.shape().to_vec(),
             });
         }
-        let buf = stream.cuda().clone_htod(bytes)?;
         Ok(DeviceTensor {
-            buf,
+            buf: DeviceBuffer::upload(stream, bytes)?,
             dtype: host.dtype(),
             layout: host.layout().clone(),
             stream: stream.clone(),
@@ -209,14 +91,10 @@ impl DeviceTensor {
                 shape: shape.to_vec(),
             });
         }
-        let s = stream.cuda();
         // SAFETY: the buffer is filled by the memset queued right after, on the same stream.
-        let mut buf = unsafe { s.alloc::<u8>(bytes)? };
-        {
-            let (ptr, _sync) = driver::DevicePtrMut::device_ptr_mut(&mut buf, s);
-            // SAFETY: ptr points at `bytes` bytes of this allocation.
-            unsafe { driver::result::memset_d8_async(ptr, byte, bytes, s.cu_stream())? };
-        }
+        let buf = unsafe { DeviceBuffer::alloc(stream, bytes)? };
+        // SAFETY: `buf.ptr()` points at `bytes` bytes of this allocation.
+        unsafe { memset_async(stream, buf.ptr(), byte, bytes)? };
         Ok(DeviceTensor {
             buf,
             dtype,
@@ -227,7 +105,7 @@ impl DeviceTensor {
 
     /// Copies back to the host (waits for the stream).
     pub fn to_host(&self) -> Result<HostTensor> {
-        let bytes = self.stream.cuda().clone_dtoh(&self.buf)?;
+        let bytes = self.buf.download()?;
         HostTensor::from_data(
             HostData::from_bytes(self.dtype, &bytes)?,
             self.layout.clone(),
@@ -256,24 +134,13 @@ impl DeviceTensor {
 
     /// A borrowed view for launchers.
     pub fn view(&self) -> DeviceView {
-        let (ptr, _sync) = self.buf.device_ptr(self.stream.cuda());
         DeviceView {
-            ptr,
+            ptr: self.buf.ptr(),
             dtype: self.dtype,
             layout: self.layout.clone(),
             device: self.stream.ordinal(),
         }
     }
-}
-
-/// Sets `bytes` bytes at device address `ptr` to `byte`, in `stream`'s order.
-///
-/// # Safety
-/// `ptr .. ptr + bytes` must be live device memory of `stream`'s device.
-pub(crate) unsafe fn memset_async(stream: &Stream, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
-    // SAFETY: as the caller vouches.
-    unsafe { driver::result::memset_d8_async(ptr, byte, bytes, stream.cuda().cu_stream())? };
-    Ok(())
 }
 
 /// Device memory described by a raw pointer: what launchers consume, and what the Python
@@ -284,4 +151,42 @@ pub struct DeviceView {
     pub dtype: DType,
     pub layout: Layout,
     pub device: usize,
+}
+
+/// Plain values that go to the device as their bytes.
+pub(crate) trait Plain: Copy {
+    fn to_ne_bytes_vec(v: &[Self]) -> Vec<u8>;
+    fn from_ne_bytes_vec(b: &[u8]) -> Vec<Self>;
+}
+
+impl Plain for i32 {
+    fn to_ne_bytes_vec(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+    }
+    fn from_ne_bytes_vec(b: &[u8]) -> Vec<Self> {
+        b.chunks_exact(4)
+            .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+impl DeviceBuffer {
+    /// A device copy of `values` (freed in stream order when dropped).
+    pub(crate) fn upload_values<T: Plain>(stream: &Stream, values: &[T]) -> Result<Self> {
+        Self::upload(stream, &T::to_ne_bytes_vec(values))
+    }
+
+    /// Room for `n` elements of `T` whose contents are undefined until a kernel writes them.
+    ///
+    /// # Safety
+    /// Nothing may read an element before it is written.
+    pub(crate) unsafe fn alloc_elems<T>(stream: &Stream, n: usize) -> Result<Self> {
+        // SAFETY: as the caller vouches.
+        unsafe { Self::alloc(stream, n * std::mem::size_of::<T>()) }
+    }
+
+    /// The contents as `T`s (waits for the stream).
+    pub(crate) fn download_values<T: Plain>(&self) -> Result<Vec<T>> {
+        Ok(T::from_ne_bytes_vec(&self.download()?))
+    }
 }

@@ -11,9 +11,21 @@ pub mod longformer;
 pub mod reference;
 pub mod tensor;
 
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", feature = "emulator"))]
+compile_error!(
+    "the `cuda` and `emulator` features exclude each other: \
+     `--no-default-features --features emulator`"
+);
+
+#[cfg(all(feature = "emulator", feature = "python"))]
+compile_error!(
+    "the Python module's device path is CUDA's (DLPack from real GPUs): build it with `cuda`, \
+     not `emulator`"
+);
+
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod device;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 mod ffi;
 
 #[cfg(feature = "python")]
@@ -24,16 +36,17 @@ pub use conv::{Activation, Conv2dOptions, ConvAlgo, Pool2dOptions};
 pub use error::{Error, Result};
 pub use tensor::{DType, Element, HostData, HostTensor, Layout};
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 pub use device::{Device, DeviceTensor, DeviceView, Stream};
 
-/// True when this build has CUDA support and a driver with at least one GPU is present.
+/// True when this build has CUDA support and a driver with at least one GPU is present
+/// (always true in the `emulator` build, whose device is the CPU emulator).
 pub fn cuda_available() -> bool {
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     {
         device::cuda_available()
     }
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(any(feature = "cuda", feature = "emulator")))]
     {
         false
     }
@@ -44,7 +57,7 @@ pub fn cuda_available() -> bool {
 #[derive(Debug)]
 pub enum Tensor {
     Host(HostTensor),
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     Cuda(DeviceTensor),
 }
 
@@ -53,7 +66,7 @@ impl Tensor {
     pub fn device_name(&self) -> String {
         match self {
             Tensor::Host(_) => "cpu".into(),
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Tensor::Cuda(t) => format!("cuda:{}", t.stream().ordinal()),
         }
     }
@@ -62,7 +75,7 @@ impl Tensor {
     pub fn to_host(&self) -> Result<HostTensor> {
         match self {
             Tensor::Host(t) => Ok(t.clone()),
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Tensor::Cuda(t) => t.to_host(),
         }
     }

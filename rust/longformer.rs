@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::reference;
 use crate::tensor::{DType, HostTensor, Layout};
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda;
 pub mod schedule;
 

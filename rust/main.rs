@@ -69,7 +69,7 @@ impl Family {
 }
 
 /// The GPU (device 0) and its description, or why there is none.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 fn open_gpu() -> Result<(Backend, String), String> {
     let device = flashkernels::Device::new(0).map_err(|e| format!("no GPU: {e}"))?;
     let describe = || -> flashkernels::Result<String> {
@@ -85,7 +85,7 @@ fn open_gpu() -> Result<(Backend, String), String> {
     Ok((Backend::Gpu(device.default_stream()), description))
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "emulator")))]
 fn open_gpu() -> Result<(Backend, String), String> {
     Err("built without CUDA support".into())
 }

@@ -323,13 +323,13 @@ fn first_error_names_the_first_bad_tensor() {
 }
 
 /// Without the `cuda` feature, nothing reports a device.
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "emulator")))]
 #[test]
 fn no_cuda_without_the_feature() {
     assert!(!flashkernels::cuda_available());
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda {
     use super::*;
     use flashkernels::attention::cuda::{check_kernel_support, forward_views};

@@ -298,7 +298,7 @@ fn any_strides_are_accepted_on_the_cpu() {
     conv::conv2d_cpu(&x, &t(&[6, 4, 3, 3]), None, &opts(), false).unwrap();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda {
     //! The CUDA-only checks, through the `*_views` entry points with fake pointers: all
     //! fail before the driver is touched.

@@ -2,7 +2,7 @@
 //! needs a GPU: they are ignored by default; run them with
 //! `cargo test --test gpu_attention -- --ignored` on a machine with one. Without a GPU an
 //! ignored run fails loudly instead of passing.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "emulator"))]
 
 mod common;
 

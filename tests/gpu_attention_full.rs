@@ -3,7 +3,7 @@
 //! CPU reference on the same rounded inputs. The reference itself is checked against
 //! naive f64 and finite differences (tests/attention_variants.rs). Every test needs a
 //! GPU: run with `cargo test --test gpu_attention_full -- --ignored`.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "emulator"))]
 
 mod common;
 

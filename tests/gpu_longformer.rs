@@ -3,7 +3,7 @@
 //! checked against an independent dense definition and finite differences
 //! (tests/longformer.rs). Every test needs a GPU: run with
 //! `cargo test --test gpu_longformer -- --ignored`.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "emulator"))]
 
 mod common;
 

@@ -13,7 +13,7 @@ use super::{
 use crate::attention::cuda::{
     borrowed, bsh, check_grid_and_views, check_out, dtype_arg, lse_strides, order_after,
 };
-use crate::device::{memset_async, DeviceTensor, DeviceView, Stream};
+use crate::device::{memset_async, DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::tensor::{DType, Layout};
@@ -163,18 +163,16 @@ impl Arena {
     }
 
     fn upload(&self, stream: &Stream) -> Result<Uploaded> {
-        let cs = stream.cuda();
-        let buf = cs.clone_htod(&self.bytes)?;
-        let base = {
-            let (base, _sync) = cudarc::driver::DevicePtr::device_ptr(&buf, cs);
-            base
-        };
-        Ok(Uploaded { _buf: buf, base })
+        let buf = DeviceBuffer::upload(stream, &self.bytes)?;
+        Ok(Uploaded {
+            base: buf.ptr(),
+            _buf: buf,
+        })
     }
 }
 
 struct Uploaded {
-    _buf: cudarc::driver::CudaSlice<u8>,
+    _buf: DeviceBuffer,
     base: u64,
 }
 
@@ -429,15 +427,12 @@ unsafe fn launch_forward(
         let rows = splits * p.batch * p.heads * per_seq;
         let workspace = if splits > 1 {
             // SAFETY: the split pass writes every element the combine reads.
-            Some(unsafe { stream.cuda().alloc::<f32>(rows * (p.head_dim + 1))? })
+            Some(unsafe { DeviceBuffer::alloc_elems::<f32>(stream, rows * (p.head_dim + 1))? })
         } else {
             None
         };
         let (po, pl) = match &workspace {
-            Some(w) => {
-                let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, stream.cuda());
-                (ptr, ptr + (rows * p.head_dim * 4) as u64)
-            }
+            Some(w) => (w.ptr(), w.ptr() + (rows * p.head_dim * 4) as u64),
             None => (0, 0),
         };
         let global_params = params(
@@ -781,18 +776,15 @@ unsafe fn launch_backward(
     });
     let partial = if partial_len > 0 {
         // SAFETY: each split pass writes every partial element its reduce reads.
-        Some(unsafe { stream.cuda().alloc::<f32>(partial_len)? })
+        Some(unsafe { DeviceBuffer::alloc_elems::<f32>(stream, partial_len)? })
     } else {
         None
     };
-    let partial_ptr = partial.as_ref().map_or(0, |w| {
-        let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, stream.cuda());
-        ptr
-    });
+    let partial_ptr = partial.as_ref().map_or(0, DeviceBuffer::ptr);
     let lse_len: usize = p.lse_shape().iter().product();
     // SAFETY: the delta pass writes every element before any pass reads it.
-    let delta = unsafe { stream.cuda().alloc::<f32>(lse_len)? };
-    let (delta_ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(&delta, stream.cuda());
+    let delta = unsafe { DeviceBuffer::alloc_elems::<f32>(stream, lse_len)? };
+    let delta_ptr = delta.ptr();
 
     let bytes = p.batch * p.seqlen * p.heads * p.head_dim * p.dtype.size();
     if let Some([dqg, dkg, dvg]) = vw.global_grads {

@@ -279,7 +279,7 @@ impl OpBench for Attention {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn forward_again(&self, f: &Self::Fwd) -> Result<()> {
         let [q, k, v, _] = &self.put;
         let t = crate::bench::on_device([q, k, v, &f.out, &f.lse])?;
@@ -300,7 +300,7 @@ impl OpBench for Attention {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn backward_again(&self, f: &Self::Fwd, g: &Self::Bwd) -> Result<()> {
         let [q, k, v, dout] = &self.put;
         let t = crate::bench::on_device([q, k, v, &f.out, &f.lse, dout, &g.dq, &g.dk, &g.dv])?;

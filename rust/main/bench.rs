@@ -8,7 +8,7 @@ use flashkernels::{DType, HostTensor, Layout, Result, Tensor};
 
 use crate::report::{Dir, Measured, Report, Row, Work};
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 use flashkernels::{DeviceTensor, Error, Stream};
 
 /// bf16 bounds on the relative L2 error against the CPU reference.
@@ -20,7 +20,7 @@ pub enum Backend {
     /// `check`: compare the reference's results with itself on the GPU checks' slices
     /// (the tests' way to exercise the slicing without a GPU).
     Cpu { check: bool },
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     Gpu(Stream),
 }
 
@@ -38,7 +38,7 @@ impl Backend {
     pub fn put(&self, t: &HostTensor) -> Result<Tensor> {
         match self {
             Backend::Cpu { .. } => Ok(Tensor::Host(t.clone())),
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Backend::Gpu(s) => Ok(Tensor::Cuda(DeviceTensor::from_host(s, t)?)),
         }
     }
@@ -46,7 +46,10 @@ impl Backend {
     /// Runs `run` once and returns its outputs with the seconds one call takes: on the
     /// CPU that call's time; on the GPU the mean over repeated launches of `again` (into
     /// the outputs of `run`, so no allocation is timed) after a warm-up, synchronized.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables, unused_mut))]
+    #[cfg_attr(
+        not(any(feature = "cuda", feature = "emulator")),
+        allow(unused_variables, unused_mut)
+    )]
     pub fn timed<T>(
         &self,
         run: impl FnOnce() -> Result<T>,
@@ -56,9 +59,13 @@ impl Backend {
         let out = run()?;
         match self {
             Backend::Cpu { .. } => Ok((out, t0.elapsed().as_secs_f64())),
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Backend::Gpu(s) => {
-                const WARMUP: usize = 3;
+                // On the CPU emulator a launch takes milliseconds to seconds and its time
+                // says nothing about a GPU: one launch after one warm-up is enough there.
+                const EMULATED: bool = cfg!(feature = "emulator");
+                const WARMUP: usize = if EMULATED { 1 } else { 3 };
+                const MIN_ITERS: f64 = if EMULATED { 1.0 } else { 10.0 };
                 // Enough launches for about 0.1 s, within [10, 1000].
                 let mut launches = |n: usize| -> Result<f64> {
                     s.synchronize()?;
@@ -70,7 +77,7 @@ impl Backend {
                     Ok(t0.elapsed().as_secs_f64() / n as f64)
                 };
                 let estimate = launches(WARMUP)?;
-                let iters = (0.1 / estimate.max(1e-7)).clamp(10.0, 1000.0) as usize;
+                let iters = (0.1 / estimate.max(1e-7)).clamp(MIN_ITERS, 1000.0) as usize;
                 let secs = launches(iters)?;
                 Ok((out, secs))
             }
@@ -300,7 +307,7 @@ pub fn ends(n: usize) -> Vec<usize> {
 }
 
 /// The device tensors behind `ts`, or an error when one of them lives on the host.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 pub fn on_device<const N: usize>(ts: [&Tensor; N]) -> Result<[&DeviceTensor; N]> {
     let mut out = Vec::with_capacity(N);
     for t in ts {

@@ -157,7 +157,7 @@ impl OpBench for Conv {
         Ok([g.dx.expect(all), g.dweight.expect(all), g.dbias.expect(all)])
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn forward_again(&self, y: &Tensor) -> Result<()> {
         let [x, w, bias, _] = &self.put;
         let t = crate::bench::on_device([x, w, bias, y])?;
@@ -177,7 +177,7 @@ impl OpBench for Conv {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn backward_again(&self, _y: &Tensor, [dx, dw, db]: &[Tensor; 3]) -> Result<()> {
         let [x, w, _, dy] = &self.put;
         let t = crate::bench::on_device([x, w, dy, dx, dw, db])?;

@@ -175,7 +175,7 @@ impl OpBench for Longformer {
 
     fn forward(&self) -> Result<Self::Fwd> {
         match &self.put[0] {
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Tensor::Cuda(_) => {
                 let [q, k, v, _, qg, kg, vg] = crate::bench::on_device(self.put.each_ref())?;
                 let g = self.separate.then_some([qg, kg, vg]);
@@ -201,7 +201,7 @@ impl OpBench for Longformer {
     fn backward(&self, f: &Self::Fwd) -> Result<Self::Bwd> {
         let gm = Some(&self.global);
         match &self.put[0] {
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             Tensor::Cuda(_) => {
                 let [q, k, v, dout, qg, kg, vg] = crate::bench::on_device(self.put.each_ref())?;
                 let [out, lse] = crate::bench::on_device([&f.out, &f.lse])?;
@@ -221,7 +221,7 @@ impl OpBench for Longformer {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn forward_again(&self, f: &Self::Fwd) -> Result<()> {
         let t = crate::bench::on_device(self.put.each_ref())?;
         let x = t.map(flashkernels::DeviceTensor::view);
@@ -242,7 +242,7 @@ impl OpBench for Longformer {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn backward_again(&self, f: &Self::Fwd, g: &Self::Bwd) -> Result<()> {
         use crate::bench::on_device;
         let t = on_device(self.put.each_ref())?;

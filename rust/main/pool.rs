@@ -111,7 +111,7 @@ impl Pool {
 }
 
 /// The device address of max pooling's indices (0 for average pooling).
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 fn indices_ptr(indices: &Option<Indices>) -> u64 {
     match indices {
         Some(Indices::Cuda(d)) => d.ptr(),
@@ -144,7 +144,7 @@ impl OpBench for Pool {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn forward_again(&self, (y, indices): &Self::Fwd) -> Result<()> {
         let [x, y] = crate::bench::on_device([&self.put[0], y])?;
         // SAFETY: views of live device tensors on one stream; y and the indices were
@@ -161,7 +161,7 @@ impl OpBench for Pool {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn backward_again(&self, (_, indices): &Self::Fwd, dx: &Tensor) -> Result<()> {
         let [x, dy] = &self.put;
         let [x, dy, dx] = crate::bench::on_device([x, dy, dx])?;
