@@ -430,7 +430,9 @@ pub fn naive_general(
     (o, lse)
 }
 
-/// For GPU results against the CPU reference: max |got - want| <= tol * max |want|,
+/// For GPU results against the CPU reference: max |got - want| <= tol * max(max |want|,
+/// 1e-3) — the floor because a reference that is exactly zero (every query sees one key,
+/// so dQ = 0) leaves the kernel's f32 rounding noise (~1e-7) nothing to be relative to —
 /// every value finite (a poisoned element a kernel forgot to write fails), and exact -inf
 /// where the reference has -inf (rows without keys). `case` names the problem in messages.
 pub fn assert_close_to_reference(
@@ -465,7 +467,7 @@ pub fn assert_close_to_reference(
         }
     }
     assert!(
-        worst.0 <= tol * scale.max(1e-6),
+        worst.0 <= tol * scale.max(1e-3),
         "{case:?}: {what}: max error {} at {} (got {}, want {}) > {tol} x max|want| {scale}",
         worst.0,
         worst.1,
