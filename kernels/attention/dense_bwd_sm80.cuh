@@ -498,9 +498,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   }
 
   // Epilogue: stage this warp's rows of dK (in sK) / dV (in sV) for 16-byte stores. Keys
-  // that no query sees (n_iters == 0) get zeros, as they must.
-  cp_async_wait<0>();
-  __syncthreads();
+  // that no query sees (n_iters == 0) get zeros, as they must. No cp.async wait or barrier
+  // is needed first (the emulator's race check agrees): the last step waited with wait<0>
+  // and its closing barrier orders every read of these rows (with split roles the row
+  // group's other warp reads them too); with n_iters == 0 nothing was loaded or read.
   const int rows_valid = nk - n0;
   if (do_dk) {
     stage_rows<D>(sK, warp_row0, acc[kDk], p.softmax_scale, lane);
@@ -679,9 +680,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   }
 
   // Epilogue: rows without any visible key get zeros. Stage this warp's rows in sQ (only
-  // this warp ever read them) for 16-byte stores.
-  cp_async_wait<0>();
-  __syncthreads();
+  // this warp ever read them) for 16-byte stores. No cp.async wait or barrier is needed
+  // first (the emulator's race check agrees): nothing is in flight (the last key block
+  // waited with wait<0>; with none, nothing was loaded) and Q landed before the first key
+  // block's barrier.
   stage_rows<D>(sQ, warp_row0, acc, p.softmax_scale, lane);
   __syncwarp();
   Element *dq = static_cast<Element *>(p.dq) +

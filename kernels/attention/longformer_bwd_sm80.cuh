@@ -448,9 +448,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 
   // Epilogue: rows that are not rows of the pass (LOCAL: global and padded rows) get exact
   // zeros, as do rows without any key. Stage this warp's rows in sQ, then store every row
-  // with a token: the whole tile for LOCAL, the listed rows for GLOBAL_ROWS.
-  cp_async_wait<0>();
-  __syncthreads();
+  // with a token: the whole tile for LOCAL, the listed rows for GLOBAL_ROWS. No cp.async
+  // wait or barrier is needed first (the emulator's race check agrees): the last step
+  // waited with wait<0> and its closing barrier orders every read of sKf (reused for the
+  // tokens); only this warp read its sQ rows; with no step nothing was loaded or written.
 #pragma unroll
   for (int r = 0; r < 2; ++r)
     if (!row_ok[r])
@@ -708,7 +709,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     __syncthreads(); // everyone is done with this stage before it is refilled
   }
 
-  cp_async_wait<0>();
+  // Nothing is in flight (the last step waited with wait<0>; with none, nothing was
+  // loaded). The barrier orders sKtok's writes (made even when n_iters == 0) before the
+  // epilogue reads them.
   __syncthreads();
   // Exact zeros for keys that can never be a key (the overwrite and split results; the
   // accumulate path leaves such rows alone).
