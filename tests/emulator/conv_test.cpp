@@ -547,9 +547,8 @@ int api_checks() {
 int main(int argc, char **argv) {
   const auto cases = all_cases();
   std::vector<int> which;
-  for (int i = 1; i < argc; ++i) which.push_back(atoi(argv[i]));
-  if (which.empty())
-    for (int i = 0; i < int(cases.size()); ++i) which.push_back(i);
+  for (int i = 0; i < int(cases.size()); ++i)
+    if (emu::case_selected(size_t(i), argc, argv)) which.push_back(i);
   const int api_failed = argc == 1 ? api_checks() : 0;
   if (argc == 1) printf("api checks: %s\n", api_failed ? "FAILED" : "ok");
   int failed = 0;

@@ -175,6 +175,24 @@ inline std::mt19937_64 g_rng;
 
 inline const char *g_case = nullptr; // what the suite is running, for failure messages
 
+// Which cases a suite runs: the indices on its command line; without any, all of them, or
+// with EMU_CASES=K:N every K-th from N (scripts/emulate_kernels.sh spreads the costlier
+// builds and schedules over the cases that way).
+inline bool case_selected(size_t i, int argc, char **argv) {
+  if (argc > 1) {
+    for (int a = 1; a < argc; ++a)
+      if (std::to_string(i) == argv[a]) return true;
+    return false;
+  }
+  const char *e = getenv("EMU_CASES");
+  unsigned k = 1, n = 0;
+  if (e && *e && (sscanf(e, "%u:%u", &k, &n) != 2 || k == 0)) {
+    fprintf(stderr, "emu: EMU_CASES=%s: want K:N (every K-th case from N)\n", e);
+    exit(2);
+  }
+  return i % k == n;
+}
+
 inline void fail(const char *what) {
   fprintf(stderr, "emu: %s (block %u,%u,%u thread %d%s%s)\n", what, g_block.x, g_block.y,
           g_block.z, g_cur ? g_cur->flat : -1, g_case ? ", " : "", g_case ? g_case : "");
@@ -494,9 +512,13 @@ inline bool warp_runnable(const std::vector<Fiber> &fibers, int w) {
   return false;
 }
 
-// Ahead of the first launch: EMU_SCHEDULE, and a note for guard-page faults.
+// Ahead of the first launch: EMU_SCHEDULE, and a note for faults inside a kernel (then the
+// handler that was there before runs, as the faulting access repeats).
+inline struct sigaction g_prev_segv;
 inline void guard_fault(int, siginfo_t *si, void *) {
-  char msg[256];
+  sigaction(SIGSEGV, &g_prev_segv, nullptr);
+  if (!g_cur) return;
+  char msg[320];
   const int n = snprintf(msg, sizeof msg,
                          "emu: invalid memory access at %p (past the end of an emulated global "
                          "allocation, or a misaligned 16-byte access if 0) in block %u,%u,%u "
@@ -504,8 +526,6 @@ inline void guard_fault(int, siginfo_t *si, void *) {
                          si->si_addr, g_block.x, g_block.y, g_block.z, g_cur ? g_cur->flat : -1,
                          g_case ? ", " : "", g_case ? g_case : "");
   if (write(2, msg, size_t(n)) < 0) {}
-  signal(SIGSEGV, SIG_DFL);
-  raise(SIGSEGV);
 }
 
 inline void setup_once() {
@@ -517,7 +537,7 @@ inline void setup_once() {
     struct sigaction sa {};
     sa.sa_sigaction = guard_fault;
     sa.sa_flags = SA_SIGINFO;
-    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGSEGV, &sa, &g_prev_segv);
   }
 #endif
 }

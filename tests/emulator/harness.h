@@ -295,9 +295,7 @@ template <typename F>
 int run_cases(const std::vector<Case> &cases, int argc, char **argv, F &&run_one) {
   int bad = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
-    bool selected = argc <= 1;
-    for (int a = 1; a < argc; ++a) selected |= std::to_string(i) == argv[a];
-    if (!selected) continue;
+    if (!emu::case_selected(i, argc, argv)) continue;
     Report r;
     const std::string label = format("case %zu (%s)", i, cases[i].name.c_str());
     emu::g_case = label.c_str();

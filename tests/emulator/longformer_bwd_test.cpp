@@ -630,9 +630,7 @@ int main(int argc, char **argv) {
   };
   int bad = argc > 1 ? 0 : api_checks();
   for (size_t i = 0; i < cases.size(); ++i) {
-    bool selected = argc <= 1;
-    for (int a = 1; a < argc; ++a) selected |= std::to_string(i) == argv[a];
-    if (!selected) continue;
+    if (!emu::case_selected(i, argc, argv)) continue;
     Report r;
     cases[i].dtype == FK_DTYPE_F16 ? lfb_case<__half>(cases[i], r)
                                    : lfb_case<__nv_bfloat16>(cases[i], r);

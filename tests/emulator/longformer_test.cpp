@@ -562,9 +562,7 @@ int main(int argc, char **argv) {
     cases.push_back(variant(cases[i], true, S, format("packed + split %d", S).c_str()));
   int bad = 0;
   for (size_t i = 0; i <= cases.size(); ++i) {
-    bool selected = argc <= 1;
-    for (int a = 1; a < argc; ++a) selected |= std::to_string(i) == argv[a];
-    if (!selected) continue;
+    if (!emu::case_selected(i, argc, argv)) continue;
     Report r;
     const std::string name = i < cases.size() ? cases[i].name : "entry point argument checks";
     if (i == cases.size())
