@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh checkout: toolchain set-up (into .toolchain/), lint,
-# Rust tests (CUDA build and CPU-only build), the CUDA kernels on a CPU emulator, the
-# Python wheel and its tests. GPU tests are reported as ignored/skipped on a machine
+# Rust tests (CUDA build and CPU-only build), the CUDA kernels on a CPU emulator (the C++
+# suites, then the Rust path of every op on the emulated device), the Python wheel and
+# its tests. GPU tests are reported as ignored/skipped on a machine
 # without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,9 @@ cargo test --release --no-default-features --lib --tests
 
 echo "== CUDA kernels on the CPU emulator (tests/emulator, against an f64 reference)"
 bash scripts/emulate_kernels.sh
+
+echo "== The Rust CUDA path of every op on the emulated device (feature emulator)"
+RUSTFLAGS="-D warnings" bash scripts/emulate_rust_path.sh
 
 echo "== Python wheel and tests"
 rm -rf target/wheels
