@@ -56,6 +56,12 @@ impl Case {
     }
 }
 
+/// `len` raised, if need be, so the padded input holds the dilated kernel: the smallest
+/// input a convolution accepts.
+fn valid_len(len: usize, kernel: usize, pad: usize, dil: usize) -> usize {
+    len.max((dil * (kernel - 1) + 1).saturating_sub(2 * pad))
+}
+
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         (1usize..3, 1usize..4, 1usize..4, 1usize..4),
@@ -74,8 +80,10 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             |((n, cg, kg, g), (h, w, r, s), (sh, sw, ph, pw, dh, dw), act)| Case {
                 n,
                 c: cg * g,
-                h,
-                w,
+                // Only valid cases: the padded input at least as large as the dilated
+                // kernel (every test checks every case; `valid_cases_only` keeps it so).
+                h: valid_len(h, r, ph, dh),
+                w: valid_len(w, s, pw, dw),
                 k: kg * g,
                 r,
                 s,
@@ -175,10 +183,7 @@ proptest! {
     /// Forward (groups, stride, padding, dilation, bias, activation) against im2col.
     #[test]
     fn conv_forward_matches_im2col(case in case_strategy(), seed in any::<u64>(), bias in any::<bool>()) {
-        let Ok(p) = case.problem(bias) else {
-            // A kernel larger than the padded input: rejected, nothing to compare.
-            return Ok(());
-        };
+        let p = case.problem(bias).expect("case_strategy generates valid cases only");
         let mut rng = Rng::new(seed);
         let x = random(&mut rng, case.n * case.c * case.h * case.w);
         let w = random(&mut rng, case.k * (case.c / case.opts.groups) * case.r * case.s);
@@ -195,7 +200,7 @@ proptest! {
     /// Backward (dx, dweight, dbias) against central differences of the f64 forward.
     #[test]
     fn conv_backward_matches_finite_differences(case in case_strategy(), seed in any::<u64>()) {
-        let Ok(p) = case.problem(true) else { return Ok(()); };
+        let p = case.problem(true).expect("case_strategy generates valid cases only");
         let mut rng = Rng::new(seed);
         let x = random(&mut rng, case.n * case.c * case.h * case.w);
         let w = random(&mut rng, case.k * (case.c / case.opts.groups) * case.r * case.s);
@@ -241,7 +246,7 @@ proptest! {
     #[test]
     fn nchw_and_nhwc_agree(case in case_strategy(), seed in any::<u64>(), dt in 0usize..3) {
         let dtype = [DType::F32, DType::F16, DType::BF16][dt];
-        if case.problem(true).is_err() { return Ok(()); }
+        case.problem(true).expect("case_strategy generates valid cases only");
         let mut rng = Rng::new(seed);
         let x = random(&mut rng, case.n * case.c * case.h * case.w);
         let w = random(&mut rng, case.k * (case.c / case.opts.groups) * case.r * case.s);
@@ -284,15 +289,13 @@ proptest! {
         dh in 1usize..3, dw in 1usize..3, ceil in any::<bool>(), pad in any::<bool>(),
         ties in any::<bool>(),
     ) {
-        let opts = Pool2dOptions {
-            stride: Some([sh, sw]),
-            padding: if pad { [kh / 2, kw / 2] } else { [0, 0] },
-            dilation: [dh, dw],
-            ceil_mode: ceil,
-            ..Pool2dOptions::new([kh, kw])
-        };
+        let (opts, h, w) = pool_case(h, w, [kh, kw], [sh, sw], [dh, dw], ceil, pad);
         let xl = Layout::contiguous(&[n, c, h, w]);
-        let Ok(p) = conv::validate_pool(PoolKind::Max, (DType::F32, &xl), &opts) else { return Ok(()); };
+        // A dilated window wholly in padding (undefined in torch) is skipped and redrawn;
+        // `pool_rejections_are_rare` asserts that is about 2% of the draws.
+        let p = conv::validate_pool(PoolKind::Max, (DType::F32, &xl), &opts);
+        prop_assume!(p.is_ok(), "rejected: {:?}", p.err());
+        let p = p.unwrap();
         let mut rng = Rng::new(seed);
         // With `ties`, values from a set of 3 so windows often hold repeated maxima.
         let x: Vec<f64> = (0..n * c * h * w)
@@ -338,17 +341,13 @@ proptest! {
         sh in 1usize..4, sw in 1usize..4, ceil in any::<bool>(), pad in any::<bool>(),
         include in any::<bool>(), div in proptest::option::of(1usize..7),
     ) {
-        let opts = Pool2dOptions {
-            stride: Some([sh, sw]),
-            padding: if pad { [kh / 2, kw / 2] } else { [0, 0] },
-            ceil_mode: ceil,
-            count_include_pad: include,
-            divisor_override: div,
-            ..Pool2dOptions::new([kh, kw])
-        };
+        let (opts, h, w) = pool_case(h, w, [kh, kw], [sh, sw], [1, 1], ceil, pad);
+        let opts = Pool2dOptions { count_include_pad: include, divisor_override: div, ..opts };
         let (n, c) = (2, 2);
         let xl = Layout::contiguous(&[n, c, h, w]);
-        let Ok(p) = conv::validate_pool(PoolKind::Avg, (DType::F32, &xl), &opts) else { return Ok(()); };
+        // Every undilated case is valid (`pool_rejections_are_rare` checks the whole grid).
+        let p = conv::validate_pool(PoolKind::Avg, (DType::F32, &xl), &opts)
+            .unwrap_or_else(|e| panic!("{opts:?} {h}x{w}: {e}"));
         let mut rng = Rng::new(seed);
         let x = random(&mut rng, n * c * h * w);
         let y = reference::avg_pool2d(&p, &x);
@@ -384,6 +383,125 @@ proptest! {
         let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
         prop_assert!((lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()));
+    }
+}
+
+/// Every (size, kernel, padding, dilation) `case_strategy` can draw, after `valid_len`,
+/// is a valid convolution: the proptests check every case they generate.
+#[test]
+fn valid_cases_only() {
+    let mut n = 0;
+    for (len, kernel, pad, dil) in conv_dim_grid() {
+        let case = Case {
+            n: 1,
+            c: 1,
+            h: valid_len(len, kernel, pad, dil),
+            w: valid_len(len, kernel, pad, dil),
+            k: 1,
+            r: kernel,
+            s: kernel,
+            opts: Conv2dOptions {
+                padding: [pad; 2],
+                dilation: [dil; 2],
+                stride: [3, 3],
+                ..Conv2dOptions::default()
+            },
+        };
+        let p = case
+            .problem(true)
+            .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+        assert!(p.p >= 1 && p.q >= 1, "{case:?}");
+        n += 1;
+    }
+    assert_eq!(n, 7 * 3 * 3 * 2);
+}
+
+/// The (size, kernel, padding, dilation) ranges of `case_strategy`.
+fn conv_dim_grid() -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    (1usize..8).flat_map(|len| {
+        (1usize..4).flat_map(move |k| {
+            (0usize..3).flat_map(move |pad| (1usize..3).map(move |dil| (len, k, pad, dil)))
+        })
+    })
+}
+
+/// A pooling case of the proptests: the options (padding half the kernel or none) and the
+/// input height and width, raised like a convolution's (`valid_len`) so the padded input
+/// holds the dilated window.
+fn pool_case(
+    h: usize,
+    w: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    pad: bool,
+) -> (Pool2dOptions, usize, usize) {
+    let padding = if pad {
+        [kernel[0] / 2, kernel[1] / 2]
+    } else {
+        [0, 0]
+    };
+    let opts = Pool2dOptions {
+        stride: Some(stride),
+        padding,
+        dilation,
+        ceil_mode,
+        ..Pool2dOptions::new(kernel)
+    };
+    (
+        opts,
+        valid_len(h, kernel[0], padding[0], dilation[0]),
+        valid_len(w, kernel[1], padding[1], dilation[1]),
+    )
+}
+
+/// Over the pooling proptests' whole parameter grids, average pooling is always valid and
+/// max pooling rejects only a dilated window wholly in padding (torch leaves it undefined),
+/// in 1710 of 82944 cases (2.1%): `max_pool_properties` redraws those (`prop_assume!`), so
+/// nearly every draw is checked and none passes unchecked.
+#[test]
+fn pool_rejections_are_rare() {
+    for kind in [PoolKind::Max, PoolKind::Avg] {
+        let (mut total, mut rejected) = (0usize, 0usize);
+        let dilations: &[[usize; 2]] = match kind {
+            PoolKind::Max => &[[1, 1], [1, 2], [2, 1], [2, 2]],
+            PoolKind::Avg => &[[1, 1]],
+        };
+        let pairs = |hi: usize| (1..hi).flat_map(move |a| (1..hi).map(move |b| [a, b]));
+        for [h, w] in pairs(9) {
+            for kernel in pairs(4) {
+                for stride in pairs(4) {
+                    for &dilation in dilations {
+                        for (ceil, pad) in
+                            [(false, false), (false, true), (true, false), (true, true)]
+                        {
+                            let (opts, h, w) = pool_case(h, w, kernel, stride, dilation, ceil, pad);
+                            let xl = Layout::contiguous(&[2, 2, h, w]);
+                            total += 1;
+                            match conv::validate_pool(kind, (DType::F32, &xl), &opts) {
+                                Ok(_) => {}
+                                Err(e) => {
+                                    // Only the wholly-in-padding window is refused.
+                                    assert!(
+                                        kind == PoolKind::Max
+                                            && dilation != [1, 1]
+                                            && e.to_string().contains("wholly in the padding"),
+                                        "{kind:?} {opts:?} {h}x{w}: {e}"
+                                    );
+                                    rejected += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let want = match kind {
+            PoolKind::Max => (1710, 82944),
+            PoolKind::Avg => (0, 20736),
+        };
+        assert_eq!((rejected, total), want, "{kind:?}");
     }
 }
 
