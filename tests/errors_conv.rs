@@ -383,15 +383,44 @@ mod cuda {
                 ..opts()
             };
             let p = conv::validate((x.dtype, &x.layout), (w.dtype, &w.layout), None, &o).unwrap();
+            // im2col's workspace: groups * (N*P*Q) * (C/groups*R*S rounded up to 8) f16
+            // elements, 256-byte rounded: 1 * 512 * 576 * 2 bytes.
+            let im2col_bytes = 512 * 576 * 2;
             let plan =
                 cuda::plan(&p, [&x, &w, &y], None, None).expect("some algorithm runs a plain 3x3");
-            if plan.algo == ConvAlgo::ImplicitGemm {
-                assert_eq!(plan.workspace_bytes, 0);
-            }
+            // The implicit GEMM gathers 16 bytes along C, so it needs NHWC (C/groups = 64 is
+            // a multiple of 8); NCHW falls back to im2col.
+            let want = if nhwc {
+                ConvAlgo::ImplicitGemm
+            } else {
+                ConvAlgo::Im2col
+            };
+            assert_eq!(plan.algo, want, "nhwc={nhwc}");
+            let bytes = if nhwc { 0 } else { im2col_bytes };
+            assert_eq!(plan.workspace_bytes, bytes, "nhwc={nhwc}");
             o.algo = Some(ConvAlgo::Im2col);
             let p = conv::validate((x.dtype, &x.layout), (w.dtype, &w.layout), None, &o).unwrap();
-            if let Ok(plan) = cuda::plan(&p, [&x, &w, &y], None, None) {
-                assert_eq!(plan.algo, ConvAlgo::Im2col);
+            let plan = cuda::plan(&p, [&x, &w, &y], None, None)
+                .unwrap_or_else(|e| panic!("forced im2col runs every layout (nhwc={nhwc}): {e}"));
+            assert_eq!(plan.algo, ConvAlgo::Im2col);
+            assert_eq!(plan.workspace_bytes, im2col_bytes, "nhwc={nhwc}");
+            // A forced implicit GEMM runs NHWC and refuses NCHW with a typed error.
+            o.algo = Some(ConvAlgo::ImplicitGemm);
+            let p = conv::validate((x.dtype, &x.layout), (w.dtype, &w.layout), None, &o).unwrap();
+            match cuda::plan(&p, [&x, &w, &y], None, None) {
+                Ok(plan) => {
+                    assert!(nhwc, "implicit GEMM accepted an NCHW input: {plan:?}");
+                    assert_eq!(plan.algo, ConvAlgo::ImplicitGemm);
+                    assert_eq!(plan.workspace_bytes, 0);
+                }
+                Err(e) => {
+                    assert!(!nhwc, "implicit GEMM refused an NHWC input: {e}");
+                    assert!(
+                        matches!(e, Error::Unsupported(_)),
+                        "want Unsupported, got {e:?}"
+                    );
+                    assert_mentions(&e, &["implicit_gemm"]);
+                }
             }
         }
     }
