@@ -701,6 +701,28 @@ fn window_zero_is_identity_on_v() {
 fn half_precision_inputs_run_and_keep_their_dtype() {
     let dims = [1, 9, 2, 4];
     let t = |dtype| HostTensor::from_fn(dtype, &dims, |i| (i as f32 * 0.31).sin()).unwrap();
+    // The same values in f32: the half inputs widened exactly.
+    let wide = |h: &HostTensor| HostTensor::from_vec(h.to_f32_vec(), h.shape()).unwrap();
+    // The half result must be the f32 result (computed from the same half values) rounded
+    // once to nearest: within half an ulp, 2^-8 relative for bf16 (8 significant bits),
+    // 2^-11 for f16, plus half the f16 subnormal spacing. Truncation (one ulp) fails it.
+    let check = |what: &str, dtype: DType, got: &HostTensor, want: &HostTensor| {
+        assert_eq!(got.dtype(), dtype, "{what}");
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        let (u, floor) = match dtype {
+            DType::BF16 => (2f64.powi(-8), 0.0),
+            _ => (2f64.powi(-11), 2f64.powi(-25)),
+        };
+        let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+        assert!(w.iter().any(|&x| x != 0.0), "{what}: an all-zero reference");
+        for (i, (&g, &w)) in g.iter().zip(&w).enumerate() {
+            let bound = u * (w as f64).abs() + floor;
+            assert!(
+                (g as f64 - w as f64).abs() <= bound,
+                "{what} {dtype}[{i}]: got {g}, want {w} (bound {bound})"
+            );
+        }
+    };
     for dtype in [DType::F16, DType::BF16] {
         let (q, k, v) = (t(dtype), t(dtype), t(dtype));
         let gm = TokenMask::from_positions(1, 9, &[(0, 4)]);
@@ -716,6 +738,26 @@ fn half_precision_inputs_run_and_keep_their_dtype() {
         .unwrap();
         assert_eq!(r.out.dtype(), dtype);
         assert_eq!(r.lse.dtype(), DType::F32);
+        let (q32, k32, v32) = (wide(&q), wide(&k), wide(&v));
+        let r32 = longformer::forward_cpu(
+            &q32,
+            &k32,
+            &v32,
+            None,
+            Some(&gm),
+            None,
+            &LongformerOptions::new(2),
+        )
+        .unwrap();
+        check("out", dtype, &r.out, &r32.out);
+        let (lse, lse32) = (r.lse.to_f32_vec(), r32.lse.to_f32_vec());
+        assert_eq!(lse.len(), lse32.len());
+        for (i, (a, b)) in lse.iter().zip(&lse32).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "lse {dtype}[{i}]: {a} vs {b}"
+            );
+        }
         let dout = t(dtype);
         let g = longformer::backward_cpu(
             &q,
@@ -732,6 +774,23 @@ fn half_precision_inputs_run_and_keep_their_dtype() {
         .unwrap();
         assert_eq!(g.dq.dtype(), dtype);
         assert_eq!(g.dk.shape(), &dims);
+        // The f32 backward from the same (half-valued) O, LSE and dO.
+        let g32 = longformer::backward_cpu(
+            &q32,
+            &k32,
+            &v32,
+            None,
+            Some(&gm),
+            None,
+            &wide(&r.out),
+            &r.lse,
+            &wide(&dout),
+            &LongformerOptions::new(2),
+        )
+        .unwrap();
+        check("dq", dtype, &g.dq, &g32.dq);
+        check("dk", dtype, &g.dk, &g32.dk);
+        check("dv", dtype, &g.dv, &g32.dv);
     }
 }
 
