@@ -117,8 +117,18 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Whether a forced `algo` may refuse this case (fk_conv2d_supports, conv_api.cu): f32
+/// runs the direct kernel and im2col runs every layout, but the f16 / bf16 implicit GEMM
+/// gathers 16 bytes along C, so it needs NHWC (unit channel stride, the other strides
+/// multiples of 8) and C / groups a multiple of 8. Any other refusal is a failure.
+fn may_refuse(c: &Case, dtype: DType, nhwc: bool, algo: Option<ConvAlgo>) -> bool {
+    let cg = c.x[1] / c.opts.groups;
+    algo == Some(ConvAlgo::ImplicitGemm) && dtype != DType::F32 && !(nhwc && cg % 8 == 0)
+}
+
 /// The forward of one case on the GPU against the CPU reference. A forced algorithm may
-/// refuse a case: that must be a typed refusal, never a wrong answer (returns false).
+/// refuse a case only where [`may_refuse`] says so, and then with a typed refusal, never a
+/// wrong answer (returns false); any other refusal fails the test.
 #[allow(clippy::too_many_arguments)] // one case's full description
 fn check_forward(
     s: &Stream,
@@ -146,8 +156,10 @@ fn check_forward(
     let got = match cuda::conv2d_forward(&dev(&x), &dev(&w), with_bias.then_some(&bd), &opts, true)
     {
         Ok(o) => o,
-        Err(flashkernels::Error::Unsupported(msg)) if algo.is_some() => {
-            eprintln!("skip {c:?} {dtype} {algo:?}: {msg}");
+        Err(flashkernels::Error::Unsupported(msg))
+            if algo.is_some() && may_refuse(c, dtype, nhwc, algo) =>
+        {
+            eprintln!("expected refusal {c:?} {dtype} nhwc={nhwc} {algo:?}: {msg}");
             return false;
         }
         Err(e) => panic!("{c:?} {dtype} nhwc={nhwc} {act:?} {algo:?}: {e}"),
@@ -190,7 +202,8 @@ fn check_backward(s: &Stream, rng: &mut Rng, c: &Case, dtype: DType, nhwc: bool)
 }
 
 /// Max or average pooling, forward and backward, on the GPU against the CPU reference.
-/// Returns false for combinations torch does not define (nothing checked).
+/// For combinations torch does not define (dilated average pooling, average-only options
+/// on max pooling) asserts that both devices refuse them, and returns false.
 fn check_pool(
     s: &Stream,
     rng: &mut Rng,
@@ -199,14 +212,24 @@ fn check_pool(
     dtype: DType,
     nhwc: bool,
 ) -> bool {
-    let avg_ok = opts.dilation == [1, 1];
-    let max_ok = opts.divisor_override.is_none() && opts.count_include_pad;
-    if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
-        return false;
-    }
     let x = tensor(rng, dtype, [2, 24, 17, 15], nhwc, 1.0);
     let xd = Tensor::Cuda(DeviceTensor::from_host(s, &x).unwrap());
     let xh = Tensor::Host(x.clone());
+    let avg_ok = opts.dilation == [1, 1];
+    let max_ok = opts.divisor_override.is_none() && opts.count_include_pad;
+    if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
+        for x in [&xd, &xh] {
+            let e = match kind {
+                PoolKind::Max => conv::max_pool2d(x, opts).map(|_| ()),
+                PoolKind::Avg => conv::avg_pool2d(x, opts).map(|_| ()),
+            };
+            assert!(
+                matches!(e, Err(flashkernels::Error::InvalidArgument(_))),
+                "{kind:?} {opts:?}: want InvalidArgument, got {e:?}"
+            );
+        }
+        return false;
+    }
     let p = conv::validate_pool(kind, (dtype, x.layout()), opts).unwrap();
     let dy = tensor(rng, dtype, p.y_shape().try_into().unwrap(), false, 1.0);
     let dyd = Tensor::Cuda(DeviceTensor::from_host(s, &dy).unwrap());
@@ -252,17 +275,33 @@ const ACTIVATIONS: [Activation; 4] = [
 fn conv_forward_matches_reference() {
     let s = stream();
     let mut rng = Rng::new(7);
+    let (mut implicit_runs, mut implicit_must_run) = (0, 0);
     for c in cases() {
         for dtype in [DType::F16, DType::BF16, DType::F32] {
             for nhwc in [false, true] {
                 for (ai, act) in ACTIVATIONS.into_iter().enumerate() {
                     for algo in [None, Some(ConvAlgo::Im2col), Some(ConvAlgo::ImplicitGemm)] {
-                        check_forward(&s, &mut rng, &c, dtype, nhwc, act, ai % 2 == 0, algo);
+                        let ran =
+                            check_forward(&s, &mut rng, &c, dtype, nhwc, act, ai % 2 == 0, algo);
+                        // check_forward fails on any refusal may_refuse does not allow.
+                        assert!(ran || may_refuse(&c, dtype, nhwc, algo));
+                        if algo == Some(ConvAlgo::ImplicitGemm) && dtype != DType::F32 {
+                            implicit_runs += usize::from(ran);
+                            implicit_must_run += usize::from(!may_refuse(&c, dtype, nhwc, algo));
+                        }
                     }
                 }
             }
         }
     }
+    // The half-precision implicit GEMM ran on every NHWC case with C / groups % 8 == 0:
+    // five of the seven cases (not the depthwise nor the 3-channel stem), two dtypes,
+    // four activations.
+    assert_eq!(implicit_must_run, 5 * 2 * 4);
+    assert!(
+        implicit_runs >= implicit_must_run,
+        "implicit GEMM ran {implicit_runs} of {implicit_must_run} cases it supports"
+    );
 }
 
 #[test]
@@ -315,11 +354,15 @@ fn pooling_matches_reference() {
     let mut rng = Rng::new(13);
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         for nhwc in [false, true] {
+            let mut checked = 0;
             for opts in pool_configs() {
                 for kind in [PoolKind::Max, PoolKind::Avg] {
-                    check_pool(&s, &mut rng, kind, &opts, dtype, nhwc);
+                    checked += usize::from(check_pool(&s, &mut rng, kind, &opts, dtype, nhwc));
                 }
             }
+            // Refused (asserted in check_pool): max pooling with count_include_pad false or
+            // a divisor, average pooling with dilation; the other 7 are compared.
+            assert_eq!(checked, 7, "{dtype} nhwc={nhwc}");
         }
     }
 }
