@@ -29,16 +29,18 @@ suites=(fwd bwd conv longformer longformer_bwd)
 seed="${EMU_SEED:-1}"
 max_jobs="$(nproc)"
 
-# A small job pool: at most max_jobs commands at once, each with its own log and status
-# file (LOG.rc). Jobs are queued longest first, so the last to finish are short.
+# A small job pool: at most max_jobs commands at once, each with its own log, status file
+# (LOG.rc) and seconds taken (LOG.s). Jobs are queued longest first, so the last are short.
 pool_run() { # LOG COMMAND...
   local log=$1
   shift
   while [ "$(jobs -rp | wc -l)" -ge "$max_jobs" ]; do wait -n || true; done
   (
+    t0=$SECONDS
     status=0
     "$@" >"$log" 2>&1 || status=$?
     echo "$status" >"$log.rc"
+    echo "$((SECONDS - t0))" >"$log.s"
   ) &
 }
 status_of() { cat "$1.rc" 2>/dev/null || echo 1; }
@@ -56,7 +58,7 @@ env_run() {
 # ---- Build: 5 suites x 3 flavours, and the controls in 3 flavours.
 start=$SECONDS
 total_start=$SECONDS
-rm -f "$obj"/*.log "$obj"/*.rc
+rm -f "$obj"/*.log "$obj"/*.rc "$obj"/*.s
 for flavour in asan race plain; do
   for s in longformer_bwd bwd longformer fwd conv; do
     bin="$obj/${s}_test"
@@ -161,5 +163,7 @@ else
   echo "emulator self-test FAILED:"
   cat "$obj/control_selftest.log"
 fi
+echo "slowest jobs (s): $(for f in "$obj"/*.log.s; do echo "$(cat "$f") $(basename "$f" .log.s)"; done |
+  sort -rn | head -n 6 | tr '\n' ' ')"
 echo "emulated suites ran in $((SECONDS - start)) s; emulate_kernels.sh took $((SECONDS - total_start)) s"
 exit "$failed"

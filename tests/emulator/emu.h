@@ -11,7 +11,7 @@
 // - Schedules (env EMU_SCHEDULE, read at the first launch): fibers switch only at barriers
 //   and collectives, so which warp runs when is all a schedule decides.
 //     inorder (default)  rounds over the threads in order: warps advance in near lockstep
-//     reverse            the same, last thread first, and the blocks in reverse order
+//     reverse            the same from the last thread down, and the blocks in reverse
 //     random:SEED        a random warp (lanes in random order) advances one step at a time,
 //                        so warps drift apart; blocks in random order. Seeded per block.
 //     runahead           the lowest warp that can run does, until it blocks on
@@ -31,17 +31,22 @@
 //   the issue (checked against earlier accesses then; any access before its wait retires it
 //   is a hazard) and lands as that thread's write at the wait. Accesses past the requested
 //   dynamic shared memory are reported too. Hazards fail the launch.
-// - Memory: the ASan build (-fsanitize=address,undefined) annotates the fiber switches,
-//   poisons the shared memory past the launch's requested size, and emu::DeviceArray (the
-//   suites' global tensors) is an exact heap allocation. Elsewhere a DeviceArray ends at a
-//   PROT_NONE guard page (rounded up to 16 bytes), so an over-read past it faults. Shared
-//   memory bounds and alignment of ldmatrix / cp.async, and the 99 KB limit, are checked in
-//   every build; plain shared-memory accesses only in the race and ASan builds.
+// - Memory: emu::DeviceArray (the suites' global tensors) is one allocation per tensor that
+//   ends exactly at its last element: in the ASan build (-fsanitize=address,undefined) an
+//   exact heap block, so ASan reports an access one element past it; elsewhere its end
+//   (rounded up to 16 bytes, a canary in the rounding) touches a PROT_NONE page, so an access
+//   past it faults. The ASan build also annotates the fiber switches for ASan, poisons the
+//   shared memory past the launch's requested size, and UBSan reports misaligned accesses
+//   (a uint4 off 16-byte alignment faults on a GPU). The bounds and alignment of ldmatrix and
+//   cp.async, and the 99 KB limit, are checked in every build; plain shared-memory accesses
+//   in the race and ASan builds.
 // - --use_fast_math (build.rs passes it to nvcc): threads run with flush-to-zero and
 //   denormals-are-zero for f32 (MXCSR FTZ|DAZ, like .ftz); exp2f, log2f, expf, logf map to
 //   models of ex2.approx.ftz / lg2.approx.ftz (__expf = ex2(x * log2e), __logf = lg2(x) ln2):
 //   flushed inputs and outputs and a deterministic pseudo-random error within the documented
 //   bound (ex2, lg2 off [0.5, 2]: 2 ulp; lg2 on [0.5, 2]: 2^-22 absolute). See fast_exp2f.
+// Suites run the cases named on their command line, else all, or with EMU_CASES=K:N every
+// K-th case from N.
 // Not emulated: x / y stays IEEE division (nvcc's -prec-div=false gives <= 2 ulp: a C++
 // operator cannot be hooked; the error is ~2^-22, far below the f16 / bf16 tolerances);
 // FMA contraction (nvcc --fmad=true fuses a*b+c, GCC here does not); the summation order
