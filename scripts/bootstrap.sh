@@ -3,7 +3,8 @@
 # (.toolchain/), from PyPI only. Idempotent: a second run only checks stamp files.
 #   scripts/bootstrap.sh              the build toolchain (.toolchain/venv): nvcc 13.0 and
 #                                     CUDA headers, libclang for bindgen, maturin,
-#                                     auditwheel (the wheel's manylinux tag)
+#                                     auditwheel (the wheel's manylinux tag), ruff (Python
+#                                     lint and format), clang-format (kernels/ style)
 #   scripts/bootstrap.sh --test-env   also the Python the tests run in (.toolchain/pyenv):
 #                                     numpy, pytest, jax[cpu], torch (its CPU path, for the
 #                                     autograd / torch.compile / torch.distributed tests;
@@ -38,10 +39,13 @@ install() {  # install VENV STAMP PACKAGES...
   touch "$stamp"
 }
 
-install "$venv" "$tc/.stamp-v2" \
+# Bump the stamp's number when this list changes, so that existing venvs get the change.
+# ruff and clang-format are pinned exactly: another version formats differently.
+install "$venv" "$tc/.stamp-v3" \
   "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-runtime==13.0.*" \
   "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" \
-  "libclang==18.1.1" "maturin>=1.7,<2" "auditwheel>=6,<7"
+  "libclang==18.1.1" "maturin>=1.7,<2" "auditwheel>=6,<7" \
+  "ruff==0.17.6" "clang-format==22.1.8"
 
 case "${1:-}" in
   --test-env)
