@@ -43,9 +43,17 @@ BF16 = torch.bfloat16
 
 # (D, N, causal) with B*N = 16384 tokens and H*D = 2048, as in ANCHORS.md.
 FWD_CASES = [
-    (64, 512, False), (64, 2048, False), (64, 8192, False), (64, 16384, False), (64, 8192, True),
-    (128, 512, False), (128, 2048, False), (128, 8192, False), (128, 16384, False),
-    (128, 8192, True), (128, 16384, True),
+    (64, 512, False),
+    (64, 2048, False),
+    (64, 8192, False),
+    (64, 16384, False),
+    (64, 8192, True),
+    (128, 512, False),
+    (128, 2048, False),
+    (128, 8192, False),
+    (128, 16384, False),
+    (128, 8192, True),
+    (128, 16384, True),
 ]
 TRAIN_CASES = [(d, n, c) for d in (64, 128) for n in (2048, 8192, 16384) for c in (False, True)]
 QUICK = {"fwd": [(128, 8192, False), (128, 8192, True)], "train": [(128, 8192, True)]}
@@ -66,15 +74,18 @@ def sdpa_peer(backend, qt, kt, vt, **kw):
     def run():
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(qt, kt, vt, **kw)
+
     return run
 
 
 def train_step(fwd, grad_inputs, dout):
     """forward + backward of fwd() with upstream gradient dout."""
+
     def run():
         for x in grad_inputs:
             x.grad = None
         fwd().backward(dout)
+
     return run
 
 
@@ -131,8 +142,7 @@ def case_fwd(d, n, causal, rounds, train=False, hkv=None):
     # Correctness first: ours against SDPA in float32 math (on a slice when huge).
     nb = max(1, min(b, 2))
     with torch.no_grad():
-        ref = F.scaled_dot_product_attention(qt[:nb].float(), kt[:nb].float(), vt[:nb].float(),
-                                             **kw).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(qt[:nb].float(), kt[:nb].float(), vt[:nb].float(), **kw).transpose(1, 2)
         err = rel_err(ours()[:nb], ref)
     flops = dense_flops(b, h, n, n, d, causal)
     fns = {"flashkernels": ours, **peers}
@@ -168,7 +178,7 @@ def case_varlen(d, lengths, causal, rounds, train):
     pad = [torch.zeros(b, longest, h, d, device="cuda", dtype=BF16) for _ in range(3)]
     for i, n in enumerate(lengths):
         for p, x in zip(pad, (q, k, v)):
-            p[i, :n] = x.detach()[offsets[i]:offsets[i] + n]
+            p[i, :n] = x.detach()[offsets[i] : offsets[i] + n]
     mask = torch.zeros(b, 1, longest, longest, dtype=torch.bool, device="cuda")
     for i, n in enumerate(lengths):
         mask[i, :, :, :n] = True
@@ -185,8 +195,9 @@ def case_varlen(d, lengths, causal, rounds, train):
         errs = []
         for i, n in enumerate(lengths[:4]):
             sl = slice(offsets[i], offsets[i] + n)
-            ref = F.scaled_dot_product_attention(*(x.detach()[sl].transpose(0, 1)[None].float()
-                                                   for x in (q, k, v)), is_causal=causal)
+            ref = F.scaled_dot_product_attention(
+                *(x.detach()[sl].transpose(0, 1)[None].float() for x in (q, k, v)), is_causal=causal
+            )
             errs.append(rel_err(got[sl], ref[0].transpose(0, 1)))
     flops = sum(dense_flops(1, h, n, n, d, causal) for n in lengths)
     fns = {"flashkernels": ours, **peers}
@@ -225,8 +236,7 @@ def case_window(d, n, w, causal, rounds, train):
     except Exception as e:  # recorded in the row, the rest still runs
         print(f"FlexAttention unavailable: {e}")
     with torch.no_grad():
-        ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(),
-                                             attn_mask=band).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(), attn_mask=band).transpose(1, 2)
         err = rel_err(ours(), ref)
     pairs = band.sum().item()
     flops = 4.0 * b * h * pairs * d
@@ -268,8 +278,7 @@ def markdown(suite, rows, meta):
     lines = [
         f"# Attention ({suite}), bf16 — {meta['device']} — {meta['date']} — commit {meta['commit']}",
         "",
-        "TFLOP/s (median of interleaved rounds, CUDA events); x = peer time / our time "
-        "(> 1: we are faster).",
+        "TFLOP/s (median of interleaved rounds, CUDA events); x = peer time / our time (> 1: we are faster).",
         "",
     ]
     for r in rows:
@@ -293,8 +302,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or os.environ.get("FK_COMMIT", "unknown")
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip() or os.environ.get("FK_COMMIT", "unknown")
     except OSError:
         commit = os.environ.get("FK_COMMIT", "unknown")
     meta = {
@@ -315,8 +325,10 @@ def main():
                 print(f"{suite}: case failed: {type(e).__name__}: {e}", flush=True)
                 continue
             r = rows[-1]["results"]["flashkernels"]
-            print(f"{suite}: ours {r.get('tflops', 0):.0f} TFLOP/s, err "
-                  f"{rows[-1]['rel_err_vs_sdpa_fp32']:.1e}", flush=True)
+            print(
+                f"{suite}: ours {r.get('tflops', 0):.0f} TFLOP/s, err {rows[-1]['rel_err_vs_sdpa_fp32']:.1e}",
+                flush=True,
+            )
         with open(os.path.join(args.out, f"attention_{suite}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         md = markdown(suite, rows, meta)

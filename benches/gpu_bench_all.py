@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flashkernels  # noqa: E402
 import gpu_bench as attn  # noqa: E402
 import gpu_bench_conv as conv  # noqa: E402
 import gpu_bench_longformer as lf  # noqa: E402
-
-import flashkernels  # noqa: E402
 
 OURS = "flashkernels"
 CHECK_TOL = 2e-2  # bf16 relative error of an attention / conv output vs float32
@@ -49,9 +48,16 @@ class Case:
 
 
 def dense(op, d, n, causal, train=False, headline=False):
-    return Case(op, f"D{d} N{n}{' causal' if causal else ''}", f"D{d}{' causal' if causal else ''}",
-                "N", n, lambda r: attn.case_fwd(d, n, causal, r, train=train),
-                25 if train else 15, headline)
+    return Case(
+        op,
+        f"D{d} N{n}{' causal' if causal else ''}",
+        f"D{d}{' causal' if causal else ''}",
+        "N",
+        n,
+        lambda r: attn.case_fwd(d, n, causal, r, train=train),
+        25 if train else 15,
+        headline,
+    )
 
 
 def longformer(layout, train, n=lf.HEADLINE["N"], headline=False):
@@ -59,30 +65,45 @@ def longformer(layout, train, n=lf.HEADLINE["N"], headline=False):
     what = "window" if layout == "none" else f"window + {shape['n_global']} {layout} globals"
     op = "longformer_train" if train else "longformer_fwd"
     # FlexAttention compiles per shape and mask (tens of seconds the first time).
-    return Case(op, f"N{n} {what}", what, "N", n,
-                lambda r: lf.case_speed(shape, layout, train, r, with_hf=False),
-                60 if train else 40, headline)
+    return Case(
+        op,
+        f"N{n} {what}",
+        what,
+        "N",
+        n,
+        lambda r: lf.case_speed(shape, layout, train, r, with_hf=False),
+        60 if train else 40,
+        headline,
+    )
 
 
 def conv_layer(layer, nhwc, train, headline=False):
     hw, c, k, rs, stride, pad = layer
     name = f"{hw}x{hw} {c}->{k} {rs}x{rs}/{stride}"
     layout = "NHWC" if nhwc else "NCHW"
-    return Case("conv_train" if train else "conv_fwd", f"{name} {layout}", layout, "layer", name,
-                lambda r: conv.run_layer(*layer, nhwc, train, r), 20 if train else 12, headline)
+    return Case(
+        "conv_train" if train else "conv_fwd",
+        f"{name} {layout}",
+        layout,
+        "layer",
+        name,
+        lambda r: conv.run_layer(*layer, nhwc, train, r),
+        20 if train else 12,
+        headline,
+    )
 
 
 def pool_case(kind, train, headline=False):
     """max/avg pooling 3x3 stride 2 pad 1 on a ResNet stem output, channels-last bf16,
     vs torch (cuDNN / ATen). Memory-bound: GB/s of the tensors each must read and write."""
+
     def run(rounds):
         gen = torch.Generator(device="cuda").manual_seed(3)
         x = torch.randn(32, 64, 112, 112, device="cuda", dtype=torch.bfloat16, generator=gen)
         x = x.to(memory_format=torch.channels_last).requires_grad_(train)
         ours_f = getattr(flashkernels, f"{kind}_pool2d")
         peer_f = getattr(F, f"{kind}_pool2d")
-        fns = {OURS: lambda: ours_f(x, 3, stride=2, padding=1),
-               "torch": lambda: peer_f(x, 3, stride=2, padding=1)}
+        fns = {OURS: lambda: ours_f(x, 3, stride=2, padding=1), "torch": lambda: peer_f(x, 3, stride=2, padding=1)}
         with torch.no_grad():
             y, want = fns[OURS](), fns["torch"]()
             err = attn.rel_err(y, want)
@@ -92,8 +113,16 @@ def pool_case(kind, train, headline=False):
             fns = {name: attn.train_step(fn, (x,), dy) for name, fn in fns.items()}
             nbytes *= 2  # the backward reads dy (and x or indices) and writes dx
         times, errors = attn.timed(fns, rounds)
-        row = {"N": 32, "C": 64, "H": 112, "W": 112, "window": "3x3/2 pad 1", "train": train,
-               "rel_err_vs_torch": err, "results": {}}
+        row = {
+            "N": 32,
+            "C": 64,
+            "H": 112,
+            "W": 112,
+            "window": "3x3/2 pad 1",
+            "train": train,
+            "rel_err_vs_torch": err,
+            "results": {},
+        }
         for name, ts in times.items():
             if ts:
                 ms = statistics.median(ts)
@@ -101,8 +130,18 @@ def pool_case(kind, train, headline=False):
             else:
                 row["results"][name] = {"error": errors.get(name, "no timing")}
         return row
-    return Case("pool", f"{kind} {'fwd+bwd' if train else 'fwd'} 112x112 C64", kind, "pass",
-                "fwd+bwd" if train else "fwd", run, 8, headline, metric="gbps")
+
+    return Case(
+        "pool",
+        f"{kind} {'fwd+bwd' if train else 'fwd'} 112x112 C64",
+        kind,
+        "pass",
+        "fwd+bwd" if train else "fwd",
+        run,
+        8,
+        headline,
+        metric="gbps",
+    )
 
 
 def cases():
@@ -124,11 +163,9 @@ def cases():
         yield dense("attention_fwd", d, 8192 if d == 64 else 16384, True)
     for n in (2048, 16384):
         yield dense("attention_train", 128, n, True, train=True)
-    for suite, op in (("gqa", "attention_gqa"), ("varlen", "attention_varlen"),
-                      ("window", "attention_window")):
+    for suite, op in (("gqa", "attention_gqa"), ("varlen", "attention_varlen"), ("window", "attention_window")):
         for i, run in enumerate(attn.suite_cases(suite, quick=False)):
-            yield Case(op, f"{suite} #{i}", suite, "case", f"#{i}", run,
-                       30 if suite == "window" else 15)
+            yield Case(op, f"{suite} #{i}", suite, "case", f"#{i}", run, 30 if suite == "window" else 15)
     for n in (4096, 65536):
         yield longformer("none", False, n=n)
     yield longformer("prefix", False)
@@ -150,21 +187,34 @@ def check_of(raw):
     c = raw.get("checks", {})
     e = c.get(f"{OURS}_rel_err_vs_fp32")
     flagged = c.get("flagged") or c.get("grad_flagged")
-    return {"rel_err": e, "ok": e is not None and e <= CHECK_TOL and not flagged,
-            **{k: v for k, v in c.items() if k != f"{OURS}_rel_err_vs_fp32"}}
+    return {
+        "rel_err": e,
+        "ok": e is not None and e <= CHECK_TOL and not flagged,
+        **{k: v for k, v in c.items() if k != f"{OURS}_rel_err_vs_fp32"},
+    }
 
 
 def normalize(case, raw):
     """A per-op bench row in the common schema, with the ratio against the fastest peer."""
-    results = {name: {k: v for k, v in r.items() if k in ("ms", "tflops", "gbps", "error", "note")}
-               for name, r in raw["results"].items()}
+    results = {
+        name: {k: v for k, v in r.items() if k in ("ms", "tflops", "gbps", "error", "note")}
+        for name, r in raw["results"].items()
+    }
     params = {k: v for k, v in raw.items() if k not in ("results", "checks") and "rel_err" not in k}
-    row = {"op": case.op, "case": case.case, "series": case.series, "x_name": case.x_name,
-           "x": case.x, "headline": case.headline, "metric": case.metric, "params": params,
-           "check": check_of(raw), "results": results}
+    row = {
+        "op": case.op,
+        "case": case.case,
+        "series": case.series,
+        "x_name": case.x_name,
+        "x": case.x,
+        "headline": case.headline,
+        "metric": case.metric,
+        "params": params,
+        "check": check_of(raw),
+        "results": results,
+    }
     ours = results.get(OURS, {}).get("ms")
-    peers = {n: r["ms"] for n, r in results.items()
-             if not n.startswith(OURS) and "ms" in r and case.metric in r}
+    peers = {n: r["ms"] for n, r in results.items() if not n.startswith(OURS) and "ms" in r and case.metric in r}
     if ours and peers:
         row["peer"] = min(peers, key=peers.get)
         row["ratio"] = peers[row["peer"]] / ours
@@ -173,19 +223,27 @@ def normalize(case, raw):
 
 def driver_version():
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         return None
 
 
 def markdown(doc):
     m = doc["meta"]
-    lines = [f"# Every op vs its best peer — {m['device']} — {m['date']} — commit {m['commit']}", "",
-             "ratio = peer ms / our ms against the fastest peer of the case (> 1: we are faster); "
-             "TFLOP/s or GB/s; medians of interleaved rounds (CUDA events).", "",
-             "| op | case | ours ms | ours | best peer | peer ms | peer | ratio | check |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Every op vs its best peer — {m['device']} — {m['date']} — commit {m['commit']}",
+        "",
+        "ratio = peer ms / our ms against the fastest peer of the case (> 1: we are faster); "
+        "TFLOP/s or GB/s; medians of interleaved rounds (CUDA events).",
+        "",
+        "| op | case | ours ms | ours | best peer | peer ms | peer | ratio | check |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["rows"]:
         unit = "TF/s" if r["metric"] == "tflops" else "GB/s"
         o = r["results"].get(OURS, {})
@@ -194,14 +252,17 @@ def markdown(doc):
         err = r["check"].get("rel_err")
         check = ("ok" if r["check"]["ok"] else "MISMATCH") + (f" {err:.1e}" if err is not None else "")
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-        lines.append(f"| {r['op']}{' (headline)' if r['headline'] else ''} | {r['case']} | "
-                     f"{fmt(o, 'ms', '{:.3f}')} | {fmt(o, r['metric'], '{:.0f} ' + unit)} | "
-                     f"{r.get('peer', '-')} | {fmt(p, 'ms', '{:.3f}')} | "
-                     f"{fmt(p, r['metric'], '{:.0f} ' + unit)} | {ratio} | {check} |")
+        lines.append(
+            f"| {r['op']}{' (headline)' if r['headline'] else ''} | {r['case']} | "
+            f"{fmt(o, 'ms', '{:.3f}')} | {fmt(o, r['metric'], '{:.0f} ' + unit)} | "
+            f"{r.get('peer', '-')} | {fmt(p, 'ms', '{:.3f}')} | "
+            f"{fmt(p, r['metric'], '{:.0f} ' + unit)} | {ratio} | {check} |"
+        )
     for what in ("skipped", "failed"):
         if doc[what]:
             lines += ["", f"{what.capitalize()}:"] + [
-                f"- {x['op']} {x['case']}: {x.get('reason') or x.get('error')}" for x in doc[what]]
+                f"- {x['op']} {x['case']}: {x.get('reason') or x.get('error')}" for x in doc[what]
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -217,14 +278,21 @@ def main():
     start = time.time()
     deadline = start + args.budget
     import torch._dynamo as dynamo
+
     for knob in ("cache_size_limit", "recompile_limit"):  # recompiles must not fall to eager
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, 64)
-    meta = {"kind": "bench", "device": torch.cuda.get_device_name(), "driver": driver_version(),
-            "commit": os.environ.get("FK_COMMIT") or "unknown",  # gpu_check.py fills it in
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "cudnn": torch.backends.cudnn.version(), "rounds": args.rounds,
-            "budget_s": args.budget}
+    meta = {
+        "kind": "bench",
+        "device": torch.cuda.get_device_name(),
+        "driver": driver_version(),
+        "commit": os.environ.get("FK_COMMIT") or "unknown",  # gpu_check.py fills it in
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "rounds": args.rounds,
+        "budget_s": args.budget,
+    }
     doc = {"meta": meta, "rows": [], "skipped": [], "failed": []}
     os.makedirs(args.out, exist_ok=True)
 
@@ -240,23 +308,26 @@ def main():
             continue
         left = deadline - time.time()
         if left < case.est_s:
-            doc["skipped"].append({"op": case.op, "case": case.case,
-                                   "reason": f"budget: {left:.0f} s left, needs ~{case.est_s} s"})
+            doc["skipped"].append(
+                {"op": case.op, "case": case.case, "reason": f"budget: {left:.0f} s left, needs ~{case.est_s} s"}
+            )
             continue
         t0 = time.time()
         try:
             row = normalize(case, case.run(args.rounds))
         except Exception as e:  # one broken case must not hide the others
-            doc["failed"].append({"op": case.op, "case": case.case,
-                                  "error": f"{type(e).__name__}: {e}"[:300]})
+            doc["failed"].append({"op": case.op, "case": case.case, "error": f"{type(e).__name__}: {e}"[:300]})
             print(f"{case.op} {case.case}: FAILED {doc['failed'][-1]['error']}", flush=True)
             lf.free()
             write()
             continue
         doc["rows"].append(row)
         ratio = f"{row['ratio']:.2f}x {row['peer']}" if "ratio" in row else "no peer time"
-        print(f"{case.op:<18} {case.case:<36} {ratio:<24} check "
-              f"{'ok' if row['check']['ok'] else 'MISMATCH'} ({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"{case.op:<18} {case.case:<36} {ratio:<24} check "
+            f"{'ok' if row['check']['ok'] else 'MISMATCH'} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
         lf.free()
         write()
     write()

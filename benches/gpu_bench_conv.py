@@ -68,8 +68,12 @@ def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
     def ours(algo=None):
         return lambda: flashkernels.conv2d(x, w, b, algo=algo, **kw)
 
-    fns = {"flashkernels": ours(), "flashkernels_im2col": ours("im2col"),
-           "flashkernels_implicit": ours("implicit_gemm"), "cudnn": lambda: F.conv2d(x, w, b, **kw)}
+    fns = {
+        "flashkernels": ours(),
+        "flashkernels_im2col": ours("im2col"),
+        "flashkernels_implicit": ours("implicit_gemm"),
+        "cudnn": lambda: F.conv2d(x, w, b, **kw),
+    }
     with torch.no_grad():
         ref = F.conv2d(x.float(), w.float(), b.float(), **kw)
         err = rel_err(fns["flashkernels"](), ref)
@@ -82,14 +86,24 @@ def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
             def run():
                 x.grad = w.grad = b.grad = None
                 fn().backward(dy)
+
             return run
 
         fns = {name: step(fn) for name, fn in fns.items()}
         flops *= 3.0  # dX and dW are one forward's GEMM each
     times, errors = timed(fns, rounds)
-    row = {"H": hw, "C": c, "K": k, "R": rs, "stride": stride, "padding": pad,
-           "layout": "NHWC" if channels_last else "NCHW", "train": train,
-           "rel_err_vs_torch_fp32": err, "results": {}}
+    row = {
+        "H": hw,
+        "C": c,
+        "K": k,
+        "R": rs,
+        "stride": stride,
+        "padding": pad,
+        "layout": "NHWC" if channels_last else "NCHW",
+        "train": train,
+        "rel_err_vs_torch_fp32": err,
+        "results": {},
+    }
     for name, ts in times.items():
         if ts:
             ms = statistics.median(ts)
@@ -101,8 +115,7 @@ def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
         if name != "cudnn" and peer and r.get("ms"):
             r["vs_cudnn"] = peer / r["ms"]
     try:
-        row["im2col_workspace_bytes"] = flashkernels.conv2d_workspace_bytes(
-            x, w, algo="im2col", **kw)
+        row["im2col_workspace_bytes"] = flashkernels.conv2d_workspace_bytes(x, w, algo="im2col", **kw)
     except (AttributeError, TypeError):
         pass  # older API without the query: not recorded
     return row
@@ -114,29 +127,42 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("FK_COMMIT", "unknown")
-    meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "commit": commit, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip() or os.environ.get("FK_COMMIT", "unknown")
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+    }
     rows = []
     layers = LAYERS[:1] + LAYERS[-1:] if args.quick else LAYERS
     for layer in layers:
         for channels_last in (True, False):
-            for train in ((False, True) if layer[3] == 3 else (False,)):
+            for train in (False, True) if layer[3] == 3 else (False,):
                 try:
                     rows.append(run_layer(*layer, channels_last, train, args.rounds))
                 except Exception as e:  # one broken case must not hide the others
                     print(f"{layer} channels_last={channels_last}: failed: {e}", flush=True)
                     continue
                 r = rows[-1]["results"]
-                print(f"{layer} {rows[-1]['layout']} train={train}: ours "
-                      f"{r['flashkernels'].get('tflops', 0):.0f} TF/s, cuDNN "
-                      f"{r['cudnn'].get('tflops', 0):.0f}", flush=True)
+                print(
+                    f"{layer} {rows[-1]['layout']} train={train}: ours "
+                    f"{r['flashkernels'].get('tflops', 0):.0f} TF/s, cuDNN "
+                    f"{r['cudnn'].get('tflops', 0):.0f}",
+                    flush=True,
+                )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "conv.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# conv2d, bf16, batch {BATCH} — {meta['device']} — {meta['date']} — commit {commit}", "",
-             "TFLOP/s (median of interleaved rounds); x = cuDNN time / ours (> 1: we are faster).", ""]
+    lines = [
+        f"# conv2d, bf16, batch {BATCH} — {meta['device']} — {meta['date']} — commit {commit}",
+        "",
+        "TFLOP/s (median of interleaved rounds); x = cuDNN time / ours (> 1: we are faster).",
+        "",
+    ]
     for r in rows:
         cells = []
         for name, x in r["results"].items():
@@ -145,9 +171,10 @@ def main():
                 cells.append(f"{name} {x['ms']:.3f} ms {x['tflops']:.0f}{ratio}")
             else:
                 cells.append(f"{name}: {x['error']}")
-        lines.append(f"- {r['H']}x{r['H']} {r['C']}->{r['K']} {r['R']}x{r['R']}/{r['stride']} "
-                     f"{r['layout']} train={r['train']} err {r['rel_err_vs_torch_fp32']:.1e}: "
-                     + "; ".join(cells))
+        lines.append(
+            f"- {r['H']}x{r['H']} {r['C']}->{r['K']} {r['R']}x{r['R']}/{r['stride']} "
+            f"{r['layout']} train={r['train']} err {r['rel_err_vs_torch_fp32']:.1e}: " + "; ".join(cells)
+        )
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "conv.md"), "w") as f:
         f.write(md)

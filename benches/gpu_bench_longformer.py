@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 try:
     import flashkernels as fk
+
     OURS = getattr(fk, "longformer_attention", None)
 except Exception as e:  # noqa: BLE001 — the bench still measures the peers
     print(f"flashkernels import failed: {type(e).__name__}: {e}")
@@ -114,6 +115,7 @@ def bench(fn):
     """Median ms of fn: CUDA events (do_bench) on the GPU, host clock in smoke mode."""
     if DEV == "cuda":
         from triton.testing import do_bench
+
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     ts = []
@@ -173,8 +175,8 @@ def dense_mask(n, w, is_global=None, rows=None):
     m = torch.empty(len(qi), n, dtype=torch.bool, device=DEV)
     step = max(1, (1 << 26) // n)
     for r0 in range(0, len(qi), step):
-        qc = qi[r0:r0 + step, None]
-        blk = m[r0:r0 + step]
+        qc = qi[r0 : r0 + step, None]
+        blk = m[r0 : r0 + step]
         torch.ge(j[None, :], qc - w, out=blk)
         blk &= j[None, :] <= qc + w
         if is_global is not None:
@@ -187,6 +189,7 @@ def flex_fn():
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
+
         _FLEX = torch.compile(flex_attention) if COMPILE else flex_attention
     return _FLEX
 
@@ -200,8 +203,10 @@ def mask_mod_for(w, is_global_bn):
     if is_global_bn is None:
         key = ("window", w)
         if key not in _MASK_MODS:
+
             def window_mod(b_, h_, qi, kj):
                 return (qi - kj).abs() <= w
+
             _MASK_MODS[key] = (window_mod, None)
         return _MASK_MODS[key][0]
     key = ("global", w, tuple(is_global_bn.shape))
@@ -210,6 +215,7 @@ def mask_mod_for(w, is_global_bn):
 
         def global_mod(b_, h_, qi, kj):
             return ((qi - kj).abs() <= w) | isg[b_, qi] | isg[b_, kj]
+
         _MASK_MODS[key] = (global_mod, isg)
     mod, isg = _MASK_MODS[key]
     isg.copy_(is_global_bn)
@@ -232,6 +238,7 @@ def flex_block_mask(b, n, w, is_global_bn=None):
 def sdpa_call(qt, kt, vt, mask):
     if DEV == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
@@ -254,8 +261,7 @@ def mock_longformer_attention(q, k, v, window, *, global_tokens=None, **_):
     for bi in range(b):
         isg = None if global_tokens is None else global_tokens[bi]
         m = dense_mask(n, window, isg)
-        o = F.scaled_dot_product_attention(*(x[bi:bi + 1].transpose(1, 2).float()
-                                             for x in (q, k, v)), attn_mask=m)
+        o = F.scaled_dot_product_attention(*(x[bi : bi + 1].transpose(1, 2).float() for x in (q, k, v)), attn_mask=m)
         outs.append(o.transpose(1, 2).to(q.dtype))
     return torch.cat(outs)
 
@@ -272,10 +278,8 @@ def hf_semantics_check(shape):
         x = randn(b, n, h * d, seed=5, dtype=torch.float64)
         m = torch.zeros(b, n, device=DEV)
         m[:, glob] = 10000.0
-        got = layer(x, attention_mask=m, is_index_masked=m < 0, is_index_global_attn=m > 0,
-                    is_global_attn=True)[0]
-        q, k, v = (getattr(layer, p)(x).view(b, n, h, d).transpose(1, 2)
-                   for p in ("query", "key", "value"))
+        got = layer(x, attention_mask=m, is_index_masked=m < 0, is_index_global_attn=m > 0, is_global_attn=True)[0]
+        q, k, v = (getattr(layer, p)(x).view(b, n, h, d).transpose(1, 2) for p in ("query", "key", "value"))
         isg = torch.zeros(n, dtype=torch.bool, device=DEV)
         isg[glob] = True
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(n, w, isg))
@@ -294,8 +298,13 @@ def hf_layer(h, d, w, dtype):
     from transformers import LongformerConfig
     from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
-    cfg = LongformerConfig(hidden_size=h * d, num_attention_heads=h, attention_window=[2 * w],
-                           attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    cfg = LongformerConfig(
+        hidden_size=h * d,
+        num_attention_heads=h,
+        attention_window=[2 * w],
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     return LongformerSelfAttention(cfg, layer_id=0).eval().to(device=DEV, dtype=dtype)
 
@@ -305,8 +314,7 @@ def hf_runner(b, n, h, d, w, glob, train, seed):
     m = torch.zeros(b, n, device=DEV)
     if glob:
         m[:, glob] = 10000.0
-    kw = dict(attention_mask=m, is_index_masked=m < 0, is_index_global_attn=m > 0,
-              is_global_attn=bool((m > 0).any()))
+    kw = dict(attention_mask=m, is_index_masked=m < 0, is_index_global_attn=m > 0, is_global_attn=bool((m > 0).any()))
     last = None
     order = (BF16, torch.float32) if _HF_DTYPE.get("dtype", BF16) == BF16 else (torch.float32,)
     for dtype in order:  # bf16 when the layer runs in it, else fp32 (recorded in the row)
@@ -320,14 +328,17 @@ def hf_runner(b, n, h, d, w, glob, train, seed):
                 return r[0] if isinstance(r, (tuple, list)) else r
 
             if train:
+
                 def fn(fwd=fwd, x=x, layer=layer, dout=dout):
                     x.grad = None
                     layer.zero_grad(set_to_none=True)
                     fwd().backward(dout)
             else:
+
                 def fn(fwd=fwd):
                     with torch.no_grad():
                         return fwd()
+
             fn()
             sync()
             _HF_DTYPE["dtype"] = dtype
@@ -347,6 +358,7 @@ def train_step(fwd, grad_inputs, dout):
         for x in grad_inputs:
             x.grad = None
         fwd().backward(dout)
+
     return run
 
 
@@ -374,9 +386,18 @@ def case_speed(shape, layout, train, rounds, with_hf):
         is_global_bn[:, glob] = True
     pairs = allowed_pairs(n, w, glob)
     flops = 4.0 * d * pairs * h * b * (2.5 if train else 1.0)
-    case = {"B": b, "N": n, "H": h, "D": d, "window_one_sided": w, "globals": len(glob),
-            "global_layout": layout if glob else None, "train": train,
-            "allowed_pairs_per_head": pairs, "density": pairs / (n * n)}
+    case = {
+        "B": b,
+        "N": n,
+        "H": h,
+        "D": d,
+        "window_one_sided": w,
+        "globals": len(glob),
+        "global_layout": layout if glob else None,
+        "train": train,
+        "allowed_pairs_per_head": pairs,
+        "density": pairs / (n * n),
+    }
     checks, notes = {}, {}
     fns = {}
 
@@ -431,8 +452,9 @@ def case_speed(shape, layout, train, rounds, with_hf):
         hs = min(h, 2)
         rows = slice(None) if n <= 4096 else slice(n // 2 - 1024, n // 2 + 1024)
         refmask = dense_mask(n, w, is_global_bn[0] if glob else None, rows=rows)
-        ref = F.scaled_dot_product_attention(qt[:, :hs, rows].float(), kt[:, :hs].float(),
-                                             vt[:, :hs].float(), attn_mask=refmask)
+        ref = F.scaled_dot_product_attention(
+            qt[:, :hs, rows].float(), kt[:, :hs].float(), vt[:, :hs].float(), attn_mask=refmask
+        )
         ref = ref.transpose(1, 2)
         del refmask
         for name, o in outs.items():
@@ -442,8 +464,7 @@ def case_speed(shape, layout, train, rounds, with_hf):
             checks["max_abs_diff_ours_vs_flex"] = diff
             checks["flagged"] = diff > FLEX_TOL or not math.isfinite(diff)
         if "sdpa_band_mask" in outs and "flex_attention" in outs:
-            checks["max_abs_diff_sdpa_vs_flex"] = max_abs(outs["sdpa_band_mask"],
-                                                          outs["flex_attention"])
+            checks["max_abs_diff_sdpa_vs_flex"] = max_abs(outs["sdpa_band_mask"], outs["flex_attention"])
         del outs, ref
 
     if train:
@@ -451,8 +472,7 @@ def case_speed(shape, layout, train, rounds, with_hf):
         fwds = fns
         fns = {}
         for name, fn in fwds.items():
-            fns[name] = train_step(fn, (q, k, v), dout if name == "flashkernels"
-                                   else dout.transpose(1, 2))
+            fns[name] = train_step(fn, (q, k, v), dout if name == "flashkernels" else dout.transpose(1, 2))
         peer = "flex_attention" if "flex_attention" in fwds else "sdpa_band_mask"
         if "flashkernels" in fwds and peer in fwds:  # sdpa only where Flex cannot (CPU smoke)
             try:
@@ -562,8 +582,7 @@ def case_memory(shape, n, with_hf):
             flex = flex_fn()
             flex(qt, kt, vt, block_mask=flex_block_mask(b, n, w))  # compile outside
             free()
-            res["flex_attention"] = mem_entry(
-                lambda: flex(qt, kt, vt, block_mask=flex_block_mask(b, n, w)))
+            res["flex_attention"] = mem_entry(lambda: flex(qt, kt, vt, block_mask=flex_block_mask(b, n, w)))
             res["flex_attention"]["note"] = "includes building the block mask"
         except Exception as e:  # noqa: BLE001
             res["flex_attention"] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -574,7 +593,9 @@ def case_memory(shape, n, with_hf):
             res["sdpa_band_mask"]["note"] = "includes the N x N bool mask"
         else:
             res["sdpa_band_mask"] = {"error": f"skipped: N x N mask needs ~{need / 2**30:.0f} GiB"}
-    del q, k, v, qt, kt, vt
+    # Release the inputs before HF's layer is measured. Rebound rather than `del`eted: the
+    # lambdas above close over these names (pyflakes reports a deleted closed-over name).
+    q = k = v = qt = kt = vt = None
     free()
     if with_hf and n <= 16384:
         try:
@@ -584,14 +605,14 @@ def case_memory(shape, n, with_hf):
             dt = next(layer.parameters()).dtype
             x = randn(b, n, h * d, seed=n, dtype=dt)
             m = torch.zeros(b, n, device=DEV)
-            kw = dict(attention_mask=m, is_index_masked=m < 0, is_index_global_attn=m > 0,
-                      is_global_attn=False)
+            kw = dict(attention_mask=m, is_index_masked=m < 0, is_index_global_attn=m > 0, is_global_attn=False)
             with torch.no_grad():
                 layer(x, **kw)
                 free()
                 res["hf_longformer_layer"] = mem_entry(lambda: layer(x, **kw))
-            res["hf_longformer_layer"]["note"] = (f"layer in {str(dt).replace('torch.', '')}, "
-                                                  "input = hidden states (B, N, H*D)")
+            res["hf_longformer_layer"]["note"] = (
+                f"layer in {str(dt).replace('torch.', '')}, input = hidden states (B, N, H*D)"
+            )
             del layer, x
         except Exception as e:  # noqa: BLE001
             res["hf_longformer_layer"] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -613,8 +634,11 @@ def goals(rows):
         target = GOALS.get(key)
         sp = r["results"].get("flex_attention", {}).get("ours_speedup")
         name = f"{key}_{'fwd_bwd' if r['train'] else 'fwd'}"
-        out[name] = {"speedup_vs_flex": sp, "target": target,
-                     "met": None if sp is None or target is None else sp >= target}
+        out[name] = {
+            "speedup_vs_flex": sp,
+            "target": target,
+            "met": None if sp is None or target is None else sp >= target,
+        }
     return out
 
 
@@ -650,8 +674,7 @@ def markdown(meta, rows, mem, gl):
         diff = "-" if diff is None else f"{diff:.1e}" + (" FLAGGED" if c.get("flagged") else "")
         if c.get("grad_flagged"):
             diff += " (grad FLAGGED)"
-        lines.append(f"| N={r['N']} {g} | {'fwd+bwd' if r['train'] else 'fwd'} | "
-                     + " | ".join(cells) + f" | {diff} |")
+        lines.append(f"| N={r['N']} {g} | {'fwd+bwd' if r['train'] else 'fwd'} | " + " | ".join(cells) + f" | {diff} |")
     if gl:
         lines += ["", "Goals (speedup vs FlexAttention at the headline):", ""]
         for k, x in gl.items():
@@ -659,14 +682,17 @@ def markdown(meta, rows, mem, gl):
             tgt = "-" if x["target"] is None else f">= x{x['target']:.0f}"
             lines.append(f"- {k}: {sp} (goal {tgt}: {x['met']})")
     if mem:
-        lines += ["", "Extra peak memory of one forward, window only, MiB (max_memory_allocated "
-                  "minus the inputs; includes the output and masks built):", "",
-                  "| N | inputs | flashkernels | flex_attention | sdpa_band_mask | "
-                  "hf_longformer_layer |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Extra peak memory of one forward, window only, MiB (max_memory_allocated "
+            "minus the inputs; includes the output and masks built):",
+            "",
+            "| N | inputs | flashkernels | flex_attention | sdpa_band_mask | hf_longformer_layer |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in mem:
             cells = []
-            for name in ("flashkernels", "flex_attention", "sdpa_band_mask",
-                         "hf_longformer_layer"):
+            for name in ("flashkernels", "flex_attention", "sdpa_band_mask", "hf_longformer_layer"):
                 x = r["results"].get(name)
                 if x is None:
                     cells.append("-")
@@ -697,8 +723,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="leave out Hugging Face's layer")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, no compile")
-    ap.add_argument("--mock-ours", action="store_true",
-                    help="with --smoke: stand in a dense reference for our op (logic check)")
+    ap.add_argument(
+        "--mock-ours", action="store_true", help="with --smoke: stand in a dense reference for our op (logic check)"
+    )
     args = ap.parse_args()
     global OURS
     if args.mock_ours:
@@ -714,6 +741,7 @@ def main():
             raise SystemExit("no CUDA device: run with --smoke for a CPU logic check")
         shape, mem_ns = HEADLINE, MEM_NS
         import torch._dynamo as dynamo
+
         for knob in ("cache_size_limit", "recompile_limit"):  # recompiles must not fall to eager
             if hasattr(dynamo.config, knob):
                 setattr(dynamo.config, knob, 64)
@@ -721,12 +749,15 @@ def main():
     commit = os.environ.get("FK_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip() or "unknown"
+            commit = (
+                subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+                or "unknown"
+            )
         except OSError:
             commit = "unknown"
     try:
         import transformers
+
         tv = transformers.__version__
     except Exception:  # noqa: BLE001
         tv, with_hf = None, False
@@ -757,10 +788,12 @@ def main():
                     free()
                     continue
                 r = rows[-1]["results"]
-                summary = "; ".join(f"{k} {x['ms']:.3f} ms" + (f" x{x['ours_speedup']:.2f}"
-                                                              if "ours_speedup" in x else "")
-                                    if "ms" in x else f"{k}: {x['error'][:60]}"
-                                    for k, x in r.items())
+                summary = "; ".join(
+                    f"{k} {x['ms']:.3f} ms" + (f" x{x['ours_speedup']:.2f}" if "ours_speedup" in x else "")
+                    if "ms" in x
+                    else f"{k}: {x['error'][:60]}"
+                    for k, x in r.items()
+                )
                 log(f"{label} ({time.time() - t0:.0f} s): {summary}; checks {rows[-1]['checks']}")
                 write(args.out, meta, rows, mem)
     if args.suite in ("all", "memory"):

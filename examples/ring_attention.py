@@ -73,8 +73,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     # The same full sequence on every rank (one seed); each keeps its shard.
     g = torch.Generator().manual_seed(args.seed)
     q, k, v, dout = (
-        torch.randn(b, seqlen, heads, d, generator=g).to(device=device, dtype=dtype)
-        for heads in (h, hkv, hkv, h)
+        torch.randn(b, seqlen, heads, d, generator=g).to(device=device, dtype=dtype) for heads in (h, hkv, hkv, h)
     )
     mine = slice(rank * n, (rank + 1) * n)
     q_l, k_l, v_l = (x[:, mine].clone().requires_grad_() for x in (q, k, v))

@@ -85,8 +85,9 @@ class Runner:
         t0 = time.time()
         with tempfile.TemporaryFile() as f:
             try:
-                p = subprocess.Popen(step.cmd, shell=True, cwd=ROOT, env=env, stdout=f,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                p = subprocess.Popen(
+                    step.cmd, shell=True, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 try:
                     rc = p.wait(timeout=timeout)
                     status = "pass" if rc == 0 else "fail"
@@ -110,9 +111,17 @@ class Runner:
         if status == "pass" and counts.get("failed"):
             status = "fail"
         tail = reason or "\n".join(out.strip().splitlines()[-6:])
-        self.results.append({"name": step.name, "title": step.title, "status": status,
-                             "seconds": round(secs, 1), "counts": counts, "summary": tail,
-                             "command": step.cmd})
+        self.results.append(
+            {
+                "name": step.name,
+                "title": step.title,
+                "status": status,
+                "seconds": round(secs, 1),
+                "counts": counts,
+                "summary": tail,
+                "command": step.cmd,
+            }
+        )
         self.logs.append(f"===== {step.name} [{status}, {secs:.0f} s]: {step.cmd}\n{out}\n")
         print(f"{step.name:<24} {status:<8} {secs:6.0f} s  {counts}", flush=True)
 
@@ -145,28 +154,45 @@ def built_commit():
 
 
 def meta(kind, budget):
-    smi = subprocess.run("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader",
-                         shell=True, capture_output=True, text=True)
+    smi = subprocess.run(
+        "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader", shell=True, capture_output=True, text=True
+    )
     name, _, driver = (smi.stdout.strip().splitlines() or ["none (no nvidia-smi output)"])[0].partition(", ")
     commit = os.environ.get("FK_COMMIT") or built_commit()
-    return {"kind": kind, "device": name, "driver": driver or None, "commit": commit,
-            "date": datetime.date.today().isoformat(), "budget_s": budget}
+    return {
+        "kind": kind,
+        "device": name,
+        "driver": driver or None,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+        "budget_s": budget,
+    }
 
 
 def python_env():
     """Installs the wheel and pytest into SITE (the GPU machine has no registry)."""
-    wheels = " ".join(shlex.quote(os.path.join(".gpu", d, w)) for d in ("wheel", "pywheels")
-                      if os.path.isdir(os.path.join(ROOT, ".gpu", d))
-                      for w in sorted(os.listdir(os.path.join(ROOT, ".gpu", d))))
-    return (f"python3 -m pip install -q --disable-pip-version-check --no-index --no-deps "
-            f"--upgrade --target {SITE} {wheels}")
+    wheels = " ".join(
+        shlex.quote(os.path.join(".gpu", d, w))
+        for d in ("wheel", "pywheels")
+        if os.path.isdir(os.path.join(ROOT, ".gpu", d))
+        for w in sorted(os.listdir(os.path.join(ROOT, ".gpu", d)))
+    )
+    return (
+        f"python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --upgrade --target {SITE} {wheels}"
+    )
 
 
 def sanitizer():
     """compute-sanitizer from PATH, else from a CUDA toolkit folder."""
-    found = shutil.which("compute-sanitizer") or next(iter(sorted(glob.glob(
-        "/usr/local/cuda*/compute-sanitizer/compute-sanitizer") + glob.glob(
-        "/usr/local/cuda*/bin/compute-sanitizer"))), None)
+    found = shutil.which("compute-sanitizer") or next(
+        iter(
+            sorted(
+                glob.glob("/usr/local/cuda*/compute-sanitizer/compute-sanitizer")
+                + glob.glob("/usr/local/cuda*/bin/compute-sanitizer")
+            )
+        ),
+        None,
+    )
     return shlex.quote(found) if found else "compute-sanitizer"
 
 
@@ -175,24 +201,49 @@ def rust_test(suite, args):
 
 
 def quick_steps():
-    smoke = [Step(f"smoke-{s}", f"{s}: one small case of every kernel vs the CPU reference",
-                  rust_test(s, "--exact smoke"), 45) for s in SMOKE_SUITES]
-    suites = [Step(f"rust-{s}", f"{s}: every Rust GPU test vs the CPU reference",
-                   rust_test(s, "--skip smoke --test-threads 4"), 110) for s in RUST_SUITES]
-    py = Step("python-gpu", "Python GPU tests, a covering subset (every op, dtype, option; "
-              "torch autograd and torch.compile on CUDA)",
-              # from python/tests, so the installed wheel is imported, not the sources
-              "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu "
-              "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py",
-              110, {"PYTHONPATH": SITE})
-    sanitizers = [Step(f"sanitizer-{tool}", f"compute-sanitizer {tool} over the smoke tests",
-                       " && ".join(f"{sanitizer()} --tool {tool} --error-exitcode 1 "
-                                   + rust_test(s, "--exact smoke") for s in SMOKE_SUITES), 90)
-                  for tool in SANITIZERS]
+    smoke = [
+        Step(
+            f"smoke-{s}", f"{s}: one small case of every kernel vs the CPU reference", rust_test(s, "--exact smoke"), 45
+        )
+        for s in SMOKE_SUITES
+    ]
+    suites = [
+        Step(
+            f"rust-{s}",
+            f"{s}: every Rust GPU test vs the CPU reference",
+            rust_test(s, "--skip smoke --test-threads 4"),
+            110,
+        )
+        for s in RUST_SUITES
+    ]
+    py = Step(
+        "python-gpu",
+        "Python GPU tests, a covering subset (every op, dtype, option; torch autograd and torch.compile on CUDA)",
+        # from python/tests, so the installed wheel is imported, not the sources
+        "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu "
+        "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py",
+        110,
+        {"PYTHONPATH": SITE},
+    )
+    sanitizers = [
+        Step(
+            f"sanitizer-{tool}",
+            f"compute-sanitizer {tool} over the smoke tests",
+            " && ".join(
+                f"{sanitizer()} --tool {tool} --error-exitcode 1 " + rust_test(s, "--exact smoke") for s in SMOKE_SUITES
+            ),
+            90,
+        )
+        for tool in SANITIZERS
+    ]
     # A main job that fell back to the CPU reference has proven nothing here: fail it.
-    cli = Step("main-job", "the main job (--quick: small shapes): every op vs the CPU reference",
-               ".gpu/bin/flashkernels --quick > /tmp/fk-main.txt; rc=$?; cat /tmp/fk-main.txt; "
-               "[ $rc -eq 0 ] && ! head -n 1 /tmp/fk-main.txt | grep -q 'CPU reference'", 60)
+    cli = Step(
+        "main-job",
+        "the main job (--quick: small shapes): every op vs the CPU reference",
+        ".gpu/bin/flashkernels --quick > /tmp/fk-main.txt; rc=$?; cat /tmp/fk-main.txt; "
+        "[ $rc -eq 0 ] && ! head -n 1 /tmp/fk-main.txt | grep -q 'CPU reference'",
+        60,
+    )
     env = Step("python-env", "install the wheel and pytest", python_env(), 60)
     # (steps, seconds kept for the phases after them)
     return [([env], 240), (smoke, 200), (suites + [py], 90), (sanitizers + [cli], 0)]
@@ -205,13 +256,20 @@ def run_quick(runner):
 
 
 def run_bench(args, runner):
-    runner.phase([Step("python-env", "install the wheel", python_env(), 60)],
-                 min(60, max(0.0, runner.left() - 60)))
+    runner.phase([Step("python-env", "install the wheel", python_env(), 60)], min(60, max(0.0, runner.left() - 60)))
     left = runner.left() - 15
-    runner.phase([Step("bench", "every op against its peer (benches/gpu_bench_all.py)",
-                       f"python3 benches/gpu_bench_all.py --out {shlex.quote(args.out)} "
-                       f"--budget {max(0, left - 20):.0f} --rounds {args.rounds}",
-                       left, {"PYTHONPATH": SITE})])
+    runner.phase(
+        [
+            Step(
+                "bench",
+                "every op against its peer (benches/gpu_bench_all.py)",
+                f"python3 benches/gpu_bench_all.py --out {shlex.quote(args.out)} "
+                f"--budget {max(0, left - 20):.0f} --rounds {args.rounds}",
+                left,
+                {"PYTHONPATH": SITE},
+            )
+        ]
+    )
 
 
 def main():
@@ -231,8 +289,11 @@ def main():
                 with open(path) as f:
                     doc.update(json.load(f))
         doc["steps"] = runner.results
-        doc["meta"] = {**doc.get("meta", {}), **meta(args.step, args.budget),
-                       "elapsed_s": round(time.time() - runner.start, 1)}
+        doc["meta"] = {
+            **doc.get("meta", {}),
+            **meta(args.step, args.budget),
+            "elapsed_s": round(time.time() - runner.start, 1),
+        }
         doc["status"] = "pass" if all(s["status"] == "pass" for s in runner.results) else "fail"
         with open(os.path.join(args.out, f"{args.step}.json"), "w") as f:
             json.dump(doc, f, indent=1)
@@ -245,8 +306,10 @@ def main():
     else:
         run_bench(args, runner)
     ok = doc["status"] == "pass"
-    print(f"gpu_check {args.step}: {doc['status']} in {doc['meta']['elapsed_s']:.0f} s "
-          f"({sum(s['status'] == 'pass' for s in runner.results)}/{len(runner.results)} steps passed)")
+    print(
+        f"gpu_check {args.step}: {doc['status']} in {doc['meta']['elapsed_s']:.0f} s "
+        f"({sum(s['status'] == 'pass' for s in runner.results)}/{len(runner.results)} steps passed)"
+    )
     return 0 if ok else 1
 
 

@@ -84,12 +84,16 @@ def conv_fixture(gen: torch.Generator, case) -> dict:
     y = ACT[act](y_pre)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).float().double()
     (y * dy).sum().backward()
-    config = dict(
-        stride=stride, padding=padding, dilation=dilation, groups=groups, activation=act, bias=bias
-    )
+    config = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, activation=act, bias=bias)
     arrays = dict(
-        x=np32(x), weight=np32(weight), y=np32(y), y_pre=np32(y_pre), dy=np32(dy),
-        dy_pre=np32(y_pre.grad), dx=np32(x.grad), dweight=np32(weight.grad),
+        x=np32(x),
+        weight=np32(weight),
+        y=np32(y),
+        y_pre=np32(y_pre),
+        dy=np32(dy),
+        dy_pre=np32(y_pre.grad),
+        dx=np32(x.grad),
+        dweight=np32(weight.grad),
     )
     if b is not None:
         arrays.update(bias=np32(b), dbias=np32(b.grad))
@@ -103,17 +107,11 @@ def maxpool_fixture(gen: torch.Generator, case) -> dict:
     else:
         x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).float().double()
     x.requires_grad_()
-    y, idx = F.max_pool2d(
-        x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True
-    )
+    y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).float().double()
     (y * dy).sum().backward()
-    config = dict(
-        kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
-    )
-    arrays = dict(
-        x=np32(x), y=np32(y), indices=idx.numpy().astype(np.int64), dy=np32(dy), dx=np32(x.grad)
-    )
+    config = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+    arrays = dict(x=np32(x), y=np32(y), indices=idx.numpy().astype(np.int64), dy=np32(dy), dx=np32(x.grad))
     return dict(name=name, config=config, arrays=arrays)
 
 
@@ -125,8 +123,12 @@ def avgpool_fixture(gen: torch.Generator, case) -> dict:
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).float().double()
     (y * dy).sum().backward()
     config = dict(
-        kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode,
-        count_include_pad=include, divisor_override=divisor,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        ceil_mode=ceil_mode,
+        count_include_pad=include,
+        divisor_override=divisor,
     )
     arrays = dict(x=np32(x), y=np32(y), dy=np32(dy), dx=np32(x.grad))
     return dict(name=name, config=config, arrays=arrays)

@@ -146,7 +146,7 @@ def make_case(seed, name, n, w, h, d, lengths, globals_):
     pad = np.zeros((B, n), bool)
     glob = np.zeros((B, n), bool)
     for b in range(B):
-        pad[b, lengths[b]:] = True
+        pad[b, lengths[b] :] = True
         for g in globals_[b]:
             assert g < lengths[b], (name, b, g)
             glob[b, g] = True
@@ -163,9 +163,17 @@ def make_case(seed, name, n, w, h, d, lengths, globals_):
             is_index_global_attn=mt > 0,
             is_global_attn=bool((mt > 0).any()),
         )[0]
-        proj = {nm: getattr(attn, lin)(hs).reshape(B, n, h, d).numpy()
-                for nm, lin in (("q", "query"), ("k", "key"), ("v", "value"),
-                                ("q_g", "query_global"), ("k_g", "key_global"), ("v_g", "value_global"))}
+        proj = {
+            nm: getattr(attn, lin)(hs).reshape(B, n, h, d).numpy()
+            for nm, lin in (
+                ("q", "query"),
+                ("k", "key"),
+                ("v", "value"),
+                ("q_g", "query_global"),
+                ("k_g", "key_global"),
+                ("v_g", "value_global"),
+            )
+        }
     out_hf = out.reshape(B, n, h, d).numpy()
     scale = 1.0 / math.sqrt(d)
     ref = reference(proj["q"], proj["k"], proj["v"], proj["q_g"], proj["k_g"], proj["v_g"], glob, pad, w, scale)
@@ -186,14 +194,24 @@ def make_case(seed, name, n, w, h, d, lengths, globals_):
         f"out_hf: HF output reshaped (B,N,H,D); out_ref: float64 dense reference rounded to f32\n"
         f"# max |out_ref - out_hf| (real rows, float64 ref) = {err:.3e}; HF padded rows are exactly 0\n"
     )
-    config = (f"config batch={B} seqlen={n} heads={h} head_dim={d} window={w} dilation=1 causal=0 "
-              f"scale={np.float32(scale)}\n")
-    body = "".join(fmt(nm, arr) for nm, arr in (
-        ("q", proj["q"]), ("k", proj["k"]), ("v", proj["v"]),
-        ("q_g", proj["q_g"]), ("k_g", proj["k_g"]), ("v_g", proj["v_g"]),
-        ("global_mask", glob), ("padding_mask", pad),
-        ("out_hf", out_hf), ("out_ref", ref),
-    ))
+    config = (
+        f"config batch={B} seqlen={n} heads={h} head_dim={d} window={w} dilation=1 causal=0 scale={np.float32(scale)}\n"
+    )
+    body = "".join(
+        fmt(nm, arr)
+        for nm, arr in (
+            ("q", proj["q"]),
+            ("k", proj["k"]),
+            ("v", proj["v"]),
+            ("q_g", proj["q_g"]),
+            ("k_g", proj["k_g"]),
+            ("v_g", proj["v_g"]),
+            ("global_mask", glob),
+            ("padding_mask", pad),
+            ("out_hf", out_hf),
+            ("out_ref", ref),
+        )
+    )
     path = OUT / f"{name}.txt"
     path.write_text(header + config + body)
     return path.stat().st_size

@@ -36,9 +36,18 @@ OURS = "flashkernels"
 UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s"}
 META_KEYS = ("date", "device", "driver", "commit")
 # Index column order for the ops we know; any other op follows, alphabetically.
-OP_ORDER = ["attention_fwd", "attention_train", "attention_gqa", "attention_varlen",
-            "attention_window", "longformer_fwd", "longformer_train",
-            "conv_fwd", "conv_train", "pool"]
+OP_ORDER = [
+    "attention_fwd",
+    "attention_train",
+    "attention_gqa",
+    "attention_varlen",
+    "attention_window",
+    "longformer_fwd",
+    "longformer_train",
+    "conv_fwd",
+    "conv_train",
+    "pool",
+]
 
 
 def warn(msg):
@@ -46,6 +55,7 @@ def warn(msg):
 
 
 # ---------------------------------------------------------------- reading the inputs
+
 
 def find_inputs(dirs):
     """{file name: path} for quick.json, bench.json and every *.log and *.md (bench.md)
@@ -58,11 +68,13 @@ def find_inputs(dirs):
         for path in sorted(d.rglob("*")):
             if not path.is_file():
                 continue
-            if (path.name in ("quick.json", "bench.json") or path.suffix == ".log"
-                    or (path.suffix == ".md" and path.name != "README.md")):
+            if (
+                path.name in ("quick.json", "bench.json")
+                or path.suffix == ".log"
+                or (path.suffix == ".md" and path.name != "README.md")
+            ):
                 if path.name in found:
-                    sys.exit(f"make_record: two files named {path.name}: "
-                             f"{found[path.name]} and {path}")
+                    sys.exit(f"make_record: two files named {path.name}: {found[path.name]} and {path}")
                 found[path.name] = path
     if "quick.json" not in found and "bench.json" not in found:
         sys.exit(f"make_record: no quick.json or bench.json under {', '.join(map(str, dirs))}")
@@ -95,8 +107,9 @@ def merge_meta(quick, bench):
 
 def device_slug(device):
     """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100', 'RTX 4090' -> 'rtx-4090'."""
-    words = [w for w in re.split(r"[^a-z0-9]+", (device or "").lower())
-             if w and w not in ("nvidia", "geforce", "tesla")]
+    words = [
+        w for w in re.split(r"[^a-z0-9]+", (device or "").lower()) if w and w not in ("nvidia", "geforce", "tesla")
+    ]
     slug = []
     for w in words:
         slug.append(w)
@@ -106,11 +119,11 @@ def device_slug(device):
 
 
 def record_name(meta):
-    return "-".join([meta.get("date") or "undated", device_slug(meta.get("device")),
-                     meta.get("commit") or "unknown"])
+    return "-".join([meta.get("date") or "undated", device_slug(meta.get("device")), meta.get("commit") or "unknown"])
 
 
 # ---------------------------------------------------------------- reading a record
+
 
 def headlines(record):
     """{op: {case, peer, ratio}} from the first headline row of each op that has a ratio.
@@ -149,7 +162,7 @@ def fmt_num(value, digits=3):
         return str(value)
     if value != 0 and abs(value) < 1e-2:
         return f"{value:.1e}"
-    if abs(value) >= 10 ** digits:
+    if abs(value) >= 10**digits:
         return f"{value:.0f}"
     return f"{value:.{digits}g}"
 
@@ -186,6 +199,7 @@ def metric_of(rows):
 
 # ---------------------------------------------------------------- the record's README
 
+
 def budget_line(meta):
     if "elapsed_s" not in meta and "budget_s" not in meta:
         return []
@@ -198,13 +212,23 @@ def steps_table(steps):
     lines = ["| step | what | status | seconds | counts |", "|---|---|---|---|---|"]
     for s in steps:
         counts = ", ".join(f"{n} {what}" for what, n in (s.get("counts") or {}).items())
-        lines.append("| " + " | ".join(cell(v) for v in (
-            s.get("name", "?"), s.get("title", ""), s.get("status", "?"),
-            fmt_num(s.get("seconds")), counts or "—")) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                cell(v)
+                for v in (
+                    s.get("name", "?"),
+                    s.get("title", ""),
+                    s.get("status", "?"),
+                    fmt_num(s.get("seconds")),
+                    counts or "—",
+                )
+            )
+            + " |"
+        )
     for s in steps:
         if s.get("status") != "pass" and s.get("summary"):
-            lines += ["", f"`{s.get('name', '?')}` ({s.get('status', '?')}):", "```",
-                      str(s["summary"]).rstrip(), "```"]
+            lines += ["", f"`{s.get('name', '?')}` ({s.get('status', '?')}):", "```", str(s["summary"]).rstrip(), "```"]
     return lines + [""]
 
 
@@ -245,8 +269,9 @@ def op_table(op, rows, plotted):
             line.append(f"— ({row.get('peer')} failed)" if row.get("peer") else "—")
         check = row.get("check") or {}
         if "ok" in check:
-            line.append(("ok" if check["ok"] else "**FAIL**") +
-                        (f" {fmt_num(check['rel_err'])}" if "rel_err" in check else ""))
+            line.append(
+                ("ok" if check["ok"] else "**FAIL**") + (f" {fmt_num(check['rel_err'])}" if "rel_err" in check else "")
+            )
         else:
             line.append("—")
         lines.append("| " + " | ".join(cell(v) for v in line) + " |")
@@ -277,16 +302,18 @@ def bench_tables(bench, plotted_ops):
         items = bench.get(key) or []
         if items:
             lines += [f"### {title}", ""]
-            lines += [f"- {i.get('op', '?')} {i.get('case', '')}: {str(i.get(field, '')).strip()}"
-                      for i in items]
+            lines += [f"- {i.get('op', '?')} {i.get('case', '')}: {str(i.get(field, '')).strip()}" for i in items]
             lines.append("")
     return lines
 
 
 def record_readme(record, plotted_ops):
     meta = record["meta"]
-    lines = [f"# GPU record: {meta.get('date', 'undated')}, {meta.get('device', 'unknown device')}"
-             f" (driver {meta.get('driver', '?')}), commit {meta.get('commit', 'unknown')}", ""]
+    lines = [
+        f"# GPU record: {meta.get('date', 'undated')}, {meta.get('device', 'unknown device')}"
+        f" (driver {meta.get('driver', '?')}), commit {meta.get('commit', 'unknown')}",
+        "",
+    ]
     for key, values in (meta.get("conflicts") or {}).items():
         lines += [f"**Warning**: the quick and bench steps disagree on {key}: {', '.join(map(str, values))}.", ""]
     heads = headlines(record)
@@ -311,6 +338,7 @@ def record_readme(record, plotted_ops):
 
 # ---------------------------------------------------------------- plots
 
+
 def is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -319,6 +347,7 @@ def plot_op(op, rows, meta, path):
     """One PNG: the metric against x, one curve (or bar set) per (contender, series).
     Returns False (and writes nothing) when no row has a value to plot."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -346,10 +375,16 @@ def plot_op(op, rows, meta, path):
             points.sort()
             k = series.index(s)
             ours = name == OURS
-            ax.plot([p[0] for p in points], [p[1] for p in points],
-                    color=colors[name], linestyle=styles[k % len(styles)],
-                    marker=markers[k % len(markers)], linewidth=3.0 if ours else 1.2,
-                    zorder=3 if ours else 2, label=f"{'ours' if ours else name} {s}".strip())
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                color=colors[name],
+                linestyle=styles[k % len(styles)],
+                marker=markers[k % len(markers)],
+                linewidth=3.0 if ours else 1.2,
+                zorder=3 if ours else 2,
+                label=f"{'ours' if ours else name} {s}".strip(),
+            )
         ax.set_xscale("log", base=2)
         ticks = sorted(set(xs))
         ax.set_xticks(ticks)
@@ -362,10 +397,16 @@ def plot_op(op, rows, meta, path):
         for i, ((name, s), points) in enumerate(curves.items()):
             ours = name == OURS
             pos = [cats.index(str(p[0])) - 0.4 + (i + 0.5) * width for p in points]
-            ax.bar(pos, [p[1] for p in points], width, color=colors[name],
-                   edgecolor="black", linewidth=2.0 if ours else 0.3,
-                   hatch="//" if series.index(s) % 2 else None,
-                   label=f"{'ours' if ours else name} {s}".strip())
+            ax.bar(
+                pos,
+                [p[1] for p in points],
+                width,
+                color=colors[name],
+                edgecolor="black",
+                linewidth=2.0 if ours else 0.3,
+                hatch="//" if series.index(s) % 2 else None,
+                label=f"{'ours' if ours else name} {s}".strip(),
+            )
         ax.set_xticks(range(len(cats)))
         ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=8)
         ax.set_xlabel(next((r["x_name"] for r in rows if r.get("x_name")), "case"))
@@ -373,8 +414,10 @@ def plot_op(op, rows, meta, path):
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    ax.set_title(f"{op} — {meta.get('device', 'unknown device')} — commit "
-                 f"{meta.get('commit', 'unknown')} — {meta.get('date', '')}".rstrip(" —"))
+    ax.set_title(
+        f"{op} — {meta.get('device', 'unknown device')} — commit "
+        f"{meta.get('commit', 'unknown')} — {meta.get('date', '')}".rstrip(" —")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -389,14 +432,13 @@ def make_plots(bench, meta, folder):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        warn("matplotlib is missing: no plots (pip install matplotlib, or run with "
-             ".toolchain/venv/bin/python)")
+        warn("matplotlib is missing: no plots (pip install matplotlib, or run with .toolchain/venv/bin/python)")
         return set()
-    return {op for op, op_rows in group_by_op(rows).items()
-            if plot_op(op, op_rows, meta, folder / plot_file(op))}
+    return {op for op, op_rows in group_by_op(rows).items() if plot_op(op, op_rows, meta, folder / plot_file(op))}
 
 
 # ---------------------------------------------------------------- making a record
+
 
 def make_record(dirs, results, name=None):
     found = find_inputs(dirs)
@@ -425,6 +467,7 @@ def make_record(dirs, results, name=None):
 
 
 # ---------------------------------------------------------------- the index
+
 
 def read_records(results):
     """[(folder name, record or None)] for every folder under results/."""
@@ -466,15 +509,24 @@ def index_readme(records):
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rec in records:
         if rec is None:
-            lines.append("| " + " | ".join([record_date(name, None), f"[{name}]({name}/)"] +
-                                           ["—"] * (len(head) - 3) + ["no record.json"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [record_date(name, None), f"[{name}]({name}/)"] + ["—"] * (len(head) - 3) + ["no record.json"]
+                )
+                + " |"
+            )
             continue
         meta = rec.get("meta") or {}
         heads = headlines(rec)
-        line = [record_date(name, rec), f"[{name}]({name}/)", meta.get("device", "?"),
-                meta.get("commit", "?"), quick_summary(rec.get("quick"))]
-        line += [f"{fmt_ratio(heads[op])} ({heads[op].get('case', '')})" if op in heads else "—"
-                 for op in ops]
+        line = [
+            record_date(name, rec),
+            f"[{name}]({name}/)",
+            meta.get("device", "?"),
+            meta.get("commit", "?"),
+            quick_summary(rec.get("quick")),
+        ]
+        line += [f"{fmt_ratio(heads[op])} ({heads[op].get('case', '')})" if op in heads else "—" for op in ops]
         line.append(rec.get("note", ""))
         lines.append("| " + " | ".join(cell(v) for v in line) + " |")
     return "\n".join(lines) + "\n"
@@ -487,12 +539,14 @@ def write_index(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("dirs", nargs="*", help="folders the device brought back (quick, bench)")
     p.add_argument("--name", help="record folder name (default: <date>-<device>-<commit>)")
-    p.add_argument("--results", default=str(REPO / "benches" / "results"),
-                   help="where the record folders and the index live")
+    p.add_argument(
+        "--results", default=str(REPO / "benches" / "results"), help="where the record folders and the index live"
+    )
     p.add_argument("--index-only", action="store_true", help="only rebuild the index")
     args = p.parse_args(argv)
     if not args.index_only:

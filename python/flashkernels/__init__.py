@@ -305,9 +305,11 @@ def register_torch_ops() -> None:
     ``attention_bwd``, ``conv2d_fwd``, ``conv2d_bwd``, ``longformer_fwd`` and
     ``longformer_bwd`` (importing torch). Not needed in the usual cases (see the module
     docs); idempotent."""
-    from . import _torch  # noqa: F401  (registers on import)
-    from . import _torch_conv  # noqa: F401  (conv2d / pooling ops, likewise)
-    from . import _torch_longformer  # noqa: F401  (Longformer ops, likewise)
+    from . import (
+        _torch,  # noqa: F401  (registers on import)
+        _torch_conv,  # noqa: F401  (conv2d / pooling ops, likewise)
+        _torch_longformer,  # noqa: F401  (Longformer ops, likewise)
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,9 +343,7 @@ def _window_size(window_size: Any) -> _Window:
         except TypeError:
             raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
         if w < -1:
-            raise ValueError(
-                f"window_size={tuple(window_size)!r}: each side must be >= 0, or -1 for unbounded"
-            )
+            raise ValueError(f"window_size={tuple(window_size)!r}: each side must be >= 0, or -1 for unbounded")
         sides.append(None if w == -1 else w)
     return sides[0], sides[1]
 
@@ -407,8 +407,7 @@ def _varlen_offsets(cu_seqlens: Optional[Tuple[Any, Any]], max_seqlens: Optional
             longest = max((b - a for a, b in zip(cu, cu[1:])), default=0)
             if given < longest and all(a <= b for a, b in zip(cu, cu[1:])):
                 raise ValueError(
-                    f"{name}={given} is smaller than the longest sequence ({longest}) in "
-                    f"cu_seqlens_{name[-1]}"
+                    f"{name}={given} is smaller than the longest sequence ({longest}) in cu_seqlens_{name[-1]}"
                 )
     return cu_q, cu_k
 
@@ -560,9 +559,7 @@ class _Placement:
                     f"CUDA arrays of type {type(self.like).__name__} are not supported; use torch, cupy or jax"
                 )
         else:
-            raise ValueError(
-                f"{named[0][0]} is on DLPack device type {self.dev_type}; only CPU and CUDA are supported"
-            )
+            raise ValueError(f"{named[0][0]} is on DLPack device type {self.dev_type}; only CPU and CUDA are supported")
 
     def export(self, name: str, x: Any) -> Any:
         return _export(name, x, self.dl_stream, for_cuda=self.for_cuda)
@@ -679,7 +676,6 @@ from ._conv import (  # noqa: E402
 
 # Longformer attention (python/flashkernels/_longformer.py), likewise.
 from ._longformer import longformer_attention, longformer_attention_backward  # noqa: E402
-
 
 # Ring (context-parallel) attention over torch.distributed (python/flashkernels/ring.py).
 # It imports torch, so it is loaded when first asked for (``flashkernels.ring_attention``),

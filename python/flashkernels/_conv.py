@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
-from . import _Placement, _is_torch, _native
+from . import _is_torch, _native, _Placement
 
 _Pair = Tuple[int, int]
 _ACTIVATIONS = (None, "none", "relu", "gelu", "silu")
@@ -71,7 +71,16 @@ def _check_choice(name: str, v: Any, choices: Sequence[Any]) -> None:
 class ConvArgs:
     """Normalised convolution options, as the native module takes them."""
 
-    def __init__(self, weight: Any, stride: Any, padding: Any, dilation: Any, groups: int, activation: Optional[str], algo: Optional[str]):
+    def __init__(
+        self,
+        weight: Any,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+        activation: Optional[str],
+        algo: Optional[str],
+    ):
         self.stride = _pair("stride", stride)
         self.dilation = _pair("dilation", dilation)
         self.padding = _conv_padding(padding, weight, self.dilation, self.stride)
@@ -235,7 +244,17 @@ def _empty_like_input(place: _Placement, x: Any, shape: tuple, dtype: str) -> An
 class PoolArgs:
     """Normalised pooling options, as the native module takes them."""
 
-    def __init__(self, kind: str, kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool, count_include_pad: bool = True, divisor_override: Optional[int] = None):
+    def __init__(
+        self,
+        kind: str,
+        kernel_size: Any,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        ceil_mode: bool,
+        count_include_pad: bool = True,
+        divisor_override: Optional[int] = None,
+    ):
         self.kind = kind
         self.kernel_size = _pair("kernel_size", kernel_size)
         # torch: stride=None (or an empty list) means the kernel size.
@@ -244,14 +263,21 @@ class PoolArgs:
         self.dilation = _pair("dilation", dilation)
         self.ceil_mode = bool(ceil_mode)
         self.count_include_pad = bool(count_include_pad)
-        if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override <= 0):
+        if divisor_override is not None and (
+            isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override <= 0
+        ):
             raise ValueError(f"divisor_override must be a positive int, got {divisor_override!r}")
         self.divisor_override = divisor_override
 
     def native(self) -> dict:
         return dict(
-            kind=self.kind, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
+            kind=self.kind,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
             divisor_override=self.divisor_override,
         )
 
@@ -286,7 +312,11 @@ def pool_forward(x: Any, args: PoolArgs) -> Tuple[Any, Any]:
         return place.export("y", t)
 
     _native.pool2d_forward(
-        place.export("input", x), alloc, indices=0 if idx is None else _address(place, idx), stream=place.stream, **args.native()
+        place.export("input", x),
+        alloc,
+        indices=0 if idx is None else _address(place, idx),
+        stream=place.stream,
+        **args.native(),
     )
     return place.to_caller(made[0]), idx
 
@@ -303,8 +333,12 @@ def pool_backward(dy: Any, input_shape: Sequence[int], indices: Any, args: PoolA
         return place.export("grad_input", t)
 
     _native.pool2d_backward(
-        place.export("grad_output", dy), [int(n) for n in input_shape], alloc,
-        indices=0 if indices is None else _address(place, indices), stream=place.stream, **args.native(),
+        place.export("grad_output", dy),
+        [int(n) for n in input_shape],
+        alloc,
+        indices=0 if indices is None else _address(place, indices),
+        stream=place.stream,
+        **args.native(),
     )
     return place.to_caller(made[0])
 

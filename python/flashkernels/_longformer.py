@@ -174,7 +174,9 @@ class HostMasks:
     """The masks of a call in the native module's form: read once, reused for the
     backward."""
 
-    def __init__(self, global_mask: Any = None, global_indices: Optional[List[List[int]]] = None, padding_mask: Any = None):
+    def __init__(
+        self, global_mask: Any = None, global_indices: Optional[List[List[int]]] = None, padding_mask: Any = None
+    ):
         self.global_mask = host_mask("global_tokens", global_mask)
         self.global_indices = global_indices
         self.padding_mask = host_mask("padding_mask", padding_mask)

@@ -235,9 +235,7 @@ class DeviceBuffer:
     """Contiguous CUDA memory allocated by flashkernels (stream-ordered, on the legacy
     default stream), filled with NaN, exported through DLPack. Present in CUDA builds."""
 
-    def __init__(
-        self, device_id: int, shape: list[int], dtype: str, keep_alive: list[Any] = ...
-    ) -> None:
+    def __init__(self, device_id: int, shape: list[int], dtype: str, keep_alive: list[Any] = ...) -> None:
         """`keep_alive`: objects to hold until the buffer is freed (the inputs of the
         asynchronous kernel that writes it)."""
     @property

@@ -28,7 +28,9 @@ from torch.autograd.function import once_differentiable
 from . import _backward, _forward, _host_offsets, _varlen_offsets
 
 if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
-    raise ImportError(f"flashkernels' torch support needs torch >= 2.4 (torch.library.custom_op); found {torch.__version__}")
+    raise ImportError(
+        f"flashkernels' torch support needs torch >= 2.4 (torch.library.custom_op); found {torch.__version__}"
+    )
 
 Tensor = torch.Tensor
 
@@ -140,7 +142,18 @@ def _empty_like_kernel(x: Tensor, heads_first: bool) -> Tensor:
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_first, causal, scale, window_left, window_right
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    heads_first,
+    causal,
+    scale,
+    window_left,
+    window_right,
 ):
     if cu_seqlens_q is None:
         if heads_first:
@@ -227,8 +240,20 @@ class _Attention(torch.autograd.Function):
     not itself differentiable) computes dq, dk, dv."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, offsets: Any, heads_first: bool, causal: bool, scale: Any, window: Any) -> Any:
-        out, lse = _forward((q, k, v), heads_first=heads_first, causal=causal, scale=scale, window=window, offsets=offsets)
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        offsets: Any,
+        heads_first: bool,
+        causal: bool,
+        scale: Any,
+        window: Any,
+    ) -> Any:
+        out, lse = _forward(
+            (q, k, v), heads_first=heads_first, causal=causal, scale=scale, window=window, offsets=offsets
+        )
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (offsets, heads_first, causal, scale, window)
         ctx.mark_non_differentiable(lse)
@@ -269,9 +294,13 @@ def forward(
     q, k, v = tensors
     scale = None if scale is None else float(scale)
     if _use_op(tensors):
-        cu_q, cu_k = (None, None) if cu_seqlens is None else (
-            _offsets_tensor("cu_seqlens_q", cu_seqlens[0]),
-            _offsets_tensor("cu_seqlens_k", cu_seqlens[1]),
+        cu_q, cu_k = (
+            (None, None)
+            if cu_seqlens is None
+            else (
+                _offsets_tensor("cu_seqlens_q", cu_seqlens[0]),
+                _offsets_tensor("cu_seqlens_k", cu_seqlens[1]),
+            )
         )
         max_q, max_k = (-1, -1) if max_seqlens is None else max_seqlens
         return torch.ops.flashkernels.attention_fwd(
@@ -296,9 +325,13 @@ def backward(
     q, k, v, out, lse, dout = tensors
     scale = None if scale is None else float(scale)
     if _use_op(tensors):
-        cu_q, cu_k = (None, None) if cu_seqlens is None else (
-            _offsets_tensor("cu_seqlens_q", cu_seqlens[0]),
-            _offsets_tensor("cu_seqlens_k", cu_seqlens[1]),
+        cu_q, cu_k = (
+            (None, None)
+            if cu_seqlens is None
+            else (
+                _offsets_tensor("cu_seqlens_q", cu_seqlens[0]),
+                _offsets_tensor("cu_seqlens_k", cu_seqlens[1]),
+            )
         )
         return torch.ops.flashkernels.attention_bwd(
             dout, q, k, v, out, lse, cu_q, cu_k, False, causal, scale, _side(window[0]), _side(window[1])

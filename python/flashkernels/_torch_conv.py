@@ -21,8 +21,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._conv import ConvArgs, PoolArgs, _int32_indices, conv_backward, conv_forward, pool_backward, pool_forward
 from . import _native
+from ._conv import ConvArgs, PoolArgs, _int32_indices, conv_backward, conv_forward, pool_backward, pool_forward
 from ._torch import _use_op
 
 Tensor = torch.Tensor
@@ -79,14 +79,23 @@ def _out_size(n: int, k: int, s: int, p: int, d: int) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _op_args(stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str, algo: str, weight: Tensor) -> ConvArgs:
+def _op_args(
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str, algo: str, weight: Tensor
+) -> ConvArgs:
     return ConvArgs(weight, stride, padding, dilation, groups, activation or None, algo or None)
 
 
 @torch.library.custom_op("flashkernels::conv2d_fwd", mutates_args=())
 def conv2d_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
-    groups: int, activation: str, algo: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    activation: str,
+    algo: str,
 ) -> Tuple[Tensor, Tensor]:
     """(y, y_pre): y_pre (conv + bias) is returned only with an activation, else empty."""
     args = _op_args(stride, padding, dilation, groups, activation, algo, weight)
@@ -99,15 +108,27 @@ def conv2d_fwd(
 def _conv2d_fwd_fake(x, weight, bias, stride, padding, dilation, groups, activation, algo):
     n, _, h, w = x.shape
     k, _, r, s = weight.shape
-    shape = (n, k, _out_size(h, r, stride[0], padding[0], dilation[0]), _out_size(w, s, stride[1], padding[1], dilation[1]))
+    shape = (
+        n,
+        k,
+        _out_size(h, r, stride[0], padding[0], dilation[0]),
+        _out_size(w, s, stride[1], padding[1], dilation[1]),
+    )
     y = x.new_empty(shape)
     return y, (x.new_empty(shape) if activation else x.new_empty(0))
 
 
 @torch.library.custom_op("flashkernels::conv2d_bwd", mutates_args=())
 def conv2d_bwd(
-    dy_pre: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
-    groups: int, algo: str, need: List[bool],
+    dy_pre: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    algo: str,
+    need: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) from the pre-activation gradient; empty where not needed."""
     args = _op_args(stride, padding, dilation, groups, "", algo, weight)
@@ -145,27 +166,58 @@ def conv2d(x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
     tensors = [t for t in (x, w, b) if t is not None]
     if _use_op(tensors):
         return torch.ops.flashkernels.conv2d_fwd(
-            x, w, b, list(args.stride), list(args.padding), list(args.dilation), args.groups,
-            args.activation or "", args.algo or "",
+            x,
+            w,
+            b,
+            list(args.stride),
+            list(args.padding),
+            list(args.dilation),
+            args.groups,
+            args.activation or "",
+            args.algo or "",
         )[0]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _Conv2d.apply(x, w, b, args)
     return conv_forward(x, w, b, args, keep_pre=False)[0]
 
 
-def _pool_args(kind: str, kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int], ceil_mode: bool, count_include_pad: bool, divisor: int) -> PoolArgs:
+def _pool_args(
+    kind: str,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor: int,
+) -> PoolArgs:
     return PoolArgs(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor or None)
 
 
 def _pool_op_args(args: PoolArgs) -> tuple:
-    return (args.kind, list(args.kernel_size), list(args.stride), list(args.padding), list(args.dilation),
-            args.ceil_mode, args.count_include_pad, args.divisor_override or 0)
+    return (
+        args.kind,
+        list(args.kernel_size),
+        list(args.stride),
+        list(args.padding),
+        list(args.dilation),
+        args.ceil_mode,
+        args.count_include_pad,
+        args.divisor_override or 0,
+    )
 
 
 @torch.library.custom_op("flashkernels::pool2d_fwd", mutates_args=())
 def pool2d_fwd(
-    x: Tensor, kind: str, kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
-    ceil_mode: bool, count_include_pad: bool, divisor: int,
+    x: Tensor,
+    kind: str,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor: int,
 ) -> Tuple[Tensor, Tensor]:
     """(y, int32 argmax indices): indices only for max pooling, else empty."""
     args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
@@ -183,8 +235,17 @@ def _pool2d_fwd_fake(x, kind, kernel_size, stride, padding, dilation, ceil_mode,
 
 @torch.library.custom_op("flashkernels::pool2d_bwd", mutates_args=())
 def pool2d_bwd(
-    dy: Tensor, indices: Tensor, input_shape: List[int], kind: str, kernel_size: List[int], stride: List[int],
-    padding: List[int], dilation: List[int], ceil_mode: bool, count_include_pad: bool, divisor: int,
+    dy: Tensor,
+    indices: Tensor,
+    input_shape: List[int],
+    kind: str,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor: int,
 ) -> Tensor:
     """dx from dy (and, for max pooling, the forward's int32 indices)."""
     args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
@@ -192,7 +253,9 @@ def pool2d_bwd(
 
 
 @pool2d_bwd.register_fake
-def _pool2d_bwd_fake(dy, indices, input_shape, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor):
+def _pool2d_bwd_fake(
+    dy, indices, input_shape, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor
+):
     return dy.new_empty(input_shape)
 
 

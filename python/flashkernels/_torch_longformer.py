@@ -42,9 +42,7 @@ def _unflatten(flat: Optional[List[int]], counts: Optional[List[int]]) -> Option
         return None
     flat = list(flat or [])
     if sum(counts) != len(flat) or any(c < 0 for c in counts):
-        raise ValueError(
-            f"global_counts {list(counts)} do not partition the {len(flat)} global_indices"
-        )
+        raise ValueError(f"global_counts {list(counts)} do not partition the {len(flat)} global_indices")
     out, at = [], 0
     for c in counts:
         out.append(flat[at : at + c])
@@ -100,8 +98,20 @@ def longformer_fwd(
 
 @longformer_fwd.register_fake
 def _longformer_fwd_fake(
-    q, k, v, q_global, k_global, v_global, global_mask, padding_mask, global_indices, global_counts, window, dilation,
-    causal, scale,
+    q,
+    k,
+    v,
+    q_global,
+    k_global,
+    v_global,
+    global_mask,
+    padding_mask,
+    global_indices,
+    global_counts,
+    window,
+    dilation,
+    causal,
+    scale,
 ):
     _check_qkv(q)
     b, n, h, _ = q.shape
@@ -138,8 +148,23 @@ def longformer_bwd(
 
 @longformer_bwd.register_fake
 def _longformer_bwd_fake(
-    dout, q, k, v, out, lse, q_global, k_global, v_global, global_mask, padding_mask, global_indices, global_counts,
-    window, dilation, causal, scale,
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    q_global,
+    k_global,
+    v_global,
+    global_mask,
+    padding_mask,
+    global_indices,
+    global_counts,
+    window,
+    dilation,
+    causal,
+    scale,
 ):
     _check_qkv(q)
     return [q.new_empty(q.shape) for _ in range(6 if q_global is not None else 3)]
@@ -181,7 +206,9 @@ class _Longformer(torch.autograd.Function):
     the backward (deterministic, not itself differentiable) computes all gradients."""
 
     @staticmethod
-    def forward(ctx: Any, masks: HostMasks, opts: LongformerOptions, q: Tensor, k: Tensor, v: Tensor, qg: Any, kg: Any, vg: Any) -> Any:
+    def forward(
+        ctx: Any, masks: HostMasks, opts: LongformerOptions, q: Tensor, k: Tensor, v: Tensor, qg: Any, kg: Any, vg: Any
+    ) -> Any:
         tensors = (q, k, v) + _globals(qg, kg, vg)
         out, lse = lf_forward(tensors, masks, opts)
         ctx.save_for_backward(*tensors, out, lse)
@@ -232,8 +259,20 @@ def forward(
     if _use_op(list(tensors) + masks_t):
         flat, counts = _flatten(gidx)
         return torch.ops.flashkernels.longformer_fwd(
-            q, k, v, qg, kg, vg, _mask_tensor(gmask, q), _mask_tensor(pmask, q), flat, counts,
-            opts.window, list(opts.dilation), opts.causal, opts.scale,
+            q,
+            k,
+            v,
+            qg,
+            kg,
+            vg,
+            _mask_tensor(gmask, q),
+            _mask_tensor(pmask, q),
+            flat,
+            counts,
+            opts.window,
+            list(opts.dilation),
+            opts.causal,
+            opts.scale,
         )
     masks = HostMasks(gmask, gidx, pmask)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -261,8 +300,23 @@ def backward(
     if _use_op(list(tensors) + [out, lse, dout] + masks_t):
         flat, counts = _flatten(gidx)
         grads = torch.ops.flashkernels.longformer_bwd(
-            dout, q, k, v, out, lse, qg, kg, vg, _mask_tensor(gmask, q), _mask_tensor(pmask, q), flat, counts,
-            opts.window, list(opts.dilation), opts.causal, opts.scale,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            qg,
+            kg,
+            vg,
+            _mask_tensor(gmask, q),
+            _mask_tensor(pmask, q),
+            flat,
+            counts,
+            opts.window,
+            list(opts.dilation),
+            opts.causal,
+            opts.scale,
         )
         return tuple(grads) if gqkv is not None else tuple(grads[:3])
     with torch.no_grad():

@@ -175,13 +175,11 @@ def _ring_forward(
             pending = ring.exchange(kv, _KV_TAG)
         mode = _visits(causal, src, rank)
         if mode is not None:
-            o, l = flashkernels.flash_attn_func(
-                q, kv[0], kv[1], softmax_scale=scale, causal=mode, return_lse=True
-            )
+            o, o_lse = flashkernels.flash_attn_func(q, kv[0], kv[1], softmax_scale=scale, causal=mode, return_lse=True)
             if out is None:  # step 0: the rank's own block, always visited
-                out, lse = o.float(), l
+                out, lse = o.float(), o_lse
             else:
-                out, lse = _merge(out, lse, o, l)
+                out, lse = _merge(out, lse, o, o_lse)
         if pending is not None:
             _wait(pending[1])
             kv = pending[0]
@@ -190,8 +188,15 @@ def _ring_forward(
 
 
 def _ring_backward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-    causal: bool, scale: Optional[float], ring: _Ring,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    causal: bool,
+    scale: Optional[float],
+    ring: _Ring,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     rank, size = ring.rank, ring.size
     kv = torch.stack((k, v))
@@ -205,9 +210,7 @@ def _ring_backward(
         mode = _visits(causal, src, rank)
         grads = None
         if mode is not None:
-            grads = flashkernels.attention_backward(
-                q, kv[0], kv[1], out, lse, dout, causal=mode, softmax_scale=scale
-            )
+            grads = flashkernels.attention_backward(q, kv[0], kv[1], out, lse, dout, causal=mode, softmax_scale=scale)
         # This block's partial sums: zeros for our own block, else what the previous
         # rank sent after its turn with the block (received while we computed).
         if dkv_pending is None:
@@ -232,9 +235,7 @@ def _ring_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], ring: _Ring
-    ) -> Any:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], ring: _Ring) -> Any:
         out, lse = _ring_forward(q, k, v, causal, scale, ring)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (causal, scale, ring)

@@ -142,7 +142,18 @@ def test_jax_cpu_arrays(randn, causal_mask, reference):
     out, lse = fk.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert isinstance(out, jax.Array) and isinstance(lse, jax.Array)
     assert out.devices() == q.devices()
-    check(np.asarray(out), np.asarray(lse), q, k, v, causal=True, scale=None, tol=1e-5, mask_fn=causal_mask, reference=reference)
+    check(
+        np.asarray(out),
+        np.asarray(lse),
+        q,
+        k,
+        v,
+        causal=True,
+        scale=None,
+        tol=1e-5,
+        mask_fn=causal_mask,
+        reference=reference,
+    )
     out_t = fk.scaled_dot_product_attention(*(x.swapaxes(1, 2) for x in (q, k, v)), is_causal=True)
     assert isinstance(out_t, jax.Array)
     np.testing.assert_array_equal(np.asarray(out_t.swapaxes(1, 2)), np.asarray(out))
@@ -334,7 +345,9 @@ def test_varlen_offsets_from_any_framework(randn):
     # max_seqlen may exceed the longest sequence (flash-attn sizes its grid with it).
     np.testing.assert_array_equal(fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 100, 100, causal=True), want)
     # jax inputs give jax outputs.
-    out = fk.flash_attn_varlen_func(*(jnp.asarray(x) for x in (q, k, v)), jnp.asarray(cu_q), jnp.asarray(cu_k), 7, 9, causal=True)
+    out = fk.flash_attn_varlen_func(
+        *(jnp.asarray(x) for x in (q, k, v)), jnp.asarray(cu_q), jnp.asarray(cu_k), 7, 9, causal=True
+    )
     assert isinstance(out, jax.Array)
     np.testing.assert_array_equal(np.asarray(out), want)
 

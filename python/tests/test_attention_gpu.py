@@ -56,12 +56,20 @@ def test_torch_sdpa_layout(dtype, head_dim, shape, causal):
     dtype = getattr(torch, dtype)
     b, h, nq, nk = shape
     torch.manual_seed(0)
-    q, k, v = randn(b, h, nq, head_dim, dtype=dtype), randn(b, h, nk, head_dim, dtype=dtype), randn(b, h, nk, head_dim, dtype=dtype)
+    q, k, v = (
+        randn(b, h, nq, head_dim, dtype=dtype),
+        randn(b, h, nk, head_dim, dtype=dtype),
+        randn(b, h, nk, head_dim, dtype=dtype),
+    )
     out, lse = fk.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True)
     assert isinstance(out, torch.Tensor) and out.device == q.device and out.dtype == dtype
     assert out.shape == (b, h, nq, head_dim) and lse.shape == (b, h, nq) and lse.dtype == torch.float32
     want, want_lse = torch_reference(q, k, v, causal=causal)
-    rows = torch.arange(nq, device=q.device) + nk - nq >= 0 if causal else torch.ones(nq, dtype=torch.bool, device=q.device)
+    rows = (
+        torch.arange(nq, device=q.device) + nk - nq >= 0
+        if causal
+        else torch.ones(nq, dtype=torch.bool, device=q.device)
+    )
     assert torch.isfinite(out).all()
     assert rel_err(out[:, :, rows], want[:, :, rows]) < TOL
     torch.testing.assert_close(lse[:, :, rows], want_lse[:, :, rows], rtol=1e-3, atol=1e-3)
@@ -80,7 +88,11 @@ def test_torch_sdpa_layout(dtype, head_dim, shape, causal):
 def test_torch_flash_layout(dtype, head_dim, causal):
     dtype = getattr(torch, dtype)
     b, h, nq, nk = 2, 3, 65, 65
-    q, k, v = randn(b, nq, h, head_dim, dtype=dtype), randn(b, nk, h, head_dim, dtype=dtype), randn(b, nk, h, head_dim, dtype=dtype)
+    q, k, v = (
+        randn(b, nq, h, head_dim, dtype=dtype),
+        randn(b, nk, h, head_dim, dtype=dtype),
+        randn(b, nk, h, head_dim, dtype=dtype),
+    )
     out, lse = fk.flash_attn_func(q, k, v, causal=causal, return_lse=True)
     assert out.shape == (b, nq, h, head_dim) and out.is_contiguous()
     ref = torch.nn.functional.scaled_dot_product_attention(
@@ -239,12 +251,12 @@ def test_jax_gpu(dtype, causal, reference, randn):
 
 @needs_jax_gpu
 def test_jax_gpu_buffers_are_freed():
-    import jax
-    import jax.numpy as jnp
-
     import gc
     import sys
     import time
+
+    import jax
+    import jax.numpy as jnp
 
     x = jax.device_put(jnp.ones((1, 128, 2, 64), jnp.bfloat16), jax_gpu)
     gc.collect()
@@ -458,7 +470,9 @@ def test_torch_varlen(dtype, head_dim, causal, window, cu_device):
     cu = lambda lens: torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32, device=cu_device)  # noqa: E731
     cu_q, cu_k = cu(lens_q), cu(lens_k)
     h, hkv = 4, 2
-    q, k, v = leaves_cuda((sum(lens_q), h, head_dim), (sum(lens_k), hkv, head_dim), (sum(lens_k), hkv, head_dim), dtype=dtype, seed=4)
+    q, k, v = leaves_cuda(
+        (sum(lens_q), h, head_dim), (sum(lens_k), hkv, head_dim), (sum(lens_k), hkv, head_dim), dtype=dtype, seed=4
+    )
     dout = randn(sum(lens_q), h, head_dim, dtype=dtype)
     starts_q, starts_k = ([int(x) for x in np.cumsum([0] + lens)] for lens in (lens_q, lens_k))
     rows = torch.zeros(sum(lens_q), dtype=torch.bool, device="cuda")
@@ -606,7 +620,9 @@ def test_cupy_backward(randn):
     grads = fk.attention_backward(q, k, v, out, lse, do, causal=True, window_size=(30, -1))
     cpu_in = [x.astype(np.float16).astype(np.float32) for x in (qh, kh, vh)]
     out_c, lse_c = fk.flash_attn_func(*cpu_in, causal=True, window_size=(30, -1), return_lse=True)
-    want = fk.attention_backward(*cpu_in, out_c, lse_c, doh.astype(np.float16).astype(np.float32), causal=True, window_size=(30, -1))
+    want = fk.attention_backward(
+        *cpu_in, out_c, lse_c, doh.astype(np.float16).astype(np.float32), causal=True, window_size=(30, -1)
+    )
     for g, w in zip(grads, want):
         assert isinstance(g, cupy.ndarray) and g.dtype == np.float16
         got = cupy.asnumpy(g).astype(np.float64)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import flashkernels as fk
-
 from conftest import attention_mask, pad_varlen, unpad_varlen, varlen_mask
 
 
@@ -51,9 +50,7 @@ def run_case(randn, *, b, h, hkv, nq, nk, d, causal=False, window=(-1, -1), scal
     # every key there. With dO = 0 on those rows jax's gradient is 0 too.
     rows = mask.any(axis=1)
     dout[:, ~rows] = 0
-    grads = fk.attention_backward(
-        q, k, v, out, lse, dout, causal=causal, softmax_scale=scale, window_size=window
-    )
+    grads = fk.attention_backward(q, k, v, out, lse, dout, causal=causal, softmax_scale=scale, window_size=window)
     for g, x in zip(grads, (q, k, v)):
         assert isinstance(g, np.ndarray) and g.dtype == x.dtype and g.shape == x.shape and g.flags.c_contiguous
     assert_grads_close(grads, jax_grads(q, k, v, dout, mask, scale))

@@ -79,8 +79,11 @@ def test_max_pool_matches_torch_fixture(name):
 def test_avg_pool_matches_torch_fixture(name):
     cfg, a = _load(name)
     kw = dict(
-        stride=cfg["stride"], padding=cfg["padding"], ceil_mode=cfg["ceil_mode"],
-        count_include_pad=cfg["count_include_pad"], divisor_override=cfg["divisor_override"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        ceil_mode=cfg["ceil_mode"],
+        count_include_pad=cfg["count_include_pad"],
+        divisor_override=cfg["divisor_override"],
     )
     _close(fk.avg_pool2d(a["x"], cfg["kernel_size"], **kw), a["y"], 1e-6)
     _close(fk.avg_pool2d_backward(a["dy"], a["x"], cfg["kernel_size"], **kw), a["dx"], 1e-6)
@@ -112,8 +115,13 @@ def test_conv_matches_jax(n, c, h, w, k, r, s, stride, padding, dilation, groups
 
     def f(x, wt):
         return jax.lax.conv_general_dilated(
-            x, wt, window_strides=stride, padding=[(p, p) for p in padding], rhs_dilation=dilation,
-            dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
+            x,
+            wt,
+            window_strides=stride,
+            padding=[(p, p) for p in padding],
+            rhs_dilation=dilation,
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            feature_group_count=groups,
             precision=jax.lax.Precision.HIGHEST,
         )
 

@@ -14,7 +14,9 @@ except ImportError:  # pragma: no cover - CI without torch
 HAVE_CUDA = fk.cuda_available()
 pytestmark = [
     pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device"),
-    pytest.mark.skipif(torch is None or not (torch is not None and torch.cuda.is_available()), reason="needs a CUDA device and torch"),
+    pytest.mark.skipif(
+        torch is None or not (torch is not None and torch.cuda.is_available()), reason="needs a CUDA device and torch"
+    ),
 ]
 
 TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-3}

@@ -13,7 +13,9 @@ ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 def _close(got, want, tol=1e-4):
-    torch.testing.assert_close(got.detach().float(), want.detach().float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+    torch.testing.assert_close(
+        got.detach().float(), want.detach().float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item())
+    )
 
 
 @pytest.mark.parametrize("act", [None, "relu", "gelu", "silu"])
@@ -38,7 +40,9 @@ def test_conv2d_autograd_matches_torch(act, c, k, r, stride, padding, dilation, 
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     xb, wb = leaves[0], leaves[1]
     y = fk.conv2d(xb, wb, leaves[2] if bias else None, stride, padding, dilation, groups, activation=act)
-    want = ACTS[act](F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, stride, padding, dilation, groups))
+    want = ACTS[act](
+        F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, stride, padding, dilation, groups)
+    )
     _close(y, want)
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -163,7 +167,7 @@ def test_torch_compile_fullgraph_pooling():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(x):
         y, _ = fk.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
-        return (y.square().sum() + fk.avg_pool2d(x, 2, ceil_mode=True).sum())
+        return y.square().sum() + fk.avg_pool2d(x, 2, ceil_mode=True).sum()
 
     loss = f(x)
     loss.backward()
@@ -179,5 +183,8 @@ def test_conv_ops_registered_whatever_the_import_order(order):
     import subprocess
     import sys
 
-    code = f"{order}; assert hasattr(torch.ops.flashkernels, 'conv2d_fwd') and hasattr(torch.ops.flashkernels, 'conv2d_bwd') and hasattr(torch.ops.flashkernels, 'pool2d_fwd')"
+    code = (
+        f"{order}; assert hasattr(torch.ops.flashkernels, 'conv2d_fwd')"
+        " and hasattr(torch.ops.flashkernels, 'conv2d_bwd') and hasattr(torch.ops.flashkernels, 'pool2d_fwd')"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -28,7 +28,9 @@ def qkv(randn):
 
 def test_wrong_rank(qkv):
     q, k, v = qkv
-    with pytest.raises(ValueError, match=r"q: expected a rank-4 tensor \(batch, seqlen, heads, head_dim\).*\[2, 7, 48\]"):
+    with pytest.raises(
+        ValueError, match=r"q: expected a rank-4 tensor \(batch, seqlen, heads, head_dim\).*\[2, 7, 48\]"
+    ):
         fk.flash_attn_func(q.reshape(2, 7, 48), k, v)
     with pytest.raises(ValueError, match=r"k: expected a rank-4 tensor \(batch, heads, seqlen, head_dim\)"):
         fk.scaled_dot_product_attention(q, k[0], v)
@@ -38,7 +40,9 @@ def test_wrong_rank(qkv):
 
 def test_mismatched_shapes(qkv):
     q, k, v = qkv
-    with pytest.raises(ValueError, match=r"shape mismatch: k has shape \[2, 9, 3, 16\] but v has shape \[2, 8, 3, 16\]"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: k has shape \[2, 9, 3, 16\] but v has shape \[2, 8, 3, 16\]"
+    ):
         fk.flash_attn_func(q, k, v[:, :8])
     with pytest.raises(ValueError, match="must agree on batch and head_dim"):
         fk.flash_attn_func(q[..., :8], k, v)
@@ -249,7 +253,13 @@ def test_native_rejects_negative_windows(qkv):
 @pytest.fixture
 def packed(randn):
     """Packed q (10 rows), k/v (12 rows), two heads, and valid offsets."""
-    return randn(10, 2, 8), randn(12, 2, 8), randn(12, 2, 8), np.array([0, 4, 10], np.int32), np.array([0, 5, 12], np.int32)
+    return (
+        randn(10, 2, 8),
+        randn(12, 2, 8),
+        randn(12, 2, 8),
+        np.array([0, 4, 10], np.int32),
+        np.array([0, 5, 12], np.int32),
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,7 +295,9 @@ def test_cu_seqlens_must_be_int32(packed, dtype):
     with pytest.raises(TypeError, match=f"cu_seqlens_q must be int32 \\(as flash-attn takes it\\), got {name}"):
         fk.flash_attn_varlen_func(q, k, v, cu_q.astype(dtype), cu_k, 10, 10)
     with pytest.raises(TypeError, match=f"cu_seqlens_k must be int32.*got {name}"):
-        fk.attention_backward(q, k, v, q, np.zeros((2, 10), np.float32), q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k.astype(dtype))
+        fk.attention_backward(
+            q, k, v, q, np.zeros((2, 10), np.float32), q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k.astype(dtype)
+        )
 
 
 def test_cu_seqlens_shape_and_type(packed):
@@ -322,8 +334,14 @@ def test_varlen_layout(packed, randn):
 
     with pytest.raises(ValueError, match="heads_first must be False"):
         fk._native.attention_forward(
-            q.__dlpack__(), k.__dlpack__(), v.__dlpack__(), alloc, heads_first=True, causal=False,
-            cu_seqlens_q=[0, 4, 10], cu_seqlens_k=[0, 5, 12],
+            q.__dlpack__(),
+            k.__dlpack__(),
+            v.__dlpack__(),
+            alloc,
+            heads_first=True,
+            causal=False,
+            cu_seqlens_q=[0, 4, 10],
+            cu_seqlens_k=[0, 5, 12],
         )
 
 
@@ -355,7 +373,9 @@ def test_backward_mismatched_shapes(fwd):
         fk.attention_backward(q, k, v, out, lse[..., :6], dout, causal=True)
     with pytest.raises(ValueError, match=r"lse has shape \[4, 7\], expected \[2, 4, 7\]"):
         fk.attention_backward(q, k, v, out, lse[0], dout, causal=True)
-    with pytest.raises(ValueError, match=r"shape mismatch: k has shape \[2, 9, 2, 16\] but v has shape \[2, 8, 2, 16\]"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: k has shape \[2, 9, 2, 16\] but v has shape \[2, 8, 2, 16\]"
+    ):
         fk.attention_backward(q, k, v[:, :8], out, lse, dout, causal=True)
     with pytest.raises(ValueError, match=r"dout: expected a rank-4 tensor"):
         fk.attention_backward(q, k, v, out, lse, dout[0], causal=True)
@@ -409,7 +429,11 @@ def test_native_backward_checks_outputs(fwd):
     def read_only(q_shape, kv_shape, dtype):
         dv = np.empty(kv_shape, dtype)
         dv.flags.writeable = False
-        return np.empty(q_shape, dtype).__dlpack__(), np.empty(kv_shape, dtype).__dlpack__(), dv.__dlpack__(max_version=(1, 0))
+        return (
+            np.empty(q_shape, dtype).__dlpack__(),
+            np.empty(kv_shape, dtype).__dlpack__(),
+            dv.__dlpack__(max_version=(1, 0)),
+        )
 
     with pytest.raises(ValueError, match="dv is read-only"):
         fk._native.attention_backward(*caps(), read_only, heads_first=False, causal=True)

@@ -32,10 +32,14 @@ def gpu_check():
 def test_budget_times_out_and_skips_instead_of_passing(gpu_check):
     r = gpu_check.Runner(budget=4, min_step=2)
     S = gpu_check.Step
-    r.phase([S("ok", "", "echo 'test a ... ok'; echo 'test b ... ok'", 3),
-             S("bad", "", "echo 'test c ... FAILED'; exit 0", 3),
-             S("rc", "", "exit 3", 3),
-             S("slow", "", "sleep 30", 1)])
+    r.phase(
+        [
+            S("ok", "", "echo 'test a ... ok'; echo 'test b ... ok'", 3),
+            S("bad", "", "echo 'test c ... FAILED'; exit 0", 3),
+            S("rc", "", "exit 3", 3),
+            S("slow", "", "sleep 30", 1),
+        ]
+    )
     r.phase([S("late", "", "true", 30)], reserve=10)  # nothing left once 10 s are kept
     got = {x["name"]: x for x in r.results}
     assert got["ok"]["status"] == "pass" and got["ok"]["counts"] == {"passed": 2, "failed": 0}
@@ -49,7 +53,11 @@ def test_counts_from_each_tool(gpu_check):
     c = gpu_check.count_tests
     assert c("test x ... ok\ntest y ... FAILED\ntest z ... ok\n") == {"passed": 2, "failed": 1}
     assert c("..s\n2 failed, 120 passed, 4 skipped, 500 deselected in 61.20s\n") == {
-        "failed": 2, "passed": 120, "skipped": 4, "deselected": 500}
+        "failed": 2,
+        "passed": 120,
+        "skipped": 4,
+        "deselected": 500,
+    }
     assert c("===== 5 passed, 1 error in 1.00s =====\n") == {"passed": 5, "failed": 1}
     got = c("========= ERROR SUMMARY: 0 errors\n========= ERROR SUMMARY: 3 errors\n")
     assert got == {"sanitizer_errors": 3, "failed": 3}
@@ -59,24 +67,29 @@ def test_counts_from_each_tool(gpu_check):
 def test_quick_writes_its_json_and_log_even_without_a_gpu(tmp_path):
     """On this machine every step fails (no GPU, no .gpu build): the run must still end
     inside its budget with every step reported as failed or skipped, none passed."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/gpu_check.py"), "quick",
-                          "--budget", "12", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts/gpu_check.py"), "quick", "--budget", "12", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     doc = json.loads((tmp_path / "quick.json").read_text())
     assert doc["status"] == "fail" and doc["meta"]["kind"] == "quick"
     names = {s["name"] for s in doc["steps"]}
-    assert {"smoke-gpu_conv", "rust-gpu_longformer", "python-gpu", "sanitizer-racecheck",
-            "main-job"} <= names
+    assert {"smoke-gpu_conv", "rust-gpu_longformer", "python-gpu", "sanitizer-racecheck", "main-job"} <= names
     assert all(s["status"] != "pass" or s["name"] == "python-env" for s in doc["steps"])
     assert doc["meta"]["elapsed_s"] < 40
     assert "=====" in (tmp_path / "quick.log").read_text()
 
 
 def test_bench_without_a_gpu_fails_with_its_json(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/gpu_check.py"), "bench",
-                          "--budget", "30", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts/gpu_check.py"), "bench", "--budget", "30", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert doc["status"] == "fail" and doc["meta"]["kind"] == "bench"
@@ -84,20 +97,22 @@ def test_bench_without_a_gpu_fails_with_its_json(tmp_path):
 
 
 def item(fn, **params):
-    return SimpleNamespace(path="t.py", originalname=fn,
-                           callspec=SimpleNamespace(params=params) if params else None)
+    return SimpleNamespace(path="t.py", originalname=fn, callspec=SimpleNamespace(params=params) if params else None)
 
 
 def test_quick_subset_covers_every_parameter_value():
-    items = [item("f", dtype=d, causal=c, shape=(n, 3)) for d in ("float16", "bfloat16")
-             for c in (False, True) for n in (1, 77, 300)]
+    items = [
+        item("f", dtype=d, causal=c, shape=(n, 3))
+        for d in ("float16", "bfloat16")
+        for c in (False, True)
+        for n in (1, 77, 300)
+    ]
     items += [item("g"), item("h", backend="inductor"), item("h", backend="aot_eager")]
     kept, dropped = covering_subset(items)
     assert len(kept) + len(dropped) == len(items) and len(kept) < len(items)
-    covered = {(i.originalname, k, repr(v)) for i in kept if i.callspec
-               for k, v in i.callspec.params.items()}
+    covered = {(i.originalname, k, repr(v)) for i in kept if i.callspec for k, v in i.callspec.params.items()}
     for i in items:
-        for k, v in (i.callspec.params.items() if i.callspec else ()):
+        for k, v in i.callspec.params.items() if i.callspec else ():
             assert (i.originalname, k, repr(v)) in covered
     assert any(i.originalname == "g" for i in kept)
 
@@ -107,11 +122,17 @@ def test_bench_rows_take_the_fastest_peer():
     pytest.importorskip("triton")
     bench = load("benches/gpu_bench_all.py", "gpu_bench_all")
     case = bench.Case("attention_fwd", "D128 N8192", "D128", "N", 8192, None, 1, headline=True)
-    raw = {"B": 2, "N": 8192, "rel_err_vs_sdpa_fp32": 2.3e-3, "results": {
-        "flashkernels": {"ms": 4.0, "tflops": 300.0, "rounds_ms": [4.0, 4.1]},
-        "torch_flash": {"ms": 3.0, "tflops": 400.0},
-        "cudnn": {"ms": 2.0, "tflops": 600.0},
-        "mem_efficient": {"error": "RuntimeError: no kernel"}}}
+    raw = {
+        "B": 2,
+        "N": 8192,
+        "rel_err_vs_sdpa_fp32": 2.3e-3,
+        "results": {
+            "flashkernels": {"ms": 4.0, "tflops": 300.0, "rounds_ms": [4.0, 4.1]},
+            "torch_flash": {"ms": 3.0, "tflops": 400.0},
+            "cudnn": {"ms": 2.0, "tflops": 600.0},
+            "mem_efficient": {"error": "RuntimeError: no kernel"},
+        },
+    }
     row = bench.normalize(case, raw)
     assert row["peer"] == "cudnn" and row["ratio"] == pytest.approx(0.5)
     assert row["check"] == {"rel_err": 2.3e-3, "ok": True}
@@ -120,13 +141,22 @@ def test_bench_rows_take_the_fastest_peer():
     assert not bench.normalize(case, raw)["check"]["ok"], "a NaN error must not pass"
     # Our own variants (conv's forced algorithms) are never the peer.
     conv = bench.Case("conv_fwd", "l", "NHWC", "layer", "l", None, 1)
-    raw = {"rel_err_vs_torch_fp32": 1e-3, "results": {
-        "flashkernels": {"ms": 2.0, "tflops": 10.0}, "flashkernels_im2col": {"ms": 1.0, "tflops": 20.0},
-        "cudnn": {"ms": 3.0, "tflops": 6.0}}}
+    raw = {
+        "rel_err_vs_torch_fp32": 1e-3,
+        "results": {
+            "flashkernels": {"ms": 2.0, "tflops": 10.0},
+            "flashkernels_im2col": {"ms": 1.0, "tflops": 20.0},
+            "cudnn": {"ms": 3.0, "tflops": 6.0},
+        },
+    }
     row = bench.normalize(conv, raw)
     assert row["peer"] == "cudnn" and row["ratio"] == pytest.approx(1.5)
-    doc = {"meta": {"device": "d", "date": "x", "commit": "c"}, "rows": [row],
-           "skipped": [{"op": "pool", "case": "max", "reason": "budget"}], "failed": []}
+    doc = {
+        "meta": {"device": "d", "date": "x", "commit": "c"},
+        "rows": [row],
+        "skipped": [{"op": "pool", "case": "max", "reason": "budget"}],
+        "failed": [],
+    }
     md = bench.markdown(doc)
     assert "1.50x" in md and "budget" in md
 
@@ -137,12 +167,28 @@ def test_bench_runs_every_op_headline_first():
     bench = load("benches/gpu_bench_all.py", "gpu_bench_all")
     cases = list(bench.cases())
     ops = {c.op for c in cases}
-    assert {"attention_fwd", "attention_train", "longformer_fwd", "longformer_train", "conv_fwd",
-            "conv_train", "pool", "attention_gqa", "attention_varlen", "attention_window"} <= ops
+    assert {
+        "attention_fwd",
+        "attention_train",
+        "longformer_fwd",
+        "longformer_train",
+        "conv_fwd",
+        "conv_train",
+        "pool",
+        "attention_gqa",
+        "attention_varlen",
+        "attention_window",
+    } <= ops
     heads = [c.headline for c in cases]
     assert heads.index(False) == sum(heads), "every headline case comes before the sweeps"
-    assert {c.op for c in cases if c.headline} >= {"attention_fwd", "attention_train",
-                                                   "longformer_fwd", "longformer_train",
-                                                   "conv_fwd", "conv_train", "pool"}
+    assert {c.op for c in cases if c.headline} >= {
+        "attention_fwd",
+        "attention_train",
+        "longformer_fwd",
+        "longformer_train",
+        "conv_fwd",
+        "conv_train",
+        "pool",
+    }
     labels = [(c.op, c.case) for c in cases]
     assert len(labels) == len(set(labels)), "each case once"

@@ -16,18 +16,41 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def quick_json(commit="abc1234", date="2026-12-06"):
     return {
-        "meta": {"kind": "quick", "device": "NVIDIA H200", "driver": "580.159.04",
-                 "commit": commit, "date": date, "budget_s": 280, "elapsed_s": 231.4},
+        "meta": {
+            "kind": "quick",
+            "device": "NVIDIA H200",
+            "driver": "580.159.04",
+            "commit": commit,
+            "date": date,
+            "budget_s": 280,
+            "elapsed_s": 231.4,
+        },
         "status": "fail",
         "steps": [
-            {"name": "rust-smoke", "title": "one small case of every kernel vs the CPU reference",
-             "status": "pass", "seconds": 12.3,
-             "counts": {"passed": 9, "failed": 0, "skipped": 0}, "summary": "9 passed"},
-            {"name": "python-gpu", "title": "Python GPU tests", "status": "fail", "seconds": 80.5,
-             "counts": {"passed": 140, "failed": 1, "skipped": 2},
-             "summary": "FAILED test_conv_gpu.py::test_nhwc"},
-            {"name": "sanitizer", "title": "compute-sanitizer memcheck", "status": "skipped",
-             "seconds": 0, "counts": {}, "summary": "budget: 5 s left"},
+            {
+                "name": "rust-smoke",
+                "title": "one small case of every kernel vs the CPU reference",
+                "status": "pass",
+                "seconds": 12.3,
+                "counts": {"passed": 9, "failed": 0, "skipped": 0},
+                "summary": "9 passed",
+            },
+            {
+                "name": "python-gpu",
+                "title": "Python GPU tests",
+                "status": "fail",
+                "seconds": 80.5,
+                "counts": {"passed": 140, "failed": 1, "skipped": 2},
+                "summary": "FAILED test_conv_gpu.py::test_nhwc",
+            },
+            {
+                "name": "sanitizer",
+                "title": "compute-sanitizer memcheck",
+                "status": "skipped",
+                "seconds": 0,
+                "counts": {},
+                "summary": "budget: 5 s left",
+            },
         ],
     }
 
@@ -37,43 +60,91 @@ def attention_row(d, n, ours_ms, peer_ms, headline=False, peer_error=False):
     results = {
         "flashkernels": {"ms": ours_ms, "tflops": flops / ours_ms / 1e9},
         "torch_flash": {"ms": peer_ms, "tflops": flops / peer_ms / 1e9},
-        "mem_efficient": ({"error": "RuntimeError: no kernel"} if peer_error
-                          else {"ms": 2 * ours_ms, "tflops": flops / (2 * ours_ms) / 1e9}),
+        "mem_efficient": (
+            {"error": "RuntimeError: no kernel"}
+            if peer_error
+            else {"ms": 2 * ours_ms, "tflops": flops / (2 * ours_ms) / 1e9}
+        ),
     }
-    return {"op": "attention_fwd", "case": f"D{d} N{n}", "headline": headline,
-            "series": f"D{d}", "x_name": "N", "x": n, "metric": "tflops",
-            "params": {"B": 2, "H": 16, "N": n, "D": d, "causal": False},
-            "check": {"rel_err": 0.0023, "ok": True},
-            "peer": "torch_flash", "ratio": peer_ms / ours_ms, "results": results}
+    return {
+        "op": "attention_fwd",
+        "case": f"D{d} N{n}",
+        "headline": headline,
+        "series": f"D{d}",
+        "x_name": "N",
+        "x": n,
+        "metric": "tflops",
+        "params": {"B": 2, "H": 16, "N": n, "D": d, "causal": False},
+        "check": {"rel_err": 0.0023, "ok": True},
+        "peer": "torch_flash",
+        "ratio": peer_ms / ours_ms,
+        "results": results,
+    }
 
 
 def bench_json(commit="abc1234", date="2026-12-06"):
-    rows = [attention_row(128, n, 0.1 * n / 512, 0.085 * n / 512, headline=(n == 8192),
-                          peer_error=(n == 512))
-            for n in (512, 2048, 8192)]
+    rows = [
+        attention_row(128, n, 0.1 * n / 512, 0.085 * n / 512, headline=(n == 8192), peer_error=(n == 512))
+        for n in (512, 2048, 8192)
+    ]
     rows.append(attention_row(64, 8192, 3.6, 3.7))
     # Categorical x, GB/s, and a headline row whose peer failed (no ratio): the next
     # headline row of the op is the one the index shows.
-    rows.append({"op": "conv_fwd", "case": "56x56 64->64 3x3", "headline": True,
-                 "series": "bf16 NHWC", "x_name": "layer", "x": "56x56 64->64 3x3",
-                 "metric": "gbps", "check": {"rel_err": 0.004, "ok": True}, "peer": "cudnn",
-                 "results": {"flashkernels": {"ms": 0.5, "gbps": 900.0},
-                             "cudnn": {"error": "RuntimeError: cuDNN error"}}})
-    rows.append({"op": "conv_fwd", "case": "28x28 128->128 3x3", "headline": True,
-                 "series": "bf16 NHWC", "x_name": "layer", "x": "28x28 128->128 3x3",
-                 "metric": "gbps", "check": {"rel_err": 0.2, "ok": False}, "peer": "cudnn",
-                 "ratio": 0.5, "results": {"flashkernels": {"ms": 0.4, "gbps": 700.0},
-                                           "cudnn": {"ms": 0.2, "gbps": 1400.0}}})
+    rows.append(
+        {
+            "op": "conv_fwd",
+            "case": "56x56 64->64 3x3",
+            "headline": True,
+            "series": "bf16 NHWC",
+            "x_name": "layer",
+            "x": "56x56 64->64 3x3",
+            "metric": "gbps",
+            "check": {"rel_err": 0.004, "ok": True},
+            "peer": "cudnn",
+            "results": {"flashkernels": {"ms": 0.5, "gbps": 900.0}, "cudnn": {"error": "RuntimeError: cuDNN error"}},
+        }
+    )
+    rows.append(
+        {
+            "op": "conv_fwd",
+            "case": "28x28 128->128 3x3",
+            "headline": True,
+            "series": "bf16 NHWC",
+            "x_name": "layer",
+            "x": "28x28 128->128 3x3",
+            "metric": "gbps",
+            "check": {"rel_err": 0.2, "ok": False},
+            "peer": "cudnn",
+            "ratio": 0.5,
+            "results": {"flashkernels": {"ms": 0.4, "gbps": 700.0}, "cudnn": {"ms": 0.2, "gbps": 1400.0}},
+        }
+    )
     return {
-        "meta": {"kind": "bench", "device": "NVIDIA H200", "driver": "580.159.04",
-                 "commit": commit, "date": date, "torch": "2.11.0+cu130",
-                 "budget_s": 280, "elapsed_s": 250.2, "rounds": 2},
+        "meta": {
+            "kind": "bench",
+            "device": "NVIDIA H200",
+            "driver": "580.159.04",
+            "commit": commit,
+            "date": date,
+            "torch": "2.11.0+cu130",
+            "budget_s": 280,
+            "elapsed_s": 250.2,
+            "rounds": 2,
+        },
         "rows": rows,
         "skipped": [{"op": "longformer_fwd", "case": "N65536 window", "reason": "budget: 10 s left"}],
         "failed": [{"op": "conv_train", "case": "7x7 512->512 3x3", "error": "CUDA error: launch failed"}],
         # gpu_check.py adds the bench step's own steps and status.
-        "steps": [{"name": "bench", "title": "every op against its peer", "status": "timeout",
-                   "seconds": 250.0, "counts": {}, "summary": "[cut: the step's 250 s ran out]"}],
+        "steps": [
+            {
+                "name": "bench",
+                "title": "every op against its peer",
+                "status": "timeout",
+                "seconds": 250.0,
+                "counts": {},
+                "summary": "[cut: the step's 250 s ran out]",
+            }
+        ],
         "status": "fail",
     }
 
@@ -86,8 +157,7 @@ def write(folder, name, content):
 
 
 def run(*args):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -110,14 +180,17 @@ def made(tmp_path):
 def test_record_json(made):
     _, folder = made
     record = json.loads((folder / "record.json").read_text())
-    assert record["meta"] == {"date": "2026-12-06", "device": "NVIDIA H200",
-                              "driver": "580.159.04", "commit": "abc1234"}
+    assert record["meta"] == {
+        "date": "2026-12-06",
+        "device": "NVIDIA H200",
+        "driver": "580.159.04",
+        "commit": "abc1234",
+    }
     assert record["quick"] == quick_json()
     assert record["bench"] == bench_json()
     assert record["headlines"]["attention_fwd"]["case"] == "D128 N8192"
     assert record["headlines"]["attention_fwd"]["ratio"] == pytest.approx(0.85)
-    assert record["headlines"]["conv_fwd"] == {"case": "28x28 128->128 3x3", "peer": "cudnn",
-                                               "ratio": 0.5}
+    assert record["headlines"]["conv_fwd"] == {"case": "28x28 128->128 3x3", "peer": "cudnn", "ratio": 0.5}
     assert (folder / "quick.log").read_text() == "quick log line\n"
     assert (folder / "bench.log").read_text() == "bench log line\n"
     assert (folder / "bench.md").read_text() == "| table |\n"
@@ -139,8 +212,16 @@ def test_record_readme(made):
     assert "140 passed, 1 failed, 2 skipped" in text
     assert "## Benchmarks: fail" in text and "ran out" in text
     # Every contender, the errored peer, the failed check, the GB/s unit, the missing ratio.
-    for word in ("torch_flash", "mem_efficient", "cudnn", "RuntimeError: no kernel",
-                 "**FAIL**", "GB/s", "TFLOP/s", "cudnn failed"):
+    for word in (
+        "torch_flash",
+        "mem_efficient",
+        "cudnn",
+        "RuntimeError: no kernel",
+        "**FAIL**",
+        "GB/s",
+        "TFLOP/s",
+        "cudnn failed",
+    ):
         assert word in text, word
     # Skipped and failed cases listed.
     assert "N65536 window" in text and "budget: 10 s left" in text
@@ -166,8 +247,9 @@ def test_index_newest_first(made, tmp_path):
     (results / "2026-11-01-h200-legacy").mkdir()
     run("--index-only", "--results", results)
     index = (results / "README.md").read_text()
-    new, old, legacy = (index.index(f"[{n}]") for n in (
-        "2026-12-06-h200-abc1234", "2026-11-30-h200-older", "2026-11-01-h200-legacy"))
+    new, old, legacy = (
+        index.index(f"[{n}]") for n in ("2026-12-06-h200-abc1234", "2026-11-30-h200-older", "2026-11-01-h200-legacy")
+    )
     assert new < old < legacy
     new_row = next(line for line in index.splitlines() if "[2026-12-06-h200-abc1234]" in line)
     assert "0.85x torch_flash" in new_row and "0.50x cudnn" in new_row
@@ -186,8 +268,7 @@ def test_bench_alone(tmp_path):
     record = json.loads((folder / "record.json").read_text())
     assert "quick" not in record and record["bench"] == bench_json()
     assert "No quick check" in (folder / "README.md").read_text()
-    row = next(line for line in (results / "README.md").read_text().splitlines()
-               if "2026-12-06-h200-abc1234" in line)
+    row = next(line for line in (results / "README.md").read_text().splitlines() if "2026-12-06-h200-abc1234" in line)
     assert "| — |" in row and "0.85x torch_flash" in row
 
 

@@ -152,7 +152,13 @@ def _inputs(rng, case, dtype=np.float32):
     return q, k, v, gqkv, glob, pad
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}n{}h{}d{}w{}dil{}{}g{}{}{}".format(*c[:5], c[5], "c" if c[6] else "", c[7], c[8], "sep" if c[9] else ""))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}n{}h{}d{}w{}dil{}{}g{}{}{}".format(
+        *c[:5], c[5], "c" if c[6] else "", c[7], c[8], "sep" if c[9] else ""
+    ),
+)
 def test_numpy_matches_dense_reference(case):
     rng = np.random.default_rng(zlib.crc32(str(case).encode()))
     b, n, h, d, w, dil, causal, ng, pk, sep = case
@@ -219,7 +225,9 @@ def test_bfloat16_and_float16_numpy():
     case = (2, 15, 2, 8, 2, 1, False, 2, "tail", False)
     q, k, v, _, glob, pad = _inputs(rng, case)
     want, _ = numpy_longformer(q, k, v, 2, glob=glob, pad=pad)
-    out = fk.longformer_attention(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), 2, global_tokens=glob, padding_mask=pad)
+    out = fk.longformer_attention(
+        q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), 2, global_tokens=glob, padding_mask=pad
+    )
     assert out.dtype == np.float16
     _close(out, want, 5e-3)
     ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -260,9 +268,16 @@ FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("*.txt"))
 def test_hugging_face_fixtures(name):
     cfg, t = parse_fixture(FIXTURES / name)
     out = fk.longformer_attention(
-        t["q"], t["k"], t["v"], cfg["window"], dilation=cfg["dilation"], causal=bool(cfg["causal"]),
-        global_tokens=t["global_mask"], padding_mask=t["padding_mask"],
-        global_qkv=(t["q_g"], t["k_g"], t["v_g"]), scale=cfg["scale"],
+        t["q"],
+        t["k"],
+        t["v"],
+        cfg["window"],
+        dilation=cfg["dilation"],
+        causal=bool(cfg["causal"]),
+        global_tokens=t["global_mask"],
+        padding_mask=t["padding_mask"],
+        global_qkv=(t["q_g"], t["k_g"], t["v_g"]),
+        scale=cfg["scale"],
     )
     err = np.abs(out - t["out_hf"]).max()
     assert err <= 2e-5, f"{name}: max |out - out_hf| = {err:.3e}"
@@ -270,8 +285,13 @@ def test_hugging_face_fixtures(name):
     # HF's attention_mask convention: 0 = padding, 1 = local, 2 = global
     attention_mask = np.where(t["padding_mask"], 0, np.where(t["global_mask"], 2, 1))
     out2 = fk.longformer_attention(
-        t["q"], t["k"], t["v"], cfg["window"], global_tokens=attention_mask == 2,
-        padding_mask=attention_mask == 0, global_qkv=(t["q_g"], t["k_g"], t["v_g"]),
+        t["q"],
+        t["k"],
+        t["v"],
+        cfg["window"],
+        global_tokens=attention_mask == 2,
+        padding_mask=attention_mask == 0,
+        global_qkv=(t["q_g"], t["k_g"], t["v_g"]),
     )
     np.testing.assert_allclose(out2, out, rtol=1e-6, atol=1e-6)
 
@@ -303,7 +323,11 @@ def _small(rng=None, b=2, n=10, h=2, d=8):
         (dict(padding_mask=np.zeros((2, 10), np.float32)), TypeError, "boolean"),
         (dict(global_tokens=[[True, False]]), TypeError, "boolean mask"),
         (dict(global_tokens="abc"), TypeError, "global_tokens"),
-        (dict(global_tokens=[[9], [0]], padding_mask=np.arange(10)[None].repeat(2, 0) >= 8), ValueError, "both global and padded"),
+        (
+            dict(global_tokens=[[9], [0]], padding_mask=np.arange(10)[None].repeat(2, 0) >= 8),
+            ValueError,
+            "both global and padded",
+        ),
         (dict(window=-1), ValueError, "window must be >= 0"),
         (dict(window=1.5), TypeError, "window must be an int"),
         (dict(dilation=0), ValueError, "dilation must be >= 1"),
@@ -364,11 +388,18 @@ def test_jax_cpu_matches_numpy():
         args = [jnp.asarray(x) for x in (q, k, v)]
         g = tuple(jnp.asarray(x) for x in gqkv)
         out, lse = fk.longformer_attention(
-            *args, 2, dilation=[1, 2, 3], global_tokens=jnp.asarray(glob), padding_mask=jnp.asarray(pad),
-            global_qkv=g, return_lse=True,
+            *args,
+            2,
+            dilation=[1, 2, 3],
+            global_tokens=jnp.asarray(glob),
+            padding_mask=jnp.asarray(pad),
+            global_qkv=g,
+            return_lse=True,
         )
     assert isinstance(out, jax.Array) and isinstance(lse, jax.Array)
-    want = fk.longformer_attention(q, k, v, 2, dilation=[1, 2, 3], global_tokens=glob, padding_mask=pad, global_qkv=gqkv)
+    want = fk.longformer_attention(
+        q, k, v, 2, dilation=[1, 2, 3], global_tokens=glob, padding_mask=pad, global_qkv=gqkv
+    )
     np.testing.assert_array_equal(np.asarray(out), want)
     with pytest.raises(TypeError, match="jax tracing|DLPack"):
         jax.jit(lambda a, b, c: fk.longformer_attention(a, b, c, 2))(*args)
@@ -423,8 +454,14 @@ def test_torch_autograd_matches_torch_reference(case, mask_kind):
     else:
         gt, pt = [np.flatnonzero(glob[bb]).tolist() for bb in range(b)], torch.from_numpy(pad).to(torch.int64)
     out, lse = fk.longformer_attention(
-        *mine[:3], w, dilation=dil, causal=causal, global_tokens=gt, padding_mask=pt,
-        global_qkv=tuple(mine[3:]) if sep else None, return_lse=True,
+        *mine[:3],
+        w,
+        dilation=dil,
+        causal=causal,
+        global_tokens=gt,
+        padding_mask=pt,
+        global_qkv=tuple(mine[3:]) if sep else None,
+        return_lse=True,
     )
     want, want_lse = torch_longformer(
         *ref[:3], w, dilation=dil, causal=causal, glob=glob, pad=pad, gqkv=tuple(ref[3:]) if sep else None
@@ -455,7 +492,9 @@ def test_torch_sum_backward_and_no_grad():
     # the functional backward with torch tensors equals autograd's
     t = [x.detach() for x in leaves]
     out, lse = fk.longformer_attention(*t, 2, global_tokens=torch.from_numpy(glob), return_lse=True)
-    grads = fk.longformer_attention_backward(*t, out, lse, torch.ones_like(out), 2, global_tokens=torch.from_numpy(glob))
+    grads = fk.longformer_attention_backward(
+        *t, out, lse, torch.ones_like(out), 2, global_tokens=torch.from_numpy(glob)
+    )
     for g, a in zip(grads, leaves):
         torch.testing.assert_close(g, a.grad)
 
@@ -466,8 +505,15 @@ def test_torch_bfloat16_cpu():
     case = (2, 15, 2, 8, 2, [1, 2], True, 2, "tail", True)
     q, k, v, gqkv, glob, pad = _inputs(rng, case)
     leaves = _leaves((q, k, v) + gqkv, torch.bfloat16)
-    out = fk.longformer_attention(*leaves[:3], 2, dilation=[1, 2], causal=True, global_tokens=torch.from_numpy(glob),
-                                  padding_mask=torch.from_numpy(pad), global_qkv=tuple(leaves[3:]))
+    out = fk.longformer_attention(
+        *leaves[:3],
+        2,
+        dilation=[1, 2],
+        causal=True,
+        global_tokens=torch.from_numpy(glob),
+        padding_mask=torch.from_numpy(pad),
+        global_qkv=tuple(leaves[3:]),
+    )
     assert out.dtype == torch.bfloat16
     ref = _leaves([x.astype(np.float32) for x in (q, k, v) + gqkv], torch.float64)
     want, _ = torch_longformer(*ref[:3], 2, dilation=[1, 2], causal=True, glob=glob, pad=pad, gqkv=tuple(ref[3:]))
@@ -513,8 +559,9 @@ def test_torch_compile_fullgraph(backend):
     gt, pt = torch.from_numpy(glob), torch.from_numpy(pad)
 
     def f(q, k, v, qg, kg, vg, gt, pt):
-        o, lse = fk.longformer_attention(q, k, v, 2, dilation=[1, 3], global_tokens=gt, padding_mask=pt,
-                                         global_qkv=(qg, kg, vg), return_lse=True)
+        o, lse = fk.longformer_attention(
+            q, k, v, 2, dilation=[1, 3], global_tokens=gt, padding_mask=pt, global_qkv=(qg, kg, vg), return_lse=True
+        )
         return o * 2.0, lse
 
     compiled = torch.compile(f, fullgraph=True, backend=backend)
@@ -530,7 +577,9 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a.grad, r.grad)
     # index lists (graph constants), no global projections
     idx = [np.flatnonzero(glob[bb]).tolist() for bb in range(2)]
-    g = torch.compile(lambda q, k, v: fk.longformer_attention(q, k, v, 2, global_tokens=idx), fullgraph=True, backend=backend)
+    g = torch.compile(
+        lambda q, k, v: fk.longformer_attention(q, k, v, 2, global_tokens=idx), fullgraph=True, backend=backend
+    )
     torch.testing.assert_close(g(*mine[:3]), fk.longformer_attention(*eager[:3], 2, global_tokens=gt))
 
 

@@ -74,8 +74,16 @@ def _softmax_av(s, allowed, v):
     return np.einsum("bhij,bjhd->bihd", p, v)
 
 
-def longformer_ref(t, w, scale, *, window_extra=0, local_sees_globals=True,
-                   double_count_globals=False, global_rows_use_global_proj=True):
+def longformer_ref(
+    t,
+    w,
+    scale,
+    *,
+    window_extra=0,
+    local_sees_globals=True,
+    double_count_globals=False,
+    global_rows_use_global_proj=True,
+):
     """Dense masked float64 Longformer. The keyword arguments produce deliberately WRONG
     variants (used to show the fixtures discriminate between rules)."""
     f = {k: t[k].astype(np.float64) for k in ("q", "k", "v", "q_g", "k_g", "v_g")}
@@ -118,7 +126,7 @@ def test_fixture_well_formed(name):
     assert not (glob & pad).any(), "a padded token is global"
     lengths = (~pad).sum(axis=1)
     for bb in range(b):  # padding is a suffix
-        assert not pad[bb, : lengths[bb]].any() and pad[bb, lengths[bb]:].all()
+        assert not pad[bb, : lengths[bb]].any() and pad[bb, lengths[bb] :].all()
     assert len(set(lengths.tolist())) == b, "padding lengths should differ per batch element"
     # padded query rows: HF outputs exactly 0 there, as flashkernels does
     assert (t["out_hf"][pad] == 0).all()
@@ -170,14 +178,15 @@ def test_fixtures_discriminate_wrong_rules(name):
     w, scale = cfg["window"], cfg["scale"]
     real = ~t["padding_mask"]
     hf = t["out_hf"].astype(np.float64)
-    variants = {"window w-1": dict(window_extra=-1), "window w+1": dict(window_extra=1),
-                "scale 1": dict()}
+    variants = {"window w-1": dict(window_extra=-1), "window w+1": dict(window_extra=1), "scale 1": dict()}
     if t["global_mask"].any():
-        variants.update({
-            "local rows ignore global keys": dict(local_sees_globals=False),
-            "global key in window counted twice": dict(double_count_globals=True),
-            "global rows use q/k/v": dict(global_rows_use_global_proj=False),
-        })
+        variants.update(
+            {
+                "local rows ignore global keys": dict(local_sees_globals=False),
+                "global key in window counted twice": dict(double_count_globals=True),
+                "global rows use q/k/v": dict(global_rows_use_global_proj=False),
+            }
+        )
     for label, kw in variants.items():
         sc = 1.0 if label == "scale 1" else scale
         wrong = longformer_ref(t, w, sc, **kw)

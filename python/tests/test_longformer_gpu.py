@@ -62,8 +62,14 @@ def _run_case(case, dtype, mask_kind="tensor", seed=0):
     mine = [x.clone().requires_grad_() for x in raw]
     ref = [x.float().clone().requires_grad_() for x in raw]
     out, lse = fk.longformer_attention(
-        *mine[:3], w, dilation=dil, causal=causal, global_tokens=gt, padding_mask=pt,
-        global_qkv=tuple(mine[3:]) if sep else None, return_lse=True,
+        *mine[:3],
+        w,
+        dilation=dil,
+        causal=causal,
+        global_tokens=gt,
+        padding_mask=pt,
+        global_qkv=tuple(mine[3:]) if sep else None,
+        return_lse=True,
     )
     want, want_lse = torch_longformer(
         *ref[:3], w, dilation=dil, causal=causal, glob=glob, pad=pad, gqkv=tuple(ref[3:]) if sep else None
@@ -132,12 +138,17 @@ def test_non_default_stream_and_determinism():
 def test_torch_compile_cuda():
     torch._dynamo.reset()
     gen = torch.Generator(device="cuda").manual_seed(2)
-    t = [torch.randn(2, 96, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
+    t = [
+        torch.randn(2, 96, 2, 64, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(6)
+    ]
     glob, pad = _make_masks(np.random.default_rng(2), 2, 96, 3, "tail")
     gt, pt = torch.from_numpy(glob).cuda(), torch.from_numpy(pad).cuda()
 
     def f(q, k, v, qg, kg, vg):
-        return fk.longformer_attention(q, k, v, 8, dilation=[1, 2], global_tokens=gt, padding_mask=pt, global_qkv=(qg, kg, vg))
+        return fk.longformer_attention(
+            q, k, v, 8, dilation=[1, 2], global_tokens=gt, padding_mask=pt, global_qkv=(qg, kg, vg)
+        )
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(*t)
     out.float().sum().backward()

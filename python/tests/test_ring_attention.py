@@ -335,7 +335,7 @@ def results_of(codes, outputs):
     for out in outputs:
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         assert len(lines) == 1, out
-        results.append(json.loads(lines[0][len("RESULT "):]))
+        results.append(json.loads(lines[0][len("RESULT ") :]))
     return results
 
 

@@ -84,14 +84,19 @@ def test_autograd_vs_torch_sdpa(case, layout):
     causal, window, scale = c.get("causal", False), c.get("window", (-1, -1)), c.get("scale")
     q, k, v = leaves((b, nq, h, d), (b, nk, hkv, d), (b, nk, hkv, d))
     dout = torch.randn(b, nq, h, d)
-    want, want_grads = grads_of(lambda q, k, v: sdpa_reference(q, k, v, causal=causal, window=window, scale=scale), (q, k, v), dout)
+    want, want_grads = grads_of(
+        lambda q, k, v: sdpa_reference(q, k, v, causal=causal, window=window, scale=scale), (q, k, v), dout
+    )
     if layout == "flash":
         fn = lambda q, k, v: fk.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window)  # noqa: E731
     else:
         if window != (-1, -1) or (causal and nq != nk):
             pytest.skip("torch's layout has no window, and its is_causal is top-left")
         t = lambda x: x.transpose(1, 2)  # noqa: E731
-        fn = lambda q, k, v: t(fk.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=causal, scale=scale, enable_gqa=True))  # noqa: E731
+
+        def fn(q, k, v):
+            return t(fk.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=causal, scale=scale, enable_gqa=True))
+
     got, got_grads = grads_of(fn, (q, k, v), dout)
     assert_close(got, want, 1e-5)
     for g, w, x in zip(got_grads, want_grads, (q, k, v)):
@@ -118,7 +123,9 @@ def test_varlen_autograd_vs_per_sequence_sdpa():
         return torch.cat(outs)
 
     want, want_grads = grads_of(reference, (q, k, v), dout)
-    got, got_grads = grads_of(lambda q, k, v: fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, causal=True), (q, k, v), dout)
+    got, got_grads = grads_of(
+        lambda q, k, v: fk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, causal=True), (q, k, v), dout
+    )
     assert_close(got, want, 1e-5)
     for g, w in zip(got_grads, want_grads):
         assert_close(g, w, 1e-4)
@@ -344,7 +351,9 @@ def test_compile_counts_one_graph():
 
 
 def run_python(code):
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -375,7 +384,9 @@ def test_import_flashkernels_then_torch():
 
 
 def test_import_torch_then_flashkernels():
-    out = run_python("import torch\nimport flashkernels as fk\nassert hasattr(torch.ops.flashkernels, 'attention_bwd')\n" + OPCHECK)
+    out = run_python(
+        "import torch\nimport flashkernels as fk\nassert hasattr(torch.ops.flashkernels, 'attention_bwd')\n" + OPCHECK
+    )
     assert out.strip() == "ok"
 
 
@@ -393,7 +404,8 @@ def test_first_use_registers_under_compile():
         "import torch\n"
         "assert 'flashkernels._torch' not in sys.modules\n"
         "q = torch.randn(1, 5, 2, 8, requires_grad=True)\n"
-        "f = torch.compile(lambda q: fk.flash_attn_func(q, q, q, causal=True).sum(), fullgraph=True, backend='aot_eager')\n"
+        "f = torch.compile(lambda q: fk.flash_attn_func(q, q, q, causal=True).sum(), fullgraph=True,"
+        " backend='aot_eager')\n"
         "f(q).backward()\n"
         "assert q.grad is not None and hasattr(torch.ops.flashkernels, 'attention_fwd')\n"
         "print('ok')\n"
@@ -419,7 +431,9 @@ def test_torch_errors():
         fk.scaled_dot_product_attention(q.transpose(1, 2), k[:, :, :2].transpose(1, 2), k[:, :, :2].transpose(1, 2))
     packed = torch.randn(10, 2, 8)
     with pytest.raises(TypeError, match="cu_seqlens_q must be int32.*got int64"):
-        fk.flash_attn_varlen_func(packed, packed, packed, torch.tensor([0, 10]), torch.tensor([0, 10], dtype=torch.int32), 10, 10)
+        fk.flash_attn_varlen_func(
+            packed, packed, packed, torch.tensor([0, 10]), torch.tensor([0, 10], dtype=torch.int32), 10, 10
+        )
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"max_seqlen_q=5 is smaller than the longest sequence \(6\)"):
         fk.flash_attn_varlen_func(packed, packed, packed, cu, cu, 5, 6)
