@@ -10,6 +10,9 @@ bash scripts/bootstrap.sh --test-env
 eval "$(bash scripts/bootstrap.sh --env)"
 
 echo "== format and lint"
+# Python (every *.py of the repository; config in pyproject.toml's [tool.ruff]): seconds.
+ruff check --no-cache .
+ruff format --check --no-cache .
 cargo fmt --check
 cargo clippy --all-targets --features python -- -D warnings
 
