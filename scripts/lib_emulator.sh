@@ -3,21 +3,25 @@
 # `eval "$(bash scripts/bootstrap.sh --env)"` (the CUDA headers come from there).
 
 # The kernels include "../common/launch.cuh" and "../common/mma_sm80.cuh" relative to
-# themselves. To build the real sources against the emulator's versions of those two
-# headers without copying anything, the tests see kernels/ through an overlay of symlinks,
-# OBJ/emulated/: attention/*, conv/*, include/ and common/gemm_sm80.cuh are the files of
-# KERNELS_ROOT/kernels, the other common/* are tests/emulator/mock/*. (A quoted include is
-# looked up beside the path the including file was opened by, which is the overlay's.)
+# themselves (kernels/attention/common/* one level further up). To build the real sources
+# against the emulator's versions of those two headers without copying anything, the tests
+# see kernels/ through an overlay of symlinks, OBJ/emulated/: every file of
+# KERNELS_ROOT/kernels, linked one by one at the same relative path (the folders are real,
+# so `..` stays inside the overlay), except common/launch.cuh and common/mma_sm80.cuh, which
+# are tests/emulator/mock/*. (A quoted include is looked up beside the path the including
+# file was opened by, which is the overlay's.)
 # Usage: emu_overlay KERNELS_ROOT TESTS_ROOT OBJ
 emu_overlay() {
-  local kroot=$1 troot=$2 obj=$3
+  local kroot=$1 troot=$2 obj=$3 f
   rm -rf "$obj/emulated"
-  mkdir -p "$obj/emulated/attention" "$obj/emulated/conv" "$obj/emulated/common"
-  ln -s "$kroot"/kernels/attention/* "$obj/emulated/attention/"
-  ln -s "$kroot"/kernels/conv/* "$obj/emulated/conv/"
-  ln -s "$troot"/tests/emulator/mock/* "$obj/emulated/common/"
-  ln -s "$kroot/kernels/common/gemm_sm80.cuh" "$obj/emulated/common/"
-  ln -s "$kroot/kernels/include" "$obj/emulated/include"
+  while IFS= read -r f; do
+    mkdir -p "$obj/emulated/$(dirname "$f")"
+    ln -s "$kroot/kernels/$f" "$obj/emulated/$f"
+  done < <(cd "$kroot/kernels" && find . -type f -printf '%P\n' | sort)
+  mkdir -p "$obj/emulated/common"
+  for f in "$troot"/tests/emulator/mock/*; do
+    ln -sfn "$f" "$obj/emulated/common/$(basename "$f")"
+  done
 }
 
 # Builds one emulator program in one of three flavours:

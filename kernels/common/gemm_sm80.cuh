@@ -22,32 +22,10 @@
 
 #include "launch.cuh"
 #include "mma_sm80.cuh"
+#include "numeric.cuh"
 
 namespace fk {
 namespace gemm {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// Activation selected at run time: one instantiation serves all four (fk_activation).
-__device__ __forceinline__ float activate(float v, int act) {
-  switch (act) {
-  case 1: return fmaxf(v, 0.f);
-  case 2: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-  case 3: return v / (1.f + expf(-v));
-  default: return v;
-  }
-}
 
 // An index i unravelled as (i0, i1, i2), i2 fastest (sizes (*, d1, d2)), mapped to the
 // offset i0 s0 + i1 s1 + i2 s2: output pixels (n, p, q), filter taps (r, s, c), or a plain

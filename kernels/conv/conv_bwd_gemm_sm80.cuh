@@ -35,7 +35,7 @@ __global__ void col2im_kernel(const float *dcol, const fk_conv2d_bwd_params p, i
       }
     }
     static_cast<T *>(p.dx)[n * p.dx_strides[0] + c * p.dx_strides[1] + h * p.dx_strides[2] +
-                           w * p.dx_strides[3]] = gemm::from_float<T>(acc);
+                           w * p.dx_strides[3]] = from_float<T>(acc);
   }
 }
 

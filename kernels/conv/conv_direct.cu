@@ -3,7 +3,8 @@
 // sums its own contributions in a fixed order, so results are deterministic (no atomics).
 #include <algorithm>
 
-#include "../common/gemm_sm80.cuh"
+#include "../common/launch.cuh"
+#include "../common/numeric.cuh"
 #include "conv.h"
 
 namespace fk {
@@ -41,17 +42,17 @@ template <typename T> __global__ void conv2d_fwd_direct_kernel(const fk_conv2d_p
         for (int ss = 0; ss < s.s; ++ss) {
           const int w = q * s.stride_w - s.pad_w + ss * s.dil_w;
           if (w < 0 || w >= s.w) continue;
-          acc += gemm::to_float(x[n * p.x_strides[0] + (g * cg + c) * p.x_strides[1] +
+          acc += to_float(x[n * p.x_strides[0] + (g * cg + c) * p.x_strides[1] +
                                   h * p.x_strides[2] + w * p.x_strides[3]]) *
-                 gemm::to_float(wt[k * p.w_strides[0] + c * p.w_strides[1] + r * p.w_strides[2] +
+                 to_float(wt[k * p.w_strides[0] + c * p.w_strides[1] + r * p.w_strides[2] +
                                    ss * p.w_strides[3]]);
         }
       }
-    if (bias != nullptr) acc += gemm::to_float(bias[k]);
+    if (bias != nullptr) acc += to_float(bias[k]);
     const int64_t off =
         n * p.y_strides[0] + k * p.y_strides[1] + op * p.y_strides[2] + q * p.y_strides[3];
-    if (p.y_pre != nullptr) static_cast<T *>(p.y_pre)[off] = gemm::from_float<T>(acc);
-    static_cast<T *>(p.y)[off] = gemm::from_float<T>(gemm::activate(acc, p.activation));
+    if (p.y_pre != nullptr) static_cast<T *>(p.y_pre)[off] = from_float<T>(acc);
+    static_cast<T *>(p.y)[off] = from_float<T>(activate(acc, p.activation));
   }
 }
 
@@ -74,15 +75,15 @@ template <typename T> __global__ void conv2d_dx_direct_kernel(const fk_conv2d_bw
         for (int ss = 0; ss < s.s; ++ss) {
           const int wq = w + s.pad_w - ss * s.dil_w;
           if (wq < 0 || wq % s.stride_w != 0 || wq / s.stride_w >= s.q) continue;
-          acc += gemm::to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
+          acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
                                    (hp / s.stride_h) * p.dy_strides[2] +
                                    (wq / s.stride_w) * p.dy_strides[3]]) *
-                 gemm::to_float(wt[k * p.w_strides[0] + (c - g * cg) * p.w_strides[1] +
+                 to_float(wt[k * p.w_strides[0] + (c - g * cg) * p.w_strides[1] +
                                    r * p.w_strides[2] + ss * p.w_strides[3]]);
         }
       }
     static_cast<T *>(p.dx)[n * p.dx_strides[0] + c * p.dx_strides[1] + h * p.dx_strides[2] +
-                           w * p.dx_strides[3]] = gemm::from_float<T>(acc);
+                           w * p.dx_strides[3]] = from_float<T>(acc);
   }
 }
 
@@ -105,14 +106,14 @@ template <typename T> __global__ void conv2d_dw_direct_kernel(const fk_conv2d_bw
         for (int q = 0; q < s.q; ++q) {
           const int w = q * s.stride_w - s.pad_w + ss * s.dil_w;
           if (w < 0 || w >= s.w) continue;
-          acc += gemm::to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
+          acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
                                    op * p.dy_strides[2] + q * p.dy_strides[3]]) *
-                 gemm::to_float(x[n * p.x_strides[0] + xc + h * p.x_strides[2] +
+                 to_float(x[n * p.x_strides[0] + xc + h * p.x_strides[2] +
                                   w * p.x_strides[3]]);
         }
       }
     static_cast<T *>(p.dweight)[k * p.dw_strides[0] + c * p.dw_strides[1] + r * p.dw_strides[2] +
-                                ss * p.dw_strides[3]] = gemm::from_float<T>(acc);
+                                ss * p.dw_strides[3]] = from_float<T>(acc);
   }
 }
 
@@ -126,12 +127,12 @@ template <typename T> __global__ void conv2d_dbias_kernel(const fk_conv2d_bwd_pa
     float acc = 0.f;
     for (int64_t i = lane; i < pixels; i += 32) {
       const int q = int(i % s.q), op = int(i / s.q % s.p), n = int(i / s.q / s.p);
-      acc += gemm::to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] + op * p.dy_strides[2] +
+      acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] + op * p.dy_strides[2] +
                                q * p.dy_strides[3]]);
     }
 #pragma unroll
     for (int m = 16; m > 0; m /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-    if (lane == 0) static_cast<T *>(p.dbias)[k] = gemm::from_float<T>(acc);
+    if (lane == 0) static_cast<T *>(p.dbias)[k] = from_float<T>(acc);
   }
 }
 

@@ -82,7 +82,7 @@ template <class Traits, int ROWS> struct Im2colLoader {
         const int h = h0[i] + (rs / op.s) * op.dil_h, w = w0[i] + (rs % op.s) * op.dil_w;
         const bool in = kk < op.cols && h >= 0 && h < op.h && w >= 0 && w < op.w;
         v[e] = in ? x[pixel_offset[i] + c * op.xs[1] + h * op.xs[2] + w * op.xs[3]]
-                  : gemm::from_float<Element>(0.f);
+                  : from_float<Element>(0.f);
       }
       *reinterpret_cast<uint4 *>(tile + Traits::Tile::offset(i * kRowsPerPass + row_in_pass,
                                                              chunk)) =
@@ -116,7 +116,7 @@ __global__ void im2col_kernel(const Im2colOperand<Element> op, Element *col, int
             *reinterpret_cast<const uint4 *>(xp + c + h * op.xs[2] + w * op.xs[3]);
       } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = gemm::from_float<Element>(0.f);
+        for (int e = 0; e < 8; ++e) v[e] = from_float<Element>(0.f);
       }
     } else {
 #pragma unroll
@@ -125,7 +125,7 @@ __global__ void im2col_kernel(const Im2colOperand<Element> op, Element *col, int
         const int c = kk % op.c_group, rs = kk / op.c_group;
         const int h = h0 + (rs / op.s) * op.dil_h, w = w0 + (rs % op.s) * op.dil_w;
         const bool in = kk < op.cols && h >= 0 && h < op.h && w >= 0 && w < op.w;
-        v[e] = in ? xp[c * op.xs[1] + h * op.xs[2] + w * op.xs[3]] : gemm::from_float<Element>(0.f);
+        v[e] = in ? xp[c * op.xs[1] + h * op.xs[2] + w * op.xs[3]] : from_float<Element>(0.f);
       }
     }
     *reinterpret_cast<uint4 *>(col + (int64_t(g) * op.rows + m) * ld + k0) =

@@ -3,8 +3,8 @@
 // cover it, so it is deterministic and needs no atomics.
 #include <algorithm>
 
-#include "../common/gemm_sm80.cuh"
 #include "../common/launch.cuh"
+#include "../common/numeric.cuh"
 #include "../include/fk_conv.h"
 
 namespace fk {
@@ -74,7 +74,7 @@ template <typename T> __global__ void pool2d_fwd_kernel(const fk_pool2d_params f
         for (int kw = 0; kw < f.kernel_w; ++kw) {
           const int w = w0 + kw * f.dil_w;
           if (w < 0 || w >= f.w) continue;
-          const float v = gemm::to_float(xp[h * f.x_strides[2] + w * f.x_strides[3]]);
+          const float v = to_float(xp[h * f.x_strides[2] + w * f.x_strides[3]]);
           if (v > best || v != v) { // as torch: NaN propagates, the last NaN's index
             best = v;
             arg = h * f.w + w;
@@ -88,11 +88,11 @@ template <typename T> __global__ void pool2d_fwd_kernel(const fk_pool2d_params f
       float sum = 0.f;
       for (int h = win.h0; h < win.h1; ++h)
         for (int w = win.w0; w < win.w1; ++w)
-          sum += gemm::to_float(xp[h * f.x_strides[2] + w * f.x_strides[3]]);
+          sum += to_float(xp[h * f.x_strides[2] + w * f.x_strides[3]]);
       out = sum / win.divisor;
     }
     static_cast<T *>(f.y)[n * f.y_strides[0] + c * f.y_strides[1] + op * f.y_strides[2] +
-                          q * f.y_strides[3]] = gemm::from_float<T>(out);
+                          q * f.y_strides[3]] = from_float<T>(out);
   }
 }
 
@@ -125,7 +125,7 @@ template <typename T> __global__ void pool2d_bwd_kernel(const fk_pool2d_bwd_para
     float acc = 0.f;
     covering(h, f.kernel_h, f.stride_h, f.pad_h, dil_h, f.p, [&](int op) {
       covering(w, f.kernel_w, f.stride_w, f.pad_w, dil_w, f.q, [&](int q) {
-        const float g = gemm::to_float(dyp[op * f.y_strides[2] + q * f.y_strides[3]]);
+        const float g = to_float(dyp[op * f.y_strides[2] + q * f.y_strides[3]]);
         if (is_max) {
           if (idx[op * f.q + q] == h * f.w + w) acc += g;
         } else {
@@ -134,7 +134,7 @@ template <typename T> __global__ void pool2d_bwd_kernel(const fk_pool2d_bwd_para
       });
     });
     static_cast<T *>(b.dx)[n * f.x_strides[0] + c * f.x_strides[1] + h * f.x_strides[2] +
-                           w * f.x_strides[3]] = gemm::from_float<T>(acc);
+                           w * f.x_strides[3]] = from_float<T>(acc);
   }
 }
 
