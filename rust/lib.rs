@@ -4,12 +4,12 @@
 //! Data flow: caller -> validation (typed [`Error`]s) -> plan (host-side sizes) -> C
 //! launcher (kernels/) on the caller's stream. See docs/ARCHITECTURE.md.
 
-pub mod attention;
-pub mod conv;
 mod error;
-pub mod longformer;
+pub mod ops;
 pub mod reference;
 pub mod tensor;
+
+pub use ops::{attention, conv, longformer, pool};
 
 #[cfg(all(feature = "cuda", feature = "emulator"))]
 compile_error!(
@@ -32,8 +32,9 @@ mod ffi;
 mod python;
 
 pub use attention::{AttentionOptions, AttentionOutput};
-pub use conv::{Activation, Conv2dOptions, ConvAlgo, Pool2dOptions};
+pub use conv::{Activation, Conv2dOptions, ConvAlgo};
 pub use error::{Error, Result};
+pub use pool::Pool2dOptions;
 pub use tensor::{DType, Element, HostData, HostTensor, Layout};
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]

@@ -12,9 +12,8 @@
 mod common;
 
 use common::Rng;
-use flashkernels::conv::{
-    self, Activation, Conv2dOptions, Conv2dProblem, ConvGrads, Indices, Pool2dOptions, PoolKind,
-};
+use flashkernels::conv::{self, Activation, Conv2dOptions, Conv2dProblem, ConvGrads};
+use flashkernels::pool::{self, Indices, Pool2dOptions, PoolKind};
 use flashkernels::reference;
 use flashkernels::{DType, HostData, HostTensor, Layout, Tensor};
 use proptest::prelude::*;
@@ -273,11 +272,11 @@ proptest! {
         prop_assert_eq!(ga.dbias.as_ref().unwrap().shape(), &[case.k][..]);
         // Same for pooling.
         let opts = Pool2dOptions { padding: [0, 0], ..Pool2dOptions::new([2.min(case.h), 2.min(case.w)]) };
-        let ma = conv::max_pool2d_cpu(&xn, &opts).unwrap();
-        let mc = conv::max_pool2d_cpu(&xh, &opts).unwrap();
+        let ma = pool::max_pool2d_cpu(&xn, &opts).unwrap();
+        let mc = pool::max_pool2d_cpu(&xh, &opts).unwrap();
         prop_assert_eq!(&ma.y, &mc.y);
         prop_assert_eq!(ma.indices.to_host().unwrap(), mc.indices.to_host().unwrap());
-        prop_assert_eq!(conv::avg_pool2d_cpu(&xn, &opts).unwrap(), conv::avg_pool2d_cpu(&xh, &opts).unwrap());
+        prop_assert_eq!(pool::avg_pool2d_cpu(&xn, &opts).unwrap(), pool::avg_pool2d_cpu(&xh, &opts).unwrap());
     }
 
     /// Max pooling: each output is the value at its index, the index lies in the window
@@ -293,7 +292,7 @@ proptest! {
         let xl = Layout::contiguous(&[n, c, h, w]);
         // A dilated window wholly in padding (undefined in torch) is skipped and redrawn;
         // `pool_rejections_are_rare` asserts that is about 2% of the draws.
-        let p = conv::validate_pool(PoolKind::Max, (DType::F32, &xl), &opts);
+        let p = pool::validate_pool(PoolKind::Max, (DType::F32, &xl), &opts);
         prop_assume!(p.is_ok(), "rejected: {:?}", p.err());
         let p = p.unwrap();
         let mut rng = Rng::new(seed);
@@ -346,7 +345,7 @@ proptest! {
         let (n, c) = (2, 2);
         let xl = Layout::contiguous(&[n, c, h, w]);
         // Every undilated case is valid (`pool_rejections_are_rare` checks the whole grid).
-        let p = conv::validate_pool(PoolKind::Avg, (DType::F32, &xl), &opts)
+        let p = pool::validate_pool(PoolKind::Avg, (DType::F32, &xl), &opts)
             .unwrap_or_else(|e| panic!("{opts:?} {h}x{w}: {e}"));
         let mut rng = Rng::new(seed);
         let x = random(&mut rng, n * c * h * w);
@@ -479,7 +478,7 @@ fn pool_rejections_are_rare() {
                             let (opts, h, w) = pool_case(h, w, kernel, stride, dilation, ceil, pad);
                             let xl = Layout::contiguous(&[2, 2, h, w]);
                             total += 1;
-                            match conv::validate_pool(kind, (DType::F32, &xl), &opts) {
+                            match pool::validate_pool(kind, (DType::F32, &xl), &opts) {
                                 Ok(_) => {}
                                 Err(e) => {
                                     // Only the wholly-in-padding window is refused.
@@ -588,7 +587,7 @@ fn max_pool_padding_never_wins_and_neg_inf_input() {
         padding: [1, 1],
         ..Pool2dOptions::new([3, 3])
     };
-    let o = conv::max_pool2d_cpu(&x, &opts).unwrap();
+    let o = pool::max_pool2d_cpu(&x, &opts).unwrap();
     assert_eq!(o.y.shape(), &[1, 1, 3, 3]);
     assert_eq!(
         o.indices.to_host().unwrap(),
@@ -596,7 +595,7 @@ fn max_pool_padding_never_wins_and_neg_inf_input() {
     );
     // Negative inputs with padding: the max is a real element, never the padding's 0.
     let x = HostTensor::from_vec((1..=9).map(|v| -(v as f32)).collect(), &[1, 1, 3, 3]).unwrap();
-    let o = conv::max_pool2d_cpu(&x, &opts).unwrap();
+    let o = pool::max_pool2d_cpu(&x, &opts).unwrap();
     assert_eq!(
         o.y.to_f32_vec(),
         vec![-1., -1., -2., -1., -1., -2., -4., -4., -5.]
@@ -667,7 +666,7 @@ fn public_api_dispatches_and_shapes() {
     assert_eq!(g.dweight.unwrap().to_host().unwrap().shape(), &[6, 2, 3, 3]);
     let pool = Pool2dOptions::new([2, 2]);
     let xt = Tensor::Host(x);
-    let m = conv::max_pool2d(&xt, &pool).unwrap();
+    let m = pool::max_pool2d(&xt, &pool).unwrap();
     assert_eq!(m.y.to_host().unwrap().shape(), &[2, 4, 4, 3]);
     #[allow(irrefutable_let_patterns)]
     let Indices::Host(idx) = &m.indices
@@ -675,10 +674,10 @@ fn public_api_dispatches_and_shapes() {
         panic!("host indices")
     };
     assert_eq!(idx.len(), 2 * 4 * 4 * 3);
-    let dx = conv::max_pool2d_backward(&xt, &m.y, &m.indices, &pool).unwrap();
+    let dx = pool::max_pool2d_backward(&xt, &m.y, &m.indices, &pool).unwrap();
     assert_eq!(dx.to_host().unwrap().shape(), &[2, 4, 9, 7]);
-    let a = conv::avg_pool2d(&xt, &pool).unwrap();
-    let dxa = conv::avg_pool2d_backward(&xt, &a, &pool).unwrap();
+    let a = pool::avg_pool2d(&xt, &pool).unwrap();
+    let dxa = pool::avg_pool2d_backward(&xt, &a, &pool).unwrap();
     assert_eq!(dxa.to_host().unwrap().shape(), &[2, 4, 9, 7]);
     // f16 in, f16 out.
     let h = HostTensor::from_data(
@@ -686,5 +685,5 @@ fn public_api_dispatches_and_shapes() {
         Layout::contiguous(&[1, 1, 4, 4]),
     )
     .unwrap();
-    assert_eq!(conv::avg_pool2d_cpu(&h, &pool).unwrap().dtype(), DType::F16);
+    assert_eq!(pool::avg_pool2d_cpu(&h, &pool).unwrap().dtype(), DType::F16);
 }

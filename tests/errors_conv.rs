@@ -3,7 +3,8 @@
 //! reached through `conv::cuda::*_views` with fake device pointers, which are validated
 //! before anything is launched (CUDA builds only).
 
-use flashkernels::conv::{self, Activation, Conv2dOptions, ConvAlgo, ConvGrads, Pool2dOptions};
+use flashkernels::conv::{self, Activation, Conv2dOptions, ConvAlgo, ConvGrads};
+use flashkernels::pool::{self, Pool2dOptions};
 use flashkernels::{DType, Error, HostTensor, Layout, Tensor};
 
 fn t(shape: &[usize]) -> HostTensor {
@@ -54,8 +55,8 @@ fn valid_inputs_pass() {
     };
     let y = conv::conv2d_cpu(&x, &w, Some(&b), &o, true).unwrap();
     assert_eq!(y.y.shape(), &[2, 6, 6, 5]);
-    conv::max_pool2d_cpu(&x, &Pool2dOptions::new([2, 2])).unwrap();
-    conv::avg_pool2d_cpu(&x, &Pool2dOptions::new([2, 2])).unwrap();
+    pool::max_pool2d_cpu(&x, &Pool2dOptions::new([2, 2])).unwrap();
+    pool::avg_pool2d_cpu(&x, &Pool2dOptions::new([2, 2])).unwrap();
 }
 
 #[test]
@@ -75,7 +76,7 @@ fn wrong_rank() {
     assert_mentions(&e, &["x", "[4, 6, 5]", "(batch, channels, height, width)"]);
     let e = fail(&t(&[1, 4, 6, 5]), &t(&[6, 4, 3]), None, &opts());
     assert!(matches!(e, Error::Rank { name: "weight", .. }), "{e:?}");
-    let e = conv::max_pool2d_cpu(&t(&[4, 6, 5]), &Pool2dOptions::new([2, 2])).unwrap_err();
+    let e = pool::max_pool2d_cpu(&t(&[4, 6, 5]), &Pool2dOptions::new([2, 2])).unwrap_err();
     assert!(matches!(e, Error::Rank { name: "x", .. }), "{e:?}");
 }
 
@@ -86,7 +87,7 @@ fn empty_tensors() {
     assert_mentions(&e, &["[0, 4, 6, 5]"]);
     let e = fail(&t(&[1, 4, 6, 5]), &t(&[0, 4, 3, 3]), None, &opts());
     assert!(matches!(e, Error::Empty { name: "weight", .. }), "{e:?}");
-    let e = conv::avg_pool2d_cpu(&t(&[1, 0, 6, 5]), &Pool2dOptions::new([2, 2])).unwrap_err();
+    let e = pool::avg_pool2d_cpu(&t(&[1, 0, 6, 5]), &Pool2dOptions::new([2, 2])).unwrap_err();
     assert!(matches!(e, Error::Empty { name: "x", .. }), "{e:?}");
 }
 
@@ -168,7 +169,7 @@ fn zero_stride_or_dilation() {
     let pool = |f: fn(&mut Pool2dOptions)| {
         let mut o = Pool2dOptions::new([2, 2]);
         f(&mut o);
-        conv::max_pool2d_cpu(&x, &o).unwrap_err()
+        pool::max_pool2d_cpu(&x, &o).unwrap_err()
     };
     assert_mentions(&pool(|o| o.stride = Some([1, 0])), &["stride", "[1, 0]"]);
     assert_mentions(
@@ -195,7 +196,7 @@ fn kernel_larger_than_padded_input() {
     };
     let e = fail(&t(&[1, 4, 6, 5]), &t(&[6, 4, 3, 3]), None, &dil);
     assert_mentions(&e, &["width", "7 wide", "5 + 2 * 0"]);
-    let e = conv::max_pool2d_cpu(&t(&[1, 1, 2, 2]), &Pool2dOptions::new([3, 3])).unwrap_err();
+    let e = pool::max_pool2d_cpu(&t(&[1, 1, 2, 2]), &Pool2dOptions::new([3, 3])).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
 }
 
@@ -206,7 +207,7 @@ fn pooling_options() {
         padding: [2, 1],
         ..Pool2dOptions::new([3, 3])
     };
-    let e = conv::max_pool2d_cpu(&x, &pad).unwrap_err();
+    let e = pool::max_pool2d_cpu(&x, &pad).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
     assert_mentions(&e, &["padding [2, 1]", "half", "[3, 3]"]);
     let dil = Pool2dOptions {
@@ -214,7 +215,7 @@ fn pooling_options() {
         ..Pool2dOptions::new([2, 2])
     };
     assert_mentions(
-        &conv::avg_pool2d_cpu(&x, &dil).unwrap_err(),
+        &pool::avg_pool2d_cpu(&x, &dil).unwrap_err(),
         &["dilation", "[2, 2]"],
     );
     let div = Pool2dOptions {
@@ -222,7 +223,7 @@ fn pooling_options() {
         ..Pool2dOptions::new([2, 2])
     };
     assert_mentions(
-        &conv::avg_pool2d_cpu(&x, &div).unwrap_err(),
+        &pool::avg_pool2d_cpu(&x, &div).unwrap_err(),
         &["divisor_override", "0"],
     );
     let div = Pool2dOptions {
@@ -230,7 +231,7 @@ fn pooling_options() {
         ..Pool2dOptions::new([2, 2])
     };
     assert_mentions(
-        &conv::max_pool2d_cpu(&x, &div).unwrap_err(),
+        &pool::max_pool2d_cpu(&x, &div).unwrap_err(),
         &["average-pooling"],
     );
     // A dilated window wholly in the padding.
@@ -240,7 +241,7 @@ fn pooling_options() {
         dilation: [1, 2],
         ..Pool2dOptions::new([1, 2])
     };
-    let e = conv::max_pool2d_cpu(&t(&[1, 1, 1, 1]), &o).unwrap_err();
+    let e = pool::max_pool2d_cpu(&t(&[1, 1, 1, 1]), &o).unwrap_err();
     assert_mentions(&e, &["wholly in the padding", "width"]);
 }
 
@@ -258,17 +259,17 @@ fn backward_arguments() {
     let e = conv::conv2d_backward_cpu(&x, &w, &dyh, &opts(), ConvGrads::ALL).unwrap_err();
     assert!(matches!(e, Error::DTypeMismatch { .. }), "{e:?}");
     let p = Pool2dOptions::new([2, 2]);
-    let m = conv::max_pool2d_cpu(&x, &p).unwrap();
+    let m = pool::max_pool2d_cpu(&x, &p).unwrap();
     let idx = m.indices.to_host().unwrap();
-    let e = conv::max_pool2d_backward_cpu(&x, &t(&[1, 4, 3, 3]), &idx, &p).unwrap_err();
+    let e = pool::max_pool2d_backward_cpu(&x, &t(&[1, 4, 3, 3]), &idx, &p).unwrap_err();
     assert_mentions(&e, &["dy", "[1, 4, 3, 3]", "[1, 4, 3, 2]"]);
-    let e = conv::max_pool2d_backward_cpu(&x, &m.y, &idx[1..], &p).unwrap_err();
+    let e = pool::max_pool2d_backward_cpu(&x, &m.y, &idx[1..], &p).unwrap_err();
     assert_mentions(&e, &["indices", "23", "24"]);
     let mut bad = idx.clone();
     bad[3] = 30;
-    let e = conv::max_pool2d_backward_cpu(&x, &m.y, &bad, &p).unwrap_err();
+    let e = pool::max_pool2d_backward_cpu(&x, &m.y, &bad, &p).unwrap_err();
     assert_mentions(&e, &["indices", "30", "6x5"]);
-    let e = conv::avg_pool2d_backward_cpu(&x, &t(&[1, 4, 3, 3]), &p).unwrap_err();
+    let e = pool::avg_pool2d_backward_cpu(&x, &t(&[1, 4, 3, 3]), &p).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
 }
 
@@ -304,7 +305,8 @@ mod cuda {
     //! fail before the driver is touched.
 
     use super::*;
-    use flashkernels::conv::{cuda, PoolKind};
+    use flashkernels::conv::cuda;
+    use flashkernels::pool::{cuda as pool_cuda, PoolKind};
     use flashkernels::DeviceView;
 
     fn view(dtype: DType, shape: &[usize], ptr: u64, device: usize) -> DeviceView {
@@ -353,18 +355,42 @@ mod cuda {
         .unwrap_err();
         assert_mentions(&e, &["dx", "[1, 8, 6, 6]"]);
         let y = view(DType::F16, &[1, 8, 3, 3], 0x3000, 0);
-        let e = unsafe {
-            cuda::pool2d_forward_views(
-                PoolKind::Max,
-                &x,
-                &y,
-                0,
-                &Pool2dOptions::new([2, 2]),
-                std::ptr::null_mut(),
-            )
-        }
-        .unwrap_err();
-        assert_mentions(&e, &["indices", "0x0"]);
+        let max_pool = |indices: Option<&pool_cuda::IndicesView>| {
+            unsafe {
+                pool_cuda::pool2d_forward_views(
+                    PoolKind::Max,
+                    &x,
+                    &y,
+                    indices,
+                    &Pool2dOptions::new([2, 2]),
+                    std::ptr::null_mut(),
+                )
+            }
+            .unwrap_err()
+        };
+        assert_mentions(&max_pool(None), &["indices", "int32"]);
+        // The indices carry their shape: a short buffer is refused, never written past.
+        let short = pool_cuda::IndicesView {
+            ptr: 0x4000,
+            shape: vec![1, 8, 3, 2],
+            device: 0,
+        };
+        assert_mentions(
+            &max_pool(Some(&short)),
+            &["indices", "[1, 8, 3, 2]", "[1, 8, 3, 3]"],
+        );
+        let elsewhere = pool_cuda::IndicesView {
+            ptr: 0x4000,
+            shape: vec![1, 8, 3, 3],
+            device: 1,
+        };
+        assert_mentions(&max_pool(Some(&elsewhere)), &["indices", "cuda:1"]);
+        let misaligned = pool_cuda::IndicesView {
+            ptr: 0x4002,
+            shape: vec![1, 8, 3, 3],
+            device: 0,
+        };
+        assert_mentions(&max_pool(Some(&misaligned)), &["indices", "0x4002"]);
     }
     #[test]
     fn plan_follows_the_header_contract() {

@@ -7,9 +7,8 @@
 mod common;
 
 use common::Rng;
-use flashkernels::conv::{
-    self, cuda, Activation, Conv2dOptions, ConvAlgo, ConvGrads, Pool2dOptions, PoolKind,
-};
+use flashkernels::conv::{self, cuda, Activation, Conv2dOptions, ConvAlgo, ConvGrads};
+use flashkernels::pool::{self, Pool2dOptions, PoolKind};
 use flashkernels::{DType, Device, DeviceTensor, HostTensor, Layout, Stream, Tensor};
 
 /// A stream on device 0, or a panic that says there is no GPU.
@@ -220,8 +219,8 @@ fn check_pool(
     if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
         for x in [&xd, &xh] {
             let e = match kind {
-                PoolKind::Max => conv::max_pool2d(x, opts).map(|_| ()),
-                PoolKind::Avg => conv::avg_pool2d(x, opts).map(|_| ()),
+                PoolKind::Max => pool::max_pool2d(x, opts).map(|_| ()),
+                PoolKind::Avg => pool::avg_pool2d(x, opts).map(|_| ()),
             };
             assert!(
                 matches!(e, Err(flashkernels::Error::InvalidArgument(_))),
@@ -230,28 +229,28 @@ fn check_pool(
         }
         return false;
     }
-    let p = conv::validate_pool(kind, (dtype, x.layout()), opts).unwrap();
+    let p = pool::validate_pool(kind, (dtype, x.layout()), opts).unwrap();
     let dy = tensor(rng, dtype, p.y_shape().try_into().unwrap(), false, 1.0);
     let dyd = Tensor::Cuda(DeviceTensor::from_host(s, &dy).unwrap());
     let dyh = Tensor::Host(dy);
     let (y, yh, dx, dxh) = match kind {
         PoolKind::Max => {
-            let g = conv::max_pool2d(&xd, opts).unwrap();
-            let h = conv::max_pool2d(&xh, opts).unwrap();
+            let g = pool::max_pool2d(&xd, opts).unwrap();
+            let h = pool::max_pool2d(&xh, opts).unwrap();
             assert_eq!(
                 g.indices.to_host().unwrap(),
                 h.indices.to_host().unwrap(),
                 "{opts:?} {dtype}"
             );
-            let dx = conv::max_pool2d_backward(&xd, &dyd, &g.indices, opts).unwrap();
-            let dxh = conv::max_pool2d_backward(&xh, &dyh, &h.indices, opts).unwrap();
+            let dx = pool::max_pool2d_backward(&xd, &dyd, &g.indices, opts).unwrap();
+            let dxh = pool::max_pool2d_backward(&xh, &dyh, &h.indices, opts).unwrap();
             (g.y, h.y, dx, dxh)
         }
         PoolKind::Avg => (
-            conv::avg_pool2d(&xd, opts).unwrap(),
-            conv::avg_pool2d(&xh, opts).unwrap(),
-            conv::avg_pool2d_backward(&xd, &dyd, opts).unwrap(),
-            conv::avg_pool2d_backward(&xh, &dyh, opts).unwrap(),
+            pool::avg_pool2d(&xd, opts).unwrap(),
+            pool::avg_pool2d(&xh, opts).unwrap(),
+            pool::avg_pool2d_backward(&xd, &dyd, opts).unwrap(),
+            pool::avg_pool2d_backward(&xh, &dyh, opts).unwrap(),
         ),
     };
     let ey = rel_err(&y.to_host().unwrap(), &yh.to_host().unwrap());

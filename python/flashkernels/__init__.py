@@ -475,6 +475,16 @@ def _dispatch_forward(
 # autograd.Function call these too).
 
 
+def _dtype_name(x: Any) -> str:
+    """x's dtype as flashkernels names it ("float16", "bfloat16", "float32", ...), for
+    allocating outputs in x's dtype (an unsupported one is refused when x is imported)."""
+    return str(getattr(x.dtype, "name", x.dtype)).rpartition(".")[2]
+
+
+def _shape_list(x: Any) -> List[int]:
+    return [int(n) for n in x.shape]
+
+
 def _np_dtype(name: str) -> Any:
     if name == "bfloat16":
         import ml_dtypes
@@ -613,22 +623,21 @@ def _forward(
 ) -> Tuple[Any, Any]:
     """(out, lse) in the caller's framework; out is a (B, H, Nq, D) view with heads_first."""
     place = _Placement(list(zip(("q", "k", "v"), tensors)))
-    made: list = []
-
-    def alloc(out_shape: tuple, lse_shape: tuple, dtype: str) -> tuple:
-        out = place.empty(out_shape, dtype)
-        lse = place.empty(lse_shape, "float32")
-        made.extend((out, lse))
-        return place.export("out", out), place.export("lse", lse)
-
+    options = _native_options(causal, scale, window, offsets)
+    out_shape, lse_shape, _ = _native.attention_shapes(
+        *(_shape_list(t) for t in tensors), heads_first=heads_first, **options
+    )
+    out = place.empty(tuple(out_shape), _dtype_name(tensors[0]))
+    lse = place.empty(tuple(lse_shape), "float32")
     _native.attention_forward(
         *place.export_inputs("qkv"),
-        alloc,
+        place.export("out", out),
+        place.export("lse", lse),
         heads_first=heads_first,
         stream=place.stream,
-        **_native_options(causal, scale, window, offsets),
+        **options,
     )
-    out, lse = (place.to_caller(t) for t in made)
+    out, lse = place.to_caller(out), place.to_caller(lse)
     if heads_first:
         out = out.swapaxes(1, 2)
     return out, lse
@@ -642,18 +651,18 @@ def _backward(
 ) -> Tuple[Any, Any, Any]:
     """(dq, dk, dv) in the caller's framework; (B, H, N, D) views with heads_first."""
     place = _Placement(list(zip(_BACKWARD_NAMES, tensors)))
-    made: list = []
-
-    def alloc(q_shape: tuple, kv_shape: tuple, dtype: str) -> tuple:
-        made.extend(place.empty(s, dtype) for s in (q_shape, kv_shape, kv_shape))
-        return tuple(place.export(n, t) for n, t in zip(("dq", "dk", "dv"), made))
-
+    options = _native_options(causal, scale, window, offsets)
+    q_shape, _, kv_shape = _native.attention_shapes(
+        *(_shape_list(t) for t in tensors[:3]), heads_first=heads_first, **options
+    )
+    dtype = _dtype_name(tensors[0])
+    made = [place.empty(tuple(s), dtype) for s in (q_shape, kv_shape, kv_shape)]
     _native.attention_backward(
         *place.export_inputs(_BACKWARD_NAMES),
-        alloc,
+        *(place.export(n, t) for n, t in zip(("dq", "dk", "dv"), made)),
         heads_first=heads_first,
         stream=place.stream,
-        **_native_options(causal, scale, window, offsets),
+        **options,
     )
     grads = tuple(place.to_caller(t) for t in made)
     if heads_first:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
-from . import _is_torch, _native, _Placement
+from . import _dtype_name, _is_torch, _native, _Placement
 
 _Pair = Tuple[int, int]
 _ACTIVATIONS = (None, "none", "relu", "gelu", "silu")
@@ -182,47 +182,40 @@ def conv_forward(x: Any, w: Any, b: Any, args: ConvArgs, *, keep_pre: bool) -> T
     """(y, y_pre or None) in the caller's framework, through the native module."""
     named = [("input", x), ("weight", w)] + ([("bias", b)] if b is not None else [])
     place = _Placement(named)
-    made: list = []
-
-    def alloc(shape: tuple, dtype: str) -> Any:
-        t = _empty_like_input(place, x, shape, dtype)
-        made.append(t)
-        return place.export("y", t)
-
+    geometry = dict(stride=args.stride, padding=args.padding, dilation=args.dilation, groups=args.groups)
+    shape = tuple(_native.conv2d_output_shape(list(_shape(x)), list(_shape(w)), **geometry))
+    y = _empty_like_input(place, x, shape, _dtype_name(x))
+    y_pre = _empty_like_input(place, x, shape, _dtype_name(x)) if keep_pre else None
     _native.conv2d_forward(
         place.export("input", x),
         place.export("weight", w),
         None if b is None else place.export("bias", b),
-        alloc,
-        keep_pre=keep_pre,
+        place.export("y", y),
+        None if y_pre is None else place.export("y_pre", y_pre),
         stream=place.stream,
         **args.native(),
     )
-    outs = [place.to_caller(t) for t in made]
-    return outs[0], (outs[1] if keep_pre else None)
+    return place.to_caller(y), (None if y_pre is None else place.to_caller(y_pre))
 
 
 def conv_backward(dy: Any, x: Any, w: Any, args: ConvArgs, need: Tuple[bool, bool, bool]) -> Tuple[Any, Any, Any]:
     """(dx, dweight, dbias), None where not needed; dy is the pre-activation gradient."""
     place = _Placement([("grad_output", dy), ("input", x), ("weight", w)])
-    made: list = []
-
-    def alloc(shape: tuple, dtype: str) -> Any:
-        t = _empty_like_input(place, x, shape, dtype) if len(made) == 0 and need[0] else place.empty(shape, dtype)
-        made.append(t)
-        return place.export("grad", t)
-
+    dtype = _dtype_name(x)
+    made = (
+        _empty_like_input(place, x, tuple(_shape(x)), dtype) if need[0] else None,
+        place.empty(tuple(_shape(w)), dtype) if need[1] else None,
+        place.empty((int(_shape(w)[0]),), dtype) if need[2] else None,
+    )
     _native.conv2d_backward(
         place.export("input", x),
         place.export("weight", w),
         place.export("grad_output", dy),
-        alloc,
-        need=tuple(bool(n) for n in need),
+        *(None if t is None else place.export("grad", t) for t in made),
         stream=place.stream,
         **args.native(activation=False),
     )
-    it = iter(place.to_caller(t) for t in made)
-    return tuple(next(it) if n else None for n in need)  # type: ignore[return-value]
+    return tuple(None if t is None else place.to_caller(t) for t in made)  # type: ignore[return-value]
 
 
 def _empty_like_input(place: _Placement, x: Any, shape: tuple, dtype: str) -> Any:
@@ -282,14 +275,6 @@ class PoolArgs:
         )
 
 
-def _address(place: _Placement, t: Any) -> int:
-    if place.fw == "torch":
-        return int(t.data_ptr())
-    if place.fw == "cupy":
-        return int(t.data.ptr)
-    return int(t.ctypes.data)  # numpy
-
-
 def _index_buffer(place: _Placement, shape: tuple) -> Any:
     """An int32 buffer for max-pooling indices where the input is (numpy on the host)."""
     if place.fw == "jax":
@@ -300,47 +285,32 @@ def _index_buffer(place: _Placement, shape: tuple) -> Any:
 def pool_forward(x: Any, args: PoolArgs) -> Tuple[Any, Any]:
     """(y, int32 indices or None) in the caller's framework."""
     place = _Placement([("input", x)])
-    idx = None
-    if args.kind == "max":
-        shape = tuple(_native.pool2d_output_shape(list(_shape(x)), **args.native()))
-        idx = _index_buffer(place, shape)
-    made: list = []
-
-    def alloc(shape: tuple, dtype: str) -> Any:
-        t = _empty_like_input(place, x, shape, dtype)
-        made.append(t)
-        return place.export("y", t)
-
+    shape = tuple(_native.pool2d_output_shape(list(_shape(x)), **args.native()))
+    y = _empty_like_input(place, x, shape, _dtype_name(x))
+    idx = _index_buffer(place, shape) if args.kind == "max" else None
     _native.pool2d_forward(
         place.export("input", x),
-        alloc,
-        indices=0 if idx is None else _address(place, idx),
+        place.export("y", y),
+        None if idx is None else place.export("indices", idx),
         stream=place.stream,
         **args.native(),
     )
-    return place.to_caller(made[0]), idx
+    return place.to_caller(y), idx
 
 
 def pool_backward(dy: Any, input_shape: Sequence[int], indices: Any, args: PoolArgs) -> Any:
     """dx for the forward on an input of `input_shape`; `indices` (max pooling) int32
-    contiguous, on dy's device."""
-    place = _Placement([("grad_output", dy)])
-    made: list = []
-
-    def alloc(shape: tuple, dtype: str) -> Any:
-        t = place.empty(shape, dtype)
-        made.append(t)
-        return place.export("grad_input", t)
-
+    of the output's shape, on dy's device."""
+    place = _Placement([("grad_output", dy)] + ([] if indices is None else [("indices", indices)]))
+    dx = place.empty(tuple(int(n) for n in input_shape), _dtype_name(dy))
     _native.pool2d_backward(
         place.export("grad_output", dy),
-        [int(n) for n in input_shape],
-        alloc,
-        indices=0 if indices is None else _address(place, indices),
+        place.export("grad_input", dx),
+        None if indices is None else place.export("indices", indices),
         stream=place.stream,
         **args.native(),
     )
-    return place.to_caller(made[0])
+    return place.to_caller(dx)
 
 
 def _int32_indices(place_fw: Optional[str], indices: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 from typing import Any, List, Optional, Sequence, Tuple
 
-from . import _framework, _is_torch, _native, _Placement
+from . import _dtype_name, _framework, _is_torch, _native, _Placement
 
 # (bytes, shape): a host mask as the native module takes it (one byte per token).
 HostMask = Tuple[bytes, Tuple[int, ...]]
@@ -325,24 +325,19 @@ def lf_forward(tensors: Sequence[Any], masks: HostMasks, opts: LongformerOptions
     """(out, lse) in the caller's framework from q, k, v [, q_global, k_global, v_global]."""
     named = _named(tensors)
     place = _Placement(named)
-    made: list = []
-
-    def alloc(out_shape: tuple, lse_shape: tuple, dtype: str) -> tuple:
-        out = place.empty(out_shape, dtype)
-        lse = place.empty(lse_shape, "float32")
-        made.extend((out, lse))
-        return place.export("out", out), place.export("lse", lse)
-
+    out_shape, lse_shape = _native.longformer_shapes([int(n) for n in tensors[0].shape])
+    out = place.empty(tuple(out_shape), _dtype_name(tensors[0]))
+    lse = place.empty(tuple(lse_shape), "float32")
     _native.longformer_forward(
         *(place.export(n, x) for n, x in named[:3]),
-        alloc,
+        place.export("out", out),
+        place.export("lse", lse),
         stream=place.stream,
         **_native_globals(place, named),
         **opts.native(),
         **masks.native(),
     )
-    out, lse = (place.to_caller(t) for t in made)
-    return out, lse
+    return place.to_caller(out), place.to_caller(lse)
 
 
 def lf_backward(
@@ -351,20 +346,20 @@ def lf_backward(
     """(dq, dk, dv) or, with the global projections, (dq, dk, dv, dq_g, dk_g, dv_g)."""
     named = _named(tensors)
     place = _Placement(named + [("out", out), ("lse", lse), ("dout", dout)])
-    made: list = []
     grad_names = ("dq", "dk", "dv", "dq_global", "dk_global", "dv_global")[: len(named)]
-
-    def alloc(shape: tuple, _shape: tuple, dtype: str) -> tuple:
-        made.extend(place.empty(shape, dtype) for _ in grad_names)
-        return tuple(place.export(n, t) for n, t in zip(grad_names, made))
-
+    shape, _ = _native.longformer_shapes([int(n) for n in tensors[0].shape])
+    made = [place.empty(tuple(shape), _dtype_name(tensors[0])) for _ in grad_names]
+    grads = {n: place.export(n, t) for n, t in zip(grad_names, made)}
     _native.longformer_backward(
         *(place.export(n, x) for n, x in named[:3]),
         place.export("out", out),
         place.export("lse", lse),
         place.export("dout", dout),
-        alloc,
+        grads.pop("dq"),
+        grads.pop("dk"),
+        grads.pop("dv"),
         stream=place.stream,
+        **grads,
         **_native_globals(place, named),
         **opts.native(),
         **masks.native(),

@@ -1,9 +1,12 @@
-"""Type stubs of the extension module `flashkernels._native` (rust/python.rs).
+"""Type stubs of the extension module `flashkernels._native` (rust/python/).
 
-Low level: the public API is in `flashkernels/__init__.py`.
+Low level: the public API is in `flashkernels/__init__.py`. Every op writes into outputs
+the caller allocated (DLPack capsules on the inputs' device, shaped as the `*_shape(s)`
+functions say); CUDA work is queued on `stream` (a CUstream as an integer, 0 = legacy
+default stream) and not synchronized.
 """
 
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 __version__: str
 
@@ -20,7 +23,8 @@ def attention_forward(
     q: _Capsule,
     k: _Capsule,
     v: _Capsule,
-    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, _Capsule]],
+    out: _Capsule,
+    lse: _Capsule,
     *,
     heads_first: bool,
     causal: bool,
@@ -32,17 +36,16 @@ def attention_forward(
     stream: int = 0,
 ) -> None:
     """Consumes DLPack capsules q, k, v ((B, N, H, D), or (B, H, N, D) with heads_first;
-    k and v may have fewer heads than q, a divisor of them: GQA), validates them, calls
-    `alloc(out_shape, lse_shape, dtype_name)` for the output capsules and fills them: with
-    the CPU reference for host memory, with the CUDA kernel queued on `stream` (a CUstream
-    as an integer; 0 = legacy default stream) for device memory.
+    k and v may have fewer heads than q, a divisor of them: GQA), validates them and fills
+    the caller's outputs, of the shapes `attention_shapes` gives: `out` (q's shape in
+    kernel order, (B, Nq, H, D), q's dtype) and `lse` (float32 (B, H, Nq)); with the CPU
+    reference for host memory, with the CUDA kernel queued on `stream` for device memory.
 
-    `out_shape` is q's shape in kernel order ((B, Nq, H, D)), in q's dtype; `lse_shape` is
-    (B, H, Nq), float32. `window_left` / `window_right`: sliding window, non-negative (None
-    = unbounded; `causal` caps the right side at 0), bottom-right aligned. With
-    `cu_seqlens_q` and `cu_seqlens_k` (B+1 offsets each, both or neither) the batch is
-    variable-length: q, k, v are packed (total, heads, head_dim), heads_first must be
-    False, out is (total_q, H, D) and lse (H, total_q).
+    `window_left` / `window_right`: sliding window, non-negative (None = unbounded;
+    `causal` caps the right side at 0), bottom-right aligned. With `cu_seqlens_q` and
+    `cu_seqlens_k` (B+1 offsets each, both or neither) the batch is variable-length: q, k,
+    v are packed (total, heads, head_dim), heads_first must be False, out is
+    (total_q, H, D) and lse (H, total_q).
 
     Raises ValueError (shapes, strides, scale, windows, offsets, devices), TypeError
     (dtypes, non-capsules) or RuntimeError (CUDA unavailable or failing).
@@ -55,7 +58,9 @@ def attention_backward(
     out: _Capsule,
     lse: _Capsule,
     dout: _Capsule,
-    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, _Capsule, _Capsule]],
+    dq: _Capsule,
+    dk: _Capsule,
+    dv: _Capsule,
     *,
     heads_first: bool,
     causal: bool,
@@ -67,20 +72,36 @@ def attention_backward(
     stream: int = 0,
 ) -> None:
     """The gradients of attention_forward: consumes q, k, v, out, lse (as the forward
-    returned them) and dout (out's gradient, laid out like q), with the forward's options;
-    calls `alloc(q_shape, kv_shape, dtype_name)` (kernel order, q's dtype) for the
-    capsules `(dq, dk, dv)` and fills them (CPU reference or CUDA kernels on `stream`).
-    For GQA, dk and dv sum over each group's query heads. Deterministic. The CUDA path
-    needs a contiguous lse.
+    returned them) and dout (out's gradient, laid out like q), with the forward's options,
+    and fills the caller's `dq`, `dk`, `dv` (q's dtype, of the shapes `attention_shapes`
+    gives, kernel order) (CPU reference or CUDA kernels on `stream`). For GQA, dk and dv
+    sum over each group's query heads. Deterministic. The CUDA path needs a contiguous lse.
 
     Raises as attention_forward.
     """
 
+def attention_shapes(
+    q_shape: Sequence[int],
+    k_shape: Sequence[int],
+    v_shape: Sequence[int],
+    *,
+    heads_first: bool,
+    causal: bool,
+    scale: Optional[float] = None,
+    window_left: Optional[int] = None,
+    window_right: Optional[int] = None,
+    cu_seqlens_q: Optional[Sequence[int]] = None,
+    cu_seqlens_k: Optional[Sequence[int]] = None,
+) -> Tuple[List[int], List[int], List[int]]:
+    """(out and dq, lse, dk and dv) shapes of an attention call on q, k, v of these shapes
+    with the same options, validated; out / dq are q's shape in kernel order."""
+
 def conv2d_forward(
-    x: Any,
-    weight: Any,
-    bias: Any,
-    alloc: Callable[[Tuple[int, ...], str], Any],
+    x: _Capsule,
+    weight: _Capsule,
+    bias: Optional[_Capsule],
+    y: _Capsule,
+    y_pre: Optional[_Capsule] = None,
     *,
     stride: Tuple[int, int],
     padding: Tuple[int, int],
@@ -88,35 +109,48 @@ def conv2d_forward(
     groups: int,
     activation: Optional[str] = None,
     algo: Optional[str] = None,
-    keep_pre: bool = False,
     stream: int = 0,
 ) -> None:
     """y = act(conv(x, weight) + bias) (torch's conv2d) on DLPack capsules, x (N, C, H, W)
-    and weight (K, C / groups, R, S) in any memory order, bias (K) or None. Calls
-    `alloc(shape, dtype_name)` for y and, with `keep_pre`, for y_pre (conv + bias), each a
-    writable (N, K, P, Q) capsule on the inputs' device. `activation`: None, "relu",
-    "gelu", "silu"; `algo` (CUDA): None, "im2col", "implicit_gemm"."""
+    and weight (K, C / groups, R, S) in any memory order, bias (K) or None. Fills the
+    caller's `y` and, when given, `y_pre` (conv + bias), each (N, K, P, Q) from
+    `conv2d_output_shape`, in x's dtype, any strides. `activation`: None, "relu", "gelu",
+    "silu"; `algo` (CUDA): None, "im2col", "implicit_gemm"."""
 
 def conv2d_backward(
-    x: Any,
-    weight: Any,
-    dy: Any,
-    alloc: Callable[[Tuple[int, ...], str], Any],
+    x: _Capsule,
+    weight: _Capsule,
+    dy: _Capsule,
+    dx: Optional[_Capsule] = None,
+    dweight: Optional[_Capsule] = None,
+    dbias: Optional[_Capsule] = None,
     *,
     stride: Tuple[int, int],
     padding: Tuple[int, int],
     dilation: Tuple[int, int],
     groups: int,
-    need: Tuple[bool, bool, bool] = ...,
     algo: Optional[str] = None,
     stream: int = 0,
 ) -> None:
-    """dx, dweight, dbias (those `need` asks for, allocated in that order through
-    `alloc(shape, dtype_name)`) from dy, the gradient of conv + bias."""
+    """From dy (the gradient of conv + bias), the gradients whose outputs are given: `dx`
+    like x, `dweight` like weight, `dbias` (K), in x's dtype, any strides."""
+
+def conv2d_output_shape(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    *,
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    groups: int,
+) -> List[int]:
+    """(N, K, P, Q) of a convolution of x (N, C, H, W) by weight (K, C / groups, R, S),
+    validated."""
 
 def pool2d_forward(
-    x: Any,
-    alloc: Callable[[Tuple[int, ...], str], Any],
+    x: _Capsule,
+    y: _Capsule,
+    indices: Optional[_Capsule] = None,
     *,
     kind: str,
     kernel_size: Tuple[int, int],
@@ -126,17 +160,16 @@ def pool2d_forward(
     ceil_mode: bool,
     count_include_pad: bool = True,
     divisor_override: Optional[int] = None,
-    indices: int = 0,
     stream: int = 0,
 ) -> None:
-    """torch's max_pool2d (`kind="max"`) / avg_pool2d (`"avg"`). Calls `alloc` for y;
-    max pooling writes int32 argmax indices (h * W + w) to the contiguous buffer at address
-    `indices` (y's element count, on x's device)."""
+    """torch's max_pool2d (`kind="max"`) / avg_pool2d (`"avg"`) into the caller's `y`
+    (N, C, P, Q) from `pool2d_output_shape`, x's dtype, any strides; max pooling writes
+    int32 argmax indices (h * W + w) to `indices` (contiguous, y's shape)."""
 
 def pool2d_backward(
-    dy: Any,
-    input_shape: list[int],
-    alloc: Callable[[Tuple[int, ...], str], Any],
+    dy: _Capsule,
+    dx: _Capsule,
+    indices: Optional[_Capsule] = None,
     *,
     kind: str,
     kernel_size: Tuple[int, int],
@@ -146,14 +179,13 @@ def pool2d_backward(
     ceil_mode: bool,
     count_include_pad: bool = True,
     divisor_override: Optional[int] = None,
-    indices: int = 0,
     stream: int = 0,
 ) -> None:
-    """dx of `input_shape` from dy (and the forward's int32 indices at `indices` for max
-    pooling); calls `alloc` for dx."""
+    """Fills the caller's `dx` (the forward's x shape, dy's dtype, any strides) from dy and,
+    for max pooling, the forward's int32 `indices` (y's shape)."""
 
 def pool2d_output_shape(
-    input_shape: list[int],
+    input_shape: Sequence[int],
     *,
     kind: str,
     kernel_size: Tuple[int, int],
@@ -163,7 +195,7 @@ def pool2d_output_shape(
     ceil_mode: bool,
     count_include_pad: bool = True,
     divisor_override: Optional[int] = None,
-) -> list[int]:
+) -> List[int]:
     """(N, C, P, Q) of a pooling call, validated."""
 
 # A host mask: one byte per token (nonzero = set) and its shape, (batch, seqlen).
@@ -173,7 +205,8 @@ def longformer_forward(
     q: _Capsule,
     k: _Capsule,
     v: _Capsule,
-    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, _Capsule]],
+    out: _Capsule,
+    lse: _Capsule,
     *,
     window: int,
     dilation: Sequence[int],
@@ -192,9 +225,9 @@ def longformer_forward(
     one-sided w >= 0; `dilation`: one value >= 1, or one per head. Global tokens come
     from `global_mask` or `global_indices` (per-sequence index lists; not both);
     `padding_mask` marks padded tokens. Masks are host data: the work lists are built on
-    the host. After validation calls `alloc(out_shape, lse_shape, dtype_name)` for
-    capsules (out like q, lse float32 (B, H, N) contiguous) and fills them (CPU
-    reference, or CUDA kernels queued on `stream`, not synchronized).
+    the host. Fills the caller's `out` (like q) and `lse` (float32 (B, H, N), contiguous),
+    of the shapes `longformer_shapes` gives (CPU reference, or CUDA kernels queued on
+    `stream`, not synchronized).
 
     Raises ValueError (shapes, masks, indices, window, dilation, scale, devices),
     TypeError (dtypes) or RuntimeError (CUDA unavailable or failing).
@@ -207,7 +240,9 @@ def longformer_backward(
     out: _Capsule,
     lse: _Capsule,
     dout: _Capsule,
-    alloc: Callable[[Tuple[int, ...], Tuple[int, ...], str], Tuple[_Capsule, ...]],
+    dq: _Capsule,
+    dk: _Capsule,
+    dv: _Capsule,
     *,
     window: int,
     dilation: Sequence[int],
@@ -219,17 +254,23 @@ def longformer_backward(
     q_global: Optional[_Capsule] = None,
     k_global: Optional[_Capsule] = None,
     v_global: Optional[_Capsule] = None,
+    dq_global: Optional[_Capsule] = None,
+    dk_global: Optional[_Capsule] = None,
+    dv_global: Optional[_Capsule] = None,
     stream: int = 0,
 ) -> None:
     """The gradients of longformer_forward from its inputs, `out`, `lse` and `dout`
-    (out's gradient, shaped like q), with the forward's options. Calls
-    `alloc(shape, shape, dtype_name)` for 3 capsules (dq, dk, dv), or 6 (then dq_global,
-    dk_global, dv_global) when the global projections are given (contiguous, q's shape
-    and dtype); without them the global rows' gradients are folded into dq, dk, dv.
-    Deterministic.
+    (out's gradient, shaped like q), with the forward's options. Fills the caller's `dq`,
+    `dk`, `dv` and, exactly when the global projections are given, `dq_global`,
+    `dk_global`, `dv_global` (writable, contiguous, q's shape and dtype); without the
+    projections the global rows' gradients are folded into dq, dk, dv. Deterministic.
 
     Raises as longformer_forward.
     """
+
+def longformer_shapes(q_shape: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """(out and every gradient, lse) shapes of a Longformer call on q (B, N, H, D): q's
+    shape and (B, H, N)."""
 
 class DeviceBuffer:
     """Contiguous CUDA memory allocated by flashkernels (stream-ordered, on the legacy

@@ -178,3 +178,17 @@ def test_errors(call, exc, match):
     w = np.zeros((6, 4, 3, 3), np.float32)
     with pytest.raises(exc, match=match):
         call(x, w)
+
+
+def test_max_pool_backward_refuses_indices_of_the_wrong_size():
+    """Indices cross into Rust with their shape: a short (or long) array is a ValueError,
+    never a read past its end (it was a segfault when indices went as a raw address)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y, idx = fk.max_pool2d(x, 2, return_indices=True)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    want = fk.max_pool2d_backward(dy, x, idx, 2)
+    assert want.shape == x.shape and np.count_nonzero(want) == dy.size
+    for bad in (idx[:, :, :3], idx[:1], idx.reshape(-1)[:5], np.zeros((0,), np.int64)):
+        with pytest.raises(ValueError, match=r"indices must be int32 \[2, 3, 4, 4\]"):
+            fk.max_pool2d_backward(dy, x, bad, 2)

@@ -154,48 +154,54 @@ def test_unknown_device_type(qkv):
         fk.flash_attn_func(OnVulkan(), OnVulkan(), OnVulkan())
 
 
+def _outputs(qkv, **kw):
+    """Capsules of freshly allocated (out, lse) for the native forward, from its shapes."""
+    out_shape, lse_shape, _ = fk._native.attention_shapes(
+        *(list(x.shape) for x in qkv), heads_first=False, causal=False, **kw
+    )
+    return np.empty(out_shape, qkv[0].dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
+
+
 def test_native_rejects_non_capsules_and_reused_capsules(qkv):
     q, k, v = qkv
-
-    def alloc(out_shape, lse_shape, dtype):
-        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
-
     with pytest.raises(TypeError, match="q: expected a DLPack capsule, got ndarray"):
-        fk._native.attention_forward(q, k, v, alloc, heads_first=False, causal=False)
+        fk._native.attention_forward(q, k, v, *_outputs(qkv), heads_first=False, causal=False)
     caps = [x.__dlpack__() for x in qkv]
-    fk._native.attention_forward(*caps, alloc, heads_first=False, causal=False)
+    fk._native.attention_forward(*caps, *_outputs(qkv), heads_first=False, causal=False)
     with pytest.raises(ValueError, match="q: the capsule is not an unconsumed DLPack tensor"):
-        fk._native.attention_forward(*caps, alloc, heads_first=False, causal=False)
+        fk._native.attention_forward(*caps, *_outputs(qkv), heads_first=False, causal=False)
 
 
 def test_native_checks_outputs(qkv):
     q, k, v = qkv
-
-    def wrong_shape(out_shape, lse_shape, dtype):
-        return np.empty((1, 2, 3, 4), dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
-
+    out_shape, lse_shape, _ = fk._native.attention_shapes(
+        *(list(x.shape) for x in qkv), heads_first=False, causal=False
+    )
+    lse = lambda: np.empty(lse_shape, np.float32).__dlpack__()  # noqa: E731
+    wrong_shape = np.empty((1, 2, 3, 4), np.float32).__dlpack__()
     with pytest.raises(ValueError, match=r"out must be float32 \[2, 7, 3, 16\]"):
-        fk._native.attention_forward(*(x.__dlpack__() for x in qkv), wrong_shape, heads_first=False, causal=False)
+        fk._native.attention_forward(
+            *(x.__dlpack__() for x in qkv), wrong_shape, lse(), heads_first=False, causal=False
+        )
 
-    def read_only(out_shape, lse_shape, dtype):
-        out = np.empty(out_shape, dtype)
-        out.flags.writeable = False
-        return out.__dlpack__(max_version=(1, 0)), np.empty(lse_shape, np.float32).__dlpack__()
-
+    out = np.empty(out_shape, np.float32)
+    out.flags.writeable = False
+    read_only = out.__dlpack__(max_version=(1, 0))
     with pytest.raises(ValueError, match="out is read-only"):
-        fk._native.attention_forward(*(x.__dlpack__() for x in qkv), read_only, heads_first=False, causal=False)
+        fk._native.attention_forward(*(x.__dlpack__() for x in qkv), read_only, lse(), heads_first=False, causal=False)
 
-    def not_a_pair(out_shape, lse_shape, dtype):
-        return None
+    with pytest.raises(TypeError, match="out: expected a DLPack capsule, got NoneType"):
+        fk._native.attention_forward(*(x.__dlpack__() for x in qkv), None, lse(), heads_first=False, causal=False)
 
-    with pytest.raises(TypeError, match=r"alloc must return a tuple \(out, lse\)"):
-        fk._native.attention_forward(*(x.__dlpack__() for x in qkv), not_a_pair, heads_first=False, causal=False)
-
-    def raises(out_shape, lse_shape, dtype):
-        raise MemoryError("no memory")
-
-    with pytest.raises(MemoryError, match="no memory"):
-        fk._native.attention_forward(*(x.__dlpack__() for x in qkv), raises, heads_first=False, causal=False)
+    short_lse = np.empty(lse_shape[:-1] + [lse_shape[-1] - 1], np.float32).__dlpack__()
+    with pytest.raises(ValueError, match="lse must be float32"):
+        fk._native.attention_forward(
+            *(x.__dlpack__() for x in qkv),
+            np.empty(out_shape, np.float32).__dlpack__(),
+            short_lse,
+            heads_first=False,
+            causal=False,
+        )
 
 
 @pytest.mark.skipif(fk.cuda_available(), reason="checks the error raised without a usable GPU")
@@ -240,14 +246,13 @@ def test_window_of_wrong_type(qkv, window):
 
 
 def test_native_rejects_negative_windows(qkv):
-    def alloc(out_shape, lse_shape, dtype):
-        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
-
     for side in ("window_left", "window_right"):
         with pytest.raises(ValueError, match=f"{side} must be a non-negative int, or None for unbounded, got -1"):
             fk._native.attention_forward(
-                *(x.__dlpack__() for x in qkv), alloc, heads_first=False, causal=False, **{side: -1}
+                *(x.__dlpack__() for x in qkv), *_outputs(qkv), heads_first=False, causal=False, **{side: -1}
             )
+        with pytest.raises(ValueError, match=f"{side} must be a non-negative int, or None for unbounded, got -1"):
+            fk._native.attention_shapes(*(list(x.shape) for x in qkv), heads_first=False, causal=False, **{side: -1})
 
 
 @pytest.fixture
@@ -315,12 +320,10 @@ def test_cu_seqlens_together(packed):
     with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k must be given together"):
         fk.attention_backward(q, k, v, q, np.zeros((2, 10), np.float32), q, cu_seqlens_q=cu_q)
 
-    def alloc(out_shape, lse_shape, dtype):
-        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
-
+    out, lse = np.empty(q.shape, q.dtype), np.empty((2, 10), np.float32)
     with pytest.raises(ValueError, match="must be given together"):
         fk._native.attention_forward(
-            q.__dlpack__(), k.__dlpack__(), v.__dlpack__(), alloc, heads_first=False, causal=False, cu_seqlens_k=[0, 12]
+            *(x.__dlpack__() for x in (q, k, v, out, lse)), heads_first=False, causal=False, cu_seqlens_k=[0, 12]
         )
 
 
@@ -329,15 +332,14 @@ def test_varlen_layout(packed, randn):
     with pytest.raises(ValueError, match=r"q: expected a rank-3 tensor \(total_seqlen, heads, head_dim\)"):
         fk.flash_attn_varlen_func(q[None], k, v, cu_q, cu_k, 10, 10)
 
-    def alloc(out_shape, lse_shape, dtype):
-        return np.empty(out_shape, dtype).__dlpack__(), np.empty(lse_shape, np.float32).__dlpack__()
-
+    out, lse = np.empty(q.shape, q.dtype), np.empty((2, 10), np.float32)
     with pytest.raises(ValueError, match="heads_first must be False"):
         fk._native.attention_forward(
             q.__dlpack__(),
             k.__dlpack__(),
             v.__dlpack__(),
-            alloc,
+            out.__dlpack__(),
+            lse.__dlpack__(),
             heads_first=True,
             causal=False,
             cu_seqlens_q=[0, 4, 10],
@@ -412,31 +414,26 @@ def test_backward_bad_options(fwd):
 def test_native_backward_checks_outputs(fwd):
     q, k, v, out, lse, dout = fwd
     caps = lambda: [x.__dlpack__() for x in (q, k, v, out, lse, dout)]  # noqa: E731
+    q_shape, _, kv_shape = fk._native.attention_shapes(
+        list(q.shape), list(k.shape), list(v.shape), heads_first=False, causal=True
+    )
+    assert (tuple(q_shape), tuple(kv_shape)) == ((2, 7, 4, 16), (2, 9, 2, 16))
+    empty = lambda s: np.empty(s, np.float32).__dlpack__()  # noqa: E731
 
-    def two(q_shape, kv_shape, dtype):
-        return np.empty(q_shape, dtype).__dlpack__(), np.empty(kv_shape, dtype).__dlpack__()
-
-    with pytest.raises(TypeError, match=r"alloc must return a tuple \(dq, dk, dv\)"):
-        fk._native.attention_backward(*caps(), two, heads_first=False, causal=True)
-
-    def wrong_kv(q_shape, kv_shape, dtype):
-        assert q_shape == (2, 7, 4, 16) and kv_shape == (2, 9, 2, 16) and dtype == "float32"
-        return tuple(np.empty(s, dtype).__dlpack__() for s in (q_shape, q_shape, kv_shape))
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'dv'"):
+        fk._native.attention_backward(*caps(), empty(q_shape), empty(kv_shape), heads_first=False, causal=True)
 
     with pytest.raises(ValueError, match=r"dk must be float32 \[2, 9, 2, 16\], got float32 \[2, 7, 4, 16\]"):
-        fk._native.attention_backward(*caps(), wrong_kv, heads_first=False, causal=True)
-
-    def read_only(q_shape, kv_shape, dtype):
-        dv = np.empty(kv_shape, dtype)
-        dv.flags.writeable = False
-        return (
-            np.empty(q_shape, dtype).__dlpack__(),
-            np.empty(kv_shape, dtype).__dlpack__(),
-            dv.__dlpack__(max_version=(1, 0)),
+        fk._native.attention_backward(
+            *caps(), empty(q_shape), empty(q_shape), empty(kv_shape), heads_first=False, causal=True
         )
 
+    dv = np.empty(kv_shape, np.float32)
+    dv.flags.writeable = False
     with pytest.raises(ValueError, match="dv is read-only"):
-        fk._native.attention_backward(*caps(), read_only, heads_first=False, causal=True)
+        fk._native.attention_backward(
+            *caps(), empty(q_shape), empty(kv_shape), dv.__dlpack__(max_version=(1, 0)), heads_first=False, causal=True
+        )
 
 
 def test_backward_releases_inputs(fwd):

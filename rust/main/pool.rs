@@ -4,7 +4,7 @@
 //! GPU check: the first and the last image (pooling never mixes images). The backward's
 //! reference routes dy through the reference's own argmax, so wrong GPU indices show.
 
-use flashkernels::conv::{self, Indices, Pool2dOptions, Pool2dProblem, PoolKind};
+use flashkernels::pool::{self, Indices, Pool2dOptions, Pool2dProblem, PoolKind};
 use flashkernels::{HostTensor, Result, Tensor};
 
 use crate::bench::{
@@ -93,7 +93,7 @@ impl Pool {
             ..Pool2dOptions::new([c.kernel; 2])
         };
         let x = random_image_batch(c.x, c.nhwc, 1, |_| true)?;
-        let problem = conv::validate_pool(c.kind, (x.dtype(), x.layout()), &opts)?;
+        let problem = pool::validate_pool(c.kind, (x.dtype(), x.layout()), &opts)?;
         let y_shape = <[usize; 4]>::try_from(problem.y_shape()).expect("rank 4");
         let host = [x, random_image_batch(y_shape, c.nhwc, 2, |_| true)?];
         Ok(Pool {
@@ -112,10 +112,11 @@ impl Pool {
 
 /// The device address of max pooling's indices (0 for average pooling).
 #[cfg(any(feature = "cuda", feature = "emulator"))]
-fn indices_ptr(indices: &Option<Indices>) -> u64 {
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+fn indices_view(indices: &Option<Indices>) -> Option<pool::cuda::IndicesView> {
     match indices {
-        Some(Indices::Cuda(d)) => d.ptr(),
-        _ => 0,
+        Some(Indices::Cuda(d)) => Some(d.view()),
+        _ => None,
     }
 }
 
@@ -129,18 +130,18 @@ impl OpBench for Pool {
         let x = &self.put[0];
         match self.problem.kind {
             PoolKind::Max => {
-                let o = conv::max_pool2d(x, &self.opts)?;
+                let o = pool::max_pool2d(x, &self.opts)?;
                 Ok((o.y, Some(o.indices)))
             }
-            PoolKind::Avg => Ok((conv::avg_pool2d(x, &self.opts)?, None)),
+            PoolKind::Avg => Ok((pool::avg_pool2d(x, &self.opts)?, None)),
         }
     }
 
     fn backward(&self, (_, indices): &Self::Fwd) -> Result<Tensor> {
         let [x, dy] = &self.put;
         match indices {
-            Some(i) => conv::max_pool2d_backward(x, dy, i, &self.opts),
-            None => conv::avg_pool2d_backward(x, dy, &self.opts),
+            Some(i) => pool::max_pool2d_backward(x, dy, i, &self.opts),
+            None => pool::avg_pool2d_backward(x, dy, &self.opts),
         }
     }
 
@@ -150,11 +151,11 @@ impl OpBench for Pool {
         // SAFETY: views of live device tensors on one stream; y and the indices were
         // allocated by the forward for this problem and overlap nothing else.
         unsafe {
-            conv::cuda::pool2d_forward_views(
+            pool::cuda::pool2d_forward_views(
                 self.problem.kind,
                 &x.view(),
                 &y.view(),
-                indices_ptr(indices),
+                indices_view(indices).as_ref(),
                 &self.opts,
                 x.stream().raw(),
             )
@@ -167,11 +168,11 @@ impl OpBench for Pool {
         let [x, dy, dx] = crate::bench::on_device([x, dy, dx])?;
         // SAFETY: as in `forward_again`; dx was allocated by the backward.
         unsafe {
-            conv::cuda::pool2d_backward_views(
+            pool::cuda::pool2d_backward_views(
                 self.problem.kind,
                 (x.dtype(), x.layout()),
                 &dy.view(),
-                indices_ptr(indices),
+                indices_view(indices).as_ref(),
                 &dx.view(),
                 &self.opts,
                 x.stream().raw(),
@@ -182,8 +183,8 @@ impl OpBench for Pool {
     fn check_forward(&self, (y, _): &Self::Fwd) -> Result<f64> {
         let x = self.checked(&self.host[0])?;
         let want = match self.problem.kind {
-            PoolKind::Max => conv::max_pool2d_cpu(&x, &self.opts)?.y,
-            PoolKind::Avg => conv::avg_pool2d_cpu(&x, &self.opts)?,
+            PoolKind::Max => pool::max_pool2d_cpu(&x, &self.opts)?.y,
+            PoolKind::Avg => pool::avg_pool2d_cpu(&x, &self.opts)?,
         };
         Ok(worst_of(&[(&self.checked(&y.to_host()?)?, &want)]))
     }
@@ -193,10 +194,10 @@ impl OpBench for Pool {
         let (x, dy) = (self.checked(x)?, self.checked(dy)?);
         let want = match self.problem.kind {
             PoolKind::Max => {
-                let indices = conv::max_pool2d_cpu(&x, &self.opts)?.indices.to_host()?;
-                conv::max_pool2d_backward_cpu(&x, &dy, &indices, &self.opts)?
+                let indices = pool::max_pool2d_cpu(&x, &self.opts)?.indices.to_host()?;
+                pool::max_pool2d_backward_cpu(&x, &dy, &indices, &self.opts)?
             }
-            PoolKind::Avg => conv::avg_pool2d_backward_cpu(&x, &dy, &self.opts)?,
+            PoolKind::Avg => pool::avg_pool2d_backward_cpu(&x, &dy, &self.opts)?,
         };
         Ok(worst_of(&[(&self.checked(&dx.to_host()?)?, &want)]))
     }

@@ -4,14 +4,13 @@
 //! host from them): `(bytes, shape)` with one byte per token, nonzero = set; global tokens
 //! may instead be given as per-sequence index lists.
 
-#[cfg(feature = "cuda")]
-use std::ffi::c_void;
-
 use pyo3::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::caller_stream;
 use super::{
-    allocate, check_output_devices, common_place, guarded, import, run_detached, to_py_err,
-    Imported, Place,
+    check_cuda_device, check_output_devices, common_place, guarded, import, run_detached,
+    to_py_err, Imported, Place,
 };
 use crate::error::Error;
 use crate::longformer::{self, GlobalProjections, LongformerOptions, LongformerProblem, TokenMask};
@@ -131,12 +130,12 @@ fn view(t: &Imported, ordinal: usize) -> crate::DeviceView {
 /// (B, N, H, D) capsules (or `(capsule, "bfloat16")`). `window`: one-sided w >= 0;
 /// `dilation`: one value or one per head; `global_mask` / `padding_mask`: `(bytes, shape)`
 /// host masks (B, N); `global_indices`: per-sequence global token indices instead of
-/// `global_mask`. After validation, calls `alloc(out_shape, lse_shape, dtype_name)`, which
-/// must return capsules `(out, lse)` (writable, out like q, lse float32 (B, H, N)
-/// contiguous) on the inputs' device. CUDA work is queued on `stream` and not synchronized.
+/// `global_mask`. The caller allocates the outputs on the inputs' device, of the shapes
+/// [`longformer_shapes`] gives: `out` like q, `lse` float32 (B, H, N) contiguous. CUDA
+/// work is queued on `stream` and not synchronized.
 #[pyfunction]
 #[pyo3(signature = (
-    q, k, v, alloc, *, window, dilation, causal=false, scale=None, global_mask=None,
+    q, k, v, out, lse, *, window, dilation, causal=false, scale=None, global_mask=None,
     global_indices=None, padding_mask=None, q_global=None, k_global=None, v_global=None,
     stream=0
 ))]
@@ -146,7 +145,8 @@ pub(super) fn longformer_forward(
     q: &Bound<'_, PyAny>,
     k: &Bound<'_, PyAny>,
     v: &Bound<'_, PyAny>,
-    alloc: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
     window: i64,
     dilation: Vec<i64>,
     causal: bool,
@@ -162,26 +162,20 @@ pub(super) fn longformer_forward(
     guarded(|| {
         let opts = options(window, dilation, causal, scale)?;
         let t = import_inputs([q, k, v], [q_global, k_global, v_global])?;
+        let (out, lse) = (import("out", out)?, import("lse", lse)?);
         let (gm, pm) = masks(&t[0], global_mask, global_indices, padding_mask)?;
         let refs: Vec<&Imported> = t.iter().collect();
         let place = common_place(&refs)?;
         let p = validate(&t, gm.as_ref(), pm.as_ref(), &opts)?;
         #[cfg(feature = "cuda")]
         if let Place::Cuda(ordinal) = place {
-            super::check_cuda_device(ordinal).map_err(to_py_err)?;
+            check_cuda_device(ordinal).map_err(to_py_err)?;
         }
         #[cfg(not(feature = "cuda"))]
         if let Place::Cuda(_) = place {
             let _ = stream;
             return Err(to_py_err(Error::CudaNotBuilt));
         }
-        let [out, lse] = allocate(
-            py,
-            alloc,
-            ["out", "lse"],
-            (p.qkv_shape(), p.lse_shape()),
-            p.dtype,
-        )?;
         check_output_devices(&[&out, &lse], t[0].device)?;
         out.check_output(p.dtype, &p.qkv_shape())
             .map_err(to_py_err)?;
@@ -218,15 +212,12 @@ pub(super) fn longformer_forward(
                 // `Imported`s drop after this call; the outputs are fresh allocations; the
                 // caller passes its framework's current stream of this device (or 0).
                 unsafe {
-                    longformer::cuda::forward_views(
+                    longformer::cuda::launch_forward(
+                        &p,
                         [&v[0], &v[1], &v[2]],
                         globals,
-                        &view(&out, ordinal),
-                        &view(&lse, ordinal),
-                        gm.as_ref(),
-                        pm.as_ref(),
-                        &opts,
-                        stream as *mut c_void,
+                        [&view(&out, ordinal), &view(&lse, ordinal)],
+                        caller_stream(ordinal, stream),
                     )
                 }
                 .map_err(to_py_err)
@@ -240,16 +231,15 @@ pub(super) fn longformer_forward(
 /// Longformer backward on DLPack capsules: the gradients of q, k, v (and of the global
 /// projections when given) from the forward's inputs, `out`, `lse` and `dout`.
 ///
-/// Options as [`longformer_forward`]. After validation, calls
-/// `alloc(shape, shape, dtype_name)`, which must return 3 capsules (dq, dk, dv), or 6
-/// (then dq_global, dk_global, dv_global) when the global projections are given: writable,
-/// contiguous, q's shape and dtype, on the inputs' device. Without the projections, the
+/// Options as [`longformer_forward`]. The caller allocates `dq`, `dk`, `dv` and, exactly
+/// when the global projections are given, `dq_global`, `dk_global`, `dv_global`:
+/// writable, contiguous, q's shape and dtype, on the inputs' device. Without the projections, the
 /// global rows' gradients are folded into dq, dk, dv. Deterministic.
 #[pyfunction]
 #[pyo3(signature = (
-    q, k, v, out, lse, dout, alloc, *, window, dilation, causal=false, scale=None,
+    q, k, v, out, lse, dout, dq, dk, dv, *, window, dilation, causal=false, scale=None,
     global_mask=None, global_indices=None, padding_mask=None, q_global=None, k_global=None,
-    v_global=None, stream=0
+    v_global=None, dq_global=None, dk_global=None, dv_global=None, stream=0
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn longformer_backward(
@@ -260,7 +250,9 @@ pub(super) fn longformer_backward(
     out: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
     dout: &Bound<'_, PyAny>,
-    alloc: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
     window: i64,
     dilation: Vec<i64>,
     causal: bool,
@@ -271,11 +263,31 @@ pub(super) fn longformer_backward(
     q_global: Option<&Bound<'_, PyAny>>,
     k_global: Option<&Bound<'_, PyAny>>,
     v_global: Option<&Bound<'_, PyAny>>,
+    dq_global: Option<&Bound<'_, PyAny>>,
+    dk_global: Option<&Bound<'_, PyAny>>,
+    dv_global: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
     guarded(|| {
         let opts = options(window, dilation, causal, scale)?;
         let t = import_inputs([q, k, v], [q_global, k_global, v_global])?;
+        let mut grads = vec![import("dq", dq)?, import("dk", dk)?, import("dv", dv)?];
+        let global_grads = [
+            ("dq_global", dq_global),
+            ("dk_global", dk_global),
+            ("dv_global", dv_global),
+        ];
+        for (name, g) in global_grads {
+            grads.extend(g.map(|g| import(name, g)).transpose()?);
+        }
+        if grads.len() != t.len() {
+            return Err(to_py_err(Error::InvalidArgument(format!(
+                "dq_global, dk_global, dv_global: give all three exactly when q_global, \
+                 k_global, v_global are given ({} gradient buffers for {} inputs)",
+                grads.len(),
+                t.len()
+            ))));
+        }
         let extra = [
             import("out", out)?,
             import("lse", lse)?,
@@ -295,20 +307,13 @@ pub(super) fn longformer_backward(
         .map_err(to_py_err)?;
         #[cfg(feature = "cuda")]
         if let Place::Cuda(ordinal) = place {
-            super::check_cuda_device(ordinal).map_err(to_py_err)?;
+            check_cuda_device(ordinal).map_err(to_py_err)?;
         }
         #[cfg(not(feature = "cuda"))]
         if let Place::Cuda(_) = place {
             let _ = stream;
             return Err(to_py_err(Error::CudaNotBuilt));
         }
-        let shapes = (p.qkv_shape(), p.qkv_shape());
-        let grads: Vec<Imported> = if t.len() == 6 {
-            let names = ["dq", "dk", "dv", "dq_global", "dk_global", "dv_global"];
-            allocate(py, alloc, names, shapes, p.dtype)?.into()
-        } else {
-            allocate(py, alloc, ["dq", "dk", "dv"], shapes, p.dtype)?.into()
-        };
         let grad_refs: Vec<&Imported> = grads.iter().collect();
         check_output_devices(&grad_refs, t[0].device)?;
         for g in &grads {
@@ -360,18 +365,29 @@ pub(super) fn longformer_backward(
                 };
                 // SAFETY: as in `longformer_forward`; the gradient buffers are fresh.
                 unsafe {
-                    longformer::cuda::backward_views(
-                        &views,
-                        gm.as_ref(),
-                        pm.as_ref(),
-                        &opts,
-                        stream as *mut c_void,
-                    )
+                    longformer::cuda::launch_backward(&p, &views, caller_stream(ordinal, stream))
                 }
                 .map_err(to_py_err)
             }
             #[cfg(not(feature = "cuda"))]
             Place::Cuda(_) => Err(to_py_err(Error::CudaNotBuilt)),
         }
+    })
+}
+
+/// The output shapes of a Longformer call on q of this shape (B, N, H, D): `out` (and
+/// every gradient) like q, and `lse` (B, H, N), for the caller to allocate them.
+#[pyfunction]
+pub(super) fn longformer_shapes(q_shape: Vec<usize>) -> PyResult<(Vec<usize>, Vec<usize>)> {
+    guarded(|| {
+        let [b, n, h, _] = q_shape[..] else {
+            return Err(to_py_err(Error::Rank {
+                name: "q",
+                expected: 4,
+                layout: "(batch, seqlen, heads, head_dim)",
+                shape: q_shape,
+            }));
+        };
+        Ok((q_shape.clone(), vec![b, h, n]))
     })
 }

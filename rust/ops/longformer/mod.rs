@@ -28,11 +28,12 @@
 //! Every non-padded row sees at least itself, so only padded rows are empty.
 
 use crate::error::{Error, Result};
-use crate::reference;
+use crate::ops::common::{check_row_layout, f32_data};
 use crate::tensor::{DType, HostTensor, Layout};
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda;
+pub mod reference;
 pub mod schedule;
 
 /// Options of a Longformer call.
@@ -145,6 +146,9 @@ pub struct LongformerGradients<T = HostTensor> {
 
 /// A validated call: sizes, options and the masks.
 #[derive(Debug, Clone, PartialEq)]
+// Non-exhaustive: outside this crate only the validator builds one, so holding a
+// problem is proof that the call was checked; the launch consumes it as it is.
+#[non_exhaustive]
 pub struct LongformerProblem {
     pub batch: usize,
     pub seqlen: usize,
@@ -237,39 +241,6 @@ impl LongformerProblem {
 const QKV_LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
 const MASK_LAYOUT: &str = "(batch, seqlen)";
 
-fn check_layout(name: &'static str, l: &Layout) -> Result<()> {
-    if l.shape.len() != 4 {
-        return Err(Error::Rank {
-            name,
-            expected: 4,
-            layout: QKV_LAYOUT,
-            shape: l.shape.clone(),
-        });
-    }
-    if l.strides.len() != 4 {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: shape {:?} has {} strides {:?}",
-            l.shape,
-            l.strides.len(),
-            l.strides
-        )));
-    }
-    if l.numel() == 0 {
-        return Err(Error::Empty {
-            name,
-            shape: l.shape.clone(),
-        });
-    }
-    if l.strides[3] != 1 {
-        return Err(Error::NonUnitStride {
-            name,
-            shape: l.shape.clone(),
-            strides: l.strides.clone(),
-        });
-    }
-    Ok(())
-}
-
 fn check_mask(
     name: &'static str,
     m: Option<&TokenMask>,
@@ -323,7 +294,7 @@ pub fn validate(
         all.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
     }
     for &(name, (_, l)) in &all {
-        check_layout(name, l)?;
+        check_row_layout(name, l, 4, QKV_LAYOUT)?;
     }
     for &(name, (dtype, l)) in &all[1..] {
         if dtype != q.0 {
@@ -391,10 +362,6 @@ pub fn validate(
         padding,
         global_positions,
     })
-}
-
-fn f32_data(t: &HostTensor) -> Vec<f32> {
-    t.to_contiguous(DType::F32).to_f32_vec()
 }
 
 fn problem_of(
@@ -471,7 +438,7 @@ pub fn validate_backward(
 ) -> Result<()> {
     let shape = p.qkv_shape();
     for (name, (dtype, l)) in [("out", out), ("dout", dout)] {
-        check_layout(name, l)?;
+        check_row_layout(name, l, 4, QKV_LAYOUT)?;
         if l.shape != shape {
             return Err(Error::ShapeMismatch {
                 detail: format!("{name} has shape {:?}, expected q's {shape:?}", l.shape),

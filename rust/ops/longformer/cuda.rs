@@ -10,12 +10,13 @@ use super::{
     validate, validate_backward, LongformerGradients, LongformerOptions, LongformerOutput,
     LongformerProblem, TokenMask,
 };
-use crate::attention::cuda::{
-    borrowed, bsh, check_grid_and_views, check_out, dtype_arg, lse_strides, order_after,
-};
 use crate::device::{memset_async, DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::ops::glue::{
+    borrowed, bsh, check_contiguous, check_grid_and_views, check_out_rows, dtype_arg, lse_strides,
+    order_after,
+};
 use crate::tensor::{DType, Layout};
 
 const _: () = assert!(
@@ -61,7 +62,7 @@ fn check_kernel_support(
 }
 
 fn check_lse(name: &str, view: &DeviceView, p: &LongformerProblem, device: usize) -> Result<()> {
-    check_out(name, view, DType::F32, &p.lse_shape())?;
+    check_out_rows(name, view, DType::F32, &p.lse_shape())?;
     if view.layout != Layout::contiguous(&p.lse_shape()) {
         return Err(Error::InvalidArgument(format!(
             "{name}: must be a contiguous (batch, heads, seqlen) float32 tensor, got strides {:?}",
@@ -80,16 +81,6 @@ fn check_lse(name: &str, view: &DeviceView, p: &LongformerProblem, device: usize
         return Err(Error::InvalidArgument(format!(
             "{name}: needs a 4-byte aligned pointer, got {:#x}",
             view.ptr
-        )));
-    }
-    Ok(())
-}
-
-fn check_contiguous(name: &str, view: &DeviceView) -> Result<()> {
-    if view.layout != Layout::contiguous(&view.layout.shape) {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: the Longformer backward writes contiguous gradients, got strides {:?}",
-            view.layout.strides
         )));
     }
     Ok(())
@@ -280,7 +271,7 @@ pub fn forward(
     if let Some([qg, kg, vg]) = globals {
         inputs.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
     }
-    order_after(stream, &inputs)?;
+    order_after(stream, "q", &inputs)?;
     let out = DeviceTensor::poisoned(stream, p.dtype, &p.qkv_shape())?;
     let lse = DeviceTensor::poisoned(stream, DType::F32, &p.lse_shape())?;
     let g = globals.map(|g| g.map(DeviceTensor::view));
@@ -351,14 +342,14 @@ pub unsafe fn forward_views(
 
 /// # Safety
 /// As [`forward_views`].
-unsafe fn launch_forward(
+pub(crate) unsafe fn launch_forward(
     p: &LongformerProblem,
     [q, k, v]: [&DeviceView; 3],
     globals: Option<[&DeviceView; 3]>,
     [out, lse]: [&DeviceView; 2],
     stream: impl FnOnce() -> Result<Stream>,
 ) -> Result<()> {
-    check_out("out", out, p.dtype, &p.qkv_shape())?;
+    check_out_rows("out", out, p.dtype, &p.qkv_shape())?;
     let mut views = vec![("q", q), ("k", k), ("v", v), ("out", out)];
     if let Some([qg, kg, vg]) = globals {
         views.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
@@ -649,7 +640,7 @@ pub fn backward(
     if let Some([qg, kg, vg]) = globals {
         inputs.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
     }
-    order_after(stream, &inputs)?;
+    order_after(stream, "q", &inputs)?;
     let alloc = || DeviceTensor::poisoned(stream, p.dtype, &p.qkv_shape());
     let grads = [alloc()?, alloc()?, alloc()?];
     let global_grads = match globals {
@@ -714,7 +705,7 @@ pub unsafe fn backward_views(
 
 /// # Safety
 /// As [`backward_views`].
-unsafe fn launch_backward(
+pub(crate) unsafe fn launch_backward(
     p: &LongformerProblem,
     vw: &BackwardViews<'_>,
     stream: impl FnOnce() -> Result<Stream>,
@@ -745,8 +736,12 @@ unsafe fn launch_backward(
         outputs.extend([("dq_global", a), ("dk_global", b), ("dv_global", c)]);
     }
     for &(name, view) in &outputs {
-        check_out(name, view, p.dtype, &p.qkv_shape())?;
-        check_contiguous(name, view)?;
+        check_out_rows(name, view, p.dtype, &p.qkv_shape())?;
+        check_contiguous(
+            name,
+            view,
+            "the Longformer backward writes contiguous gradients",
+        )?;
     }
     views.extend(outputs.iter().copied());
     check_kernel_support(p, q.device, &views)?;

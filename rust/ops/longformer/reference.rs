@@ -6,8 +6,8 @@
 //! V_g; every other row scores Q[i] against K and averages V (global key columns
 //! included). Generic over f32 and f64 (for the tests' finite differences).
 
-use super::attention::Real;
 use crate::longformer::LongformerProblem;
+use crate::ops::attention::reference::Real;
 
 /// The six input buffers of one call (pass Q, K, V again as the global projections when
 /// there are none).

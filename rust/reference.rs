@@ -1,0 +1,17 @@
+//! CPU reference implementations, one per op (each lives beside its op in
+//! `rust/ops/<op>/reference.rs`; this module gathers them under one name): plain loops
+//! with the same semantics as the kernels, written for clarity, checked against
+//! independent definitions (tests/: a naive f64 forward, finite differences for the
+//! backward) and against independent oracles (python/tests/).
+
+pub use crate::ops::attention::reference::{attention, attention_backward, Gradients, Real};
+pub use crate::ops::conv::reference::{
+    activate, activation_backward, activation_derivative, conv2d, conv2d_backward, erf,
+    ConvForward, ConvGradients, ConvReal,
+};
+pub use crate::ops::longformer::reference::{
+    longformer, longformer_backward, LongformerGrads, LongformerInputs,
+};
+pub use crate::ops::pool::reference::{
+    avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward,
+};
