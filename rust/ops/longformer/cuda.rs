@@ -5,7 +5,8 @@
 
 use std::ffi::c_void;
 
-use super::schedule::{Gathered, WorkList, BWD_BLOCK, FWD_BLOCK_M, FWD_BLOCK_N};
+use super::plan::{backward_plan, cached_plan, forward_plan, Arena, Schedule, Shared, Slot};
+use super::schedule::{BWD_BLOCK, FWD_BLOCK_M, FWD_BLOCK_N};
 use super::{
     validate, validate_backward, LongformerGradients, LongformerOptions, LongformerOutput,
     LongformerProblem, TokenMask,
@@ -86,80 +87,13 @@ fn check_lse(name: &str, view: &DeviceView, p: &LongformerProblem, device: usize
     Ok(())
 }
 
-/// The host side of one call: problem, schedule, and where it lives on the device.
-struct Schedule {
-    head_class: Vec<i32>,
-    num_classes: usize,
-    globals: Option<Gathered>,
-}
-
-impl Schedule {
-    fn new(p: &LongformerProblem) -> Self {
-        let (head_class, dilations) = p.head_classes();
-        Schedule {
-            head_class,
-            num_classes: dilations.len(),
-            globals: p.gathered_globals(),
-        }
-    }
-}
-
-/// One device buffer holding every small array of a call (uploaded with one copy, freed
-/// in stream order when dropped).
-struct Arena {
-    bytes: Vec<u8>,
-}
-
-/// Where an array went in the arena (byte offset).
-#[derive(Clone, Copy)]
-struct Slot(usize);
-
-impl Arena {
-    fn new() -> Self {
-        Arena { bytes: Vec::new() }
-    }
-
-    fn align(&mut self) {
-        while self.bytes.len() % 16 != 0 {
-            self.bytes.push(0);
-        }
-    }
-
-    fn push_i32(&mut self, v: &[i32]) -> Slot {
-        self.align();
-        let at = self.bytes.len();
-        self.bytes.extend(v.iter().flat_map(|x| x.to_ne_bytes()));
-        // Keep every slot a valid (possibly empty) address inside the buffer.
-        self.bytes.extend([0u8; 4]);
-        Slot(at)
-    }
-
-    fn push_u8(&mut self, v: &[bool]) -> Slot {
-        self.align();
-        let at = self.bytes.len();
-        self.bytes.extend(v.iter().map(|&x| x as u8));
-        self.bytes.push(0);
-        Slot(at)
-    }
-
-    fn push_list(&mut self, w: &WorkList) -> Result<(Slot, Slot)> {
-        if w.ids.len() > i32::MAX as usize {
-            return Err(Error::TooLarge {
-                what: "Longformer work list entries".into(),
-                value: w.ids.len() as u64,
-                limit: i32::MAX as u64,
-            });
-        }
-        Ok((self.push_i32(&w.offsets), self.push_i32(&w.ids)))
-    }
-
-    fn upload(&self, stream: &Stream) -> Result<Uploaded> {
-        let buf = DeviceBuffer::upload(stream, &self.bytes)?;
-        Ok(Uploaded {
-            base: buf.ptr(),
-            _buf: buf,
-        })
-    }
+/// The arena on the device: one copy, freed in stream order when dropped.
+fn upload(arena: &Arena, stream: &Stream) -> Result<Uploaded> {
+    let buf = DeviceBuffer::upload(stream, &arena.bytes)?;
+    Ok(Uploaded {
+        base: buf.ptr(),
+        _buf: buf,
+    })
 }
 
 struct Uploaded {
@@ -173,32 +107,6 @@ impl Uploaded {
     }
     fn u8(&self, s: Slot) -> *const u8 {
         (self.base + s.0 as u64) as *const u8
-    }
-}
-
-/// The arena slots of what every pass shares.
-struct Shared {
-    dilation: Slot,
-    global_mask: Slot,
-    padding_mask: Slot,
-    head_class: Slot,
-    one_class: Slot,
-    global_rows: Option<Slot>,
-}
-
-fn push_shared(arena: &mut Arena, p: &LongformerProblem, s: &Schedule) -> Shared {
-    let dilation: Vec<i32> = p
-        .dilation
-        .iter()
-        .map(|&d| d.min(i32::MAX as usize) as i32)
-        .collect();
-    Shared {
-        dilation: arena.push_i32(&dilation),
-        global_mask: arena.push_u8(&p.global),
-        padding_mask: arena.push_u8(&p.padding),
-        head_class: arena.push_i32(&s.head_class),
-        one_class: arena.push_i32(&vec![0; p.heads]),
-        global_rows: s.globals.as_ref().map(|g| arena.push_i32(&g.rows)),
     }
 }
 
@@ -359,7 +267,7 @@ pub(crate) unsafe fn launch_forward(
 
     let plan = cached_plan(p, false, forward_plan)?;
     let stream = &stream()?;
-    let up = plan.arena.upload(stream)?;
+    let up = upload(&plan.arena, stream)?;
     let (s, sh) = (&plan.s, &plan.sh);
     let local = plan.lists[0];
     let global = s
@@ -441,150 +349,6 @@ pub(crate) unsafe fn launch_forward(
         ffi::check(unsafe { ffi::fk_longformer_fwd(&global_params, stream.raw()) })?;
     }
     Ok(())
-}
-
-/// The host side of a call, everything but the tensors: the schedule, and the arena
-/// holding its device arrays with the work lists in the launcher's order.
-struct Plan {
-    s: Schedule,
-    arena: Arena,
-    sh: Shared,
-    lists: Vec<(Slot, Slot)>,
-    /// Per list: the splits of its pass (1 = not split).
-    splits: Vec<usize>,
-}
-
-impl Plan {
-    fn new(p: &LongformerProblem) -> Self {
-        let s = Schedule::new(p);
-        let mut arena = Arena::new();
-        let sh = push_shared(&mut arena, p, &s);
-        Plan {
-            s,
-            arena,
-            sh,
-            lists: Vec::new(),
-            splits: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, list: &WorkList, splits: usize) -> Result<()> {
-        let slots = self.arena.push_list(list)?;
-        self.lists.push(slots);
-        self.splits.push(splits);
-        Ok(())
-    }
-}
-
-/// Forward lists: the local rows (global keys packed when there are any), then the
-/// global rows (split over keys).
-fn forward_plan(p: &LongformerProblem) -> Result<Plan> {
-    let mut plan = Plan::new(p);
-    match plan.s.globals.clone() {
-        Some(g) => {
-            plan.push(&p.local_rows_packed_work(&g, FWD_BLOCK_M, FWD_BLOCK_N), 1)?;
-            let list = p.global_rows_work(&g, FWD_BLOCK_M, FWD_BLOCK_N);
-            let splits = global_row_splits(p, &g, &list, FWD_BLOCK_M);
-            plan.push(&list, splits)?;
-        }
-        None => plan.push(&p.local_rows_work(FWD_BLOCK_M, FWD_BLOCK_N), 1)?,
-    }
-    Ok(plan)
-}
-
-/// Backward lists: dQ of the local rows (global keys packed), dK/dV of the band, then with
-/// global tokens dK/dV of the global columns, dQ of the global rows (both split) and
-/// dK/dV of the global rows.
-fn backward_plan(p: &LongformerProblem) -> Result<Plan> {
-    let mut plan = Plan::new(p);
-    let b = BWD_BLOCK;
-    match plan.s.globals.clone() {
-        Some(g) => {
-            plan.push(&p.local_rows_packed_work(&g, b, b), 1)?;
-            plan.push(&p.band_keys_work(b, b), 1)?;
-            let cols = p.global_cols_work(&g, b, b);
-            plan.push(&cols, global_row_splits(p, &g, &cols, b))?;
-            let rows = p.global_rows_work(&g, b, b);
-            plan.push(&rows, global_row_splits(p, &g, &rows, b))?;
-            plan.push(&p.global_rows_by_key_work(&g, b, b), 1)?;
-        }
-        None => {
-            plan.push(&p.local_rows_work(b, b), 1)?;
-            plan.push(&p.band_keys_work(b, b), 1)?;
-        }
-    }
-    Ok(plan)
-}
-
-/// What a plan depends on (not the tensors, dtype, head dim or scale).
-#[derive(PartialEq)]
-struct PlanKey {
-    backward: bool,
-    dims: [usize; 3],
-    window: usize,
-    dilation: Vec<usize>,
-    causal: bool,
-    global: Vec<bool>,
-    padding: Vec<bool>,
-}
-
-/// Plans built recently: training calls the op with the same masks step after step, and
-/// building the lists costs about as much host time as the kernels take on the GPU.
-const PLAN_CACHE_SIZE: usize = 8;
-
-#[allow(clippy::type_complexity)]
-static PLAN_CACHE: std::sync::Mutex<Vec<(PlanKey, std::sync::Arc<Plan>)>> =
-    std::sync::Mutex::new(Vec::new());
-
-fn cached_plan(
-    p: &LongformerProblem,
-    backward: bool,
-    build: fn(&LongformerProblem) -> Result<Plan>,
-) -> Result<std::sync::Arc<Plan>> {
-    let key = PlanKey {
-        backward,
-        dims: [p.batch, p.seqlen, p.heads],
-        window: p.window,
-        dilation: p.dilation.clone(),
-        causal: p.causal,
-        global: p.global.clone(),
-        padding: p.padding.clone(),
-    };
-    // A panic elsewhere while holding the lock leaves a consistent cache: keep using it.
-    let mut cache = PLAN_CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(at) = cache.iter().position(|(k, _)| *k == key) {
-        let hit = cache.remove(at);
-        let plan = hit.1.clone();
-        cache.push(hit);
-        return Ok(plan);
-    }
-    let plan = std::sync::Arc::new(build(p)?);
-    if cache.len() == PLAN_CACHE_SIZE {
-        cache.remove(0);
-    }
-    cache.push((key, plan.clone()));
-    Ok(plan)
-}
-
-/// Thread blocks the global-rows forward should fill before it is split over keys: two
-/// waves on a 132-SM GPU.
-const GLOBAL_ROWS_TARGET_BLOCKS: usize = 264;
-/// Fewest key tiles a split should walk (below that the combine costs more than it saves).
-const MIN_TILES_PER_SPLIT: usize = 4;
-
-/// How many splits a pass over gathered global rows (or keys) uses: few of them against
-/// a long sequence would otherwise leave most of the GPU idle (one block per tile of
-/// `block` gathered entries per head).
-fn global_row_splits(p: &LongformerProblem, g: &Gathered, list: &WorkList, block: usize) -> usize {
-    let blocks = p.batch * p.heads * g.per_seq.div_ceil(block);
-    let longest = (0..list.rows())
-        .map(|r| list.row(r).len())
-        .max()
-        .unwrap_or(0);
-    GLOBAL_ROWS_TARGET_BLOCKS
-        .div_ceil(blocks)
-        .min(longest / MIN_TILES_PER_SPLIT)
-        .max(1)
 }
 
 /// The backward's tensors: inputs (and their global projections) and outputs.
@@ -760,7 +524,7 @@ pub(crate) unsafe fn launch_backward(
     });
     let (dq_local, band) = (plan.lists[0], plan.lists[1]);
     let stream = &stream()?;
-    let up = plan.arena.upload(stream)?;
+    let up = upload(&plan.arena, stream)?;
     // One workspace for the split passes' f32 partial sums (dK and dV of GLOBAL_COLS, or dQ
     // of GLOBAL_ROWS; the passes run one after the other in stream order).
     let partial_len = global_lists.map_or(0, |((_, cs), (_, rs), _, per_seq)| {

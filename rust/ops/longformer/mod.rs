@@ -33,6 +33,9 @@ use crate::tensor::{DType, HostTensor, Layout};
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda;
+// The plan is used by the device paths; without one it is still built and unit-tested.
+#[cfg_attr(not(any(feature = "cuda", feature = "emulator")), allow(dead_code))]
+pub(crate) mod plan;
 pub mod reference;
 pub mod schedule;
 
