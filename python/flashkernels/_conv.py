@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
-from . import _dtype_name, _is_torch, _native, _Placement
+from . import _native
+from ._dlpack import Placement, dtype_name, is_torch
 
 _Pair = Tuple[int, int]
 _ACTIVATIONS = (None, "none", "relu", "gelu", "silu")
@@ -122,7 +123,7 @@ def conv2d(
     weight and bias.
     """
     args = ConvArgs(weight, stride, padding, dilation, groups, activation, algo)
-    if _is_torch(input):
+    if is_torch(input):
         from . import _torch_conv
 
         return _torch_conv.conv2d(input, weight, bias, args)
@@ -181,11 +182,11 @@ def activation_backward(activation: Optional[str], y_pre: Any, dy: Any) -> Any:
 def conv_forward(x: Any, w: Any, b: Any, args: ConvArgs, *, keep_pre: bool) -> Tuple[Any, Any]:
     """(y, y_pre or None) in the caller's framework, through the native module."""
     named = [("input", x), ("weight", w)] + ([("bias", b)] if b is not None else [])
-    place = _Placement(named)
+    place = Placement(named)
     geometry = dict(stride=args.stride, padding=args.padding, dilation=args.dilation, groups=args.groups)
     shape = tuple(_native.conv2d_output_shape(list(_shape(x)), list(_shape(w)), **geometry))
-    y = _empty_like_input(place, x, shape, _dtype_name(x))
-    y_pre = _empty_like_input(place, x, shape, _dtype_name(x)) if keep_pre else None
+    y = _empty_like_input(place, x, shape, dtype_name(x))
+    y_pre = _empty_like_input(place, x, shape, dtype_name(x)) if keep_pre else None
     _native.conv2d_forward(
         place.export("input", x),
         place.export("weight", w),
@@ -200,8 +201,8 @@ def conv_forward(x: Any, w: Any, b: Any, args: ConvArgs, *, keep_pre: bool) -> T
 
 def conv_backward(dy: Any, x: Any, w: Any, args: ConvArgs, need: Tuple[bool, bool, bool]) -> Tuple[Any, Any, Any]:
     """(dx, dweight, dbias), None where not needed; dy is the pre-activation gradient."""
-    place = _Placement([("grad_output", dy), ("input", x), ("weight", w)])
-    dtype = _dtype_name(x)
+    place = Placement([("grad_output", dy), ("input", x), ("weight", w)])
+    dtype = dtype_name(x)
     made = (
         _empty_like_input(place, x, tuple(_shape(x)), dtype) if need[0] else None,
         place.empty(tuple(_shape(w)), dtype) if need[1] else None,
@@ -218,7 +219,7 @@ def conv_backward(dy: Any, x: Any, w: Any, args: ConvArgs, need: Tuple[bool, boo
     return tuple(None if t is None else place.to_caller(t) for t in made)  # type: ignore[return-value]
 
 
-def _empty_like_input(place: _Placement, x: Any, shape: tuple, dtype: str) -> Any:
+def _empty_like_input(place: Placement, x: Any, shape: tuple, dtype: str) -> Any:
     """An output of (N, C', H', W') shape in x's memory format (channels-last for a
     channels-last torch input, as torch's conv2d does)."""
     t = place.empty(shape, dtype)
@@ -275,7 +276,7 @@ class PoolArgs:
         )
 
 
-def _index_buffer(place: _Placement, shape: tuple) -> Any:
+def _index_buffer(place: Placement, shape: tuple) -> Any:
     """An int32 buffer for max-pooling indices where the input is (numpy on the host)."""
     if place.fw == "jax":
         raise TypeError("max_pool2d: jax arrays are not supported (the indices need a mutable int32 array)")
@@ -284,9 +285,9 @@ def _index_buffer(place: _Placement, shape: tuple) -> Any:
 
 def pool_forward(x: Any, args: PoolArgs) -> Tuple[Any, Any]:
     """(y, int32 indices or None) in the caller's framework."""
-    place = _Placement([("input", x)])
+    place = Placement([("input", x)])
     shape = tuple(_native.pool2d_output_shape(list(_shape(x)), **args.native()))
-    y = _empty_like_input(place, x, shape, _dtype_name(x))
+    y = _empty_like_input(place, x, shape, dtype_name(x))
     idx = _index_buffer(place, shape) if args.kind == "max" else None
     _native.pool2d_forward(
         place.export("input", x),
@@ -301,8 +302,8 @@ def pool_forward(x: Any, args: PoolArgs) -> Tuple[Any, Any]:
 def pool_backward(dy: Any, input_shape: Sequence[int], indices: Any, args: PoolArgs) -> Any:
     """dx for the forward on an input of `input_shape`; `indices` (max pooling) int32
     of the output's shape, on dy's device."""
-    place = _Placement([("grad_output", dy)] + ([] if indices is None else [("indices", indices)]))
-    dx = place.empty(tuple(int(n) for n in input_shape), _dtype_name(dy))
+    place = Placement([("grad_output", dy)] + ([] if indices is None else [("indices", indices)]))
+    dx = place.empty(tuple(int(n) for n in input_shape), dtype_name(dy))
     _native.pool2d_backward(
         place.export("grad_output", dy),
         place.export("grad_input", dx),
@@ -349,13 +350,13 @@ def max_pool2d(
     plane (the first maximum on ties; padding never wins). torch tensors are
     differentiable."""
     args = PoolArgs("max", kernel_size, stride, padding, dilation, ceil_mode)
-    if _is_torch(input):
+    if is_torch(input):
         from . import _torch_conv
 
         y, idx = _torch_conv.max_pool2d(input, args)
     else:
         y, idx32 = pool_forward(input, args)
-        idx = _int64_indices(_Placement([("input", input)]).fw, idx32) if return_indices else None
+        idx = _int64_indices(Placement([("input", input)]).fw, idx32) if return_indices else None
     return (y, idx) if return_indices else y
 
 
@@ -372,7 +373,7 @@ def avg_pool2d(
     clipped to the padded input (``count_include_pad``) or to the input, or by
     ``divisor_override``. torch tensors are differentiable."""
     args = PoolArgs("avg", kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override)
-    if _is_torch(input):
+    if is_torch(input):
         from . import _torch_conv
 
         return _torch_conv.avg_pool2d(input, args)
@@ -391,7 +392,7 @@ def max_pool2d_backward(
 ) -> Any:
     """The input gradient of :func:`max_pool2d` from the forward's indices (numpy)."""
     args = PoolArgs("max", kernel_size, stride, padding, dilation, ceil_mode)
-    fw = _Placement([("grad_output", grad_output)]).fw
+    fw = Placement([("grad_output", grad_output)]).fw
     return pool_backward(grad_output, _shape(input), _int32_indices(fw, indices), args)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import operator
 from typing import Any, List, Optional, Sequence, Tuple
 
-from . import _dtype_name, _framework, _is_torch, _native, _Placement
+from . import _native
+from ._dlpack import Placement, dtype_name, framework, is_torch
 
 # (bytes, shape): a host mask as the native module takes it (one byte per token).
 HostMask = Tuple[bytes, Tuple[int, ...]]
@@ -137,7 +138,7 @@ def host_mask(name: str, m: Any) -> Optional[HostMask]:
     and its shape. Device arrays are copied to the host (a synchronization)."""
     if m is None:
         return None
-    fw = _framework(m)
+    fw = framework(m)
     if fw == "torch":
         import torch
 
@@ -259,7 +260,7 @@ def longformer_attention(
     opts = LongformerOptions(window, dilation, causal, scale)
     gmask, gidx = split_global_tokens(global_tokens)
     gqkv = split_global_qkv(global_qkv)
-    if _is_torch(q):
+    if is_torch(q):
         from . import _torch_longformer
 
         out, lse = _torch_longformer.forward(q, k, v, gqkv, gmask, gidx, padding_mask, opts)
@@ -296,7 +297,7 @@ def longformer_attention_backward(
     opts = LongformerOptions(window, dilation, causal, scale)
     gmask, gidx = split_global_tokens(global_tokens)
     gqkv = split_global_qkv(global_qkv)
-    if _is_torch(q):
+    if is_torch(q):
         from . import _torch_longformer
 
         return _torch_longformer.backward(q, k, v, out, lse, dout, gqkv, gmask, gidx, padding_mask, opts)
@@ -315,7 +316,7 @@ def _named(tensors: Sequence[Any]) -> List[Tuple[str, Any]]:
     return list(zip(names, tensors))
 
 
-def _native_globals(place: _Placement, named: List[Tuple[str, Any]]) -> dict:
+def _native_globals(place: Placement, named: List[Tuple[str, Any]]) -> dict:
     if len(named) == 3:
         return {}
     return {n: place.export(n, x) for n, x in named[3:]}
@@ -324,9 +325,9 @@ def _native_globals(place: _Placement, named: List[Tuple[str, Any]]) -> dict:
 def lf_forward(tensors: Sequence[Any], masks: HostMasks, opts: LongformerOptions) -> Tuple[Any, Any]:
     """(out, lse) in the caller's framework from q, k, v [, q_global, k_global, v_global]."""
     named = _named(tensors)
-    place = _Placement(named)
+    place = Placement(named)
     out_shape, lse_shape = _native.longformer_shapes([int(n) for n in tensors[0].shape])
-    out = place.empty(tuple(out_shape), _dtype_name(tensors[0]))
+    out = place.empty(tuple(out_shape), dtype_name(tensors[0]))
     lse = place.empty(tuple(lse_shape), "float32")
     _native.longformer_forward(
         *(place.export(n, x) for n, x in named[:3]),
@@ -345,10 +346,10 @@ def lf_backward(
 ) -> Tuple[Any, ...]:
     """(dq, dk, dv) or, with the global projections, (dq, dk, dv, dq_g, dk_g, dv_g)."""
     named = _named(tensors)
-    place = _Placement(named + [("out", out), ("lse", lse), ("dout", dout)])
+    place = Placement(named + [("out", out), ("lse", lse), ("dout", dout)])
     grad_names = ("dq", "dk", "dv", "dq_global", "dk_global", "dv_global")[: len(named)]
     shape, _ = _native.longformer_shapes([int(n) for n in tensors[0].shape])
-    made = [place.empty(tuple(shape), _dtype_name(tensors[0])) for _ in grad_names]
+    made = [place.empty(tuple(shape), dtype_name(tensors[0])) for _ in grad_names]
     grads = {n: place.export(n, t) for n, t in zip(grad_names, made)}
     _native.longformer_backward(
         *(place.export(n, x) for n, x in named[:3]),

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _backward, _forward, _host_offsets, _varlen_offsets
+from ._attention import _backward, _forward, _host_offsets, _varlen_offsets
 
 if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
     raise ImportError(

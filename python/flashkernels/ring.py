@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-import flashkernels
+from ._attention import attention_backward, flash_attn_func
 
 __all__ = ["ring_attention", "merge_attention_states"]
 
@@ -175,7 +175,7 @@ def _ring_forward(
             pending = ring.exchange(kv, _KV_TAG)
         mode = _visits(causal, src, rank)
         if mode is not None:
-            o, o_lse = flashkernels.flash_attn_func(q, kv[0], kv[1], softmax_scale=scale, causal=mode, return_lse=True)
+            o, o_lse = flash_attn_func(q, kv[0], kv[1], softmax_scale=scale, causal=mode, return_lse=True)
             if out is None:  # step 0: the rank's own block, always visited
                 out, lse = o.float(), o_lse
             else:
@@ -210,7 +210,7 @@ def _ring_backward(
         mode = _visits(causal, src, rank)
         grads = None
         if mode is not None:
-            grads = flashkernels.attention_backward(q, kv[0], kv[1], out, lse, dout, causal=mode, softmax_scale=scale)
+            grads = attention_backward(q, kv[0], kv[1], out, lse, dout, causal=mode, softmax_scale=scale)
         # This block's partial sums: zeros for our own block, else what the previous
         # rank sent after its turn with the block (received while we computed).
         if dkv_pending is None:

@@ -181,7 +181,7 @@ def test_native_backward_heads_first(randn):
     out, lse = fk.flash_attn_func(q, k, v, causal=True, return_lse=True)
     want = fk.attention_backward(q, k, v, out, lse, dout, causal=True)
     t = lambda x: x.swapaxes(1, 2)  # noqa: E731
-    got = fk._backward(
+    got = fk._attention._backward(
         (t(q), t(k), t(v), t(out), lse, t(dout)),
         heads_first=True,
         causal=True,

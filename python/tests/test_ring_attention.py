@@ -426,19 +426,19 @@ def worker():
                 results["subgroup"] = run_case(dist.get_rank(sub), 2, CASES["causal_gqa_scale"], 50, group=sub)
 
         # Sabotaged rings, to show that the comparison above notices.
-        real_merge, real_backward = ring_mod._merge, fk.attention_backward
+        real_merge, real_backward = ring_mod._merge, ring_mod.attention_backward
         ring_mod._merge = merge_by_average
         try:
             results["average_merge"] = run_case(rank, world, CASES["full"], 100)
         finally:
             ring_mod._merge = real_merge
-        fk.attention_backward = lambda q, k, v, out, lse, dout, **kw: real_backward(
+        ring_mod.attention_backward = lambda q, k, v, out, lse, dout, **kw: real_backward(
             q, k, v, torch.zeros_like(out), lse, dout, **kw
         )
         try:
             results["zero_delta"] = run_case(rank, world, CASES["causal"], 101)
         finally:
-            fk.attention_backward = real_backward
+            ring_mod.attention_backward = real_backward
     finally:
         dist.destroy_process_group()
     print("RESULT " + json.dumps(results), flush=True)
