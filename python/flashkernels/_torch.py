@@ -3,7 +3,7 @@ torch.export trace.
 
 Imported (which registers the ops) when flashkernels is imported after torch, right after
 torch's own import otherwise, or at the latest on the first call with a torch tensor; see
-the package docs. The package's public functions route torch tensors here:
+the package docs. The public functions (``_attention``) route torch tensors here:
 
 - Eager calls on plain tensors go through ``_Attention`` (a ``torch.autograd.Function``,
   ~6 us of overhead) when a gradient is wanted, else straight to the native module:
@@ -13,30 +13,21 @@ the package docs. The package's public functions route torch tensors here:
   implementation, whose registered autograd formula calls
   ``torch.ops.flashkernels.attention_bwd``.
 
-Both routes end in the same DLPack glue (the package's ``_forward`` / ``_backward``), so
+Both routes end in the same DLPack glue (``_attention._forward`` / ``_backward``), so
 their results are identical. The LSE output is not differentiable.
 
 Note: no ``from __future__ import annotations`` here; torch.library infers the op
 schemas from the annotations of the op functions.
 """
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._attention import _backward, _forward, _host_offsets, _varlen_offsets
-
-if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
-    raise ImportError(
-        f"flashkernels' torch support needs torch >= 2.4 (torch.library.custom_op); found {torch.__version__}"
-    )
+from ._torch_ops import Autograd, autograd_function, custom_op, kernel_ready, use_op, wants_grad
 
 Tensor = torch.Tensor
-
-# Tensor types that take the eager route; anything else (FakeTensor, functional tensors,
-# other subclasses) goes through the custom op, which knows how to dispatch them.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _side(w: Optional[int]) -> int:
@@ -58,18 +49,6 @@ def _offsets(cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: 
     return _varlen_offsets((cu_q, cu_k), None if max_q < 0 else (max_q, max_k))
 
 
-def _kernel_ready(t: Tensor) -> Tensor:
-    """t when the kernels can read it in place, else a contiguous copy. Gradients reach
-    the backward with whatever strides autograd made (``out.sum().backward()`` gives an
-    expanded tensor whose strides are all 0)."""
-    ok = t.dim() > 0 and (t.shape[-1] == 1 or t.stride(-1) == 1)
-    if ok and t.is_cuda:
-        elem = t.element_size()
-        rows = [s for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1]
-        ok = t.data_ptr() % 16 == 0 and all(s * elem % 16 == 0 for s in rows)
-    return t if ok else t.clone(memory_format=torch.contiguous_format)
-
-
 def _backward_impl(
     dout: Tensor,
     q: Tensor,
@@ -84,7 +63,7 @@ def _backward_impl(
     window: Tuple[Optional[int], Optional[int]],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward(
-        (q, k, v, _kernel_ready(out), lse.contiguous(), _kernel_ready(dout)),
+        (q, k, v, kernel_ready(out), lse.contiguous(), kernel_ready(dout)),
         heads_first=heads_first,
         causal=causal,
         scale=scale,
@@ -97,8 +76,7 @@ def _backward_impl(
 # The custom ops (torch.compile, torch.export, tensor subclasses).
 
 
-@torch.library.custom_op("flashkernels::attention_fwd", mutates_args=())
-def attention_fwd(
+def _attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -140,7 +118,6 @@ def _empty_like_kernel(x: Tensor, heads_first: bool) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@attention_fwd.register_fake
 def _attention_fwd_fake(
     q,
     k,
@@ -170,8 +147,7 @@ def _attention_fwd_fake(
     return _empty_like_kernel(q, heads_first), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("flashkernels::attention_bwd", mutates_args=())
-def attention_bwd(
+def _attention_bwd(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -203,7 +179,6 @@ def attention_bwd(
     )
 
 
-@attention_bwd.register_fake
 def _attention_bwd_fake(
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, heads_first, causal, scale, window_left, window_right
 ):
@@ -214,61 +189,46 @@ def _attention_bwd_fake(
     )
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+def _op_save(inputs: tuple, outputs: tuple) -> tuple:
     q, k, v, cu_q, cu_k, _max_q, _max_k, heads_first, causal, scale, left, right = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.options = (heads_first, causal, scale, left, right)
-    ctx.mark_non_differentiable(lse)
+    out, lse = outputs
+    return (q, k, v, out, lse, cu_q, cu_k), (heads_first, causal, scale, left, right)
 
 
-def _attention_fwd_backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple:
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.flashkernels.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.options)
-    return (dq, dk, dv) + (None,) * 9
+def _op_backward(options: tuple, saved: tuple, _needs: Any, dout: Tensor, _dlse: Any) -> tuple:
+    return torch.ops.flashkernels.attention_bwd(dout, *saved, *options)
 
 
-attention_fwd.register_autograd(_attention_fwd_backward, setup_context=_setup_context)
+attention_bwd = custom_op("attention_bwd", _attention_bwd, _attention_bwd_fake)
+attention_fwd = custom_op(
+    "attention_fwd", _attention_fwd, _attention_fwd_fake, Autograd(_op_save, _op_backward, non_differentiable=(1,))
+)
 
 
 # ---------------------------------------------------------------------------------------
 # The eager route.
 
 
-class _Attention(torch.autograd.Function):
-    """Eager autograd: the forward saves q, k, v, out, lse; the backward (deterministic,
-    not itself differentiable) computes dq, dk, dv."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        offsets: Any,
-        heads_first: bool,
-        causal: bool,
-        scale: Any,
-        window: Any,
-    ) -> Any:
-        out, lse = _forward(
-            (q, k, v), heads_first=heads_first, causal=causal, scale=scale, window=window, offsets=offsets
-        )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (offsets, heads_first, causal, scale, window)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple:
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+def _eager_forward(
+    q: Tensor, k: Tensor, v: Tensor, offsets: Any, heads_first: bool, causal: bool, scale: Any, window: Any
+) -> Any:
+    return _forward((q, k, v), heads_first=heads_first, causal=causal, scale=scale, window=window, offsets=offsets)
 
 
-def _use_op(tensors: Sequence[Any]) -> bool:
-    return torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors)
+def _eager_save(inputs: tuple, outputs: tuple) -> tuple:
+    q, k, v, *options = inputs
+    return (q, k, v) + outputs, options
+
+
+def _eager_backward(options: list, saved: tuple, _needs: Any, dout: Tensor, _dlse: Any) -> tuple:
+    return _backward_impl(dout, *saved, *options)
+
+
+# Eager autograd: the forward saves q, k, v, out, lse; the backward (deterministic, not
+# itself differentiable) computes dq, dk, dv.
+_Attention = autograd_function(
+    "_Attention", _eager_forward, Autograd(_eager_save, _eager_backward, non_differentiable=(1,))
+)
 
 
 def _offsets_tensor(name: str, cu: Any) -> Tensor:
@@ -293,7 +253,7 @@ def forward(
     """(out, lse) for torch tensors, differentiable in q, k, v."""
     q, k, v = tensors
     scale = None if scale is None else float(scale)
-    if _use_op(tensors):
+    if use_op(tensors):
         cu_q, cu_k = (
             (None, None)
             if cu_seqlens is None
@@ -307,7 +267,7 @@ def forward(
             q, k, v, cu_q, cu_k, max_q, max_k, heads_first, causal, scale, _side(window[0]), _side(window[1])
         )
     offsets = _varlen_offsets(cu_seqlens, max_seqlens)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if wants_grad(tensors):
         return _Attention.apply(q, k, v, offsets, heads_first, causal, scale, window)
     return _forward(tensors, heads_first=heads_first, causal=causal, scale=scale, window=window, offsets=offsets)
 
@@ -324,7 +284,7 @@ def backward(
     for autograd."""
     q, k, v, out, lse, dout = tensors
     scale = None if scale is None else float(scale)
-    if _use_op(tensors):
+    if use_op(tensors):
         cu_q, cu_k = (
             (None, None)
             if cu_seqlens is None

@@ -19,11 +19,10 @@ import math
 from typing import Any, List, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _native
 from ._conv import ConvArgs, PoolArgs, _int32_indices, conv_backward, conv_forward, pool_backward, pool_forward
-from ._torch import _use_op
+from ._torch_ops import Autograd, autograd_function, custom_op, no_zero_strides, use_op, wants_grad
 
 Tensor = torch.Tensor
 
@@ -45,34 +44,33 @@ def _activation_grad(activation: Optional[str], y_pre: Tensor, dy: Tensor) -> Te
     return (dy.to(x.dtype) * d).to(dy.dtype)
 
 
-def _ready(t: Tensor) -> Tensor:
-    """Gradients can arrive with zero (expanded) strides: give the kernels real memory."""
-    return t if all(s != 0 or n == 1 for n, s in zip(t.shape, t.stride())) else t.contiguous()
+# ---------------------------------------------------------------------------------------
+# Convolution.
 
 
-class _Conv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
-        keep = args.activation is not None
-        y, y_pre = conv_forward(x, w, b, args, keep_pre=keep)
-        ctx.save_for_backward(x, w, y_pre)
-        ctx.args = args
-        ctx.has_bias = b is not None
-        return y
+def _eager_conv_forward(x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tuple[Tensor, Any]:
+    """(y, y_pre); y_pre (None without an activation) is only saved, not returned."""
+    return conv_forward(x, w, b, args, keep_pre=args.activation is not None)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple:
-        x, w, y_pre = ctx.saved_tensors
-        args = ctx.args
-        dy = _ready(dy)
-        if args.activation is not None:
-            dy = _activation_grad(args.activation, y_pre, dy)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        if not any(need):
-            return None, None, None, None
-        dx, dw, db = conv_backward(dy, x, w, args, need)
-        return dx, dw, db, None
+
+def _eager_conv_save(inputs: tuple, outputs: tuple) -> tuple:
+    x, w, b, args = inputs
+    return (x, w, outputs[1]), (args, b is not None)
+
+
+def _eager_conv_backward(state: tuple, saved: tuple, needs: Any, dy: Tensor) -> tuple:
+    args, has_bias = state
+    x, w, y_pre = saved
+    dy = no_zero_strides(dy)
+    if args.activation is not None:
+        dy = _activation_grad(args.activation, y_pre, dy)
+    need = (needs[0], needs[1], has_bias and needs[2])
+    if not any(need):
+        return ()
+    return conv_backward(dy, x, w, args, need)
+
+
+_Conv2d = autograd_function("_Conv2d", _eager_conv_forward, Autograd(_eager_conv_save, _eager_conv_backward), 1)
 
 
 def _out_size(n: int, k: int, s: int, p: int, d: int) -> int:
@@ -85,8 +83,7 @@ def _op_args(
     return ConvArgs(weight, stride, padding, dilation, groups, activation or None, algo or None)
 
 
-@torch.library.custom_op("flashkernels::conv2d_fwd", mutates_args=())
-def conv2d_fwd(
+def _conv2d_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -104,7 +101,6 @@ def conv2d_fwd(
     return y, (y_pre if keep else x.new_empty(0))
 
 
-@conv2d_fwd.register_fake
 def _conv2d_fwd_fake(x, weight, bias, stride, padding, dilation, groups, activation, algo):
     n, _, h, w = x.shape
     k, _, r, s = weight.shape
@@ -118,8 +114,7 @@ def _conv2d_fwd_fake(x, weight, bias, stride, padding, dilation, groups, activat
     return y, (x.new_empty(shape) if activation else x.new_empty(0))
 
 
-@torch.library.custom_op("flashkernels::conv2d_bwd", mutates_args=())
-def conv2d_bwd(
+def _conv2d_bwd(
     dy_pre: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -132,39 +127,37 @@ def conv2d_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) from the pre-activation gradient; empty where not needed."""
     args = _op_args(stride, padding, dilation, groups, "", algo, weight)
-    grads = conv_backward(_ready(dy_pre), x, weight, args, (need[0], need[1], need[2]))
+    grads = conv_backward(no_zero_strides(dy_pre), x, weight, args, (need[0], need[1], need[2]))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)  # type: ignore[return-value]
 
 
-@conv2d_bwd.register_fake
 def _conv2d_bwd_fake(dy_pre, x, weight, stride, padding, dilation, groups, algo, need):
     shapes = (x.shape, weight.shape, (weight.shape[0],))
     return tuple(x.new_empty(s if n else (0,)) for s, n in zip(shapes, need))
 
 
-def _conv2d_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+def _conv2d_op_save(inputs: tuple, outputs: tuple) -> tuple:
     x, weight, bias, stride, padding, dilation, groups, activation, algo = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.options = (stride, padding, dilation, groups, activation, algo)
-    ctx.has_bias = bias is not None
+    return (x, weight, outputs[1]), (stride, padding, dilation, groups, activation, algo, bias is not None)
 
 
-def _conv2d_fwd_backward(ctx: Any, dy: Tensor, _dy_pre: Any) -> tuple:
-    x, weight, y_pre = ctx.saved_tensors
-    stride, padding, dilation, groups, activation, algo = ctx.options
+def _conv2d_op_backward(state: tuple, saved: tuple, needs: Any, dy: Tensor, _dy_pre: Any) -> tuple:
+    x, weight, y_pre = saved
+    stride, padding, dilation, groups, activation, algo, has_bias = state
     if activation:
         dy = _activation_grad(activation, y_pre, dy)
-    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    need = [needs[0], needs[1], has_bias and needs[2]]
     dx, dw, db = torch.ops.flashkernels.conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, algo, need)
-    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 6
+    return dx if need[0] else None, dw if need[1] else None, db if need[2] else None
 
 
-conv2d_fwd.register_autograd(_conv2d_fwd_backward, setup_context=_conv2d_setup)
+conv2d_bwd = custom_op("conv2d_bwd", _conv2d_bwd, _conv2d_bwd_fake)
+conv2d_fwd = custom_op("conv2d_fwd", _conv2d_fwd, _conv2d_fwd_fake, Autograd(_conv2d_op_save, _conv2d_op_backward))
 
 
 def conv2d(x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
     tensors = [t for t in (x, w, b) if t is not None]
-    if _use_op(tensors):
+    if use_op(tensors):
         return torch.ops.flashkernels.conv2d_fwd(
             x,
             w,
@@ -176,9 +169,13 @@ def conv2d(x: Tensor, w: Tensor, b: Optional[Tensor], args: ConvArgs) -> Tensor:
             args.activation or "",
             args.algo or "",
         )[0]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if wants_grad(tensors):
         return _Conv2d.apply(x, w, b, args)
     return conv_forward(x, w, b, args, keep_pre=False)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Pooling.
 
 
 def _pool_args(
@@ -207,8 +204,7 @@ def _pool_op_args(args: PoolArgs) -> tuple:
     )
 
 
-@torch.library.custom_op("flashkernels::pool2d_fwd", mutates_args=())
-def pool2d_fwd(
+def _pool2d_fwd(
     x: Tensor,
     kind: str,
     kernel_size: List[int],
@@ -225,7 +221,6 @@ def pool2d_fwd(
     return y, (idx32 if idx32 is not None else x.new_empty(0, dtype=torch.int32))
 
 
-@pool2d_fwd.register_fake
 def _pool2d_fwd_fake(x, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor):
     args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
     shape = tuple(_native.pool2d_output_shape([int(n) for n in x.shape], **args.native()))
@@ -233,8 +228,7 @@ def _pool2d_fwd_fake(x, kind, kernel_size, stride, padding, dilation, ceil_mode,
     return x.new_empty(shape), idx
 
 
-@torch.library.custom_op("flashkernels::pool2d_bwd", mutates_args=())
-def pool2d_bwd(
+def _pool2d_bwd(
     dy: Tensor,
     indices: Tensor,
     input_shape: List[int],
@@ -249,76 +243,62 @@ def pool2d_bwd(
 ) -> Tensor:
     """dx from dy (and, for max pooling, the forward's int32 indices)."""
     args = _pool_args(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor)
-    return pool_backward(_ready(dy), input_shape, indices if kind == "max" else None, args)
+    return pool_backward(no_zero_strides(dy), input_shape, indices if kind == "max" else None, args)
 
 
-@pool2d_bwd.register_fake
 def _pool2d_bwd_fake(
     dy, indices, input_shape, kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor
 ):
     return dy.new_empty(input_shape)
 
 
-def _pool2d_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(output[1])
-    ctx.input_shape = list(inputs[0].shape)
-    ctx.options = inputs[1:]
+def _pool2d_op_save(inputs: tuple, outputs: tuple) -> tuple:
+    return (outputs[1],), (list(inputs[0].shape), inputs[1:])
 
 
-def _pool2d_fwd_backward(ctx: Any, dy: Tensor, _didx: Any) -> tuple:
-    (idx32,) = ctx.saved_tensors
-    dx = torch.ops.flashkernels.pool2d_bwd(dy, idx32, ctx.input_shape, *ctx.options)
-    return (dx,) + (None,) * 8
+def _pool2d_op_backward(state: tuple, saved: tuple, _needs: Any, dy: Tensor, _didx: Any) -> tuple:
+    input_shape, options = state
+    return (torch.ops.flashkernels.pool2d_bwd(dy, saved[0], input_shape, *options),)
 
 
-pool2d_fwd.register_autograd(_pool2d_fwd_backward, setup_context=_pool2d_setup)
+pool2d_bwd = custom_op("pool2d_bwd", _pool2d_bwd, _pool2d_bwd_fake)
+pool2d_fwd = custom_op("pool2d_fwd", _pool2d_fwd, _pool2d_fwd_fake, Autograd(_pool2d_op_save, _pool2d_op_backward))
 
 
-class _MaxPool2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, args: PoolArgs) -> Tuple[Tensor, Tensor]:
-        y, idx32 = pool_forward(x, args)
-        ctx.save_for_backward(idx32)
-        ctx.args = args
-        ctx.input_shape = tuple(x.shape)
-        idx = idx32.to(torch.int64)
-        ctx.mark_non_differentiable(idx)
-        return y, idx
+# The eager route: forward (y, int32 indices or None); max pooling returns both (the
+# indices not differentiable), average pooling y alone.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dy: Tensor, _didx: Any) -> tuple:
-        (idx32,) = ctx.saved_tensors
-        return pool_backward(_ready(dy), ctx.input_shape, idx32, ctx.args), None
+
+def _eager_pool_save(inputs: tuple, outputs: tuple) -> tuple:
+    x, args = inputs
+    return (outputs[1],), (tuple(x.shape), args)
+
+
+def _eager_pool_backward(state: tuple, saved: tuple, _needs: Any, dy: Tensor, *_didx: Any) -> tuple:
+    input_shape, args = state
+    return (pool_backward(no_zero_strides(dy), input_shape, saved[0], args),)
+
+
+_MaxPool2d = autograd_function(
+    "_MaxPool2d", pool_forward, Autograd(_eager_pool_save, _eager_pool_backward, non_differentiable=(1,))
+)
+_AvgPool2d = autograd_function("_AvgPool2d", pool_forward, Autograd(_eager_pool_save, _eager_pool_backward), 1)
 
 
 def max_pool2d(x: Tensor, args: PoolArgs) -> Tuple[Tensor, Tensor]:
-    if _use_op([x]):
+    if use_op([x]):
         y, idx32 = torch.ops.flashkernels.pool2d_fwd(x, *_pool_op_args(args))
-        return y, idx32.to(torch.int64)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _MaxPool2d.apply(x, args)
-    y, idx32 = pool_forward(x, args)
+    elif wants_grad([x]):
+        y, idx32 = _MaxPool2d.apply(x, args)
+    else:
+        y, idx32 = pool_forward(x, args)
     return y, idx32.to(torch.int64)
 
 
-class _AvgPool2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, args: PoolArgs) -> Tensor:
-        ctx.args = args
-        ctx.input_shape = tuple(x.shape)
-        return pool_forward(x, args)[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple:
-        return pool_backward(_ready(dy), ctx.input_shape, None, ctx.args), None
-
-
 def avg_pool2d(x: Tensor, args: PoolArgs) -> Tensor:
-    if _use_op([x]):
+    if use_op([x]):
         return torch.ops.flashkernels.pool2d_fwd(x, *_pool_op_args(args))[0]
-    if torch.is_grad_enabled() and x.requires_grad:
+    if wants_grad([x]):
         return _AvgPool2d.apply(x, args)
     return pool_forward(x, args)[0]
 

@@ -21,10 +21,9 @@ __future__ import annotations``: torch.library infers the op schemas from annota
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._longformer import HostMasks, LongformerOptions, lf_backward, lf_forward
-from ._torch import _kernel_ready, _use_op
+from ._torch_ops import Autograd, autograd_function, custom_op, kernel_ready, use_op, wants_grad
 
 Tensor = torch.Tensor
 
@@ -70,8 +69,7 @@ def _check_qkv(q: Tensor) -> None:
 # The custom ops (torch.compile, torch.export, tensor subclasses).
 
 
-@torch.library.custom_op("flashkernels::longformer_fwd", mutates_args=())
-def longformer_fwd(
+def _longformer_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -96,7 +94,6 @@ def longformer_fwd(
     return lf_forward(tensors, masks, _options(window, dilation, causal, scale))
 
 
-@longformer_fwd.register_fake
 def _longformer_fwd_fake(
     q,
     k,
@@ -118,8 +115,7 @@ def _longformer_fwd_fake(
     return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashkernels::longformer_bwd", mutates_args=())
-def longformer_bwd(
+def _longformer_bwd(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -146,7 +142,6 @@ def longformer_bwd(
     return list(_backward_impl(tensors, out, lse, dout, masks, _options(window, dilation, causal, scale)))
 
 
-@longformer_bwd.register_fake
 def _longformer_bwd_fake(
     dout,
     q,
@@ -170,60 +165,55 @@ def _longformer_bwd_fake(
     return [q.new_empty(q.shape) for _ in range(6 if q_global is not None else 3)]
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, qg, kg, vg, gm, pm, gidx, gcnt, window, dilation, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, qg, kg, vg, gm, pm, out, lse)
-    ctx.options = (gidx, gcnt, window, dilation, causal, scale)
-    ctx.has_globals = qg is not None
-    ctx.mark_non_differentiable(lse)
-
-
-def _longformer_fwd_backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple:
-    q, k, v, qg, kg, vg, gm, pm, out, lse = ctx.saved_tensors
-    grads = torch.ops.flashkernels.longformer_bwd(dout, q, k, v, out, lse, qg, kg, vg, gm, pm, *ctx.options)
-    dglobal = tuple(grads[3:]) if ctx.has_globals else (None, None, None)
-    return tuple(grads[:3]) + dglobal + (None,) * 8
-
-
-longformer_fwd.register_autograd(_longformer_fwd_backward, setup_context=_setup_context)
-
-
 def _backward_impl(
     tensors: Sequence[Tensor], out: Tensor, lse: Tensor, dout: Tensor, masks: HostMasks, opts: LongformerOptions
 ) -> Tuple[Tensor, ...]:
     # Gradients can arrive with zero (expanded) strides or misaligned: give the kernels
     # real memory.
-    return lf_backward(tensors, _kernel_ready(out), lse.contiguous(), _kernel_ready(dout), masks, opts)
+    return lf_backward(tensors, kernel_ready(out), lse.contiguous(), kernel_ready(dout), masks, opts)
+
+
+def _op_save(inputs: tuple, outputs: tuple) -> tuple:
+    q, k, v, qg, kg, vg, gm, pm, gidx, gcnt, window, dilation, causal, scale = inputs
+    out, lse = outputs
+    return (q, k, v, qg, kg, vg, gm, pm, out, lse), (gidx, gcnt, window, dilation, causal, scale)
+
+
+def _op_backward(options: tuple, saved: tuple, _needs: Any, dout: Tensor, _dlse: Any) -> tuple:
+    q, k, v, qg, kg, vg, gm, pm, out, lse = saved
+    grads = torch.ops.flashkernels.longformer_bwd(dout, q, k, v, out, lse, qg, kg, vg, gm, pm, *options)
+    return tuple(grads)  # dq, dk, dv, then the projections' gradients when they are given
+
+
+longformer_bwd = custom_op("longformer_bwd", _longformer_bwd, _longformer_bwd_fake)
+longformer_fwd = custom_op(
+    "longformer_fwd", _longformer_fwd, _longformer_fwd_fake, Autograd(_op_save, _op_backward, non_differentiable=(1,))
+)
 
 
 # ---------------------------------------------------------------------------------------
 # The eager route.
 
 
-class _Longformer(torch.autograd.Function):
-    """Eager autograd: the forward saves the inputs, out and lse (and the host masks);
-    the backward (deterministic, not itself differentiable) computes all gradients."""
+def _eager_forward(masks: HostMasks, opts: LongformerOptions, q: Tensor, k: Tensor, v: Tensor, *gqkv: Any) -> Any:
+    return lf_forward((q, k, v) + _globals(*gqkv), masks, opts)
 
-    @staticmethod
-    def forward(
-        ctx: Any, masks: HostMasks, opts: LongformerOptions, q: Tensor, k: Tensor, v: Tensor, qg: Any, kg: Any, vg: Any
-    ) -> Any:
-        tensors = (q, k, v) + _globals(qg, kg, vg)
-        out, lse = lf_forward(tensors, masks, opts)
-        ctx.save_for_backward(*tensors, out, lse)
-        ctx.masks, ctx.opts = masks, opts
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple:
-        *tensors, out, lse = ctx.saved_tensors
-        grads = _backward_impl(tensors, out, lse, dout, ctx.masks, ctx.opts)
-        if len(grads) == 3:
-            grads = tuple(grads) + (None, None, None)
-        return (None, None) + tuple(grads)
+def _eager_save(inputs: tuple, outputs: tuple) -> tuple:
+    masks, opts, q, k, v, qg, kg, vg = inputs
+    return (q, k, v) + _globals(qg, kg, vg) + tuple(outputs), (masks, opts)
+
+
+def _eager_backward(state: tuple, saved: tuple, _needs: Any, dout: Tensor, _dlse: Any) -> tuple:
+    *tensors, out, lse = saved
+    return (None, None) + tuple(_backward_impl(tensors, out, lse, dout, *state))
+
+
+# Eager autograd: the forward saves the inputs, out and lse (and the host masks); the
+# backward (deterministic, not itself differentiable) computes all gradients.
+_Longformer = autograd_function(
+    "_Longformer", _eager_forward, Autograd(_eager_save, _eager_backward, non_differentiable=(1,))
+)
 
 
 def _mask_tensor(m: Any, like: Tensor) -> Optional[Tensor]:
@@ -256,7 +246,7 @@ def forward(
         _check_torch(name, t)
     qg, kg, vg = gqkv if gqkv is not None else (None, None, None)
     masks_t = [m for m in (gmask, pmask) if isinstance(m, torch.Tensor)]
-    if _use_op(list(tensors) + masks_t):
+    if use_op(list(tensors) + masks_t):
         flat, counts = _flatten(gidx)
         return torch.ops.flashkernels.longformer_fwd(
             q,
@@ -275,7 +265,7 @@ def forward(
             opts.scale,
         )
     masks = HostMasks(gmask, gidx, pmask)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if wants_grad(tensors):
         return _Longformer.apply(masks, opts, q, k, v, qg, kg, vg)
     return lf_forward(tensors, masks, opts)
 
@@ -297,7 +287,7 @@ def backward(
     tensors = (q, k, v) + (gqkv or ())
     qg, kg, vg = gqkv if gqkv is not None else (None, None, None)
     masks_t = [m for m in (gmask, pmask) if isinstance(m, torch.Tensor)]
-    if _use_op(list(tensors) + [out, lse, dout] + masks_t):
+    if use_op(list(tensors) + [out, lse, dout] + masks_t):
         flat, counts = _flatten(gidx)
         grads = torch.ops.flashkernels.longformer_bwd(
             dout,
