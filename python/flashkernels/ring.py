@@ -36,9 +36,9 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from ._attention import attention_backward, flash_attn_func
+from ._torch_ops import Autograd, autograd_function
 
 __all__ = ["ring_attention", "merge_attention_states"]
 
@@ -233,21 +233,18 @@ def _ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: Optional[float], ring: _Ring) -> Any:
-        out, lse = _ring_forward(q, k, v, causal, scale, ring)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (causal, scale, ring)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def _save(inputs: tuple, outputs: tuple) -> tuple:
+    q, k, v, *options = inputs
+    return (q, k, v) + tuple(outputs), options
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple:
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout.contiguous(), *ctx.options)
-        return dq, dk, dv, None, None, None
+
+def _backward(options: list, saved: tuple, _needs: Any, dout: Tensor, _dlse: Any) -> tuple:
+    q, k, v, out, lse = saved
+    return _ring_backward(q, k, v, out, lse, dout.contiguous(), *options)
+
+
+# apply(q, k, v, causal, scale, ring) -> (out, lse); lse is not differentiable.
+_RingAttention = autograd_function("_RingAttention", _ring_forward, Autograd(_save, _backward, non_differentiable=(1,)))
 
 
 # ---------------------------------------------------------------------------------------
