@@ -10,60 +10,20 @@
 // width W costs O(N * W). Sequences come from a dense batch or from cu_seqlens (varlen);
 // GQA maps query head h to kv head h / (H / H_kv). The head dim is padded up to the
 // compiled kHeadDim: padded columns are zero-filled on load and never stored.
+// Built from the attention building blocks of common/ (traits, fragment loops, online
+// softmax) and the tile I/O of ../common/tile_io.cuh.
 #pragma once
 
 #include "../common/launch.cuh"
 #include "../common/mma_sm80.cuh"
+#include "../common/tile_io.cuh"
+#include "common/block_info.cuh"
+#include "common/gemm.cuh"
+#include "common/kernel_traits.cuh"
+#include "common/softmax.cuh"
 #include "dense_fwd.h"
 
 namespace fk {
-
-// Tile configuration. kMTiles is the number of 16-row MMA tiles a warp owns: with 2,
-// every K/V fragment read from shared memory (ldmatrix) feeds two MMAs, halving the
-// shared-memory traffic per FLOP, which is what bounds the 1-tile version; the cost is
-// twice the accumulator registers, so Q is then re-read from shared memory each key block
-// instead of living in registers.
-template <int kHeadDim_, typename Element_, int kMTiles_, int kNWarps_, int kBlockN_,
-          int kMinBlocksPerSm_, bool kQInRegs_>
-struct DenseFwdTraitsSm80 {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kMTiles = kMTiles_;
-  static constexpr int kNWarps = kNWarps_;
-  static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kWarpRows = 16 * kMTiles;
-  static constexpr int kBlockM = kWarpRows * kNWarps;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr bool kQInRegs = kQInRegs_;
-  static_assert(!kQInRegs || kMTiles == 1, "Q lives in registers only with one m-tile");
-  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
-  using Tile = SwizzledTile<kHeadDim>;
-  static constexpr int kSmemQ = kBlockM * kHeadDim;  // elements
-  static constexpr int kSmemKV = kBlockN * kHeadDim; // elements, one K or V stage
-  static constexpr size_t kSmemBytes = size_t(kSmemQ + 4 * kSmemKV) * sizeof(Element);
-};
-
-// Cooperative cp.async of a ROWS x kHeadDim tile; rows >= rows_valid and 16-byte chunks
-// >= chunks_valid (the head dim's padding) become zeros.
-template <class Traits, int ROWS>
-__device__ __forceinline__ void load_tile(typename Traits::Element *smem,
-                                          const typename Traits::Element *gmem,
-                                          int64_t row_stride, int rows_valid, int chunks_valid,
-                                          int tid) {
-  using Tile = typename Traits::Tile;
-  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
-  static_assert(kChunks % Traits::kNThreads == 0, "tile must split evenly over threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
-    const int idx = i * Traits::kNThreads + tid;
-    const int row = idx / Tile::kChunksPerRow;
-    const int chunk = idx % Tile::kChunksPerRow;
-    const bool valid = row < rows_valid && chunk < chunks_valid;
-    // Out-of-range rows still need a legal address: use the tile's first row.
-    const auto *src = gmem + (valid ? row * row_stride + chunk * 8 : 0);
-    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
-  }
-}
 
 // kHasMask: causal or a sliding window (bounds in p.window_left / p.window_right).
 template <class Traits, bool kHasMask>
@@ -71,16 +31,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     dense_fwd_kernel(const fk_attention_fwd_params p) {
   using Element = typename Traits::Element;
   using Tile = typename Traits::Tile;
-  using ET = ElemTraits<Element>;
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
   constexpr int BN = Traits::kBlockN;
   constexpr int MT = Traits::kMTiles;
-  constexpr int kKSteps = D / 16;  // k-steps of S = Q K^T
-  constexpr int kSTiles = BN / 8;  // 8-wide column tiles of S
-  constexpr int kOTiles = D / 8;   // 8-wide column tiles of O
-  constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kLn2 = 0.6931471805599453f;
+  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kKSteps = D / 16; // k-steps of S = Q K^T
+  constexpr int kSTiles = BN / 8; // 8-wide column tiles of S
+  constexpr int kOTiles = D / 8;  // 8-wide column tiles of O
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element *sQ = reinterpret_cast<Element *>(smem_raw);
@@ -94,12 +52,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int head_kv = head / (p.heads / p.heads_kv);
   const int batch = blockIdx.z;
   // This sequence's lengths and first rows (varlen: packed rows, no batch stride).
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int strided_batch = varlen ? 0 : batch; // varlen ignores the batch strides
-  const int q_start = varlen ? p.cu_seqlens_q[batch] : 0;
-  const int k_start = varlen ? p.cu_seqlens_k[batch] : 0;
-  const int nq = varlen ? p.cu_seqlens_q[batch + 1] - q_start : p.seqlen_q;
-  const int nk = varlen ? p.cu_seqlens_k[batch + 1] - k_start : p.seqlen_k;
+  const attn::SeqInfo seq(p, batch);
+  const int strided_batch = seq.varlen ? 0 : batch; // varlen ignores the batch strides
+  const int q_start = seq.q_start, k_start = seq.k_start;
+  const int nq = seq.nq, nk = seq.nk;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -134,56 +90,49 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     n_begin = int(min(int64_t(n_end), max(int64_t(0), first_key) / BN));
   }
 
-  load_tile<Traits, BM>(sQ, q, p.q_row_stride, nq - m0, d_chunks, tid);
+  load_tile<kNThreads, D, BM>(FirstRows{nq - m0}, d_chunks, tid, tile_source(sQ, q, p.q_row_stride));
   cp_async_commit();
   if (n_begin < n_end) {
     const int64_t first = int64_t(n_begin) * BN;
-    load_tile<Traits, BN>(sK + (n_begin & 1) * Traits::kSmemKV, k + first * p.k_row_stride,
-                          p.k_row_stride, nk - n_begin * BN, d_chunks, tid);
-    load_tile<Traits, BN>(sV + (n_begin & 1) * Traits::kSmemKV, v + first * p.v_row_stride,
-                          p.v_row_stride, nk - n_begin * BN, d_chunks, tid);
+    const FirstRows rows{nk - n_begin * BN};
+    load_tile<kNThreads, D, BN>(
+        rows, d_chunks, tid,
+        tile_source(sK + (n_begin & 1) * Traits::kSmemKV, k + first * p.k_row_stride, p.k_row_stride));
+    load_tile<kNThreads, D, BN>(
+        rows, d_chunks, tid,
+        tile_source(sV + (n_begin & 1) * Traits::kSmemKV, v + first * p.v_row_stride, p.v_row_stride));
   }
   cp_async_commit();
 
-  // A fragment of Q for (m-tile, k-step): rows warp_row0 + 16 mt + [0, 16).
-  auto load_q = [&](uint32_t(&a)[4], int mt, int ks) {
-    const int row = warp_row0 + mt * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-    ldmatrix_x4(a, smem_addr(sQ + Tile::offset(row, 2 * ks + lane / 16)));
-  };
   cp_async_wait<1>(); // Q has landed
   __syncthreads();
+  // Q fragments: in registers (one m-tile) or read from shared memory at every key block.
   uint32_t qf[Traits::kQInRegs ? kKSteps : 1][4];
   if constexpr (Traits::kQInRegs) {
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) load_q(qf[ks], 0, ks);
+    for (int ks = 0; ks < kKSteps; ++ks) attn::load_a<D>(qf[ks], sQ, warp_row0, ks, lane);
   }
+  const auto q_src = [&] {
+    if constexpr (Traits::kQInRegs) return attn::RegA<kKSteps>{qf};
+    else return attn::SmemA<D, Element>{sQ, warp_row0};
+  }();
 
   float acc[MT][kOTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < kOTiles; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][i][e] = 0.f;
-  float row_max[MT][2], row_sum[MT][2]; // max in the log2 domain, scale applied;
-#pragma unroll                          // sums are this thread's partial sums
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_max[mt][r] = -INFINITY;
-      row_sum[mt][r] = 0.f;
-    }
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  attn::zero(acc);
+  attn::OnlineSoftmax<MT> softmax;
+  const float scale_log2 = p.softmax_scale * attn::kLog2e;
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = n & 1;
     if (n + 1 < n_end) {
       const int64_t next = int64_t(n + 1) * BN;
-      const int rows_left = nk - (n + 1) * BN;
-      load_tile<Traits, BN>(sK + (stage ^ 1) * Traits::kSmemKV, k + next * p.k_row_stride,
-                            p.k_row_stride, rows_left, d_chunks, tid);
-      load_tile<Traits, BN>(sV + (stage ^ 1) * Traits::kSmemKV, v + next * p.v_row_stride,
-                            p.v_row_stride, rows_left, d_chunks, tid);
+      const FirstRows rows{nk - (n + 1) * BN};
+      load_tile<kNThreads, D, BN>(
+          rows, d_chunks, tid,
+          tile_source(sK + (stage ^ 1) * Traits::kSmemKV, k + next * p.k_row_stride, p.k_row_stride));
+      load_tile<kNThreads, D, BN>(
+          rows, d_chunks, tid,
+          tile_source(sV + (stage ^ 1) * Traits::kSmemKV, v + next * p.v_row_stride, p.v_row_stride));
       cp_async_commit();
       cp_async_wait<1>(); // block n has landed, block n + 1 may still be in flight
     } else {
@@ -193,39 +142,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     const Element *sKs = sK + stage * Traits::kSmemKV;
     const Element *sVs = sV + stage * Traits::kSmemKV;
 
-    // S = Q K^T for this warp's rows and the block's BN keys. Each K fragment is loaded
-    // once and used by all MT m-tiles.
+    // S = Q K^T for this warp's rows and the block's BN keys.
     float s[MT][kSTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (Traits::kQInRegs) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) a[mt][e] = qf[ks][e];
-        } else {
-          load_q(a[mt], mt, ks);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kSTiles; j += 2) {
-        uint32_t b[4];
-        const int row = (j + lane / 16) * 8 + (lane % 8);
-        ldmatrix_x4(b, smem_addr(sKs + Tile::offset(row, 2 * ks + ((lane / 8) & 1))));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16x8x16<Element>(s[mt][j], a[mt], b[0], b[1]);
-          mma_16x8x16<Element>(s[mt][j + 1], a[mt], b[2], b[3]);
-        }
-      }
-    }
+    attn::zero(s);
+    attn::gemm_abt<D>(s, q_src, sKs, lane);
 
     const int k0 = n * BN;
     // Per-element masking only on blocks that cross the sequence end or a band edge.
@@ -249,60 +169,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
           }
     }
 
-    // Online softmax: new running max, rescale what was accumulated, exponentiate.
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[mt][r];
-#pragma unroll
-        for (int j = 0; j < kSTiles; ++j)
-          mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]) * scale_log2);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // A row that has seen only masked keys keeps max -inf; subtract 0 instead so the
-        // exponentials below are exp2(-inf) = 0 rather than NaN.
-        const float m_use = mx == -INFINITY ? 0.f : mx;
-        const float alpha = exp2f(row_max[mt][r] - m_use);
-        row_max[mt][r] = mx;
-        row_sum[mt][r] *= alpha;
-#pragma unroll
-        for (int i = 0; i < kOTiles; ++i) {
-          acc[mt][i][2 * r] *= alpha;
-          acc[mt][i][2 * r + 1] *= alpha;
-        }
-#pragma unroll
-        for (int j = 0; j < kSTiles; ++j) {
-          s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], scale_log2, -m_use));
-          s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], scale_log2, -m_use));
-          row_sum[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
-        }
-      }
-
-    // O += P V. The S accumulators of two adjacent 8-key tiles are exactly the A
-    // fragment of one 16-key k-step, so P never touches shared memory.
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = ET::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = ET::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = ET::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = ET::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t b[4];
-        const int row = kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-        ldmatrix_x4_trans(b, smem_addr(sVs + Tile::offset(row, 2 * np + lane / 16)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16x8x16<Element>(acc[mt][2 * np], a[mt], b[0], b[1]);
-          mma_16x8x16<Element>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-        }
-      }
-    }
+    softmax.update(s, acc, scale_log2);
+    // O += P V: P straight from the S accumulators.
+    attn::gemm_xb<D>(acc, s, sVs, lane);
     __syncthreads(); // everyone is done with this stage before it is refilled
   }
 
@@ -317,30 +186,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float l = row_sum[mt][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv_sum = l > 0.f ? 1.f / l : 0.f;
-      lse[mt][r] = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
-      const int row = warp_row0 + mt * 16 + g + 8 * r;
-#pragma unroll
-      for (int i = 0; i < kOTiles; ++i)
-        *reinterpret_cast<uint32_t *>(sO + Tile::offset(row, i) + 2 * t) =
-            ET::pack(acc[mt][i][2 * r] * inv_sum, acc[mt][i][2 * r + 1] * inv_sum);
+      const float inv_sum = softmax.finalize(mt, r, lse[mt][r]);
+      stage_row<D>(sO, warp_row0 + mt * 16 + g + 8 * r, acc[mt], r, inv_sum, t);
     }
   __syncwarp();
 
   Element *o = static_cast<Element *>(p.o) + strided_batch * p.o_batch_stride +
                head * p.o_head_stride + int64_t(q_start) * p.o_row_stride;
-#pragma unroll
-  for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
-    const int row = warp_row0 + i / Tile::kChunksPerRow;
-    const int chunk = i % Tile::kChunksPerRow;
-    const int grow = m0 + row;
-    if (grow < nq && chunk < d_chunks)
-      *reinterpret_cast<uint4 *>(o + int64_t(grow) * p.o_row_stride + chunk * 8) =
-          *reinterpret_cast<const uint4 *>(sO + Tile::offset(row, chunk));
-  }
+  store_rows<D, Traits::kWarpRows>(
+      o, p.o_row_stride, sO, warp_row0,
+      [&](int row, ChunkOk chunk_ok, int &grow) {
+        grow = m0 + row;
+        return grow < nq && chunk_ok();
+      },
+      d_chunks, lane);
   if (t == 0) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -385,8 +244,8 @@ template <> struct DenseFwdConfigSm80<256> {
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &p, cudaStream_t stream) {
   using C = DenseFwdConfigSm80<kHeadDim>;
-  using Traits = DenseFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
-                                    C::kMinBlocksPerSm, C::kQInRegs>;
+  using Traits = AttnFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
+                                   C::kMinBlocksPerSm, C::kQInRegs>;
   return launch_dense_fwd<Traits, kHasMask>(p, stream);
 }
 

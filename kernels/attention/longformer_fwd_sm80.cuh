@@ -1,7 +1,7 @@
 // Longformer attention forward for sm_80+: the LOCAL and GLOBAL_ROWS passes of
 // fk_longformer.h, one kernel.
 //
-// The dense forward's machinery (dense_fwd_sm80.cuh: traits, swizzled tiles, tile sizes,
+// The dense forward's machinery (the building blocks of common/: traits, tile loads,
 // cp.async double buffering, S = Q K^T and O += P V on tensor cores, online softmax in the
 // exp2 domain) driven by a host-built work list: a thread block owns BLOCK_M query rows of
 // one (sequence, head) and visits only the key tiles its CSR row lists, so the cost is
@@ -35,62 +35,23 @@
 // not listed), so whatever they hold never reaches O.
 #pragma once
 
+#include "../common/launch.cuh"
+#include "../common/mma_sm80.cuh"
+#include "../common/tile_io.cuh"
 #include "../include/fk_longformer.h"
-#include "dense_fwd_sm80.cuh"
+#include "common/block_info.cuh"
+#include "common/gemm.cuh"
+#include "common/kernel_traits.cuh"
+#include "common/mask.cuh"
+#include "common/softmax.cuh"
 
 namespace fk {
-
-// cp.async of a ROWS x kHeadDim tile whose rows are tokens row0 + r of a sequence; rows
-// past the sequence end or padded become zeros, as do head-dim padding chunks.
-template <class Traits, int ROWS>
-__device__ __forceinline__ void load_tile_masked(typename Traits::Element *smem,
-                                                 const typename Traits::Element *gmem,
-                                                 int64_t row_stride, int rows_valid,
-                                                 const uint8_t *pad, int chunks_valid, int tid) {
-  using Tile = typename Traits::Tile;
-  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
-  static_assert(kChunks % Traits::kNThreads == 0, "tile must split evenly over threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
-    const int idx = i * Traits::kNThreads + tid;
-    const int row = idx / Tile::kChunksPerRow;
-    const int chunk = idx % Tile::kChunksPerRow;
-    const bool valid =
-        row < rows_valid && chunk < chunks_valid && (pad == nullptr || pad[row] == 0);
-    const auto *src = gmem + (valid ? row * row_stride + chunk * 8 : 0);
-    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
-  }
-}
-
-// cp.async of a ROWS x kHeadDim tile whose row r is token token_of(r) of a sequence
-// (gmem: the sequence's token 0); rows whose token is < 0 (none) or padded become zeros, as
-// do head-dim padding chunks.
-template <class Traits, int ROWS, class TokenOf>
-__device__ __forceinline__ void load_rows_masked(typename Traits::Element *smem,
-                                                 const typename Traits::Element *gmem,
-                                                 int64_t row_stride, const TokenOf &token_of,
-                                                 const uint8_t *pad, int chunks_valid, int tid) {
-  using Tile = typename Traits::Tile;
-  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
-  static_assert(kChunks % Traits::kNThreads == 0, "tile must split evenly over threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
-    const int idx = i * Traits::kNThreads + tid;
-    const int row = idx / Tile::kChunksPerRow;
-    const int chunk = idx % Tile::kChunksPerRow;
-    const int tok = token_of(row);
-    const bool valid = tok >= 0 && chunk < chunks_valid && (pad == nullptr || pad[tok] == 0);
-    const auto *src = gmem + (valid ? int64_t(tok) * row_stride + chunk * 8 : 0);
-    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
-  }
-}
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     longformer_fwd_kernel(const fk_longformer_fwd_params p) {
   using Element = typename Traits::Element;
   using Tile = typename Traits::Tile;
-  using ET = ElemTraits<Element>;
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
   constexpr int BN = Traits::kBlockN;
@@ -98,8 +59,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   constexpr int kKSteps = D / 16;
   constexpr int kSTiles = BN / 8;
   constexpr int kOTiles = D / 8;
-  constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kLn2 = 0.6931471805599453f;
   static_assert(BM == FK_LONGFORMER_BLOCK_M && BN == FK_LONGFORMER_BLOCK_N,
                 "the host's tile plan assumes the ABI's tile sizes");
   static_assert(2 * kSTiles <= 32, "key flags of a thread fit a 32-bit mask");
@@ -113,8 +72,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 
   // Split over keys (GLOBAL_ROWS only; the entry point checks): the splits of one outer
   // tile are adjacent blocks of the grid's x.
-  const int m_block = blockIdx.x / max(p.num_splits, 1);
-  const int split = blockIdx.x % max(p.num_splits, 1);
+  const attn::LongformerWork work(p.num_splits);
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const fk_longformer_common &pc = p.c;
@@ -124,21 +82,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int m0 = m_block * BM;
+  const int m0 = work.outer * BM;
   const int warp_row0 = warp * Traits::kWarpRows;
   const int d_chunks = pc.head_dim / 8;
   const bool gathered = pc.pass == FK_LONGFORMER_GLOBAL_ROWS;
 
-  // GLOBAL_ROWS ignores the global mask: with it NULL, a "local" row is a non-padded one
-  // and no key is global, and the band below is all-true, which leaves the pass's rule.
-  const uint8_t *glob =
-      pc.global_mask && !gathered ? pc.global_mask + int64_t(batch) * n_tokens : nullptr;
-  const uint8_t *pad = pc.padding_mask ? pc.padding_mask + int64_t(batch) * n_tokens : nullptr;
-  // Clipping w and d to N changes no key and keeps w * d far from overflow. GLOBAL_ROWS:
-  // d = 1 and reach N make band(i, j) true for every i, j in [0, N).
-  const int dil = gathered ? 1 : min(pc.dilation[head], max(n_tokens, 1));
-  const int win = gathered ? n_tokens : min(pc.window, n_tokens);
-  const int64_t reach = int64_t(win) * dil; // |j - i| <= reach inside the band
+  // THE RULE in the form that serves both passes (common/mask.cuh): GLOBAL_ROWS is LOCAL
+  // with no global mask (a "local" row is a non-padded one, no key is global) and a band
+  // that holds every pair. Its masks and causal flag are kept in locals, and its tests
+  // written out where the call form measured more spills at D = 128.
+  const attn::LongformerRule rule = attn::LongformerRule::local_form(pc, batch, head, gathered);
+  const uint8_t *glob = rule.glob, *pad = rule.pad;
   const bool causal = pc.causal != 0;
 
   // Token of the block's row `row` (in [0, BM)), or -1 for none: contiguous for LOCAL,
@@ -154,15 +108,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     return tok >= 0 && tok < n_tokens ? tok : -1;
   };
 
-  const int num_splits = max(p.num_splits, 1);
-  const int num_outer_tiles = gridDim.x / num_splits;
-  const int64_t csr_row =
-      (int64_t(batch) * pc.num_classes + pc.head_class[head]) * num_outer_tiles + m_block;
-  const int row_begin = pc.tile_offsets[csr_row];
-  const int64_t row_len = pc.tile_offsets[csr_row + 1] - row_begin;
-  // Split s visits entries [len * s / S, len * (s + 1) / S) of the row (S = 1: all).
-  const int it_begin = row_begin + int(row_len * split / num_splits);
-  const int it_end = row_begin + int(row_len * (split + 1) / num_splits);
+  int it_begin, it_end;
+  work.entries(pc, p.num_splits, batch, head, it_begin, it_end);
 
   // Packed global keys (LOCAL with k_rows): inner ids >= nkt are tiles of the gathered
   // keys, key row x of gathered tile gt is token k_rows[b][gt * BN + x] (none when -1,
@@ -170,11 +117,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // (Read from the parameters where used: registers are scarce at D = 128.)
   const bool packed = !gathered && pc.k_rows != nullptr;
   auto nkt = [&] { return (pc.seqlen + BN - 1) / BN; };
-  auto key_token = [&](int gt, int row) -> int {
-    const int64_t x = int64_t(gt) * BN + row;
-    if (x >= pc.k_rows_per_seq) return -1;
-    const int tok = pc.k_rows[int64_t(blockIdx.z) * pc.k_rows_per_seq + x];
-    return tok >= 0 && tok < pc.seqlen ? tok : -1;
+  auto key_token = [&](int gt, int row) {
+    return attn::gathered_token(pc.k_rows, pc.k_rows_per_seq, blockIdx.z, int64_t(gt) * BN + row,
+                                pc.seqlen);
   };
 
   const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
@@ -189,24 +134,40 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     if (packed && tile >= nkt()) { // gathered global keys, by token
       const int gt = tile - nkt();
       auto tok_of = [&](int row) { return key_token(gt, row); };
-      load_rows_masked<Traits, BN>(sK + stage * Traits::kSmemKV, k, p.k_row_stride, tok_of, pad,
-                                   d_chunks, tid);
-      load_rows_masked<Traits, BN>(sV + stage * Traits::kSmemKV, v, p.v_row_stride, tok_of, pad,
-                                   d_chunks, tid);
+      auto key_row = [&](int row, ChunkOk chunk_ok, int &tok) {
+        tok = tok_of(row);
+        return tok >= 0 && chunk_ok() && (pad == nullptr || pad[tok] == 0);
+      };
+      load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
+                                          tile_source(sK + stage * Traits::kSmemKV, k, p.k_row_stride));
+      load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
+                                          tile_source(sV + stage * Traits::kSmemKV, v, p.v_row_stride));
       // The tile's tokens, for its flags and causal cut (read after the loop's barrier).
       if (tid < BN) sKTok[stage * BN + tid] = tok_of(tid);
       return;
     }
+    // Contiguous key tile: rows past the sequence end or padded become zeros.
     const int k0 = tile * BN;
-    load_tile_masked<Traits, BN>(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.k_row_stride,
-                                 p.k_row_stride, n_tokens - k0, pad ? pad + k0 : nullptr,
-                                 d_chunks, tid);
-    load_tile_masked<Traits, BN>(sV + stage * Traits::kSmemKV, v + int64_t(k0) * p.v_row_stride,
-                                 p.v_row_stride, n_tokens - k0, pad ? pad + k0 : nullptr,
-                                 d_chunks, tid);
+    const int rows_valid = n_tokens - k0;
+    const uint8_t *tpad = pad ? pad + k0 : nullptr;
+    auto key_row = [&](int row, ChunkOk chunk_ok, int &src) {
+      src = row;
+      return row < rows_valid && chunk_ok() && (tpad == nullptr || tpad[row] == 0);
+    };
+    load_tile<Traits::kNThreads, D, BN>(
+        key_row, d_chunks, tid,
+        tile_source(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.k_row_stride, p.k_row_stride));
+    load_tile<Traits::kNThreads, D, BN>(
+        key_row, d_chunks, tid,
+        tile_source(sV + stage * Traits::kSmemKV, v + int64_t(k0) * p.v_row_stride, p.v_row_stride));
   };
 
-  load_rows_masked<Traits, BM>(sQ, q, p.q_row_stride, token_of, pad, d_chunks, tid);
+  // Q rows: the block's tokens, zeros where none or padded.
+  auto query_row = [&](int row, ChunkOk chunk_ok, int &tok) {
+    tok = token_of(row);
+    return tok >= 0 && chunk_ok() && (pad == nullptr || pad[tok] == 0);
+  };
+  load_tile<Traits::kNThreads, D, BM>(query_row, d_chunks, tid, tile_source(sQ, q, p.q_row_stride));
   cp_async_commit();
   if (it_begin < it_end) load_kv(it_begin, 0);
   cp_async_commit();
@@ -221,37 +182,26 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     for (int r = 0; r < 2; ++r) {
       const int i = token_of(warp_row0 + mt * 16 + g + 8 * r);
       row_idx[mt][r] = i;
+      // rule.query_ok(FK_LONGFORMER_LOCAL, i), written out.
       row_local[mt][r] = i >= 0 && !(pad && pad[i] != 0) && !(glob && glob[i] != 0);
     }
 
-  auto load_q = [&](uint32_t(&a)[4], int mt, int ks) {
-    const int row = warp_row0 + mt * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-    ldmatrix_x4(a, smem_addr(sQ + Tile::offset(row, 2 * ks + lane / 16)));
-  };
   cp_async_wait<1>();
   __syncthreads();
   uint32_t qf[Traits::kQInRegs ? kKSteps : 1][4];
   if constexpr (Traits::kQInRegs) {
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) load_q(qf[ks], 0, ks);
+    for (int ks = 0; ks < kKSteps; ++ks) attn::load_a<D>(qf[ks], sQ, warp_row0, ks, lane);
   }
+  const auto q_src = [&] {
+    if constexpr (Traits::kQInRegs) return attn::RegA<kKSteps>{qf};
+    else return attn::SmemA<D, Element>{sQ, warp_row0};
+  }();
 
   float acc[MT][kOTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < kOTiles; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][i][e] = 0.f;
-  float row_max[MT][2], row_sum[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_max[mt][r] = -INFINITY;
-      row_sum[mt][r] = 0.f;
-    }
-  const float scale_log2 = pc.softmax_scale * kLog2e;
+  attn::zero(acc);
+  attn::OnlineSoftmax<MT> softmax;
+  const float scale_log2 = pc.softmax_scale * attn::kLog2e;
 
   for (int it = it_begin; it < it_end; ++it) {
     const int stage = (it - it_begin) & 1;
@@ -282,8 +232,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int col = k0 + j * 8 + 2 * t + c;
-          if (col < n_tokens && !(pad && pad[col] != 0)) {
-            const bool is_glob = glob && glob[col] != 0;
+          if (col < n_tokens && !rule.padded(col)) {
+            const bool is_glob = rule.global(col);
             if (!packed || !is_glob) key_band |= 1u << (2 * j + c);
             if (!packed && is_glob) key_any |= 1u << (2 * j + c);
           }
@@ -296,41 +246,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int tok = tk[j * 8 + 2 * t + c];
-          if (tok >= 0 && !(pad && pad[tok] != 0)) key_any |= 1u << (2 * j + c);
+          if (rule.key_ok(tok)) key_any |= 1u << (2 * j + c);
         }
     }
 
     float s[MT][kSTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (Traits::kQInRegs) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) a[mt][e] = qf[ks][e];
-        } else {
-          load_q(a[mt], mt, ks);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kSTiles; j += 2) {
-        uint32_t b[4];
-        const int row = (j + lane / 16) * 8 + (lane % 8);
-        ldmatrix_x4(b, smem_addr(sKs + Tile::offset(row, 2 * ks + ((lane / 8) & 1))));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16x8x16<Element>(s[mt][j], a[mt], b[0], b[1]);
-          mma_16x8x16<Element>(s[mt][j + 1], a[mt], b[2], b[3]);
-        }
-      }
-    }
+    attn::zero(s);
+    attn::gemm_abt<D>(s, q_src, sKs, lane);
 
     // The per-element rule, on every visited tile.
     if (!gtile) {
@@ -346,7 +268,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
             const int col = k0 + j * 8 + 2 * t + (e & 1);
             const int rel = col - row_idx[mt][r]; // |rel| <= N < 2^30
             const int dist = rel < 0 ? -rel : rel;
-            const bool band = dist <= reach && (dil == 1 || dist % dil == 0);
+            const bool band = rule.in_band(dist);
             const bool allowed =
                 row_local[mt][r] && !(causal && rel > 0) &&
                 ((band && ((key_band >> bit) & 1u)) || ((key_any >> bit) & 1u));
@@ -382,55 +304,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         }
     }
 
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[mt][r];
-#pragma unroll
-        for (int j = 0; j < kSTiles; ++j)
-          mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]) * scale_log2);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_use = mx == -INFINITY ? 0.f : mx;
-        const float alpha = exp2f(row_max[mt][r] - m_use);
-        row_max[mt][r] = mx;
-        row_sum[mt][r] *= alpha;
-#pragma unroll
-        for (int i = 0; i < kOTiles; ++i) {
-          acc[mt][i][2 * r] *= alpha;
-          acc[mt][i][2 * r + 1] *= alpha;
-        }
-#pragma unroll
-        for (int j = 0; j < kSTiles; ++j) {
-          s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], scale_log2, -m_use));
-          s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], scale_log2, -m_use));
-          row_sum[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
-        }
-      }
-
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = ET::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = ET::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = ET::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = ET::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t b[4];
-        const int row = kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-        ldmatrix_x4_trans(b, smem_addr(sVs + Tile::offset(row, 2 * np + lane / 16)));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16x8x16<Element>(acc[mt][2 * np], a[mt], b[0], b[1]);
-          mma_16x8x16<Element>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-        }
-      }
-    }
+    softmax.update(s, acc, scale_log2);
+    attn::gemm_xb<D>(acc, s, sVs, lane);
     __syncthreads();
   }
 
@@ -440,9 +315,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // No cp.async wait or barrier is needed first (the emulator's race check agrees): nothing
   // is in flight (the last tile waited with wait<0>; with no tile the second group is
   // empty), Q landed before the barrier after its wait, and only this warp read its rows.
-  auto writes_row = [&](int i) {
-    return i >= 0 && ((pad && pad[i] != 0) || !(glob && glob[i] != 0));
-  };
+  auto writes_row = [&](int i) { return i >= 0 && (rule.padded(i) || !rule.global(i)); };
   if (p.num_splits > 1) {
     const int split = blockIdx.x % p.num_splits;
     // GLOBAL_ROWS split: this split's O (normalised by its own sum, 0 without a key) and
@@ -454,10 +327,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float l = row_sum[mt][r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv_sum = l > 0.f ? 1.f / l : 0.f;
+        float lse;
+        const float inv_sum = softmax.finalize(mt, r, lse);
         const int row = warp_row0 + mt * 16 + g + 8 * r;
         if (row_idx[mt][r] < 0) continue;
         float *po = p.partial_o + (ws_row0 + row) * pc.head_dim;
@@ -467,9 +338,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
             po[i * 8 + 2 * t] = acc[mt][i][2 * r] * inv_sum;
             po[i * 8 + 2 * t + 1] = acc[mt][i][2 * r + 1] * inv_sum;
           }
-        if (t == 0)
-          p.partial_lse[ws_row0 + row] =
-              l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+        if (t == 0) p.partial_lse[ws_row0 + row] = lse;
       }
     return;
   }
@@ -479,29 +348,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float l = row_sum[mt][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv_sum = l > 0.f ? 1.f / l : 0.f;
-      lse[mt][r] = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
-      const int row = warp_row0 + mt * 16 + g + 8 * r;
-#pragma unroll
-      for (int i = 0; i < kOTiles; ++i)
-        *reinterpret_cast<uint32_t *>(sO + Tile::offset(row, i) + 2 * t) =
-            ET::pack(acc[mt][i][2 * r] * inv_sum, acc[mt][i][2 * r + 1] * inv_sum);
+      const float inv_sum = softmax.finalize(mt, r, lse[mt][r]);
+      stage_row<D>(sO, warp_row0 + mt * 16 + g + 8 * r, acc[mt], r, inv_sum, t);
     }
   __syncwarp();
 
   Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
-#pragma unroll
-  for (int i = lane; i < Traits::kWarpRows * Tile::kChunksPerRow; i += 32) {
-    const int row = warp_row0 + i / Tile::kChunksPerRow;
-    const int chunk = i % Tile::kChunksPerRow;
-    const int grow = token_of(row);
-    if (chunk < d_chunks && writes_row(grow))
-      *reinterpret_cast<uint4 *>(o + int64_t(grow) * p.o_row_stride + chunk * 8) =
-          *reinterpret_cast<const uint4 *>(sO + Tile::offset(row, chunk));
-  }
+  store_rows<D, Traits::kWarpRows>(
+      o, p.o_row_stride, sO, warp_row0,
+      [&](int row, ChunkOk chunk_ok, int &tok) {
+        tok = token_of(row);
+        return chunk_ok() && writes_row(tok);
+      },
+      d_chunks, lane);
   if (t == 0) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -570,13 +429,16 @@ template <> struct LongformerFwdConfigSm80<64> {
   static constexpr int kMTiles = 1, kNWarps = 8, kBlockN = 64, kMinBlocksPerSm = 1;
   static constexpr bool kQInRegs = true;
 };
-template <> struct LongformerFwdConfigSm80<128> : DenseFwdConfigSm80<128> {};
+template <> struct LongformerFwdConfigSm80<128> {
+  static constexpr int kMTiles = 1, kNWarps = 8, kBlockN = 64, kMinBlocksPerSm = 1;
+  static constexpr bool kQInRegs = true;
+};
 
 template <int kHeadDim, typename Element>
 cudaError_t run_longformer_fwd_sm80(const fk_longformer_fwd_params &p, cudaStream_t stream) {
   using C = LongformerFwdConfigSm80<kHeadDim>;
-  using Traits = DenseFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
-                                    C::kMinBlocksPerSm, C::kQInRegs>;
+  using Traits = AttnFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
+                                   C::kMinBlocksPerSm, C::kQInRegs>;
   // Outer tiles: contiguous query tiles of N (LOCAL) or gathered tiles of q_rows.
   const int outer_rows = p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.c.seqlen;
   // Split over keys: the splits of an outer tile are adjacent in x (entry point: x fits).
