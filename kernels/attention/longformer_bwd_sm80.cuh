@@ -1,9 +1,10 @@
 // Longformer attention backward for sm_80+ (fk_longformer.h: fk_longformer_bwd_*),
 // deterministic, no atomics.
 //
-// The dense backward's kernels (dense_bwd_sm80.cuh) with the dense band replaced by the
-// host's work list and THE RULE of fk_longformer.h applied per element, and with rows that
-// may be gathered (q_rows / k_rows) instead of contiguous:
+// The dense backward's kernels (dense_bwd_sm80.cuh), from the same building blocks of
+// common/, with the dense band replaced by the host's work list and THE RULE of
+// fk_longformer.h (common/mask.cuh) applied per element, and with rows that may be
+// gathered (q_rows / k_rows) instead of contiguous:
 // 1. delta: Delta_i = sum_d dO_id O_id for every token (0 for padded tokens, whose dO and
 //    O rows are never read).
 // 2. dQ (passes LOCAL, GLOBAL_ROWS): one thread block per (64-query tile, head, sequence),
@@ -30,150 +31,32 @@
 // rows hold in memory (NaN included) never reaches a result.
 #pragma once
 
+#include "../common/launch.cuh"
+#include "../common/mma_sm80.cuh"
+#include "../common/numeric.cuh"
+#include "../common/tile_io.cuh"
 #include "../include/fk_longformer.h"
-#include "dense_bwd_sm80.cuh"
+#include "common/block_info.cuh"
+#include "common/delta.cuh"
+#include "common/gemm.cuh"
+#include "common/mask.cuh"
+#include "common/softmax.cuh"
 
 namespace fk {
 namespace longformer_bwd_detail {
 
-using namespace dense_bwd_detail; // load_a, gemm_abt, gemm_xb, zero, stage_rows, lse_log2,
-                                  // unpack2, kLog2e
+using namespace attn; // LongformerRule, LongformerRows, gathered_token, LongformerWork,
+                      // gemm_abt, gemm_xb, zero, softmax backward, Delta
 
 constexpr int kBlock = FK_LONGFORMER_BWD_BLOCK; // outer tiles and listed inner tiles
 
-// THE RULE (fk_longformer.h) for one (sequence, head). query_ok / key_ok say whether a row
-// takes part at all; pair() is the whole per-element rule, given those flags, the key's
-// global flag and whether i and j have equal residues modulo d_h (residue(), computed once
-// per row instead of a division per element). Used by the dQ and the dK/dV kernels alike.
-struct Rule {
-  int n;          // N
-  int dil;        // d_h clipped to N
-  int64_t reach;  // w * d_h, w clipped to N
-  bool causal;
-  const uint8_t *glob; // this sequence's (N) masks, or nullptr
-  const uint8_t *pad;
-
-  __device__ __forceinline__ Rule(const fk_longformer_common &c, int b, int h) {
-    n = c.seqlen;
-    dil = min(c.dilation[h], max(n, 1));
-    reach = int64_t(min(c.window, n)) * dil;
-    causal = c.causal != 0;
-    glob = c.global_mask ? c.global_mask + int64_t(b) * n : nullptr;
-    pad = c.padding_mask ? c.padding_mask + int64_t(b) * n : nullptr;
-  }
-  __device__ __forceinline__ bool padded(int i) const { return pad != nullptr && pad[i] != 0; }
-  __device__ __forceinline__ bool global(int i) const { return glob != nullptr && glob[i] != 0; }
-  // Query token i (-1: none) is a row of `pass`: local for LOCAL, LOCAL_BAND, GLOBAL_COLS;
-  // a listed row for GLOBAL_ROWS (i comes from q_rows then). A padded token never is.
-  __device__ __forceinline__ bool query_ok(int pass, int i) const {
-    return i >= 0 && !padded(i) && (pass == FK_LONGFORMER_GLOBAL_ROWS || !global(i));
-  }
-  // Key token j (-1: none) can be a key: in [0, N) and not padded. (For GLOBAL_COLS the key
-  // is a listed one, j comes from k_rows.)
-  __device__ __forceinline__ bool key_ok(int j) const { return j >= 0 && !padded(j); }
-  // i mod d_h: (j - i) % d_h == 0 iff residue(i) == residue(j).
-  __device__ __forceinline__ int residue(int i) const { return dil == 1 ? 0 : i % dil; }
-  // Query i attends to key j in `pass`; congruent: residue(i) == residue(j).
-  __device__ __forceinline__ bool pair(int pass, int i, int j, bool q_ok, bool k_ok,
-                                       bool k_glob, bool congruent) const {
-    if (!q_ok || !k_ok) return false;
-    const int rel = j - i; // |rel| < N < 2^30
-    if (causal && rel > 0) return false;
-    if (pass == FK_LONGFORMER_GLOBAL_ROWS || pass == FK_LONGFORMER_GLOBAL_COLS) return true;
-    const int dist = rel < 0 ? -rel : rel;
-    const bool band = dist <= reach && congruent;
-    return pass == FK_LONGFORMER_LOCAL ? (band || k_glob) : (band && !k_glob);
-  }
-};
-
-// The rows of one side of a pass for one sequence: contiguous tokens 0..N-1 (list ==
-// nullptr) or a gathered list of `count` entries. token(idx) is the token of entry idx,
-// or -1 (past the end, a -1 entry, or out of [0, N)).
-struct Rows {
-  const int32_t *list;
-  int count, n;
-  __device__ __forceinline__ Rows(const int32_t *rows, int per_seq, int b, int n_)
-      : list(rows ? rows + int64_t(b) * per_seq : nullptr), count(rows ? per_seq : n_), n(n_) {}
-  __device__ __forceinline__ int token(int idx) const {
-    if (idx >= count) return -1;
-    const int t = list ? list[idx] : idx;
-    return t >= 0 && t < n ? t : -1;
-  }
-};
-
-// cp.async of a ROWS x COLS tile whose row r is token tok(r) of the tensor at `base` (row 0
-// of the sequence and head); tok(r) < 0 and head-dim chunks >= chunks_valid become zeros.
-template <int kNThreads, int COLS, int ROWS, typename Element, typename TokFn>
-__device__ __forceinline__ void load_rows(Element *smem, const Element *base,
-                                          int64_t row_stride, const TokFn &tok,
-                                          int chunks_valid, int tid) {
-  using Tile = SwizzledTile<COLS>;
-  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
-  static_assert(kChunks % kNThreads == 0, "tile must split evenly over threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / kNThreads; ++i) {
-    const int idx = i * kNThreads + tid;
-    const int row = idx / Tile::kChunksPerRow;
-    const int chunk = idx % Tile::kChunksPerRow;
-    const int token = chunk < chunks_valid ? tok(row) : -1;
-    const bool valid = token >= 0;
-    const Element *src = base + (valid ? int64_t(token) * row_stride + chunk * 8 : 0);
-    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), src, valid ? 16 : 0);
-  }
-}
-
-// load_rows of two tensors with the same rows (K and V): tok(r) once per chunk.
-template <int kNThreads, int COLS, int ROWS, typename Element, typename TokFn>
-__device__ __forceinline__ void load_rows2(Element *smem_a, const Element *base_a,
-                                           int64_t stride_a, Element *smem_b,
-                                           const Element *base_b, int64_t stride_b,
-                                           const TokFn &tok, int chunks_valid, int tid) {
-  using Tile = SwizzledTile<COLS>;
-  constexpr int kChunks = ROWS * Tile::kChunksPerRow;
-  static_assert(kChunks % kNThreads == 0, "tile must split evenly over threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / kNThreads; ++i) {
-    const int idx = i * kNThreads + tid;
-    const int row = idx / Tile::kChunksPerRow;
-    const int chunk = idx % Tile::kChunksPerRow;
-    const int token = chunk < chunks_valid ? tok(row) : -1;
-    const bool valid = token >= 0;
-    const Element *src_a = base_a + (valid ? int64_t(token) * stride_a + chunk * 8 : 0);
-    const Element *src_b = base_b + (valid ? int64_t(token) * stride_b + chunk * 8 : 0);
-    cp_async_16(smem_addr(smem_a + Tile::offset(row, chunk)), src_a, valid ? 16 : 0);
-    cp_async_16(smem_addr(smem_b + Tile::offset(row, chunk)), src_b, valid ? 16 : 0);
-  }
-}
-
-// 16-byte stores of rows [row0, row0 + 16) of a staged tile by one warp to the tokens
-// tok_s[row] (shared memory); rows with tok_s[row] < 0 and chunks >= chunks_valid are
-// skipped.
-template <int COLS, typename Element>
-__device__ __forceinline__ void store_rows_to(Element *base, int64_t row_stride,
-                                              const Element *tile, int row0, const int *tok_s,
-                                              int chunks_valid, int lane) {
-  using Tile = SwizzledTile<COLS>;
-#pragma unroll
-  for (int i = lane; i < 16 * Tile::kChunksPerRow; i += 32) {
-    const int row = row0 + i / Tile::kChunksPerRow;
-    const int chunk = i % Tile::kChunksPerRow;
-    if (chunk >= chunks_valid) continue;
-    const int token = tok_s[row];
-    if (token >= 0)
-      *reinterpret_cast<uint4 *>(base + int64_t(token) * row_stride + chunk * 8) =
-          *reinterpret_cast<const uint4 *>(tile + Tile::offset(row, chunk));
-  }
-}
-
 // ---------------------------------------------------------------------------------------
-// Kernel 1: Delta = rowsum(dO * O) of every token; padded tokens get 0 (their rows are not
-// read). The dense kernel's shape (kDeltaThreads = 128, 8 lanes per row, kDeltaRows = 64).
+// Kernel 1: Delta = rowsum(dO * O) of every token (common/delta.cuh, as the dense kernel);
+// padded tokens get 0 (their rows are not read).
 
 template <typename Element>
 __global__ void __launch_bounds__(kDeltaThreads)
     longformer_bwd_delta_kernel(const fk_longformer_bwd_params p) {
-  constexpr int kLanesPerRow = 8;
-  constexpr int kRowsPerPass = kDeltaThreads / kLanesPerRow;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int n = p.c.seqlen;
@@ -184,33 +67,7 @@ __global__ void __launch_bounds__(kDeltaThreads)
   const Element *dout = static_cast<const Element *>(p.dout) +
                         int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
   float *delta = p.delta + int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
-  const int sub = threadIdx.x % kLanesPerRow;
-  const int chunks = p.c.head_dim / 8;
-  for (int r = threadIdx.x / kLanesPerRow; r < kDeltaRows; r += kRowsPerPass) {
-    const int i = m0 + r;
-    float acc = 0.f;
-    if (i < n && !(pad && pad[i] != 0)) {
-      for (int c = sub; c < chunks; c += kLanesPerRow) {
-        const uint4 ov = *reinterpret_cast<const uint4 *>(o + int64_t(i) * p.o_row_stride + c * 8);
-        const uint4 dv =
-            *reinterpret_cast<const uint4 *>(dout + int64_t(i) * p.do_row_stride + c * 8);
-        const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
-        const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const float2 a = unpack2<Element>(ow[w]);
-          const float2 b = unpack2<Element>(dw[w]);
-          acc = fmaf(a.x, b.x, acc);
-          acc = fmaf(a.y, b.y, acc);
-        }
-      }
-    }
-    // Every lane runs the same number of passes, so the shuffles are warp-uniform.
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-    if (sub == 0 && i < n) delta[i] = acc;
-  }
+  delta_rows(p, o, dout, delta, m0, n, p.c.head_dim, [&](int i) { return !(pad && pad[i] != 0); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -271,9 +128,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   const int chunks_valid = c.head_dim / 8;
   const int m0 = m_block * BM; // entry of the outer rows
 
-  const Rule rule(c, batch, head);
+  const LongformerRule rule(c, batch, head);
   // Outer rows: gathered q_rows for GLOBAL_ROWS, contiguous tokens for LOCAL.
-  const Rows rows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
+  const LongformerRows rows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
                   batch, rule.n);
   const int64_t csr_row =
       (int64_t(batch) * c.num_classes + c.head_class[head]) * (gridDim.x / num_splits) +
@@ -289,11 +146,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   // outside [0, N) or past per_seq). Read from the parameters where used (registers).
   auto packed = [&] { return pass == FK_LONGFORMER_LOCAL && c.k_rows != nullptr; };
   auto nkt = [&] { return (c.seqlen + BN - 1) / BN; };
-  auto gathered_key = [&](int gt, int x) -> int {
-    const int64_t e = int64_t(gt) * BN + x;
-    if (e >= c.k_rows_per_seq) return -1;
-    const int tok = c.k_rows[int64_t(batch) * c.k_rows_per_seq + e];
-    return tok >= 0 && tok < c.seqlen ? tok : -1;
+  auto gathered_key = [&](int gt, int x) {
+    return gathered_token(c.k_rows, c.k_rows_per_seq, batch, int64_t(gt) * BN + x, c.seqlen);
   };
 
   const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
@@ -319,9 +173,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       const int j = gtile ? gathered_key(tile - nkt(), r) : k0 + r < rule.n ? k0 + r : -1;
       return rule.key_ok(j) ? j : -1;
     };
-    load_rows2<Tr::kNThreads, D, BN>(sK + stage * Tr::kSmemKV, k, p.k_row_stride,
-                                     sV + stage * Tr::kSmemKV, v, p.v_row_stride, k_tok,
-                                     chunks_valid, tid);
+    load_tile<Tr::kNThreads, D, BN>(token_rows(k_tok), chunks_valid, tid,
+                                    tile_source(sK + stage * Tr::kSmemKV, k, p.k_row_stride),
+                                    tile_source(sV + stage * Tr::kSmemKV, v, p.v_row_stride));
   };
 
   // Flags of key r = tid < BN of step it: -1 if it can never be a key; of a contiguous
@@ -339,8 +193,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   };
 
   if (it_begin < it_end) {
-    load_rows<Tr::kNThreads, D, BM>(sQ, q, p.q_row_stride, q_tok, chunks_valid, tid);
-    load_rows<Tr::kNThreads, D, BM>(sdO, dout, p.do_row_stride, q_tok, chunks_valid, tid);
+    // Q and dO rows. At D = 64 the token is looked up before the padding-chunk test
+    // (all chunks of a row alike; measured 2 registers fewer on sm_90a), at D = 128 only
+    // for real chunks (fewer spills).
+    auto q_row = [&](int r, ChunkOk chunk_ok, int &row) {
+      if constexpr (D == 64) {
+        row = q_tok(r);
+        return row >= 0 && chunk_ok();
+      } else {
+        row = chunk_ok() ? q_tok(r) : -1;
+        return row >= 0;
+      }
+    };
+    load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid, tile_source(sQ, q, p.q_row_stride));
+    load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid, tile_source(sdO, dout, p.do_row_stride));
     load_kv(it_begin, 0);
     if (tid < BN) sKf[tid] = key_flags(it_begin);
   }
@@ -422,22 +288,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       float s[kPTiles][4];
       zero(s);
       gemm_abt<D>(s, sQ, warp_row0, sKp, lane);
-#pragma unroll
-      for (int j = 0; j < kPTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[j][e] = (allowed_p >> (4 * j + e)) & 1u
-                        ? exp2f(fmaf(s[j][e], scale_log2, -l2[e >> 1]))
-                        : 0.f;
+      probs_rows(s, l2, scale_log2, allowed_p);
 
       // dP = dO V^T, dS = P (dP - Delta[row]).
       float dp[kPTiles][4];
       zero(dp);
       gemm_abt<D>(dp, sdO, warp_row0, sVp, lane);
-#pragma unroll
-      for (int j = 0; j < kPTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - dl[e >> 1]);
+      ds_rows(dp, s, dl);
 
       // dQ += dS K.
       gemm_xb<D>(acc, dp, sKp, lane);
@@ -475,13 +332,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     }
     return;
   }
-  stage_rows<D>(sQ, warp_row0, acc, c.softmax_scale, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) stage_row<D>(sQ, warp_row0 + g + 8 * r, acc, r, c.softmax_scale, t);
   int *tok_s = sKf; // free now: the tokens of the rows, this warp's written by itself
   if (lane < 16) tok_s[warp_row0 + lane] = rows.token(m0 + warp_row0 + lane);
   __syncwarp();
   Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_batch_stride +
                 int64_t(head) * p.dq_head_stride;
-  store_rows_to<D>(dq, p.dq_row_stride, sQ, warp_row0, tok_s, chunks_valid, lane);
+  store_rows<D, 16>(dq, p.dq_row_stride, sQ, warp_row0,
+                    token_rows([&](int r) { return tok_s[r]; }), chunks_valid, lane);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -539,9 +398,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   const fk_longformer_common &c = p.c;
   // Split over queries (GLOBAL_COLS, num_splits > 1; the entry point checks): the splits
   // of one outer tile are adjacent blocks of the grid's x.
-  const int num_splits = max(p.num_splits, 1);
-  const int n_block = blockIdx.x / num_splits;
-  const int split = blockIdx.x % num_splits;
+  const LongformerWork work(p.num_splits);
+  const int n_block = work.outer;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int pass = c.pass;
@@ -554,22 +412,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   const int chunks_valid = c.head_dim / 8;
   const int n0 = n_block * BN; // entry of the outer (key) rows
 
-  const Rule rule(c, batch, head);
+  const LongformerRule rule(c, batch, head);
   // Outer rows: gathered k_rows for GLOBAL_COLS, else contiguous. Inner rows: gathered
   // q_rows for GLOBAL_ROWS, else contiguous.
-  const Rows krows(pass == FK_LONGFORMER_GLOBAL_COLS ? c.k_rows : nullptr, c.k_rows_per_seq,
+  const LongformerRows krows(pass == FK_LONGFORMER_GLOBAL_COLS ? c.k_rows : nullptr, c.k_rows_per_seq,
                    batch, rule.n);
-  const Rows qrows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
+  const LongformerRows qrows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
                    batch, rule.n);
-  const int64_t csr_row =
-      (int64_t(batch) * c.num_classes + c.head_class[head]) * (gridDim.x / num_splits) +
-      n_block;
-  // Split s visits entries [len * s / S, len * (s + 1) / S) of the row (S = 1: all).
-  const int row_begin = c.tile_offsets[csr_row];
-  const int64_t row_len = c.tile_offsets[csr_row + 1] - row_begin;
-  const int tile_begin = row_begin + int(row_len * split / num_splits);
-  const int n_iters =
-      (row_begin + int(row_len * (split + 1) / num_splits) - tile_begin) * Tr::kSubSteps;
+  int tile_begin, tile_end;
+  work.entries(c, p.num_splits, batch, head, tile_begin, tile_end);
+  const int n_iters = (tile_end - tile_begin) * Tr::kSubSteps;
 
   const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
                      int64_t(head) * p.q_head_stride;
@@ -592,9 +444,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   auto load_q_do = [&](int it, int stage) {
     const int m0 = iter_m0(it);
     auto tok = [&](int r) { return q_tok(m0, r); };
-    load_rows2<Tr::kNThreads, D, BM>(sQ + stage * Tr::kSmemQ, q, p.q_row_stride,
-                                     sdO + stage * Tr::kSmemQ, dout, p.do_row_stride, tok,
-                                     chunks_valid, tid);
+    load_tile<Tr::kNThreads, D, BM>(token_rows(tok), chunks_valid, tid,
+                                    tile_source(sQ + stage * Tr::kSmemQ, q, p.q_row_stride),
+                                    tile_source(sdO + stage * Tr::kSmemQ, dout, p.do_row_stride));
   };
   // Token, residue, LSE (log2) and Delta of query tid of step it (tid < BM).
   auto fetch_stats = [&](int it, int &qi, int &qr, float &l2, float &dl) {
@@ -622,8 +474,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       const int j = krows.token(n0 + r);
       return rule.key_ok(j) ? j : -1;
     };
-    load_rows<Tr::kNThreads, D, BN>(sK, k, p.k_row_stride, k_tok, chunks_valid, tid);
-    load_rows<Tr::kNThreads, D, BN>(sV, v, p.v_row_stride, k_tok, chunks_valid, tid);
+    load_tile<Tr::kNThreads, D, BN>(token_rows(k_tok), chunks_valid, tid,
+                                    tile_source(sK, k, p.k_row_stride));
+    load_tile<Tr::kNThreads, D, BN>(token_rows(k_tok), chunks_valid, tid,
+                                    tile_source(sV, v, p.v_row_stride));
     load_q_do(0, 0);
     if (tid < BM) fetch_stats(0, sQi[tid], sQr[tid], sLse[tid], sDelta[tid]);
   }
@@ -675,13 +529,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     float s[kSTiles][4];
     zero(s);
     gemm_abt<D>(s, sK, warp_row0, sQs, lane);
-#pragma unroll
-    for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[j][e] = (allowed >> (4 * j + e)) & 1u
-                      ? exp2f(fmaf(s[j][e], scale_log2, -lse_s[j * 8 + 2 * t + (e & 1)]))
-                      : 0.f;
+    probs_cols(s, lse_s, scale_log2, t, allowed);
 
     // dV += P^T dO_i.
     gemm_xb<D>(acc[kDv], s, sdOs, lane);
@@ -690,14 +538,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     float dp[kSTiles][4];
     zero(dp);
     gemm_abt<D>(dp, sV, warp_row0, sdOs, lane);
-#pragma unroll
-    for (int j = 0; j < kSTiles; ++j) {
-      const float2 dl = *reinterpret_cast<const float2 *>(delta_s + j * 8 + 2 * t);
-      dp[j][0] = s[j][0] * (dp[j][0] - dl.x);
-      dp[j][1] = s[j][1] * (dp[j][1] - dl.y);
-      dp[j][2] = s[j][2] * (dp[j][2] - dl.x);
-      dp[j][3] = s[j][3] * (dp[j][3] - dl.y);
-    }
+    ds_cols(dp, s, delta_s, t);
     gemm_xb<D>(acc[kDk], dp, sQs, lane);
 
     if (has_next && tid < BM) {
@@ -774,13 +615,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   }
   // Overwrite: every row with a token (the tile's keys, or the listed ones for
   // GLOBAL_COLS), staged in this warp's rows of sK / sV for 16-byte stores.
-  stage_rows<D>(sK, warp_row0, acc[kDk], c.softmax_scale, lane);
-  stage_rows<D>(sV, warp_row0, acc[kDv], 1.f, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    stage_row<D>(sK, warp_row0 + g + 8 * r, acc[kDk], r, c.softmax_scale, t);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) stage_row<D>(sV, warp_row0 + g + 8 * r, acc[kDv], r, 1.f, t);
   int *tok_s = sKtok; // the tokens of the rows (D = 128: written before the loop)
   if (!kTokInSmem && lane < 16) tok_s[warp_row0 + lane] = krows.token(n0 + warp_row0 + lane);
   __syncwarp();
-  store_rows_to<D>(dk, p.dk_row_stride, sK, warp_row0, tok_s, chunks_valid, lane);
-  store_rows_to<D>(dv, p.dv_row_stride, sV, warp_row0, tok_s, chunks_valid, lane);
+  auto staged_token = [&](int r) { return tok_s[r]; };
+  store_rows<D, 16>(dk, p.dk_row_stride, sK, warp_row0, token_rows(staged_token), chunks_valid,
+                    lane);
+  store_rows<D, 16>(dv, p.dv_row_stride, sV, warp_row0, token_rows(staged_token), chunks_valid,
+                    lane);
 }
 
 // ---------------------------------------------------------------------------------------
