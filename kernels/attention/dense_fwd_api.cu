@@ -1,10 +1,12 @@
 // C entry point of dense attention forward: checks what would be undefined behaviour on
-// the device, then turns run-time (dtype, head dim, masking) into the compile-time
-// instantiation and launches it on the caller's device and stream.
+// the device (common/api_checks.h, as the backward does), then turns run-time (dtype, head
+// dim, masking) into the compile-time instantiation and launches it on the caller's device
+// and stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "../common/launch.cuh"
+#include "common/api_checks.h"
 #include "dense_fwd.h"
 
 namespace {
@@ -27,25 +29,21 @@ cudaError_t dispatch_head_dim(const fk_attention_fwd_params &p, cudaStream_t s) 
 } // namespace
 
 extern "C" int32_t fk_attention_supports_head_dim(int32_t head_dim) {
-  return head_dim > 0 && head_dim % 8 == 0 && head_dim <= 256;
+  return fk::check::head_dim_ok(head_dim, fk::check::kDenseMaxHeadDim);
 }
 
-extern "C" int32_t fk_attention_fwd(const fk_attention_fwd_params *p, void *stream) {
-  if (p == nullptr || p->q == nullptr || p->k == nullptr || p->v == nullptr || p->o == nullptr ||
-      p->lse == nullptr || p->batch <= 0 || p->heads <= 0 || p->heads_kv <= 0 ||
-      p->heads % p->heads_kv != 0 || p->seqlen_q < 0 || p->seqlen_k < 0 ||
-      !fk_attention_supports_head_dim(p->head_dim) ||
-      (p->cu_seqlens_q == nullptr) != (p->cu_seqlens_k == nullptr))
+extern "C" int32_t fk_attention_fwd(const fk_attention_fwd_params *params, void *stream) {
+  if (params == nullptr) return cudaErrorInvalidValue;
+  fk_attention_fwd_params p = *params;
+  if (!fk::check::all_set(p.q, p.k, p.v, p.o, p.lse) || !fk::check::check_dense_shape(p) ||
+      !fk::check::check_window(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k))
     return cudaErrorInvalidValue;
-  if (p->seqlen_q == 0) return cudaSuccess; // varlen batch of empty query sequences
-  fk::DeviceGuard guard(p->device);
+  if (p.seqlen_q == 0) return cudaSuccess; // varlen batch of empty query sequences
+  fk::DeviceGuard guard(p.device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
-  case FK_DTYPE_F16: return dispatch_head_dim<__half>(*p, s);
-  case FK_DTYPE_BF16: return dispatch_head_dim<__nv_bfloat16>(*p, s);
-  default: return cudaErrorInvalidValue;
-  }
+  return p.dtype == FK_DTYPE_F16 ? dispatch_head_dim<__half>(p, s)
+                                 : dispatch_head_dim<__nv_bfloat16>(p, s);
 }
 
 extern "C" const char *fk_error_string(int32_t code) {
