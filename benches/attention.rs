@@ -72,7 +72,9 @@ fn bench_cpu(c: &mut Criterion) {
                 BenchmarkId::new(format!("b{b}_h{h}_d{d}_{}", label(causal)), n),
                 |bench| {
                     bench.iter(|| {
-                        black_box(attention::forward_cpu(&q, &k, &v, &opts).unwrap());
+                        black_box(
+                            attention::forward(&attention::Inputs::new(&q, &k, &v), &opts).unwrap(),
+                        );
                     })
                 },
             );

@@ -128,6 +128,11 @@ impl DeviceTensor {
         &self.layout
     }
 
+    /// (dtype, layout): what a validator reads of a tensor.
+    pub fn described(&self) -> (DType, &Layout) {
+        (self.dtype, &self.layout)
+    }
+
     pub fn stream(&self) -> &Stream {
         &self.stream
     }
@@ -151,6 +156,13 @@ pub struct DeviceView {
     pub dtype: DType,
     pub layout: Layout,
     pub device: usize,
+}
+
+impl DeviceView {
+    /// (dtype, layout): what a validator reads of a tensor.
+    pub fn described(&self) -> (DType, &Layout) {
+        (self.dtype, &self.layout)
+    }
 }
 
 /// Plain values that go to the device as their bytes.

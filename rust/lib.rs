@@ -81,3 +81,69 @@ impl Tensor {
         }
     }
 }
+
+/// A borrowed tensor on the host or on a device: what every op's entry dispatches on.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorRef<'a> {
+    Host(&'a HostTensor),
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    Cuda(&'a DeviceTensor),
+}
+
+impl TensorRef<'_> {
+    /// "cpu" or "cuda:N".
+    pub fn device_name(&self) -> String {
+        match self {
+            TensorRef::Host(_) => "cpu".into(),
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            TensorRef::Cuda(t) => format!("cuda:{}", t.stream().ordinal()),
+        }
+    }
+}
+
+/// What an op's entry takes and returns: [`HostTensor`]s (the CPU reference runs, and
+/// the outputs are host tensors) or [`Tensor`]s (host or device; the outputs live where
+/// the inputs do). Every op has one entry per direction, generic over this trait:
+/// `attention::forward(&attention::Inputs::new(&q, &k, &v), &opts)` works for both.
+pub trait OpTensor: Sized + private::Sealed {
+    /// The tensor as an op reads it.
+    fn tensor_ref(&self) -> TensorRef<'_>;
+    /// An op's output, computed where the inputs live, as `Self`.
+    fn from_output(t: Tensor) -> Result<Self>;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for crate::HostTensor {}
+    impl Sealed for crate::Tensor {}
+}
+
+impl OpTensor for HostTensor {
+    fn tensor_ref(&self) -> TensorRef<'_> {
+        TensorRef::Host(self)
+    }
+
+    fn from_output(t: Tensor) -> Result<Self> {
+        match t {
+            Tensor::Host(h) => Ok(h),
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            Tensor::Cuda(_) => Err(Error::DeviceMismatch {
+                detail: "an op on host tensors produced a device tensor".into(),
+            }),
+        }
+    }
+}
+
+impl OpTensor for Tensor {
+    fn tensor_ref(&self) -> TensorRef<'_> {
+        match self {
+            Tensor::Host(h) => TensorRef::Host(h),
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            Tensor::Cuda(d) => TensorRef::Cuda(d),
+        }
+    }
+
+    fn from_output(t: Tensor) -> Result<Self> {
+        Ok(t)
+    }
+}

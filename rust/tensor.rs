@@ -284,6 +284,11 @@ impl HostTensor {
         &self.layout
     }
 
+    /// (dtype, layout): what a validator reads of a tensor.
+    pub fn described(&self) -> (DType, &Layout) {
+        (self.dtype(), &self.layout)
+    }
+
     pub fn data(&self) -> &HostData {
         &self.data
     }

@@ -64,12 +64,7 @@ proptest! {
             random(&mut rng, batch * nk * hkv * d),
         );
         let opts = AttentionOptions { causal, window_left: left, window_right: right, ..Default::default() };
-        let r = attention::forward_cpu(
-            &tensor(&q, &[batch, nq, hq, d]),
-            &tensor(&k, &[batch, nk, hkv, d]),
-            &tensor(&v, &[batch, nk, hkv, d]),
-            &opts,
-        ).unwrap();
+        let r = attention::forward(&attention::Inputs::new(&tensor(&q, &[batch, nq, hq, d]), &tensor(&k, &[batch, nk, hkv, d]), &tensor(&v, &[batch, nk, hkv, d])), &opts).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
         let (mut want_o, mut want_lse) = (Vec::new(), Vec::new());
         for b in 0..batch {
@@ -112,10 +107,8 @@ proptest! {
         let seqs = SeqLens { cu_seqlens_q: cu_q.clone(), cu_seqlens_k: cu_k.clone() };
         let (tq_, tk_) = (tensor(&q, &[tq, hq, d]), tensor(&k, &[tk, hkv, d]));
         let tv = tensor(&v, &[tk, hkv, d]);
-        let fwd = attention::forward_cpu_varlen(&tq_, &tk_, &tv, &seqs, &opts).unwrap();
-        let grads = attention::backward_cpu_varlen(
-            &tq_, &tk_, &tv, &fwd.out, &fwd.lse, &tensor(&dout, &[tq, hq, d]), &seqs, &opts,
-        ).unwrap();
+        let fwd = attention::forward(&attention::Inputs::new(&tq_, &tk_, &tv).varlen(&seqs), &opts).unwrap();
+        let grads = attention::backward(&attention::BackwardInputs::new([&tq_, &tk_, &tv, &fwd.out, &fwd.lse, &tensor(&dout, &[tq, hq, d])]).varlen(&seqs), &opts).unwrap();
         let (o, lse) = (fwd.out.to_f32_vec(), fwd.lse.to_f32_vec());
         let (dq, dk, dv) = (grads.dq.to_f32_vec(), grads.dk.to_f32_vec(), grads.dv.to_f32_vec());
         let rq = |b: usize| cu_q[b] as usize * hq * d..cu_q[b + 1] as usize * hq * d;
@@ -138,10 +131,8 @@ proptest! {
             let sq = tensor(&q[rq(b)], &[1, nq, hq, d]);
             let sk = tensor(&k[rk(b)], &[1, nk, hkv, d]);
             let sv = tensor(&v[rk(b)], &[1, nk, hkv, d]);
-            let one = attention::forward_cpu(&sq, &sk, &sv, &opts).unwrap();
-            let g = attention::backward_cpu(
-                &sq, &sk, &sv, &one.out, &one.lse, &tensor(&dout[rq(b)], &[1, nq, hq, d]), &opts,
-            ).unwrap();
+            let one = attention::forward(&attention::Inputs::new(&sq, &sk, &sv), &opts).unwrap();
+            let g = attention::backward(&attention::BackwardInputs::new([&sq, &sk, &sv, &one.out, &one.lse, &tensor(&dout[rq(b)], &[1, nq, hq, d])]), &opts).unwrap();
             prop_assert_eq!(&o[rq(b)], &one.out.to_f32_vec()[..]);
             let one_lse = one.lse.to_f32_vec();
             for h in 0..hq {
@@ -186,8 +177,8 @@ proptest! {
         let opts = AttentionOptions { causal, ..Default::default() };
         let run = |kk: &[f32], vv: &[f32], h: usize| {
             let (tq, tk, tv) = (tensor(&q, &[1, nq, hq, d]), tensor(kk, &[1, nk, h, d]), tensor(vv, &[1, nk, h, d]));
-            let f = attention::forward_cpu(&tq, &tk, &tv, &opts).unwrap();
-            let g = attention::backward_cpu(&tq, &tk, &tv, &f.out, &f.lse, &tensor(&dout, &[1, nq, hq, d]), &opts).unwrap();
+            let f = attention::forward(&attention::Inputs::new(&tq, &tk, &tv), &opts).unwrap();
+            let g = attention::backward(&attention::BackwardInputs::new([&tq, &tk, &tv, &f.out, &f.lse, &tensor(&dout, &[1, nq, hq, d])]), &opts).unwrap();
             (f.out.to_f32_vec(), g.dq.to_f32_vec(), g.dk.to_f32_vec(), g.dv.to_f32_vec())
         };
         let (o, dq, dk, dv) = run(&k, &v, hkv);
@@ -218,7 +209,7 @@ fn windows_wider_than_the_sequence_are_unbounded() {
     let k = tensor(&random(&mut rng, nk * h * d), &[1, nk, h, d]);
     let v = tensor(&random(&mut rng, nk * h * d), &[1, nk, h, d]);
     let run = |o: AttentionOptions| {
-        attention::forward_cpu(&q, &k, &v, &o)
+        attention::forward(&attention::Inputs::new(&q, &k, &v), &o)
             .unwrap()
             .out
             .to_f32_vec()
@@ -256,10 +247,8 @@ fn windows_wider_than_the_sequence_are_unbounded() {
     );
     // window (0, 0) with nq == nk is attention to oneself: O = V.
     let qs = tensor(&random(&mut rng, nk * h * d), &[1, nk, h, d]);
-    let diag = attention::forward_cpu(
-        &qs,
-        &k,
-        &v,
+    let diag = attention::forward(
+        &attention::Inputs::new(&qs, &k, &v),
         &AttentionOptions {
             window_left: Some(0),
             window_right: Some(0),
@@ -420,24 +409,45 @@ fn backward_checks_its_inputs() {
     let mut rng = Rng::new(3);
     let q = tensor(&random(&mut rng, 2 * 4 * 8), &[1, 2, 4, 8]);
     let k = tensor(&random(&mut rng, 3 * 2 * 8), &[1, 3, 2, 8]);
-    let f = attention::forward_cpu(&q, &k, &k, &AttentionOptions::default()).unwrap();
+    let f = attention::forward(
+        &attention::Inputs::new(&q, &k, &k),
+        &AttentionOptions::default(),
+    )
+    .unwrap();
     let opts = AttentionOptions::default();
-    let ok = attention::backward_cpu(&q, &k, &k, &f.out, &f.lse, &q, &opts);
+    let ok = attention::backward(
+        &attention::BackwardInputs::new([&q, &k, &k, &f.out, &f.lse, &q]),
+        &opts,
+    );
     assert!(ok.is_ok());
-    let e = attention::backward_cpu(&q, &k, &k, &f.out, &f.lse, &k, &opts).unwrap_err();
+    let e = attention::backward(
+        &attention::BackwardInputs::new([&q, &k, &k, &f.out, &f.lse, &k]),
+        &opts,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("dout"), "{e}");
-    let e = attention::backward_cpu(&q, &k, &k, &f.out, &q, &q, &opts).unwrap_err();
+    let e = attention::backward(
+        &attention::BackwardInputs::new([&q, &k, &k, &f.out, &q, &q]),
+        &opts,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("lse"), "{e}");
     let lse16 = f.lse.to_contiguous(DType::F16);
-    let e = attention::backward_cpu(&q, &k, &k, &f.out, &lse16, &q, &opts).unwrap_err();
+    let e = attention::backward(
+        &attention::BackwardInputs::new([&q, &k, &k, &f.out, &lse16, &q]),
+        &opts,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("float32"), "{e}");
-    let e = attention::backward_cpu(
-        &q,
-        &k,
-        &k,
-        &f.out,
-        &f.lse,
-        &q.to_contiguous(DType::BF16),
+    let e = attention::backward(
+        &attention::BackwardInputs::new([
+            &q,
+            &k,
+            &k,
+            &f.out,
+            &f.lse,
+            &q.to_contiguous(DType::BF16),
+        ]),
         &opts,
     )
     .unwrap_err();

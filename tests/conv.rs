@@ -256,14 +256,14 @@ proptest! {
         let (wn, wh) = (nchw(dtype, &w, ws), nhwc(dtype, &w, ws));
         let bt = nchw(dtype, &b, [case.k, 1, 1, 1]);
         let bt = HostTensor::from_data(bt.data().clone(), Layout::contiguous(&[case.k])).unwrap();
-        let a = conv::conv2d_cpu(&xn, &wn, Some(&bt), &case.opts, true).unwrap();
-        let c = conv::conv2d_cpu(&xh, &wh, Some(&bt), &case.opts, true).unwrap();
+        let a = conv::forward(&conv::Inputs::new(&xn, &wn).bias(Some(&bt)).keep_pre(true), &case.opts).unwrap();
+        let c = conv::forward(&conv::Inputs::new(&xh, &wh).bias(Some(&bt)).keep_pre(true), &case.opts).unwrap();
         prop_assert_eq!(&a.y, &c.y);
         prop_assert_eq!(&a.y_pre, &c.y_pre);
         prop_assert_eq!(a.y.dtype(), dtype);
         let dy = HostTensor::from_fn(dtype, a.y.shape(), |i| ((i * 7 % 11) as f32 - 5.0) / 4.0).unwrap();
-        let ga = conv::conv2d_backward_cpu(&xn, &wn, &dy, &case.opts, ConvGrads::ALL).unwrap();
-        let gc = conv::conv2d_backward_cpu(&xh, &wh, &dy, &case.opts, ConvGrads::ALL).unwrap();
+        let ga = conv::backward(&conv::BackwardInputs::new(&xn, &wn, &dy), &case.opts).unwrap();
+        let gc = conv::backward(&conv::BackwardInputs::new(&xh, &wh, &dy), &case.opts).unwrap();
         prop_assert_eq!(&ga.dx, &gc.dx);
         prop_assert_eq!(&ga.dweight, &gc.dweight);
         prop_assert_eq!(&ga.dbias, &gc.dbias);
@@ -272,11 +272,11 @@ proptest! {
         prop_assert_eq!(ga.dbias.as_ref().unwrap().shape(), &[case.k][..]);
         // Same for pooling.
         let opts = Pool2dOptions { padding: [0, 0], ..Pool2dOptions::new([2.min(case.h), 2.min(case.w)]) };
-        let ma = pool::max_pool2d_cpu(&xn, &opts).unwrap();
-        let mc = pool::max_pool2d_cpu(&xh, &opts).unwrap();
+        let ma = pool::forward(&pool::Inputs::max(&xn), &opts).unwrap();
+        let mc = pool::forward(&pool::Inputs::max(&xh), &opts).unwrap();
         prop_assert_eq!(&ma.y, &mc.y);
-        prop_assert_eq!(ma.indices.to_host().unwrap(), mc.indices.to_host().unwrap());
-        prop_assert_eq!(pool::avg_pool2d_cpu(&xn, &opts).unwrap(), pool::avg_pool2d_cpu(&xh, &opts).unwrap());
+        prop_assert_eq!(ma.max_indices().unwrap().to_host().unwrap(), mc.max_indices().unwrap().to_host().unwrap());
+        prop_assert_eq!(pool::forward(&pool::Inputs::avg(&xn), &opts).map(|o| o.y).unwrap(), pool::forward(&pool::Inputs::avg(&xh), &opts).map(|o| o.y).unwrap());
     }
 
     /// Max pooling: each output is the value at its index, the index lies in the window
@@ -587,15 +587,15 @@ fn max_pool_padding_never_wins_and_neg_inf_input() {
         padding: [1, 1],
         ..Pool2dOptions::new([3, 3])
     };
-    let o = pool::max_pool2d_cpu(&x, &opts).unwrap();
+    let o = pool::forward(&pool::Inputs::max(&x), &opts).unwrap();
     assert_eq!(o.y.shape(), &[1, 1, 3, 3]);
     assert_eq!(
-        o.indices.to_host().unwrap(),
+        o.max_indices().unwrap().to_host().unwrap(),
         vec![0, 0, 1, 0, 0, 1, 3, 3, 4]
     );
     // Negative inputs with padding: the max is a real element, never the padding's 0.
     let x = HostTensor::from_vec((1..=9).map(|v| -(v as f32)).collect(), &[1, 1, 3, 3]).unwrap();
-    let o = pool::max_pool2d_cpu(&x, &opts).unwrap();
+    let o = pool::forward(&pool::Inputs::max(&x), &opts).unwrap();
     assert_eq!(
         o.y.to_f32_vec(),
         vec![-1., -1., -2., -1., -1., -2., -4., -4., -5.]
@@ -635,49 +635,53 @@ fn public_api_dispatches_and_shapes() {
         activation: Activation::Silu,
         algo: None,
     };
-    let y = conv::conv2d(
-        &Tensor::Host(x.clone()),
-        &Tensor::Host(w.clone()),
-        Some(&Tensor::Host(b.clone())),
+    let y = conv::forward(
+        &conv::Inputs::new(&Tensor::Host(x.clone()), &Tensor::Host(w.clone()))
+            .bias(Some(&Tensor::Host(b.clone()))),
         &opts,
     )
+    .map(|o| o.y)
     .unwrap()
     .to_host()
     .unwrap();
     assert_eq!(y.shape(), &[2, 6, 5, 7]);
-    let direct = conv::conv2d_cpu(&x, &w, Some(&b), &opts, false).unwrap();
+    let direct = conv::forward(&conv::Inputs::new(&x, &w).bias(Some(&b)), &opts).unwrap();
     assert_eq!(y, direct.y);
     assert!(direct.y_pre.is_none());
     let dy =
         Tensor::Host(HostTensor::from_fn(DType::F32, &[2, 6, 5, 7], |i| i as f32 * 0.01).unwrap());
-    let g = conv::conv2d_backward(
-        &Tensor::Host(x.clone()),
-        &Tensor::Host(w),
-        &dy,
+    let g = conv::backward(
+        &conv::BackwardInputs::new(&Tensor::Host(x.clone()), &Tensor::Host(w), &dy).grads(
+            ConvGrads {
+                input: false,
+                weight: true,
+                bias: true,
+            },
+        ),
         &opts,
-        ConvGrads {
-            input: false,
-            weight: true,
-            bias: true,
-        },
     )
     .unwrap();
     assert!(g.dx.is_none());
     assert_eq!(g.dweight.unwrap().to_host().unwrap().shape(), &[6, 2, 3, 3]);
     let pool = Pool2dOptions::new([2, 2]);
     let xt = Tensor::Host(x);
-    let m = pool::max_pool2d(&xt, &pool).unwrap();
+    let m = pool::forward(&pool::Inputs::max(&xt), &pool).unwrap();
     assert_eq!(m.y.to_host().unwrap().shape(), &[2, 4, 4, 3]);
     #[allow(irrefutable_let_patterns)]
-    let Indices::Host(idx) = &m.indices
-    else {
+    let Indices::Host(idx) = m.max_indices().unwrap() else {
         panic!("host indices")
     };
     assert_eq!(idx.len(), 2 * 4 * 4 * 3);
-    let dx = pool::max_pool2d_backward(&xt, &m.y, &m.indices, &pool).unwrap();
+    let dx = pool::backward(
+        &pool::BackwardInputs::max(&xt, &m.y, m.max_indices().unwrap()),
+        &pool,
+    )
+    .unwrap();
     assert_eq!(dx.to_host().unwrap().shape(), &[2, 4, 9, 7]);
-    let a = pool::avg_pool2d(&xt, &pool).unwrap();
-    let dxa = pool::avg_pool2d_backward(&xt, &a, &pool).unwrap();
+    let a = pool::forward(&pool::Inputs::avg(&xt), &pool)
+        .map(|o| o.y)
+        .unwrap();
+    let dxa = pool::backward(&pool::BackwardInputs::avg(&xt, &a), &pool).unwrap();
     assert_eq!(dxa.to_host().unwrap().shape(), &[2, 4, 9, 7]);
     // f16 in, f16 out.
     let h = HostTensor::from_data(
@@ -685,5 +689,11 @@ fn public_api_dispatches_and_shapes() {
         Layout::contiguous(&[1, 1, 4, 4]),
     )
     .unwrap();
-    assert_eq!(pool::avg_pool2d_cpu(&h, &pool).unwrap().dtype(), DType::F16);
+    assert_eq!(
+        pool::forward(&pool::Inputs::avg(&h), &pool)
+            .map(|o| o.y)
+            .unwrap()
+            .dtype(),
+        DType::F16
+    );
 }

@@ -22,15 +22,18 @@ fn t_dtype(dtype: DType, shape: &[usize]) -> HostTensor {
 /// Runs the CPU path and the generic `forward` on host tensors; both must fail with the
 /// same error, which is returned.
 fn fail(q: &HostTensor, k: &HostTensor, v: &HostTensor, o: &AttentionOptions) -> Error {
-    let e = attention::forward_cpu(q, k, v, o).expect_err("invalid inputs must be rejected");
+    let e = attention::forward(&attention::Inputs::new(q, k, v), o)
+        .expect_err("invalid inputs must be rejected");
     let e2 = attention::forward(
-        &Tensor::Host(q.clone()),
-        &Tensor::Host(k.clone()),
-        &Tensor::Host(v.clone()),
+        &attention::Inputs::new(
+            &Tensor::Host(q.clone()),
+            &Tensor::Host(k.clone()),
+            &Tensor::Host(v.clone()),
+        ),
         o,
     )
     .expect_err("invalid inputs must be rejected");
-    assert_eq!(e, e2, "forward and forward_cpu disagree");
+    assert_eq!(e, e2, "forward on HostTensors and on Tensors disagree");
     e
 }
 
@@ -46,7 +49,7 @@ fn valid_inputs_pass() {
     // The control for every test below: these shapes are accepted.
     let q = t(&[2, 5, 3, 4]);
     let k = t(&[2, 7, 3, 4]);
-    attention::forward_cpu(&q, &k, &k, &opts()).unwrap();
+    attention::forward(&attention::Inputs::new(&q, &k, &k), &opts()).unwrap();
 }
 
 #[test]
@@ -193,7 +196,7 @@ fn heads_not_a_multiple_of_kv_heads() {
     let q = t(&[1, 5, 4, 8]);
     for ok in [2, 1, 4] {
         let kv = t(&[1, 6, ok, 8]);
-        attention::forward_cpu(&q, &kv, &kv, &opts()).unwrap();
+        attention::forward(&attention::Inputs::new(&q, &kv, &kv), &opts()).unwrap();
     }
     let kv = t(&[1, 6, 3, 8]);
     let e = fail(&q, &kv, &kv, &opts());
@@ -232,7 +235,7 @@ fn invalid_scale() {
         causal: false,
         ..Default::default()
     };
-    attention::forward_cpu(&x, &x, &x, &o).unwrap();
+    attention::forward(&attention::Inputs::new(&x, &x, &x), &o).unwrap();
 }
 
 #[test]
@@ -644,14 +647,16 @@ mod varlen {
     /// Packed q (total 6 rows) and k/v (total 9 rows), 2 heads, head_dim 4.
     fn fail_varlen(s: &SeqLens) -> Error {
         let (q, k) = (t(&[6, 2, 4]), t(&[9, 2, 4]));
-        attention::forward_cpu_varlen(&q, &k, &k, s, &opts()).expect_err("must be rejected")
+        attention::forward(&attention::Inputs::new(&q, &k, &k).varlen(s), &opts())
+            .expect_err("must be rejected")
     }
 
     #[test]
     fn valid_offsets_pass() {
         let (q, k) = (t(&[6, 2, 4]), t(&[9, 2, 4]));
         let s = seqs(&[0, 0, 1, 6], &[0, 3, 3, 9]);
-        let r = attention::forward_cpu_varlen(&q, &k, &k, &s, &opts()).unwrap();
+        let r =
+            attention::forward(&attention::Inputs::new(&q, &k, &k).varlen(&s), &opts()).unwrap();
         assert_eq!(r.out.shape(), &[6, 2, 4]);
         assert_eq!(r.lse.shape(), &[2, 6]);
     }
@@ -703,7 +708,8 @@ mod varlen {
     fn varlen_needs_packed_rank_3() {
         let (q, k) = (t(&[1, 6, 2, 4]), t(&[1, 9, 2, 4]));
         let s = seqs(&[0, 6], &[0, 9]);
-        let e = attention::forward_cpu_varlen(&q, &k, &k, &s, &opts()).unwrap_err();
+        let e = attention::forward(&attention::Inputs::new(&q, &k, &k).varlen(&s), &opts())
+            .unwrap_err();
         assert!(matches!(e, Error::Rank { expected: 3, .. }), "{e:?}");
         assert_mentions(&e, &["(total_seqlen, heads, head_dim)"]);
     }
@@ -712,7 +718,8 @@ mod varlen {
     fn gqa_heads_checked_for_varlen() {
         let (q, k) = (t(&[6, 3, 4]), t(&[9, 2, 4]));
         let s = seqs(&[0, 6], &[0, 9]);
-        let e = attention::forward_cpu_varlen(&q, &k, &k, &s, &opts()).unwrap_err();
+        let e = attention::forward(&attention::Inputs::new(&q, &k, &k).varlen(&s), &opts())
+            .unwrap_err();
         assert_mentions(&e, &["3 heads", "2 heads", "multiple"]);
     }
 }

@@ -3,7 +3,7 @@
 //! reached through `conv::cuda::*_views` with fake device pointers, which are validated
 //! before anything is launched (CUDA builds only).
 
-use flashkernels::conv::{self, Activation, Conv2dOptions, ConvAlgo, ConvGrads};
+use flashkernels::conv::{self, Activation, Conv2dOptions, ConvAlgo};
 use flashkernels::pool::{self, Pool2dOptions};
 use flashkernels::{DType, Error, HostTensor, Layout, Tensor};
 
@@ -18,16 +18,16 @@ fn t_dtype(dtype: DType, shape: &[usize]) -> HostTensor {
 /// Runs the CPU path and the generic `conv2d` on host tensors; both must fail with the
 /// same error, which is returned.
 fn fail(x: &HostTensor, w: &HostTensor, b: Option<&HostTensor>, o: &Conv2dOptions) -> Error {
-    let e = conv::conv2d_cpu(x, w, b, o, false).expect_err("invalid inputs must be rejected");
+    let e = conv::forward(&conv::Inputs::new(x, w).bias(b), o)
+        .expect_err("invalid inputs must be rejected");
     let bt = b.map(|b| Tensor::Host(b.clone()));
-    let e2 = conv::conv2d(
-        &Tensor::Host(x.clone()),
-        &Tensor::Host(w.clone()),
-        bt.as_ref(),
+    let e2 = conv::forward(
+        &conv::Inputs::new(&Tensor::Host(x.clone()), &Tensor::Host(w.clone())).bias(bt.as_ref()),
         o,
     )
+    .map(|o| o.y)
     .expect_err("invalid inputs must be rejected");
-    assert_eq!(e, e2, "conv2d and conv2d_cpu disagree");
+    assert_eq!(e, e2, "forward on HostTensors and on Tensors disagree");
     e
 }
 
@@ -53,10 +53,12 @@ fn valid_inputs_pass() {
         activation: Activation::Gelu,
         ..opts()
     };
-    let y = conv::conv2d_cpu(&x, &w, Some(&b), &o, true).unwrap();
+    let y = conv::forward(&conv::Inputs::new(&x, &w).bias(Some(&b)).keep_pre(true), &o).unwrap();
     assert_eq!(y.y.shape(), &[2, 6, 6, 5]);
-    pool::max_pool2d_cpu(&x, &Pool2dOptions::new([2, 2])).unwrap();
-    pool::avg_pool2d_cpu(&x, &Pool2dOptions::new([2, 2])).unwrap();
+    pool::forward(&pool::Inputs::max(&x), &Pool2dOptions::new([2, 2])).unwrap();
+    pool::forward(&pool::Inputs::avg(&x), &Pool2dOptions::new([2, 2]))
+        .map(|o| o.y)
+        .unwrap();
 }
 
 #[test]
@@ -76,7 +78,11 @@ fn wrong_rank() {
     assert_mentions(&e, &["x", "[4, 6, 5]", "(batch, channels, height, width)"]);
     let e = fail(&t(&[1, 4, 6, 5]), &t(&[6, 4, 3]), None, &opts());
     assert!(matches!(e, Error::Rank { name: "weight", .. }), "{e:?}");
-    let e = pool::max_pool2d_cpu(&t(&[4, 6, 5]), &Pool2dOptions::new([2, 2])).unwrap_err();
+    let e = pool::forward(
+        &pool::Inputs::max(&t(&[4, 6, 5])),
+        &Pool2dOptions::new([2, 2]),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::Rank { name: "x", .. }), "{e:?}");
 }
 
@@ -87,7 +93,12 @@ fn empty_tensors() {
     assert_mentions(&e, &["[0, 4, 6, 5]"]);
     let e = fail(&t(&[1, 4, 6, 5]), &t(&[0, 4, 3, 3]), None, &opts());
     assert!(matches!(e, Error::Empty { name: "weight", .. }), "{e:?}");
-    let e = pool::avg_pool2d_cpu(&t(&[1, 0, 6, 5]), &Pool2dOptions::new([2, 2])).unwrap_err();
+    let e = pool::forward(
+        &pool::Inputs::avg(&t(&[1, 0, 6, 5])),
+        &Pool2dOptions::new([2, 2]),
+    )
+    .map(|o| o.y)
+    .unwrap_err();
     assert!(matches!(e, Error::Empty { name: "x", .. }), "{e:?}");
 }
 
@@ -169,7 +180,7 @@ fn zero_stride_or_dilation() {
     let pool = |f: fn(&mut Pool2dOptions)| {
         let mut o = Pool2dOptions::new([2, 2]);
         f(&mut o);
-        pool::max_pool2d_cpu(&x, &o).unwrap_err()
+        pool::forward(&pool::Inputs::max(&x), &o).unwrap_err()
     };
     assert_mentions(&pool(|o| o.stride = Some([1, 0])), &["stride", "[1, 0]"]);
     assert_mentions(
@@ -189,14 +200,22 @@ fn kernel_larger_than_padded_input() {
         padding: [1, 0],
         ..opts()
     };
-    conv::conv2d_cpu(&t(&[1, 4, 3, 5]), &t(&[6, 4, 5, 3]), None, &pad, false).unwrap();
+    conv::forward(
+        &conv::Inputs::new(&t(&[1, 4, 3, 5]), &t(&[6, 4, 5, 3])),
+        &pad,
+    )
+    .unwrap();
     let dil = Conv2dOptions {
         dilation: [1, 3],
         ..opts()
     };
     let e = fail(&t(&[1, 4, 6, 5]), &t(&[6, 4, 3, 3]), None, &dil);
     assert_mentions(&e, &["width", "7 wide", "5 + 2 * 0"]);
-    let e = pool::max_pool2d_cpu(&t(&[1, 1, 2, 2]), &Pool2dOptions::new([3, 3])).unwrap_err();
+    let e = pool::forward(
+        &pool::Inputs::max(&t(&[1, 1, 2, 2])),
+        &Pool2dOptions::new([3, 3]),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
 }
 
@@ -207,7 +226,7 @@ fn pooling_options() {
         padding: [2, 1],
         ..Pool2dOptions::new([3, 3])
     };
-    let e = pool::max_pool2d_cpu(&x, &pad).unwrap_err();
+    let e = pool::forward(&pool::Inputs::max(&x), &pad).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
     assert_mentions(&e, &["padding [2, 1]", "half", "[3, 3]"]);
     let dil = Pool2dOptions {
@@ -215,7 +234,9 @@ fn pooling_options() {
         ..Pool2dOptions::new([2, 2])
     };
     assert_mentions(
-        &pool::avg_pool2d_cpu(&x, &dil).unwrap_err(),
+        &pool::forward(&pool::Inputs::avg(&x), &dil)
+            .map(|o| o.y)
+            .unwrap_err(),
         &["dilation", "[2, 2]"],
     );
     let div = Pool2dOptions {
@@ -223,7 +244,9 @@ fn pooling_options() {
         ..Pool2dOptions::new([2, 2])
     };
     assert_mentions(
-        &pool::avg_pool2d_cpu(&x, &div).unwrap_err(),
+        &pool::forward(&pool::Inputs::avg(&x), &div)
+            .map(|o| o.y)
+            .unwrap_err(),
         &["divisor_override", "0"],
     );
     let div = Pool2dOptions {
@@ -231,7 +254,7 @@ fn pooling_options() {
         ..Pool2dOptions::new([2, 2])
     };
     assert_mentions(
-        &pool::max_pool2d_cpu(&x, &div).unwrap_err(),
+        &pool::forward(&pool::Inputs::max(&x), &div).unwrap_err(),
         &["average-pooling"],
     );
     // A dilated window wholly in the padding.
@@ -241,7 +264,7 @@ fn pooling_options() {
         dilation: [1, 2],
         ..Pool2dOptions::new([1, 2])
     };
-    let e = pool::max_pool2d_cpu(&t(&[1, 1, 1, 1]), &o).unwrap_err();
+    let e = pool::forward(&pool::Inputs::max(&t(&[1, 1, 1, 1])), &o).unwrap_err();
     assert_mentions(&e, &["wholly in the padding", "width"]);
 }
 
@@ -250,26 +273,41 @@ fn backward_arguments() {
     let x = t(&[1, 4, 6, 5]);
     let w = t(&[6, 4, 3, 3]);
     let dy = t(&[1, 6, 4, 3]);
-    conv::conv2d_backward_cpu(&x, &w, &dy, &opts(), ConvGrads::ALL).unwrap();
-    let e =
-        conv::conv2d_backward_cpu(&x, &w, &t(&[1, 6, 4, 4]), &opts(), ConvGrads::ALL).unwrap_err();
+    conv::backward(&conv::BackwardInputs::new(&x, &w, &dy), &opts()).unwrap();
+    let e = conv::backward(
+        &conv::BackwardInputs::new(&x, &w, &t(&[1, 6, 4, 4])),
+        &opts(),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
     assert_mentions(&e, &["dy", "[1, 6, 4, 4]", "[1, 6, 4, 3]"]);
     let dyh = t_dtype(DType::F16, &[1, 6, 4, 3]);
-    let e = conv::conv2d_backward_cpu(&x, &w, &dyh, &opts(), ConvGrads::ALL).unwrap_err();
+    let e = conv::backward(&conv::BackwardInputs::new(&x, &w, &dyh), &opts()).unwrap_err();
     assert!(matches!(e, Error::DTypeMismatch { .. }), "{e:?}");
     let p = Pool2dOptions::new([2, 2]);
-    let m = pool::max_pool2d_cpu(&x, &p).unwrap();
-    let idx = m.indices.to_host().unwrap();
-    let e = pool::max_pool2d_backward_cpu(&x, &t(&[1, 4, 3, 3]), &idx, &p).unwrap_err();
+    let m = pool::forward(&pool::Inputs::max(&x), &p).unwrap();
+    let idx = m.max_indices().unwrap().to_host().unwrap();
+    let e = pool::backward(
+        &pool::BackwardInputs::max(&x, &t(&[1, 4, 3, 3]), &pool::Indices::Host(idx.to_vec())),
+        &p,
+    )
+    .unwrap_err();
     assert_mentions(&e, &["dy", "[1, 4, 3, 3]", "[1, 4, 3, 2]"]);
-    let e = pool::max_pool2d_backward_cpu(&x, &m.y, &idx[1..], &p).unwrap_err();
+    let e = pool::backward(
+        &pool::BackwardInputs::max(&x, &m.y, &pool::Indices::Host(idx[1..].to_vec())),
+        &p,
+    )
+    .unwrap_err();
     assert_mentions(&e, &["indices", "23", "24"]);
     let mut bad = idx.clone();
     bad[3] = 30;
-    let e = pool::max_pool2d_backward_cpu(&x, &m.y, &bad, &p).unwrap_err();
+    let e = pool::backward(
+        &pool::BackwardInputs::max(&x, &m.y, &pool::Indices::Host(bad.to_vec())),
+        &p,
+    )
+    .unwrap_err();
     assert_mentions(&e, &["indices", "30", "6x5"]);
-    let e = pool::avg_pool2d_backward_cpu(&x, &t(&[1, 4, 3, 3]), &p).unwrap_err();
+    let e = pool::backward(&pool::BackwardInputs::avg(&x, &t(&[1, 4, 3, 3])), &p).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
 }
 
@@ -296,7 +334,7 @@ fn any_strides_are_accepted_on_the_cpu() {
         },
     )
     .unwrap();
-    conv::conv2d_cpu(&x, &t(&[6, 4, 3, 3]), None, &opts(), false).unwrap();
+    conv::forward(&conv::Inputs::new(&x, &t(&[6, 4, 3, 3])), &opts()).unwrap();
 }
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]

@@ -88,7 +88,11 @@ fn run_gpu(s: &Stream, c: &Case, x: &Inputs) -> (HostTensor, HostTensor) {
         causal: c.causal,
         ..Default::default()
     };
-    let r = attention::forward(&up(&x.hq), &up(&x.hk), &up(&x.hv), &opts).expect("kernel launch");
+    let r = attention::forward(
+        &attention::Inputs::new(&up(&x.hq), &up(&x.hk), &up(&x.hv)),
+        &opts,
+    )
+    .expect("kernel launch");
     assert_eq!(r.out.device_name(), "cuda:0");
     let (o, lse) = (r.out.to_host().unwrap(), r.lse.to_host().unwrap());
     let Shape {
@@ -203,9 +207,11 @@ fn check_case(s: &Stream, c: Case) {
             ..Default::default()
         };
         let r = attention::forward(
-            &Tensor::Host(x.hq.clone()),
-            &Tensor::Host(x.hk.clone()),
-            &Tensor::Host(x.hv.clone()),
+            &attention::Inputs::new(
+                &Tensor::Host(x.hq.clone()),
+                &Tensor::Host(x.hk.clone()),
+                &Tensor::Host(x.hv.clone()),
+            ),
             &opts,
         )
         .unwrap();
@@ -371,7 +377,11 @@ fn device_errors() {
     let opts = AttentionOptions::default();
 
     // Host and device tensors mixed.
-    let e = attention::forward(&dev(), &Tensor::Host(host.clone()), &dev(), &opts).unwrap_err();
+    let e = attention::forward(
+        &attention::Inputs::new(&dev(), &Tensor::Host(host.clone()), &dev()),
+        &opts,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::DeviceMismatch { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
@@ -382,7 +392,7 @@ fn device_errors() {
     // f32 on the device.
     let f = HostTensor::from_fn(DType::F32, &[1, 16, 2, 64], |i| (i as f32).cos()).unwrap();
     let df = || Tensor::Cuda(DeviceTensor::from_host(&s, &f).unwrap());
-    let e = attention::forward(&df(), &df(), &df(), &opts).unwrap_err();
+    let e = attention::forward(&attention::Inputs::new(&df(), &df(), &df()), &opts).unwrap_err();
     assert!(
         matches!(
             e,
@@ -397,7 +407,8 @@ fn device_errors() {
     // A head dim the kernels do not take (not a multiple of 8).
     let h100 = HostTensor::from_fn(DType::F16, &[1, 16, 2, 100], |i| (i as f32).cos()).unwrap();
     let d100 = || Tensor::Cuda(DeviceTensor::from_host(&s, &h100).unwrap());
-    let e = attention::forward(&d100(), &d100(), &d100(), &opts).unwrap_err();
+    let e =
+        attention::forward(&attention::Inputs::new(&d100(), &d100(), &d100()), &opts).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
     assert!(e.to_string().contains("head_dim 100"), "{e}");
 

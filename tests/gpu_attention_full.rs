@@ -90,8 +90,8 @@ fn random(rng: &mut Rng, dtype: DType, shape: &[usize]) -> HostTensor {
 
 fn fwd(c: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> attention::AttentionOutput<Tensor> {
     match &c.seqlens {
-        None => attention::forward(q, k, v, &c.opts),
-        Some(s) => attention::forward_varlen(q, k, v, s, &c.opts),
+        None => attention::forward(&attention::Inputs::new(q, k, v), &c.opts),
+        Some(s) => attention::forward(&attention::Inputs::new(q, k, v).varlen(s), &c.opts),
     }
     .unwrap_or_else(|e| panic!("{c:?}: forward: {e}"))
 }
@@ -99,8 +99,11 @@ fn fwd(c: &Case, q: &Tensor, k: &Tensor, v: &Tensor) -> attention::AttentionOutp
 fn bwd(c: &Case, t: [&Tensor; 6]) -> attention::AttentionGradients<Tensor> {
     let [q, k, v, o, l, d] = t;
     match &c.seqlens {
-        None => attention::backward(q, k, v, o, l, d, &c.opts),
-        Some(s) => attention::backward_varlen(q, k, v, o, l, d, s, &c.opts),
+        None => attention::backward(&attention::BackwardInputs::new([q, k, v, o, l, d]), &c.opts),
+        Some(s) => attention::backward(
+            &attention::BackwardInputs::new([q, k, v, o, l, d]).varlen(s),
+            &c.opts,
+        ),
     }
     .unwrap_or_else(|e| panic!("{c:?}: backward: {e}"))
 }

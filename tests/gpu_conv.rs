@@ -149,7 +149,13 @@ fn check_forward(
     let wscale = 1.0 / ((cg * c.rs[0] * c.rs[1]) as f32).sqrt();
     let w = tensor(rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, wscale);
     let b = HostTensor::from_fn(dtype, &[c.k], |i| (i as f32 * 0.1).sin()).unwrap();
-    let want = conv::conv2d_cpu(&x, &w, with_bias.then_some(&b), &opts, true).unwrap();
+    let want = conv::forward(
+        &conv::Inputs::new(&x, &w)
+            .bias(with_bias.then_some(&b))
+            .keep_pre(true),
+        &opts,
+    )
+    .unwrap();
     let dev = |t: &HostTensor| DeviceTensor::from_host(s, t).unwrap();
     let bd = dev(&b);
     let got = match cuda::conv2d_forward(&dev(&x), &dev(&w), with_bias.then_some(&bd), &opts, true)
@@ -182,7 +188,7 @@ fn check_backward(s: &Stream, rng: &mut Rng, c: &Case, dtype: DType, nhwc: bool)
     let w = tensor(rng, dtype, [c.k, cg, c.rs[0], c.rs[1]], nhwc, 0.2);
     let p = conv::validate((dtype, x.layout()), (dtype, w.layout()), None, &c.opts).unwrap();
     let dy = tensor(rng, dtype, p.y_shape().try_into().unwrap(), nhwc, 1.0);
-    let want = conv::conv2d_backward_cpu(&x, &w, &dy, &c.opts, ConvGrads::ALL).unwrap();
+    let want = conv::backward(&conv::BackwardInputs::new(&x, &w, &dy), &c.opts).unwrap();
     let dev = |t: &HostTensor| DeviceTensor::from_host(s, t).unwrap();
     let got = cuda::conv2d_backward(&dev(&x), &dev(&w), &dev(&dy), &c.opts, ConvGrads::ALL)
         .unwrap_or_else(|e| panic!("{c:?} {dtype} nhwc={nhwc}: {e}"));
@@ -219,8 +225,10 @@ fn check_pool(
     if (kind == PoolKind::Avg && !avg_ok) || (kind == PoolKind::Max && !max_ok) {
         for x in [&xd, &xh] {
             let e = match kind {
-                PoolKind::Max => pool::max_pool2d(x, opts).map(|_| ()),
-                PoolKind::Avg => pool::avg_pool2d(x, opts).map(|_| ()),
+                PoolKind::Max => pool::forward(&pool::Inputs::max(x), opts).map(|_| ()),
+                PoolKind::Avg => pool::forward(&pool::Inputs::avg(x), opts)
+                    .map(|o| o.y)
+                    .map(|_| ()),
             };
             assert!(
                 matches!(e, Err(flashkernels::Error::InvalidArgument(_))),
@@ -235,22 +243,34 @@ fn check_pool(
     let dyh = Tensor::Host(dy);
     let (y, yh, dx, dxh) = match kind {
         PoolKind::Max => {
-            let g = pool::max_pool2d(&xd, opts).unwrap();
-            let h = pool::max_pool2d(&xh, opts).unwrap();
+            let g = pool::forward(&pool::Inputs::max(&xd), opts).unwrap();
+            let h = pool::forward(&pool::Inputs::max(&xh), opts).unwrap();
             assert_eq!(
-                g.indices.to_host().unwrap(),
-                h.indices.to_host().unwrap(),
+                g.max_indices().unwrap().to_host().unwrap(),
+                h.max_indices().unwrap().to_host().unwrap(),
                 "{opts:?} {dtype}"
             );
-            let dx = pool::max_pool2d_backward(&xd, &dyd, &g.indices, opts).unwrap();
-            let dxh = pool::max_pool2d_backward(&xh, &dyh, &h.indices, opts).unwrap();
+            let dx = pool::backward(
+                &pool::BackwardInputs::max(&xd, &dyd, g.max_indices().unwrap()),
+                opts,
+            )
+            .unwrap();
+            let dxh = pool::backward(
+                &pool::BackwardInputs::max(&xh, &dyh, h.max_indices().unwrap()),
+                opts,
+            )
+            .unwrap();
             (g.y, h.y, dx, dxh)
         }
         PoolKind::Avg => (
-            pool::avg_pool2d(&xd, opts).unwrap(),
-            pool::avg_pool2d(&xh, opts).unwrap(),
-            pool::avg_pool2d_backward(&xd, &dyd, opts).unwrap(),
-            pool::avg_pool2d_backward(&xh, &dyh, opts).unwrap(),
+            pool::forward(&pool::Inputs::avg(&xd), opts)
+                .map(|o| o.y)
+                .unwrap(),
+            pool::forward(&pool::Inputs::avg(&xh), opts)
+                .map(|o| o.y)
+                .unwrap(),
+            pool::backward(&pool::BackwardInputs::avg(&xd, &dyd), opts).unwrap(),
+            pool::backward(&pool::BackwardInputs::avg(&xh, &dyh), opts).unwrap(),
         ),
     };
     let ey = rel_err(&y.to_host().unwrap(), &yh.to_host().unwrap());

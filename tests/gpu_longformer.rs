@@ -108,8 +108,13 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
     let dev_g = c.separate.then(|| [&dev[3], &dev[4], &dev[5]]);
     let (hq, hk, hv) = (&inputs[0], &inputs[1], &inputs[2]);
 
-    let want = longformer::forward_cpu(hq, hk, hv, host_g, Some(&gm), Some(&pm), &opts)
-        .unwrap_or_else(|e| panic!("{c:?}: cpu forward: {e}"));
+    let want = longformer::forward(
+        &longformer::Inputs::new(hq, hk, hv)
+            .globals(host_g)
+            .masks(Some(&gm), Some(&pm)),
+        &opts,
+    )
+    .unwrap_or_else(|e| panic!("{c:?}: cpu forward: {e}"));
     let got = cuda::forward(
         [&dev[0], &dev[1], &dev[2]],
         dev_g,
@@ -122,16 +127,11 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
     assert_close(c, "lse", &got.lse.to_host().unwrap(), &want.lse, 1e-3);
 
     // Backward from each side's own forward, as training does.
-    let want_g = longformer::backward_cpu(
-        hq,
-        hk,
-        hv,
-        host_g,
-        Some(&gm),
-        Some(&pm),
-        &want.out,
-        &want.lse,
-        &dout,
+    let want_g = longformer::backward(
+        &longformer::Inputs::new(hq, hk, hv)
+            .globals(host_g)
+            .masks(Some(&gm), Some(&pm))
+            .backward(&want.out, &want.lse, &dout),
         &opts,
     )
     .unwrap_or_else(|e| panic!("{c:?}: cpu backward: {e}"));

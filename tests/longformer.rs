@@ -276,13 +276,10 @@ fn forward_api(c: &Case, x: &[Vec<f32>; 6]) -> longformer::LongformerOutput {
         k: &t[4],
         v: &t[5],
     });
-    longformer::forward_cpu(
-        &t[0],
-        &t[1],
-        &t[2],
-        globals,
-        Some(&gm),
-        Some(&pm),
+    longformer::forward(
+        &longformer::Inputs::new(&t[0], &t[1], &t[2])
+            .globals(globals)
+            .masks(Some(&gm), Some(&pm)),
         &c.opts(),
     )
     .unwrap()
@@ -339,12 +336,10 @@ proptest! {
         let dout = tensor(&random(&mut rng, c.dims.iter().product()), &c.dims);
         let t: Vec<HostTensor> = x.iter().take(3).map(|v| tensor(v, &c.dims)).collect();
         let (gm, pm) = c.masks();
-        let folded = longformer::backward_cpu(&t[0], &t[1], &t[2], None, Some(&gm), Some(&pm),
-            &r.out, &r.lse, &dout, &c.opts()).unwrap();
+        let folded = longformer::backward(&longformer::Inputs::new(&t[0], &t[1], &t[2]).globals(None).masks(Some(&gm), Some(&pm)).backward(&r.out, &r.lse, &dout), &c.opts()).unwrap();
         prop_assert!(folded.global.is_none());
         let g = GlobalProjections { q: &t[0], k: &t[1], v: &t[2] };
-        let split = longformer::backward_cpu(&t[0], &t[1], &t[2], Some(g), Some(&gm), Some(&pm),
-            &r.out, &r.lse, &dout, &c.opts()).unwrap();
+        let split = longformer::backward(&longformer::Inputs::new(&t[0], &t[1], &t[2]).globals(Some(g)).masks(Some(&gm), Some(&pm)).backward(&r.out, &r.lse, &dout), &c.opts()).unwrap();
         let [gq, gk, gv] = split.global.unwrap();
         for (what, f, a, bb) in [("dq", &folded.dq, &split.dq, &gq), ("dk", &folded.dk, &split.dk, &gk),
             ("dv", &folded.dv, &split.dv, &gv)] {
@@ -656,11 +651,15 @@ fn full_window_is_dense_attention() {
             causal,
             ..LongformerOptions::new(12)
         };
-        let r = longformer::forward_cpu(&q, &k, &v, None, None, None, &opts).unwrap();
-        let a = attention::forward_cpu(
-            &q,
-            &k,
-            &v,
+        let r = longformer::forward(
+            &longformer::Inputs::new(&q, &k, &v)
+                .globals(None)
+                .masks(None, None),
+            &opts,
+        )
+        .unwrap();
+        let a = attention::forward(
+            &attention::Inputs::new(&q, &k, &v),
             &AttentionOptions {
                 causal,
                 ..Default::default()
@@ -684,13 +683,10 @@ fn window_zero_is_identity_on_v() {
         random(&mut rng, len),
         random(&mut rng, len),
     );
-    let r = longformer::forward_cpu(
-        &tensor(&q, &dims),
-        &tensor(&k, &dims),
-        &tensor(&v, &dims),
-        None,
-        None,
-        None,
+    let r = longformer::forward(
+        &longformer::Inputs::new(&tensor(&q, &dims), &tensor(&k, &dims), &tensor(&v, &dims))
+            .globals(None)
+            .masks(None, None),
         &LongformerOptions::new(0),
     )
     .unwrap();
@@ -726,26 +722,20 @@ fn half_precision_inputs_run_and_keep_their_dtype() {
     for dtype in [DType::F16, DType::BF16] {
         let (q, k, v) = (t(dtype), t(dtype), t(dtype));
         let gm = TokenMask::from_positions(1, 9, &[(0, 4)]);
-        let r = longformer::forward_cpu(
-            &q,
-            &k,
-            &v,
-            None,
-            Some(&gm),
-            None,
+        let r = longformer::forward(
+            &longformer::Inputs::new(&q, &k, &v)
+                .globals(None)
+                .masks(Some(&gm), None),
             &LongformerOptions::new(2),
         )
         .unwrap();
         assert_eq!(r.out.dtype(), dtype);
         assert_eq!(r.lse.dtype(), DType::F32);
         let (q32, k32, v32) = (wide(&q), wide(&k), wide(&v));
-        let r32 = longformer::forward_cpu(
-            &q32,
-            &k32,
-            &v32,
-            None,
-            Some(&gm),
-            None,
+        let r32 = longformer::forward(
+            &longformer::Inputs::new(&q32, &k32, &v32)
+                .globals(None)
+                .masks(Some(&gm), None),
             &LongformerOptions::new(2),
         )
         .unwrap();
@@ -759,32 +749,22 @@ fn half_precision_inputs_run_and_keep_their_dtype() {
             );
         }
         let dout = t(dtype);
-        let g = longformer::backward_cpu(
-            &q,
-            &k,
-            &v,
-            None,
-            Some(&gm),
-            None,
-            &r.out,
-            &r.lse,
-            &dout,
+        let g = longformer::backward(
+            &longformer::Inputs::new(&q, &k, &v)
+                .globals(None)
+                .masks(Some(&gm), None)
+                .backward(&r.out, &r.lse, &dout),
             &LongformerOptions::new(2),
         )
         .unwrap();
         assert_eq!(g.dq.dtype(), dtype);
         assert_eq!(g.dk.shape(), &dims);
         // The f32 backward from the same (half-valued) O, LSE and dO.
-        let g32 = longformer::backward_cpu(
-            &q32,
-            &k32,
-            &v32,
-            None,
-            Some(&gm),
-            None,
-            &wide(&r.out),
-            &r.lse,
-            &wide(&dout),
+        let g32 = longformer::backward(
+            &longformer::Inputs::new(&q32, &k32, &v32)
+                .globals(None)
+                .masks(Some(&gm), None)
+                .backward(&wide(&r.out), &r.lse, &wide(&dout)),
             &LongformerOptions::new(2),
         )
         .unwrap();
@@ -810,7 +790,13 @@ fn fail(
     pm: Option<&TokenMask>,
     opts: &LongformerOptions,
 ) -> Error {
-    longformer::forward_cpu(q, k, v, globals, gm, pm, opts).expect_err("must be rejected")
+    longformer::forward(
+        &longformer::Inputs::new(q, k, v)
+            .globals(globals)
+            .masks(gm, pm),
+        opts,
+    )
+    .expect_err("must be rejected")
 }
 
 fn assert_mentions(e: &Error, parts: &[&str]) {
@@ -834,7 +820,13 @@ fn valid_inputs_pass() {
         k: &q,
         v: &q,
     };
-    longformer::forward_cpu(&q, &q, &q, Some(g), Some(&gm), Some(&pm), &opts).unwrap();
+    longformer::forward(
+        &longformer::Inputs::new(&q, &q, &q)
+            .globals(Some(g))
+            .masks(Some(&gm), Some(&pm)),
+        &opts,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -1004,15 +996,17 @@ fn strided_inputs_are_read_by_layout() {
     let contiguous = strided.to_contiguous(DType::F32);
     let gm = TokenMask::from_positions(2, 7, &[(0, 3), (1, 0)]);
     let opts = LongformerOptions::new(1);
-    let a = longformer::forward_cpu(&strided, &strided, &strided, None, Some(&gm), None, &opts)
-        .unwrap();
-    let b = longformer::forward_cpu(
-        &contiguous,
-        &contiguous,
-        &contiguous,
-        None,
-        Some(&gm),
-        None,
+    let a = longformer::forward(
+        &longformer::Inputs::new(&strided, &strided, &strided)
+            .globals(None)
+            .masks(Some(&gm), None),
+        &opts,
+    )
+    .unwrap();
+    let b = longformer::forward(
+        &longformer::Inputs::new(&contiguous, &contiguous, &contiguous)
+            .globals(None)
+            .masks(Some(&gm), None),
         &opts,
     )
     .unwrap();
@@ -1023,10 +1017,22 @@ fn strided_inputs_are_read_by_layout() {
 fn backward_input_checks() {
     let opts = LongformerOptions::new(1);
     let q = t(&[1, 5, 2, 4]);
-    let r = longformer::forward_cpu(&q, &q, &q, None, None, None, &opts).unwrap();
+    let r = longformer::forward(
+        &longformer::Inputs::new(&q, &q, &q)
+            .globals(None)
+            .masks(None, None),
+        &opts,
+    )
+    .unwrap();
     let bw = |out: &HostTensor, lse: &HostTensor, dout: &HostTensor| {
-        longformer::backward_cpu(&q, &q, &q, None, None, None, out, lse, dout, &opts)
-            .expect_err("must be rejected")
+        longformer::backward(
+            &longformer::Inputs::new(&q, &q, &q)
+                .globals(None)
+                .masks(None, None)
+                .backward(out, lse, dout),
+            &opts,
+        )
+        .expect_err("must be rejected")
     };
     let e = bw(&t(&[1, 5, 2, 3]), &r.lse, &q);
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
@@ -1074,9 +1080,13 @@ fn matches_hugging_face_fixtures() {
             k: &ts[4],
             v: &ts[5],
         };
-        let r =
-            longformer::forward_cpu(&ts[0], &ts[1], &ts[2], Some(g), Some(&gm), Some(&pm), &opts)
-                .unwrap();
+        let r = longformer::forward(
+            &longformer::Inputs::new(&ts[0], &ts[1], &ts[2])
+                .globals(Some(g))
+                .masks(Some(&gm), Some(&pm)),
+            &opts,
+        )
+        .unwrap();
         let (_, want) = f.get("out_hf");
         assert_close(
             &f.path.display().to_string(),

@@ -1,5 +1,5 @@
-//! Property tests of the CPU reference (`attention::forward_cpu`, and `attention::forward`
-//! on host tensors) against the naive f64 definition in tests/common, plus algebraic
+//! Property tests of the CPU reference (`attention::forward` on `HostTensor`s, and on
+//! host `Tensor`s) against the naive f64 definition in tests/common, plus algebraic
 //! properties of attention that hold whatever the implementation.
 
 mod common;
@@ -75,7 +75,7 @@ fn run(x: &Inputs, dtype: DType, storage: Storage, opts: &AttentionOptions) -> O
     let q = host_tensor(&x.q, dtype, storage);
     let k = host_tensor(&x.k, dtype, storage);
     let v = host_tensor(&x.v, dtype, storage);
-    let r = attention::forward_cpu(&q, &k, &v, opts).expect("valid inputs");
+    let r = attention::forward(&attention::Inputs::new(&q, &k, &v), opts).expect("valid inputs");
     let [b, nq, h, d] = x.q.dims;
     assert_eq!(r.out.shape(), &[b, nq, h, d]);
     assert_eq!(r.out.dtype(), dtype, "O is in Q's dtype");
@@ -326,8 +326,8 @@ proptest! {
             host_tensor(&x.v, DType::F32, storage),
         );
         let opts = AttentionOptions { scale: None, causal, ..Default::default() };
-        let direct = attention::forward_cpu(&q, &k, &v, &opts).unwrap();
-        let r = attention::forward(&Tensor::Host(q), &Tensor::Host(k), &Tensor::Host(v), &opts)
+        let direct = attention::forward(&attention::Inputs::new(&q, &k, &v), &opts).unwrap();
+        let r = attention::forward(&attention::Inputs::new(&Tensor::Host(q), &Tensor::Host(k), &Tensor::Host(v)), &opts)
             .unwrap();
         prop_assert_eq!(r.out.device_name(), "cpu");
         prop_assert_eq!(r.out.to_host().unwrap(), direct.out);

@@ -214,13 +214,15 @@ impl Attention {
     ) -> Result<AttentionGradients<HostTensor>> {
         let [q, k, v, dout] = &self.host;
         let [hq, hk] = &self.checked_heads();
-        attention::backward_cpu(
-            &rows(q, qs, hq)?,
-            &rows(k, ks, hk)?,
-            &rows(v, ks, hk)?,
-            &rows(out, qs, hq)?,
-            &lse_rows(lse, qs, hq)?,
-            &rows(dout, qs, hq)?,
+        attention::backward(
+            &attention::BackwardInputs::new([
+                &rows(q, qs, hq)?,
+                &rows(k, ks, hk)?,
+                &rows(v, ks, hk)?,
+                &rows(out, qs, hq)?,
+                &lse_rows(lse, qs, hq)?,
+                &rows(dout, qs, hq)?,
+            ]),
             &self.opts,
         )
     }
@@ -265,8 +267,8 @@ impl OpBench for Attention {
     fn forward(&self) -> Result<Self::Fwd> {
         let [q, k, v, _] = &self.put;
         match &self.seqlens {
-            Some(s) => attention::forward_varlen(q, k, v, s, &self.opts),
-            None => attention::forward(q, k, v, &self.opts),
+            Some(s) => attention::forward(&attention::Inputs::new(q, k, v).varlen(s), &self.opts),
+            None => attention::forward(&attention::Inputs::new(q, k, v), &self.opts),
         }
     }
 
@@ -274,8 +276,14 @@ impl OpBench for Attention {
         let [q, k, v, dout] = &self.put;
         let (o, l) = (&f.out, &f.lse);
         match &self.seqlens {
-            Some(s) => attention::backward_varlen(q, k, v, o, l, dout, s, &self.opts),
-            None => attention::backward(q, k, v, o, l, dout, &self.opts),
+            Some(s) => attention::backward(
+                &attention::BackwardInputs::new([q, k, v, o, l, dout]).varlen(s),
+                &self.opts,
+            ),
+            None => attention::backward(
+                &attention::BackwardInputs::new([q, k, v, o, l, dout]),
+                &self.opts,
+            ),
         }
     }
 
@@ -321,10 +329,8 @@ impl OpBench for Attention {
         let qs = suffix(&qr);
         let [q, k, v, _] = &self.host;
         let [hq, hk] = &self.checked_heads();
-        let want = attention::forward_cpu(
-            &rows(q, &qs, hq)?,
-            &rows(k, &kr, hk)?,
-            &rows(v, &kr, hk)?,
+        let want = attention::forward(
+            &attention::Inputs::new(&rows(q, &qs, hq)?, &rows(k, &kr, hk)?, &rows(v, &kr, hk)?),
             &self.opts,
         )?;
         let (out, lse) = (f.out.to_host()?, f.lse.to_host()?);

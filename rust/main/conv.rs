@@ -6,7 +6,7 @@
 //! so the kernels' dweight and dbias (sums over the batch) equal the reference's on that
 //! image, exactly.
 
-use flashkernels::conv::{self, Activation, Conv2dOptions, Conv2dProblem, ConvAlgo, ConvGrads};
+use flashkernels::conv::{self, Activation, Conv2dOptions, Conv2dProblem, ConvAlgo};
 use flashkernels::{DType, HostTensor, Result, Tensor};
 
 use crate::bench::{
@@ -147,12 +147,12 @@ impl OpBench for Conv {
 
     fn forward(&self) -> Result<Tensor> {
         let [x, w, bias, _] = &self.put;
-        Ok(conv::conv2d_forward(x, w, Some(bias), &self.opts, false)?.y)
+        Ok(conv::forward(&conv::Inputs::new(x, w).bias(Some(bias)), &self.opts)?.y)
     }
 
     fn backward(&self, _y: &Tensor) -> Result<[Tensor; 3]> {
         let [x, w, _, dy] = &self.put;
-        let g = conv::conv2d_backward(x, w, dy, &self.opts, ConvGrads::ALL)?;
+        let g = conv::backward(&conv::BackwardInputs::new(x, w, dy), &self.opts)?;
         let all = "every gradient was asked for";
         Ok([g.dx.expect(all), g.dweight.expect(all), g.dbias.expect(all)])
     }
@@ -195,14 +195,14 @@ impl OpBench for Conv {
 
     fn check_forward(&self, y: &Tensor) -> Result<f64> {
         let [x, w, bias, _] = self.checked()?;
-        let want = conv::conv2d_cpu(&x, &w, Some(&bias), &self.opts, false)?.y;
+        let want = conv::forward(&conv::Inputs::new(&x, &w).bias(Some(&bias)), &self.opts)?.y;
         let got = select_dim0(&y.to_host()?, &self.image())?;
         Ok(worst_of(&[(&got, &want)]))
     }
 
     fn check_backward(&self, _y: &Tensor, [dx, dw, db]: &[Tensor; 3]) -> Result<f64> {
         let [x, w, _, dy] = self.checked()?;
-        let want = conv::conv2d_backward_cpu(&x, &w, &dy, &self.opts, ConvGrads::ALL)?;
+        let want = conv::backward(&conv::BackwardInputs::new(&x, &w, &dy), &self.opts)?;
         let all = "every gradient was asked for";
         let dx = select_dim0(&dx.to_host()?, &self.image())?;
         Ok(worst_of(&[

@@ -189,7 +189,12 @@ impl OpBench for Longformer {
             Tensor::Host(_) => {
                 let [q, k, v, ..] = &self.host;
                 let g = self.projections(&self.host);
-                let o = longformer::forward_cpu(q, k, v, g, Some(&self.global), None, &self.opts)?;
+                let o = longformer::forward(
+                    &longformer::Inputs::new(q, k, v)
+                        .globals(g)
+                        .masks(Some(&self.global), None),
+                    &self.opts,
+                )?;
                 Ok(LongformerOutput {
                     out: Tensor::Host(o.out),
                     lse: Tensor::Host(o.lse),
@@ -214,8 +219,13 @@ impl OpBench for Longformer {
                 let [q, k, v, dout, ..] = &self.host;
                 let (out, lse) = (f.out.to_host()?, f.lse.to_host()?);
                 let g = self.projections(&self.host);
-                let grads =
-                    longformer::backward_cpu(q, k, v, g, gm, None, &out, &lse, dout, &self.opts)?;
+                let grads = longformer::backward(
+                    &longformer::Inputs::new(q, k, v)
+                        .globals(g)
+                        .masks(gm, None)
+                        .backward(&out, &lse, dout),
+                    &self.opts,
+                )?;
                 Ok(flatten(grads, Tensor::Host))
             }
         }
@@ -276,8 +286,12 @@ impl OpBench for Longformer {
     fn check_forward(&self, f: &Self::Fwd) -> Result<f64> {
         let x = self.checked_inputs()?;
         let g = self.projections(&x);
-        let want =
-            longformer::forward_cpu(&x[0], &x[1], &x[2], g, Some(&self.global), None, &self.opts)?;
+        let want = longformer::forward(
+            &longformer::Inputs::new(&x[0], &x[1], &x[2])
+                .globals(g)
+                .masks(Some(&self.global), None),
+            &self.opts,
+        )?;
         let out = self.heads_of(&f.out.to_host()?)?;
         let lse = self.lse_heads_of(&f.lse.to_host()?)?;
         Ok(crate::bench::worst_of(&[
@@ -290,16 +304,11 @@ impl OpBench for Longformer {
         let x = self.checked_inputs()?;
         let out = self.heads_of(&f.out.to_host()?)?;
         let lse = self.lse_heads_of(&f.lse.to_host()?)?;
-        let want = longformer::backward_cpu(
-            &x[0],
-            &x[1],
-            &x[2],
-            self.projections(&x),
-            Some(&self.global),
-            None,
-            &out,
-            &lse,
-            &x[3],
+        let want = longformer::backward(
+            &longformer::Inputs::new(&x[0], &x[1], &x[2])
+                .globals(self.projections(&x))
+                .masks(Some(&self.global), None)
+                .backward(&out, &lse, &x[3]),
             &self.opts,
         )?;
         let want = flatten(want, Tensor::Host);

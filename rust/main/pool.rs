@@ -128,20 +128,16 @@ impl OpBench for Pool {
 
     fn forward(&self) -> Result<Self::Fwd> {
         let x = &self.put[0];
-        match self.problem.kind {
-            PoolKind::Max => {
-                let o = pool::max_pool2d(x, &self.opts)?;
-                Ok((o.y, Some(o.indices)))
-            }
-            PoolKind::Avg => Ok((pool::avg_pool2d(x, &self.opts)?, None)),
-        }
+        let kind = self.problem.kind;
+        let o = pool::forward(&pool::Inputs { x, kind }, &self.opts)?;
+        Ok((o.y, o.indices))
     }
 
     fn backward(&self, (_, indices): &Self::Fwd) -> Result<Tensor> {
         let [x, dy] = &self.put;
         match indices {
-            Some(i) => pool::max_pool2d_backward(x, dy, i, &self.opts),
-            None => pool::avg_pool2d_backward(x, dy, &self.opts),
+            Some(i) => pool::backward(&pool::BackwardInputs::max(x, dy, i), &self.opts),
+            None => pool::backward(&pool::BackwardInputs::avg(x, dy), &self.opts),
         }
     }
 
@@ -183,8 +179,8 @@ impl OpBench for Pool {
     fn check_forward(&self, (y, _): &Self::Fwd) -> Result<f64> {
         let x = self.checked(&self.host[0])?;
         let want = match self.problem.kind {
-            PoolKind::Max => pool::max_pool2d_cpu(&x, &self.opts)?.y,
-            PoolKind::Avg => pool::avg_pool2d_cpu(&x, &self.opts)?,
+            PoolKind::Max => pool::forward(&pool::Inputs::max(&x), &self.opts)?.y,
+            PoolKind::Avg => pool::forward(&pool::Inputs::avg(&x), &self.opts).map(|o| o.y)?,
         };
         Ok(worst_of(&[(&self.checked(&y.to_host()?)?, &want)]))
     }
@@ -194,10 +190,15 @@ impl OpBench for Pool {
         let (x, dy) = (self.checked(x)?, self.checked(dy)?);
         let want = match self.problem.kind {
             PoolKind::Max => {
-                let indices = pool::max_pool2d_cpu(&x, &self.opts)?.indices.to_host()?;
-                pool::max_pool2d_backward_cpu(&x, &dy, &indices, &self.opts)?
+                let indices = pool::forward(&pool::Inputs::max(&x), &self.opts)?
+                    .max_indices()?
+                    .to_host()?;
+                pool::backward(
+                    &pool::BackwardInputs::max(&x, &dy, &pool::Indices::Host(indices.to_vec())),
+                    &self.opts,
+                )?
             }
-            PoolKind::Avg => pool::avg_pool2d_backward_cpu(&x, &dy, &self.opts)?,
+            PoolKind::Avg => pool::backward(&pool::BackwardInputs::avg(&x, &dy), &self.opts)?,
         };
         Ok(worst_of(&[(&self.checked(&dx.to_host()?)?, &want)]))
     }

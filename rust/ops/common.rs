@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor, Layout};
-use crate::Tensor;
+use crate::TensorRef;
 
 /// Rank, stride count and non-emptiness of one input's layout; `layout` names the
 /// logical dimensions for the error message.
@@ -57,7 +57,7 @@ pub(crate) fn check_row_layout(
 }
 
 /// The error for an op's tensors split between the host and a device.
-pub(crate) fn mixed_devices(ts: &[(&str, &Tensor)]) -> Error {
+pub(crate) fn mixed_devices(ts: &[(&str, TensorRef<'_>)]) -> Error {
     let where_: Vec<String> = ts
         .iter()
         .map(|(n, t)| format!("{n} on {}", t.device_name()))

@@ -158,10 +158,7 @@ pub(super) fn attention_forward(
                 let hk = k.to_host(layouts[1].clone()).map_err(to_py_err)?;
                 let hv = v.to_host(layouts[2].clone()).map_err(to_py_err)?;
                 // The reference can take a while: let other Python threads run.
-                let result = run_detached(py, || match &seqlens {
-                    None => attention::forward_cpu(&hq, &hk, &hv, &opts),
-                    Some(s) => attention::forward_cpu_varlen(&hq, &hk, &hv, s, &opts),
-                })?;
+                let result = run_detached(py, || attention::forward_host(&p, [&hq, &hk, &hv]))?;
                 out.write_host(&result.out).map_err(to_py_err)?;
                 lse.write_host(&result.lse).map_err(to_py_err)?;
                 Ok(())
@@ -282,12 +279,8 @@ pub(super) fn attention_backward(
                 let ho = host(out, &layouts[3])?;
                 let hl = host(lse, &lse.layout)?;
                 let hd = host(dout, &layouts[4])?;
-                let g = run_detached(py, || match &seqlens {
-                    None => attention::backward_cpu(&hq, &hk, &hv, &ho, &hl, &hd, &opts),
-                    Some(s) => {
-                        attention::backward_cpu_varlen(&hq, &hk, &hv, &ho, &hl, &hd, s, &opts)
-                    }
-                })?;
+                let t = [&hq, &hk, &hv, &ho, &hl, &hd];
+                let g = run_detached(py, || attention::backward_host(&p, t))?;
                 dq.write_host(&g.dq).map_err(to_py_err)?;
                 dk.write_host(&g.dk).map_err(to_py_err)?;
                 dv.write_host(&g.dv).map_err(to_py_err)?;

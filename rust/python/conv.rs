@@ -96,7 +96,7 @@ pub(super) fn conv2d_forward(
                     .transpose()
                     .map_err(to_py_err)?;
                 let o = run_detached(py, || {
-                    conv::conv2d_cpu(&hx, &hw, hb.as_ref(), &opts, keep_pre)
+                    conv::forward_host(&p, &hx, &hw, hb.as_ref(), keep_pre)
                 })?;
                 y.write_host(&o.y).map_err(to_py_err)?;
                 if let (Some(dst), Some(src)) = (&y_pre, &o.y_pre) {
@@ -188,9 +188,7 @@ pub(super) fn conv2d_backward(
             Place::Host => {
                 let h = |t: &Imported| t.to_host(t.layout.clone()).map_err(to_py_err);
                 let (hx, hw, hdy) = (h(&x)?, h(&w)?, h(&dy)?);
-                let g = run_detached(py, || {
-                    conv::conv2d_backward_cpu(&hx, &hw, &hdy, &opts, grads)
-                })?;
+                let g = run_detached(py, || conv::backward_host(&p, [&hx, &hw, &hdy], grads))?;
                 for (dst, src) in outs.iter().zip([&g.dx, &g.dweight, &g.dbias]) {
                     if let (Some(dst), Some(src)) = (dst, src) {
                         dst.write_host(src).map_err(to_py_err)?;

@@ -190,15 +190,7 @@ pub(super) fn longformer_forward(
                         k: &h[4],
                         v: &h[5],
                     });
-                    longformer::forward_cpu(
-                        &h[0],
-                        &h[1],
-                        &h[2],
-                        globals,
-                        gm.as_ref(),
-                        pm.as_ref(),
-                        &opts,
-                    )
+                    longformer::forward_host(&p, [&h[0], &h[1], &h[2]], globals)
                 })?;
                 out.write_host(&result.out).map_err(to_py_err)?;
                 lse.write_host(&result.lse).map_err(to_py_err)?;
@@ -329,18 +321,7 @@ pub(super) fn longformer_backward(
                         k: &h[4],
                         v: &h[5],
                     });
-                    longformer::backward_cpu(
-                        &h[0],
-                        &h[1],
-                        &h[2],
-                        globals,
-                        gm.as_ref(),
-                        pm.as_ref(),
-                        &ho,
-                        &hl,
-                        &hd,
-                        &opts,
-                    )
+                    longformer::backward_host(&p, [&h[0], &h[1], &h[2]], globals, [&ho, &hl, &hd])
                 })?;
                 let mut results = vec![g.dq, g.dk, g.dv];
                 results.extend(g.global.into_iter().flatten());

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::pool;
-use crate::tensor::{DType, HostTensor, Layout};
+use crate::tensor::{DType, Layout};
 
 #[allow(clippy::too_many_arguments)]
 fn pool_options(
@@ -92,18 +92,12 @@ pub(super) fn pool2d_forward(
         match place {
             Place::Host => {
                 let hx = x.to_host(x.layout.clone()).map_err(to_py_err)?;
-                match kind {
-                    pool::PoolKind::Max => {
-                        let o = run_detached(py, || pool::max_pool2d_cpu(&hx, &opts))?;
-                        y.write_host(&o.y).map_err(to_py_err)?;
-                        let idx = o.indices.to_host().map_err(to_py_err)?;
-                        let out = indices.expect("checked: max pooling has indices");
-                        out.write_host(&p.y_shape(), &idx).map_err(to_py_err)?;
-                    }
-                    pool::PoolKind::Avg => {
-                        let o = run_detached(py, || pool::avg_pool2d_cpu(&hx, &opts))?;
-                        y.write_host(&o).map_err(to_py_err)?;
-                    }
+                let (hy, idx) = run_detached(py, || pool::forward_host(&p, &hx))?;
+                y.write_host(&hy).map_err(to_py_err)?;
+                // check_indices: indices are given exactly for max pooling, which has them.
+                if let (Some(out), Some(idx)) = (&indices, &idx) {
+                    let idx = idx.to_host().map_err(to_py_err)?;
+                    out.write_host(&p.y_shape(), &idx).map_err(to_py_err)?;
                 }
                 Ok(())
             }
@@ -214,15 +208,11 @@ pub(super) fn pool2d_backward(
         match place {
             Place::Host => {
                 let hdy = dy.to_host(dy.layout.clone()).map_err(to_py_err)?;
-                // Only the geometry and dtype of x are read.
-                let hx = HostTensor::from_fn(p.dtype, &p.x_shape(), |_| 0.0).map_err(to_py_err)?;
-                let g = match indices {
-                    Some(i) => {
-                        let idx = i.read_host(&p.y_shape()).map_err(to_py_err)?;
-                        run_detached(py, || pool::max_pool2d_backward_cpu(&hx, &hdy, &idx, &opts))?
-                    }
-                    None => run_detached(py, || pool::avg_pool2d_backward_cpu(&hx, &hdy, &opts))?,
-                };
+                let idx = indices
+                    .map(|i| i.read_host(&p.y_shape()))
+                    .transpose()
+                    .map_err(to_py_err)?;
+                let g = run_detached(py, || pool::backward_host(&p, &hdy, idx.as_deref()))?;
                 dx.write_host(&g).map_err(to_py_err)
             }
             #[cfg(feature = "cuda")]

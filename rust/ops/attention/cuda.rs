@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::{
-    validate_backward, validate_inputs, AttentionGradients, AttentionOptions, AttentionOutput,
+    validate_backward_call, validate_inputs, AttentionGradients, AttentionOptions, AttentionOutput,
     AttentionProblem, SeqLens,
 };
 use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
@@ -265,19 +265,8 @@ pub(super) fn backward_any(
     seqlens: Option<&SeqLens>,
     opts: &AttentionOptions,
 ) -> Result<AttentionGradients<DeviceTensor>> {
-    let p = validate_inputs(
-        (q.dtype(), q.layout()),
-        (k.dtype(), k.layout()),
-        (v.dtype(), v.layout()),
-        seqlens,
-        opts,
-    )?;
-    validate_backward(
-        &p,
-        (out.dtype(), out.layout()),
-        (lse.dtype(), lse.layout()),
-        (dout.dtype(), dout.layout()),
-    )?;
+    let t = [q, k, v, out, lse, dout];
+    let p = validate_backward_call(t.map(DeviceTensor::described), seqlens, opts)?;
     let stream = q.stream();
     order_after(
         stream,
@@ -326,19 +315,8 @@ pub unsafe fn backward_views(
     stream: *mut c_void,
 ) -> Result<()> {
     let [q, k, v, out, lse, dout, ..] = views;
-    let p = validate_inputs(
-        (q.dtype, &q.layout),
-        (k.dtype, &k.layout),
-        (v.dtype, &v.layout),
-        seqlens,
-        opts,
-    )?;
-    validate_backward(
-        &p,
-        (out.dtype, &out.layout),
-        (lse.dtype, &lse.layout),
-        (dout.dtype, &dout.layout),
-    )?;
+    let t = [q, k, v, out, lse, dout];
+    let p = validate_backward_call(t.map(DeviceView::described), seqlens, opts)?;
     // SAFETY: forwarded from the caller.
     unsafe { launch_backward(&p, views, || borrowed(q.device, stream)) }
 }

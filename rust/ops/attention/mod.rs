@@ -7,7 +7,7 @@
 //! contiguous in Q's dtype and LSE (B, H, Nq) f32, the natural-log logsumexp of each
 //! scaled score row.
 //!
-//! Variable-length batches ([`forward_varlen`], [`backward_varlen`]) pack B sequences
+//! Variable-length batches ([`Inputs::varlen`], [`BackwardInputs::varlen`]) pack B sequences
 //! along the row axis, as flash-attn's varlen API: Q is (total_q, H, D), K and V are
 //! (total_k, H_kv, D), sequence b owns rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` (and
 //! likewise for K), and LSE is (H, total_q). No work or memory goes to padding.
@@ -28,7 +28,7 @@
 use crate::error::Result;
 use crate::ops::common::{f32_data, mixed_devices};
 use crate::tensor::HostTensor;
-use crate::Tensor;
+use crate::{OpTensor, Tensor, TensorRef};
 
 /// Options shared by every attention entry point.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -74,212 +74,172 @@ pub mod reference;
 
 pub use problem::*;
 
-/// Attention forward on host or device tensors: the CPU reference for host tensors, the
-/// CUDA kernel (on the tensors' stream) for device tensors. All three must live on the
-/// same side.
-pub fn forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    opts: &AttentionOptions,
-) -> Result<AttentionOutput<Tensor>> {
-    forward_any(q, k, v, None, opts)
+/// The inputs of a forward call: Q, K, V and, for a variable-length batch, the
+/// sequence boundaries.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub seqlens: Option<&'a SeqLens>,
 }
 
-/// [`forward`] for a variable-length batch.
-pub fn forward_varlen(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seqlens: &SeqLens,
-    opts: &AttentionOptions,
-) -> Result<AttentionOutput<Tensor>> {
-    forward_any(q, k, v, Some(seqlens), opts)
-}
+impl<'a, T> Inputs<'a, T> {
+    /// A dense batch.
+    pub fn new(q: &'a T, k: &'a T, v: &'a T) -> Self {
+        Inputs {
+            q,
+            k,
+            v,
+            seqlens: None,
+        }
+    }
 
-fn forward_any(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seqlens: Option<&SeqLens>,
-    opts: &AttentionOptions,
-) -> Result<AttentionOutput<Tensor>> {
-    match (q, k, v) {
-        (Tensor::Host(q), Tensor::Host(k), Tensor::Host(v)) => {
-            let o = forward_cpu_any(q, k, v, seqlens, opts)?;
-            Ok(AttentionOutput {
-                out: Tensor::Host(o.out),
-                lse: Tensor::Host(o.lse),
-            })
+    /// The same tensors as a variable-length batch (packed rows).
+    pub fn varlen(self, seqlens: &'a SeqLens) -> Self {
+        Inputs {
+            seqlens: Some(seqlens),
+            ..self
         }
-        #[cfg(any(feature = "cuda", feature = "emulator"))]
-        (Tensor::Cuda(q), Tensor::Cuda(k), Tensor::Cuda(v)) => {
-            let o = cuda::forward_any(q, k, v, seqlens, opts)?;
-            Ok(AttentionOutput {
-                out: Tensor::Cuda(o.out),
-                lse: Tensor::Cuda(o.lse),
-            })
-        }
-        #[allow(unreachable_patterns)]
-        _ => Err(mixed_devices(&[("q", q), ("k", k), ("v", v)])),
     }
 }
 
-/// The CPU reference on host tensors (f32 accumulation; O in Q's dtype).
-pub fn forward_cpu(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    opts: &AttentionOptions,
-) -> Result<AttentionOutput<HostTensor>> {
-    forward_cpu_any(q, k, v, None, opts)
+/// The inputs of a backward call: the forward's inputs, its O and LSE, and dO.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardInputs<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub out: &'a T,
+    pub lse: &'a T,
+    pub dout: &'a T,
+    pub seqlens: Option<&'a SeqLens>,
 }
 
-/// [`forward_cpu`] for a variable-length batch.
-pub fn forward_cpu_varlen(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    seqlens: &SeqLens,
-    opts: &AttentionOptions,
-) -> Result<AttentionOutput<HostTensor>> {
-    forward_cpu_any(q, k, v, Some(seqlens), opts)
+impl<'a, T> BackwardInputs<'a, T> {
+    /// A dense batch: `[q, k, v, out, lse, dout]`.
+    pub fn new([q, k, v, out, lse, dout]: [&'a T; 6]) -> Self {
+        BackwardInputs {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dout,
+            seqlens: None,
+        }
+    }
+
+    /// The same tensors as a variable-length batch (packed rows).
+    pub fn varlen(self, seqlens: &'a SeqLens) -> Self {
+        BackwardInputs {
+            seqlens: Some(seqlens),
+            ..self
+        }
+    }
 }
 
-fn forward_cpu_any(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    seqlens: Option<&SeqLens>,
+/// Attention forward: O and LSE. Host tensors run the CPU reference (f32 accumulation,
+/// O in Q's dtype), device tensors the CUDA kernel on Q's stream; all inputs must live
+/// on the same side, and the outputs live there too.
+pub fn forward<T: OpTensor>(
+    i: &Inputs<'_, T>,
     opts: &AttentionOptions,
+) -> Result<AttentionOutput<T>> {
+    let o = match (i.q.tensor_ref(), i.k.tensor_ref(), i.v.tensor_ref()) {
+        (TensorRef::Host(q), TensorRef::Host(k), TensorRef::Host(v)) => {
+            let p = validate_inputs(q.described(), k.described(), v.described(), i.seqlens, opts)?;
+            let o = forward_host(&p, [q, k, v])?;
+            AttentionOutput {
+                out: Tensor::Host(o.out),
+                lse: Tensor::Host(o.lse),
+            }
+        }
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        (TensorRef::Cuda(q), TensorRef::Cuda(k), TensorRef::Cuda(v)) => {
+            let o = cuda::forward_any(q, k, v, i.seqlens, opts)?;
+            AttentionOutput {
+                out: Tensor::Cuda(o.out),
+                lse: Tensor::Cuda(o.lse),
+            }
+        }
+        #[allow(unreachable_patterns)]
+        (q, k, v) => return Err(mixed_devices(&[("q", q), ("k", k), ("v", v)])),
+    };
+    Ok(AttentionOutput {
+        out: T::from_output(o.out)?,
+        lse: T::from_output(o.lse)?,
+    })
+}
+
+/// The CPU reference on a validated problem (the Python host path validates once and
+/// calls this).
+pub(crate) fn forward_host(
+    p: &AttentionProblem,
+    [q, k, v]: [&HostTensor; 3],
 ) -> Result<AttentionOutput<HostTensor>> {
-    let p = validate_inputs(
-        (q.dtype(), q.layout()),
-        (k.dtype(), k.layout()),
-        (v.dtype(), v.layout()),
-        seqlens,
-        opts,
-    )?;
-    let (o, lse) = reference::attention(&p, &f32_data(q), &f32_data(k), &f32_data(v));
+    let (o, lse) = reference::attention(p, &f32_data(q), &f32_data(k), &f32_data(v));
     let out = HostTensor::from_vec(o, &p.q_shape())?.to_contiguous(p.dtype);
     let lse = HostTensor::from_vec(lse, &p.lse_shape())?;
     Ok(AttentionOutput { out, lse })
 }
 
-/// Attention backward: dQ, dK, dV from the forward's inputs, its O and LSE, and dO.
-/// Host tensors run the CPU reference, device tensors the CUDA kernels.
-pub fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
+/// Attention backward: dQ, dK, dV (each laid out and typed like its input) from the
+/// forward's inputs, its O and LSE, and dO. Host tensors run the CPU reference, device
+/// tensors the CUDA kernels on Q's stream.
+pub fn backward<T: OpTensor>(
+    i: &BackwardInputs<'_, T>,
     opts: &AttentionOptions,
-) -> Result<AttentionGradients<Tensor>> {
-    backward_any([q, k, v, out, lse, dout], None, opts)
-}
-
-/// [`backward`] for a variable-length batch.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_varlen(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    seqlens: &SeqLens,
-    opts: &AttentionOptions,
-) -> Result<AttentionGradients<Tensor>> {
-    backward_any([q, k, v, out, lse, dout], Some(seqlens), opts)
-}
-
-fn backward_any(
-    t: [&Tensor; 6],
-    seqlens: Option<&SeqLens>,
-    opts: &AttentionOptions,
-) -> Result<AttentionGradients<Tensor>> {
-    match t {
-        [Tensor::Host(q), Tensor::Host(k), Tensor::Host(v), Tensor::Host(o), Tensor::Host(l), Tensor::Host(d)] =>
+) -> Result<AttentionGradients<T>> {
+    let t = [i.q, i.k, i.v, i.out, i.lse, i.dout].map(OpTensor::tensor_ref);
+    let g = match t {
+        [TensorRef::Host(q), TensorRef::Host(k), TensorRef::Host(v), TensorRef::Host(o), TensorRef::Host(l), TensorRef::Host(d)] =>
         {
-            let g = backward_cpu_any([q, k, v, o, l, d], seqlens, opts)?;
-            Ok(AttentionGradients {
+            let t = [q, k, v, o, l, d];
+            let p = validate_backward_call(t.map(HostTensor::described), i.seqlens, opts)?;
+            let g = backward_host(&p, t)?;
+            AttentionGradients {
                 dq: Tensor::Host(g.dq),
                 dk: Tensor::Host(g.dk),
                 dv: Tensor::Host(g.dv),
-            })
+            }
         }
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        [Tensor::Cuda(q), Tensor::Cuda(k), Tensor::Cuda(v), Tensor::Cuda(o), Tensor::Cuda(l), Tensor::Cuda(d)] =>
+        [TensorRef::Cuda(q), TensorRef::Cuda(k), TensorRef::Cuda(v), TensorRef::Cuda(o), TensorRef::Cuda(l), TensorRef::Cuda(d)] =>
         {
-            let g = cuda::backward_any([q, k, v, o, l, d], seqlens, opts)?;
-            Ok(AttentionGradients {
+            let g = cuda::backward_any([q, k, v, o, l, d], i.seqlens, opts)?;
+            AttentionGradients {
                 dq: Tensor::Cuda(g.dq),
                 dk: Tensor::Cuda(g.dk),
                 dv: Tensor::Cuda(g.dv),
-            })
+            }
         }
         #[allow(unreachable_patterns)]
-        [q, k, v, o, l, d] => Err(mixed_devices(&[
-            ("q", q),
-            ("k", k),
-            ("v", v),
-            ("out", o),
-            ("lse", l),
-            ("dout", d),
-        ])),
-    }
+        [q, k, v, o, l, d] => {
+            return Err(mixed_devices(&[
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("out", o),
+                ("lse", l),
+                ("dout", d),
+            ]))
+        }
+    };
+    Ok(AttentionGradients {
+        dq: T::from_output(g.dq)?,
+        dk: T::from_output(g.dk)?,
+        dv: T::from_output(g.dv)?,
+    })
 }
 
-/// The CPU reference backward on host tensors (f32; gradients in Q's dtype).
-pub fn backward_cpu(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    out: &HostTensor,
-    lse: &HostTensor,
-    dout: &HostTensor,
-    opts: &AttentionOptions,
-) -> Result<AttentionGradients<HostTensor>> {
-    backward_cpu_any([q, k, v, out, lse, dout], None, opts)
-}
-
-/// [`backward_cpu`] for a variable-length batch.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_cpu_varlen(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    out: &HostTensor,
-    lse: &HostTensor,
-    dout: &HostTensor,
-    seqlens: &SeqLens,
-    opts: &AttentionOptions,
-) -> Result<AttentionGradients<HostTensor>> {
-    backward_cpu_any([q, k, v, out, lse, dout], Some(seqlens), opts)
-}
-
-fn backward_cpu_any(
+/// The CPU reference backward on a validated problem (see [`forward_host`]).
+pub(crate) fn backward_host(
+    p: &AttentionProblem,
     [q, k, v, out, lse, dout]: [&HostTensor; 6],
-    seqlens: Option<&SeqLens>,
-    opts: &AttentionOptions,
 ) -> Result<AttentionGradients<HostTensor>> {
-    let p = validate_inputs(
-        (q.dtype(), q.layout()),
-        (k.dtype(), k.layout()),
-        (v.dtype(), v.layout()),
-        seqlens,
-        opts,
-    )?;
-    validate_backward(
-        &p,
-        (out.dtype(), out.layout()),
-        (lse.dtype(), lse.layout()),
-        (dout.dtype(), dout.layout()),
-    )?;
     let g = reference::attention_backward(
-        &p,
+        p,
         &f32_data(q),
         &f32_data(k),
         &f32_data(v),

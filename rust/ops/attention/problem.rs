@@ -297,6 +297,18 @@ fn check_cu_seqlens(name: &str, cu: &[i32], total: usize) -> Result<()> {
 
 /// Checks the backward's extra inputs (O, dO like Q; LSE f32 of the problem's LSE
 /// shape) against a validated forward problem.
+/// [`validate_inputs`] then [`validate_backward`] of a backward call's six tensors
+/// (q, k, v, out, lse, dout).
+pub(crate) fn validate_backward_call(
+    [q, k, v, out, lse, dout]: [(DType, &Layout); 6],
+    seqlens: Option<&SeqLens>,
+    opts: &AttentionOptions,
+) -> Result<AttentionProblem> {
+    let p = validate_inputs(q, k, v, seqlens, opts)?;
+    validate_backward(&p, out, lse, dout)?;
+    Ok(p)
+}
+
 pub fn validate_backward(
     p: &AttentionProblem,
     out: (DType, &Layout),

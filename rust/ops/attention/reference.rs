@@ -66,12 +66,13 @@ pub struct Gradients<T> {
     pub dv: Vec<T>,
 }
 
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).fold(T::ZERO, |acc, (&x, &y)| acc + x * y)
 }
 
-/// Runs `work` for every item on all cores, returning the results in item order.
-fn parallel_map<I: Sync, R: Send>(items: &[I], work: impl Fn(&I) -> R + Sync) -> Vec<R> {
+/// Runs `work` for every item on all cores, returning the results in item order (the
+/// Longformer reference uses it too).
+pub(crate) fn parallel_map<I: Sync, R: Send>(items: &[I], work: impl Fn(&I) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(items.len())

@@ -16,7 +16,7 @@
 use crate::error::{Error, Result};
 use crate::ops::common::{check_layout, f64_data, host_out, mixed_devices};
 use crate::tensor::{DType, HostTensor, Layout};
-use crate::Tensor;
+use crate::{OpTensor, Tensor, TensorRef};
 
 /// Activation fused after conv + bias.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -364,77 +364,123 @@ pub struct Conv2dGradients<T> {
     pub dbias: Option<T>,
 }
 
-/// y = act(conv2d(x, weight) + bias) on host or device tensors: the CPU reference for
-/// host tensors, the CUDA kernels (on x's stream) for device tensors.
-pub fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    opts: &Conv2dOptions,
-) -> Result<Tensor> {
-    Ok(conv2d_forward(x, weight, bias, opts, false)?.y)
+/// The inputs of a forward call: x (N, C, H, W), weight (K, C / groups, R, S), an
+/// optional bias (K), and whether to return y_pre (conv + bias) too.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a, T> {
+    pub x: &'a T,
+    pub weight: &'a T,
+    pub bias: Option<&'a T>,
+    /// Also return y_pre, what the backward of a fused activation needs.
+    pub keep_pre: bool,
 }
 
-/// [`conv2d`], also returning y_pre (conv + bias) when `keep_pre`.
-pub fn conv2d_forward(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    opts: &Conv2dOptions,
-    keep_pre: bool,
-) -> Result<Conv2dOutput<Tensor>> {
-    match (x, weight, bias) {
-        (Tensor::Host(x), Tensor::Host(w), None) => {
-            let o = conv2d_cpu(x, w, None, opts, keep_pre)?;
-            Ok(Conv2dOutput {
-                y: Tensor::Host(o.y),
-                y_pre: o.y_pre.map(Tensor::Host),
-            })
+impl<'a, T> Inputs<'a, T> {
+    /// x and weight, no bias, y only.
+    pub fn new(x: &'a T, weight: &'a T) -> Self {
+        Inputs {
+            x,
+            weight,
+            bias: None,
+            keep_pre: false,
         }
-        (Tensor::Host(x), Tensor::Host(w), Some(Tensor::Host(b))) => {
-            let o = conv2d_cpu(x, w, Some(b), opts, keep_pre)?;
-            Ok(Conv2dOutput {
-                y: Tensor::Host(o.y),
-                y_pre: o.y_pre.map(Tensor::Host),
-            })
+    }
+
+    pub fn bias(self, bias: Option<&'a T>) -> Self {
+        Inputs { bias, ..self }
+    }
+
+    pub fn keep_pre(self, keep_pre: bool) -> Self {
+        Inputs { keep_pre, ..self }
+    }
+}
+
+/// The inputs of a backward call: the forward's x and weight, dy (the gradient of conv +
+/// bias, i.e. before the activation; apply the activation's derivative at y_pre first,
+/// see [`reference::activation_backward`]), and which gradients to compute.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardInputs<'a, T> {
+    pub x: &'a T,
+    pub weight: &'a T,
+    pub dy: &'a T,
+    pub grads: ConvGrads,
+}
+
+impl<'a, T> BackwardInputs<'a, T> {
+    /// Every gradient.
+    pub fn new(x: &'a T, weight: &'a T, dy: &'a T) -> Self {
+        BackwardInputs {
+            x,
+            weight,
+            dy,
+            grads: ConvGrads::ALL,
         }
-        #[cfg(any(feature = "cuda", feature = "emulator"))]
-        (Tensor::Cuda(x), Tensor::Cuda(w), b @ (None | Some(Tensor::Cuda(_)))) => {
+    }
+
+    pub fn grads(self, grads: ConvGrads) -> Self {
+        BackwardInputs { grads, ..self }
+    }
+}
+
+/// Convolution forward: y = act(conv2d(x, weight) + bias) (and y_pre when asked for).
+/// Host tensors run the CPU reference (f64, rounded once to the dtype), device tensors
+/// the CUDA kernels on x's stream; the outputs are contiguous NCHW where the inputs live.
+pub fn forward<T: OpTensor>(i: &Inputs<'_, T>, opts: &Conv2dOptions) -> Result<Conv2dOutput<T>> {
+    let bias = i.bias.map(OpTensor::tensor_ref);
+    let o = match (i.x.tensor_ref(), i.weight.tensor_ref(), bias) {
+        (TensorRef::Host(x), TensorRef::Host(w), b @ (None | Some(TensorRef::Host(_)))) => {
             let b = match b {
-                Some(Tensor::Cuda(b)) => Some(b),
+                Some(TensorRef::Host(b)) => Some(b),
                 _ => None,
             };
-            let o = cuda::conv2d_forward(x, w, b, opts, keep_pre)?;
-            Ok(Conv2dOutput {
+            let p = validate(
+                x.described(),
+                w.described(),
+                b.map(HostTensor::described),
+                opts,
+            )?;
+            let o = forward_host(&p, x, w, b, i.keep_pre)?;
+            Conv2dOutput {
+                y: Tensor::Host(o.y),
+                y_pre: o.y_pre.map(Tensor::Host),
+            }
+        }
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        (TensorRef::Cuda(x), TensorRef::Cuda(w), b @ (None | Some(TensorRef::Cuda(_)))) => {
+            let b = match b {
+                Some(TensorRef::Cuda(b)) => Some(b),
+                _ => None,
+            };
+            let o = cuda::conv2d_forward(x, w, b, opts, i.keep_pre)?;
+            Conv2dOutput {
                 y: Tensor::Cuda(o.y),
                 y_pre: o.y_pre.map(Tensor::Cuda),
-            })
+            }
         }
         #[allow(unreachable_patterns)]
         (x, w, b) => {
             let mut ts = vec![("x", x), ("weight", w)];
             ts.extend(b.map(|b| ("bias", b)));
-            Err(mixed_devices(&ts))
+            return Err(mixed_devices(&ts));
         }
-    }
+    };
+    Ok(Conv2dOutput {
+        y: T::from_output(o.y)?,
+        y_pre: o.y_pre.map(T::from_output).transpose()?,
+    })
 }
 
-/// The CPU reference forward on host tensors.
-pub fn conv2d_cpu(
+/// The CPU reference on a validated problem (the Python host path validates once and
+/// calls this).
+pub(crate) fn forward_host(
+    p: &Conv2dProblem,
     x: &HostTensor,
     weight: &HostTensor,
     bias: Option<&HostTensor>,
-    opts: &Conv2dOptions,
     keep_pre: bool,
 ) -> Result<Conv2dOutput<HostTensor>> {
-    let p = validate(
-        (x.dtype(), x.layout()),
-        (weight.dtype(), weight.layout()),
-        bias.map(|b| (b.dtype(), b.layout())),
-        opts,
-    )?;
     let b = bias.map(f64_data);
-    let o = reference::conv2d(&p, &f64_data(x), &f64_data(weight), b.as_deref());
+    let o = reference::conv2d(p, &f64_data(x), &f64_data(weight), b.as_deref());
     let shape = p.y_shape();
     Ok(Conv2dOutput {
         y: host_out(o.y, &shape, p.dtype)?,
@@ -446,55 +492,49 @@ pub fn conv2d_cpu(
     })
 }
 
-/// Convolution backward: the gradients `grads` asks for, from x, weight and dy (the
-/// gradient of conv + bias, i.e. before the activation; apply the activation's
-/// derivative at y_pre first, see [`reference::activation_backward`]).
-pub fn conv2d_backward(
-    x: &Tensor,
-    weight: &Tensor,
-    dy: &Tensor,
+/// Convolution backward: the gradients `i.grads` asks for. Host tensors run the CPU
+/// reference, device tensors the CUDA kernels on x's stream.
+pub fn backward<T: OpTensor>(
+    i: &BackwardInputs<'_, T>,
     opts: &Conv2dOptions,
-    grads: ConvGrads,
-) -> Result<Conv2dGradients<Tensor>> {
-    match (x, weight, dy) {
-        (Tensor::Host(x), Tensor::Host(w), Tensor::Host(dy)) => {
-            let g = conv2d_backward_cpu(x, w, dy, opts, grads)?;
-            Ok(Conv2dGradients {
+) -> Result<Conv2dGradients<T>> {
+    let g = match (i.x.tensor_ref(), i.weight.tensor_ref(), i.dy.tensor_ref()) {
+        (TensorRef::Host(x), TensorRef::Host(w), TensorRef::Host(dy)) => {
+            let p = validate(x.described(), w.described(), None, opts)?;
+            validate_backward(&p, dy.described())?;
+            let g = backward_host(&p, [x, w, dy], i.grads)?;
+            Conv2dGradients {
                 dx: g.dx.map(Tensor::Host),
                 dweight: g.dweight.map(Tensor::Host),
                 dbias: g.dbias.map(Tensor::Host),
-            })
+            }
         }
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        (Tensor::Cuda(x), Tensor::Cuda(w), Tensor::Cuda(dy)) => {
-            let g = cuda::conv2d_backward(x, w, dy, opts, grads)?;
-            Ok(Conv2dGradients {
+        (TensorRef::Cuda(x), TensorRef::Cuda(w), TensorRef::Cuda(dy)) => {
+            let g = cuda::conv2d_backward(x, w, dy, opts, i.grads)?;
+            Conv2dGradients {
                 dx: g.dx.map(Tensor::Cuda),
                 dweight: g.dweight.map(Tensor::Cuda),
                 dbias: g.dbias.map(Tensor::Cuda),
-            })
+            }
         }
         #[allow(unreachable_patterns)]
-        (x, w, dy) => Err(mixed_devices(&[("x", x), ("weight", w), ("dy", dy)])),
-    }
+        (x, w, dy) => return Err(mixed_devices(&[("x", x), ("weight", w), ("dy", dy)])),
+    };
+    Ok(Conv2dGradients {
+        dx: g.dx.map(T::from_output).transpose()?,
+        dweight: g.dweight.map(T::from_output).transpose()?,
+        dbias: g.dbias.map(T::from_output).transpose()?,
+    })
 }
 
-/// The CPU reference backward on host tensors.
-pub fn conv2d_backward_cpu(
-    x: &HostTensor,
-    weight: &HostTensor,
-    dy: &HostTensor,
-    opts: &Conv2dOptions,
+/// The CPU reference backward on a validated problem (see [`forward_host`]).
+pub(crate) fn backward_host(
+    p: &Conv2dProblem,
+    [x, weight, dy]: [&HostTensor; 3],
     grads: ConvGrads,
 ) -> Result<Conv2dGradients<HostTensor>> {
-    let p = validate(
-        (x.dtype(), x.layout()),
-        (weight.dtype(), weight.layout()),
-        None,
-        opts,
-    )?;
-    validate_backward(&p, (dy.dtype(), dy.layout()))?;
-    let g = reference::conv2d_backward(&p, &f64_data(x), &f64_data(weight), &f64_data(dy));
+    let g = reference::conv2d_backward(p, &f64_data(x), &f64_data(weight), &f64_data(dy));
     let out = |want: bool, v: Vec<f64>, shape: &[usize]| -> Result<Option<HostTensor>> {
         want.then(|| host_out(v, shape, p.dtype)).transpose()
     };

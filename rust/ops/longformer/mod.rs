@@ -28,8 +28,10 @@
 //! Every non-padded row sees at least itself, so only padded rows are empty.
 
 use crate::error::{Error, Result};
+use crate::ops::common::mixed_devices;
 use crate::ops::common::{check_row_layout, f32_data};
 use crate::tensor::{DType, HostTensor, Layout};
+use crate::{OpTensor, Tensor, TensorRef};
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda;
@@ -122,11 +124,84 @@ impl TokenMask {
 }
 
 /// The global projections Q_g, K_g, V_g, each shaped like Q.
-#[derive(Debug, Clone, Copy)]
-pub struct GlobalProjections<'a> {
-    pub q: &'a HostTensor,
-    pub k: &'a HostTensor,
-    pub v: &'a HostTensor,
+#[derive(Debug)]
+pub struct GlobalProjections<'a, T = HostTensor> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+}
+
+// Derived Clone/Copy would ask T: Clone; the references copy for any T.
+impl<T> Clone for GlobalProjections<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for GlobalProjections<'_, T> {}
+
+/// The inputs of a forward call: Q, K, V (B, N, H, D), optionally the global
+/// projections (Hugging Face's query_global / key_global / value_global), and the
+/// global-token and padding masks (B, N).
+#[derive(Debug)]
+pub struct Inputs<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub globals: Option<GlobalProjections<'a, T>>,
+    pub global_mask: Option<&'a TokenMask>,
+    pub padding_mask: Option<&'a TokenMask>,
+}
+
+impl<T> Clone for Inputs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Inputs<'_, T> {}
+
+impl<'a, T> Inputs<'a, T> {
+    /// Q, K, V with no global tokens, no padding.
+    pub fn new(q: &'a T, k: &'a T, v: &'a T) -> Self {
+        Inputs {
+            q,
+            k,
+            v,
+            globals: None,
+            global_mask: None,
+            padding_mask: None,
+        }
+    }
+
+    pub fn globals(self, globals: Option<GlobalProjections<'a, T>>) -> Self {
+        Inputs { globals, ..self }
+    }
+
+    pub fn masks(self, global: Option<&'a TokenMask>, padding: Option<&'a TokenMask>) -> Self {
+        Inputs {
+            global_mask: global,
+            padding_mask: padding,
+            ..self
+        }
+    }
+
+    /// With the forward's O, LSE and the gradient dO: a backward call's inputs.
+    pub fn backward(self, out: &'a T, lse: &'a T, dout: &'a T) -> BackwardInputs<'a, T> {
+        BackwardInputs {
+            forward: self,
+            out,
+            lse,
+            dout,
+        }
+    }
+}
+
+/// The inputs of a backward call: the forward's inputs, its O and LSE, and dO.
+#[derive(Debug)]
+pub struct BackwardInputs<'a, T> {
+    pub forward: Inputs<'a, T>,
+    pub out: &'a T,
+    pub lse: &'a T,
+    pub dout: &'a T,
 }
 
 /// O and LSE of one forward call.
@@ -405,17 +480,168 @@ fn inputs(
     [q, k, v, qg, kg, vg]
 }
 
-/// The CPU reference forward on host tensors (f32 accumulation; O in Q's dtype, LSE f32).
-pub fn forward_cpu(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    globals: Option<GlobalProjections<'_>>,
-    global_mask: Option<&TokenMask>,
-    padding_mask: Option<&TokenMask>,
+/// The tensors of a call as borrowed host or device tensors, all on one side.
+enum Side<'a> {
+    Host(Vec<&'a HostTensor>),
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    Cuda(Vec<&'a crate::DeviceTensor>),
+}
+
+/// Where `ts` (named) live: all on the host or all on the device, else a DeviceMismatch.
+fn side<'a>(ts: &[(&str, TensorRef<'a>)]) -> Result<Side<'a>> {
+    if let Some(h) = ts
+        .iter()
+        .map(|(_, t)| match t {
+            TensorRef::Host(h) => Some(*h),
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            TensorRef::Cuda(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    {
+        return Ok(Side::Host(h));
+    }
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    if let Some(d) = ts
+        .iter()
+        .map(|(_, t)| match t {
+            TensorRef::Cuda(d) => Some(*d),
+            TensorRef::Host(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    {
+        return Ok(Side::Cuda(d));
+    }
+    Err(mixed_devices(ts))
+}
+
+/// q, k, v and (when given) the global projections, named.
+fn named_inputs<'a, T: OpTensor>(i: &Inputs<'a, T>) -> Vec<(&'static str, TensorRef<'a>)> {
+    let mut ts = vec![
+        ("q", i.q.tensor_ref()),
+        ("k", i.k.tensor_ref()),
+        ("v", i.v.tensor_ref()),
+    ];
+    if let Some(g) = i.globals {
+        ts.extend([
+            ("q_global", g.q.tensor_ref()),
+            ("k_global", g.k.tensor_ref()),
+            ("v_global", g.v.tensor_ref()),
+        ]);
+    }
+    ts
+}
+
+/// Longformer forward: O (Q's dtype) and LSE (f32, (B, H, N)). Host tensors run the CPU
+/// reference (f32 accumulation), device tensors the CUDA kernels on Q's stream.
+pub fn forward<T: OpTensor>(
+    i: &Inputs<'_, T>,
     opts: &LongformerOptions,
+) -> Result<LongformerOutput<T>> {
+    let (gm, pm) = (i.global_mask, i.padding_mask);
+    let o = match side(&named_inputs(i))? {
+        Side::Host(t) => {
+            let g = (t.len() == 6).then(|| GlobalProjections {
+                q: t[3],
+                k: t[4],
+                v: t[5],
+            });
+            let p = problem_of(t[0], t[1], t[2], g, gm, pm, opts)?;
+            let o = forward_host(&p, [t[0], t[1], t[2]], g)?;
+            LongformerOutput {
+                out: Tensor::Host(o.out),
+                lse: Tensor::Host(o.lse),
+            }
+        }
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        Side::Cuda(t) => {
+            let g = (t.len() == 6).then(|| [t[3], t[4], t[5]]);
+            let o = cuda::forward([t[0], t[1], t[2]], g, gm, pm, opts)?;
+            LongformerOutput {
+                out: Tensor::Cuda(o.out),
+                lse: Tensor::Cuda(o.lse),
+            }
+        }
+    };
+    Ok(LongformerOutput {
+        out: T::from_output(o.out)?,
+        lse: T::from_output(o.lse)?,
+    })
+}
+
+/// Longformer backward: dQ, dK, dV (and dQ_g, dK_g, dV_g when the global projections
+/// were given; otherwise the global rows' gradients are folded into dq, dk, dv), each
+/// like Q. Host tensors run the CPU reference, device tensors the CUDA kernels on Q's
+/// stream. Deterministic.
+pub fn backward<T: OpTensor>(
+    i: &BackwardInputs<'_, T>,
+    opts: &LongformerOptions,
+) -> Result<LongformerGradients<T>> {
+    let f = &i.forward;
+    let (gm, pm) = (f.global_mask, f.padding_mask);
+    let mut ts = named_inputs(f);
+    let n = ts.len();
+    ts.extend([
+        ("out", i.out.tensor_ref()),
+        ("lse", i.lse.tensor_ref()),
+        ("dout", i.dout.tensor_ref()),
+    ]);
+    let g = match side(&ts)? {
+        Side::Host(t) => {
+            let globals = (n == 6).then(|| GlobalProjections {
+                q: t[3],
+                k: t[4],
+                v: t[5],
+            });
+            let [o, l, d] = [t[n], t[n + 1], t[n + 2]];
+            let p = problem_of(t[0], t[1], t[2], globals, gm, pm, opts)?;
+            validate_backward(
+                &p,
+                (o.dtype(), o.layout()),
+                (l.dtype(), l.layout()),
+                (d.dtype(), d.layout()),
+            )?;
+            let g = backward_host(&p, [t[0], t[1], t[2]], globals, [o, l, d])?;
+            LongformerGradients {
+                dq: Tensor::Host(g.dq),
+                dk: Tensor::Host(g.dk),
+                dv: Tensor::Host(g.dv),
+                global: g.global.map(|g| g.map(Tensor::Host)),
+            }
+        }
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        Side::Cuda(t) => {
+            let globals = (n == 6).then(|| [t[3], t[4], t[5]]);
+            let [o, l, d] = [t[n], t[n + 1], t[n + 2]];
+            let g = cuda::backward([t[0], t[1], t[2]], globals, o, l, d, gm, pm, opts)?;
+            LongformerGradients {
+                dq: Tensor::Cuda(g.dq),
+                dk: Tensor::Cuda(g.dk),
+                dv: Tensor::Cuda(g.dv),
+                global: g.global.map(|g| g.map(Tensor::Cuda)),
+            }
+        }
+    };
+    Ok(LongformerGradients {
+        dq: T::from_output(g.dq)?,
+        dk: T::from_output(g.dk)?,
+        dv: T::from_output(g.dv)?,
+        global: g
+            .global
+            .map(|g| -> Result<[T; 3]> {
+                let [a, b, c] = g;
+                Ok([T::from_output(a)?, T::from_output(b)?, T::from_output(c)?])
+            })
+            .transpose()?,
+    })
+}
+
+/// The CPU reference on a validated problem (the Python host path validates once and
+/// calls this).
+pub(crate) fn forward_host(
+    p: &LongformerProblem,
+    [q, k, v]: [&HostTensor; 3],
+    globals: Option<GlobalProjections<'_>>,
 ) -> Result<LongformerOutput> {
-    let p = problem_of(q, k, v, globals, global_mask, padding_mask, opts)?;
     let [q, k, v, qg, kg, vg] = inputs(q, k, v, globals);
     let x = reference::LongformerInputs {
         q: &q,
@@ -425,7 +651,7 @@ pub fn forward_cpu(
         k_g: &kg,
         v_g: &vg,
     };
-    let (o, lse) = reference::longformer(&p, &x);
+    let (o, lse) = reference::longformer(p, &x);
     Ok(LongformerOutput {
         out: HostTensor::from_vec(o, &p.qkv_shape())?.to_contiguous(p.dtype),
         lse: HostTensor::from_vec(lse, &p.lse_shape())?,
@@ -472,27 +698,13 @@ pub fn validate_backward(
     Ok(())
 }
 
-/// The CPU reference backward on host tensors (f32; gradients in Q's dtype).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_cpu(
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
+/// The CPU reference backward on a validated problem (see [`forward_host`]).
+pub(crate) fn backward_host(
+    p: &LongformerProblem,
+    [q, k, v]: [&HostTensor; 3],
     globals: Option<GlobalProjections<'_>>,
-    global_mask: Option<&TokenMask>,
-    padding_mask: Option<&TokenMask>,
-    out: &HostTensor,
-    lse: &HostTensor,
-    dout: &HostTensor,
-    opts: &LongformerOptions,
+    [out, lse, dout]: [&HostTensor; 3],
 ) -> Result<LongformerGradients> {
-    let p = problem_of(q, k, v, globals, global_mask, padding_mask, opts)?;
-    validate_backward(
-        &p,
-        (out.dtype(), out.layout()),
-        (lse.dtype(), lse.layout()),
-        (dout.dtype(), dout.layout()),
-    )?;
     let [q, k, v, qg, kg, vg] = inputs(q, k, v, globals);
     let x = reference::LongformerInputs {
         q: &q,
@@ -502,7 +714,7 @@ pub fn backward_cpu(
         k_g: &kg,
         v_g: &vg,
     };
-    let g = reference::longformer_backward(&p, &x, &f32_data(out), &f32_data(lse), &f32_data(dout));
+    let g = reference::longformer_backward(p, &x, &f32_data(out), &f32_data(lse), &f32_data(dout));
     let shape = p.qkv_shape();
     let t = |x: Vec<f32>| -> Result<HostTensor> {
         Ok(HostTensor::from_vec(x, &shape)?.to_contiguous(p.dtype))

@@ -7,7 +7,7 @@
 //! included). Generic over f32 and f64 (for the tests' finite differences).
 
 use crate::longformer::LongformerProblem;
-use crate::ops::attention::reference::Real;
+use crate::ops::attention::reference::{dot, parallel_map, Real};
 
 /// The six input buffers of one call (pass Q, K, V again as the global projections when
 /// there are none).
@@ -31,41 +31,6 @@ pub struct LongformerGrads<T> {
     pub dq_g: Vec<T>,
     pub dk_g: Vec<T>,
     pub dv_g: Vec<T>,
-}
-
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::ZERO, |acc, (&x, &y)| acc + x * y)
-}
-
-/// Runs `work` for every item on all cores, returning the results in item order.
-fn parallel_map<I: Sync, R: Send>(items: &[I], work: impl Fn(&I) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len())
-        .max(1);
-    let mut slots: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let work = &work;
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (t..items.len())
-                        .step_by(threads)
-                        .map(|i| (i, work(&items[i])))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            for (i, r) in h.join().expect("reference worker") {
-                slots[i] = Some(r);
-            }
-        }
-    });
-    slots
-        .into_iter()
-        .map(|r| r.expect("every item ran"))
-        .collect()
 }
 
 fn tasks(p: &LongformerProblem) -> Vec<(usize, usize)> {

@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::{
-    validate_pool, validate_pool_backward, Indices, MaxPool2dOutput, Pool2dOptions, Pool2dProblem,
+    validate_pool, validate_pool_backward, Indices, Pool2dOptions, Pool2dOutput, Pool2dProblem,
     PoolKind,
 };
 use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
@@ -192,11 +192,11 @@ fn pool_forward(
 }
 
 /// Allocates y and the indices and runs max pooling on x's stream.
-pub fn max_pool2d(x: &DeviceTensor, opts: &Pool2dOptions) -> Result<MaxPool2dOutput<DeviceTensor>> {
+pub fn max_pool2d(x: &DeviceTensor, opts: &Pool2dOptions) -> Result<Pool2dOutput<DeviceTensor>> {
     let (y, idx) = pool_forward(PoolKind::Max, x, opts)?;
-    Ok(MaxPool2dOutput {
+    Ok(Pool2dOutput {
         y,
-        indices: Indices::Cuda(idx.expect("max pooling records indices")),
+        indices: idx.map(Indices::Cuda),
     })
 }
 

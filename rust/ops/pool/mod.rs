@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::ops::common::{check_layout, f64_data, host_out, mixed_devices};
 use crate::ops::conv::{check_positive, output_size, X_LAYOUT};
 use crate::tensor::{DType, HostTensor, Layout};
-use crate::Tensor;
+use crate::{OpTensor, Tensor, TensorRef};
 
 /// Max or average pooling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,6 +208,15 @@ pub enum Indices {
 }
 
 impl Indices {
+    /// "cpu" or "cuda:N".
+    pub fn device_name(&self) -> String {
+        match self {
+            Indices::Host(_) => "cpu".into(),
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            Indices::Cuda(d) => format!("cuda:{}", d.stream().ordinal()),
+        }
+    }
+
     /// A host copy (waits for the device when the indices live there).
     pub fn to_host(&self) -> Result<Vec<i32>> {
         match self {
@@ -218,42 +227,176 @@ impl Indices {
     }
 }
 
-/// y and the argmax indices of a max pooling call.
+/// y, and for max pooling the argmax indices.
 #[derive(Debug)]
-pub struct MaxPool2dOutput<T> {
+pub struct Pool2dOutput<T> {
     pub y: T,
-    pub indices: Indices,
+    /// `Some` exactly for max pooling.
+    pub indices: Option<Indices>,
 }
 
-/// Max pooling on host or device tensors.
-pub fn max_pool2d(x: &Tensor, opts: &Pool2dOptions) -> Result<MaxPool2dOutput<Tensor>> {
-    match x {
-        Tensor::Host(x) => {
-            let o = max_pool2d_cpu(x, opts)?;
-            Ok(MaxPool2dOutput {
-                y: Tensor::Host(o.y),
-                indices: o.indices,
-            })
+impl<T> Pool2dOutput<T> {
+    /// The indices of a max pooling call (an error for average pooling, which has none).
+    pub fn max_indices(&self) -> Result<&Indices> {
+        self.indices.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("indices: average pooling records no indices".into())
+        })
+    }
+}
+
+/// The input of a forward call: x (N, C, H, W) and the pooling kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a, T> {
+    pub x: &'a T,
+    pub kind: PoolKind,
+}
+
+impl<'a, T> Inputs<'a, T> {
+    pub fn max(x: &'a T) -> Self {
+        Inputs {
+            x,
+            kind: PoolKind::Max,
         }
-        #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Tensor::Cuda(x) => {
-            let o = cuda::max_pool2d(x, opts)?;
-            Ok(MaxPool2dOutput {
-                y: Tensor::Cuda(o.y),
-                indices: o.indices,
-            })
+    }
+
+    pub fn avg(x: &'a T) -> Self {
+        Inputs {
+            x,
+            kind: PoolKind::Avg,
         }
     }
 }
 
-/// The CPU reference max pooling.
-pub fn max_pool2d_cpu(x: &HostTensor, opts: &Pool2dOptions) -> Result<MaxPool2dOutput<HostTensor>> {
-    let p = validate_pool(PoolKind::Max, (x.dtype(), x.layout()), opts)?;
-    let (y, idx) = reference::max_pool2d(&p, &f64_data(x));
-    Ok(MaxPool2dOutput {
-        y: host_out(y, &p.y_shape(), p.dtype)?,
-        indices: Indices::Host(idx),
+/// The inputs of a backward call: the forward's x (its geometry and dtype only), dy,
+/// and for max pooling the forward's indices.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardInputs<'a, T> {
+    pub x: &'a T,
+    pub dy: &'a T,
+    pub kind: PoolKind,
+    /// Required for max pooling, absent for average pooling.
+    pub indices: Option<&'a Indices>,
+}
+
+impl<'a, T> BackwardInputs<'a, T> {
+    pub fn max(x: &'a T, dy: &'a T, indices: &'a Indices) -> Self {
+        BackwardInputs {
+            x,
+            dy,
+            kind: PoolKind::Max,
+            indices: Some(indices),
+        }
+    }
+
+    pub fn avg(x: &'a T, dy: &'a T) -> Self {
+        BackwardInputs {
+            x,
+            dy,
+            kind: PoolKind::Avg,
+            indices: None,
+        }
+    }
+}
+
+/// Pooling forward: y (contiguous NCHW, x's dtype) and, for max pooling, the argmax
+/// indices. Host tensors run the CPU reference, device tensors the CUDA kernels on x's
+/// stream.
+pub fn forward<T: OpTensor>(i: &Inputs<'_, T>, opts: &Pool2dOptions) -> Result<Pool2dOutput<T>> {
+    let (y, indices) = match (i.x.tensor_ref(), i.kind) {
+        (TensorRef::Host(x), kind) => {
+            let p = validate_pool(kind, (x.dtype(), x.layout()), opts)?;
+            let (y, idx) = forward_host(&p, x)?;
+            (Tensor::Host(y), idx)
+        }
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        (TensorRef::Cuda(x), PoolKind::Max) => {
+            let o = cuda::max_pool2d(x, opts)?;
+            (Tensor::Cuda(o.y), o.indices)
+        }
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        (TensorRef::Cuda(x), PoolKind::Avg) => (Tensor::Cuda(cuda::avg_pool2d(x, opts)?), None),
+    };
+    Ok(Pool2dOutput {
+        y: T::from_output(y)?,
+        indices,
     })
+}
+
+/// Pooling backward: dx (x's shape and dtype) from dy and, for max pooling, the
+/// forward's indices. Host tensors run the CPU reference, device tensors the CUDA
+/// kernels on x's stream.
+pub fn backward<T: OpTensor>(i: &BackwardInputs<'_, T>, opts: &Pool2dOptions) -> Result<T> {
+    let (x, dy) = (i.x.tensor_ref(), i.dy.tensor_ref());
+    let dx = match (i.kind, i.indices) {
+        (PoolKind::Avg, None) => match (x, dy) {
+            (TensorRef::Host(x), TensorRef::Host(dy)) => {
+                let p = validate_pool(PoolKind::Avg, (x.dtype(), x.layout()), opts)?;
+                validate_pool_backward(&p, (dy.dtype(), dy.layout()))?;
+                Tensor::Host(backward_host(&p, dy, None)?)
+            }
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            (TensorRef::Cuda(x), TensorRef::Cuda(dy)) => {
+                Tensor::Cuda(cuda::avg_pool2d_backward(x, dy, opts)?)
+            }
+            #[allow(unreachable_patterns)]
+            (x, dy) => return Err(mixed_devices(&[("x", x), ("dy", dy)])),
+        },
+        (PoolKind::Max, Some(indices)) => match (x, dy, indices) {
+            (TensorRef::Host(x), TensorRef::Host(dy), Indices::Host(idx)) => {
+                let p = validate_pool(PoolKind::Max, (x.dtype(), x.layout()), opts)?;
+                validate_pool_backward(&p, (dy.dtype(), dy.layout()))?;
+                Tensor::Host(backward_host(&p, dy, Some(idx))?)
+            }
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
+            (TensorRef::Cuda(x), TensorRef::Cuda(dy), Indices::Cuda(idx)) => {
+                Tensor::Cuda(cuda::max_pool2d_backward(x, dy, idx, opts)?)
+            }
+            #[allow(unreachable_patterns)]
+            (x, dy, idx) => {
+                return Err(Error::DeviceMismatch {
+                    detail: format!(
+                        "x on {}, dy on {}, indices on {}: all must be on one device",
+                        x.device_name(),
+                        dy.device_name(),
+                        idx.device_name()
+                    ),
+                })
+            }
+        },
+        (PoolKind::Max, None) => {
+            return Err(Error::InvalidArgument(
+                "indices: max pooling backward needs the forward's indices".into(),
+            ))
+        }
+        (PoolKind::Avg, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "indices: average pooling takes no indices".into(),
+            ))
+        }
+    };
+    T::from_output(dx)
+}
+
+/// The CPU reference on a validated problem: y and, for max pooling, the indices (the
+/// Python host path validates once and calls this).
+pub(crate) fn forward_host(
+    p: &Pool2dProblem,
+    x: &HostTensor,
+) -> Result<(HostTensor, Option<Indices>)> {
+    let x = f64_data(x);
+    match p.kind {
+        PoolKind::Max => {
+            let (y, idx) = reference::max_pool2d(p, &x);
+            Ok((
+                host_out(y, &p.y_shape(), p.dtype)?,
+                Some(Indices::Host(idx)),
+            ))
+        }
+        PoolKind::Avg => Ok((
+            host_out(reference::avg_pool2d(p, &x), &p.y_shape(), p.dtype)?,
+            None,
+        )),
+    }
 }
 
 fn check_indices_len(p: &Pool2dProblem, len: usize) -> Result<()> {
@@ -269,108 +412,38 @@ fn check_indices_len(p: &Pool2dProblem, len: usize) -> Result<()> {
     Ok(())
 }
 
-/// Max pooling backward: dx (x's shape) from dy and the forward's indices. `x` gives
-/// the geometry and dtype only.
-pub fn max_pool2d_backward(
-    x: &Tensor,
-    dy: &Tensor,
-    indices: &Indices,
-    opts: &Pool2dOptions,
-) -> Result<Tensor> {
-    match (x, dy, indices) {
-        (Tensor::Host(x), Tensor::Host(dy), Indices::Host(i)) => {
-            Ok(Tensor::Host(max_pool2d_backward_cpu(x, dy, i, opts)?))
-        }
-        #[cfg(any(feature = "cuda", feature = "emulator"))]
-        (Tensor::Cuda(x), Tensor::Cuda(dy), Indices::Cuda(i)) => {
-            Ok(Tensor::Cuda(cuda::max_pool2d_backward(x, dy, i, opts)?))
-        }
-        #[allow(unreachable_patterns)]
-        (x, dy, i) => {
-            let where_ = match i {
-                Indices::Host(_) => "cpu".to_string(),
-                #[cfg(any(feature = "cuda", feature = "emulator"))]
-                Indices::Cuda(d) => format!("cuda:{}", d.stream().ordinal()),
-            };
-            Err(Error::DeviceMismatch {
-                detail: format!(
-                    "x on {}, dy on {}, indices on {where_}: all must be on one device",
-                    x.device_name(),
-                    dy.device_name()
-                ),
-            })
-        }
-    }
-}
-
-/// The CPU reference max pooling backward.
-pub fn max_pool2d_backward_cpu(
-    x: &HostTensor,
+/// The CPU reference backward on a validated problem (dy checked against it): dx from
+/// dy and, for max pooling, the forward's indices (checked here: length and range).
+pub(crate) fn backward_host(
+    p: &Pool2dProblem,
     dy: &HostTensor,
-    indices: &[i32],
-    opts: &Pool2dOptions,
+    indices: Option<&[i32]>,
 ) -> Result<HostTensor> {
-    let p = validate_pool(PoolKind::Max, (x.dtype(), x.layout()), opts)?;
-    validate_pool_backward(&p, (dy.dtype(), dy.layout()))?;
-    check_indices_len(&p, indices.len())?;
-    let plane = (p.h * p.w) as i64;
-    if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as i64 >= plane) {
-        return Err(Error::InvalidArgument(format!(
-            "indices: {bad} is outside the {}x{} input plane",
-            p.h, p.w
-        )));
-    }
-    let dx = reference::max_pool2d_backward(&p, &f64_data(dy), indices);
+    let dx = match (p.kind, indices) {
+        (PoolKind::Max, Some(indices)) => {
+            check_indices_len(p, indices.len())?;
+            let plane = (p.h * p.w) as i64;
+            if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as i64 >= plane) {
+                return Err(Error::InvalidArgument(format!(
+                    "indices: {bad} is outside the {}x{} input plane",
+                    p.h, p.w
+                )));
+            }
+            reference::max_pool2d_backward(p, &f64_data(dy), indices)
+        }
+        (PoolKind::Avg, None) => reference::avg_pool2d_backward(p, &f64_data(dy)),
+        (PoolKind::Max, None) => {
+            return Err(Error::InvalidArgument(
+                "indices: max pooling backward needs the forward's indices".into(),
+            ))
+        }
+        (PoolKind::Avg, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "indices: average pooling takes no indices".into(),
+            ))
+        }
+    };
     host_out(dx, &p.x_shape(), p.dtype)
-}
-
-/// Average pooling on host or device tensors.
-pub fn avg_pool2d(x: &Tensor, opts: &Pool2dOptions) -> Result<Tensor> {
-    match x {
-        Tensor::Host(x) => Ok(Tensor::Host(avg_pool2d_cpu(x, opts)?)),
-        #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Tensor::Cuda(x) => Ok(Tensor::Cuda(cuda::avg_pool2d(x, opts)?)),
-    }
-}
-
-/// The CPU reference average pooling.
-pub fn avg_pool2d_cpu(x: &HostTensor, opts: &Pool2dOptions) -> Result<HostTensor> {
-    let p = validate_pool(PoolKind::Avg, (x.dtype(), x.layout()), opts)?;
-    host_out(
-        reference::avg_pool2d(&p, &f64_data(x)),
-        &p.y_shape(),
-        p.dtype,
-    )
-}
-
-/// Average pooling backward: dx from dy (`x` gives the geometry and dtype only).
-pub fn avg_pool2d_backward(x: &Tensor, dy: &Tensor, opts: &Pool2dOptions) -> Result<Tensor> {
-    match (x, dy) {
-        (Tensor::Host(x), Tensor::Host(dy)) => {
-            Ok(Tensor::Host(avg_pool2d_backward_cpu(x, dy, opts)?))
-        }
-        #[cfg(any(feature = "cuda", feature = "emulator"))]
-        (Tensor::Cuda(x), Tensor::Cuda(dy)) => {
-            Ok(Tensor::Cuda(cuda::avg_pool2d_backward(x, dy, opts)?))
-        }
-        #[allow(unreachable_patterns)]
-        (x, dy) => Err(mixed_devices(&[("x", x), ("dy", dy)])),
-    }
-}
-
-/// The CPU reference average pooling backward.
-pub fn avg_pool2d_backward_cpu(
-    x: &HostTensor,
-    dy: &HostTensor,
-    opts: &Pool2dOptions,
-) -> Result<HostTensor> {
-    let p = validate_pool(PoolKind::Avg, (x.dtype(), x.layout()), opts)?;
-    validate_pool_backward(&p, (dy.dtype(), dy.layout()))?;
-    host_out(
-        reference::avg_pool2d_backward(&p, &f64_data(dy)),
-        &p.x_shape(),
-        p.dtype,
-    )
 }
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
