@@ -3,8 +3,8 @@
 #include "dense_bwd_sm80.cuh"
 
 namespace fk {
-template cudaError_t
-run_dense_bwd_sm80<128, __nv_bfloat16, false>(const fk_attention_bwd_params &, cudaStream_t);
-template cudaError_t
-run_dense_bwd_sm80<128, __nv_bfloat16, true>(const fk_attention_bwd_params &, cudaStream_t);
+template cudaError_t run_dense_bwd_sm80<128, __nv_bfloat16, false>(const fk_attention_bwd_params &,
+                                                                   cudaStream_t);
+template cudaError_t run_dense_bwd_sm80<128, __nv_bfloat16, true>(const fk_attention_bwd_params &,
+                                                                  cudaStream_t);
 } // namespace fk

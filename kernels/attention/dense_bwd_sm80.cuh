@@ -54,8 +54,7 @@ __global__ void __launch_bounds__(kDeltaThreads)
   const Element *dout = static_cast<const Element *>(p.dout) +
                         seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, head);
   float *delta = p.delta + seq.lse_offset(p, head);
-  delta_rows(p, o, dout, delta, m0, seq.nq, p.head_dim,
-             [](int) { return true; });
+  delta_rows(p, o, dout, delta, m0, seq.nq, p.head_dim, [](int) { return true; });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -135,10 +134,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   query_blocks<kHasMask>(n0, BN, BM, nq, nk, diag, wl, wr, m_begin, n_mblocks);
   const int n_iters = group * n_mblocks; // (query head, query block) pairs, head-major
 
-  const Element *q = static_cast<const Element *>(p.q) +
-                     seq.q_offset(p.q_batch_stride, p.q_row_stride, 0, 0);
-  const Element *dout = static_cast<const Element *>(p.dout) +
-                        seq.q_offset(p.do_batch_stride, p.do_row_stride, 0, 0);
+  const Element *q =
+      static_cast<const Element *>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, 0, 0);
+  const Element *dout =
+      static_cast<const Element *>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, 0, 0);
   const Element *k = static_cast<const Element *>(p.k) +
                      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, kv_head) +
                      int64_t(n0) * p.k_row_stride;
@@ -470,8 +469,8 @@ template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t stream) {
   using namespace dense_bwd_detail;
   using C = DenseBwdConfigSm80<kHeadDim>;
-  using KV = DenseBwdKVTraitsSm80<kHeadDim, Element, C::kKVBlockN, C::kKVBlockM,
-                                  C::kKVSplitRoles, C::kKVMinBlocks>;
+  using KV = DenseBwdKVTraitsSm80<kHeadDim, Element, C::kKVBlockN, C::kKVBlockM, C::kKVSplitRoles,
+                                  C::kKVMinBlocks>;
   using Q = DenseBwdQTraitsSm80<kHeadDim, Element, C::kQBlockM, C::kQBlockN, C::kQMinBlocks>;
   static_assert(KV::kSmemBytes <= 99 * 1024 && Q::kSmemBytes <= 99 * 1024,
                 "shared memory must fit sm_86 / sm_89 (99 KB per block)");
@@ -480,8 +479,7 @@ cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t st
   // has nothing to compute (seqlen_q == 0 still needs dK = dV = 0, kernel 2 writes them).
   if (p.seqlen_q > 0) {
     const dim3 grid((p.seqlen_q + kDeltaRows - 1) / kDeltaRows, p.heads, p.batch);
-    err = launch_kernel(dense_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0, stream,
-                        p);
+    err = launch_kernel(dense_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0, stream, p);
     if (err != cudaSuccess) return err;
   }
   if (p.seqlen_k > 0) {
@@ -492,8 +490,8 @@ cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t st
   }
   if (p.seqlen_q > 0) {
     const dim3 grid((p.seqlen_q + Q::kBlockM - 1) / Q::kBlockM, p.heads, p.batch);
-    err = launch_kernel(dense_bwd_dq_kernel<Q, kHasMask>, grid, dim3(Q::kNThreads),
-                        Q::kSmemBytes, stream, p);
+    err = launch_kernel(dense_bwd_dq_kernel<Q, kHasMask>, grid, dim3(Q::kNThreads), Q::kSmemBytes,
+                        stream, p);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -4,7 +4,7 @@
 
 namespace fk {
 template cudaError_t run_dense_fwd_sm80<256, __half, false>(const fk_attention_fwd_params &,
-                                                          cudaStream_t);
+                                                            cudaStream_t);
 template cudaError_t run_dense_fwd_sm80<256, __half, true>(const fk_attention_fwd_params &,
-                                                         cudaStream_t);
+                                                           cudaStream_t);
 } // namespace fk

@@ -4,7 +4,7 @@
 
 namespace fk {
 template cudaError_t run_dense_fwd_sm80<64, __nv_bfloat16, false>(const fk_attention_fwd_params &,
-                                                          cudaStream_t);
+                                                                  cudaStream_t);
 template cudaError_t run_dense_fwd_sm80<64, __nv_bfloat16, true>(const fk_attention_fwd_params &,
-                                                         cudaStream_t);
+                                                                 cudaStream_t);
 } // namespace fk

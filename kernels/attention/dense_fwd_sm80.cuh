@@ -90,17 +90,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     n_begin = int(min(int64_t(n_end), max(int64_t(0), first_key) / BN));
   }
 
-  load_tile<kNThreads, D, BM>(FirstRows{nq - m0}, d_chunks, tid, tile_source(sQ, q, p.q_row_stride));
+  load_tile<kNThreads, D, BM>(FirstRows{nq - m0}, d_chunks, tid,
+                              tile_source(sQ, q, p.q_row_stride));
   cp_async_commit();
   if (n_begin < n_end) {
     const int64_t first = int64_t(n_begin) * BN;
     const FirstRows rows{nk - n_begin * BN};
-    load_tile<kNThreads, D, BN>(
-        rows, d_chunks, tid,
-        tile_source(sK + (n_begin & 1) * Traits::kSmemKV, k + first * p.k_row_stride, p.k_row_stride));
-    load_tile<kNThreads, D, BN>(
-        rows, d_chunks, tid,
-        tile_source(sV + (n_begin & 1) * Traits::kSmemKV, v + first * p.v_row_stride, p.v_row_stride));
+    load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
+                                tile_source(sK + (n_begin & 1) * Traits::kSmemKV,
+                                            k + first * p.k_row_stride, p.k_row_stride));
+    load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
+                                tile_source(sV + (n_begin & 1) * Traits::kSmemKV,
+                                            v + first * p.v_row_stride, p.v_row_stride));
   }
   cp_async_commit();
 
@@ -113,8 +114,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     for (int ks = 0; ks < kKSteps; ++ks) attn::load_a<D>(qf[ks], sQ, warp_row0, ks, lane);
   }
   const auto q_src = [&] {
-    if constexpr (Traits::kQInRegs) return attn::RegA<kKSteps>{qf};
-    else return attn::SmemA<D, Element>{sQ, warp_row0};
+    if constexpr (Traits::kQInRegs)
+      return attn::RegA<kKSteps>{qf};
+    else
+      return attn::SmemA<D, Element>{sQ, warp_row0};
   }();
 
   float acc[MT][kOTiles][4];
@@ -127,12 +130,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     if (n + 1 < n_end) {
       const int64_t next = int64_t(n + 1) * BN;
       const FirstRows rows{nk - (n + 1) * BN};
-      load_tile<kNThreads, D, BN>(
-          rows, d_chunks, tid,
-          tile_source(sK + (stage ^ 1) * Traits::kSmemKV, k + next * p.k_row_stride, p.k_row_stride));
-      load_tile<kNThreads, D, BN>(
-          rows, d_chunks, tid,
-          tile_source(sV + (stage ^ 1) * Traits::kSmemKV, v + next * p.v_row_stride, p.v_row_stride));
+      load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
+                                  tile_source(sK + (stage ^ 1) * Traits::kSmemKV,
+                                              k + next * p.k_row_stride, p.k_row_stride));
+      load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
+                                  tile_source(sV + (stage ^ 1) * Traits::kSmemKV,
+                                              v + next * p.v_row_stride, p.v_row_stride));
       cp_async_commit();
       cp_async_wait<1>(); // block n has landed, block n + 1 may still be in flight
     } else {

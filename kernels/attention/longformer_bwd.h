@@ -16,8 +16,7 @@ cudaError_t run_longformer_bwd_delta_sm80(const fk_longformer_bwd_params &params
 // dQ of pass LOCAL (packed global keys with k_rows) or GLOBAL_ROWS (num_splits > 1: then
 // the reduce too); kHeadDim is the padded head dim (64 or 128).
 template <int kHeadDim, typename Element>
-cudaError_t run_longformer_bwd_dq_sm80(const fk_longformer_bwd_params &params,
-                                       cudaStream_t stream);
+cudaError_t run_longformer_bwd_dq_sm80(const fk_longformer_bwd_params &params, cudaStream_t stream);
 // dK, dV of pass LOCAL_BAND, GLOBAL_COLS (num_splits > 1: then the reduce too) or
 // GLOBAL_ROWS.
 template <int kHeadDim, typename Element>

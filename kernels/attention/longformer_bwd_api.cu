@@ -53,8 +53,7 @@ extern "C" int32_t fk_longformer_bwd_dq(const fk_longformer_bwd_params *p, void 
   if (!longformer_bwd_common_ok(p) || !longformer_bwd_pass_ok(p) || p->dq == nullptr ||
       (p->c.pass != FK_LONGFORMER_LOCAL && p->c.pass != FK_LONGFORMER_GLOBAL_ROWS) ||
       !fk::check::check_splits(p->num_splits, p->c, FK_LONGFORMER_GLOBAL_ROWS,
-                               p->partial != nullptr, p->c.q_rows_per_seq,
-                               FK_LONGFORMER_BWD_BLOCK))
+                               p->partial != nullptr, p->c.q_rows_per_seq, FK_LONGFORMER_BWD_BLOCK))
     return cudaErrorInvalidValue;
   if (p->c.seqlen == 0) return cudaSuccess;
   fk::DeviceGuard guard(p->c.device);
@@ -70,8 +69,7 @@ extern "C" int32_t fk_longformer_bwd_dkdv(const fk_longformer_bwd_params *p, voi
       (p->c.pass != FK_LONGFORMER_LOCAL_BAND && p->c.pass != FK_LONGFORMER_GLOBAL_COLS &&
        p->c.pass != FK_LONGFORMER_GLOBAL_ROWS) ||
       !fk::check::check_splits(p->num_splits, p->c, FK_LONGFORMER_GLOBAL_COLS,
-                               p->partial != nullptr, p->c.k_rows_per_seq,
-                               FK_LONGFORMER_BWD_BLOCK))
+                               p->partial != nullptr, p->c.k_rows_per_seq, FK_LONGFORMER_BWD_BLOCK))
     return cudaErrorInvalidValue;
   if (p->c.seqlen == 0) return cudaSuccess;
   fk::DeviceGuard guard(p->c.device);

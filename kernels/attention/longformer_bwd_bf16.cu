@@ -3,13 +3,13 @@
 
 namespace fk {
 template cudaError_t run_longformer_bwd_delta_sm80<__nv_bfloat16>(const fk_longformer_bwd_params &,
-                                                       cudaStream_t);
+                                                                  cudaStream_t);
 template cudaError_t run_longformer_bwd_dq_sm80<64, __nv_bfloat16>(const fk_longformer_bwd_params &,
-                                                        cudaStream_t);
-template cudaError_t run_longformer_bwd_dq_sm80<128, __nv_bfloat16>(const fk_longformer_bwd_params &,
-                                                         cudaStream_t);
-template cudaError_t run_longformer_bwd_dkdv_sm80<64, __nv_bfloat16>(const fk_longformer_bwd_params &,
-                                                          cudaStream_t);
-template cudaError_t run_longformer_bwd_dkdv_sm80<128, __nv_bfloat16>(const fk_longformer_bwd_params &,
-                                                           cudaStream_t);
+                                                                   cudaStream_t);
+template cudaError_t run_longformer_bwd_dq_sm80<128, __nv_bfloat16>(
+    const fk_longformer_bwd_params &, cudaStream_t);
+template cudaError_t run_longformer_bwd_dkdv_sm80<64, __nv_bfloat16>(
+    const fk_longformer_bwd_params &, cudaStream_t);
+template cudaError_t run_longformer_bwd_dkdv_sm80<128, __nv_bfloat16>(
+    const fk_longformer_bwd_params &, cudaStream_t);
 } // namespace fk

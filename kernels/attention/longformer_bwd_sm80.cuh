@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kDeltaThreads)
   const uint8_t *pad = p.c.padding_mask ? p.c.padding_mask + int64_t(batch) * n : nullptr;
   const Element *o = static_cast<const Element *>(p.o) + int64_t(batch) * p.o_batch_stride +
                      int64_t(head) * p.o_head_stride;
-  const Element *dout = static_cast<const Element *>(p.dout) +
-                        int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
+  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_batch_stride +
+                        int64_t(head) * p.do_head_stride;
   float *delta = p.delta + int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
   delta_rows(p, o, dout, delta, m0, n, p.c.head_dim, [&](int i) { return !(pad && pad[i] != 0); });
 }
@@ -130,11 +130,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 
   const LongformerRule rule(c, batch, head);
   // Outer rows: gathered q_rows for GLOBAL_ROWS, contiguous tokens for LOCAL.
-  const LongformerRows rows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
-                  batch, rule.n);
+  const LongformerRows rows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr,
+                            c.q_rows_per_seq, batch, rule.n);
   const int64_t csr_row =
-      (int64_t(batch) * c.num_classes + c.head_class[head]) * (gridDim.x / num_splits) +
-      m_block;
+      (int64_t(batch) * c.num_classes + c.head_class[head]) * (gridDim.x / num_splits) + m_block;
   // Split s visits entries [len * s / S, len * (s + 1) / S) of the row (S = 1: all).
   const int row_begin = c.tile_offsets[csr_row];
   const int64_t row_len = c.tile_offsets[csr_row + 1] - row_begin;
@@ -152,8 +151,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 
   const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
                      int64_t(head) * p.q_head_stride;
-  const Element *dout = static_cast<const Element *>(p.dout) +
-                        int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
+  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_batch_stride +
+                        int64_t(head) * p.do_head_stride;
   const Element *k = static_cast<const Element *>(p.k) + int64_t(batch) * p.k_batch_stride +
                      int64_t(head) * p.k_head_stride;
   const Element *v = static_cast<const Element *>(p.v) + int64_t(batch) * p.v_batch_stride +
@@ -206,7 +205,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       }
     };
     load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid, tile_source(sQ, q, p.q_row_stride));
-    load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid, tile_source(sdO, dout, p.do_row_stride));
+    load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid,
+                                    tile_source(sdO, dout, p.do_row_stride));
     load_kv(it_begin, 0);
     if (tid < BN) sKf[tid] = key_flags(it_begin);
   }
@@ -260,8 +260,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       // key tile: GLOBAL_COLS, column x = the flag (its token: every listed key of a local
       // row, causal: token <= i).
       const bool gtile = packed() && tile >= nkt();
-      const int tpass = gtile ? FK_LONGFORMER_GLOBAL_COLS
-                              : packed() ? FK_LONGFORMER_LOCAL_BAND : pass;
+      const int tpass = gtile      ? FK_LONGFORMER_GLOBAL_COLS
+                        : packed() ? FK_LONGFORMER_LOCAL_BAND
+                                   : pass;
 #pragma unroll
       for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
@@ -272,8 +273,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
           const int k_res = kf & ((1 << 30) - 1);
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            if (rule.pair(tpass, row_i[r], col, row_ok[r], kf >= 0, k_glob,
-                          k_res == row_res[r]))
+            if (rule.pair(tpass, row_i[r], col, row_ok[r], kf >= 0, k_glob, k_res == row_res[r]))
               allowed |= 1u << (4 * j + 2 * r + e);
         }
     }
@@ -339,8 +339,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   __syncwarp();
   Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_batch_stride +
                 int64_t(head) * p.dq_head_stride;
-  store_rows<D, 16>(dq, p.dq_row_stride, sQ, warp_row0,
-                    token_rows([&](int r) { return tok_s[r]; }), chunks_valid, lane);
+  store_rows<D, 16>(dq, p.dq_row_stride, sQ, warp_row0, token_rows([&](int r) { return tok_s[r]; }),
+                    chunks_valid, lane);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -415,18 +415,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   const LongformerRule rule(c, batch, head);
   // Outer rows: gathered k_rows for GLOBAL_COLS, else contiguous. Inner rows: gathered
   // q_rows for GLOBAL_ROWS, else contiguous.
-  const LongformerRows krows(pass == FK_LONGFORMER_GLOBAL_COLS ? c.k_rows : nullptr, c.k_rows_per_seq,
-                   batch, rule.n);
-  const LongformerRows qrows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr, c.q_rows_per_seq,
-                   batch, rule.n);
+  const LongformerRows krows(pass == FK_LONGFORMER_GLOBAL_COLS ? c.k_rows : nullptr,
+                             c.k_rows_per_seq, batch, rule.n);
+  const LongformerRows qrows(pass == FK_LONGFORMER_GLOBAL_ROWS ? c.q_rows : nullptr,
+                             c.q_rows_per_seq, batch, rule.n);
   int tile_begin, tile_end;
   work.entries(c, p.num_splits, batch, head, tile_begin, tile_end);
   const int n_iters = (tile_end - tile_begin) * Tr::kSubSteps;
 
   const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
                      int64_t(head) * p.q_head_stride;
-  const Element *dout = static_cast<const Element *>(p.dout) +
-                        int64_t(batch) * p.do_batch_stride + int64_t(head) * p.do_head_stride;
+  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_batch_stride +
+                        int64_t(head) * p.do_head_stride;
   const Element *k = static_cast<const Element *>(p.k) + int64_t(batch) * p.k_batch_stride +
                      int64_t(head) * p.k_head_stride;
   const Element *v = static_cast<const Element *>(p.v) + int64_t(batch) * p.v_batch_stride +
@@ -561,8 +561,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     if (!key_ok[r])
 #pragma unroll
       for (int i = 0; i < kOTiles; ++i)
-        acc[kDk][i][2 * r] = acc[kDk][i][2 * r + 1] = acc[kDv][i][2 * r] =
-            acc[kDv][i][2 * r + 1] = 0.f;
+        acc[kDk][i][2 * r] = acc[kDk][i][2 * r + 1] = acc[kDv][i][2 * r] = acc[kDv][i][2 * r + 1] =
+            0.f;
   if (p.num_splits > 1) {
     // GLOBAL_COLS split: this split's unscaled f32 sums of every listed key (zeros for a
     // padded one) at the key's entry index, dK then dV; the reduce writes or adds them.
@@ -717,12 +717,11 @@ template <> struct LongformerBwdConfigSm80<128> {
 };
 
 template <typename Element>
-cudaError_t run_longformer_bwd_delta_sm80(const fk_longformer_bwd_params &p,
-                                          cudaStream_t stream) {
+cudaError_t run_longformer_bwd_delta_sm80(const fk_longformer_bwd_params &p, cudaStream_t stream) {
   using namespace longformer_bwd_detail;
   const dim3 grid((p.c.seqlen + kDeltaRows - 1) / kDeltaRows, p.c.heads, p.c.batch);
-  return launch_kernel(longformer_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0,
-                       stream, p);
+  return launch_kernel(longformer_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0, stream,
+                       p);
 }
 
 // Number of outer tiles: contiguous ceil(N / 64) or gathered ceil(per_seq / 64).
@@ -733,14 +732,13 @@ inline int longformer_bwd_outer_tiles(int rows) {
 // The reduce of a split pass (num_splits > 1), after it on the same stream: one warp per
 // entry of the gathered list of every (b, h).
 template <typename Element, bool kKV>
-cudaError_t launch_longformer_bwd_reduce(const fk_longformer_bwd_params &p,
-                                         cudaStream_t stream) {
+cudaError_t launch_longformer_bwd_reduce(const fk_longformer_bwd_params &p, cudaStream_t stream) {
   using namespace longformer_bwd_detail;
   const int64_t rows =
       int64_t(p.c.batch) * p.c.heads * (kKV ? p.c.k_rows_per_seq : p.c.q_rows_per_seq);
   const dim3 grid(unsigned((rows + kReduceWarps - 1) / kReduceWarps));
-  return launch_kernel(longformer_bwd_reduce_kernel<Element, kKV>, grid,
-                       dim3(32 * kReduceWarps), 0, stream, p);
+  return launch_kernel(longformer_bwd_reduce_kernel<Element, kKV>, grid, dim3(32 * kReduceWarps), 0,
+                       stream, p);
 }
 
 template <int kHeadDim, typename Element>
@@ -763,8 +761,7 @@ cudaError_t run_longformer_bwd_dq_sm80(const fk_longformer_bwd_params &p, cudaSt
 }
 
 template <int kHeadDim, typename Element>
-cudaError_t run_longformer_bwd_dkdv_sm80(const fk_longformer_bwd_params &p,
-                                         cudaStream_t stream) {
+cudaError_t run_longformer_bwd_dkdv_sm80(const fk_longformer_bwd_params &p, cudaStream_t stream) {
   using namespace longformer_bwd_detail;
   using C = LongformerBwdConfigSm80<kHeadDim>;
   using Tr = LongformerBwdKVTraitsSm80<kHeadDim, Element, C::kKVBlockM, C::kKVMinBlocks>;

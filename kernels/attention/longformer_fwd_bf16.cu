@@ -3,7 +3,7 @@
 
 namespace fk {
 template cudaError_t run_longformer_fwd_sm80<64, __nv_bfloat16>(const fk_longformer_fwd_params &,
-                                                         cudaStream_t);
+                                                                cudaStream_t);
 template cudaError_t run_longformer_fwd_sm80<128, __nv_bfloat16>(const fk_longformer_fwd_params &,
-                                                          cudaStream_t);
+                                                                 cudaStream_t);
 } // namespace fk

@@ -98,8 +98,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // Token of the block's row `row` (in [0, BM)), or -1 for none: contiguous for LOCAL,
   // gathered from q_rows for GLOBAL_ROWS (-1 entries, entries outside [0, N) and entries
   // past per_seq are none).
-  const int32_t *q_rows =
-      gathered ? pc.q_rows + int64_t(batch) * pc.q_rows_per_seq + m0 : nullptr;
+  const int32_t *q_rows = gathered ? pc.q_rows + int64_t(batch) * pc.q_rows_per_seq + m0 : nullptr;
   const int rows_in_tile = (gathered ? pc.q_rows_per_seq : n_tokens) - m0;
   auto token_of = [&](int row) -> int {
     if (row >= rows_in_tile) return -1;
@@ -122,12 +121,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
                                 pc.seqlen);
   };
 
-  const Element *q = static_cast<const Element *>(p.q) + batch * p.q_batch_stride +
-                     head * p.q_head_stride;
-  const Element *k = static_cast<const Element *>(p.k) + batch * p.k_batch_stride +
-                     head * p.k_head_stride;
-  const Element *v = static_cast<const Element *>(p.v) + batch * p.v_batch_stride +
-                     head * p.v_head_stride;
+  const Element *q =
+      static_cast<const Element *>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
+  const Element *k =
+      static_cast<const Element *>(p.k) + batch * p.k_batch_stride + head * p.k_head_stride;
+  const Element *v =
+      static_cast<const Element *>(p.v) + batch * p.v_batch_stride + head * p.v_head_stride;
 
   auto load_kv = [&](int it, int stage) {
     const int tile = pc.tile_ids[it];
@@ -138,10 +137,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         tok = tok_of(row);
         return tok >= 0 && chunk_ok() && (pad == nullptr || pad[tok] == 0);
       };
-      load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
-                                          tile_source(sK + stage * Traits::kSmemKV, k, p.k_row_stride));
-      load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
-                                          tile_source(sV + stage * Traits::kSmemKV, v, p.v_row_stride));
+      load_tile<Traits::kNThreads, D, BN>(
+          key_row, d_chunks, tid, tile_source(sK + stage * Traits::kSmemKV, k, p.k_row_stride));
+      load_tile<Traits::kNThreads, D, BN>(
+          key_row, d_chunks, tid, tile_source(sV + stage * Traits::kSmemKV, v, p.v_row_stride));
       // The tile's tokens, for its flags and causal cut (read after the loop's barrier).
       if (tid < BN) sKTok[stage * BN + tid] = tok_of(tid);
       return;
@@ -154,12 +153,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       src = row;
       return row < rows_valid && chunk_ok() && (tpad == nullptr || tpad[row] == 0);
     };
-    load_tile<Traits::kNThreads, D, BN>(
-        key_row, d_chunks, tid,
-        tile_source(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.k_row_stride, p.k_row_stride));
-    load_tile<Traits::kNThreads, D, BN>(
-        key_row, d_chunks, tid,
-        tile_source(sV + stage * Traits::kSmemKV, v + int64_t(k0) * p.v_row_stride, p.v_row_stride));
+    load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
+                                        tile_source(sK + stage * Traits::kSmemKV,
+                                                    k + int64_t(k0) * p.k_row_stride,
+                                                    p.k_row_stride));
+    load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
+                                        tile_source(sV + stage * Traits::kSmemKV,
+                                                    v + int64_t(k0) * p.v_row_stride,
+                                                    p.v_row_stride));
   };
 
   // Q rows: the block's tokens, zeros where none or padded.
@@ -194,8 +195,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     for (int ks = 0; ks < kKSteps; ++ks) attn::load_a<D>(qf[ks], sQ, warp_row0, ks, lane);
   }
   const auto q_src = [&] {
-    if constexpr (Traits::kQInRegs) return attn::RegA<kKSteps>{qf};
-    else return attn::SmemA<D, Element>{sQ, warp_row0};
+    if constexpr (Traits::kQInRegs)
+      return attn::RegA<kKSteps>{qf};
+    else
+      return attn::SmemA<D, Element>{sQ, warp_row0};
   }();
 
   float acc[MT][kOTiles][4];
@@ -269,9 +272,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
             const int rel = col - row_idx[mt][r]; // |rel| <= N < 2^30
             const int dist = rel < 0 ? -rel : rel;
             const bool band = rule.in_band(dist);
-            const bool allowed =
-                row_local[mt][r] && !(causal && rel > 0) &&
-                ((band && ((key_band >> bit) & 1u)) || ((key_any >> bit) & 1u));
+            const bool allowed = row_local[mt][r] && !(causal && rel > 0) &&
+                                 ((band && ((key_band >> bit) & 1u)) || ((key_any >> bit) & 1u));
             if (!allowed) s[mt][j][e] = -INFINITY;
           }
     } else {
@@ -297,8 +299,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
           for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-              const bool allowed = row_local[mt][r] && j * 8 + 2 * t + c < cut &&
-                                   ((key_any >> (2 * j + c)) & 1u);
+              const bool allowed =
+                  row_local[mt][r] && j * 8 + 2 * t + c < cut && ((key_any >> (2 * j + c)) & 1u);
               if (!allowed) s[mt][j][2 * r + c] = -INFINITY;
             }
         }
@@ -447,14 +449,14 @@ cudaError_t run_longformer_fwd_sm80(const fk_longformer_fwd_params &p, cudaStrea
   const dim3 grid(unsigned(outer_tiles) * unsigned(num_splits), p.c.heads, p.c.batch);
   // + the key tokens of gathered key tiles (two stages).
   const size_t smem = Traits::kSmemBytes + 2 * Traits::kBlockN * sizeof(int);
-  cudaError_t err = launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads),
-                                  smem, stream, p);
+  cudaError_t err =
+      launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads), smem, stream, p);
   if (err != cudaSuccess || num_splits == 1) return err;
   constexpr int kCombineWarps = 4;
   const int64_t rows = int64_t(p.c.batch) * p.c.heads * p.c.q_rows_per_seq;
   const dim3 cgrid(unsigned((rows + kCombineWarps - 1) / kCombineWarps));
-  return launch_kernel(longformer_fwd_combine_kernel<Element>, cgrid, dim3(32 * kCombineWarps),
-                       0, stream, p);
+  return launch_kernel(longformer_fwd_combine_kernel<Element>, cgrid, dim3(32 * kCombineWarps), 0,
+                       stream, p);
 }
 
 } // namespace fk

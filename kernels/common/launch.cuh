@@ -33,8 +33,8 @@ private:
 // shared memory a kernel must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize) first;
 // the attribute is per device, so it is set on every call (it is cheap).
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                          size_t smem_bytes, cudaStream_t stream, Args &&...args) {
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, Args &&...args) {
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));

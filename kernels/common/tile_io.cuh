@@ -98,8 +98,7 @@ __device__ __forceinline__ void load_tile(const RowMap &row_of, int chunks_valid
     // Every source address first, then the copies.
     const void *from[] = {chunk_source(tiles, chunk, src, valid)...};
     int k = 0;
-    (cp_async_16(smem_addr(tiles.smem + Tile::offset(row, chunk)), from[k++], valid ? 16 : 0),
-     ...);
+    (cp_async_16(smem_addr(tiles.smem + Tile::offset(row, chunk)), from[k++], valid ? 16 : 0), ...);
   }
 }
 

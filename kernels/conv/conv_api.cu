@@ -29,8 +29,7 @@ bool fwd_supported(const fk_conv2d_params &p) {
   if (p.algo != FK_CONV_ALGO_IM2COL && p.algo != FK_CONV_ALGO_IMPLICIT_GEMM) return false;
   if (p.dtype == FK_DTYPE_F32) return true; // direct kernel, whichever algo is asked for
   if (!is_half_type(p.dtype)) return false;
-  return p.algo == FK_CONV_ALGO_IM2COL ||
-         fk::conv::implicit_gemm_gather_ok(p.x_strides, p.shape);
+  return p.algo == FK_CONV_ALGO_IM2COL || fk::conv::implicit_gemm_gather_ok(p.x_strides, p.shape);
 }
 
 int64_t fwd_workspace(const fk_conv2d_params &p) {

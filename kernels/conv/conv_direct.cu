@@ -14,8 +14,8 @@ namespace {
 constexpr int kThreads = 256;
 
 inline dim3 grid_for(int64_t total) {
-  return dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads,
-                                                              int64_t(1) << 20))));
+  return dim3(unsigned(std::max<int64_t>(
+      1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20))));
 }
 
 __device__ __forceinline__ int64_t grid_start() {
@@ -43,9 +43,9 @@ template <typename T> __global__ void conv2d_fwd_direct_kernel(const fk_conv2d_p
           const int w = q * s.stride_w - s.pad_w + ss * s.dil_w;
           if (w < 0 || w >= s.w) continue;
           acc += to_float(x[n * p.x_strides[0] + (g * cg + c) * p.x_strides[1] +
-                                  h * p.x_strides[2] + w * p.x_strides[3]]) *
+                            h * p.x_strides[2] + w * p.x_strides[3]]) *
                  to_float(wt[k * p.w_strides[0] + c * p.w_strides[1] + r * p.w_strides[2] +
-                                   ss * p.w_strides[3]]);
+                             ss * p.w_strides[3]]);
         }
       }
     if (bias != nullptr) acc += to_float(bias[k]);
@@ -75,11 +75,12 @@ template <typename T> __global__ void conv2d_dx_direct_kernel(const fk_conv2d_bw
         for (int ss = 0; ss < s.s; ++ss) {
           const int wq = w + s.pad_w - ss * s.dil_w;
           if (wq < 0 || wq % s.stride_w != 0 || wq / s.stride_w >= s.q) continue;
-          acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
-                                   (hp / s.stride_h) * p.dy_strides[2] +
-                                   (wq / s.stride_w) * p.dy_strides[3]]) *
-                 to_float(wt[k * p.w_strides[0] + (c - g * cg) * p.w_strides[1] +
-                                   r * p.w_strides[2] + ss * p.w_strides[3]]);
+          acc +=
+              to_float(
+                  dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
+                     (hp / s.stride_h) * p.dy_strides[2] + (wq / s.stride_w) * p.dy_strides[3]]) *
+              to_float(wt[k * p.w_strides[0] + (c - g * cg) * p.w_strides[1] + r * p.w_strides[2] +
+                          ss * p.w_strides[3]]);
         }
       }
     static_cast<T *>(p.dx)[n * p.dx_strides[0] + c * p.dx_strides[1] + h * p.dx_strides[2] +
@@ -106,10 +107,9 @@ template <typename T> __global__ void conv2d_dw_direct_kernel(const fk_conv2d_bw
         for (int q = 0; q < s.q; ++q) {
           const int w = q * s.stride_w - s.pad_w + ss * s.dil_w;
           if (w < 0 || w >= s.w) continue;
-          acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] +
-                                   op * p.dy_strides[2] + q * p.dy_strides[3]]) *
-                 to_float(x[n * p.x_strides[0] + xc + h * p.x_strides[2] +
-                                  w * p.x_strides[3]]);
+          acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] + op * p.dy_strides[2] +
+                             q * p.dy_strides[3]]) *
+                 to_float(x[n * p.x_strides[0] + xc + h * p.x_strides[2] + w * p.x_strides[3]]);
         }
       }
     static_cast<T *>(p.dweight)[k * p.dw_strides[0] + c * p.dw_strides[1] + r * p.dw_strides[2] +
@@ -128,7 +128,7 @@ template <typename T> __global__ void conv2d_dbias_kernel(const fk_conv2d_bwd_pa
     for (int64_t i = lane; i < pixels; i += 32) {
       const int q = int(i % s.q), op = int(i / s.q % s.p), n = int(i / s.q / s.p);
       acc += to_float(dy[n * p.dy_strides[0] + k * p.dy_strides[1] + op * p.dy_strides[2] +
-                               q * p.dy_strides[3]]);
+                         q * p.dy_strides[3]]);
     }
 #pragma unroll
     for (int m = 16; m > 0; m /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, m);

@@ -43,8 +43,8 @@ template <class Traits, int ROWS> struct Im2colLoader {
   int64_t pixel_offset[kPasses]; // n * x_n; (h, w) enter per tap
   int h0[kPasses], w0[kPasses];  // top-left input position of the window; invalid rows: far out
   __device__ Im2colLoader(const Operand &op_, int row0, int tid)
-      : op(op_), x(op_.x + blockIdx.z * op_.group_stride),
-        chunk(tid % Traits::Tile::kChunksPerRow), row_in_pass(tid / Traits::Tile::kChunksPerRow) {
+      : op(op_), x(op_.x + blockIdx.z * op_.group_stride), chunk(tid % Traits::Tile::kChunksPerRow),
+        row_in_pass(tid / Traits::Tile::kChunksPerRow) {
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int m = row0 + i * kRowsPerPass + row_in_pass;
@@ -84,8 +84,8 @@ template <class Traits, int ROWS> struct Im2colLoader {
         v[e] = in ? x[pixel_offset[i] + c * op.xs[1] + h * op.xs[2] + w * op.xs[3]]
                   : from_float<Element>(0.f);
       }
-      *reinterpret_cast<uint4 *>(tile + Traits::Tile::offset(i * kRowsPerPass + row_in_pass,
-                                                             chunk)) =
+      *reinterpret_cast<uint4 *>(tile +
+                                 Traits::Tile::offset(i * kRowsPerPass + row_in_pass, chunk)) =
           *reinterpret_cast<const uint4 *>(v);
     }
   }
@@ -198,8 +198,8 @@ template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cud
 
   if (p.algo == FK_CONV_ALGO_IMPLICIT_GEMM)
     return gemm::launch_tile_gemm<Traits, Im2colLoader<Traits, Traits::kBlockM>,
-                                  gemm::StridedLoader<Traits, Traits::kBlockN>>(
-        x, w, ep, d.k_gemm, s.groups, stream);
+                                  gemm::StridedLoader<Traits, Traits::kBlockN>>(x, w, ep, d.k_gemm,
+                                                                                s.groups, stream);
 
   T *col = static_cast<T *>(p.workspace);
   const cudaError_t err = launch_im2col(x, col, s.groups, stream);
@@ -212,8 +212,8 @@ template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cud
   a.group_stride = int64_t(d.m) * d.k_gemm_padded;
   a.vec = true; // rows padded to 16 bytes, workspace 256-byte aligned
   return gemm::launch_tile_gemm<Traits, gemm::StridedLoader<Traits, Traits::kBlockM>,
-                                gemm::StridedLoader<Traits, Traits::kBlockN>>(
-      a, w, ep, d.k_gemm, s.groups, stream);
+                                gemm::StridedLoader<Traits, Traits::kBlockN>>(a, w, ep, d.k_gemm,
+                                                                              s.groups, stream);
 }
 
 } // namespace conv

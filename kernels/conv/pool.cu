@@ -18,8 +18,7 @@ constexpr int kPoolThreads = 256;
 struct Coord {
   int n, c, a, b;
 };
-__device__ __forceinline__ Coord unravel(int64_t i, int c, int rows, int cols,
-                                         bool channels_last) {
+__device__ __forceinline__ Coord unravel(int64_t i, int c, int rows, int cols, bool channels_last) {
   Coord o;
   if (channels_last) {
     o.c = int(i % c), i /= c;
@@ -45,7 +44,7 @@ __device__ __forceinline__ Window avg_window(const fk_pool2d_params &f, int op, 
   int h1 = min(h0 + f.kernel_h, f.h + f.pad_h), w1 = min(w0 + f.kernel_w, f.w + f.pad_w);
   const int padded_size = (h1 - h0) * (w1 - w0);
   h0 = max(h0, 0), w0 = max(w0, 0), h1 = min(h1, f.h), w1 = min(w1, f.w);
-  const int size = f.divisor > 0 ? f.divisor
+  const int size = f.divisor > 0         ? f.divisor
                    : f.count_include_pad ? padded_size
                                          : (h1 - h0) * (w1 - w0);
   return {h0, h1, w0, w1, float(size)};
@@ -91,16 +90,17 @@ template <typename T> __global__ void pool2d_fwd_kernel(const fk_pool2d_params f
           sum += to_float(xp[h * f.x_strides[2] + w * f.x_strides[3]]);
       out = sum / win.divisor;
     }
-    static_cast<T *>(f.y)[n * f.y_strides[0] + c * f.y_strides[1] + op * f.y_strides[2] +
-                          q * f.y_strides[3]] = from_float<T>(out);
+    static_cast<T *>(
+        f.y)[n * f.y_strides[0] + c * f.y_strides[1] + op * f.y_strides[2] + q * f.y_strides[3]] =
+        from_float<T>(out);
   }
 }
 
 // Output rows whose window covers input row h at some tap k: p * stride - pad + k dil = h.
 // Calls visit(p, k) for each, in increasing k.
 template <class Visit>
-__device__ __forceinline__ void covering(int h, int kernel, int stride, int pad, int dil,
-                                         int outs, Visit visit) {
+__device__ __forceinline__ void covering(int h, int kernel, int stride, int pad, int dil, int outs,
+                                         Visit visit) {
   for (int k = 0; k < kernel; ++k) {
     const int hp = h + pad - k * dil;
     if (hp < 0 || hp % stride != 0 || hp / stride >= outs) continue;
@@ -133,8 +133,9 @@ template <typename T> __global__ void pool2d_bwd_kernel(const fk_pool2d_bwd_para
         }
       });
     });
-    static_cast<T *>(b.dx)[n * f.x_strides[0] + c * f.x_strides[1] + h * f.x_strides[2] +
-                           w * f.x_strides[3]] = from_float<T>(acc);
+    static_cast<T *>(
+        b.dx)[n * f.x_strides[0] + c * f.x_strides[1] + h * f.x_strides[2] + w * f.x_strides[3]] =
+        from_float<T>(acc);
   }
 }
 

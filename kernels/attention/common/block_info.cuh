@@ -26,8 +26,7 @@ struct SeqInfo {
   bool varlen;
   int batch;
 
-  template <class Params>
-  __device__ __forceinline__ SeqInfo(const Params &p, int b) : batch(b) {
+  template <class Params> __device__ __forceinline__ SeqInfo(const Params &p, int b) : batch(b) {
     varlen = p.cu_seqlens_q != nullptr;
     if (varlen) {
       q_start = p.cu_seqlens_q[b];
@@ -62,8 +61,8 @@ struct SeqInfo {
 
 // Token of entry x of sequence b's gathered list (B, per_seq): -1 past per_seq, for a -1
 // entry, or outside [0, n).
-__device__ __forceinline__ int gathered_token(const int32_t *list, int per_seq, int b,
-                                              int64_t x, int n) {
+__device__ __forceinline__ int gathered_token(const int32_t *list, int per_seq, int b, int64_t x,
+                                              int n) {
   if (x >= per_seq) return -1;
   const int tok = list[int64_t(b) * per_seq + x];
   return tok >= 0 && tok < n ? tok : -1;

@@ -73,7 +73,8 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[MT][NT][4], const ASource 
     for (int j = 0; j < NT; j += 2) {
       uint32_t b[4];
       const int row = (j + lane / 16) * 8 + (lane % 8);
-      ldmatrix_x4(b, smem_addr(b_tile + SwizzledTile<COLS>::offset(row, 2 * ks + ((lane / 8) & 1))));
+      ldmatrix_x4(b,
+                  smem_addr(b_tile + SwizzledTile<COLS>::offset(row, 2 * ks + ((lane / 8) & 1))));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma_16x8x16<Element>(acc[mt][j], a[mt], b[0], b[1]);
@@ -87,7 +88,7 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[MT][NT][4], const ASource 
 template <int COLS, int NT, typename Element>
 __device__ __forceinline__ void gemm_abt(float (&acc)[NT][4], const Element *a_tile, int a_row0,
                                          const Element *b_tile, int lane) {
-  gemm_abt<COLS>(reinterpret_cast<float(&)[1][NT][4]>(acc), SmemA<COLS, Element>{a_tile, a_row0},
+  gemm_abt<COLS>(reinterpret_cast<float (&)[1][NT][4]>(acc), SmemA<COLS, Element>{a_tile, a_row0},
                  b_tile, lane);
 }
 
@@ -127,8 +128,8 @@ __device__ __forceinline__ void gemm_xb(float (&acc)[MT][COLS / 8][4], const flo
 template <int COLS, int KT, typename Element>
 __device__ __forceinline__ void gemm_xb(float (&acc)[COLS / 8][4], const float (&x)[KT][4],
                                         const Element *b_tile, int lane) {
-  gemm_xb<COLS>(reinterpret_cast<float(&)[1][COLS / 8][4]>(acc),
-                reinterpret_cast<const float(&)[1][KT][4]>(x), b_tile, lane);
+  gemm_xb<COLS>(reinterpret_cast<float (&)[1][COLS / 8][4]>(acc),
+                reinterpret_cast<const float (&)[1][KT][4]>(x), b_tile, lane);
 }
 
 } // namespace attn

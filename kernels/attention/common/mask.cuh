@@ -100,10 +100,12 @@ struct LongformerRule {
   // no key is global) and a band that holds every pair (d = 1, reach N), which leaves
   // GLOBAL_ROWS' rule. (Clipping w and d to N changes no key and keeps w * d far from
   // overflow.)
-  static __device__ __forceinline__ LongformerRule local_form(const fk_longformer_common &c,
-                                                              int b, int h, bool rows_pass) {
+  static __device__ __forceinline__ LongformerRule local_form(const fk_longformer_common &c, int b,
+                                                              int h, bool rows_pass) {
     const int n = c.seqlen;
-    const uint8_t *glob = rows_pass ? nullptr : c.global_mask ? c.global_mask + int64_t(b) * n : nullptr;
+    const uint8_t *glob = rows_pass       ? nullptr
+                          : c.global_mask ? c.global_mask + int64_t(b) * n
+                                          : nullptr;
     const uint8_t *pad = c.padding_mask ? c.padding_mask + int64_t(b) * n : nullptr;
     const int dil = rows_pass ? 1 : min(c.dilation[h], max(n, 1));
     const int win = rows_pass ? n : min(c.window, n);
@@ -129,8 +131,8 @@ struct LongformerRule {
     return dist <= reach && (dil == 1 || dist % dil == 0);
   }
   // Query i attends to key j in `pass`; congruent: residue(i) == residue(j).
-  __device__ __forceinline__ bool pair(int pass, int i, int j, bool q_ok, bool k_ok,
-                                       bool k_glob, bool congruent) const {
+  __device__ __forceinline__ bool pair(int pass, int i, int j, bool q_ok, bool k_ok, bool k_glob,
+                                       bool congruent) const {
     if (!q_ok || !k_ok) return false;
     const int rel = j - i; // |rel| < N < 2^30
     if (causal && rel > 0) return false;

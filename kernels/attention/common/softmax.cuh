@@ -95,15 +95,14 @@ __device__ __forceinline__ void probs_rows(float (&s)[NT][4], const float (&l2)[
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      s[j][e] = (allowed >> (4 * j + e)) & 1u ? exp2f(fmaf(s[j][e], scale_log2, -l2[e >> 1]))
-                                              : 0.f;
+      s[j][e] = (allowed >> (4 * j + e)) & 1u ? exp2f(fmaf(s[j][e], scale_log2, -l2[e >> 1])) : 0.f;
 }
 
 // Transposed score tile (query columns 8 j + 2 t + (e & 1), their lse2 in lse_s): s := P^T
 // where bit 4 j + e of `allowed` is set, else 0.
 template <int NT>
-__device__ __forceinline__ void probs_cols(float (&s)[NT][4], const float *lse_s,
-                                           float scale_log2, int t, uint32_t allowed = ~0u) {
+__device__ __forceinline__ void probs_cols(float (&s)[NT][4], const float *lse_s, float scale_log2,
+                                           int t, uint32_t allowed = ~0u) {
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
