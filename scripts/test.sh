@@ -13,6 +13,8 @@ echo "== format and lint"
 # Python (every *.py of the repository; config in pyproject.toml's [tool.ruff]): seconds.
 ruff check --no-cache .
 ruff format --check --no-cache .
+# CUDA C++ (config in .clang-format).
+find kernels -name '*.cu' -o -name '*.cuh' -o -name '*.h' | sort | xargs clang-format --dry-run -Werror
 cargo fmt --check
 cargo clippy --all-targets --features python -- -D warnings
 
