@@ -23,7 +23,7 @@ features=(--release --no-default-features --features emulator)
 start=$SECONDS
 cargo build "${features[@]}" --lib --bin flashkernels \
   --test gpu_attention_full --test gpu_longformer --test gpu_conv --test gpu_attention \
-  --test errors --test errors_conv
+  --test errors --test errors_device --test errors_conv
 echo "emulated crate built in $((SECONDS - start)) s"
 
 start=$SECONDS
@@ -34,7 +34,7 @@ else
   cargo test "${features[@]}" --test gpu_attention_full --test gpu_longformer --test gpu_conv \
     -- --ignored smoke
 fi
-cargo test "${features[@]}" --lib --test errors --test errors_conv
+cargo test "${features[@]}" --lib --test errors --test errors_device --test errors_conv
 echo "GPU tests on the emulator ran in $((SECONDS - start)) s"
 
 start=$SECONDS
