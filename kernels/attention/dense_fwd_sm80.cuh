@@ -74,7 +74,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
                      head_kv * p.v_head_stride + int64_t(k_start) * p.v_row_stride;
 
   // Masks, aligned bottom-right: query row i sees keys
-  // i + diag - window_left <= j <= i + diag + window_right (a negative bound = none).
+  // i + diag - window_left <= j <= i + diag + window_right (a negative bound = none). The
+  // band of common/mask.cuh in the forward's own form: rows past nq are not masked (never
+  // stored), the element test is on the key's offset from the diagonal, the block ranges
+  // in 64-bit; the shared functions measured 4 more registers (D = 128) and up to 64 bytes
+  // of spills (D = 64) here.
   const int diag = nk - nq;
   const bool has_left = kHasMask && p.window_left >= 0;
   const bool has_right = kHasMask && p.window_right >= 0;
