@@ -250,11 +250,7 @@ fn build_emulated_kernels(out_dir: &Path) {
         if !dir.is_dir() || name == "common" {
             continue;
         }
-        fs::create_dir_all(overlay.join(&name)).expect("create an overlay folder");
-        for file in fs::read_dir(&dir).expect("read a kernels/ folder") {
-            let file = file.expect("kernel file").path();
-            symlink(&file, &overlay.join(&name).join(file.file_name().unwrap()));
-        }
+        link_files(&dir, &overlay.join(&name));
     }
     for source in [
         emu_dir.join("device"),
@@ -559,4 +555,21 @@ fn glibc_2_28_compat(out_dir: &Path) {
         "cargo:rustc-cdylib-link-arg=-Wl,--push-state,--no-as-needed,\
          -l:libpthread.so.0,-l:libdl.so.2,-l:librt.so.1,--pop-state"
     );
+}
+
+/// Mirrors `src` into `dst` as real folders of symlinked files, at every depth, so that a
+/// `..` in an include resolves inside the overlay (a symlinked folder's `..` would be its
+/// target's parent: kernels/attention/common/*.cuh would then reach the real
+/// kernels/common/ instead of the emulator's).
+fn link_files(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).expect("create an overlay folder");
+    for entry in fs::read_dir(src).expect("read a kernels/ folder") {
+        let path = entry.expect("kernel file").path();
+        let target = dst.join(path.file_name().unwrap());
+        if path.is_dir() {
+            link_files(&path, &target);
+        } else {
+            symlink(&path, &target);
+        }
+    }
 }

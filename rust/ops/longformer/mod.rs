@@ -28,9 +28,9 @@
 //! Every non-padded row sees at least itself, so only padded rows are empty.
 
 use crate::error::{Error, Result};
+use crate::ops::common::f32_data;
 use crate::ops::common::mixed_devices;
-use crate::ops::common::{check_row_layout, f32_data};
-use crate::tensor::{DType, HostTensor, Layout};
+use crate::tensor::HostTensor;
 use crate::{OpTensor, Tensor, TensorRef};
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
@@ -38,8 +38,11 @@ pub mod cuda;
 // The plan is used by the device paths; without one it is still built and unit-tested.
 #[cfg_attr(not(any(feature = "cuda", feature = "emulator")), allow(dead_code))]
 pub(crate) mod plan;
+mod problem;
 pub mod reference;
 pub mod schedule;
+
+pub use problem::*;
 
 /// Options of a Longformer call.
 #[derive(Debug, Clone, PartialEq)]
@@ -220,226 +223,6 @@ pub struct LongformerGradients<T = HostTensor> {
     pub dk: T,
     pub dv: T,
     pub global: Option<[T; 3]>,
-}
-
-/// A validated call: sizes, options and the masks.
-#[derive(Debug, Clone, PartialEq)]
-// Non-exhaustive: outside this crate only the validator builds one, so holding a
-// problem is proof that the call was checked; the launch consumes it as it is.
-#[non_exhaustive]
-pub struct LongformerProblem {
-    pub batch: usize,
-    pub seqlen: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub window: usize,
-    /// One dilation per head (length `heads`).
-    pub dilation: Vec<usize>,
-    pub causal: bool,
-    pub scale: f32,
-    pub dtype: DType,
-    /// True when Q_g, K_g, V_g were given (else Q, K, V serve for global rows).
-    pub separate_global: bool,
-    /// (B, N) row-major: global tokens.
-    pub global: Vec<bool>,
-    /// (B, N) row-major: padded tokens.
-    pub padding: Vec<bool>,
-    /// Per sequence, its global positions in increasing order.
-    pub global_positions: Vec<Vec<usize>>,
-}
-
-impl LongformerProblem {
-    /// Shape of Q, K, V, O and their gradients.
-    pub fn qkv_shape(&self) -> Vec<usize> {
-        vec![self.batch, self.seqlen, self.heads, self.head_dim]
-    }
-
-    /// Shape of LSE: (B, H, N).
-    pub fn lse_shape(&self) -> Vec<usize> {
-        vec![self.batch, self.heads, self.seqlen]
-    }
-
-    /// Index in the contiguous LSE of (sequence b, head h, token i).
-    pub fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
-        (b * self.heads + h) * self.seqlen + i
-    }
-
-    pub fn is_global(&self, b: usize, i: usize) -> bool {
-        self.global[b * self.seqlen + i]
-    }
-
-    pub fn is_padded(&self, b: usize, i: usize) -> bool {
-        self.padding[b * self.seqlen + i]
-    }
-
-    /// The keys query `i` of sequence `b` attends to on head `h`, increasing, each once.
-    pub fn keys(&self, b: usize, h: usize, i: usize) -> Vec<usize> {
-        let n = self.seqlen;
-        if self.is_padded(b, i) {
-            return Vec::new();
-        }
-        let last = if self.causal { i } else { n - 1 };
-        if self.is_global(b, i) {
-            return (0..=last).filter(|&j| !self.is_padded(b, j)).collect();
-        }
-        // Clipping both to N keeps every product in range and changes no key.
-        let d = self.dilation[h].min(n) as i64;
-        let w = self.window.min(n) as i64;
-        let hi = if self.causal { 0 } else { w };
-        let mut keys: Vec<usize> = (-w..=hi)
-            .map(|t| i as i64 + d * t)
-            .filter(|&j| j >= 0 && j < n as i64)
-            .map(|j| j as usize)
-            .filter(|&j| !self.is_padded(b, j))
-            .collect();
-        keys.extend(
-            self.global_positions[b]
-                .iter()
-                .copied()
-                .take_while(|&g| g <= last),
-        );
-        keys.sort_unstable();
-        keys.dedup();
-        keys
-    }
-
-    /// Number of (query, key) pairs scored, over all sequences and heads.
-    pub fn pairs(&self) -> usize {
-        (0..self.batch)
-            .flat_map(|b| (0..self.heads).map(move |h| (b, h)))
-            .map(|(b, h)| {
-                (0..self.seqlen)
-                    .map(|i| self.keys(b, h, i).len())
-                    .sum::<usize>()
-            })
-            .sum()
-    }
-}
-
-const QKV_LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
-const MASK_LAYOUT: &str = "(batch, seqlen)";
-
-fn check_mask(
-    name: &'static str,
-    m: Option<&TokenMask>,
-    batch: usize,
-    n: usize,
-) -> Result<Vec<bool>> {
-    let Some(m) = m else {
-        return Ok(vec![false; batch * n]);
-    };
-    if m.shape.len() != 2 {
-        return Err(Error::Rank {
-            name,
-            expected: 2,
-            layout: MASK_LAYOUT,
-            shape: m.shape.clone(),
-        });
-    }
-    if m.shape != [batch, n] {
-        return Err(Error::ShapeMismatch {
-            detail: format!(
-                "{name} has shape {:?}, expected (batch, seqlen) = {:?}",
-                m.shape,
-                [batch, n]
-            ),
-        });
-    }
-    if m.values.len() != batch * n {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: shape {:?} needs {} values, got {}",
-            m.shape,
-            batch * n,
-            m.values.len()
-        )));
-    }
-    Ok(m.values.clone())
-}
-
-/// Checks Q, K, V, the optional global projections (by dtype and layout), the masks and
-/// the options; returns the validated problem.
-pub fn validate(
-    q: (DType, &Layout),
-    k: (DType, &Layout),
-    v: (DType, &Layout),
-    globals: Option<[(DType, &Layout); 3]>,
-    global_mask: Option<&TokenMask>,
-    padding_mask: Option<&TokenMask>,
-    opts: &LongformerOptions,
-) -> Result<LongformerProblem> {
-    let mut all = vec![("q", q), ("k", k), ("v", v)];
-    if let Some([qg, kg, vg]) = globals {
-        all.extend([("q_global", qg), ("k_global", kg), ("v_global", vg)]);
-    }
-    for &(name, (_, l)) in &all {
-        check_row_layout(name, l, 4, QKV_LAYOUT)?;
-    }
-    for &(name, (dtype, l)) in &all[1..] {
-        if dtype != q.0 {
-            return Err(Error::DTypeMismatch {
-                detail: format!("{name} is {dtype} but q is {}", q.0),
-            });
-        }
-        if l.shape != q.1.shape {
-            return Err(Error::ShapeMismatch {
-                detail: format!(
-                    "{name} has shape {:?} but q has shape {:?}: all must be {QKV_LAYOUT} \
-                     of one size",
-                    l.shape, q.1.shape
-                ),
-            });
-        }
-    }
-    let (batch, n, heads, d) = (q.1.shape[0], q.1.shape[1], q.1.shape[2], q.1.shape[3]);
-    let dilation = match opts.dilation.len() {
-        1 => vec![opts.dilation[0]; heads],
-        len if len == heads => opts.dilation.clone(),
-        len => {
-            return Err(Error::InvalidArgument(format!(
-                "dilation has {len} values {:?}: give one per head ({heads}) or one for all",
-                opts.dilation
-            )))
-        }
-    };
-    if let Some(h) = dilation.iter().position(|&x| x == 0) {
-        return Err(Error::InvalidArgument(format!(
-            "dilation must be >= 1, got 0 for head {h} ({:?})",
-            opts.dilation
-        )));
-    }
-    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "scale must be finite and positive, got {scale}"
-        )));
-    }
-    let global = check_mask("global_mask", global_mask, batch, n)?;
-    let padding = check_mask("padding_mask", padding_mask, batch, n)?;
-    if let Some(x) = (0..batch * n).find(|&x| global[x] && padding[x]) {
-        return Err(Error::InvalidArgument(format!(
-            "token {} of sequence {} is both global and padded: a padded token cannot be global",
-            x % n,
-            x / n
-        )));
-    }
-    let global_positions = (0..batch)
-        .map(|b| (0..n).filter(|&i| global[b * n + i]).collect())
-        .collect();
-    Ok(LongformerProblem {
-        batch,
-        seqlen: n,
-        heads,
-        head_dim: d,
-        window: opts.window,
-        dilation,
-        causal: opts.causal,
-        scale,
-        dtype: q.0,
-        separate_global: globals.is_some(),
-        global,
-        padding,
-        global_positions,
-    })
 }
 
 fn problem_of(
@@ -656,46 +439,6 @@ pub(crate) fn forward_host(
         out: HostTensor::from_vec(o, &p.qkv_shape())?.to_contiguous(p.dtype),
         lse: HostTensor::from_vec(lse, &p.lse_shape())?,
     })
-}
-
-/// Checks the backward's extra inputs: O and dO shaped and typed like Q, LSE f32 (B, H, N).
-pub fn validate_backward(
-    p: &LongformerProblem,
-    out: (DType, &Layout),
-    lse: (DType, &Layout),
-    dout: (DType, &Layout),
-) -> Result<()> {
-    let shape = p.qkv_shape();
-    for (name, (dtype, l)) in [("out", out), ("dout", dout)] {
-        check_row_layout(name, l, 4, QKV_LAYOUT)?;
-        if l.shape != shape {
-            return Err(Error::ShapeMismatch {
-                detail: format!("{name} has shape {:?}, expected q's {shape:?}", l.shape),
-            });
-        }
-        if dtype != p.dtype {
-            return Err(Error::DTypeMismatch {
-                detail: format!("{name} is {dtype} but q is {}", p.dtype),
-            });
-        }
-    }
-    let lse_shape = p.lse_shape();
-    if lse.1.shape != lse_shape {
-        return Err(Error::ShapeMismatch {
-            detail: format!(
-                "lse has shape {:?}, expected {lse_shape:?} (the forward's lse)",
-                lse.1.shape
-            ),
-        });
-    }
-    if lse.0 != DType::F32 {
-        return Err(Error::UnsupportedDType {
-            name: "lse",
-            dtype: lse.0,
-            supported: "lse is float32, as the forward returns it",
-        });
-    }
-    Ok(())
 }
 
 /// The CPU reference backward on a validated problem (see [`forward_host`]).
