@@ -32,7 +32,8 @@ cudaError_t dispatch_head_dim(const fk_attention_bwd_params &p, cudaStream_t s) 
 extern "C" int32_t fk_attention_bwd(const fk_attention_bwd_params *params, void *stream) {
   if (params == nullptr) return cudaErrorInvalidValue;
   fk_attention_bwd_params p = *params;
-  if (!fk::check::all_set(p.q, p.k, p.v, p.o, p.dout, p.lse, p.dq, p.dk, p.dv, p.delta) ||
+  if (!fk::check::all_set(p.base.q, p.base.k, p.base.v, p.o, p.dout, p.lse, p.dq, p.dk, p.dv,
+                          p.delta) ||
       !fk::check::check_dense_shape(p) ||
       !fk::check::check_window(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k))
     return cudaErrorInvalidValue;

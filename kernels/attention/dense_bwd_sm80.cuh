@@ -49,10 +49,11 @@ __global__ void __launch_bounds__(kDeltaThreads)
   const SeqInfo seq(p, blockIdx.z);
   const int m0 = blockIdx.x * kDeltaRows;
   if (m0 >= seq.nq) return;
-  const Element *o = static_cast<const Element *>(p.o) +
-                     seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, head);
+  const Element *o =
+      static_cast<const Element *>(p.o) +
+      seq.q_offset(p.base.o_stride.batch, p.base.o_stride.row, p.base.o_stride.head, head);
   const Element *dout = static_cast<const Element *>(p.dout) +
-                        seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, head);
+                        seq.q_offset(p.do_stride.batch, p.do_stride.row, p.do_stride.head, head);
   float *delta = p.delta + seq.lse_offset(p, head);
   delta_rows(p, o, dout, delta, m0, seq.nq, p.head_dim, [](int) { return true; });
 }
@@ -134,16 +135,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   query_blocks<kHasMask>(n0, BN, BM, nq, nk, diag, wl, wr, m_begin, n_mblocks);
   const int n_iters = group * n_mblocks; // (query head, query block) pairs, head-major
 
-  const Element *q =
-      static_cast<const Element *>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, 0, 0);
+  const Element *q = static_cast<const Element *>(p.base.q) +
+                     seq.q_offset(p.base.q_stride.batch, p.base.q_stride.row, 0, 0);
   const Element *dout =
-      static_cast<const Element *>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, 0, 0);
-  const Element *k = static_cast<const Element *>(p.k) +
-                     seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, kv_head) +
-                     int64_t(n0) * p.k_row_stride;
-  const Element *v = static_cast<const Element *>(p.v) +
-                     seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, kv_head) +
-                     int64_t(n0) * p.v_row_stride;
+      static_cast<const Element *>(p.dout) + seq.q_offset(p.do_stride.batch, p.do_stride.row, 0, 0);
+  const Element *k =
+      static_cast<const Element *>(p.base.k) +
+      seq.k_offset(p.base.k_stride.batch, p.base.k_stride.row, p.base.k_stride.head, kv_head) +
+      int64_t(n0) * p.base.k_stride.row;
+  const Element *v =
+      static_cast<const Element *>(p.base.v) +
+      seq.k_offset(p.base.v_stride.batch, p.base.v_stride.row, p.base.v_stride.head, kv_head) +
+      int64_t(n0) * p.base.v_stride.row;
 
   auto iter_head = [&](int it) { return head0 + it / n_mblocks; };
   auto iter_m0 = [&](int it) { return (m_begin + it % n_mblocks) * BM; };
@@ -153,13 +156,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     load_tile<Tr::kNThreads, D, BM>(
         FirstRows{nq - m0}, chunks_valid, tid,
         tile_source(sQ + stage * Tr::kSmemQ,
-                    q + int64_t(h) * p.q_head_stride + int64_t(m0) * p.q_row_stride,
-                    p.q_row_stride));
+                    q + int64_t(h) * p.base.q_stride.head + int64_t(m0) * p.base.q_stride.row,
+                    p.base.q_stride.row));
     load_tile<Tr::kNThreads, D, BM>(
         FirstRows{nq - m0}, chunks_valid, tid,
         tile_source(sdO + stage * Tr::kSmemQ,
-                    dout + int64_t(h) * p.do_head_stride + int64_t(m0) * p.do_row_stride,
-                    p.do_row_stride));
+                    dout + int64_t(h) * p.do_stride.head + int64_t(m0) * p.do_stride.row,
+                    p.do_stride.row));
   };
   // LSE (log2 domain) and Delta of query m0 + tid of iteration it (tid < BM).
   auto fetch_stats = [&](int it, float &l2, float &dl) {
@@ -176,9 +179,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 
   if (n_iters > 0) {
     load_tile<Tr::kNThreads, D, BN>(FirstRows{nk - n0}, chunks_valid, tid,
-                                    tile_source(sK, k, p.k_row_stride));
+                                    tile_source(sK, k, p.base.k_stride.row));
     load_tile<Tr::kNThreads, D, BN>(FirstRows{nk - n0}, chunks_valid, tid,
-                                    tile_source(sV, v, p.v_row_stride));
+                                    tile_source(sV, v, p.base.v_stride.row));
     load_q_do(0, 0);
     if (tid < BM) fetch_stats(0, sLse[tid], sDelta[tid]);
   }
@@ -260,9 +263,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       stage_row<D>(sK, warp_row0 + g + 8 * r, acc[kDk], r, p.softmax_scale, t);
     __syncwarp();
     Element *dk = static_cast<Element *>(p.dk) +
-                  seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, kv_head) +
-                  int64_t(n0) * p.dk_row_stride;
-    store_rows<D, 16>(dk, p.dk_row_stride, sK, warp_row0, FirstRows{rows_valid}, chunks_valid,
+                  seq.k_offset(p.dk_stride.batch, p.dk_stride.row, p.dk_stride.head, kv_head) +
+                  int64_t(n0) * p.dk_stride.row;
+    store_rows<D, 16>(dk, p.dk_stride.row, sK, warp_row0, FirstRows{rows_valid}, chunks_valid,
                       lane);
   }
   if (do_dv) {
@@ -270,9 +273,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     for (int r = 0; r < 2; ++r) stage_row<D>(sV, warp_row0 + g + 8 * r, acc[kDv], r, 1.f, t);
     __syncwarp();
     Element *dv = static_cast<Element *>(p.dv) +
-                  seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, kv_head) +
-                  int64_t(n0) * p.dv_row_stride;
-    store_rows<D, 16>(dv, p.dv_row_stride, sV, warp_row0, FirstRows{rows_valid}, chunks_valid,
+                  seq.k_offset(p.dv_stride.batch, p.dv_stride.row, p.dv_stride.head, kv_head) +
+                  int64_t(n0) * p.dv_stride.row;
+    store_rows<D, 16>(dv, p.dv_stride.row, sV, warp_row0, FirstRows{rows_valid}, chunks_valid,
                       lane);
   }
 }
@@ -334,33 +337,38 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   int n_begin, n_end;
   key_blocks<kHasMask>(m0, BM, BN, nq, nk, diag, wl, wr, n_begin, n_end);
 
-  const Element *q = static_cast<const Element *>(p.q) +
-                     seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, head) +
-                     int64_t(m0) * p.q_row_stride;
+  const Element *q =
+      static_cast<const Element *>(p.base.q) +
+      seq.q_offset(p.base.q_stride.batch, p.base.q_stride.row, p.base.q_stride.head, head) +
+      int64_t(m0) * p.base.q_stride.row;
   const Element *dout = static_cast<const Element *>(p.dout) +
-                        seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, head) +
-                        int64_t(m0) * p.do_row_stride;
-  const Element *k = static_cast<const Element *>(p.k) +
-                     seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, kv_head);
-  const Element *v = static_cast<const Element *>(p.v) +
-                     seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, kv_head);
+                        seq.q_offset(p.do_stride.batch, p.do_stride.row, p.do_stride.head, head) +
+                        int64_t(m0) * p.do_stride.row;
+  const Element *k =
+      static_cast<const Element *>(p.base.k) +
+      seq.k_offset(p.base.k_stride.batch, p.base.k_stride.row, p.base.k_stride.head, kv_head);
+  const Element *v =
+      static_cast<const Element *>(p.base.v) +
+      seq.k_offset(p.base.v_stride.batch, p.base.v_stride.row, p.base.v_stride.head, kv_head);
 
   auto load_kv = [&](int n, int stage) {
     const int n0 = n * BN;
-    load_tile<Tr::kNThreads, D, BN>(
-        FirstRows{nk - n0}, chunks_valid, tid,
-        tile_source(sK + stage * Tr::kSmemKV, k + int64_t(n0) * p.k_row_stride, p.k_row_stride));
-    load_tile<Tr::kNThreads, D, BN>(
-        FirstRows{nk - n0}, chunks_valid, tid,
-        tile_source(sV + stage * Tr::kSmemKV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride));
+    load_tile<Tr::kNThreads, D, BN>(FirstRows{nk - n0}, chunks_valid, tid,
+                                    tile_source(sK + stage * Tr::kSmemKV,
+                                                k + int64_t(n0) * p.base.k_stride.row,
+                                                p.base.k_stride.row));
+    load_tile<Tr::kNThreads, D, BN>(FirstRows{nk - n0}, chunks_valid, tid,
+                                    tile_source(sV + stage * Tr::kSmemKV,
+                                                v + int64_t(n0) * p.base.v_stride.row,
+                                                p.base.v_stride.row));
   };
 
   const bool any_keys = n_end > n_begin;
   if (any_keys) {
     load_tile<Tr::kNThreads, D, BM>(FirstRows{nq - m0}, chunks_valid, tid,
-                                    tile_source(sQ, q, p.q_row_stride));
+                                    tile_source(sQ, q, p.base.q_stride.row));
     load_tile<Tr::kNThreads, D, BM>(FirstRows{nq - m0}, chunks_valid, tid,
-                                    tile_source(sdO, dout, p.do_row_stride));
+                                    tile_source(sdO, dout, p.do_stride.row));
     load_kv(n_begin, 0);
   }
   cp_async_commit();
@@ -436,9 +444,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   for (int r = 0; r < 2; ++r) stage_row<D>(sQ, warp_row0 + g + 8 * r, acc, r, p.softmax_scale, t);
   __syncwarp();
   Element *dq = static_cast<Element *>(p.dq) +
-                seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, head) +
-                int64_t(m0) * p.dq_row_stride;
-  store_rows<D, 16>(dq, p.dq_row_stride, sQ, warp_row0, FirstRows{nq - m0}, chunks_valid, lane);
+                seq.q_offset(p.dq_stride.batch, p.dq_stride.row, p.dq_stride.head, head) +
+                int64_t(m0) * p.dq_stride.row;
+  store_rows<D, 16>(dq, p.dq_stride.row, sQ, warp_row0, FirstRows{nq - m0}, chunks_valid, lane);
 }
 
 } // namespace dense_bwd_detail

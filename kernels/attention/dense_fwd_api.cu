@@ -35,7 +35,8 @@ extern "C" int32_t fk_attention_supports_head_dim(int32_t head_dim) {
 extern "C" int32_t fk_attention_fwd(const fk_attention_fwd_params *params, void *stream) {
   if (params == nullptr) return cudaErrorInvalidValue;
   fk_attention_fwd_params p = *params;
-  if (!fk::check::all_set(p.q, p.k, p.v, p.o, p.lse) || !fk::check::check_dense_shape(p) ||
+  if (!fk::check::all_set(p.base.q, p.base.k, p.base.v, p.o, p.lse) ||
+      !fk::check::check_dense_shape(p) ||
       !fk::check::check_window(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k))
     return cudaErrorInvalidValue;
   if (p.seqlen_q == 0) return cudaSuccess; // varlen batch of empty query sequences

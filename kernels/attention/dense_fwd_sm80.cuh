@@ -66,12 +66,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int warp_row0 = warp * Traits::kWarpRows; // first row of this warp in the tile
   const int d_chunks = p.head_dim / 8;             // valid 16-byte chunks of a row
 
-  const Element *q = static_cast<const Element *>(p.q) + strided_batch * p.q_batch_stride +
-                     head * p.q_head_stride + int64_t(q_start + m0) * p.q_row_stride;
-  const Element *k = static_cast<const Element *>(p.k) + strided_batch * p.k_batch_stride +
-                     head_kv * p.k_head_stride + int64_t(k_start) * p.k_row_stride;
-  const Element *v = static_cast<const Element *>(p.v) + strided_batch * p.v_batch_stride +
-                     head_kv * p.v_head_stride + int64_t(k_start) * p.v_row_stride;
+  const Element *q = static_cast<const Element *>(p.base.q) +
+                     strided_batch * p.base.q_stride.batch + head * p.base.q_stride.head +
+                     int64_t(q_start + m0) * p.base.q_stride.row;
+  const Element *k = static_cast<const Element *>(p.base.k) +
+                     strided_batch * p.base.k_stride.batch + head_kv * p.base.k_stride.head +
+                     int64_t(k_start) * p.base.k_stride.row;
+  const Element *v = static_cast<const Element *>(p.base.v) +
+                     strided_batch * p.base.v_stride.batch + head_kv * p.base.v_stride.head +
+                     int64_t(k_start) * p.base.v_stride.row;
 
   // Masks, aligned bottom-right: query row i sees keys
   // i + diag - window_left <= j <= i + diag + window_right (a negative bound = none). The
@@ -95,17 +98,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   }
 
   load_tile<kNThreads, D, BM>(FirstRows{nq - m0}, d_chunks, tid,
-                              tile_source(sQ, q, p.q_row_stride));
+                              tile_source(sQ, q, p.base.q_stride.row));
   cp_async_commit();
   if (n_begin < n_end) {
     const int64_t first = int64_t(n_begin) * BN;
     const FirstRows rows{nk - n_begin * BN};
     load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
                                 tile_source(sK + (n_begin & 1) * Traits::kSmemKV,
-                                            k + first * p.k_row_stride, p.k_row_stride));
+                                            k + first * p.base.k_stride.row, p.base.k_stride.row));
     load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
                                 tile_source(sV + (n_begin & 1) * Traits::kSmemKV,
-                                            v + first * p.v_row_stride, p.v_row_stride));
+                                            v + first * p.base.v_stride.row, p.base.v_stride.row));
   }
   cp_async_commit();
 
@@ -136,10 +139,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       const FirstRows rows{nk - (n + 1) * BN};
       load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
                                   tile_source(sK + (stage ^ 1) * Traits::kSmemKV,
-                                              k + next * p.k_row_stride, p.k_row_stride));
+                                              k + next * p.base.k_stride.row, p.base.k_stride.row));
       load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
                                   tile_source(sV + (stage ^ 1) * Traits::kSmemKV,
-                                              v + next * p.v_row_stride, p.v_row_stride));
+                                              v + next * p.base.v_stride.row, p.base.v_stride.row));
       cp_async_commit();
       cp_async_wait<1>(); // block n has landed, block n + 1 may still be in flight
     } else {
@@ -198,10 +201,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   __syncwarp();
 
-  Element *o = static_cast<Element *>(p.o) + strided_batch * p.o_batch_stride +
-               head * p.o_head_stride + int64_t(q_start) * p.o_row_stride;
+  Element *o = static_cast<Element *>(p.o) + strided_batch * p.base.o_stride.batch +
+               head * p.base.o_stride.head + int64_t(q_start) * p.base.o_stride.row;
   store_rows<D, Traits::kWarpRows>(
-      o, p.o_row_stride, sO, warp_row0,
+      o, p.base.o_stride.row, sO, warp_row0,
       [&](int row, ChunkOk chunk_ok, int &grow) {
         grow = m0 + row;
         return grow < nq && chunk_ok();
@@ -214,8 +217,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       for (int r = 0; r < 2; ++r) {
         const int grow = m0 + warp_row0 + mt * 16 + g + 8 * r;
         if (grow < nq)
-          p.lse[strided_batch * p.lse_batch_stride + head * p.lse_head_stride + q_start + grow] =
-              lse[mt][r];
+          p.lse[strided_batch * p.base.lse_stride.batch + head * p.base.lse_stride.head + q_start +
+                grow] = lse[mt][r];
       }
   }
 }

@@ -21,7 +21,7 @@ bool longformer_bwd_common_ok(const fk_longformer_bwd_params *p) {
 
 // What dq and dkdv need besides: the rule's inputs, the schedule, the pass's row lists.
 bool longformer_bwd_pass_ok(const fk_longformer_bwd_params *p) {
-  return fk::check::all_set(p->q, p->k, p->v, p->lse) &&
+  return fk::check::all_set(p->base.q, p->base.k, p->base.v, p->lse) &&
          fk::check::check_longformer_schedule(p->c) && fk::check::check_longformer_rows(p->c);
 }
 

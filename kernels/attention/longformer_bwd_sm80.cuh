@@ -62,11 +62,12 @@ __global__ void __launch_bounds__(kDeltaThreads)
   const int n = p.c.seqlen;
   const int m0 = blockIdx.x * kDeltaRows;
   const uint8_t *pad = p.c.padding_mask ? p.c.padding_mask + int64_t(batch) * n : nullptr;
-  const Element *o = static_cast<const Element *>(p.o) + int64_t(batch) * p.o_batch_stride +
-                     int64_t(head) * p.o_head_stride;
-  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_batch_stride +
-                        int64_t(head) * p.do_head_stride;
-  float *delta = p.delta + int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
+  const Element *o = static_cast<const Element *>(p.o) + int64_t(batch) * p.base.o_stride.batch +
+                     int64_t(head) * p.base.o_stride.head;
+  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_stride.batch +
+                        int64_t(head) * p.do_stride.head;
+  float *delta =
+      p.delta + int64_t(batch) * p.base.lse_stride.batch + int64_t(head) * p.base.lse_stride.head;
   delta_rows(p, o, dout, delta, m0, n, p.c.head_dim, [&](int i) { return !(pad && pad[i] != 0); });
 }
 
@@ -149,15 +150,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     return gathered_token(c.k_rows, c.k_rows_per_seq, batch, int64_t(gt) * BN + x, c.seqlen);
   };
 
-  const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
-                     int64_t(head) * p.q_head_stride;
-  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_batch_stride +
-                        int64_t(head) * p.do_head_stride;
-  const Element *k = static_cast<const Element *>(p.k) + int64_t(batch) * p.k_batch_stride +
-                     int64_t(head) * p.k_head_stride;
-  const Element *v = static_cast<const Element *>(p.v) + int64_t(batch) * p.v_batch_stride +
-                     int64_t(head) * p.v_head_stride;
-  const int64_t lse_base = int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
+  const Element *q = static_cast<const Element *>(p.base.q) +
+                     int64_t(batch) * p.base.q_stride.batch + int64_t(head) * p.base.q_stride.head;
+  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_stride.batch +
+                        int64_t(head) * p.do_stride.head;
+  const Element *k = static_cast<const Element *>(p.base.k) +
+                     int64_t(batch) * p.base.k_stride.batch + int64_t(head) * p.base.k_stride.head;
+  const Element *v = static_cast<const Element *>(p.base.v) +
+                     int64_t(batch) * p.base.v_stride.batch + int64_t(head) * p.base.v_stride.head;
+  const int64_t lse_base =
+      int64_t(batch) * p.base.lse_stride.batch + int64_t(head) * p.base.lse_stride.head;
 
   // Token of tile row r if it is a row of this pass, else -1 (zero-filled).
   auto q_tok = [&](int r) {
@@ -173,8 +175,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       return rule.key_ok(j) ? j : -1;
     };
     load_tile<Tr::kNThreads, D, BN>(token_rows(k_tok), chunks_valid, tid,
-                                    tile_source(sK + stage * Tr::kSmemKV, k, p.k_row_stride),
-                                    tile_source(sV + stage * Tr::kSmemKV, v, p.v_row_stride));
+                                    tile_source(sK + stage * Tr::kSmemKV, k, p.base.k_stride.row),
+                                    tile_source(sV + stage * Tr::kSmemKV, v, p.base.v_stride.row));
   };
 
   // Flags of key r = tid < BN of step it: -1 if it can never be a key; of a contiguous
@@ -204,9 +206,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
         return row >= 0;
       }
     };
-    load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid, tile_source(sQ, q, p.q_row_stride));
     load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid,
-                                    tile_source(sdO, dout, p.do_row_stride));
+                                    tile_source(sQ, q, p.base.q_stride.row));
+    load_tile<Tr::kNThreads, D, BM>(q_row, chunks_valid, tid,
+                                    tile_source(sdO, dout, p.do_stride.row));
     load_kv(it_begin, 0);
     if (tid < BN) sKf[tid] = key_flags(it_begin);
   }
@@ -337,9 +340,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   int *tok_s = sKf; // free now: the tokens of the rows, this warp's written by itself
   if (lane < 16) tok_s[warp_row0 + lane] = rows.token(m0 + warp_row0 + lane);
   __syncwarp();
-  Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_batch_stride +
-                int64_t(head) * p.dq_head_stride;
-  store_rows<D, 16>(dq, p.dq_row_stride, sQ, warp_row0, token_rows([&](int r) { return tok_s[r]; }),
+  Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_stride.batch +
+                int64_t(head) * p.dq_stride.head;
+  store_rows<D, 16>(dq, p.dq_stride.row, sQ, warp_row0, token_rows([&](int r) { return tok_s[r]; }),
                     chunks_valid, lane);
 }
 
@@ -423,15 +426,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   work.entries(c, p.num_splits, batch, head, tile_begin, tile_end);
   const int n_iters = (tile_end - tile_begin) * Tr::kSubSteps;
 
-  const Element *q = static_cast<const Element *>(p.q) + int64_t(batch) * p.q_batch_stride +
-                     int64_t(head) * p.q_head_stride;
-  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_batch_stride +
-                        int64_t(head) * p.do_head_stride;
-  const Element *k = static_cast<const Element *>(p.k) + int64_t(batch) * p.k_batch_stride +
-                     int64_t(head) * p.k_head_stride;
-  const Element *v = static_cast<const Element *>(p.v) + int64_t(batch) * p.v_batch_stride +
-                     int64_t(head) * p.v_head_stride;
-  const int64_t lse_base = int64_t(batch) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride;
+  const Element *q = static_cast<const Element *>(p.base.q) +
+                     int64_t(batch) * p.base.q_stride.batch + int64_t(head) * p.base.q_stride.head;
+  const Element *dout = static_cast<const Element *>(p.dout) + int64_t(batch) * p.do_stride.batch +
+                        int64_t(head) * p.do_stride.head;
+  const Element *k = static_cast<const Element *>(p.base.k) +
+                     int64_t(batch) * p.base.k_stride.batch + int64_t(head) * p.base.k_stride.head;
+  const Element *v = static_cast<const Element *>(p.base.v) +
+                     int64_t(batch) * p.base.v_stride.batch + int64_t(head) * p.base.v_stride.head;
+  const int64_t lse_base =
+      int64_t(batch) * p.base.lse_stride.batch + int64_t(head) * p.base.lse_stride.head;
 
   // First query entry of step it, and the token of its row r if a row of the pass, else -1.
   auto iter_m0 = [&](int it) {
@@ -445,8 +449,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     const int m0 = iter_m0(it);
     auto tok = [&](int r) { return q_tok(m0, r); };
     load_tile<Tr::kNThreads, D, BM>(token_rows(tok), chunks_valid, tid,
-                                    tile_source(sQ + stage * Tr::kSmemQ, q, p.q_row_stride),
-                                    tile_source(sdO + stage * Tr::kSmemQ, dout, p.do_row_stride));
+                                    tile_source(sQ + stage * Tr::kSmemQ, q, p.base.q_stride.row),
+                                    tile_source(sdO + stage * Tr::kSmemQ, dout, p.do_stride.row));
   };
   // Token, residue, LSE (log2) and Delta of query tid of step it (tid < BM).
   auto fetch_stats = [&](int it, int &qi, int &qr, float &l2, float &dl) {
@@ -475,9 +479,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
       return rule.key_ok(j) ? j : -1;
     };
     load_tile<Tr::kNThreads, D, BN>(token_rows(k_tok), chunks_valid, tid,
-                                    tile_source(sK, k, p.k_row_stride));
+                                    tile_source(sK, k, p.base.k_stride.row));
     load_tile<Tr::kNThreads, D, BN>(token_rows(k_tok), chunks_valid, tid,
-                                    tile_source(sV, v, p.v_row_stride));
+                                    tile_source(sV, v, p.base.v_stride.row));
     load_q_do(0, 0);
     if (tid < BM) fetch_stats(0, sQi[tid], sQr[tid], sLse[tid], sDelta[tid]);
   }
@@ -587,18 +591,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     }
     return;
   }
-  Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_batch_stride +
-                int64_t(head) * p.dk_head_stride;
-  Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_batch_stride +
-                int64_t(head) * p.dv_head_stride;
+  Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_stride.batch +
+                int64_t(head) * p.dk_stride.head;
+  Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_stride.batch +
+                int64_t(head) * p.dv_stride.head;
   if (p.accumulate) {
     // Read, add in f32, round once, write: this thread's two rows, two columns per tile.
     // Keys that can never be a key (padded) are left as they are.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!key_ok[r]) continue;
-      Element *dkr = dk + int64_t(key_i[r]) * p.dk_row_stride + 2 * t;
-      Element *dvr = dv + int64_t(key_i[r]) * p.dv_row_stride + 2 * t;
+      Element *dkr = dk + int64_t(key_i[r]) * p.dk_stride.row + 2 * t;
+      Element *dvr = dv + int64_t(key_i[r]) * p.dv_stride.row + 2 * t;
 #pragma unroll
       for (int i = 0; i < kOTiles; ++i) {
         if (i >= chunks_valid) break;
@@ -624,9 +628,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   if (!kTokInSmem && lane < 16) tok_s[warp_row0 + lane] = krows.token(n0 + warp_row0 + lane);
   __syncwarp();
   auto staged_token = [&](int r) { return tok_s[r]; };
-  store_rows<D, 16>(dk, p.dk_row_stride, sK, warp_row0, token_rows(staged_token), chunks_valid,
+  store_rows<D, 16>(dk, p.dk_stride.row, sK, warp_row0, token_rows(staged_token), chunks_valid,
                     lane);
-  store_rows<D, 16>(dv, p.dv_row_stride, sV, warp_row0, token_rows(staged_token), chunks_valid,
+  store_rows<D, 16>(dv, p.dv_stride.row, sV, warp_row0, token_rows(staged_token), chunks_valid,
                     lane);
 }
 
@@ -658,8 +662,8 @@ __global__ void __launch_bounds__(32 * kReduceWarps)
   const int S = p.num_splits;
   const int dim = c.head_dim;
   if (!kKV) {
-    Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_batch_stride +
-                  int64_t(tok) * p.dq_row_stride + int64_t(head) * p.dq_head_stride;
+    Element *dq = static_cast<Element *>(p.dq) + int64_t(batch) * p.dq_stride.batch +
+                  int64_t(tok) * p.dq_stride.row + int64_t(head) * p.dq_stride.head;
     for (int d = 2 * lane; d < dim; d += 64) {
       float a0 = 0.f, a1 = 0.f;
       for (int s = 0; s < S; ++s) {
@@ -675,10 +679,10 @@ __global__ void __launch_bounds__(32 * kReduceWarps)
   const bool padded = c.padding_mask && c.padding_mask[int64_t(batch) * c.seqlen + tok] != 0;
   if (p.accumulate && padded) return;
   const int64_t dv_off = int64_t(S) * per_split * dim;
-  Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_batch_stride +
-                int64_t(tok) * p.dk_row_stride + int64_t(head) * p.dk_head_stride;
-  Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_batch_stride +
-                int64_t(tok) * p.dv_row_stride + int64_t(head) * p.dv_head_stride;
+  Element *dk = static_cast<Element *>(p.dk) + int64_t(batch) * p.dk_stride.batch +
+                int64_t(tok) * p.dk_stride.row + int64_t(head) * p.dk_stride.head;
+  Element *dv = static_cast<Element *>(p.dv) + int64_t(batch) * p.dv_stride.batch +
+                int64_t(tok) * p.dv_stride.row + int64_t(head) * p.dv_stride.head;
   for (int d = 2 * lane; d < dim; d += 64) {
     float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
     for (int s = 0; s < S; ++s) {

@@ -26,7 +26,7 @@ extern "C" int32_t fk_longformer_fwd(const fk_longformer_fwd_params *p, void *st
   // Outer rows: contiguous query tiles (LOCAL) or the gathered q_rows (GLOBAL_ROWS). k_rows:
   // LOCAL's packed global keys (optional); GLOBAL_ROWS does not read it. Splits over keys:
   // GLOBAL_ROWS only, with both workspaces.
-  if (!fk::check::all_set(p->q, p->k, p->v, p->o, p->lse) ||
+  if (!fk::check::all_set(p->base.q, p->base.k, p->base.v, p->o, p->lse) ||
       !fk::check::check_longformer_shape(c) || !fk::check::check_longformer_schedule(c) ||
       (c.pass != FK_LONGFORMER_LOCAL && c.pass != FK_LONGFORMER_GLOBAL_ROWS) ||
       !fk::check::check_longformer_rows(c) ||

@@ -121,12 +121,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
                                 pc.seqlen);
   };
 
-  const Element *q =
-      static_cast<const Element *>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
-  const Element *k =
-      static_cast<const Element *>(p.k) + batch * p.k_batch_stride + head * p.k_head_stride;
-  const Element *v =
-      static_cast<const Element *>(p.v) + batch * p.v_batch_stride + head * p.v_head_stride;
+  const Element *q = static_cast<const Element *>(p.base.q) + batch * p.base.q_stride.batch +
+                     head * p.base.q_stride.head;
+  const Element *k = static_cast<const Element *>(p.base.k) + batch * p.base.k_stride.batch +
+                     head * p.base.k_stride.head;
+  const Element *v = static_cast<const Element *>(p.base.v) + batch * p.base.v_stride.batch +
+                     head * p.base.v_stride.head;
 
   auto load_kv = [&](int it, int stage) {
     const int tile = pc.tile_ids[it];
@@ -138,9 +138,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         return tok >= 0 && chunk_ok() && (pad == nullptr || pad[tok] == 0);
       };
       load_tile<Traits::kNThreads, D, BN>(
-          key_row, d_chunks, tid, tile_source(sK + stage * Traits::kSmemKV, k, p.k_row_stride));
+          key_row, d_chunks, tid,
+          tile_source(sK + stage * Traits::kSmemKV, k, p.base.k_stride.row));
       load_tile<Traits::kNThreads, D, BN>(
-          key_row, d_chunks, tid, tile_source(sV + stage * Traits::kSmemKV, v, p.v_row_stride));
+          key_row, d_chunks, tid,
+          tile_source(sV + stage * Traits::kSmemKV, v, p.base.v_stride.row));
       // The tile's tokens, for its flags and causal cut (read after the loop's barrier).
       if (tid < BN) sKTok[stage * BN + tid] = tok_of(tid);
       return;
@@ -155,12 +157,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     };
     load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
                                         tile_source(sK + stage * Traits::kSmemKV,
-                                                    k + int64_t(k0) * p.k_row_stride,
-                                                    p.k_row_stride));
+                                                    k + int64_t(k0) * p.base.k_stride.row,
+                                                    p.base.k_stride.row));
     load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
                                         tile_source(sV + stage * Traits::kSmemKV,
-                                                    v + int64_t(k0) * p.v_row_stride,
-                                                    p.v_row_stride));
+                                                    v + int64_t(k0) * p.base.v_stride.row,
+                                                    p.base.v_stride.row));
   };
 
   // Q rows: the block's tokens, zeros where none or padded.
@@ -168,7 +170,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     tok = token_of(row);
     return tok >= 0 && chunk_ok() && (pad == nullptr || pad[tok] == 0);
   };
-  load_tile<Traits::kNThreads, D, BM>(query_row, d_chunks, tid, tile_source(sQ, q, p.q_row_stride));
+  load_tile<Traits::kNThreads, D, BM>(query_row, d_chunks, tid,
+                                      tile_source(sQ, q, p.base.q_stride.row));
   cp_async_commit();
   if (it_begin < it_end) load_kv(it_begin, 0);
   cp_async_commit();
@@ -355,9 +358,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   __syncwarp();
 
-  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  Element *o =
+      static_cast<Element *>(p.o) + batch * p.base.o_stride.batch + head * p.base.o_stride.head;
   store_rows<D, Traits::kWarpRows>(
-      o, p.o_row_stride, sO, warp_row0,
+      o, p.base.o_stride.row, sO, warp_row0,
       [&](int row, ChunkOk chunk_ok, int &tok) {
         tok = token_of(row);
         return chunk_ok() && writes_row(tok);
@@ -370,7 +374,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       for (int r = 0; r < 2; ++r) {
         const int grow = row_idx[mt][r];
         if (writes_row(grow))
-          p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + grow] = lse[mt][r];
+          p.lse[batch * p.base.lse_stride.batch + head * p.base.lse_stride.head + grow] =
+              lse[mt][r];
       }
   }
 }
@@ -404,8 +409,8 @@ __global__ void longformer_fwd_combine_kernel(const fk_longformer_fwd_params p) 
     }
     lse = mx + logf(sum);
   }
-  Element *o = static_cast<Element *>(p.o) + batch * p.o_batch_stride +
-               int64_t(tok) * p.o_row_stride + head * p.o_head_stride;
+  Element *o = static_cast<Element *>(p.o) + batch * p.base.o_stride.batch +
+               int64_t(tok) * p.base.o_stride.row + head * p.base.o_stride.head;
   for (int d = 2 * lane; d < pc.head_dim; d += 64) {
     float a0 = 0.f, a1 = 0.f;
     if (lse != -INFINITY)
@@ -419,7 +424,7 @@ __global__ void longformer_fwd_combine_kernel(const fk_longformer_fwd_params p) 
       }
     *reinterpret_cast<uint32_t *>(o + d) = ET::pack(a0, a1);
   }
-  if (lane == 0) p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + tok] = lse;
+  if (lane == 0) p.lse[batch * p.base.lse_stride.batch + head * p.base.lse_stride.head + tok] = lse;
 }
 
 // Tile configurations: 128 x 64 at both head dims (the ABI's BLOCK_M x BLOCK_N). D=128 is

@@ -107,17 +107,10 @@ typedef struct {
  *   deterministic). num_splits = 1: no workspace (both may be NULL). LOCAL requires
  *   num_splits = 1. */
 typedef struct {
+  fk_attention_base base; /* q, k, v: (B, N, H, D) through base.q_stride etc. */
   fk_longformer_common c;
-  const void *q; /* (B, N, H, D) through the q strides */
-  const void *k;
-  const void *v;
-  void *o;    /* (B, N, H, D) */
-  float *lse; /* (B, H, N) f32, unit row stride; natural log */
-  int64_t q_batch_stride, q_row_stride, q_head_stride; /* elements */
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t o_batch_stride, o_row_stride, o_head_stride;
-  int64_t lse_batch_stride, lse_head_stride;
+  void *o;    /* (B, N, H, D) through base.o_stride */
+  float *lse; /* (B, H, N) f32 through base.lse_stride, unit row stride; natural log */
   int32_t num_splits;  /* >= 1; GLOBAL_ROWS only */
   float *partial_o;    /* workspace, see above (num_splits > 1) */
   float *partial_lse;  /* workspace, see above (num_splits > 1) */
@@ -152,20 +145,16 @@ int32_t fk_longformer_fwd(const fk_longformer_fwd_params *params, void *stream);
  *   are not written by step 5 (the caller zeroes them), nor are dK_g, dV_g when steps 4-6
  *   are skipped. */
 typedef struct {
+  fk_attention_base base; /* q, k, v: (B, N, H, D); lse_stride is also delta's */
   fk_longformer_common c;
-  const void *q, *k, *v, *o, *dout; /* (B, N, H, D) */
-  const float *lse;                 /* (B, H, N) f32, the forward's */
-  float *delta;                     /* (B, H, N) f32, same strides as lse: written by step 1 */
-  void *dq, *dk, *dv;               /* (B, N, H, D) */
-  int64_t q_batch_stride, q_row_stride, q_head_stride;
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t o_batch_stride, o_row_stride, o_head_stride;
-  int64_t do_batch_stride, do_row_stride, do_head_stride;
-  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
-  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
-  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
-  int64_t lse_batch_stride, lse_head_stride; /* lse and delta; unit row stride */
+  const void *o, *dout; /* (B, N, H, D) */
+  const float *lse;     /* (B, H, N) f32, the forward's */
+  float *delta;         /* (B, H, N) f32, same strides as lse: written by step 1 */
+  void *dq, *dk, *dv;   /* (B, N, H, D) */
+  fk_strides do_stride;
+  fk_strides dq_stride;
+  fk_strides dk_stride;
+  fk_strides dv_stride;
   int32_t accumulate;
   /* Packed global keys and splits, as in the forward:
    * - dq LOCAL with k_rows (the gathered global tokens, exactly those global_mask marks):

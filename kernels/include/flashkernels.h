@@ -21,9 +21,32 @@ typedef enum {
   FK_DTYPE_BF16 = 2,
 } fk_dtype;
 
+/* A tensor's strides, in elements. For (B, rows, H, D) tensors: batch, row, head (the
+ * head dim has unit stride). For LSE-like (B, H, rows) f32 tensors: batch and head, with
+ * row unused (their row stride is 1). */
+typedef struct {
+  int64_t batch;
+  int64_t row;
+  int64_t head;
+} fk_strides;
+
+/* What every attention call (dense and Longformer, forward and backward) shares: the
+ * inputs Q, K, V and the strides of Q, K, V, O and LSE. The first member of each
+ * attention parameter struct. */
+typedef struct {
+  const void *q;
+  const void *k;
+  const void *v;
+  fk_strides q_stride;
+  fk_strides k_stride;
+  fk_strides v_stride;
+  fk_strides o_stride;
+  fk_strides lse_stride; /* batch and head only; also the backward's delta */
+} fk_attention_base;
+
 /* Sequence layout shared by the dense attention forward and backward.
  *
- * Dense batches: Q is (B, Nq, H, D) through the strides below; K, V are (B, Nk, H_kv, D);
+ * Dense batches: Q is (B, Nq, H, D) through base.q_stride; K, V are (B, Nk, H_kv, D);
  * O (and dO, dQ) like Q; dK, dV like K. LSE (and the backward's Delta workspace) is
  * (B, H, Nq) f32 with unit row stride.
  * Variable-length batches (cu_seqlens_q != NULL): sequences are packed along the row
@@ -31,7 +54,7 @@ typedef enum {
  * [cu_seqlens_q[b], cu_seqlens_q[b+1]) of Q and [cu_seqlens_k[b], cu_seqlens_k[b+1]) of
  * K and V (int32 device arrays of B+1 offsets, validated by the caller); the batch
  * strides are then ignored, seqlen_q / seqlen_k are the longest sequence's lengths, and
- * LSE is (H, total_q): element (b, h, i) lives at h * lse_head_stride + cu_seqlens_q[b] + i.
+ * LSE is (H, total_q): element (b, h, i) lives at h * lse_stride.head + cu_seqlens_q[b] + i.
  *
  * Masking, per sequence with lengths nq, nk and diag = nk - nq (aligned bottom-right, as
  * FlashAttention >= 2.1): query i sees key j iff
@@ -41,19 +64,11 @@ typedef enum {
  * zero gradients.
  * GQA / MQA: H is a multiple of H_kv; query head h reads K/V head h / (H / H_kv). */
 typedef struct {
-  const void *q;
-  const void *k;
-  const void *v;
+  fk_attention_base base; /* q, k, v and the q, k, v, o, lse strides */
   void *o;
   float *lse;
   const int32_t *cu_seqlens_q; /* NULL for dense batches */
   const int32_t *cu_seqlens_k; /* NULL iff cu_seqlens_q is NULL */
-
-  int64_t q_batch_stride, q_row_stride, q_head_stride;
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t o_batch_stride, o_row_stride, o_head_stride;
-  int64_t lse_batch_stride, lse_head_stride;
 
   int32_t batch;
   int32_t heads;    /* query heads */
@@ -75,9 +90,7 @@ typedef struct {
  * rowsum(dO * O). The result is deterministic: no atomics, every gradient row is
  * owned and summed by one thread block in a fixed order. */
 typedef struct {
-  const void *q;
-  const void *k;
-  const void *v;
+  fk_attention_base base; /* q, k, v and the q, k, v, o, lse (and delta) strides */
   const void *o;
   const void *dout;
   const float *lse;
@@ -88,15 +101,10 @@ typedef struct {
   const int32_t *cu_seqlens_q;
   const int32_t *cu_seqlens_k;
 
-  int64_t q_batch_stride, q_row_stride, q_head_stride;
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  int64_t v_batch_stride, v_row_stride, v_head_stride;
-  int64_t o_batch_stride, o_row_stride, o_head_stride;
-  int64_t do_batch_stride, do_row_stride, do_head_stride;
-  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
-  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
-  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
-  int64_t lse_batch_stride, lse_head_stride; /* also delta's */
+  fk_strides do_stride;
+  fk_strides dq_stride;
+  fk_strides dk_stride;
+  fk_strides dv_stride;
 
   int32_t batch;
   int32_t heads;

@@ -191,20 +191,27 @@ pub(crate) fn check_grid_and_views(
 
 /// (batch, row, head) strides of a Q/K/V-like view: a packed varlen view has no
 /// batch stride (its rows are located through cu_seqlens).
-pub(crate) fn bsh(l: &Layout) -> (i64, i64, i64) {
+pub(crate) fn bsh(l: &Layout) -> ffi::fk_strides {
     let s = |i: usize| l.strides[i] as i64;
-    if l.strides.len() == 3 {
+    let (batch, row, head) = if l.strides.len() == 3 {
         (0, s(0), s(1))
     } else {
         (s(0), s(1), s(2))
-    }
+    };
+    ffi::fk_strides { batch, row, head }
 }
 
 /// (batch, head) strides of an LSE-like view: (B, H, N) or varlen (H, total).
-pub(crate) fn lse_strides(l: &Layout) -> (i64, i64) {
-    if l.strides.len() == 2 {
+pub(crate) fn lse_strides(l: &Layout) -> ffi::fk_strides {
+    let (batch, head) = if l.strides.len() == 2 {
         (0, l.strides[0] as i64)
     } else {
         (l.strides[0] as i64, l.strides[1] as i64)
+    };
+    // The kernels use only batch and head: LSE rows are contiguous.
+    ffi::fk_strides {
+        batch,
+        row: 1,
+        head,
     }
 }

@@ -79,15 +79,15 @@ template <typename T> void bwd_case(const Case &c, Report &r) {
 
   const emu::DeviceArray<int32_t> cuq(s.cq), cuk(s.ck);
   fk_attention_bwd_params q{};
-  q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data(), q.o = O.data.data();
+  q.base.q = p.Q.data.data(), q.base.k = p.K.data.data(), q.base.v = p.V.data.data(), q.o = O.data.data();
   q.dout = p.dO.data.data(), q.lse = lse.data.data(), q.delta = delta.data.data();
   q.dq = dQ.data.data(), q.dk = dK.data.data(), q.dv = dV.data.data();
   set_common(q, p, lse, cuq, cuk);
-  q.o_batch_stride = O.bs, q.o_row_stride = O.rs, q.o_head_stride = O.hs;
-  q.do_batch_stride = p.dO.bs, q.do_row_stride = p.dO.rs, q.do_head_stride = p.dO.hs;
-  q.dq_batch_stride = dQ.bs, q.dq_row_stride = dQ.rs, q.dq_head_stride = dQ.hs;
-  q.dk_batch_stride = dK.bs, q.dk_row_stride = dK.rs, q.dk_head_stride = dK.hs;
-  q.dv_batch_stride = dV.bs, q.dv_row_stride = dV.rs, q.dv_head_stride = dV.hs;
+  q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
+  q.do_stride.batch = p.dO.bs, q.do_stride.row = p.dO.rs, q.do_stride.head = p.dO.hs;
+  q.dq_stride.batch = dQ.bs, q.dq_stride.row = dQ.rs, q.dq_stride.head = dQ.hs;
+  q.dk_stride.batch = dK.bs, q.dk_stride.row = dK.rs, q.dk_stride.head = dK.hs;
+  q.dv_stride.batch = dV.bs, q.dv_stride.row = dV.rs, q.dv_stride.head = dV.hs;
   const long sw0 = emu::g_switches;
   const int launches0 = fk::g_emu_launches;
   const int rc = fk_attention_bwd(&q, nullptr);
@@ -133,7 +133,7 @@ int api_checks() {
   int bad = 0;
   fk_attention_bwd_params p{};
   alignas(16) int dummy[64];
-  p.q = p.k = p.v = p.o = p.dout = dummy;
+  p.base.q = p.base.k = p.base.v = p.o = p.dout = dummy;
   p.lse = reinterpret_cast<float *>(dummy);
   p.dq = p.dk = p.dv = dummy;
   p.delta = reinterpret_cast<float *>(dummy);

@@ -50,7 +50,7 @@ int api_checks() {
   int bad = 0;
   fk_attention_fwd_params p{};
   alignas(16) int dummy[64];
-  p.q = p.k = p.v = p.o = dummy;
+  p.base.q = p.base.k = p.base.v = p.o = dummy;
   p.lse = reinterpret_cast<float *>(dummy);
   p.batch = 1, p.heads = 2, p.heads_kv = 1, p.seqlen_q = 1, p.seqlen_k = 1, p.head_dim = 64;
   p.window_left = -1, p.window_right = -1, p.dtype = FK_DTYPE_F16;

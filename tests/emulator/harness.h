@@ -197,10 +197,10 @@ void set_common(Params &q, const Problem<T> &p, const Lse &lse,
                 const emu::DeviceArray<int32_t> &cuq, const emu::DeviceArray<int32_t> &cuk) {
   q.cu_seqlens_q = p.c.varlen ? cuq.data() : nullptr;
   q.cu_seqlens_k = p.c.varlen ? cuk.data() : nullptr;
-  q.q_batch_stride = p.Q.bs, q.q_row_stride = p.Q.rs, q.q_head_stride = p.Q.hs;
-  q.k_batch_stride = p.K.bs, q.k_row_stride = p.K.rs, q.k_head_stride = p.K.hs;
-  q.v_batch_stride = p.V.bs, q.v_row_stride = p.V.rs, q.v_head_stride = p.V.hs;
-  q.lse_batch_stride = lse.bs, q.lse_head_stride = lse.hs;
+  q.base.q_stride.batch = p.Q.bs, q.base.q_stride.row = p.Q.rs, q.base.q_stride.head = p.Q.hs;
+  q.base.k_stride.batch = p.K.bs, q.base.k_stride.row = p.K.rs, q.base.k_stride.head = p.K.hs;
+  q.base.v_stride.batch = p.V.bs, q.base.v_stride.row = p.V.rs, q.base.v_stride.head = p.V.hs;
+  q.base.lse_stride.batch = lse.bs, q.base.lse_stride.head = lse.hs;
   q.batch = p.s.B, q.heads = p.c.H, q.heads_kv = p.c.Hkv;
   q.seqlen_q = p.s.maxq, q.seqlen_k = p.s.maxk;
   q.head_dim = p.c.D, q.softmax_scale = p.scale;
@@ -213,10 +213,10 @@ template <typename T>
 int run_fwd(const Problem<T> &p, Tensor<T> &O, Lse &lse) {
   const emu::DeviceArray<int32_t> cuq(p.s.cq), cuk(p.s.ck);
   fk_attention_fwd_params q{};
-  q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data();
+  q.base.q = p.Q.data.data(), q.base.k = p.K.data.data(), q.base.v = p.V.data.data();
   q.o = O.data.data(), q.lse = lse.data.data();
   set_common(q, p, lse, cuq, cuk);
-  q.o_batch_stride = O.bs, q.o_row_stride = O.rs, q.o_head_stride = O.hs;
+  q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
   return fk_attention_fwd(&q, nullptr);
 }
 

@@ -329,25 +329,25 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
   cm.softmax_scale = p.scale, cm.dtype = lc.dtype, cm.device = 0;
   base.o = O.data.data(), base.dout = p.dO.data.data();
   base.lse = lse.data.data(), base.delta = delta.data.data();
-  base.o_batch_stride = O.bs, base.o_row_stride = O.rs, base.o_head_stride = O.hs;
-  base.do_batch_stride = p.dO.bs, base.do_row_stride = p.dO.rs, base.do_head_stride = p.dO.hs;
-  base.lse_batch_stride = lse.bs, base.lse_head_stride = lse.hs;
+  base.base.o_stride.batch = O.bs, base.base.o_stride.row = O.rs, base.base.o_stride.head = O.hs;
+  base.do_stride.batch = p.dO.bs, base.do_stride.row = p.dO.rs, base.do_stride.head = p.dO.hs;
+  base.base.lse_stride.batch = lse.bs, base.base.lse_stride.head = lse.hs;
   base.num_splits = 1;
   auto set_qkv = [&](fk_longformer_bwd_params &q, const Tensor<T> &Qt, const Tensor<T> &Kt,
                      const Tensor<T> &Vt) {
-    q.q = Qt.data.data(), q.k = Kt.data.data(), q.v = Vt.data.data();
-    q.q_batch_stride = Qt.bs, q.q_row_stride = Qt.rs, q.q_head_stride = Qt.hs;
-    q.k_batch_stride = Kt.bs, q.k_row_stride = Kt.rs, q.k_head_stride = Kt.hs;
-    q.v_batch_stride = Vt.bs, q.v_row_stride = Vt.rs, q.v_head_stride = Vt.hs;
+    q.base.q = Qt.data.data(), q.base.k = Kt.data.data(), q.base.v = Vt.data.data();
+    q.base.q_stride.batch = Qt.bs, q.base.q_stride.row = Qt.rs, q.base.q_stride.head = Qt.hs;
+    q.base.k_stride.batch = Kt.bs, q.base.k_stride.row = Kt.rs, q.base.k_stride.head = Kt.hs;
+    q.base.v_stride.batch = Vt.bs, q.base.v_stride.row = Vt.rs, q.base.v_stride.head = Vt.hs;
   };
   auto set_dq = [&](fk_longformer_bwd_params &q, Tensor<T> &t) {
-    q.dq = t.data.data(), q.dq_batch_stride = t.bs, q.dq_row_stride = t.rs, q.dq_head_stride = t.hs;
+    q.dq = t.data.data(), q.dq_stride.batch = t.bs, q.dq_stride.row = t.rs, q.dq_stride.head = t.hs;
   };
   auto set_dkdv = [&](fk_longformer_bwd_params &q, Tensor<T> &tk, Tensor<T> &tv) {
-    q.dk = tk.data.data(), q.dk_batch_stride = tk.bs, q.dk_row_stride = tk.rs,
-    q.dk_head_stride = tk.hs;
-    q.dv = tv.data.data(), q.dv_batch_stride = tv.bs, q.dv_row_stride = tv.rs,
-    q.dv_head_stride = tv.hs;
+    q.dk = tk.data.data(), q.dk_stride.batch = tk.bs, q.dk_stride.row = tk.rs,
+    q.dk_stride.head = tk.hs;
+    q.dv = tv.data.data(), q.dv_stride.batch = tv.bs, q.dv_stride.row = tv.rs,
+    q.dv_stride.head = tv.hs;
   };
   auto set_csr = [&](fk_longformer_bwd_params &q, const Csr &csr) {
     q.c.tile_offsets = csr.d_offs.data(), q.c.tile_ids = csr.d_ids.data();
@@ -501,7 +501,7 @@ int api_checks() {
   alignas(16) static int dummy[64];
   static const int32_t zeros[4] = {0, 0, 0, 0}, one[1] = {1};
   fk_longformer_bwd_params p{};
-  p.q = p.k = p.v = p.o = p.dout = dummy;
+  p.base.q = p.base.k = p.base.v = p.o = p.dout = dummy;
   p.dq = p.dk = p.dv = dummy;
   p.lse = reinterpret_cast<float *>(dummy);
   p.delta = reinterpret_cast<float *>(dummy);

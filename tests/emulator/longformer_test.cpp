@@ -263,13 +263,13 @@ template <typename T>
 int run_pass(int pass, const LCase &lc, const Rule &rule, const Problem<T> &p, const Plan &pl,
              Tensor<T> &O, Lse &lse, const std::vector<int32_t> &dil) {
   fk_longformer_fwd_params q{};
-  q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data();
+  q.base.q = p.Q.data.data(), q.base.k = p.K.data.data(), q.base.v = p.V.data.data();
   q.o = O.data.data(), q.lse = lse.data.data();
-  q.q_batch_stride = p.Q.bs, q.q_row_stride = p.Q.rs, q.q_head_stride = p.Q.hs;
-  q.k_batch_stride = p.K.bs, q.k_row_stride = p.K.rs, q.k_head_stride = p.K.hs;
-  q.v_batch_stride = p.V.bs, q.v_row_stride = p.V.rs, q.v_head_stride = p.V.hs;
-  q.o_batch_stride = O.bs, q.o_row_stride = O.rs, q.o_head_stride = O.hs;
-  q.lse_batch_stride = lse.bs, q.lse_head_stride = lse.hs;
+  q.base.q_stride.batch = p.Q.bs, q.base.q_stride.row = p.Q.rs, q.base.q_stride.head = p.Q.hs;
+  q.base.k_stride.batch = p.K.bs, q.base.k_stride.row = p.K.rs, q.base.k_stride.head = p.K.hs;
+  q.base.v_stride.batch = p.V.bs, q.base.v_stride.row = p.V.rs, q.base.v_stride.head = p.V.hs;
+  q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
+  q.base.lse_stride.batch = lse.bs, q.base.lse_stride.head = lse.hs;
   fk_longformer_common &c = q.c;
   c.batch = lc.B, c.seqlen = lc.N, c.heads = lc.H, c.head_dim = lc.D;
   c.window = lc.window, c.causal = lc.causal;
@@ -387,7 +387,7 @@ static void api_checks(Report &r) {
   static const int32_t one = 1, zero = 0, offs[2] = {0, 0}, rows[1] = {0};
   auto base = [&] {
     fk_longformer_fwd_params q{};
-    q.q = q.k = q.v = buf, q.o = buf, q.lse = lse_buf;
+    q.base.q = q.base.k = q.base.v = buf, q.o = buf, q.lse = lse_buf;
     q.c.batch = 1, q.c.seqlen = 0, q.c.heads = 1, q.c.head_dim = 8, q.c.window = 1;
     q.c.dilation = &one, q.c.head_class = &zero, q.c.num_classes = 1;
     q.c.tile_offsets = offs, q.c.tile_ids = &zero, q.c.dtype = FK_DTYPE_F16;

@@ -54,8 +54,8 @@ struct SeqInfo {
   // Index of row 0 of this sequence, head `head`, in LSE / Delta.
   template <class Params>
   __device__ __forceinline__ int64_t lse_offset(const Params &p, int head) const {
-    return (varlen ? int64_t(q_start) : int64_t(batch) * p.lse_batch_stride) +
-           int64_t(head) * p.lse_head_stride;
+    return (varlen ? int64_t(q_start) : int64_t(batch) * p.base.lse_stride.batch) +
+           int64_t(head) * p.base.lse_stride.head;
   }
 };
 

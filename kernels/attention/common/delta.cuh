@@ -13,7 +13,7 @@ constexpr int kDeltaThreads = 128;
 constexpr int kDeltaRows = 64;
 
 // Delta of rows [m0, m0 + kDeltaRows) of one (sequence, head): o, dout and delta point at
-// its row 0, p's o_row_stride and do_row_stride step through them. Rows i < n_rows with
+// its row 0, p's base.o_stride.row and do_stride.row step through them. Rows i < n_rows with
 // active(i) are summed, the others of them get 0; rows >= n_rows are not written. Called
 // by all kDeltaThreads threads of the block.
 template <typename Element, class Params, class Active>
@@ -29,9 +29,10 @@ __device__ __forceinline__ void delta_rows(const Params &p, const Element *o, co
     float acc = 0.f;
     if (i < n_rows && active(i)) {
       for (int c = sub; c < chunks; c += kLanesPerRow) {
-        const uint4 ov = *reinterpret_cast<const uint4 *>(o + int64_t(i) * p.o_row_stride + c * 8);
+        const uint4 ov =
+            *reinterpret_cast<const uint4 *>(o + int64_t(i) * p.base.o_stride.row + c * 8);
         const uint4 dv =
-            *reinterpret_cast<const uint4 *>(dout + int64_t(i) * p.do_row_stride + c * 8);
+            *reinterpret_cast<const uint4 *>(dout + int64_t(i) * p.do_stride.row + c * 8);
         const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
         const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
 #pragma unroll

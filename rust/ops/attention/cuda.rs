@@ -192,6 +192,25 @@ fn upload_seqlens(p: &AttentionProblem, stream: &Stream) -> Result<DeviceSeqLens
     })
 }
 
+/// The part of every attention kernel's parameters that Q, K, V, O and LSE give: the
+/// Q, K, V pointers and the Q, K, V, O, LSE strides (dense and Longformer alike).
+pub(crate) fn attention_base(
+    [q, k, v]: [&DeviceView; 3],
+    out: &DeviceView,
+    lse: &DeviceView,
+) -> ffi::fk_attention_base {
+    ffi::fk_attention_base {
+        q: q.ptr as *const c_void,
+        k: k.ptr as *const c_void,
+        v: v.ptr as *const c_void,
+        q_stride: bsh(&q.layout),
+        k_stride: bsh(&k.layout),
+        v_stride: bsh(&v.layout),
+        o_stride: bsh(&out.layout),
+        lse_stride: lse_strides(&lse.layout),
+    }
+}
+
 /// Checks the output views against the problem, then launches the forward on the
 /// stream `stream` gives (asked for only once every check has passed, so bad input
 /// is reported as such even where there is no driver).
@@ -208,33 +227,12 @@ pub(crate) unsafe fn launch_forward(
     check_lse_view("lse", lse, p, q.device)?;
     let stream = &stream()?;
     let seqs = upload_seqlens(p, stream)?;
-    let (q_b, q_r, q_h) = bsh(&q.layout);
-    let (k_b, k_r, k_h) = bsh(&k.layout);
-    let (v_b, v_r, v_h) = bsh(&v.layout);
-    let (o_b, o_r, o_h) = bsh(&out.layout);
-    let (l_b, l_h) = lse_strides(&lse.layout);
     let params = ffi::fk_attention_fwd_params {
-        q: q.ptr as *const c_void,
-        k: k.ptr as *const c_void,
-        v: v.ptr as *const c_void,
+        base: attention_base([q, k, v], out, lse),
         o: out.ptr as *mut c_void,
         lse: lse.ptr as *mut f32,
         cu_seqlens_q: seqs.q,
         cu_seqlens_k: seqs.k,
-        q_batch_stride: q_b,
-        q_row_stride: q_r,
-        q_head_stride: q_h,
-        k_batch_stride: k_b,
-        k_row_stride: k_r,
-        k_head_stride: k_h,
-        v_batch_stride: v_b,
-        v_row_stride: v_r,
-        v_head_stride: v_h,
-        o_batch_stride: o_b,
-        o_row_stride: o_r,
-        o_head_stride: o_h,
-        lse_batch_stride: l_b,
-        lse_head_stride: l_h,
         batch: p.batch as i32,
         heads: p.heads as i32,
         heads_kv: p.heads_kv as i32,
@@ -360,19 +358,8 @@ pub(crate) unsafe fn launch_backward(
     // SAFETY: the kernels write every element they later read.
     let delta = unsafe { DeviceBuffer::alloc_elems::<f32>(stream, lse_len)? };
     let delta_ptr = delta.ptr();
-    let (q_b, q_r, q_h) = bsh(&q.layout);
-    let (k_b, k_r, k_h) = bsh(&k.layout);
-    let (v_b, v_r, v_h) = bsh(&v.layout);
-    let (o_b, o_r, o_h) = bsh(&out.layout);
-    let (do_b, do_r, do_h) = bsh(&dout.layout);
-    let (dq_b, dq_r, dq_h) = bsh(&dq.layout);
-    let (dk_b, dk_r, dk_h) = bsh(&dk.layout);
-    let (dv_b, dv_r, dv_h) = bsh(&dv.layout);
-    let (l_b, l_h) = lse_strides(&lse.layout);
     let params = ffi::fk_attention_bwd_params {
-        q: q.ptr as *const c_void,
-        k: k.ptr as *const c_void,
-        v: v.ptr as *const c_void,
+        base: attention_base([q, k, v], out, lse),
         o: out.ptr as *const c_void,
         dout: dout.ptr as *const c_void,
         lse: lse.ptr as *const f32,
@@ -382,32 +369,10 @@ pub(crate) unsafe fn launch_backward(
         delta: delta_ptr as *mut f32,
         cu_seqlens_q: seqs.q,
         cu_seqlens_k: seqs.k,
-        q_batch_stride: q_b,
-        q_row_stride: q_r,
-        q_head_stride: q_h,
-        k_batch_stride: k_b,
-        k_row_stride: k_r,
-        k_head_stride: k_h,
-        v_batch_stride: v_b,
-        v_row_stride: v_r,
-        v_head_stride: v_h,
-        o_batch_stride: o_b,
-        o_row_stride: o_r,
-        o_head_stride: o_h,
-        do_batch_stride: do_b,
-        do_row_stride: do_r,
-        do_head_stride: do_h,
-        dq_batch_stride: dq_b,
-        dq_row_stride: dq_r,
-        dq_head_stride: dq_h,
-        dk_batch_stride: dk_b,
-        dk_row_stride: dk_r,
-        dk_head_stride: dk_h,
-        dv_batch_stride: dv_b,
-        dv_row_stride: dv_r,
-        dv_head_stride: dv_h,
-        lse_batch_stride: l_b,
-        lse_head_stride: l_h,
+        do_stride: bsh(&dout.layout),
+        dq_stride: bsh(&dq.layout),
+        dk_stride: bsh(&dk.layout),
+        dv_stride: bsh(&dv.layout),
         batch: p.batch as i32,
         heads: p.heads as i32,
         heads_kv: p.heads_kv as i32,

@@ -14,9 +14,9 @@ use super::{
 use crate::device::{memset_async, DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::ops::attention::cuda::attention_base;
 use crate::ops::glue::{
-    borrowed, bsh, check_contiguous, check_grid_and_views, check_out_rows, dtype_arg, lse_strides,
-    order_after,
+    borrowed, bsh, check_contiguous, check_grid_and_views, check_out_rows, dtype_arg, order_after,
 };
 use crate::tensor::{DType, Layout};
 
@@ -276,32 +276,11 @@ pub(crate) unsafe fn launch_forward(
         .map(|g| (plan.lists[1], plan.splits[1], g.per_seq));
 
     let params = |a: PassArgs, [q, k, v]: [&DeviceView; 3], split: (i32, u64, u64)| {
-        let (q_b, q_r, q_h) = bsh(&q.layout);
-        let (k_b, k_r, k_h) = bsh(&k.layout);
-        let (v_b, v_r, v_h) = bsh(&v.layout);
-        let (o_b, o_r, o_h) = bsh(&out.layout);
-        let (l_b, l_h) = lse_strides(&lse.layout);
         ffi::fk_longformer_fwd_params {
+            base: attention_base([q, k, v], out, lse),
             c: common(p, s, sh, &up, &a, q.device),
-            q: q.ptr as *const c_void,
-            k: k.ptr as *const c_void,
-            v: v.ptr as *const c_void,
             o: out.ptr as *mut c_void,
             lse: lse.ptr as *mut f32,
-            q_batch_stride: q_b,
-            q_row_stride: q_r,
-            q_head_stride: q_h,
-            k_batch_stride: k_b,
-            k_row_stride: k_r,
-            k_head_stride: k_h,
-            v_batch_stride: v_b,
-            v_row_stride: v_r,
-            v_head_stride: v_h,
-            o_batch_stride: o_b,
-            o_row_stride: o_r,
-            o_head_stride: o_h,
-            lse_batch_stride: l_b,
-            lse_head_stride: l_h,
             num_splits: split.0,
             partial_o: split.1 as *mut f32,
             partial_lse: split.2 as *mut f32,
@@ -560,25 +539,14 @@ pub(crate) unsafe fn launch_backward(
         }
     }
 
-    let (l_b, l_h) = lse_strides(&vw.lse.layout);
     let params = |a: PassArgs,
                   [q, k, v]: [&DeviceView; 3],
                   [dq, dk, dv]: [&DeviceView; 3],
                   accumulate: bool,
                   splits: usize| {
-        let (q_b, q_r, q_h) = bsh(&q.layout);
-        let (k_b, k_r, k_h) = bsh(&k.layout);
-        let (v_b, v_r, v_h) = bsh(&v.layout);
-        let (o_b, o_r, o_h) = bsh(&vw.out.layout);
-        let (do_b, do_r, do_h) = bsh(&vw.dout.layout);
-        let (dq_b, dq_r, dq_h) = bsh(&dq.layout);
-        let (dk_b, dk_r, dk_h) = bsh(&dk.layout);
-        let (dv_b, dv_r, dv_h) = bsh(&dv.layout);
         ffi::fk_longformer_bwd_params {
+            base: attention_base([q, k, v], vw.out, vw.lse),
             c: common(p, s, sh, &up, &a, q.device),
-            q: q.ptr as *const c_void,
-            k: k.ptr as *const c_void,
-            v: v.ptr as *const c_void,
             o: vw.out.ptr as *const c_void,
             dout: vw.dout.ptr as *const c_void,
             lse: vw.lse.ptr as *const f32,
@@ -586,32 +554,10 @@ pub(crate) unsafe fn launch_backward(
             dq: dq.ptr as *mut c_void,
             dk: dk.ptr as *mut c_void,
             dv: dv.ptr as *mut c_void,
-            q_batch_stride: q_b,
-            q_row_stride: q_r,
-            q_head_stride: q_h,
-            k_batch_stride: k_b,
-            k_row_stride: k_r,
-            k_head_stride: k_h,
-            v_batch_stride: v_b,
-            v_row_stride: v_r,
-            v_head_stride: v_h,
-            o_batch_stride: o_b,
-            o_row_stride: o_r,
-            o_head_stride: o_h,
-            do_batch_stride: do_b,
-            do_row_stride: do_r,
-            do_head_stride: do_h,
-            dq_batch_stride: dq_b,
-            dq_row_stride: dq_r,
-            dq_head_stride: dq_h,
-            dk_batch_stride: dk_b,
-            dk_row_stride: dk_r,
-            dk_head_stride: dk_h,
-            dv_batch_stride: dv_b,
-            dv_row_stride: dv_r,
-            dv_head_stride: dv_h,
-            lse_batch_stride: l_b,
-            lse_head_stride: l_h,
+            do_stride: bsh(&vw.dout.layout),
+            dq_stride: bsh(&dq.layout),
+            dk_stride: bsh(&dk.layout),
+            dv_stride: bsh(&dv.layout),
             accumulate: accumulate as i32,
             num_splits: splits as i32,
             partial: if splits > 1 {

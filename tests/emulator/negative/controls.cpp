@@ -85,11 +85,11 @@ static int global_overread() {
   ck.back() += 1; // the last sequence is one key longer than the tensors
   const emu::DeviceArray<int32_t> cuq(p.s.cq), cuk(ck);
   fk_attention_fwd_params q{};
-  q.q = p.Q.data.data(), q.k = p.K.data.data(), q.v = p.V.data.data();
+  q.base.q = p.Q.data.data(), q.base.k = p.K.data.data(), q.base.v = p.V.data.data();
   q.o = O.data.data(), q.lse = lse.data.data();
   set_common(q, p, lse, cuq, cuk);
   q.seqlen_k = 41;
-  q.o_batch_stride = O.bs, q.o_row_stride = O.rs, q.o_head_stride = O.hs;
+  q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
   return fk_attention_fwd(&q, nullptr);
 }
 
