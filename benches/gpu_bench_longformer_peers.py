@@ -195,7 +195,11 @@ def mock_longformer_attention(q, k, v, window, *, global_tokens=None, **_):
     b, n, h, d = q.shape
     outs = []
     for bi in range(b):
-        isg = None if global_tokens is None else global_tokens[bi]
+        isg = None
+        if global_tokens is not None:
+            # The API takes per-sequence index lists; the mask wants a bool per token.
+            isg = torch.zeros(n, dtype=torch.bool, device=DEV)
+            isg[torch.as_tensor(global_tokens[bi], dtype=torch.long, device=DEV)] = True
         m = dense_mask(n, window, isg)
         o = F.scaled_dot_product_attention(*(x[bi : bi + 1].transpose(1, 2).float() for x in (q, k, v)), attn_mask=m)
         outs.append(o.transpose(1, 2).to(q.dtype))
