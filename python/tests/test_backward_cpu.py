@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import flashkernels as fk
+from _rounding import assert_one_rounding, numpy_attention_grads
 from conftest import attention_mask, pad_varlen, unpad_varlen, varlen_mask
 
 
@@ -145,10 +146,16 @@ def test_backward_half_precision(dtype, randn):
     q, k, v, dout = (randn(1, 9, 2, 16).astype(dtype) for _ in range(4))
     out, lse = fk.flash_attn_func(q, k, v, causal=True, return_lse=True)
     grads = fk.attention_backward(q, k, v, out, lse, dout, causal=True)
-    want = jax_grads(q, k, v, dout, attention_mask(9, 9, causal=True))
+    mask = attention_mask(9, 9, causal=True)
+    want = jax_grads(q, k, v, dout, mask)
     for g in grads:
         assert g.dtype == np.dtype(dtype)
     assert_grads_close(grads, want, rtol=3e-2)
+    # Per element, one rounding of each gradient from f32, against float64 gradients that
+    # take Delta from the stored (rounded) forward output as the backward does.
+    exact = numpy_attention_grads(q, k, v, out, dout, mask)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, exact):
+        assert_one_rounding(g, w, dtype, what=name)
 
 
 def test_backward_jax_arrays(randn):

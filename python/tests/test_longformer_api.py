@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import flashkernels as fk
+from _rounding import assert_one_rounding
 
 try:
     import torch
@@ -230,11 +231,16 @@ def test_bfloat16_and_float16_numpy():
     )
     assert out.dtype == np.float16
     _close(out, want, 5e-3)
+    # Per element: one rounding of O from f32, against float64 on the stored inputs.
+    stored, _ = numpy_longformer(*(x.astype(np.float16) for x in (q, k, v)), 2, glob=glob, pad=pad)
+    assert_one_rounding(out, stored, np.float16, what="O f16")
     ml_dtypes = pytest.importorskip("ml_dtypes")
     bf = ml_dtypes.bfloat16
     out = fk.longformer_attention(q.astype(bf), k.astype(bf), v.astype(bf), 2, global_tokens=glob, padding_mask=pad)
     assert out.dtype == bf
     _close(out.astype(np.float32), want, 3e-2)
+    stored, _ = numpy_longformer(*(x.astype(bf) for x in (q, k, v)), 2, glob=glob, pad=pad)
+    assert_one_rounding(out, stored, bf, what="O bf16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,6 +524,11 @@ def test_torch_bfloat16_cpu():
     ref = _leaves([x.astype(np.float32) for x in (q, k, v) + gqkv], torch.float64)
     want, _ = torch_longformer(*ref[:3], 2, dilation=[1, 2], causal=True, glob=glob, pad=pad, gqkv=tuple(ref[3:]))
     _close(out.float().detach().numpy(), want.detach().numpy(), 3e-2)
+    stored = [x.detach().double() for x in leaves]
+    exact, _ = torch_longformer(
+        *stored[:3], 2, dilation=[1, 2], causal=True, glob=glob, pad=pad, gqkv=tuple(stored[3:])
+    )
+    assert_one_rounding(out.detach().float().numpy(), exact.numpy(), "bfloat16", what="O bf16 (torch)")
     out.float().sum().backward()
     want.sum().backward()
     for a, r in zip(leaves, ref):
