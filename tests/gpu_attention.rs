@@ -7,8 +7,8 @@
 mod common;
 
 use common::{
-    default_scale, host_tensor, logical_values, naive_row, rel_l2, visible_keys, Dense4, Dist, Rng,
-    Shape, Storage,
+    default_scale, host_tensor, logical_values, max_rel_err, naive_row, out_tol, rel_l2,
+    visible_keys, Dense4, Dist, Rng, Shape, Storage,
 };
 use flashkernels::attention::{self, AttentionOptions};
 use flashkernels::{DType, Device, DeviceTensor, Error, HostTensor, Stream, Tensor};
@@ -197,6 +197,13 @@ fn check_case(s: &Stream, c: Case) {
     }
     let err = rel_l2(&got, &want);
     assert!(err < 1e-2, "{c:?}: relative L2 error of O vs f64 = {err:e}");
+    // And element-wise: one wrong element hides in an L2 norm over millions.
+    let worst = max_rel_err(&got, &want);
+    assert!(
+        worst <= out_tol(c.dtype),
+        "{c:?}: max error of O vs f64 = {worst:e} x max|O| > {:e}",
+        out_tol(c.dtype)
+    );
 
     // Against the crate's CPU reference (f32 accumulation, O rounded to the same dtype),
     // through the same `attention::forward` signature, when it is cheap enough.
@@ -222,6 +229,12 @@ fn check_case(s: &Stream, c: Case) {
         assert!(
             err_ref < 1e-2,
             "{c:?}: relative L2 error of O vs CPU reference = {err_ref:e}"
+        );
+        let worst = max_rel_err(&o, &ref_o64);
+        assert!(
+            worst <= out_tol(c.dtype),
+            "{c:?}: max error of O vs CPU reference = {worst:e} x max|O| > {:e}",
+            out_tol(c.dtype)
         );
         for (j, (&a, &e)) in lse.iter().zip(&ref_l).enumerate() {
             assert!(

@@ -127,7 +127,7 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
     let up = |t: &HostTensor| Tensor::Cuda(DeviceTensor::from_host(s, t).unwrap());
     let ref_f = fwd(c, &host(&q), &host(&k), &host(&v));
     let gpu_f = fwd(c, &up(&q), &up(&k), &up(&v));
-    let tol = 2e-2;
+    let tol = common::out_tol(c.dtype);
     assert_close(
         c,
         "out",
@@ -172,7 +172,13 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
         ("dv", &gpu_g.dv, &ref_g.dv),
     ] {
         let g = g.to_host().unwrap();
-        assert_close(c, name, &g, &r.to_host().unwrap(), 4e-2);
+        assert_close(
+            c,
+            name,
+            &g,
+            &r.to_host().unwrap(),
+            common::grad_tol(c.dtype),
+        );
         grads.push(g.to_f32_vec());
     }
     grads

@@ -51,7 +51,7 @@ fn tensor(
 
 fn tol(dtype: DType) -> f64 {
     match dtype {
-        DType::F32 => 2e-3, // TF32-class tensor-core math may be used for f32
+        DType::F32 => 1e-5, // f32 on CUDA cores (no TF32): accumulation order only
         DType::F16 => 2e-3,
         DType::BF16 => 1.6e-2,
     }

@@ -123,7 +123,13 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
         &opts,
     )
     .unwrap_or_else(|e| panic!("{c:?}: cuda forward: {e}"));
-    assert_close(c, "out", &got.out.to_host().unwrap(), &want.out, 2e-2);
+    assert_close(
+        c,
+        "out",
+        &got.out.to_host().unwrap(),
+        &want.out,
+        common::out_tol(c.dtype),
+    );
     assert_close(c, "lse", &got.lse.to_host().unwrap(), &want.lse, 1e-3);
 
     // Backward from each side's own forward, as training does.
@@ -152,7 +158,7 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
     assert_eq!(got_all.len(), want_all.len());
     let names = ["dq", "dk", "dv", "dq_global", "dk_global", "dv_global"];
     for ((name, g), w) in names.iter().zip(&got_all).zip(&want_all) {
-        assert_close(c, name, g, w, 4e-2);
+        assert_close(c, name, g, w, common::grad_tol(c.dtype));
     }
     got_all.iter().map(HostTensor::to_f32_vec).collect()
 }

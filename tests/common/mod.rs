@@ -430,6 +430,42 @@ pub fn naive_general(
     (o, lse)
 }
 
+/// Bounds on max |got - want| / max |want| of a GPU attention output (O) against the CPU
+/// reference or the f64 definition, per storage dtype. Each side rounds O once to the
+/// dtype, and the kernel also rounds P to it before the P·V product: a few unit roundoffs u
+/// (bf16 u = 2^-8, f16 u = 2^-11, so f16's bound is 8x tighter), here 5u; f32 (only a
+/// reference-vs-reference dtype here) is accumulation order alone.
+pub fn out_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 2e-2,
+        DType::F16 => 2.5e-3,
+        DType::F32 => 1e-5,
+    }
+}
+
+/// As [`out_tol`] for gradients (dQ, dK, dV), which sum many more rounded terms: 10u.
+pub fn grad_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 4e-2,
+        DType::F16 => 5e-3,
+        DType::F32 => 2e-5,
+    }
+}
+
+/// max |got - want| / max(max |want|, 1e-3) over two equally long slices (NaN if any
+/// element of `got` is not finite, so comparisons with it fail).
+pub fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-3);
+    got.iter().zip(want).fold(0f64, |m, (&g, &w)| {
+        if g.is_finite() {
+            m.max((g as f64 - w).abs())
+        } else {
+            f64::NAN
+        }
+    }) / scale
+}
+
 /// For GPU results against the CPU reference: max |got - want| <= tol * max(max |want|,
 /// 1e-3) — the floor because a reference that is exactly zero (every query sees one key,
 /// so dQ = 0) leaves the kernel's f32 rounding noise (~1e-7) nothing to be relative to —
