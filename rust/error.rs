@@ -66,6 +66,14 @@ pub enum Error {
     /// An error reported by the CUDA driver or runtime.
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// A host buffer sized from the input could not be allocated (fallible allocation:
+    /// the process keeps running). Python raises MemoryError.
+    #[error("out of memory: could not allocate {bytes} bytes for {what}")]
+    OutOfMemory { what: String, bytes: u64 },
+    /// A long CPU call was stopped by the caller's interrupt check
+    /// (see [`crate::ops::with_interrupt_check`]). Python raises KeyboardInterrupt.
+    #[error("interrupted")]
+    Interrupted,
     /// The crate was built without the `cuda` feature.
     #[error("CUDA support is not compiled in (build with the `cuda` feature)")]
     CudaNotBuilt,

@@ -4,14 +4,18 @@
 //! independent definitions (tests/: a naive f64 forward, finite differences for the
 //! backward) and against independent oracles (python/tests/).
 
-pub use crate::ops::attention::reference::{attention, attention_backward, Gradients, Real};
+pub use crate::ops::attention::reference::{
+    attention, attention_backward, try_attention, try_attention_backward, Gradients, Real,
+};
 pub use crate::ops::conv::reference::{
-    activate, activation_backward, activation_derivative, conv2d, conv2d_backward, erf,
-    ConvForward, ConvGradients, ConvReal,
+    activate, activation_backward, activation_derivative, conv2d, conv2d_backward, erf, try_conv2d,
+    try_conv2d_backward, ConvForward, ConvGradients, ConvReal,
 };
 pub use crate::ops::longformer::reference::{
-    longformer, longformer_backward, LongformerGrads, LongformerInputs,
+    longformer, longformer_backward, try_longformer, try_longformer_backward, LongformerGrads,
+    LongformerInputs,
 };
 pub use crate::ops::pool::reference::{
-    avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward,
+    avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward, try_avg_pool2d,
+    try_avg_pool2d_backward, try_max_pool2d, try_max_pool2d_backward,
 };

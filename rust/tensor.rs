@@ -9,6 +9,7 @@ use std::fmt;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
+use crate::ops::common::try_with_capacity;
 
 /// Element types of tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,11 +88,14 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Row-major contiguous layout.
+    /// Row-major contiguous layout. Strides that would overflow `usize` saturate at
+    /// `usize::MAX`, so such a layout never passes [`Layout::check`] (nothing wraps);
+    /// [`Layout::try_contiguous`] reports the overflow up front, and every constructor
+    /// of this crate uses it.
     pub fn contiguous(shape: &[usize]) -> Self {
-        let mut strides = vec![1; shape.len()];
+        let mut strides = vec![1usize; shape.len()];
         for i in (0..shape.len().saturating_sub(1)).rev() {
-            strides[i] = strides[i + 1] * shape[i + 1];
+            strides[i] = strides[i + 1].saturating_mul(shape[i + 1]);
         }
         Layout {
             shape: shape.to_vec(),
@@ -99,21 +103,57 @@ impl Layout {
         }
     }
 
+    /// Row-major contiguous layout, or `Error::TooLarge` when its element count (or a
+    /// stride) does not fit `usize`.
+    pub fn try_contiguous(shape: &[usize]) -> Result<Self> {
+        let l = Layout::contiguous(shape);
+        if l.checked_numel().is_none() {
+            return Err(too_many_elements(shape));
+        }
+        // With a non-zero product every stride divides it, so none saturated. With an
+        // empty dimension the strides above it may still overflow: refuse those too.
+        let mut acc = 1usize;
+        for &n in shape.iter().rev() {
+            acc = acc
+                .checked_mul(n.max(1))
+                .ok_or_else(|| too_many_elements(shape))?;
+        }
+        Ok(l)
+    }
+
+    /// Number of elements; saturates at `usize::MAX` when the product overflows (see
+    /// [`Layout::checked_numel`]).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.checked_numel().unwrap_or(usize::MAX)
+    }
+
+    /// Number of elements, `None` when the product overflows `usize`.
+    pub fn checked_numel(&self) -> Option<usize> {
+        if self.shape.contains(&0) {
+            return Some(0);
+        }
+        self.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n))
     }
 
     /// One past the largest element offset (0 for an empty tensor): the storage it needs.
+    /// Saturates at `usize::MAX` when that overflows (such a layout fails
+    /// [`Layout::check`]).
     pub fn span(&self) -> usize {
         if self.numel() == 0 {
             return 0;
         }
-        1 + self
-            .shape
+        self.checked_span().unwrap_or(usize::MAX)
+    }
+
+    fn checked_span(&self) -> Option<usize> {
+        self.shape
             .iter()
             .zip(&self.strides)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>()
+            .try_fold(1usize, |acc, (&n, &s)| {
+                n.checked_sub(1).map_or(Some(acc), |m| {
+                    m.checked_mul(s).and_then(|x| x.checked_add(acc))
+                })
+            })
     }
 
     /// Checks that the strides fit the shape and that `storage_len` elements hold them.
@@ -124,16 +164,10 @@ impl Layout {
                 self.shape, self.strides
             )));
         }
-        let span = self
-            .shape
-            .iter()
-            .zip(&self.strides)
-            .try_fold(1usize, |acc, (&n, &s)| {
-                n.checked_sub(1).map_or(Some(acc), |m| {
-                    m.checked_mul(s).and_then(|x| x.checked_add(acc))
-                })
-            });
-        match span {
+        if self.checked_numel().is_none() {
+            return Err(too_many_elements(&self.shape));
+        }
+        match self.checked_span() {
             Some(span) if self.numel() == 0 || span <= storage_len => Ok(()),
             _ => Err(Error::InvalidArgument(format!(
                 "{name}: shape {:?} with strides {:?} reaches past its storage of {storage_len} elements",
@@ -142,9 +176,60 @@ impl Layout {
         }
     }
 
-    /// Offset in elements of a multi-index.
-    pub fn offset(&self, index: &[usize]) -> usize {
-        index.iter().zip(&self.strides).map(|(i, s)| i * s).sum()
+    /// Offset in elements of a multi-index; `None` when the index has the wrong rank or
+    /// lies outside the shape (or the offset overflows, which a checked layout rules out).
+    pub fn offset(&self, index: &[usize]) -> Option<usize> {
+        if index.len() != self.shape.len() || self.strides.len() != self.shape.len() {
+            return None;
+        }
+        index
+            .iter()
+            .zip(&self.shape)
+            .zip(&self.strides)
+            .try_fold(0usize, |acc, ((&i, &n), &s)| {
+                if i >= n {
+                    return None;
+                }
+                i.checked_mul(s)?.checked_add(acc)
+            })
+    }
+
+    /// Calls `f` with the offset of every element, in row-major logical order. The
+    /// layout must have passed [`Layout::check`] (so no offset overflows).
+    pub(crate) fn for_each_offset(&self, mut f: impl FnMut(usize)) {
+        let n = self.numel();
+        let rank = self.shape.len();
+        if n == 0 || rank == 0 {
+            return;
+        }
+        let mut index = vec![0usize; rank];
+        let mut off = 0usize;
+        for _ in 0..n {
+            f(off);
+            for d in (0..rank).rev() {
+                index[d] += 1;
+                // Wrapping: a size-1 dimension may have any stride, and the offsets
+                // that are used are in range, so modular arithmetic gives them exactly.
+                off = off.wrapping_add(self.strides[d]);
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                off = off.wrapping_sub(self.strides[d].wrapping_mul(self.shape[d]));
+                index[d] = 0;
+            }
+        }
+    }
+}
+
+fn too_many_elements(shape: &[usize]) -> Error {
+    let value = shape
+        .iter()
+        .fold(1u128, |a, &n| a.saturating_mul(n as u128))
+        .min(u64::MAX as u128) as u64;
+    Error::TooLarge {
+        what: format!("the element count of shape {shape:?}"),
+        value,
+        limit: usize::MAX as u64,
     }
 }
 
@@ -206,31 +291,42 @@ impl HostData {
                 b.len()
             )));
         }
+        fn collect<T>(it: impl ExactSizeIterator<Item = T>) -> Result<Vec<T>> {
+            let mut v = try_with_capacity(it.len(), "host tensor storage")?;
+            v.extend(it);
+            Ok(v)
+        }
         Ok(match dtype {
-            DType::F32 => HostData::F32(
+            DType::F32 => HostData::F32(collect(
                 b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::F16 => HostData::F16(
-                b.chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            DType::BF16 => HostData::BF16(
-                b.chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            )?),
+            DType::F16 => HostData::F16(collect(
+                b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])),
+            )?),
+            DType::BF16 => HostData::BF16(collect(
+                b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])),
+            )?),
         })
     }
 
-    fn from_f32_iter(dtype: DType, it: impl Iterator<Item = f32>) -> Self {
-        match dtype {
-            DType::F32 => HostData::F32(it.collect()),
-            DType::F16 => HostData::F16(it.map(f16::from_f32).collect()),
-            DType::BF16 => HostData::BF16(it.map(bf16::from_f32).collect()),
+    /// `len` values of `it`, rounded to `dtype`, in a buffer allocated fallibly.
+    fn try_from_f32_iter(
+        dtype: DType,
+        len: usize,
+        it: impl Iterator<Item = f32>,
+        what: &str,
+    ) -> Result<Self> {
+        fn fill<T>(len: usize, it: impl Iterator<Item = T>, what: &str) -> Result<Vec<T>> {
+            let mut v = try_with_capacity(len, what)?;
+            v.extend(it.take(len));
+            Ok(v)
         }
+        Ok(match dtype {
+            DType::F32 => HostData::F32(fill(len, it, what)?),
+            DType::F16 => HostData::F16(fill(len, it.map(f16::from_f32), what)?),
+            DType::BF16 => HostData::BF16(fill(len, it.map(bf16::from_f32), what)?),
+        })
     }
 }
 
@@ -247,7 +343,7 @@ impl HostTensor {
     where
         HostData: From<Vec<T>>,
     {
-        Self::from_data(data.into(), Layout::contiguous(shape))
+        Self::from_data(data.into(), Layout::try_contiguous(shape)?)
     }
 
     /// A tensor over `data` with explicit strides (in elements).
@@ -262,9 +358,17 @@ impl HostTensor {
     }
 
     /// A contiguous tensor whose element at flat index i is f(i), rounded to `dtype`.
+    /// A shape whose element count overflows is `Error::TooLarge`; one whose storage
+    /// cannot be allocated is `Error::OutOfMemory` (nothing aborts).
     pub fn from_fn(dtype: DType, shape: &[usize], f: impl FnMut(usize) -> f32) -> Result<Self> {
-        let layout = Layout::contiguous(shape);
-        let data = HostData::from_f32_iter(dtype, (0..layout.numel()).map(f));
+        let layout = Layout::try_contiguous(shape)?;
+        if layout.shape.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a tensor needs at least one dimension".into(),
+            ));
+        }
+        let n = layout.numel();
+        let data = HostData::try_from_f32_iter(dtype, n, (0..n).map(f), "a host tensor")?;
         Self::from_data(data, layout)
     }
 
@@ -297,47 +401,75 @@ impl HostTensor {
         self.layout.numel()
     }
 
-    /// Element at a multi-index, widened to f32.
-    pub fn get(&self, index: &[usize]) -> f32 {
-        self.data.get_f32(self.layout.offset(index))
-    }
-
-    /// All elements in row-major logical order, widened to f32.
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        let n = self.numel();
-        let mut out = Vec::with_capacity(n);
-        let rank = self.layout.shape.len();
-        let mut index = vec![0usize; rank];
-        for _ in 0..n {
-            out.push(self.get(&index));
-            for d in (0..rank).rev() {
-                index[d] += 1;
-                if index[d] < self.layout.shape[d] {
-                    break;
-                }
-                index[d] = 0;
-            }
+    /// Element at a multi-index, widened to f32; an index of the wrong rank or outside
+    /// the shape is an error (never another element).
+    pub fn get(&self, index: &[usize]) -> Result<f32> {
+        match self.layout.offset(index) {
+            Some(off) => Ok(self.data.get_f32(off)),
+            None => Err(Error::InvalidArgument(format!(
+                "index {index:?} is outside a tensor of shape {:?}",
+                self.layout.shape
+            ))),
         }
-        out
     }
 
-    /// The same values, contiguous and converted to `dtype`.
+    /// All elements in row-major logical order, widened to f32 (panics if the copy
+    /// cannot be allocated; see [`HostTensor::try_to_f32_vec`]).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.try_to_f32_vec().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// All elements in row-major logical order, widened to f32, read element by element
+    /// through the strides (O(numel), whatever the storage's size);
+    /// `Error::OutOfMemory` when the copy cannot be allocated.
+    pub fn try_to_f32_vec(&self) -> Result<Vec<f32>> {
+        let mut out = try_with_capacity(self.numel(), "an f32 copy of a host tensor")?;
+        self.layout
+            .for_each_offset(|off| out.push(self.data.get_f32(off)));
+        Ok(out)
+    }
+
+    /// The same values, contiguous and converted to `dtype` (panics if the copy cannot
+    /// be allocated; see [`HostTensor::try_to_contiguous`]).
     pub fn to_contiguous(&self, dtype: DType) -> HostTensor {
-        let layout = Layout::contiguous(&self.layout.shape);
-        let data = HostData::from_f32_iter(dtype, self.to_f32_vec().into_iter());
-        HostTensor { data, layout }
+        self.try_to_contiguous(dtype)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The same values, contiguous and converted to `dtype`; `Error::OutOfMemory` when
+    /// the copy cannot be allocated.
+    pub fn try_to_contiguous(&self, dtype: DType) -> Result<HostTensor> {
+        fn convert<T>(t: &HostTensor, f: impl Fn(f32) -> T) -> Result<Vec<T>> {
+            let mut v = try_with_capacity(t.numel(), "a contiguous copy of a host tensor")?;
+            t.layout.for_each_offset(|o| v.push(f(t.data.get_f32(o))));
+            Ok(v)
+        }
+        let layout = Layout::try_contiguous(&self.layout.shape)?;
+        let data = match dtype {
+            DType::F32 => HostData::F32(convert(self, |x| x)?),
+            DType::F16 => HostData::F16(convert(self, f16::from_f32)?),
+            DType::BF16 => HostData::BF16(convert(self, bf16::from_f32)?),
+        };
+        Ok(HostTensor { data, layout })
     }
 
     /// The same storage seen with dimensions `a` and `b` swapped: a strided tensor, as
-    /// torch's `transpose` gives (the storage is cloned, since host tensors own it).
-    pub fn transpose(&self, a: usize, b: usize) -> HostTensor {
+    /// torch's `transpose` gives (the storage is cloned, since host tensors own it). A
+    /// dimension outside the rank is an error.
+    pub fn transpose(&self, a: usize, b: usize) -> Result<HostTensor> {
+        let rank = self.layout.shape.len();
+        if a >= rank || b >= rank {
+            return Err(Error::InvalidArgument(format!(
+                "transpose({a}, {b}) of a rank-{rank} tensor"
+            )));
+        }
         let mut layout = self.layout.clone();
         layout.shape.swap(a, b);
         layout.strides.swap(a, b);
-        HostTensor {
+        Ok(HostTensor {
             data: self.data.clone(),
             layout,
-        }
+        })
     }
 }
 

@@ -68,8 +68,8 @@ impl Case {
                 .collect()
         };
         (
-            TokenMask::from_positions(b, n, &pos(&self.globals)),
-            TokenMask::from_positions(b, n, &pos(&self.padded)),
+            TokenMask::from_positions(b, n, &pos(&self.globals)).expect("positions in range"),
+            TokenMask::from_positions(b, n, &pos(&self.padded)).expect("positions in range"),
         )
     }
 }

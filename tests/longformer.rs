@@ -205,7 +205,7 @@ fn half_precision_inputs_run_and_keep_their_dtype() {
     };
     for dtype in [DType::F16, DType::BF16] {
         let (q, k, v) = (t(dtype), t(dtype), t(dtype));
-        let gm = TokenMask::from_positions(1, 9, &[(0, 4)]);
+        let gm = TokenMask::from_positions(1, 9, &[(0, 4)]).unwrap();
         let r = longformer::forward(
             &longformer::Inputs::new(&q, &k, &v)
                 .globals(None)

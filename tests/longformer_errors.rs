@@ -42,8 +42,8 @@ fn assert_mentions(e: &Error, parts: &[&str]) {
 #[test]
 fn valid_inputs_pass() {
     let q = t(&[2, 7, 3, 4]);
-    let gm = TokenMask::from_positions(2, 7, &[(0, 0), (1, 6)]);
-    let pm = TokenMask::from_positions(2, 7, &[(1, 5)]);
+    let gm = TokenMask::from_positions(2, 7, &[(0, 0), (1, 6)]).unwrap();
+    let pm = TokenMask::from_positions(2, 7, &[(1, 5)]).unwrap();
     let opts = LongformerOptions {
         dilation: vec![1, 2, 3],
         ..LongformerOptions::new(2)
@@ -125,8 +125,8 @@ fn mask_shapes() {
 #[test]
 fn padded_token_cannot_be_global() {
     let q = t(&[2, 5, 1, 2]);
-    let gm = TokenMask::from_positions(2, 5, &[(1, 3)]);
-    let pm = TokenMask::from_positions(2, 5, &[(1, 3), (0, 4)]);
+    let gm = TokenMask::from_positions(2, 5, &[(1, 3)]).unwrap();
+    let pm = TokenMask::from_positions(2, 5, &[(1, 3), (0, 4)]).unwrap();
     let e = fail(
         &q,
         &q,
@@ -208,7 +208,7 @@ fn rank_empty_and_stride() {
     assert!(matches!(e, Error::Empty { name: "q", .. }), "{e}");
     // (B, N, D, H) seen as (B, N, H, D): the head dim is strided.
     let e = fail(
-        &t(&[1, 5, 4, 2]).transpose(2, 3),
+        &t(&[1, 5, 4, 2]).transpose(2, 3).unwrap(),
         &q,
         &q,
         None,
@@ -225,9 +225,9 @@ fn strided_inputs_are_read_by_layout() {
     // result as its contiguous copy.
     let mut rng = Rng::new(5);
     let bhnd = tensor(&random(&mut rng, 2 * 3 * 7 * 4), &[2, 3, 7, 4]);
-    let strided = bhnd.transpose(1, 2);
+    let strided = bhnd.transpose(1, 2).unwrap();
     let contiguous = strided.to_contiguous(DType::F32);
-    let gm = TokenMask::from_positions(2, 7, &[(0, 3), (1, 0)]);
+    let gm = TokenMask::from_positions(2, 7, &[(0, 3), (1, 0)]).unwrap();
     let opts = LongformerOptions::new(1);
     let a = longformer::forward(
         &longformer::Inputs::new(&strided, &strided, &strided)

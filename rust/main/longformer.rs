@@ -118,7 +118,7 @@ impl Longformer {
         let positions: Vec<(usize, usize)> = (0..c.batch)
             .flat_map(|b| c.globals.iter().map(move |&i| (b, i)))
             .collect();
-        let global = TokenMask::from_positions(c.batch, c.seqlen, &positions);
+        let global = TokenMask::from_positions(c.batch, c.seqlen, &positions)?;
         let opts = LongformerOptions::new(c.window);
         // Every head has the same dilation, hence the same pairs: count one head's.
         let one_head = Layout::contiguous(&[c.batch, c.seqlen, 1, c.head_dim]);

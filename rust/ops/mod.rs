@@ -20,3 +20,7 @@ pub mod conv;
 pub(crate) mod glue;
 pub mod longformer;
 pub mod pool;
+
+pub use common::{
+    scale_to_f32, with_interrupt_check, with_interrupt_check_every, DEFAULT_INTERRUPT_INTERVAL,
+};

@@ -178,8 +178,8 @@ pub(crate) fn forward_host(
     p: &AttentionProblem,
     [q, k, v]: [&HostTensor; 3],
 ) -> Result<AttentionOutput<HostTensor>> {
-    let (o, lse) = reference::attention(p, &f32_data(q), &f32_data(k), &f32_data(v));
-    let out = HostTensor::from_vec(o, &p.q_shape())?.to_contiguous(p.dtype);
+    let (o, lse) = reference::try_attention(p, &f32_data(q)?, &f32_data(k)?, &f32_data(v)?)?;
+    let out = HostTensor::from_vec(o, &p.q_shape())?.try_to_contiguous(p.dtype)?;
     let lse = HostTensor::from_vec(lse, &p.lse_shape())?;
     Ok(AttentionOutput { out, lse })
 }
@@ -238,18 +238,18 @@ pub(crate) fn backward_host(
     p: &AttentionProblem,
     [q, k, v, out, lse, dout]: [&HostTensor; 6],
 ) -> Result<AttentionGradients<HostTensor>> {
-    let g = reference::attention_backward(
+    let g = reference::try_attention_backward(
         p,
-        &f32_data(q),
-        &f32_data(k),
-        &f32_data(v),
-        &f32_data(out),
-        &f32_data(lse),
-        &f32_data(dout),
-    );
+        &f32_data(q)?,
+        &f32_data(k)?,
+        &f32_data(v)?,
+        &f32_data(out)?,
+        &f32_data(lse)?,
+        &f32_data(dout)?,
+    )?;
     Ok(AttentionGradients {
-        dq: HostTensor::from_vec(g.dq, &p.q_shape())?.to_contiguous(p.dtype),
-        dk: HostTensor::from_vec(g.dk, &p.kv_shape())?.to_contiguous(p.dtype),
-        dv: HostTensor::from_vec(g.dv, &p.kv_shape())?.to_contiguous(p.dtype),
+        dq: HostTensor::from_vec(g.dq, &p.q_shape())?.try_to_contiguous(p.dtype)?,
+        dk: HostTensor::from_vec(g.dk, &p.kv_shape())?.try_to_contiguous(p.dtype)?,
+        dv: HostTensor::from_vec(g.dv, &p.kv_shape())?.try_to_contiguous(p.dtype)?,
     })
 }

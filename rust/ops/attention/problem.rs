@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use super::{AttentionOptions, SeqLens};
 use crate::error::{Error, Result};
-use crate::ops::common::check_row_layout as check_layout;
+use crate::ops::common::{check_row_layout as check_layout, check_scale, checked_elements};
 use crate::tensor::{DType, Layout};
 
 /// Sizes of a validated call (the "plan" of this op).
@@ -84,17 +84,20 @@ impl AttentionProblem {
         }
     }
 
-    /// Keys that query `i` of a sequence with `nq` queries and `nk` keys sees.
+    /// Keys that query `i` of a sequence with `nq` queries and `nk` keys sees. Computed
+    /// in i128, so any window (up to `usize::MAX`, which is unbounded) is exact.
     pub fn visible_keys(&self, i: usize, nq: usize, nk: usize) -> Range<usize> {
-        let diag = i as i64 + nk as i64 - nq as i64; // the aligned diagonal's key
-        let lo = self.window_left.map_or(0, |w| diag - w as i64).max(0);
+        let (i, nq, nk) = (i as i128, nq as i128, nk as i128);
+        let diag = i + nk - nq; // the aligned diagonal's key
+        let lo = self.window_left.map_or(0, |w| diag - w as i128).max(0);
         let hi = self
             .window_right
-            .map_or(nk as i64, |w| diag.saturating_add(w as i64) + 1)
-            .min(nk as i64);
+            .map_or(nk, |w| diag + w as i128 + 1)
+            .min(nk);
         if lo >= hi {
             0..0
         } else {
+            // 0 <= lo < hi <= nk, which came from a usize.
             lo as usize..hi as usize
         }
     }
@@ -208,7 +211,7 @@ pub(crate) fn validate_inputs(
             detail: format!("q {qs:?} and k {ks:?} must agree on {what} {layout_name}"),
         });
     }
-    if hq % hkv != 0 {
+    if hkv == 0 || hq % hkv != 0 {
         return Err(Error::ShapeMismatch {
             detail: format!(
                 "q has {hq} heads, which is not a multiple of k/v's {hkv} heads \
@@ -216,12 +219,7 @@ pub(crate) fn validate_inputs(
             ),
         });
     }
-    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "scale must be finite and positive, got {scale}"
-        )));
-    }
+    let scale = check_scale(opts.scale, d)?;
     let window_right = match (opts.causal, opts.window_right) {
         (true, _) => Some(0),
         (false, w) => w,
@@ -249,6 +247,16 @@ pub(crate) fn validate_inputs(
             )
         }
     };
+    // Every buffer the call allocates (O, LSE, the f32 copies of Q, K, V) fits.
+    checked_elements("q", qs)?;
+    checked_elements("k", ks)?;
+    let rows_q = qs[0] * if rank == 4 { qs[1] } else { 1 };
+    checked_elements("lse", &[rows_q, hq])?;
+    // A window wider than the sequence sees what an unbounded one does; clamp it (the
+    // same on every path), so no later arithmetic meets a huge window: every key is
+    // within seqlen_k - 1 before the diagonal and seqlen_q - 1 after it.
+    let window_left = opts.window_left.map(|w| w.min(seqlen_k));
+    let window_right = window_right.map(|w| w.min(seqlen_q));
     Ok(AttentionProblem {
         batch,
         heads: hq,
@@ -258,7 +266,7 @@ pub(crate) fn validate_inputs(
         head_dim: d,
         scale,
         causal: opts.causal,
-        window_left: opts.window_left,
+        window_left,
         window_right,
         dtype: q.0,
         seqlens: seqlens.cloned(),

@@ -9,6 +9,8 @@
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use crate::attention::AttentionProblem;
+use crate::error::Result;
+use crate::ops::common::{poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt};
 
 /// The float types the reference runs in.
 pub trait Real:
@@ -70,38 +72,6 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).fold(T::ZERO, |acc, (&x, &y)| acc + x * y)
 }
 
-/// Runs `work` for every item on all cores, returning the results in item order (the
-/// Longformer reference uses it too).
-pub(crate) fn parallel_map<I: Sync, R: Send>(items: &[I], work: impl Fn(&I) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len())
-        .max(1);
-    let mut slots: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let work = &work;
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (t..items.len())
-                        .step_by(threads)
-                        .map(|i| (i, work(&items[i])))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            for (i, r) in h.join().expect("reference worker") {
-                slots[i] = Some(r);
-            }
-        }
-    });
-    slots
-        .into_iter()
-        .map(|r| r.expect("every item ran"))
-        .collect()
-}
-
 /// Row `r` of head `h` in a (rows, heads, d) buffer.
 fn row_range(r: usize, h: usize, heads: usize, d: usize) -> std::ops::Range<usize> {
     let start = (r * heads + h) * d;
@@ -110,23 +80,38 @@ fn row_range(r: usize, h: usize, heads: usize, d: usize) -> std::ops::Range<usiz
 
 /// Attention forward. Returns O (laid out like Q) and LSE (natural log, per
 /// [`AttentionProblem::lse_index`]).
+///
+/// # Panics
+/// When a buffer cannot be allocated ([`try_attention`] returns that as an error).
 pub fn attention<T: Real>(p: &AttentionProblem, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
+    without_interrupt(|| try_attention(p, q, k, v)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`attention`], with allocation failures (`Error::OutOfMemory`) and interruptions
+/// (see [`crate::ops::with_interrupt_check`]) returned as errors.
+pub fn try_attention<T: Real>(
+    p: &AttentionProblem,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> Result<(Vec<T>, Vec<T>)> {
     let (hq, hkv, d) = (p.heads, p.heads_kv, p.head_dim);
-    let mut out = vec![T::ZERO; p.rows_q() * hq * d];
-    let mut lse = vec![T::NEG_INFINITY; p.rows_q() * hq];
+    let mut out = try_alloc_vec(p.rows_q() * hq * d, T::ZERO, "the attention output")?;
+    let mut lse = try_alloc_vec(p.rows_q() * hq, T::NEG_INFINITY, "the attention LSE")?;
     let tasks: Vec<(usize, usize)> = (0..p.batch)
         .flat_map(|b| (0..hq).map(move |h| (b, h)))
         .collect();
     // One task per (sequence, query head): O rows (nq x D) and LSE (nq).
-    let results = parallel_map(&tasks, |&(b, h)| {
+    let results = try_parallel_map(&tasks, |&(b, h)| {
         let (qr, kr) = (p.q_rows(b), p.k_rows(b));
         let (nq, nk) = (qr.len(), kr.len());
         let hk = h / p.group_size();
-        let mut o = vec![T::ZERO; nq * d];
-        let mut l = vec![T::NEG_INFINITY; nq];
-        let mut scores = Vec::with_capacity(nk);
+        let mut o = try_alloc_vec(nq * d, T::ZERO, "attention output rows")?;
+        let mut l = try_alloc_vec(nq, T::NEG_INFINITY, "attention LSE rows")?;
+        let mut scores = Vec::new();
         let scale = T::from_f32(p.scale);
         for i in 0..nq {
+            poll_interrupt()?;
             let keys = p.visible_keys(i, nq, nk);
             if keys.is_empty() {
                 continue; // O stays 0, LSE -inf
@@ -157,8 +142,8 @@ pub fn attention<T: Real>(p: &AttentionProblem, q: &[T], k: &[T], v: &[T]) -> (V
             }
             l[i] = max + sum.ln();
         }
-        (o, l)
-    });
+        Ok((o, l))
+    })?;
     for (&(b, h), (o, l)) in tasks.iter().zip(results) {
         let qr = p.q_rows(b);
         for i in 0..qr.len() {
@@ -166,13 +151,17 @@ pub fn attention<T: Real>(p: &AttentionProblem, q: &[T], k: &[T], v: &[T]) -> (V
             lse[p.lse_index(b, h, i)] = l[i];
         }
     }
-    (out, lse)
+    Ok((out, lse))
 }
 
 /// Attention backward from the forward's O and LSE (as FlashAttention's backward):
 /// P = exp(scale * Q K^T - LSE), Delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T,
 /// dS = P * (dP - Delta), dQ = scale * dS K, dK = scale * dS^T Q. For GQA, dK and dV sum
 /// over the query heads of each group.
+///
+/// # Panics
+/// When a buffer cannot be allocated ([`try_attention_backward`] returns that as an
+/// error).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Real>(
     p: &AttentionProblem,
@@ -183,26 +172,43 @@ pub fn attention_backward<T: Real>(
     lse: &[T],
     dout: &[T],
 ) -> Gradients<T> {
+    without_interrupt(|| try_attention_backward(p, q, k, v, out, lse, dout))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`attention_backward`], with allocation failures and interruptions returned as
+/// errors.
+#[allow(clippy::too_many_arguments)]
+pub fn try_attention_backward<T: Real>(
+    p: &AttentionProblem,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+) -> Result<Gradients<T>> {
     let (hq, hkv, d, group) = (p.heads, p.heads_kv, p.head_dim, p.group_size());
     let mut grads = Gradients {
-        dq: vec![T::ZERO; p.rows_q() * hq * d],
-        dk: vec![T::ZERO; p.rows_k() * hkv * d],
-        dv: vec![T::ZERO; p.rows_k() * hkv * d],
+        dq: try_alloc_vec(p.rows_q() * hq * d, T::ZERO, "dq")?,
+        dk: try_alloc_vec(p.rows_k() * hkv * d, T::ZERO, "dk")?,
+        dv: try_alloc_vec(p.rows_k() * hkv * d, T::ZERO, "dv")?,
     };
     let tasks: Vec<(usize, usize)> = (0..p.batch)
         .flat_map(|b| (0..hkv).map(move |h| (b, h)))
         .collect();
     // One task per (sequence, kv head): its dK, dV rows and the dQ rows of its group.
-    let results = parallel_map(&tasks, |&(b, hk)| {
+    let results = try_parallel_map(&tasks, |&(b, hk)| {
         let (qr, kr) = (p.q_rows(b), p.k_rows(b));
         let (nq, nk) = (qr.len(), kr.len());
         let scale = T::from_f32(p.scale);
-        let mut dq = vec![T::ZERO; group * nq * d];
-        let mut dk = vec![T::ZERO; nk * d];
-        let mut dv = vec![T::ZERO; nk * d];
+        let mut dq = try_alloc_vec(group * nq * d, T::ZERO, "dq rows")?;
+        let mut dk = try_alloc_vec(nk * d, T::ZERO, "dk rows")?;
+        let mut dv = try_alloc_vec(nk * d, T::ZERO, "dv rows")?;
         for g in 0..group {
             let h = hk * group + g;
             for i in 0..nq {
+                poll_interrupt()?;
                 let keys = p.visible_keys(i, nq, nk);
                 let l = lse[p.lse_index(b, h, i)];
                 if keys.is_empty() || l == T::NEG_INFINITY {
@@ -229,8 +235,8 @@ pub fn attention_backward<T: Real>(
                 }
             }
         }
-        (dq, dk, dv)
-    });
+        Ok((dq, dk, dv))
+    })?;
     for (&(b, hk), (dq, dk, dv)) in tasks.iter().zip(results) {
         let (qr, kr) = (p.q_rows(b), p.k_rows(b));
         let nq = qr.len();
@@ -245,5 +251,5 @@ pub fn attention_backward<T: Real>(
             grads.dv[row_range(kr.start + j, hk, hkv, d)].copy_from_slice(&dv[j * d..(j + 1) * d]);
         }
     }
-    grads
+    Ok(grads)
 }

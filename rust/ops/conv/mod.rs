@@ -14,7 +14,7 @@
 //! path computes in f64 and rounds once to the dtype.
 
 use crate::error::{Error, Result};
-use crate::ops::common::{check_layout, f64_data, host_out, mixed_devices};
+use crate::ops::common::{check_layout, checked_elements, f64_data, host_out, mixed_devices};
 use crate::tensor::{DType, HostTensor, Layout};
 use crate::{OpTensor, Tensor, TensorRef};
 
@@ -175,7 +175,9 @@ pub(crate) fn check_positive(what: &str, v: [usize; 2]) -> Result<()> {
 
 /// Output length of a convolution or pooling window sweep (floor, or ceil with
 /// torch's rule that the last window must start inside the input or left padding);
-/// `None` when the dilated window does not fit the padded input.
+/// `None` when the dilated window does not fit the padded input, or when any of the
+/// sizes involved overflows `usize` (checked arithmetic throughout), or for a zero
+/// kernel or stride.
 pub fn output_size(
     len: usize,
     kernel: usize,
@@ -184,21 +186,42 @@ pub fn output_size(
     dilation: usize,
     ceil_mode: bool,
 ) -> Option<usize> {
-    let span = dilation * (kernel - 1) + 1;
-    let padded = len + 2 * pad;
-    if span > padded {
+    let span = window_span(kernel, dilation)?;
+    let padded = padded_len(len, pad)?;
+    if span > padded || stride == 0 {
         return None;
     }
     let room = padded - span;
+    // Both are at most room + 1 <= padded.
     let mut out = if ceil_mode {
         room.div_ceil(stride) + 1
     } else {
         room / stride + 1
     };
-    if ceil_mode && (out - 1) * stride >= len + pad {
+    if ceil_mode
+        && (out - 1)
+            .checked_mul(stride)
+            .is_none_or(|start| start >= len + pad)
+    {
         out -= 1;
     }
     Some(out)
+}
+
+/// `dilation * (kernel - 1) + 1`, the extent of a dilated window; `None` on overflow or
+/// for a zero kernel.
+pub(crate) fn window_span(kernel: usize, dilation: usize) -> Option<usize> {
+    dilation.checked_mul(kernel.checked_sub(1)?)?.checked_add(1)
+}
+
+/// `len + 2 * pad`; `None` on overflow.
+pub(crate) fn padded_len(len: usize, pad: usize) -> Option<usize> {
+    pad.checked_mul(2)?.checked_add(len)
+}
+
+/// `dilation * (kernel - 1) + 1` for a message, exact even where `usize` overflows.
+pub(crate) fn span_for_message(kernel: usize, dilation: usize) -> u128 {
+    dilation as u128 * (kernel as u128).saturating_sub(1) + 1
 }
 
 /// Checks x, weight, the optional bias and the options; returns the problem sizes.
@@ -260,10 +283,11 @@ pub fn validate(
     let too_big = |dim: &str, len: usize, kernel: usize, i: usize| Error::ShapeMismatch {
         detail: format!(
             "the kernel's {dim} {kernel} (dilation {}, so {} wide) is larger than the padded \
-             input's {dim} {len} + 2 * {}",
+             input's {dim} {len} + 2 * {} = {}",
             opts.dilation[i],
-            opts.dilation[i] * (kernel - 1) + 1,
-            opts.padding[i]
+            span_for_message(kernel, opts.dilation[i]),
+            opts.padding[i],
+            len as u128 + 2 * opts.padding[i] as u128
         ),
     };
     let p = output_size(
@@ -284,6 +308,8 @@ pub fn validate(
         false,
     )
     .ok_or_else(|| too_big("width", wd, s, 1))?;
+    // The output (and y_pre, and the reference's f64 copies) must fit in memory.
+    checked_elements("the output y", &[n, k, p, q])?;
     Ok(Conv2dProblem {
         n,
         c,
@@ -479,8 +505,8 @@ pub(crate) fn forward_host(
     bias: Option<&HostTensor>,
     keep_pre: bool,
 ) -> Result<Conv2dOutput<HostTensor>> {
-    let b = bias.map(f64_data);
-    let o = reference::conv2d(p, &f64_data(x), &f64_data(weight), b.as_deref());
+    let b = bias.map(f64_data).transpose()?;
+    let o = reference::try_conv2d(p, &f64_data(x)?, &f64_data(weight)?, b.as_deref())?;
     let shape = p.y_shape();
     Ok(Conv2dOutput {
         y: host_out(o.y, &shape, p.dtype)?,
@@ -534,7 +560,7 @@ pub(crate) fn backward_host(
     [x, weight, dy]: [&HostTensor; 3],
     grads: ConvGrads,
 ) -> Result<Conv2dGradients<HostTensor>> {
-    let g = reference::conv2d_backward(p, &f64_data(x), &f64_data(weight), &f64_data(dy));
+    let g = reference::try_conv2d_backward(p, &f64_data(x)?, &f64_data(weight)?, &f64_data(dy)?)?;
     let out = |want: bool, v: Vec<f64>, shape: &[usize]| -> Result<Option<HostTensor>> {
         want.then(|| host_out(v, shape, p.dtype)).transpose()
     };

@@ -8,7 +8,9 @@
 
 use std::ops::Neg;
 
+use crate::error::Result;
 use crate::ops::attention::reference::Real;
+use crate::ops::common::{poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt};
 use crate::ops::conv::{Activation, Conv2dProblem};
 
 /// The float types the convolution reference runs in: [`Real`] plus what the
@@ -172,7 +174,8 @@ pub struct ConvGradients<T> {
 }
 
 /// Input row (or column) read by output position `o`, filter tap `t`, or None in the
-/// padding.
+/// padding. For a validated problem `o * stride + t * dil` is below the padded length,
+/// so nothing overflows.
 pub(crate) fn input_pos(
     o: usize,
     t: usize,
@@ -187,19 +190,34 @@ pub(crate) fn input_pos(
 
 /// Convolution forward (cross-correlation, as torch's conv2d), grouped: output channel
 /// `k` of group `g = k / (K / groups)` reads input channels `g * C/groups ..`.
+///
+/// # Panics
+/// When a buffer cannot be allocated ([`try_conv2d`] returns that as an error).
 pub fn conv2d<T: ConvReal>(
     p: &Conv2dProblem,
     x: &[T],
     w: &[T],
     bias: Option<&[T]>,
 ) -> ConvForward<T> {
+    without_interrupt(|| try_conv2d(p, x, w, bias)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`conv2d`], with allocation failures and interruptions (see
+/// [`crate::ops::with_interrupt_check`]) returned as errors.
+pub fn try_conv2d<T: ConvReal>(
+    p: &Conv2dProblem,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+) -> Result<ConvForward<T>> {
     let (n, c, h, wd, k, r, s, pp, q) = (p.n, p.c, p.h, p.w, p.k, p.r, p.s, p.p, p.q);
     let (cg, kg) = (c / p.groups, k / p.groups);
-    let mut y_pre = vec![T::ZERO; n * k * pp * q];
+    let mut y_pre = try_alloc_vec(n * k * pp * q, T::ZERO, "the convolution output")?;
     for b in 0..n {
         for ko in 0..k {
             let g = ko / kg;
             for oh in 0..pp {
+                poll_interrupt()?;
                 for ow in 0..q {
                     let mut acc = bias.map_or(T::ZERO, |bias| bias[ko]);
                     for ci in 0..cg {
@@ -226,28 +244,43 @@ pub fn conv2d<T: ConvReal>(
             }
         }
     }
-    let y = y_pre.iter().map(|&v| activate(p.activation, v)).collect();
-    ConvForward { y, y_pre }
+    let mut y = try_with_capacity(y_pre.len(), "the convolution output")?;
+    y.extend(y_pre.iter().map(|&v| activate(p.activation, v)));
+    Ok(ConvForward { y, y_pre })
 }
 
 /// Convolution backward: `dy` is the gradient with respect to the pre-activation
 /// (conv + bias), as in the C ABI. Each forward multiply-add `y += x * w` contributes
 /// `dx += dy * w` and `dw += dy * x`; dbias sums dy over (n, p, q).
+///
+/// # Panics
+/// When a buffer cannot be allocated ([`try_conv2d_backward`] returns that as an error).
 pub fn conv2d_backward<T: ConvReal>(
     p: &Conv2dProblem,
     x: &[T],
     w: &[T],
     dy: &[T],
 ) -> ConvGradients<T> {
+    without_interrupt(|| try_conv2d_backward(p, x, w, dy)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`conv2d_backward`], with allocation failures and interruptions returned as errors.
+pub fn try_conv2d_backward<T: ConvReal>(
+    p: &Conv2dProblem,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+) -> Result<ConvGradients<T>> {
     let (n, c, h, wd, k, r, s, pp, q) = (p.n, p.c, p.h, p.w, p.k, p.r, p.s, p.p, p.q);
     let (cg, kg) = (c / p.groups, k / p.groups);
-    let mut dx = vec![T::ZERO; x.len()];
-    let mut dw = vec![T::ZERO; w.len()];
-    let mut db = vec![T::ZERO; k];
+    let mut dx = try_alloc_vec(x.len(), T::ZERO, "dx")?;
+    let mut dw = try_alloc_vec(w.len(), T::ZERO, "dweight")?;
+    let mut db = try_alloc_vec(k, T::ZERO, "dbias")?;
     for b in 0..n {
         for ko in 0..k {
             let g = ko / kg;
             for oh in 0..pp {
+                poll_interrupt()?;
                 for ow in 0..q {
                     let gy = dy[((b * k + ko) * pp + oh) * q + ow];
                     db[ko] += gy;
@@ -276,11 +309,11 @@ pub fn conv2d_backward<T: ConvReal>(
             }
         }
     }
-    ConvGradients {
+    Ok(ConvGradients {
         dx,
         dweight: dw,
         dbias: db,
-    }
+    })
 }
 
 #[cfg(test)]

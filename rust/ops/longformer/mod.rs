@@ -28,8 +28,8 @@
 //! Every non-padded row sees at least itself, so only padded rows are empty.
 
 use crate::error::{Error, Result};
-use crate::ops::common::f32_data;
 use crate::ops::common::mixed_devices;
+use crate::ops::common::{checked_elements, f32_data, try_alloc_vec};
 use crate::tensor::HostTensor;
 use crate::{OpTensor, Tensor, TensorRef};
 
@@ -96,15 +96,16 @@ impl TokenMask {
                 ),
             });
         }
-        let mut values = vec![false; batch * seqlen];
+        let len = checked_elements("a token mask", &[batch, seqlen])?;
+        let mut values = try_alloc_vec(len, false, "a token mask")?;
         for (b, list) in indices.iter().enumerate() {
             for &i in list {
-                if i < 0 || i as u64 >= seqlen as u64 {
+                let Some(i) = usize::try_from(i).ok().filter(|&i| i < seqlen) else {
                     return Err(Error::InvalidArgument(format!(
                         "global token index {i} of sequence {b} is out of range [0, {seqlen})"
                     )));
-                }
-                let slot = &mut values[b * seqlen + i as usize];
+                };
+                let slot = &mut values[b * seqlen + i];
                 if *slot {
                     return Err(Error::InvalidArgument(format!(
                         "global token index {i} of sequence {b} is listed twice"
@@ -116,13 +117,25 @@ impl TokenMask {
         Ok(TokenMask::new(values, &[batch, seqlen]))
     }
 
-    /// A (batch, seqlen) mask that is true exactly at the listed (b, i) positions.
-    pub fn from_positions(batch: usize, seqlen: usize, positions: &[(usize, usize)]) -> Self {
-        let mut values = vec![false; batch * seqlen];
+    /// A (batch, seqlen) mask that is true exactly at the listed (b, i) positions; a
+    /// position out of range is an error (as in [`TokenMask::from_indices`]).
+    pub fn from_positions(
+        batch: usize,
+        seqlen: usize,
+        positions: &[(usize, usize)],
+    ) -> Result<Self> {
+        let len = checked_elements("a token mask", &[batch, seqlen])?;
+        let mut values = try_alloc_vec(len, false, "a token mask")?;
         for &(b, i) in positions {
+            if b >= batch || i >= seqlen {
+                return Err(Error::InvalidArgument(format!(
+                    "token position ({b}, {i}) is out of range for (batch, seqlen) = \
+                     ({batch}, {seqlen})"
+                )));
+            }
             values[b * seqlen + i] = true;
         }
-        TokenMask::new(values, &[batch, seqlen])
+        Ok(TokenMask::new(values, &[batch, seqlen]))
     }
 }
 
@@ -249,21 +262,36 @@ fn problem_of(
 }
 
 /// Q, K, V, Q_g, K_g, V_g as f32 vectors (the global ones are Q, K, V when not given).
+/// The f32 copies of Q, K, V and of the global projections (`None`: Q, K, V serve).
+type F32Inputs = ([Vec<f32>; 3], Option<[Vec<f32>; 3]>);
+
 fn inputs(
     q: &HostTensor,
     k: &HostTensor,
     v: &HostTensor,
     globals: Option<GlobalProjections<'_>>,
-) -> [Vec<f32>; 6] {
-    let (q, k, v) = (f32_data(q), f32_data(k), f32_data(v));
-    let (qg, kg, vg) = match globals {
-        Some(g) => (f32_data(g.q), f32_data(g.k), f32_data(g.v)),
-        None => (q.clone(), k.clone(), v.clone()),
+) -> Result<F32Inputs> {
+    let g = match globals {
+        Some(g) => Some([f32_data(g.q)?, f32_data(g.k)?, f32_data(g.v)?]),
+        None => None,
     };
-    [q, k, v, qg, kg, vg]
+    Ok(([f32_data(q)?, f32_data(k)?, f32_data(v)?], g))
 }
 
-/// The tensors of a call as borrowed host or device tensors, all on one side.
+/// The reference's view of [`inputs`].
+fn reference_inputs(x: &F32Inputs) -> reference::LongformerInputs<'_, f32> {
+    let ([q, k, v], g) = x;
+    let [q_g, k_g, v_g] = g.as_ref().unwrap_or(&x.0);
+    reference::LongformerInputs {
+        q,
+        k,
+        v,
+        q_g,
+        k_g,
+        v_g,
+    }
+}
+
 enum Side<'a> {
     Host(Vec<&'a HostTensor>),
     #[cfg(any(feature = "cuda", feature = "emulator"))]
@@ -425,18 +453,11 @@ pub(crate) fn forward_host(
     [q, k, v]: [&HostTensor; 3],
     globals: Option<GlobalProjections<'_>>,
 ) -> Result<LongformerOutput> {
-    let [q, k, v, qg, kg, vg] = inputs(q, k, v, globals);
-    let x = reference::LongformerInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        q_g: &qg,
-        k_g: &kg,
-        v_g: &vg,
-    };
-    let (o, lse) = reference::longformer(p, &x);
+    let x = inputs(q, k, v, globals)?;
+    let (o, lse) = reference::try_longformer(p, &reference_inputs(&x))?;
+    drop(x);
     Ok(LongformerOutput {
-        out: HostTensor::from_vec(o, &p.qkv_shape())?.to_contiguous(p.dtype),
+        out: HostTensor::from_vec(o, &p.qkv_shape())?.try_to_contiguous(p.dtype)?,
         lse: HostTensor::from_vec(lse, &p.lse_shape())?,
     })
 }
@@ -448,19 +469,18 @@ pub(crate) fn backward_host(
     globals: Option<GlobalProjections<'_>>,
     [out, lse, dout]: [&HostTensor; 3],
 ) -> Result<LongformerGradients> {
-    let [q, k, v, qg, kg, vg] = inputs(q, k, v, globals);
-    let x = reference::LongformerInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        q_g: &qg,
-        k_g: &kg,
-        v_g: &vg,
-    };
-    let g = reference::longformer_backward(p, &x, &f32_data(out), &f32_data(lse), &f32_data(dout));
+    let x = inputs(q, k, v, globals)?;
+    let g = reference::try_longformer_backward(
+        p,
+        &reference_inputs(&x),
+        &f32_data(out)?,
+        &f32_data(lse)?,
+        &f32_data(dout)?,
+    )?;
+    drop(x);
     let shape = p.qkv_shape();
     let t = |x: Vec<f32>| -> Result<HostTensor> {
-        Ok(HostTensor::from_vec(x, &shape)?.to_contiguous(p.dtype))
+        HostTensor::from_vec(x, &shape)?.try_to_contiguous(p.dtype)
     };
     if globals.is_some() {
         Ok(LongformerGradients {
@@ -470,7 +490,10 @@ pub(crate) fn backward_host(
             global: Some([t(g.dq_g)?, t(g.dk_g)?, t(g.dv_g)?]),
         })
     } else {
-        let sum = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let sum = |mut a: Vec<f32>, b: Vec<f32>| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        };
         Ok(LongformerGradients {
             dq: t(sum(g.dq, g.dq_g))?,
             dk: t(sum(g.dk, g.dk_g))?,

@@ -3,7 +3,9 @@
 
 use super::{LongformerOptions, TokenMask};
 use crate::error::{Error, Result};
-use crate::ops::common::check_row_layout;
+use crate::ops::common::{
+    check_row_layout, check_scale, checked_elements, try_alloc_vec, try_with_capacity,
+};
 use crate::tensor::{DType, Layout};
 
 /// A validated call: sizes, options and the masks.
@@ -66,13 +68,14 @@ impl LongformerProblem {
         if self.is_global(b, i) {
             return (0..=last).filter(|&j| !self.is_padded(b, j)).collect();
         }
-        // Clipping both to N keeps every product in range and changes no key.
-        let d = self.dilation[h].min(n) as i64;
-        let w = self.window.min(n) as i64;
+        // Clipping both to N changes no key; i128 keeps every product exact.
+        let d = self.dilation[h].min(n) as i128;
+        let w = self.window.min(n) as i128;
         let hi = if self.causal { 0 } else { w };
+        let (i, n) = (i as i128, n as i128);
         let mut keys: Vec<usize> = (-w..=hi)
-            .map(|t| i as i64 + d * t)
-            .filter(|&j| j >= 0 && j < n as i64)
+            .map(|t| i + d * t)
+            .filter(|&j| j >= 0 && j < n)
             .map(|j| j as usize)
             .filter(|&j| !self.is_padded(b, j))
             .collect();
@@ -110,7 +113,7 @@ fn check_mask(
     n: usize,
 ) -> Result<Vec<bool>> {
     let Some(m) = m else {
-        return Ok(vec![false; batch * n]);
+        return try_alloc_vec(batch * n, false, name);
     };
     if m.shape.len() != 2 {
         return Err(Error::Rank {
@@ -137,7 +140,9 @@ fn check_mask(
             m.values.len()
         )));
     }
-    Ok(m.values.clone())
+    let mut v = try_with_capacity(m.values.len(), name)?;
+    v.extend_from_slice(&m.values);
+    Ok(v)
 }
 
 /// Checks Q, K, V, the optional global projections (by dtype and layout), the masks and
@@ -191,12 +196,9 @@ pub fn validate(
             opts.dilation
         )));
     }
-    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "scale must be finite and positive, got {scale}"
-        )));
-    }
+    let scale = check_scale(opts.scale, d)?;
+    // The masks, LSE and the six gradient buffers of the reference are sized from these.
+    checked_elements("lse", &[batch, heads, n])?;
     let global = check_mask("global_mask", global_mask, batch, n)?;
     let padding = check_mask("padding_mask", padding_mask, batch, n)?;
     if let Some(x) = (0..batch * n).find(|&x| global[x] && padding[x]) {

@@ -6,8 +6,10 @@
 //! V_g; every other row scores Q[i] against K and averages V (global key columns
 //! included). Generic over f32 and f64 (for the tests' finite differences).
 
+use crate::error::Result;
 use crate::longformer::LongformerProblem;
-use crate::ops::attention::reference::{dot, parallel_map, Real};
+use crate::ops::attention::reference::{dot, Real};
+use crate::ops::common::{poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt};
 
 /// The six input buffers of one call (pass Q, K, V again as the global projections when
 /// there are none).
@@ -45,17 +47,30 @@ fn at(p: &LongformerProblem, b: usize, i: usize, h: usize) -> usize {
 }
 
 /// Longformer forward: O (B, N, H, D) and LSE (B, H, N; -inf for padded rows).
+///
+/// # Panics
+/// When a buffer cannot be allocated ([`try_longformer`] returns that as an error).
 pub fn longformer<T: Real>(p: &LongformerProblem, x: &LongformerInputs<'_, T>) -> (Vec<T>, Vec<T>) {
+    without_interrupt(|| try_longformer(p, x)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`longformer`], with allocation failures and interruptions (see
+/// [`crate::ops::with_interrupt_check`]) returned as errors.
+pub fn try_longformer<T: Real>(
+    p: &LongformerProblem,
+    x: &LongformerInputs<'_, T>,
+) -> Result<(Vec<T>, Vec<T>)> {
     let (n, d) = (p.seqlen, p.head_dim);
-    let mut out = vec![T::ZERO; p.batch * n * p.heads * d];
-    let mut lse = vec![T::NEG_INFINITY; p.batch * p.heads * n];
+    let mut out = try_alloc_vec(p.batch * n * p.heads * d, T::ZERO, "the Longformer output")?;
+    let mut lse = try_alloc_vec(p.batch * p.heads * n, T::NEG_INFINITY, "the Longformer LSE")?;
     let tasks = tasks(p);
     let scale = T::from_f32(p.scale);
-    let results = parallel_map(&tasks, |&(b, h)| {
-        let mut o = vec![T::ZERO; n * d];
-        let mut l = vec![T::NEG_INFINITY; n];
+    let results = try_parallel_map(&tasks, |&(b, h)| {
+        let mut o = try_alloc_vec(n * d, T::ZERO, "Longformer output rows")?;
+        let mut l = try_alloc_vec(n, T::NEG_INFINITY, "Longformer LSE rows")?;
         let mut scores = Vec::new();
         for i in 0..n {
+            poll_interrupt()?;
             let keys = p.keys(b, h, i);
             if keys.is_empty() {
                 continue;
@@ -91,20 +106,24 @@ pub fn longformer<T: Real>(p: &LongformerProblem, x: &LongformerInputs<'_, T>) -
             }
             l[i] = max + sum.ln();
         }
-        (o, l)
-    });
+        Ok((o, l))
+    })?;
     for (&(b, h), (o, l)) in tasks.iter().zip(results) {
         for i in 0..n {
             out[at(p, b, i, h)..at(p, b, i, h) + d].copy_from_slice(&o[i * d..(i + 1) * d]);
             lse[p.lse_index(b, h, i)] = l[i];
         }
     }
-    (out, lse)
+    Ok((out, lse))
 }
 
 /// Longformer backward from the forward's O and LSE, row by row as FlashAttention's:
 /// P = exp(scale * q K^T - LSE), Delta = dO . O, dV += P^T dO, dS = P * (dO V^T - Delta),
 /// dQ = scale * dS K, dK += scale * dS^T q, each on the projections the row used.
+///
+/// # Panics
+/// When a buffer cannot be allocated ([`try_longformer_backward`] returns that as an
+/// error).
 pub fn longformer_backward<T: Real>(
     p: &LongformerProblem,
     x: &LongformerInputs<'_, T>,
@@ -112,23 +131,46 @@ pub fn longformer_backward<T: Real>(
     lse: &[T],
     dout: &[T],
 ) -> LongformerGrads<T> {
+    without_interrupt(|| try_longformer_backward(p, x, out, lse, dout))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`longformer_backward`], with allocation failures and interruptions returned as
+/// errors.
+pub fn try_longformer_backward<T: Real>(
+    p: &LongformerProblem,
+    x: &LongformerInputs<'_, T>,
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+) -> Result<LongformerGrads<T>> {
     let (n, d) = (p.seqlen, p.head_dim);
     let len = p.batch * n * p.heads * d;
+    let buf = || try_alloc_vec(len, T::ZERO, "a Longformer gradient");
     let mut g = LongformerGrads {
-        dq: vec![T::ZERO; len],
-        dk: vec![T::ZERO; len],
-        dv: vec![T::ZERO; len],
-        dq_g: vec![T::ZERO; len],
-        dk_g: vec![T::ZERO; len],
-        dv_g: vec![T::ZERO; len],
+        dq: buf()?,
+        dk: buf()?,
+        dv: buf()?,
+        dq_g: buf()?,
+        dk_g: buf()?,
+        dv_g: buf()?,
     };
     let tasks = tasks(p);
     let scale = T::from_f32(p.scale);
     // One task per (sequence, head): it owns those rows of all six gradients, stored as
     // [local (dq, dk, dv), global (dq, dk, dv)], each n x d.
-    let results = parallel_map(&tasks, |&(b, h)| {
-        let mut acc: [Vec<T>; 6] = std::array::from_fn(|_| vec![T::ZERO; n * d]);
+    let results = try_parallel_map(&tasks, |&(b, h)| {
+        let row_buf = || try_alloc_vec(n * d, T::ZERO, "Longformer gradient rows");
+        let mut acc: [Vec<T>; 6] = [
+            row_buf()?,
+            row_buf()?,
+            row_buf()?,
+            row_buf()?,
+            row_buf()?,
+            row_buf()?,
+        ];
         for i in 0..n {
+            poll_interrupt()?;
             let keys = p.keys(b, h, i);
             let l = lse[p.lse_index(b, h, i)];
             if keys.is_empty() || l == T::NEG_INFINITY {
@@ -163,8 +205,8 @@ pub fn longformer_backward<T: Real>(
                 }
             }
         }
-        acc
-    });
+        Ok(acc)
+    })?;
     for (&(b, h), acc) in tasks.iter().zip(results) {
         let dst = [
             &mut g.dq,
@@ -180,5 +222,5 @@ pub fn longformer_backward<T: Real>(
             }
         }
     }
-    g
+    Ok(g)
 }

@@ -6,7 +6,7 @@
 //! (max-pool indices: contiguous i32). The CPU path computes in f64.
 
 use crate::error::{Error, Result};
-use crate::ops::common::{check_layout, f64_data, host_out, mixed_devices};
+use crate::ops::common::{check_layout, checked_elements, f64_data, host_out, mixed_devices};
 use crate::ops::conv::{check_positive, output_size, X_LAYOUT};
 use crate::tensor::{DType, HostTensor, Layout};
 use crate::{OpTensor, Tensor, TensorRef};
@@ -141,18 +141,24 @@ pub fn validate_pool(
     };
     let p = size(0, h)?;
     let q = size(1, w)?;
+    checked_elements("the output y", &[n, c, p, q])?;
     // With dilation a window can hold padding only (torch then returns -inf and an
-    // index outside the plane); the kernels assume it cannot, so refuse it.
+    // index outside the plane); the kernels assume it cannot, so refuse it. A window
+    // starting inside the input hits it at its first tap; one starting in the left
+    // padding first reaches the input at an offset that depends only on its start
+    // modulo the dilation, so the first `dilation` such windows (at most the input's
+    // length + 1 of them, since the window fits the padded input) and the last window
+    // decide it, in closed form (no loop over a huge kernel).
     for (i, len, out) in [(0, h, p), (1, w, q)] {
-        let hits_input = |o: usize| {
-            (0..kernel[i]).any(|t| {
-                let pos = o * stride[i] + t * opts.dilation[i];
-                pos >= opts.padding[i] && pos - opts.padding[i] < len
-            })
-        };
-        if let Some(o) = (0..out).find(|&o| !hits_input(o)) {
+        let (k, st, pad, dil) = (kernel[i], stride[i], opts.padding[i], opts.dilation[i]);
+        let misses = |o: usize| reference::taps(o, k, st, pad, dil, len).is_empty();
+        let left = (0..out)
+            .take(dil.saturating_add(1))
+            .take_while(|&o| (o as u128) * (st as u128) < pad as u128);
+        if let Some(o) = left.chain([out - 1]).find(|&o| misses(o)) {
             return Err(Error::InvalidArgument(format!(
-                "pooling window {o} along {} lies wholly in the padding (kernel {kernel:?},                  stride {stride:?}, padding {:?}, dilation {:?}, input {:?})",
+                "pooling window {o} along {} lies wholly in the padding (kernel {kernel:?}, \
+                 stride {stride:?}, padding {:?}, dilation {:?}, input {:?})",
                 ["height", "width"][i],
                 opts.padding,
                 opts.dilation,
@@ -383,24 +389,24 @@ pub(crate) fn forward_host(
     p: &Pool2dProblem,
     x: &HostTensor,
 ) -> Result<(HostTensor, Option<Indices>)> {
-    let x = f64_data(x);
+    let x = f64_data(x)?;
     match p.kind {
         PoolKind::Max => {
-            let (y, idx) = reference::max_pool2d(p, &x);
+            let (y, idx) = reference::try_max_pool2d(p, &x)?;
             Ok((
                 host_out(y, &p.y_shape(), p.dtype)?,
                 Some(Indices::Host(idx)),
             ))
         }
         PoolKind::Avg => Ok((
-            host_out(reference::avg_pool2d(p, &x), &p.y_shape(), p.dtype)?,
+            host_out(reference::try_avg_pool2d(p, &x)?, &p.y_shape(), p.dtype)?,
             None,
         )),
     }
 }
 
 fn check_indices_len(p: &Pool2dProblem, len: usize) -> Result<()> {
-    let want: usize = p.y_shape().iter().product();
+    let want = checked_elements("the output y", &p.y_shape())?;
     if len != want {
         return Err(Error::ShapeMismatch {
             detail: format!(
@@ -422,16 +428,9 @@ pub(crate) fn backward_host(
     let dx = match (p.kind, indices) {
         (PoolKind::Max, Some(indices)) => {
             check_indices_len(p, indices.len())?;
-            let plane = (p.h * p.w) as i64;
-            if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as i64 >= plane) {
-                return Err(Error::InvalidArgument(format!(
-                    "indices: {bad} is outside the {}x{} input plane",
-                    p.h, p.w
-                )));
-            }
-            reference::max_pool2d_backward(p, &f64_data(dy), indices)
+            reference::try_max_pool2d_backward(p, &f64_data(dy)?, indices)?
         }
-        (PoolKind::Avg, None) => reference::avg_pool2d_backward(p, &f64_data(dy)),
+        (PoolKind::Avg, None) => reference::try_avg_pool2d_backward(p, &f64_data(dy)?)?,
         (PoolKind::Max, None) => {
             return Err(Error::InvalidArgument(
                 "indices: max pooling backward needs the forward's indices".into(),
