@@ -11,7 +11,18 @@ import operator
 from typing import Any, List, Optional, Tuple
 
 from . import _native
-from ._dlpack import Placement, dtype_name, framework, is_torch, shape_list
+from ._dlpack import (
+    Placement,
+    check_arrays,
+    check_bool,
+    check_int,
+    check_not_traced,
+    check_scale,
+    dtype_name,
+    is_bool,
+    is_torch,
+    shape_list,
+)
 
 # (left, right) as the native module takes it: None is unbounded (the public API's -1).
 _Window = Tuple[Optional[int], Optional[int]]
@@ -42,7 +53,11 @@ def scaled_dot_product_attention(
     differentiable (query, key, value).
     """
     _check_unsupported(attn_mask, dropout_p)
-    if not enable_gqa and all(hasattr(x, "__dlpack__") for x in (query, key, value)):
+    check_arrays((("q", query), ("k", key), ("v", value)))
+    is_causal = check_bool("is_causal", is_causal)
+    scale = check_scale("scale", scale)
+    return_lse = check_bool("return_lse", return_lse)
+    if not check_bool("enable_gqa", enable_gqa):
         hq, hk = _dim(query, 1, 4), _dim(key, 1, 4)
         if hq is not None and hk is not None and hq != hk:
             raise ValueError(
@@ -52,7 +67,7 @@ def scaled_dot_product_attention(
     return _dispatch_forward(
         (query, key, value),
         heads_first=True,
-        causal=bool(is_causal),
+        causal=is_causal,
         scale=scale,
         window=(None, None),
         cu_seqlens=None,
@@ -82,16 +97,17 @@ def flash_attn_func(
     (B, Nq, H, D), or ``(out, lse)``. torch tensors are differentiable (q, k, v).
     """
     _check_unsupported(None, dropout_p)
-    del deterministic
+    check_arrays((("q", q), ("k", k), ("v", v)))
+    check_bool("deterministic", deterministic)
     return _dispatch_forward(
         (q, k, v),
         heads_first=False,
-        causal=bool(causal),
-        scale=softmax_scale,
+        causal=check_bool("causal", causal),
+        scale=check_scale("softmax_scale", softmax_scale),
         window=_window_size(window_size),
         cu_seqlens=None,
         max_seqlens=None,
-        return_lse=return_lse,
+        return_lse=check_bool("return_lse", return_lse),
     )
 
 
@@ -123,16 +139,21 @@ def flash_attn_varlen_func(
     sequence. Returns ``out`` (total_q, H, D), or ``(out, lse)`` with lse (H, total_q).
     """
     _check_unsupported(None, dropout_p)
-    del deterministic
+    check_arrays((("q", q), ("k", k), ("v", v)))
+    check_bool("deterministic", deterministic)
     return _dispatch_forward(
         (q, k, v),
         heads_first=False,
-        causal=bool(causal),
-        scale=softmax_scale,
+        causal=check_bool("causal", causal),
+        scale=check_scale("softmax_scale", softmax_scale),
         window=_window_size(window_size),
         cu_seqlens=(cu_seqlens_q, cu_seqlens_k),
-        max_seqlens=(_index("max_seqlen_q", max_seqlen_q), _index("max_seqlen_k", max_seqlen_k)),
-        return_lse=return_lse,
+        # Only compared with the longest sequence: anything past int64 is as good as 2**62.
+        max_seqlens=(
+            min(check_int("max_seqlen_q", max_seqlen_q, maximum=None), 2**62),
+            min(check_int("max_seqlen_k", max_seqlen_k, maximum=None), 2**62),
+        ),
+        return_lse=check_bool("return_lse", return_lse),
     )
 
 
@@ -163,38 +184,38 @@ def attention_backward(
     """
     window = _window_size(window_size)
     tensors = (q, k, v, out, lse, dout)
+    check_arrays(tuple(zip(_BACKWARD_NAMES, tensors)))
+    causal = check_bool("causal", causal)
+    softmax_scale = check_scale("softmax_scale", softmax_scale)
     if is_torch(q):
         from . import _torch
 
         return _torch.backward(
             tensors,
             cu_seqlens=_pair_or_none(cu_seqlens_q, cu_seqlens_k),
-            causal=bool(causal),
+            causal=causal,
             scale=softmax_scale,
             window=window,
         )
     offsets = _varlen_offsets(_pair_or_none(cu_seqlens_q, cu_seqlens_k), None)
-    return _backward(
-        tensors, heads_first=False, causal=bool(causal), scale=softmax_scale, window=window, offsets=offsets
-    )
+    return _backward(tensors, heads_first=False, causal=causal, scale=softmax_scale, window=window, offsets=offsets)
 
 
 # ---------------------------------------------------------------------------------------
 # Argument checks.
 
 
-def _check_unsupported(attn_mask: Any, dropout_p: float) -> None:
+def _check_unsupported(attn_mask: Any, dropout_p: Any) -> None:
     if attn_mask is not None:
         raise ValueError("attn_mask is not supported; use is_causal for causal masking")
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p!r} is not supported (dropout is not implemented)")
-
-
-def _index(name: str, x: Any) -> int:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) and type(dropout_p).__module__ != "numpy":
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     try:
-        return operator.index(x)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
+        nonzero = float(dropout_p) != 0.0
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}") from None
+    if nonzero:
+        raise ValueError(f"dropout_p={float(dropout_p)!r} is not supported (dropout is not implemented)")
 
 
 def _window_size(window_size: Any) -> _Window:
@@ -205,14 +226,21 @@ def _window_size(window_size: Any) -> _Window:
         raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
     sides = []
     for w in (left, right):
+        if is_bool(w):
+            raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
         try:
             w = operator.index(w)
         except TypeError:
             raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
         if w < -1:
             raise ValueError(f"window_size={tuple(window_size)!r}: each side must be >= 0, or -1 for unbounded")
-        sides.append(None if w == -1 else w)
+        # A side of 2**31 - 1 keys or more reaches past any sequence the kernels take:
+        # unbounded, whatever its size (2**40 and 2**70 alike).
+        sides.append(None if w == -1 or w >= _UNBOUNDED_WINDOW else int(w))
     return sides[0], sides[1]
+
+
+_UNBOUNDED_WINDOW = 2**31 - 1
 
 
 def _dim(x: Any, axis: int, rank: int) -> Any:
@@ -238,20 +266,20 @@ def _host_offsets(name: str, cu: Any) -> List[int]:
     Device arrays are copied to the host (a synchronization)."""
     if isinstance(cu, (list, tuple)):
         try:
-            return [operator.index(x) for x in cu]
+            offsets = [operator.index(x) for x in cu]
         except TypeError:
-            raise TypeError(f"{name} must hold ints, got {cu!r}") from None
+            raise TypeError(f"{name} must hold ints, got {type(cu).__name__} of {len(cu)} items") from None
+        for i, x in enumerate(offsets):
+            if not -(2**31) <= x < 2**31:
+                raise ValueError(f"{name}: offset {i} is {x}, outside the int32 range")
+        return offsets
     dtype = getattr(cu, "dtype", None)
     if dtype is None:
         raise TypeError(f"{name} must be an int32 array or tensor, got {type(cu).__name__}")
     dtype_name = str(dtype).rpartition(".")[2]  # torch.int32 -> int32
     if dtype_name != "int32":
         raise TypeError(f"{name} must be int32 (as flash-attn takes it), got {dtype_name}")
-    if framework(cu) == "jax":
-        import jax
-
-        if isinstance(cu, jax.core.Tracer):
-            raise TypeError(f"{name}: flashkernels cannot be called inside jax tracing (jit, grad, vmap)")
+    check_not_traced(name, cu)
     if len(getattr(cu, "shape", ())) != 1:
         raise ValueError(f"{name} must be one-dimensional (batch + 1 offsets), got shape {tuple(cu.shape)}")
     if hasattr(cu, "tolist"):

@@ -13,7 +13,7 @@ import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _native
-from ._dlpack import Placement, dtype_name, is_torch
+from ._dlpack import MAX_INT, Placement, check_arrays, check_bool, check_int, dtype_name, is_bool, is_torch, type_name
 
 _Pair = Tuple[int, int]
 _ACTIVATIONS = (None, "none", "relu", "gelu", "silu")
@@ -21,25 +21,36 @@ _ALGOS = (None, "im2col", "implicit_gemm")
 
 
 def _pair(name: str, v: Any) -> _Pair:
-    """An int or a pair of ints as an (h, w) pair of non-negative ints."""
-    if isinstance(v, bool):
+    """An int or a pair of ints as an (h, w) pair of ints in [0, 2**63 - 1] (the native
+    module's range; the op checks what the shapes allow)."""
+    if is_bool(v):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
+    if isinstance(v, int) or type(v).__module__ == "numpy" and hasattr(v, "__index__"):
         v = (v, v)
     try:
         h, w = v
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+        raise TypeError(f"{name} must be an int or a pair of ints, got {type_name(v)}") from None
     for x in (h, w):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+        if is_bool(x) or not hasattr(x, "__index__"):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {_describe(v)}")
         if x < 0:
-            raise ValueError(f"{name} must be non-negative, got {v!r}")
+            raise ValueError(f"{name} must be non-negative, got {_describe(v)}")
+        if x > MAX_INT:
+            raise ValueError(f"{name} is too large: {_describe(v)} (each at most 2**63 - 1)")
     return (int(h), int(w))
 
 
-def _shape(x: Any) -> Tuple[int, ...]:
-    return tuple(int(n) for n in x.shape)
+def _describe(v: Any) -> str:
+    r = repr(tuple(v)) if isinstance(v, (list, tuple)) else repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _shape(x: Any, name: str = "input") -> Tuple[int, ...]:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"{name}: expected an array or tensor, got {type_name(x)}")
+    return tuple(int(n) for n in shape)
 
 
 def _conv_padding(padding: Any, weight: Any, dilation: _Pair, stride: _Pair) -> _Pair:
@@ -85,9 +96,7 @@ class ConvArgs:
         self.stride = _pair("stride", stride)
         self.dilation = _pair("dilation", dilation)
         self.padding = _conv_padding(padding, weight, self.dilation, self.stride)
-        if isinstance(groups, bool) or not isinstance(groups, int):
-            raise TypeError(f"groups must be an int, got {groups!r}")
-        self.groups = int(groups)
+        self.groups = check_int("groups", groups)
         _check_choice("activation", activation, _ACTIVATIONS)
         _check_choice("algo", algo, _ALGOS)
         self.activation = None if activation == "none" else activation
@@ -122,6 +131,7 @@ def conv2d(
     (N, K, P, Q) array of the caller's type; torch tensors are differentiable in input,
     weight and bias.
     """
+    check_arrays((("input", input), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()))
     args = ConvArgs(weight, stride, padding, dilation, groups, activation, algo)
     if is_torch(input):
         from . import _torch_conv
@@ -147,6 +157,10 @@ def conv2d_backward(
     ``grad_output`` of its output, for frameworks whose autograd flashkernels does not
     plug into (numpy). With an activation the pre-activation is recomputed (bias needed
     then); d_bias is the sum of the pre-activation gradient over (N, P, Q)."""
+    check_arrays(
+        (("grad_output", grad_output), ("input", input), ("weight", weight))
+        + ((("bias", bias),) if bias is not None else ())
+    )
     args = ConvArgs(weight, stride, padding, dilation, groups, activation, algo)
     dy = grad_output
     if args.activation is not None:
@@ -255,12 +269,10 @@ class PoolArgs:
         self.stride = self.kernel_size if stride is None or stride == [] or stride == () else _pair("stride", stride)
         self.padding = _pair("padding", padding)
         self.dilation = _pair("dilation", dilation)
-        self.ceil_mode = bool(ceil_mode)
-        self.count_include_pad = bool(count_include_pad)
-        if divisor_override is not None and (
-            isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override <= 0
-        ):
-            raise ValueError(f"divisor_override must be a positive int, got {divisor_override!r}")
+        self.ceil_mode = check_bool("ceil_mode", ceil_mode)
+        self.count_include_pad = check_bool("count_include_pad", count_include_pad)
+        if divisor_override is not None:
+            divisor_override = check_int("divisor_override", divisor_override, minimum=1)
         self.divisor_override = divisor_override
 
     def native(self) -> dict:
@@ -314,7 +326,20 @@ def pool_backward(dy: Any, input_shape: Sequence[int], indices: Any, args: PoolA
     return place.to_caller(dx)
 
 
+_INDEX_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
+
+
 def _int32_indices(place_fw: Optional[str], indices: Any) -> Any:
+    """The indices as contiguous int32, refusing what int32 cannot hold (a cast would wrap
+    2**32 + 3 to 3); the native op checks their shape and range."""
+    dt = dtype_name(indices)
+    if dt not in _INDEX_DTYPES:
+        raise TypeError(f"indices must be an integer array (int64 as max_pool2d returns them, or int32), got {dt}")
+    if dt not in ("int8", "uint8", "int16", "uint16", "int32") and int(math.prod(_shape(indices, "indices"))) > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -(2**31) or hi >= 2**31:
+            bad = lo if lo < -(2**31) else hi
+            raise ValueError(f"indices: value {bad} is outside the int32 range (no input plane has that many elements)")
     if place_fw == "torch":
         import torch
 
@@ -349,7 +374,9 @@ def max_pool2d(
     ``return_indices`` also the int64 argmax of each window as h * W + w within its
     plane (the first maximum on ties; padding never wins). torch tensors are
     differentiable."""
+    check_arrays((("input", input),))
     args = PoolArgs("max", kernel_size, stride, padding, dilation, ceil_mode)
+    return_indices = check_bool("return_indices", return_indices)
     if is_torch(input):
         from . import _torch_conv
 
@@ -372,6 +399,7 @@ def avg_pool2d(
     """``torch.nn.functional.avg_pool2d``: each window's mean, dividing by the window
     clipped to the padded input (``count_include_pad``) or to the input, or by
     ``divisor_override``. torch tensors are differentiable."""
+    check_arrays((("input", input),))
     args = PoolArgs("avg", kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override)
     if is_torch(input):
         from . import _torch_conv
@@ -391,6 +419,11 @@ def max_pool2d_backward(
     ceil_mode: bool = False,
 ) -> Any:
     """The input gradient of :func:`max_pool2d` from the forward's indices (numpy)."""
+    if indices is None:
+        raise TypeError(
+            "indices: max_pool2d_backward needs the forward's indices (max_pool2d(..., return_indices=True))"
+        )
+    check_arrays((("grad_output", grad_output), ("input", input), ("indices", indices)))
     args = PoolArgs("max", kernel_size, stride, padding, dilation, ceil_mode)
     fw = Placement([("grad_output", grad_output)]).fw
     return pool_backward(grad_output, _shape(input), _int32_indices(fw, indices), args)
@@ -407,5 +440,6 @@ def avg_pool2d_backward(
     divisor_override: Optional[int] = None,
 ) -> Any:
     """The input gradient of :func:`avg_pool2d` (numpy)."""
+    check_arrays((("grad_output", grad_output), ("input", input)))
     args = PoolArgs("avg", kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override)
     return pool_backward(grad_output, _shape(input), None, args)

@@ -10,6 +10,8 @@ import from here without a cycle.
 
 from __future__ import annotations
 
+import math
+import operator
 import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -76,23 +78,134 @@ def export(name: str, x: Any, stream: Any = None, *, for_cuda: bool = False) -> 
         raise TypeError(f"{name}: cannot be read through DLPack: {e}") from e
 
 
+# ---------------------------------------------------------------------------------------
+# Argument checks shared by every public function: each names the argument and the
+# value it got (never an array's contents), and raises before anything is allocated.
+
+# The largest int option the native module takes (an int64, as torch's op schemas do).
+MAX_INT = 2**63 - 1
+
+
+def type_name(x: Any) -> str:
+    """'numpy.ndarray', 'torch.Tensor', 'jax.ArrayImpl', ... (short, no contents)."""
+    t = type(x)
+    root = t.__module__.partition(".")[0]
+    return t.__name__ if root == "builtins" else f"{'jax' if root == 'jaxlib' else root}.{t.__name__}"
+
+
+def is_bool(x: Any) -> bool:
+    """Python's bool or numpy's (np.bool_)."""
+    if isinstance(x, bool):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(x, np.bool_)
+
+
+def _is_jax_tracer(x: Any) -> bool:
+    if framework(x) != "jax":
+        return False
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_not_traced(name: str, x: Any) -> None:
+    """jax tracers (jit, grad, vmap) hold no data flashkernels could read."""
+    if _is_jax_tracer(x):
+        raise TypeError(
+            f"{name}: flashkernels cannot be called inside jax tracing (jit, grad, vmap); got a "
+            f"{type(x).__name__}. Call it outside jax.jit, on concrete arrays"
+        )
+
+
+def check_arrays(named: Sequence[Tuple[str, Any]]) -> None:
+    """Every (name, array) of one call: DLPack arrays, not jax tracers, all of one
+    framework (mixing them would return the first one's type and drop torch's autograd of
+    the others; other DLPack producers go with anything but torch). TypeError naming each
+    argument's type."""
+    present = list(named)
+    for name, x in present:
+        check_not_traced(name, x)
+        if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+            raise TypeError(
+                f"{name}: expected an array or tensor that supports DLPack (numpy, torch, "
+                f"cupy, jax), got {type_name(x)}"
+            )
+    kinds = {framework(x) for _, x in present}
+    known = kinds - {None}
+    if len(known) > 1 or ("torch" in known and None in kinds):
+        listed = ", ".join(f"{n}: {type_name(x)}" for n, x in present)
+        raise TypeError(
+            "all arrays of one call must come from one framework (all torch tensors, all numpy "
+            f"arrays, ...); got {listed}"
+        )
+
+
+def check_bool(name: str, x: Any) -> bool:
+    """A real bool (Python's or numpy's), not any truthy value: ``causal='no'`` is an error."""
+    if is_bool(x):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {type_name(x)} {_short_repr(x)}")
+
+
+def check_int(name: str, x: Any, *, minimum: int = 0, maximum: Optional[int] = MAX_INT) -> int:
+    """A Python (or numpy) int, not a bool, in [minimum, maximum] (None: no maximum)."""
+    if is_bool(x):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type_name(x)} {_short_repr(x)}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} is too large: {v} (at most {maximum})")
+    return int(v)
+
+
+def check_scale(name: str, x: Any) -> Optional[float]:
+    """None, or a finite positive float that float32 (the kernels' type) can hold."""
+    if x is None:
+        return None
+    if isinstance(x, (str, bytes)) or is_bool(x):
+        raise TypeError(f"{name} must be a float or None, got {type_name(x)} {_short_repr(x)}")
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float or None, got {type_name(x)} {_short_repr(x)}") from None
+    except OverflowError:
+        raise ValueError(f"{name} must be finite and positive, got {_short_repr(x)}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be finite and positive, got {_short_repr(x)}")
+    if not (_F32_TINY <= v <= _F32_MAX):
+        raise ValueError(
+            f"{name} must be finite and positive within float32's range [{_F32_TINY:.3g}, {_F32_MAX:.3g}] "
+            f"(the kernels compute in float32), got {_short_repr(x)}"
+        )
+    return v
+
+
+_F32_TINY = 2.0**-149  # the smallest positive float32 (subnormal)
+_F32_MAX = 3.4028234663852886e38
+
+
+def _short_repr(x: Any) -> str:
+    """A value for a message: scalars as they are, arrays by their shape only."""
+    shape = getattr(x, "shape", None)
+    if shape is not None and tuple(shape) != ():
+        return f"of shape {tuple(int(n) for n in shape)}"
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 class Placement:
     """Where a call's tensors live, and how to allocate, export and hand back arrays
     there: the caller's framework, device and stream."""
 
     def __init__(self, named: Sequence[Tuple[str, Any]]):
+        check_arrays(named)
         devices = []
-        for name, x in named:
-            if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
-                raise TypeError(
-                    f"{name}: expected an array or tensor that supports DLPack (numpy, torch, "
-                    f"cupy, jax), got {type(x).__name__}"
-                )
-            if framework(x) == "jax":
-                import jax
-
-                if isinstance(x, jax.core.Tracer):
-                    raise TypeError(f"{name}: flashkernels cannot be called inside jax tracing (jit, grad, vmap)")
+        for _, x in named:
             dev_type, dev_id = x.__dlpack_device__()
             devices.append((int(dev_type), int(dev_id)))
         if len(set(devices)) != 1:

@@ -13,7 +13,17 @@ import operator
 from typing import Any, List, Optional, Sequence, Tuple
 
 from . import _native
-from ._dlpack import Placement, dtype_name, framework, is_torch
+from ._dlpack import (
+    Placement,
+    check_arrays,
+    check_bool,
+    check_not_traced,
+    check_scale,
+    dtype_name,
+    framework,
+    is_bool,
+    is_torch,
+)
 
 # (bytes, shape): a host mask as the native module takes it (one byte per token).
 HostMask = Tuple[bytes, Tuple[int, ...]]
@@ -44,13 +54,8 @@ class LongformerOptions:
         # within what the native module's 64-bit integers take.
         self.window = min(int(window), _BIG)
         self.dilation = _dilation(dilation)
-        self.causal = bool(causal)
-        if scale is not None:
-            try:
-                scale = float(scale)
-            except (TypeError, ValueError):
-                raise TypeError(f"scale must be a float or None, got {scale!r}") from None
-        self.scale: Optional[float] = scale
+        self.causal = check_bool("causal", causal)
+        self.scale: Optional[float] = check_scale("scale", scale)
 
     def native(self) -> dict:
         return dict(window=self.window, dilation=list(self.dilation), causal=self.causal, scale=self.scale)
@@ -105,7 +110,7 @@ def split_global_tokens(global_tokens: Any) -> Tuple[Any, Optional[List[List[int
             )
         row = []
         for i in seq:
-            if isinstance(i, bool) or type(i).__name__ == "bool_":
+            if is_bool(i):
                 raise TypeError(
                     f"global_tokens[{b}] holds booleans: index lists hold ints; pass a boolean mask "
                     "as an array (numpy, torch, ...)"
@@ -152,11 +157,7 @@ def host_mask(name: str, m: Any) -> Optional[HostMask]:
         except (ImportError, RuntimeError):  # torch without numpy
             data = bytes(t.reshape(-1).tolist())
         return data, shape
-    if fw == "jax":
-        import jax
-
-        if isinstance(m, jax.core.Tracer):
-            raise TypeError(f"{name}: flashkernels cannot be called inside jax tracing (jit, grad, vmap)")
+    check_not_traced(name, m)
     if fw == "cupy":
         m = m.get()
     import numpy as np
@@ -258,8 +259,10 @@ def longformer_attention(
     different list recompiles).
     """
     opts = LongformerOptions(window, dilation, causal, scale)
+    return_lse = check_bool("return_lse", return_lse)
     gmask, gidx = split_global_tokens(global_tokens)
     gqkv = split_global_qkv(global_qkv)
+    check_arrays(_named((q, k, v) + (gqkv or ())))
     if is_torch(q):
         from . import _torch_longformer
 
@@ -297,6 +300,7 @@ def longformer_attention_backward(
     opts = LongformerOptions(window, dilation, causal, scale)
     gmask, gidx = split_global_tokens(global_tokens)
     gqkv = split_global_qkv(global_qkv)
+    check_arrays(_named((q, k, v) + (gqkv or ())) + [("out", out), ("lse", lse), ("dout", dout)])
     if is_torch(q):
         from . import _torch_longformer
 

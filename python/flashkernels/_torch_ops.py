@@ -23,7 +23,6 @@ import types
 from typing import Any, Callable, NamedTuple, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
     raise ImportError(
@@ -81,14 +80,37 @@ def _grads(ctx: Any, autograd: Autograd, n_inputs: int, grad_outputs: tuple) -> 
     return grads + (None,) * (n_inputs - len(grads))
 
 
+def double_backward_message(subject: str) -> str:
+    return (
+        f"flashkernels: {subject} is not differentiable: double backward is not supported "
+        "(a gradient computed with create_graph=True was differentiated again, e.g. for a "
+        "gradient penalty); use an op with a twice-differentiable backward for that term"
+    )
+
+
+def _not_differentiable_backward(name: str) -> Callable[..., Any]:
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        raise RuntimeError(double_backward_message(f"flashkernels::{name} (a backward op)"))
+
+    return backward
+
+
+def _no_context(ctx: Any, inputs: tuple, output: Any) -> None:
+    pass
+
+
 def custom_op(name: str, fn: Callable[..., Any], fake: Callable[..., Any], autograd: Any = None) -> Any:
     """Registers ``torch.ops.flashkernels.<name>`` (no mutated arguments) running ``fn``,
     with ``fake`` (same parameters) as its fake implementation and, given an
-    ``Autograd``, its autograd formula (whose backward would call the op's backward op).
-    Returns the op (torch's ``CustomOpDef``)."""
+    ``Autograd``, its autograd formula (whose backward calls the op's backward op).
+    Without one (the backward ops themselves), differentiating through the op raises a
+    RuntimeError saying that double backward is not supported. Returns the op (torch's
+    ``CustomOpDef``)."""
     op = torch.library.custom_op(f"flashkernels::{name}", fn, mutates_args=())
     op.register_fake(fake)
-    if autograd is not None:
+    if autograd is None:
+        op.register_autograd(_not_differentiable_backward(name), setup_context=_no_context)
+    else:
         n_inputs = len(inspect.signature(fn).parameters)
 
         def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -121,10 +143,48 @@ def autograd_function(name: str, forward: Callable[..., Any], autograd: Autograd
     body = {
         "__module__": forward.__module__,
         "forward": staticmethod(forward_),
-        "backward": staticmethod(once_differentiable(backward_)),
+        "backward": staticmethod(_once_differentiable(name, backward_)),
     }
     # types.new_class, so that torch's metaclass names the grad_fn after `name`.
     return types.new_class(name, (torch.autograd.Function,), exec_body=lambda ns: ns.update(body))
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """Passes an op's gradients through, recording a node that raises when they are
+    differentiated: its inputs are the gradients and every tensor they were computed from
+    that requires grad, so differentiating with respect to any of those reaches it."""
+
+    @staticmethod
+    def forward(ctx: Any, subject: str, n: int, *tensors: Any) -> Any:
+        ctx.subject = subject
+        return tuple(None if g is None else g.detach() for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(double_backward_message(ctx.subject))
+
+
+def _once_differentiable(name: str, backward: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's ``once_differentiable``, also for gradients that depend on the saved
+    inputs: under create_graph=True the gradients come back requiring grad (when any
+    saved tensor or output gradient does), through a node that raises a RuntimeError if
+    they are differentiated again. torch's own decorator looks at the output gradients
+    only, so ``grad(out.sum(), q, create_graph=True)`` (whose output gradient is a
+    constant) returned a gradient silently detached from q, k and v."""
+
+    def wrapper(ctx: Any, *grad_outputs: Any) -> Any:
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        tracked = [t for t in list(grad_outputs) + list(ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+        if not tracked:
+            return grads
+        grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
+        subject = f"the backward of {name.strip('_')}"
+        return _NotDifferentiable.apply(subject, len(grads), *grads, *tracked)
+
+    return wrapper
 
 
 def kernel_ready(t: Tensor) -> Tensor:

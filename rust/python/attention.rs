@@ -5,8 +5,8 @@ use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
 use super::caller_stream;
 use super::{
-    check_cuda_device, check_output_devices, common_place, guarded, import, run_detached,
-    to_py_err, Imported, Place,
+    check_cuda_device, check_output_devices, common_place, guarded, import, import_f32,
+    run_detached, scale_f32, to_py_err, Imported, Place,
 };
 use crate::attention::{self, AttentionOptions, AttentionProblem, SeqLens};
 use crate::error::Error;
@@ -31,7 +31,7 @@ fn options(
         }
     };
     Ok(AttentionOptions {
-        scale: scale.map(|s| s as f32),
+        scale: scale_f32(scale)?,
         causal,
         window_left: window("window_left", window_left)?,
         window_right: window("window_right", window_right)?,
@@ -130,7 +130,7 @@ pub(super) fn attention_forward(
         let seqlens = seqlens(cu_seqlens_q, cu_seqlens_k, heads_first)?;
         let inputs = [import("q", q)?, import("k", k)?, import("v", v)?];
         let [q, k, v] = &inputs;
-        let (out, lse) = (import("out", out)?, import("lse", lse)?);
+        let (out, lse) = (import("out", out)?, import_f32("lse", lse)?);
         let place = common_place(&[q, k, v])?;
         let layouts = inputs
             .iter()
@@ -236,7 +236,7 @@ pub(super) fn attention_backward(
             import("k", k)?,
             import("v", v)?,
             import("out", out)?,
-            import("lse", lse)?,
+            import_f32("lse", lse)?,
             import("dout", dout)?,
         ];
         let [q, k, v, out, lse, dout] = &inputs;

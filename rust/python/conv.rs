@@ -5,7 +5,8 @@ use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
 use super::caller_stream;
 use super::{
-    check_output_devices, conv_place, guarded, import, run_detached, to_py_err, Imported, Place,
+    check_output_devices, check_output_size, conv_place, guarded, import, run_detached, to_py_err,
+    Imported, Place,
 };
 use crate::conv;
 use crate::error::Error;
@@ -242,6 +243,8 @@ pub(super) fn conv2d_output_shape(
         );
         let p =
             conv::validate((DType::F32, &x), (DType::F32, &w), None, &opts).map_err(to_py_err)?;
-        Ok(p.y_shape())
+        let y = p.y_shape();
+        check_output_size("conv2d's output", &y).map_err(to_py_err)?;
+        Ok(y)
     })
 }

@@ -196,18 +196,39 @@ impl Imported {
         }
     }
 
-    /// Copies the elements `layout` reaches (from the producer's memory) into a host tensor.
+    /// The elements `layout` reaches (from the producer's memory), gathered element by
+    /// element into a contiguous host tensor: O(numel) time and memory, whatever the
+    /// view's span (a 4 KB view of a 1 GiB array copies 4 KB; a broadcast, zero-stride
+    /// input is materialised). The buffer is allocated fallibly (`Error::OutOfMemory`).
     pub(super) fn to_host(&self, layout: Layout) -> Result<HostTensor, Error> {
-        let bytes = layout.span() * self.dtype.size();
-        let mut buf = vec![0u8; bytes];
-        if bytes > 0 {
-            // SAFETY: the producer vouches that data + byte_offset holds every element its
-            // shape and strides reach; a byte copy has no alignment requirement.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.ptr as *const u8, buf.as_mut_ptr(), bytes)
-            };
+        let numel = checked_numel(self.name, &layout.shape)?;
+        let data = match self.dtype {
+            DType::F32 => HostData::F32(self.gather::<f32>(&layout, numel)?),
+            DType::F16 => HostData::F16(self.gather::<half::f16>(&layout, numel)?),
+            DType::BF16 => HostData::BF16(self.gather::<half::bf16>(&layout, numel)?),
+        };
+        HostTensor::from_data(data, Layout::contiguous(&layout.shape))
+    }
+
+    /// The elements of `layout` in row-major order (see [`Imported::to_host`]).
+    fn gather<T: Copy>(&self, layout: &Layout, numel: usize) -> Result<Vec<T>, Error> {
+        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        let mut out: Vec<T> = Vec::new();
+        out.try_reserve_exact(numel)
+            .map_err(|_| Error::OutOfMemory {
+                what: format!("a host copy of {}", self.name),
+                bytes: (numel as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+            })?;
+        if numel == 0 {
+            return Ok(out);
         }
-        HostTensor::from_data(HostData::from_bytes(self.dtype, &buf)?, layout)
+        let base = self.ptr as usize as *const T;
+        for_each_offset(layout, |off| {
+            // SAFETY: the producer vouches that data + byte_offset holds every element its
+            // shape and strides reach (`off` is one of them); reads are unaligned-safe.
+            out.push(unsafe { std::ptr::read_unaligned(base.wrapping_add(off)) });
+        });
+        Ok(out)
     }
 
     /// Writes a contiguous host tensor into this (host, writable) tensor, through its strides.
@@ -215,22 +236,14 @@ impl Imported {
         self.check_output(src.dtype(), src.shape())?;
         let elem = self.dtype.size();
         let bytes = src.data().as_bytes();
-        let rank = src.shape().len();
-        let mut index = vec![0usize; rank];
-        for i in 0..src.numel() {
-            let dst = self.ptr as usize + self.layout.offset(&index) * elem;
-            // SAFETY: the output was allocated for exactly this shape and checked above.
-            unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr().add(i * elem), dst as *mut u8, elem)
-            };
-            for d in (0..rank).rev() {
-                index[d] += 1;
-                if index[d] < src.shape()[d] {
-                    break;
-                }
-                index[d] = 0;
-            }
-        }
+        let mut i = 0usize;
+        for_each_offset(&self.layout, |off| {
+            let dst = (self.ptr as usize as *mut u8).wrapping_add(off * elem);
+            // SAFETY: the output was allocated for exactly this shape and checked above;
+            // `i` runs over the source's numel contiguous elements.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr().add(i * elem), dst, elem) };
+            i += 1;
+        });
         Ok(())
     }
 
@@ -253,16 +266,72 @@ impl Imported {
     }
 }
 
+/// The element count of `shape`, or `Error::TooLarge` when it overflows.
+fn checked_numel(name: &str, shape: &[usize]) -> Result<usize, Error> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &n| a.checked_mul(n))
+        .ok_or_else(|| Error::TooLarge {
+            what: format!("the element count of {name} {shape:?}"),
+            value: u64::MAX,
+            limit: usize::MAX as u64,
+        })
+}
+
+/// Calls `f` with the element offset of every index of `layout`, in row-major order
+/// (nothing for an empty layout). Offsets are of a tensor whose memory exists (its
+/// producer's), so they fit `usize`.
+fn for_each_offset(layout: &Layout, mut f: impl FnMut(usize)) {
+    let (shape, strides) = (&layout.shape, &layout.strides);
+    if shape.contains(&0) {
+        return;
+    }
+    let rank = shape.len();
+    if rank == 0 {
+        f(0);
+        return;
+    }
+    let (inner, inner_stride) = (shape[rank - 1], strides[rank - 1]);
+    let mut index = vec![0usize; rank - 1];
+    let mut base = 0usize;
+    loop {
+        for j in 0..inner {
+            f(base.wrapping_add(j.wrapping_mul(inner_stride)));
+        }
+        // Next row: odometer over the outer dimensions, keeping `base` in step.
+        let mut d = rank - 1;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            index[d] += 1;
+            base = base.wrapping_add(strides[d]);
+            if index[d] < shape[d] {
+                break;
+            }
+            base = base.wrapping_sub(strides[d].wrapping_mul(shape[d]));
+            index[d] = 0;
+        }
+    }
+}
+
 /// Consumes a DLPack capsule, or a `(capsule, "bfloat16")` pair that reinterprets a
 /// 16-bit integer tensor as bfloat16 (numpy cannot export ml_dtypes' bfloat16).
 pub(super) fn import(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Imported> {
     import_as(name, obj, Elements::Float)
 }
 
+/// Like [`import`], for an input that is float32 only (the forward's `lse`).
+pub(super) fn import_f32(name: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Imported> {
+    import_as(name, obj, Elements::Float32)
+}
+
 /// What a capsule must hold: float data (f32, f16, bf16), or int32 indices.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Elements {
     Float,
+    Float32,
     Int32,
 }
 
@@ -361,6 +430,13 @@ fn import_as(name: &'static str, obj: &Bound<'_, PyAny>, elements: Elements) -> 
             )))
         }
         (KDL_FLOAT, 32, 1) => DType::F32,
+        _ if elements == Elements::Float32 => {
+            return Err(PyTypeError::new_err(format!(
+                "{name}: dtype {} is not supported here ({name} is float32, as the forward \
+                 returns it)",
+                dl_dtype_name(t.dtype)
+            )))
+        }
         (KDL_FLOAT, 16, 1) => DType::F16,
         (KDL_BFLOAT, 16, 1) => DType::BF16,
         (KDL_UINT | KDL_INT, 16, 1) if as_bf16 => DType::BF16,

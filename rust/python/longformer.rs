@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
 use super::caller_stream;
 use super::{
-    check_cuda_device, check_output_devices, common_place, guarded, import, run_detached,
-    to_py_err, Imported, Place,
+    check_cuda_device, check_output_devices, common_place, guarded, import, import_f32,
+    run_detached, scale_f32, to_py_err, Imported, Place,
 };
 use crate::error::Error;
 use crate::longformer::{self, GlobalProjections, LongformerOptions, LongformerProblem, TokenMask};
@@ -43,7 +43,7 @@ fn options(
         window: window as usize,
         dilation: dilation.into_iter().map(|d| d as usize).collect(),
         causal,
-        scale: scale.map(|s| s as f32),
+        scale: scale_f32(scale)?,
     })
 }
 
@@ -162,7 +162,7 @@ pub(super) fn longformer_forward(
     guarded(|| {
         let opts = options(window, dilation, causal, scale)?;
         let t = import_inputs([q, k, v], [q_global, k_global, v_global])?;
-        let (out, lse) = (import("out", out)?, import("lse", lse)?);
+        let (out, lse) = (import("out", out)?, import_f32("lse", lse)?);
         let (gm, pm) = masks(&t[0], global_mask, global_indices, padding_mask)?;
         let refs: Vec<&Imported> = t.iter().collect();
         let place = common_place(&refs)?;
@@ -282,7 +282,7 @@ pub(super) fn longformer_backward(
         }
         let extra = [
             import("out", out)?,
-            import("lse", lse)?,
+            import_f32("lse", lse)?,
             import("dout", dout)?,
         ];
         let (gm, pm) = masks(&t[0], global_mask, global_indices, padding_mask)?;

@@ -15,7 +15,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 
 mod attention;
@@ -27,7 +29,7 @@ mod longformer;
 mod pool;
 
 use crate::error::Error;
-use dlpack::{device_name, import, DLDevice, Imported, Place};
+use dlpack::{device_name, import, import_f32, DLDevice, Imported, Place};
 
 /// The one mapping from Rust errors to Python exception types.
 fn to_py_err(e: Error) -> PyErr {
@@ -45,7 +47,37 @@ fn to_py_err(e: Error) -> PyErr {
         Error::NoDriver(_) | Error::NoDevice(_) | Error::Cuda(_) | Error::CudaNotBuilt => {
             PyRuntimeError::new_err(msg)
         }
+        Error::OutOfMemory { .. } => PyMemoryError::new_err(msg),
+        Error::Interrupted => PyKeyboardInterrupt::new_err(msg),
     }
+}
+
+/// A softmax scale from Python (f64) as the ops take it (f32): finite, positive, and
+/// still so in float32, else an error reporting the value given (1e-50 is not "0").
+fn scale_f32(scale: Option<f64>) -> PyResult<Option<f32>> {
+    scale
+        .map(|s| crate::ops::scale_to_f32("scale", s))
+        .transpose()
+        .map_err(to_py_err)
+}
+
+/// Checks that an output of `shape` (elements of at most 8 bytes) can be allocated at
+/// all: its element count and byte size fit `isize`, so the caller's framework gets a
+/// clear ValueError instead of its own overflow message (numpy: "Maximum allowed
+/// dimension exceeded") or a wrapped size.
+fn check_output_size(what: &str, shape: &[usize]) -> Result<(), Error> {
+    const LIMIT: u128 = (isize::MAX as u128) / 8;
+    let n = shape
+        .iter()
+        .try_fold(1u128, |a, &d| a.checked_mul(d as u128))
+        .unwrap_or(u128::MAX);
+    if n > LIMIT && !shape.contains(&0) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} would have shape {shape:?}: more than {LIMIT} elements, which no buffer \
+             can hold (check the sizes and options)"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `f`, turning a panic into a RuntimeError (pyo3 would raise PanicException, a
@@ -136,14 +168,47 @@ fn caller_stream(
     move || unsafe { crate::ops::glue::borrowed(ordinal, stream as *mut std::ffi::c_void) }
 }
 
+/// How often, at most, a detached CPU call takes the GIL back to run Python's signal
+/// handlers (Ctrl-C).
+const SIGNAL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Runs `f` (the CPU reference) without the GIL, turning a panic into a RuntimeError.
+/// While it runs, the references poll an interrupt check (`ops::with_interrupt_check`):
+/// at most every [`SIGNAL_CHECK_INTERVAL`] it reacquires the GIL and runs
+/// `py.check_signals()`; an exception from a signal handler (KeyboardInterrupt for
+/// Ctrl-C) stops the call and is raised as it is.
 fn run_detached<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> Result<T, Error> + Send,
 ) -> PyResult<T> {
-    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
-        .map_err(panic_err)?
-        .map_err(to_py_err)
+    let pending: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+    let result = py.detach(|| {
+        let check = || -> Result<(), Error> {
+            match Python::attach(|py| py.check_signals()) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    if let Ok(mut slot) = pending.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    Err(Error::Interrupted)
+                }
+            }
+        };
+        catch_unwind(AssertUnwindSafe(|| {
+            crate::ops::with_interrupt_check_every(SIGNAL_CHECK_INTERVAL, &check, f)
+        }))
+    });
+    let result = result.map_err(panic_err)?;
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let raised = pending.into_inner().ok().flatten();
+            Err(match (e, raised) {
+                (Error::Interrupted, Some(err)) => err,
+                (e, _) => to_py_err(e),
+            })
+        }
+    }
 }
 
 /// The place of the inputs; CUDA inputs need a usable device and a CUDA build.

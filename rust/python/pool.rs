@@ -6,8 +6,8 @@ use pyo3::prelude::*;
 use super::caller_stream;
 use super::dlpack::Indices;
 use super::{
-    check_output_devices, conv_place, device_name, guarded, import, run_detached, to_py_err,
-    DLDevice, Imported, Place,
+    check_output_devices, check_output_size, conv_place, device_name, guarded, import,
+    run_detached, to_py_err, DLDevice, Imported, Place,
 };
 use crate::error::Error;
 use crate::pool;
@@ -271,6 +271,8 @@ pub(super) fn pool2d_output_shape(
         );
         let l = Layout::contiguous(&input_shape);
         let p = pool::validate_pool(kind, (DType::F32, &l), &opts).map_err(to_py_err)?;
-        Ok(p.y_shape())
+        let y = p.y_shape();
+        check_output_size("the pooling output", &y).map_err(to_py_err)?;
+        Ok(y)
     })
 }
