@@ -11,6 +11,10 @@ pub use crate::ops::conv::reference::{
     activate, activation_backward, activation_derivative, conv2d, conv2d_backward, erf, try_conv2d,
     try_conv2d_backward, ConvForward, ConvGradients, ConvReal,
 };
+pub use crate::ops::ffn::reference::{
+    ffn_activate, ffn_activation_derivative, round_to_dtype, try_ffn, try_ffn_backward, FfnForward,
+    FfnRefGradients, FfnWeights,
+};
 pub use crate::ops::longformer::reference::{
     longformer, longformer_backward, try_longformer, try_longformer_backward, LongformerGrads,
     LongformerInputs,

@@ -16,6 +16,7 @@
 pub mod attention;
 pub(crate) mod common;
 pub mod conv;
+pub mod ffn;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 pub(crate) mod glue;
 pub mod longformer;
