@@ -10,6 +10,7 @@ torch tensors are differentiable (see ``_torch_conv``).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import _native
@@ -25,15 +26,25 @@ def _pair(name: str, v: Any) -> _Pair:
     module's range; the op checks what the shapes allow)."""
     if is_bool(v):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int) or type(v).__module__ == "numpy" and hasattr(v, "__index__"):
-        v = (v, v)
+    try:
+        i = operator.index(v)  # an int (Python's or numpy's)
+        v = (i, i)
+    except TypeError:
+        pass
     try:
         h, w = v
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an int or a pair of ints, got {type_name(v)}") from None
+    pair = []
     for x in (h, w):
-        if is_bool(x) or not hasattr(x, "__index__"):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {_describe(v)}")
+        try:
+            if is_bool(x):
+                raise TypeError
+            pair.append(operator.index(x))
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints, got {_describe(v)}") from None
+    h, w = pair
+    for x in pair:
         if x < 0:
             raise ValueError(f"{name} must be non-negative, got {_describe(v)}")
         if x > MAX_INT:
@@ -42,6 +53,8 @@ def _pair(name: str, v: Any) -> _Pair:
 
 
 def _describe(v: Any) -> str:
+    if hasattr(v, "shape") and not isinstance(v, (list, tuple)):
+        return f"{type_name(v)} of shape {tuple(int(n) for n in v.shape)}"
     r = repr(tuple(v)) if isinstance(v, (list, tuple)) else repr(v)
     return r if len(r) <= 80 else r[:77] + "..."
 
@@ -75,6 +88,8 @@ def _conv_padding(padding: Any, weight: Any, dilation: _Pair, stride: _Pair) -> 
 
 
 def _check_choice(name: str, v: Any, choices: Sequence[Any]) -> None:
+    if v is not None and not isinstance(v, str):
+        raise TypeError(f"{name} must be a str or None, got {type_name(v)}")
     if v not in choices:
         listed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {listed}; got {v!r}")

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ._attention import attention_backward, flash_attn_func
+from ._dlpack import check_bool, check_scale
 from ._torch_ops import Autograd, autograd_function
 
 __all__ = ["ring_attention", "merge_attention_states"]
@@ -330,9 +331,11 @@ def ring_attention(
     a second turn of the ring: every rank must run it). CPU tensors need gloo, CUDA
     tensors NCCL.
     """
+    causal = check_bool("causal", causal)
+    scale = check_scale("softmax_scale", softmax_scale)
+    return_lse = check_bool("return_lse", return_lse)
     _check_inputs(q, k, v, group)
     if q.stride(-1) != 1:
         q = q.contiguous()  # the kernels read rows with unit stride (k, v are copied anyway)
-    scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = _RingAttention.apply(q, k, v, bool(causal), scale, _Ring(group))
+    out, lse = _RingAttention.apply(q, k, v, causal, scale, _Ring(group))
     return (out, lse) if return_lse else out

@@ -773,6 +773,13 @@ def _conv_cases():
             OK,
         )
     )
+    add(
+        (
+            "conv padding='same' dilation 2**62",
+            f"close(fk.conv2d(x, w, padding='same', dilation={2**62}), ref_conv(x, w[:, :, 1:2, 1:2]))",
+            OK,
+        )
+    )
     add(("conv relu", "close(fk.conv2d(x, w, b, activation='relu'), np.maximum(ref_conv(x, w, b), 0))", OK))
     add(("conv 1x1 kernel", "w1 = randn(3, 2, 1, 1); close(fk.conv2d(x, w1), ref_conv(x, w1))", OK))
     add(("conv kernel = input", "w6 = randn(3, 2, 6, 6); close(fk.conv2d(x, w6), ref_conv(x, w6))", OK))
@@ -820,6 +827,8 @@ def _conv_cases():
         "negative stride view": "fk.conv2d(x[:, :, ::-1], w)",
         "activation bad": "fk.conv2d(x, w, activation='tanh')",
         "activation int": "fk.conv2d(x, w, activation=1)",
+        "activation array": "fk.conv2d(x, w, activation=np.array(['relu', 'gelu']))",
+        "stride array of 1000": "fk.conv2d(x, w, stride=np.ones(1000, np.int64))",
         "algo bad": "fk.conv2d(x, w, algo='winograd')",
         "padding same strided": "fk.conv2d(x, w, stride=2, padding='same')",
         "padding same even": "fk.conv2d(x, randn(3, 2, 2, 2), padding='same')",
@@ -874,6 +883,9 @@ def _pool_cases():
         (f"2, {2**32 + 3}", f"(2, 2), ({2**32 + 3}, {2**32 + 3})"),
     ]:
         add((f"avg_pool2d {kw}", f"close(fk.avg_pool2d(x, {kw}), ref_pool(x, 'avg', {ref}), 1e-5)", OK))
+    add(("max_pool2d kernel np.int64", "close(fk.max_pool2d(x, np.int64(2)), ref_pool(x, 'max', (2, 2)))", OK))
+    add(("max_pool2d kernel int array", "close(fk.max_pool2d(x, np.array([2, 3])), ref_pool(x, 'max', (2, 3)))", OK))
+    add(("avg_pool2d stride []", "close(fk.avg_pool2d(x, 2, []), ref_pool(x, 'avg', (2, 2)))", OK))
     add(
         (
             "max_pool2d indices",
@@ -972,6 +984,9 @@ def _pool_cases():
         "kernel float": "fk.max_pool2d(x, 2.0)",
         "kernel None": "fk.max_pool2d(x, None)",
         "kernel triple": "fk.max_pool2d(x, (2, 2, 2))",
+        "kernel array of 3": "fk.max_pool2d(x, np.array([2, 2, 2]))",
+        "kernel float array": "fk.max_pool2d(x, np.array([2.0, 2.0]))",
+        "kernel 1000-element array": "fk.max_pool2d(x, np.ones(1000, np.int64))",
         "rank 3": "fk.max_pool2d(x[0], 2)",
         "float64": "fk.max_pool2d(x.astype(np.float64), 2)",
         "int32": "fk.max_pool2d(x.astype(np.int32), 2)",
@@ -1121,6 +1136,8 @@ def _torch_cases():
         "max_pool2d_backward indices": "fk.max_pool2d_backward(dyp, x, torch.from_numpy(idx), 2)",
         "avg_pool2d_backward": "fk.avg_pool2d_backward(torch.from_numpy(dyp), x, 2)",
         "ring numpy k": "fk.ring_attention(tq, k, tv)",
+        "ring causal str": "fk.ring_attention(tq, tk, tv, causal='no')",
+        "ring scale str": "fk.ring_attention(tq, tk, tv, softmax_scale='a')",
     }.items():
         add((f"mixed {name}", expr, "TypeError"))
     # torch-only failures.
