@@ -1140,6 +1140,50 @@ def _torch_cases():
         "ring scale str": "fk.ring_attention(tq, tk, tv, softmax_scale='a')",
     }.items():
         add((f"mixed {name}", expr, "TypeError"))
+    # The numpy array cases, as torch tensors (torch has no negative strides).
+    for name, expr in {
+        "rank 3": "tq[0]",
+        "rank 5": "tq[None]",
+        "float64": "tq.double()",
+        "int32": "tq.int()",
+        "bool": "tq > 0",
+        "complex64": "tq.to(torch.complex64)",
+        "empty seq": "tq[:, :0]",
+        "empty batch": "tq[:0]",
+        "empty head_dim": "tq[..., :0]",
+        "head_dim 7": "tq[..., :7]",
+        "head_dim 512": "torch.randn(1, 8, 2, 512)",
+        "last stride 2": "torch.randn(1, 8, 2, 32)[..., ::2]",
+        "zero stride head_dim": "tq[..., :1].expand_as(tq)",
+        "heads not a multiple": "torch.randn(1, 8, 3, 16)",
+        "batch mismatch": "torch.randn(2, 8, 2, 16)",
+        "meta device": "torch.empty(1, 8, 2, 16, device='meta')",
+        "sparse": "tq.to_sparse()",
+    }.items():
+        for arg in ("q", "k"):
+            call = f"fk.flash_attn_func({expr}, tk, tv)" if arg == "q" else f"fk.flash_attn_func(tq, {expr}, tv)"
+            exc = (
+                REJECT if name != "meta device" else ("TypeError", "ValueError", "RuntimeError", "NotImplementedError")
+            )
+            add((f"torch fwd {arg} {name}", call, exc))
+    for name, expr in {
+        "rank 3 input": "fk.conv2d(tx[0], tw)",
+        "conv float64": "fk.conv2d(tx.double(), tw.double())",
+        "groups 3": "fk.conv2d(tx, tw, groups=3)",
+        "stride 0": "fk.conv2d(tx, tw, stride=0)",
+        "empty batch": "fk.conv2d(tx[:0], tw)",
+        "bias wrong length": "fk.conv2d(tx, tw, torch.randn(4))",
+        "pool kernel 7": "fk.max_pool2d(tx, 7)",
+        "pool padding > kernel/2": "fk.avg_pool2d(tx, 2, 1, 2)",
+        "pool empty plane": "fk.max_pool2d(tx[:, :, :0], 2)",
+        "pool int": "fk.max_pool2d(tx.int(), 2)",
+        "longformer rank 3": "fk.longformer_attention(tq[0], tk[0], tv[0], 1)",
+        "longformer global index 8": "fk.longformer_attention(tq, tk, tv, 1, global_tokens=[[8]])",
+        "longformer mask float": "fk.longformer_attention(tq, tk, tv, 1, global_tokens=torch.ones(1, 8))",
+        "varlen cu int64": "fk.flash_attn_varlen_func(tq[0], tk[0], tv[0], torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8)",
+        "backward lse float16": "fk.attention_backward(tq, tk, tv, torch.from_numpy(o), torch.from_numpy(lse).half(), torch.from_numpy(dout))",
+    }.items():
+        add((f"torch {name}", expr, REJECT))
     # torch-only failures.
     for name, expr in {
         "float64": "fk.flash_attn_func(tq.double(), tk.double(), tv.double())",
