@@ -59,6 +59,10 @@ with fake (meta) implementations and an autograd formula, so the tracer sees one
 node per call. CPU tensors (float32, float16, bfloat16) run the CPU reference, so all of
 this also works without a GPU.
 
+The backward itself is not differentiable (no double backward): under
+``create_graph=True`` the gradients come back requiring grad, and differentiating them
+again (a gradient penalty, say) raises a RuntimeError, on both routes.
+
 flashkernels never imports torch itself unless torch tensors are used: the ops are
 registered when ``flashkernels`` is imported after torch, or else right after torch's
 own import completes (a one-shot import hook), or at the latest on the first call with a
@@ -69,7 +73,14 @@ How arrays are handled
 - Inputs are read through DLPack (``__dlpack__`` / ``__dlpack_device__``): shape,
   strides, dtype and device pointer, no copy. Any unit-last-stride view works.
 - CPU arrays (numpy, torch, or any CPU DLPack producer) run the CPU reference (f32
-  accumulation). float32, float16, and bfloat16 (numpy through ml_dtypes).
+  accumulation). float32, float16, and bfloat16 (numpy through ml_dtypes). It reads a
+  strided view element by element (a small view of a big array costs the view's size),
+  raises MemoryError when a buffer cannot be allocated, and stops with
+  KeyboardInterrupt on Ctrl-C (it checks for signals about every 100 ms).
+- The arrays of one call come from one framework: mixing them (a numpy q with torch k
+  and v, say) is a TypeError. Options are checked for their type too: bools must be
+  bools, ints ints (any size: window sides past 2**31 - 1 are unbounded, other options
+  past 2**63 - 1 a ValueError), scales finite positive floats within float32's range.
 - CUDA tensors (torch, cupy, jax) run the CUDA kernels: float16 / bfloat16, head_dim a
   multiple of 8 up to 256, 16-byte aligned rows, all inputs on one device.
 - Outputs are in the caller's type and layout convention: O's memory is (B, Nq, H, D)
