@@ -1,0 +1,42 @@
+// C entry of the fused feed-forward block: refuse what would be undefined on the device,
+// then dispatch the dtype (activation, gate, biases and residual are run-time switches of
+// the epilogues) and launch on the caller's device and stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common/launch.cuh"
+#include "ffn.h"
+
+namespace {
+
+bool width_ok(int32_t v) { return v > 0 && v % 8 == 0; }
+
+bool fwd_args_ok(const fk_ffn_params &p) {
+  if (p.x == nullptr || p.w1 == nullptr || p.w2 == nullptr || p.h == nullptr || p.y == nullptr)
+    return false;
+  if (p.w3 == nullptr && p.b3 != nullptr) return false;
+  if (p.tokens < 0 || !width_ok(p.d_model) || !width_ok(p.d_hidden)) return false;
+  // The gated GEMM has 2 d_hidden columns, 64 per block along grid y (at most 65535).
+  if (int64_t(p.d_hidden) * 2 > int64_t(65535) * 64 || int64_t(p.d_model) > int64_t(65535) * 64)
+    return false;
+  if (p.tokens > (int64_t(1) << 31) - 256) return false;
+  if (p.x_stride < p.d_model || p.w1_stride < p.d_model || p.w2_stride < p.d_hidden ||
+      p.h_stride < p.d_hidden || p.y_stride < p.d_model ||
+      (p.w3 != nullptr && p.w3_stride < p.d_model))
+    return false;
+  if (p.activation < FK_FFN_RELU || p.activation > FK_FFN_SILU) return false;
+  if (p.residual != 0 && p.residual != 1) return false;
+  return p.dtype == FK_DTYPE_F16 || p.dtype == FK_DTYPE_BF16;
+}
+
+} // namespace
+
+extern "C" int32_t fk_ffn_fwd(const fk_ffn_params *p, void *stream) {
+  if (p == nullptr || !fwd_args_ok(*p)) return cudaErrorInvalidValue;
+  if (p->tokens == 0) return cudaSuccess;
+  fk::DeviceGuard guard(p->device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const auto s = static_cast<cudaStream_t>(stream);
+  return p->dtype == FK_DTYPE_F16 ? fk::ffn::ffn_fwd<__half>(*p, s)
+                                  : fk::ffn::ffn_fwd<__nv_bfloat16>(*p, s);
+}

@@ -1,0 +1,297 @@
+// Fused feed-forward suite: fk_ffn_fwd (kernels/ffn/, on kernels/common/gemm_sm80.cuh) on
+// the emulator against an f64 definition. Every matrix lives in a row-padded layout whose
+// gaps are NaN: an input gap that is read shows up as NaN in the results, an output gap
+// that is written is counted (pad-touched); outputs start as NaN, so an element never
+// written fails too. Bounds per element: one rounding of the hidden activation carried
+// through W2, one rounding of y, and the f32 accumulation's own error (see Bounds).
+// Usage: ffn_test [case index...] (all cases by default).
+#include "emu.h"
+
+#include "emulated/ffn/ffn_fwd_f16.cu"
+#include "emulated/ffn/ffn_fwd_bf16.cu"
+#include "emulated/ffn/ffn_api.cu"
+
+#include <functional>
+#include <random>
+#include <string>
+
+namespace {
+
+template <typename T> T to_e(float x);
+template <> __half to_e<__half>(float x) { return __float2half_rn(x); }
+template <> __nv_bfloat16 to_e<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+float to_f(__half x) { return __half2float(x); }
+float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A (rows, cols) row-major matrix with `slack` NaN elements after each row; the allocation
+// ends at the last logical element (an access past it is caught). `shift` elements of
+// NaN before the first (an operand off 16-byte alignment).
+template <typename T> struct Mat {
+  int rows, cols, shift;
+  int64_t ld;
+  emu::DeviceArray<T> data;
+  Mat(int r, int c, int slack, int shift_ = 0) : rows(r), cols(c), shift(shift_), ld(c + slack) {
+    data.assign(r == 0 ? 1 : size_t(shift + (r - 1) * ld + c), to_e<T>(NAN));
+  }
+  T *ptr() { return data.data() + shift; }
+  T &at(int r, int c) { return data[size_t(shift + r * ld + c)]; }
+  double get(int r, int c) const { return to_f(data[size_t(shift + r * ld + c)]); }
+  void fill(std::mt19937 &rng, float scale) {
+    std::uniform_real_distribution<float> u(-scale, scale);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) at(r, c) = to_e<T>(u(rng));
+  }
+  long pad_touched() const {
+    long n = 0;
+    for (size_t i = 0; i < data.size(); ++i) {
+      const int64_t k = int64_t(i) - shift;
+      const bool logical = k >= 0 && k % ld < cols && k / ld < rows;
+      n += !logical && !std::isnan(to_f(data[i]));
+    }
+    return n;
+  }
+};
+
+double act_ref(int act, double v) {
+  switch (act) {
+  case FK_FFN_RELU: return v > 0 ? v : 0;
+  case FK_FFN_GELU_TANH:
+    return 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
+  case FK_FFN_GELU_ERF: return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+  default: return v / (1 + std::exp(-v));
+  }
+}
+
+const char *act_name(int a) {
+  return a == FK_FFN_RELU        ? "relu"
+         : a == FK_FFN_GELU_TANH ? "gelu_tanh"
+         : a == FK_FFN_GELU_ERF  ? "gelu"
+                                 : "silu";
+}
+
+struct FfnCase {
+  int tokens, d_model, d_hidden, act;
+  bool gated, biases, residual;
+  int dtype;
+  bool unaligned = false; // x and W1 one element off 16-byte alignment, odd row strides
+};
+
+std::string describe(const FfnCase &c) {
+  char buf[200];
+  snprintf(buf, sizeof buf, "%s t%d dm%d dh%d %s%s%s%s%s",
+           c.dtype == FK_DTYPE_F16 ? "f16" : "bf16", c.tokens, c.d_model, c.d_hidden,
+           act_name(c.act), c.gated ? " gated" : "", c.biases ? " bias" : "",
+           c.residual ? " residual" : "", c.unaligned ? " unaligned" : "");
+  return buf;
+}
+
+// Per-element check |got - ref| <= bound, with bookkeeping of the worst ratio.
+struct Check {
+  double worst = 0;
+  long bad = 0, nonfinite = 0, count = 0;
+  void add(double got, double ref, double bound) {
+    ++count;
+    if (!std::isfinite(got)) {
+      ++nonfinite;
+      return;
+    }
+    const double err = std::fabs(got - ref);
+    worst = std::max(worst, err / bound);
+    bad += err > bound;
+  }
+};
+
+struct Result {
+  std::string line;
+  bool ok = true;
+  void check(const char *what, const Check &c, long touched) {
+    const bool good = c.bad == 0 && c.nonfinite == 0 && touched == 0 && c.count > 0;
+    char buf[200];
+    snprintf(buf, sizeof buf, " %s %.2f%s", what, c.worst, good ? "" : " <-- BAD");
+    line += buf;
+    if (!good) {
+      snprintf(buf, sizeof buf, " (bad %ld nonfinite %ld pad-touched %ld of %ld)", c.bad,
+               c.nonfinite, touched, c.count);
+      line += buf;
+    }
+    ok = ok && good;
+  }
+  void fail(const std::string &why) {
+    line += " " + why + " <-- BAD";
+    ok = false;
+  }
+};
+
+template <typename T> void ffn_fwd_case(const FfnCase &cc, Result &res) {
+  std::mt19937 rng(1234 + cc.tokens * 7 + cc.d_model * 13 + cc.d_hidden);
+  const int slack = cc.unaligned ? 3 : 8; // 8: the 16-byte paths stay possible
+  const int shift = cc.unaligned ? 1 : 0;
+  Mat<T> x(cc.tokens, cc.d_model, slack, shift), w1(cc.d_hidden, cc.d_model, slack, shift);
+  Mat<T> w3(cc.gated ? cc.d_hidden : 0, cc.d_model, 8), w2(cc.d_model, cc.d_hidden, 8);
+  Mat<T> h(cc.tokens, cc.d_hidden, 8), y(cc.tokens, cc.d_model, 8);
+  Mat<T> b1(1, cc.d_hidden, 0), b2(1, cc.d_model, 0), b3(1, cc.d_hidden, 0);
+  // nn.Linear's scale: pre-activations O(1), so every activation's curved part is used.
+  const float s1 = 2.f / std::sqrt(float(cc.d_model)), s2 = 2.f / std::sqrt(float(cc.d_hidden));
+  x.fill(rng, 1.f), w1.fill(rng, s1), w2.fill(rng, s2);
+  if (cc.gated) w3.fill(rng, s1);
+  b1.fill(rng, 0.5f), b2.fill(rng, 0.5f), b3.fill(rng, 0.5f);
+
+  fk_ffn_params p{};
+  p.x = x.ptr(), p.w1 = w1.ptr(), p.w2 = w2.ptr(), p.w3 = cc.gated ? w3.ptr() : nullptr;
+  p.b1 = cc.biases ? b1.ptr() : nullptr, p.b2 = cc.biases ? b2.ptr() : nullptr;
+  p.b3 = cc.biases && cc.gated ? b3.ptr() : nullptr;
+  p.h = h.ptr(), p.y = y.ptr();
+  p.x_stride = x.ld, p.w1_stride = w1.ld, p.w2_stride = w2.ld, p.w3_stride = w3.ld;
+  p.h_stride = h.ld, p.y_stride = y.ld;
+  p.tokens = cc.tokens, p.d_model = cc.d_model, p.d_hidden = cc.d_hidden;
+  p.activation = cc.act, p.residual = cc.residual, p.dtype = cc.dtype;
+  const int rc = fk_ffn_fwd(&p, nullptr);
+  if (rc != 0) return res.fail("rc " + std::to_string(rc));
+
+  // The definition in f64 from the stored inputs; bounds from the unit roundoff u: h is
+  // rounded once (2 u |h|), y once (2 u |y|) after h's rounding went through W2
+  // (2 u (|h| |W2|ᵀ)); the f32 accumulations add about K 2^-24 of the absolute products
+  // (1e-5 of them, with margin); f16 subnormals 2^-25 per rounding.
+  const double u = cc.dtype == FK_DTYPE_F16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+  const double sub = cc.dtype == FK_DTYPE_F16 ? std::ldexp(1.0, -25) : 0.0;
+  std::vector<double> hv(cc.d_hidden);
+  Check ch, cy;
+  for (int t = 0; t < cc.tokens; ++t) {
+    for (int j = 0; j < cc.d_hidden; ++j) {
+      double a = cc.biases ? b1.get(0, j) : 0.0, g = cc.biases && cc.gated ? b3.get(0, j) : 0.0;
+      double mag_a = std::fabs(a), mag_g = std::fabs(g);
+      for (int k = 0; k < cc.d_model; ++k) {
+        a += x.get(t, k) * w1.get(j, k);
+        mag_a += std::fabs(x.get(t, k) * w1.get(j, k));
+        if (cc.gated) {
+          g += x.get(t, k) * w3.get(j, k);
+          mag_g += std::fabs(x.get(t, k) * w3.get(j, k));
+        }
+      }
+      // |act'| <= 1.13 for every activation here.
+      hv[j] = act_ref(cc.act, a) * (cc.gated ? g : 1.0);
+      const double acc_err = 1e-5 * (cc.gated ? 1.13 * mag_a * std::fabs(g) +
+                                                    std::fabs(act_ref(cc.act, a)) * mag_g
+                                              : 1.13 * mag_a);
+      ch.add(h.get(t, j), hv[j], 2 * u * std::fabs(hv[j]) + acc_err + sub + 1e-30);
+    }
+    for (int i = 0; i < cc.d_model; ++i) {
+      double v = cc.biases ? b2.get(0, i) : 0.0, prop = 0, w2abs = 0;
+      for (int j = 0; j < cc.d_hidden; ++j) {
+        v += hv[j] * w2.get(i, j);
+        prop += std::fabs(hv[j] * w2.get(i, j));
+        w2abs += std::fabs(w2.get(i, j));
+      }
+      if (cc.residual) v += x.get(t, i);
+      const double bound = (2 * u + 1e-5) * (prop + std::fabs(v)) + sub * (w2abs + 1) + 1e-30;
+      cy.add(y.get(t, i), v, bound);
+    }
+  }
+  res.check("h", ch, h.pad_touched());
+  res.check("y", cy, y.pad_touched());
+}
+
+struct Entry {
+  std::string name;
+  std::function<void(Result &)> run;
+};
+
+std::vector<Entry> all_cases() {
+  const int F16 = FK_DTYPE_F16, BF16 = FK_DTYPE_BF16;
+  const int RELU = FK_FFN_RELU, TANH = FK_FFN_GELU_TANH, GELU = FK_FFN_GELU_ERF,
+            SILU = FK_FFN_SILU;
+  // tokens d_model d_hidden act gated biases residual dtype [unaligned]
+  const FfnCase cases[] = {
+      {1, 8, 8, RELU, false, false, false, F16},
+      {7, 24, 40, GELU, false, true, true, BF16},
+      {33, 72, 136, SILU, true, true, false, F16}, // SwiGLU; 2 d_hidden spans 5 blocks
+      {129, 64, 96, GELU, true, false, true, BF16}, // GeGLU; tokens cross a 128-row tile
+      {33, 136, 24, TANH, false, true, true, F16},  // d_model: 3 k-tiles, 3 output blocks
+      {7, 40, 72, TANH, true, true, true, BF16},
+      {129, 16, 8, RELU, true, true, true, BF16},
+      {1, 8, 200, SILU, false, false, true, F16},
+      {33, 56, 48, SILU, true, true, true, F16, true},   // gathers, element stores
+      {7, 24, 16, GELU, false, true, false, BF16, true},
+      {130, 32, 64, RELU, false, true, true, F16},
+      {3, 8, 72, GELU, true, false, false, F16},
+  };
+  std::vector<Entry> out;
+  for (const FfnCase &c : cases)
+    out.push_back({"fwd " + describe(c), [c](Result &r) {
+                     if (c.dtype == FK_DTYPE_F16)
+                       ffn_fwd_case<__half>(c, r);
+                     else
+                       ffn_fwd_case<__nv_bfloat16>(c, r);
+                   }});
+  return out;
+}
+
+// What the device would mis-handle is refused before any launch.
+int api_checks() {
+  int bad = 0;
+  auto expect = [&](const char *what, bool ok) {
+    if (!ok) {
+      printf("api %s  <-- BAD\n", what);
+      ++bad;
+    }
+  };
+  alignas(16) static __half dummy[4096];
+  fk_ffn_params p{};
+  p.x = p.w1 = p.w2 = dummy, p.h = p.y = dummy;
+  p.tokens = 4, p.d_model = 8, p.d_hidden = 16;
+  p.x_stride = p.y_stride = 8, p.w1_stride = 8, p.w2_stride = 16, p.h_stride = 16;
+  p.activation = FK_FFN_RELU, p.dtype = FK_DTYPE_F16;
+  auto refused = [&](const char *what, fk_ffn_params r) {
+    const int launches0 = fk::g_emu_launches;
+    expect(what, fk_ffn_fwd(&r, nullptr) == cudaErrorInvalidValue &&
+                     fk::g_emu_launches == launches0);
+  };
+  auto q = p;
+  q.d_model = 12, q.x_stride = q.y_stride = q.w1_stride = 12;
+  refused("d_model 12", q);
+  q = p, q.d_hidden = 20, q.w2_stride = q.h_stride = 20;
+  refused("d_hidden 20", q);
+  q = p, q.h = nullptr, refused("null h", q);
+  q = p, q.y = nullptr, refused("null y", q);
+  q = p, q.b3 = dummy, refused("b3 without w3", q);
+  q = p, q.x_stride = 4, refused("x row stride below d_model", q);
+  q = p, q.h_stride = 8, refused("h row stride below d_hidden", q);
+  q = p, q.activation = 0, refused("activation 0", q);
+  q = p, q.activation = 5, refused("activation 5", q);
+  q = p, q.dtype = 3, refused("f32", q);
+  q = p, q.tokens = -1, refused("negative tokens", q);
+  q = p, q.residual = 2, refused("residual 2", q);
+  expect("null params", fk_ffn_fwd(nullptr, nullptr) == cudaErrorInvalidValue);
+  q = p, q.tokens = 0;
+  const int launches0 = fk::g_emu_launches;
+  expect("no tokens: success, nothing launched",
+         fk_ffn_fwd(&q, nullptr) == 0 && fk::g_emu_launches == launches0);
+  return bad;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  const auto cases = all_cases();
+  const int api_failed = argc == 1 ? api_checks() : 0;
+  if (argc == 1) printf("api checks: %s\n", api_failed ? "FAILED" : "ok");
+  int failed = 0, ran = 0;
+  printf("per case and output: worst |error| / bound, 1 = at the bound\n");
+  for (int i = 0; i < int(cases.size()); ++i) {
+    if (!emu::case_selected(size_t(i), argc, argv)) continue;
+    Result r;
+    const std::string label = "case " + std::to_string(i) + " (" + cases[i].name + ")";
+    emu::g_case = label.c_str();
+    cases[i].run(r);
+    emu::g_case = nullptr;
+    printf("%2d %-52s%s\n", i, cases[i].name.c_str(), r.line.c_str());
+    fflush(stdout);
+    failed += !r.ok;
+    ++ran;
+  }
+  printf("%d of %d cases failed\n", failed, ran);
+  return failed || api_failed ? 1 : 0;
+}
+
+// The runtime's error strings are not linked (one translation unit per suite).
+const char *cudaGetErrorString(cudaError_t) { return "(error string: not emulated)"; }
