@@ -1302,6 +1302,68 @@ def _memory_cases():
     return c
 
 
+def _random_cases(seed=13, n_attention=40, n_conv=40):
+    """Seeded random shapes, strides, dtypes and options: valid ones against the
+    reference, the others (an empty output) rejected."""
+    import random
+
+    r = random.Random(seed)
+    c = []
+    for i in range(n_attention):
+        b, nq, nk = r.randint(1, 2), r.randint(1, 12), r.randint(1, 12)
+        hk, group, d = r.randint(1, 2), r.randint(1, 3), r.choice([8, 16, 24, 64])
+        causal = r.random() < 0.4
+        win = tuple(r.choice([-1, -1, 0, 1, 3, nk + 2, 2**40]) for _ in range(2))
+        ref_win = tuple(None if w == -1 or w >= 2**31 else w for w in win)
+        dtype, tol = r.choice([("np.float32", 2e-5), ("np.float16", 3e-3)])
+        layout = r.choice(["contiguous", "heads-first", "strided"])
+        if layout == "contiguous":
+            make = "randn({b}, {n}, {h}, {d}).astype({dtype})"
+        elif layout == "heads-first":
+            make = "randn({b}, {h}, {n}, {d}).astype({dtype}).swapaxes(1, 2)"
+        else:
+            make = "randn({b}, 2 * {n}, {h} + 1, 2 * {d}).astype({dtype})[:, ::2, :{h}, :{d}]"
+        qe = make.format(b=b, n=nq, h=hk * group, d=d, dtype=dtype)
+        ke = make.format(b=b, n=nk, h=hk, d=d, dtype=dtype)
+        code = (
+            f"q_ = {qe}; k_ = {ke}; v_ = {ke}\n"
+            f"close(fk.flash_attn_func(q_, k_, v_, causal={causal}, window_size={win}), "
+            f"attn(q_, k_, v_, causal={causal}, window={ref_win}), {tol})"
+        )
+        c.append(
+            (
+                f"random attention {i}: {(b, nq, nk, hk, group, d)} {layout} {dtype} causal={causal} window={win}",
+                code,
+                OK,
+            )
+        )
+    for i in range(n_conv):
+        g = r.choice([1, 1, 2])
+        n, cin, k = r.randint(1, 2), g * r.randint(1, 2), g * r.randint(1, 2)
+        h, w = r.randint(1, 9), r.randint(1, 9)
+        kr, ks = r.randint(1, 4), r.randint(1, 4)
+        stride = (r.randint(1, 3), r.randint(1, 3))
+        padding = (r.randint(0, 2), r.randint(0, 2))
+        dilation = (r.randint(1, 2), r.randint(1, 2))
+        cl = r.random() < 0.3
+        x_ = f"randn({n}, {cin}, {h}, {w})"
+        if cl:
+            x_ = f"np.ascontiguousarray(randn({n}, {h}, {w}, {cin})).transpose(0, 3, 1, 2)"
+        ok = all(size + 2 * p - dl * (kk - 1) - 1 >= 0 for size, p, dl, kk in zip((h, w), padding, dilation, (kr, ks)))
+        call = f"fk.conv2d(x_, w_, b_, stride={stride}, padding={padding}, dilation={dilation}, groups={g})"
+        code = f"x_ = {x_}; w_ = randn({k}, {cin // g}, {kr}, {ks}); b_ = randn({k})\n" + (
+            f"close({call}, ref_conv(x_, w_, b_, {stride}, {padding}, {dilation}, {g}))" if ok else call
+        )
+        c.append(
+            (
+                f"random conv {i}: x {(n, cin, h, w)} w {(k, cin // g, kr, ks)} {stride} {padding} {dilation} groups={g} channels-last={cl}",
+                code,
+                OK if ok else REJECT,
+            )
+        )
+    return c
+
+
 GROUPS = {
     "attention": dict(cases=_attention_cases(), torch=False, budget=2 * GiB),
     "attention_backward_varlen": dict(cases=_backward_cases(), torch=False, budget=2 * GiB),
@@ -1309,6 +1371,7 @@ GROUPS = {
     "conv": dict(cases=_conv_cases(), torch=False, budget=2 * GiB),
     "pool": dict(cases=_pool_cases(), torch=False, budget=2 * GiB),
     "torch": dict(cases=_torch_cases(), torch=True, budget=2 * GiB),
+    "random": dict(cases=_random_cases(), torch=False, budget=2 * GiB),
     # The 3 GiB array is address space only; 1 GiB on top of it for everything else.
     "memory": dict(cases=_memory_cases(), torch=False, budget=4 * GiB),
 }
