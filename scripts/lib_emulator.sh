@@ -27,7 +27,7 @@ emu_overlay() {
 # Builds one emulator program in one of three flavours:
 #   plain  -O2, the suites as they always ran (schedules chosen at run time: EMU_SCHEDULE)
 #   race   the shared-memory race check: GCC's -fsanitize=thread instrumentation calls
-#          the hooks in tests/emulator/emu.h (-DEMU_RACECHECK); linked without the TSan
+#          the hooks in tests/emulator/emu_race.h (-DEMU_RACECHECK); linked without the TSan
 #          runtime, with -rdynamic so that reports can name the kernel
 #   asan   -fsanitize=address,undefined (alignment included), any report aborts
 # Usage: emu_build FLAVOUR SOURCE OUTPUT KERNELS_ROOT TESTS_ROOT OBJ

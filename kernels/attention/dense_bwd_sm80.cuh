@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kDeltaThreads)
   const Element *dout = static_cast<const Element *>(p.dout) +
                         seq.q_offset(p.do_stride.batch, p.do_stride.row, p.do_stride.head, head);
   float *delta = p.delta + seq.lse_offset(p, head);
-  delta_rows(p, o, dout, delta, m0, seq.nq, p.head_dim, [](int) { return true; });
+  delta_rows(p, o, dout, delta, m0, seq.nq, p.base.shape.head_dim, [](int) { return true; });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   if (n0 >= nk) return; // past this sequence's keys (varlen): nothing to write
   const int diag = nk - nq;
   const int wl = p.window_left, wr = p.window_right;
-  const int chunks_valid = p.head_dim / 8;
-  const int group = p.heads / p.heads_kv;
+  const int chunks_valid = p.base.shape.head_dim / 8;
+  const int group = p.base.shape.heads / p.base.shape.heads_kv;
   const int head0 = kv_head * group;
 
   // The query blocks that see some key of this block.
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   float acc[kNAcc][kOTiles][4];
 #pragma unroll
   for (int a = 0; a < kNAcc; ++a) zero(acc[a]);
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const float scale_log2 = p.base.shape.softmax_scale * kLog2e;
 
   for (int it = 0; it < n_iters; ++it) {
     const int stage = it & 1;
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   if (do_dk) {
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-      stage_row<D>(sK, warp_row0 + g + 8 * r, acc[kDk], r, p.softmax_scale, t);
+      stage_row<D>(sK, warp_row0 + g + 8 * r, acc[kDk], r, p.base.shape.softmax_scale, t);
     __syncwarp();
     Element *dk = static_cast<Element *>(p.dk) +
                   seq.k_offset(p.dk_stride.batch, p.dk_stride.row, p.dk_stride.head, kv_head) +
@@ -330,8 +330,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   if (m0 >= nq) return; // past this sequence's queries (varlen)
   const int diag = nk - nq;
   const int wl = p.window_left, wr = p.window_right;
-  const int chunks_valid = p.head_dim / 8;
-  const int kv_head = head / (p.heads / p.heads_kv);
+  const int chunks_valid = p.base.shape.head_dim / 8;
+  const int kv_head = head / (p.base.shape.heads / p.base.shape.heads_kv);
 
   // The key blocks that some query of this block sees.
   int n_begin, n_end;
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 
   float acc[kOTiles][4];
   zero(acc);
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const float scale_log2 = p.base.shape.softmax_scale * kLog2e;
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = (n - n_begin) & 1;
@@ -441,7 +441,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   // waited with wait<0>; with none, nothing was loaded) and Q landed before the first key
   // block's barrier.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) stage_row<D>(sQ, warp_row0 + g + 8 * r, acc, r, p.softmax_scale, t);
+  for (int r = 0; r < 2; ++r)
+    stage_row<D>(sQ, warp_row0 + g + 8 * r, acc, r, p.base.shape.softmax_scale, t);
   __syncwarp();
   Element *dq = static_cast<Element *>(p.dq) +
                 seq.q_offset(p.dq_stride.batch, p.dq_stride.row, p.dq_stride.head, head) +
@@ -485,19 +486,22 @@ cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t st
   cudaError_t err = cudaSuccess;
   // Grids are sized by the longest sequence; an empty one would be a launch error, and
   // has nothing to compute (seqlen_q == 0 still needs dK = dV = 0, kernel 2 writes them).
-  if (p.seqlen_q > 0) {
-    const dim3 grid((p.seqlen_q + kDeltaRows - 1) / kDeltaRows, p.heads, p.batch);
+  if (p.base.shape.seqlen_q > 0) {
+    const dim3 grid((p.base.shape.seqlen_q + kDeltaRows - 1) / kDeltaRows, p.base.shape.heads,
+                    p.base.shape.batch);
     err = launch_kernel(dense_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0, stream, p);
     if (err != cudaSuccess) return err;
   }
-  if (p.seqlen_k > 0) {
-    const dim3 grid((p.seqlen_k + KV::kBlockN - 1) / KV::kBlockN, p.heads_kv, p.batch);
+  if (p.base.shape.seqlen_k > 0) {
+    const dim3 grid((p.base.shape.seqlen_k + KV::kBlockN - 1) / KV::kBlockN, p.base.shape.heads_kv,
+                    p.base.shape.batch);
     err = launch_kernel(dense_bwd_dkdv_kernel<KV, kHasMask>, grid, dim3(KV::kNThreads),
                         KV::kSmemBytes, stream, p);
     if (err != cudaSuccess) return err;
   }
-  if (p.seqlen_q > 0) {
-    const dim3 grid((p.seqlen_q + Q::kBlockM - 1) / Q::kBlockM, p.heads, p.batch);
+  if (p.base.shape.seqlen_q > 0) {
+    const dim3 grid((p.base.shape.seqlen_q + Q::kBlockM - 1) / Q::kBlockM, p.base.shape.heads,
+                    p.base.shape.batch);
     err = launch_kernel(dense_bwd_dq_kernel<Q, kHasMask>, grid, dim3(Q::kNThreads), Q::kSmemBytes,
                         stream, p);
     if (err != cudaSuccess) return err;

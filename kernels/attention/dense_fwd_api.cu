@@ -21,8 +21,8 @@ cudaError_t dispatch_mask(const fk_attention_fwd_params &p, cudaStream_t s) {
 // Head dims are padded up to the next compiled size (64, 128, 256).
 template <typename T>
 cudaError_t dispatch_head_dim(const fk_attention_fwd_params &p, cudaStream_t s) {
-  if (p.head_dim <= 64) return dispatch_mask<64, T>(p, s);
-  if (p.head_dim <= 128) return dispatch_mask<128, T>(p, s);
+  if (p.base.shape.head_dim <= 64) return dispatch_mask<64, T>(p, s);
+  if (p.base.shape.head_dim <= 128) return dispatch_mask<128, T>(p, s);
   return dispatch_mask<256, T>(p, s);
 }
 
@@ -37,14 +37,15 @@ extern "C" int32_t fk_attention_fwd(const fk_attention_fwd_params *params, void 
   fk_attention_fwd_params p = *params;
   if (!fk::check::all_set(p.base.q, p.base.k, p.base.v, p.o, p.lse) ||
       !fk::check::check_dense_shape(p) ||
-      !fk::check::check_window(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k))
+      !fk::check::check_window(p.window_left, p.window_right, p.base.shape.seqlen_q,
+                               p.base.shape.seqlen_k))
     return cudaErrorInvalidValue;
-  if (p.seqlen_q == 0) return cudaSuccess; // varlen batch of empty query sequences
-  fk::DeviceGuard guard(p.device);
+  if (p.base.shape.seqlen_q == 0) return cudaSuccess; // varlen batch of empty query sequences
+  fk::DeviceGuard guard(p.base.shape.device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
-  return p.dtype == FK_DTYPE_F16 ? dispatch_head_dim<__half>(p, s)
-                                 : dispatch_head_dim<__nv_bfloat16>(p, s);
+  return p.base.shape.dtype == FK_DTYPE_F16 ? dispatch_head_dim<__half>(p, s)
+                                            : dispatch_head_dim<__nv_bfloat16>(p, s);
 }
 
 extern "C" const char *fk_error_string(int32_t code) {

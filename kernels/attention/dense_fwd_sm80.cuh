@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // they start first and the tail of the grid is short.
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int head = blockIdx.y;
-  const int head_kv = head / (p.heads / p.heads_kv);
+  const int head_kv = head / (p.base.shape.heads / p.base.shape.heads_kv);
   const int batch = blockIdx.z;
   // This sequence's lengths and first rows (varlen: packed rows, no batch stride).
   const attn::SeqInfo seq(p, batch);
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int m0 = m_block * BM;
   if (m0 >= nq) return; // a varlen grid is sized for the longest sequence
   const int warp_row0 = warp * Traits::kWarpRows; // first row of this warp in the tile
-  const int d_chunks = p.head_dim / 8;             // valid 16-byte chunks of a row
+  const int d_chunks = p.base.shape.head_dim / 8;             // valid 16-byte chunks of a row
 
   const Element *q = static_cast<const Element *>(p.base.q) +
                      strided_batch * p.base.q_stride.batch + head * p.base.q_stride.head +
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   float acc[MT][kOTiles][4];
   attn::zero(acc);
   attn::OnlineSoftmax<MT> softmax;
-  const float scale_log2 = p.softmax_scale * attn::kLog2e;
+  const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = n & 1;
@@ -225,7 +225,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 
 template <class Traits, bool kHasMask>
 cudaError_t launch_dense_fwd(const fk_attention_fwd_params &p, cudaStream_t stream) {
-  const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads, p.batch);
+  const dim3 grid((p.base.shape.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM,
+                  p.base.shape.heads, p.base.shape.batch);
   return launch_kernel(dense_fwd_kernel<Traits, kHasMask>, grid, dim3(Traits::kNThreads),
                        Traits::kSmemBytes, stream, p);
 }

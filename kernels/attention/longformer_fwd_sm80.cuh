@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const fk_longformer_common &pc = p.c;
-  const int n_tokens = pc.seqlen;
+  const fk_attention_shape &ps = p.base.shape;
+  const int n_tokens = ps.seqlen_q;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -84,14 +85,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int t = lane % 4;
   const int m0 = work.outer * BM;
   const int warp_row0 = warp * Traits::kWarpRows;
-  const int d_chunks = pc.head_dim / 8;
+  const int d_chunks = ps.head_dim / 8;
   const bool gathered = pc.pass == FK_LONGFORMER_GLOBAL_ROWS;
 
   // THE RULE in the form that serves both passes (common/mask.cuh): GLOBAL_ROWS is LOCAL
   // with no global mask (a "local" row is a non-padded one, no key is global) and a band
   // that holds every pair. Its masks and causal flag are kept in locals, and its tests
   // written out where the call form measured more spills at D = 128.
-  const attn::LongformerRule rule = attn::LongformerRule::local_form(pc, batch, head, gathered);
+  const attn::LongformerRule rule =
+      attn::LongformerRule::local_form(pc, n_tokens, batch, head, gathered);
   const uint8_t *glob = rule.glob, *pad = rule.pad;
   const bool causal = pc.causal != 0;
 
@@ -115,10 +117,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // outside [0, N) or past per_seq). Without k_rows every id is a contiguous key tile.
   // (Read from the parameters where used: registers are scarce at D = 128.)
   const bool packed = !gathered && pc.k_rows != nullptr;
-  auto nkt = [&] { return (pc.seqlen + BN - 1) / BN; };
+  auto nkt = [&] { return (ps.seqlen_q + BN - 1) / BN; };
   auto key_token = [&](int gt, int row) {
     return attn::gathered_token(pc.k_rows, pc.k_rows_per_seq, blockIdx.z, int64_t(gt) * BN + row,
-                                pc.seqlen);
+                                ps.seqlen_q);
   };
 
   const Element *q = static_cast<const Element *>(p.base.q) + batch * p.base.q_stride.batch +
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   float acc[MT][kOTiles][4];
   attn::zero(acc);
   attn::OnlineSoftmax<MT> softmax;
-  const float scale_log2 = pc.softmax_scale * attn::kLog2e;
+  const float scale_log2 = ps.softmax_scale * attn::kLog2e;
 
   for (int it = it_begin; it < it_end; ++it) {
     const int stage = (it - it_begin) & 1;
@@ -327,7 +329,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     // LSE (-inf without a key) of every listed row, f32, to the workspace at the row's
     // entry index x; the combine kernel writes O and LSE.
     const int64_t ws_row0 =
-        ((int64_t(split) * pc.batch + batch) * pc.heads + head) * pc.q_rows_per_seq + m0;
+        ((int64_t(split) * ps.batch + batch) * ps.heads + head) * pc.q_rows_per_seq + m0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -336,10 +338,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         const float inv_sum = softmax.finalize(mt, r, lse);
         const int row = warp_row0 + mt * 16 + g + 8 * r;
         if (row_idx[mt][r] < 0) continue;
-        float *po = p.partial_o + (ws_row0 + row) * pc.head_dim;
+        float *po = p.partial_o + (ws_row0 + row) * ps.head_dim;
 #pragma unroll
         for (int i = 0; i < kOTiles; ++i)
-          if (i * 8 < pc.head_dim) {
+          if (i * 8 < ps.head_dim) {
             po[i * 8 + 2 * t] = acc[mt][i][2 * r] * inv_sum;
             po[i * 8 + 2 * t + 1] = acc[mt][i][2 * r + 1] * inv_sum;
           }
@@ -388,15 +390,16 @@ template <typename Element>
 __global__ void longformer_fwd_combine_kernel(const fk_longformer_fwd_params p) {
   using ET = ElemTraits<Element>;
   const fk_longformer_common &pc = p.c;
-  const int64_t per_split = int64_t(pc.batch) * pc.heads * pc.q_rows_per_seq;
+  const fk_attention_shape &ps = p.base.shape;
+  const int64_t per_split = int64_t(ps.batch) * ps.heads * pc.q_rows_per_seq;
   const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (w >= per_split) return;
   const int lane = threadIdx.x % 32;
   const int x = int(w % pc.q_rows_per_seq);
-  const int head = int(w / pc.q_rows_per_seq % pc.heads);
-  const int batch = int(w / pc.q_rows_per_seq / pc.heads);
+  const int head = int(w / pc.q_rows_per_seq % ps.heads);
+  const int batch = int(w / pc.q_rows_per_seq / ps.heads);
   const int tok = pc.q_rows[int64_t(batch) * pc.q_rows_per_seq + x];
-  if (tok < 0 || tok >= pc.seqlen) return;
+  if (tok < 0 || tok >= ps.seqlen_q) return;
   const int S = p.num_splits;
   float mx = -INFINITY;
   for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.partial_lse[s * per_split + w]);
@@ -411,14 +414,14 @@ __global__ void longformer_fwd_combine_kernel(const fk_longformer_fwd_params p) 
   }
   Element *o = static_cast<Element *>(p.o) + batch * p.base.o_stride.batch +
                int64_t(tok) * p.base.o_stride.row + head * p.base.o_stride.head;
-  for (int d = 2 * lane; d < pc.head_dim; d += 64) {
+  for (int d = 2 * lane; d < ps.head_dim; d += 64) {
     float a0 = 0.f, a1 = 0.f;
     if (lse != -INFINITY)
       for (int s = 0; s < S; ++s) {
         const float ls = p.partial_lse[s * per_split + w];
         if (ls == -INFINITY) continue;
         const float wgt = expf(ls - lse);
-        const float *po = p.partial_o + (s * per_split + w) * pc.head_dim + d;
+        const float *po = p.partial_o + (s * per_split + w) * ps.head_dim + d;
         a0 = fmaf(wgt, po[0], a0);
         a1 = fmaf(wgt, po[1], a1);
       }
@@ -447,18 +450,20 @@ cudaError_t run_longformer_fwd_sm80(const fk_longformer_fwd_params &p, cudaStrea
   using Traits = AttnFwdTraitsSm80<kHeadDim, Element, C::kMTiles, C::kNWarps, C::kBlockN,
                                    C::kMinBlocksPerSm, C::kQInRegs>;
   // Outer tiles: contiguous query tiles of N (LOCAL) or gathered tiles of q_rows.
-  const int outer_rows = p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.c.seqlen;
+  const int outer_rows =
+      p.c.pass == FK_LONGFORMER_GLOBAL_ROWS ? p.c.q_rows_per_seq : p.base.shape.seqlen_q;
   // Split over keys: the splits of an outer tile are adjacent in x (entry point: x fits).
   const int num_splits = p.num_splits > 1 ? p.num_splits : 1;
   const int outer_tiles = (outer_rows + Traits::kBlockM - 1) / Traits::kBlockM;
-  const dim3 grid(unsigned(outer_tiles) * unsigned(num_splits), p.c.heads, p.c.batch);
+  const dim3 grid(unsigned(outer_tiles) * unsigned(num_splits), p.base.shape.heads,
+                  p.base.shape.batch);
   // + the key tokens of gathered key tiles (two stages).
   const size_t smem = Traits::kSmemBytes + 2 * Traits::kBlockN * sizeof(int);
   cudaError_t err =
       launch_kernel(longformer_fwd_kernel<Traits>, grid, dim3(Traits::kNThreads), smem, stream, p);
   if (err != cudaSuccess || num_splits == 1) return err;
   constexpr int kCombineWarps = 4;
-  const int64_t rows = int64_t(p.c.batch) * p.c.heads * p.c.q_rows_per_seq;
+  const int64_t rows = int64_t(p.base.shape.batch) * p.base.shape.heads * p.c.q_rows_per_seq;
   const dim3 cgrid(unsigned((rows + kCombineWarps - 1) / kCombineWarps));
   return launch_kernel(longformer_fwd_combine_kernel<Element>, cgrid, dim3(32 * kCombineWarps), 0,
                        stream, p);

@@ -54,12 +54,10 @@ extern "C" {
 #define FK_LONGFORMER_LOCAL_BAND 2
 #define FK_LONGFORMER_GLOBAL_COLS 3
 
-/* What every pass shares: sizes, the rule's inputs, the schedule. */
+/* What every pass shares besides base (fk_attention_base: its shape has batch B >= 1,
+ * heads = heads_kv = H >= 1 (no GQA), seqlen_q = seqlen_k = N >= 0 (< 2^30), head_dim D: a
+ * multiple of 8, <= 128): the rule's inputs, the schedule. */
 typedef struct {
-  int32_t batch;    /* B >= 1 */
-  int32_t seqlen;   /* N >= 0, queries and keys alike (< 2^30) */
-  int32_t heads;    /* H >= 1 (no GQA) */
-  int32_t head_dim; /* D: multiple of 8, <= 128 */
   int32_t window;   /* one-sided window w >= 0; values above N act as N */
   int32_t causal;   /* nonzero: t in [-w, 0] and no key after the query */
   const int32_t *dilation;     /* device, H entries, each >= 1 (values above N act as N) */
@@ -75,10 +73,6 @@ typedef struct {
   int32_t num_classes;       /* >= 1 */
   const int32_t *tile_offsets;
   const int32_t *tile_ids;
-
-  float softmax_scale; /* multiplies Q K^T */
-  int32_t dtype;       /* fk_dtype: f16 or bf16 */
-  int32_t device;      /* CUDA device ordinal the pointers live on */
 } fk_longformer_common;
 
 /* ---- Forward ----

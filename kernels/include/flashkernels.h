@@ -30,9 +30,23 @@ typedef struct {
   int64_t head;
 } fk_strides;
 
+/* The problem's sizes, scale, element type and device, as every attention call has them.
+ * Longformer: heads_kv = heads (no GQA) and seqlen_q = seqlen_k = N. */
+typedef struct {
+  int32_t batch;
+  int32_t heads;    /* query heads */
+  int32_t heads_kv; /* key/value heads; divides heads */
+  int32_t seqlen_q; /* dense varlen: the longest sequence's */
+  int32_t seqlen_k;
+  int32_t head_dim; /* multiple of 8; <= 256 dense, <= 128 Longformer */
+  float softmax_scale; /* multiplies Q K^T */
+  int32_t dtype;       /* fk_dtype */
+  int32_t device;      /* CUDA device ordinal the pointers live on */
+} fk_attention_shape;
+
 /* What every attention call (dense and Longformer, forward and backward) shares: the
- * inputs Q, K, V and the strides of Q, K, V, O and LSE. The first member of each
- * attention parameter struct. */
+ * inputs Q, K, V, the strides of Q, K, V, O and LSE, and the problem's shape. The first
+ * member of each attention parameter struct. */
 typedef struct {
   const void *q;
   const void *k;
@@ -42,6 +56,7 @@ typedef struct {
   fk_strides v_stride;
   fk_strides o_stride;
   fk_strides lse_stride; /* batch and head only; also the backward's delta */
+  fk_attention_shape shape;
 } fk_attention_base;
 
 /* Sequence layout shared by the dense attention forward and backward.
@@ -64,23 +79,13 @@ typedef struct {
  * zero gradients.
  * GQA / MQA: H is a multiple of H_kv; query head h reads K/V head h / (H / H_kv). */
 typedef struct {
-  fk_attention_base base; /* q, k, v and the q, k, v, o, lse strides */
+  fk_attention_base base; /* q, k, v, the q, k, v, o, lse strides, the shape */
   void *o;
   float *lse;
   const int32_t *cu_seqlens_q; /* NULL for dense batches */
   const int32_t *cu_seqlens_k; /* NULL iff cu_seqlens_q is NULL */
-
-  int32_t batch;
-  int32_t heads;    /* query heads */
-  int32_t heads_kv; /* key/value heads; divides heads */
-  int32_t seqlen_q; /* max over the batch for varlen */
-  int32_t seqlen_k;
-  int32_t head_dim; /* multiple of 8, <= 256 */
-  float softmax_scale;
-  int32_t window_left;  /* -1 = unbounded */
-  int32_t window_right; /* -1 = unbounded; causal callers pass 0 */
-  int32_t dtype;        /* fk_dtype */
-  int32_t device;       /* CUDA device ordinal the pointers live on */
+  int32_t window_left;         /* -1 = unbounded */
+  int32_t window_right;        /* -1 = unbounded; causal callers pass 0 */
 } fk_attention_fwd_params;
 
 /* Dense attention backward (FlashAttention-2 style: scores recomputed tile by tile).
@@ -90,7 +95,7 @@ typedef struct {
  * rowsum(dO * O). The result is deterministic: no atomics, every gradient row is
  * owned and summed by one thread block in a fixed order. */
 typedef struct {
-  fk_attention_base base; /* q, k, v and the q, k, v, o, lse (and delta) strides */
+  fk_attention_base base; /* q, k, v, the q, k, v, o, lse (and delta) strides, the shape */
   const void *o;
   const void *dout;
   const float *lse;
@@ -105,18 +110,8 @@ typedef struct {
   fk_strides dq_stride;
   fk_strides dk_stride;
   fk_strides dv_stride;
-
-  int32_t batch;
-  int32_t heads;
-  int32_t heads_kv;
-  int32_t seqlen_q;
-  int32_t seqlen_k;
-  int32_t head_dim;
-  float softmax_scale;
   int32_t window_left;
   int32_t window_right;
-  int32_t dtype;
-  int32_t device;
 } fk_attention_bwd_params;
 
 /* Head dims the dense kernels are compiled for (every multiple of 8 up to 256). */

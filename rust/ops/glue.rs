@@ -49,6 +49,17 @@ pub(crate) fn dtype_arg(d: DType) -> i32 {
     }
 }
 
+/// A size as a kernel's `int32_t` parameter, or `Error::TooLarge` naming it: never a
+/// wrapped value (the ops check their kernels' tighter limits first; this is the last
+/// guard against an `as` cast that would wrap).
+pub(crate) fn i32_arg(what: &str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::TooLarge {
+        what: what.into(),
+        value: u64::try_from(value).unwrap_or(u64::MAX),
+        limit: i32::MAX as u64,
+    })
+}
+
 /// Checks an output view's dtype and logical shape (any strides).
 pub(crate) fn check_out(
     name: &str,

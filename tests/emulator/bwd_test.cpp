@@ -137,8 +137,9 @@ int api_checks() {
   p.lse = reinterpret_cast<float *>(dummy);
   p.dq = p.dk = p.dv = dummy;
   p.delta = reinterpret_cast<float *>(dummy);
-  p.batch = 1, p.heads = 2, p.heads_kv = 1, p.seqlen_q = 1, p.seqlen_k = 1, p.head_dim = 64;
-  p.window_left = -1, p.window_right = -1, p.dtype = FK_DTYPE_F16;
+  fk_attention_shape &ps = p.base.shape;
+  ps.batch = 1, ps.heads = 2, ps.heads_kv = 1, ps.seqlen_q = 1, ps.seqlen_k = 1, ps.head_dim = 64;
+  p.window_left = -1, p.window_right = -1, ps.dtype = FK_DTYPE_F16;
   auto expect = [&](const char *what, fk_attention_bwd_params q) {
     const int launches0 = fk::g_emu_launches;
     const int rc = fk_attention_bwd(&q, nullptr);
@@ -147,18 +148,18 @@ int api_checks() {
       ++bad;
     }
   };
-  auto q = p; q.heads = 3; q.heads_kv = 2; expect("heads % heads_kv", q);
-  q = p; q.head_dim = 12; expect("head_dim 12", q);
-  q = p; q.head_dim = 264; expect("head_dim 264", q);
-  q = p; q.head_dim = 0; expect("head_dim 0", q);
-  q = p; q.batch = 0; expect("batch 0", q);
-  q = p; q.heads_kv = 0; expect("heads_kv 0", q);
+  auto q = p; q.base.shape.heads = 3; q.base.shape.heads_kv = 2; expect("heads % heads_kv", q);
+  q = p; q.base.shape.head_dim = 12; expect("head_dim 12", q);
+  q = p; q.base.shape.head_dim = 264; expect("head_dim 264", q);
+  q = p; q.base.shape.head_dim = 0; expect("head_dim 0", q);
+  q = p; q.base.shape.batch = 0; expect("batch 0", q);
+  q = p; q.base.shape.heads_kv = 0; expect("heads_kv 0", q);
   q = p; q.dq = nullptr; expect("null dq", q);
   q = p; q.delta = nullptr; expect("null delta", q);
   q = p; q.cu_seqlens_q = dummy; expect("cu_seqlens_q without cu_seqlens_k", q);
   q = p; q.window_left = -2; expect("window_left -2", q);
-  q = p; q.dtype = 7; expect("dtype 7", q);
-  q = p; q.seqlen_q = -1; expect("seqlen_q -1", q);
+  q = p; q.base.shape.dtype = 7; expect("dtype 7", q);
+  q = p; q.base.shape.seqlen_q = -1; expect("seqlen_q -1", q);
   if (fk_attention_bwd(nullptr, nullptr) != cudaErrorInvalidValue) {
     printf("api null params  <-- BAD\n");
     ++bad;

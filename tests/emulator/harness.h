@@ -201,11 +201,11 @@ void set_common(Params &q, const Problem<T> &p, const Lse &lse,
   q.base.k_stride.batch = p.K.bs, q.base.k_stride.row = p.K.rs, q.base.k_stride.head = p.K.hs;
   q.base.v_stride.batch = p.V.bs, q.base.v_stride.row = p.V.rs, q.base.v_stride.head = p.V.hs;
   q.base.lse_stride.batch = lse.bs, q.base.lse_stride.head = lse.hs;
-  q.batch = p.s.B, q.heads = p.c.H, q.heads_kv = p.c.Hkv;
-  q.seqlen_q = p.s.maxq, q.seqlen_k = p.s.maxk;
-  q.head_dim = p.c.D, q.softmax_scale = p.scale;
+  q.base.shape.batch = p.s.B, q.base.shape.heads = p.c.H, q.base.shape.heads_kv = p.c.Hkv;
+  q.base.shape.seqlen_q = p.s.maxq, q.base.shape.seqlen_k = p.s.maxk;
+  q.base.shape.head_dim = p.c.D, q.base.shape.softmax_scale = p.scale;
   q.window_left = p.c.wl, q.window_right = p.c.wr;
-  q.dtype = p.c.dtype, q.device = 0;
+  q.base.shape.dtype = p.c.dtype, q.base.shape.device = 0;
 }
 
 // Runs the forward through the C entry point into O and lse (poisoned beforehand).

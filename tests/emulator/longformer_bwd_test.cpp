@@ -322,11 +322,13 @@ template <typename T> void lfb_case(const BCase &lc, Report &r) {
 
   fk_longformer_bwd_params base{};
   fk_longformer_common &cm = base.c;
-  cm.batch = B, cm.seqlen = N, cm.heads = H, cm.head_dim = D, cm.window = lc.window;
+  fk_attention_shape &sh = base.base.shape;
+  sh.batch = B, sh.seqlen_q = sh.seqlen_k = N, sh.heads = sh.heads_kv = H, sh.head_dim = D;
+  cm.window = lc.window;
   cm.causal = lc.causal, cm.dilation = d_dil.data();
   cm.global_mask = d_glob.data(), cm.padding_mask = d_pad.data();
   cm.head_class = d_head_class.data(), cm.num_classes = C;
-  cm.softmax_scale = p.scale, cm.dtype = lc.dtype, cm.device = 0;
+  sh.softmax_scale = p.scale, sh.dtype = lc.dtype, sh.device = 0;
   base.o = O.data.data(), base.dout = p.dO.data.data();
   base.lse = lse.data.data(), base.delta = delta.data.data();
   base.base.o_stride.batch = O.bs, base.base.o_stride.row = O.rs, base.base.o_stride.head = O.hs;
@@ -505,10 +507,12 @@ int api_checks() {
   p.dq = p.dk = p.dv = dummy;
   p.lse = reinterpret_cast<float *>(dummy);
   p.delta = reinterpret_cast<float *>(dummy);
-  p.c.batch = 1, p.c.seqlen = 1, p.c.heads = 1, p.c.head_dim = 64, p.c.window = 1;
+  fk_attention_shape &ps = p.base.shape;
+  ps.batch = 1, ps.seqlen_q = ps.seqlen_k = 1, ps.heads = ps.heads_kv = 1, ps.head_dim = 64;
+  p.c.window = 1;
   p.c.dilation = one, p.c.head_class = zeros, p.c.num_classes = 1;
-  p.c.tile_offsets = zeros, p.c.tile_ids = zeros, p.c.dtype = FK_DTYPE_F16;
-  p.c.softmax_scale = 1.f;
+  p.c.tile_offsets = zeros, p.c.tile_ids = zeros, p.base.shape.dtype = FK_DTYPE_F16;
+  p.base.shape.softmax_scale = 1.f;
   using Fn = int32_t (*)(const fk_longformer_bwd_params *, void *);
   auto expect = [&](const char *what, Fn fn, fk_longformer_bwd_params q, int want) {
     const int launches0 = fk::g_emu_launches;
@@ -529,11 +533,13 @@ int api_checks() {
   q = p; q.c.pass = FK_LONGFORMER_GLOBAL_ROWS; expect("dq GLOBAL_ROWS no q_rows", dq, q, E);
   q = p; q.c.pass = FK_LONGFORMER_GLOBAL_COLS; expect("dkdv GLOBAL_COLS no k_rows", dkdv, q, E);
   q = p; q.c.pass = FK_LONGFORMER_GLOBAL_ROWS; expect("dkdv GLOBAL_ROWS no q_rows", dkdv, q, E);
-  q = p; q.c.head_dim = 136; expect("head_dim 136", dq, q, E);
-  q = p; q.c.head_dim = 12; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("head_dim 12", dkdv, q, E);
-  q = p; q.c.dtype = 9; expect("dtype 9", dl, q, E);
-  q = p; q.c.batch = 0; expect("batch 0", dl, q, E);
-  q = p; q.c.heads = 0; expect("heads 0", dq, q, E);
+  q = p; q.base.shape.head_dim = 136; expect("head_dim 136", dq, q, E);
+  q = p; q.base.shape.head_dim = 12; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("head_dim 12", dkdv, q, E);
+  q = p; q.base.shape.dtype = 9; expect("dtype 9", dl, q, E);
+  q = p; q.base.shape.batch = 0; expect("batch 0", dl, q, E);
+  q = p; q.base.shape.heads = q.base.shape.heads_kv = 0; expect("heads 0", dq, q, E);
+  q = p; q.base.shape.heads = 2; expect("heads_kv != heads (GQA)", dq, q, E);
+  q = p; q.base.shape.seqlen_k = 2; expect("seqlen_k != seqlen_q", dkdv, q, E);
   q = p; q.c.window = -1; expect("window -1", dq, q, E);
   q = p; q.c.num_classes = 0; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("num_classes 0", dkdv, q, E);
   q = p; q.c.tile_ids = nullptr; expect("null tile_ids", dq, q, E);
@@ -543,7 +549,7 @@ int api_checks() {
   q = p; q.o = nullptr; expect("delta null o", dl, q, E);
   q = p; q.delta = nullptr; expect("null delta", dq, q, E);
   q = p; q.lse = nullptr; expect("null lse", dkdv, q, E);
-  q = p; q.c.seqlen = -1; expect("seqlen -1", dl, q, E);
+  q = p; q.base.shape.seqlen_q = q.base.shape.seqlen_k = -1; expect("seqlen -1", dl, q, E);
   // Splits: >= 1; > 1 only for dq GLOBAL_ROWS and dkdv GLOBAL_COLS, with the workspace,
   // and grids that fit. Packed keys (dq LOCAL with k_rows): at least one entry.
   static float work[16];
@@ -564,12 +570,14 @@ int api_checks() {
   q = p; q.num_splits = 1 << 30; q.partial = work; q.c.pass = FK_LONGFORMER_GLOBAL_ROWS;
   q.c.q_rows = rows1, q.c.q_rows_per_seq = 129; expect("dq split grid x overflow", dq, q, E);
   q = p; q.num_splits = 2; q.partial = work; q.c.pass = FK_LONGFORMER_GLOBAL_COLS;
-  q.c.heads = 60000, q.c.k_rows = rows1, q.c.k_rows_per_seq = 1 << 20;
+  q.base.shape.heads = q.base.shape.heads_kv = 60000;
+  q.c.k_rows = rows1, q.c.k_rows_per_seq = 1 << 20;
   expect("dkdv reduce grid overflow", dkdv, q, E);
   q = p; q.c.k_rows = rows1, q.c.k_rows_per_seq = 0; expect("dq LOCAL k_rows per_seq 0", dq, q, E);
-  q = p; q.c.seqlen = 0; expect("seqlen 0 delta", dl, q, 0);
-  q = p; q.c.seqlen = 0; expect("seqlen 0 dq", dq, q, 0);
-  q = p; q.c.seqlen = 0; q.c.pass = FK_LONGFORMER_LOCAL_BAND; expect("seqlen 0 dkdv", dkdv, q, 0);
+  q = p; q.base.shape.seqlen_q = q.base.shape.seqlen_k = 0; expect("seqlen 0 delta", dl, q, 0);
+  q = p; q.base.shape.seqlen_q = q.base.shape.seqlen_k = 0; expect("seqlen 0 dq", dq, q, 0);
+  q = p; q.base.shape.seqlen_q = q.base.shape.seqlen_k = 0; q.c.pass = FK_LONGFORMER_LOCAL_BAND;
+  expect("seqlen 0 dkdv", dkdv, q, 0);
   if (dq(nullptr, nullptr) != E || dkdv(nullptr, nullptr) != E || dl(nullptr, nullptr) != E) {
     printf("api null params  <-- BAD\n");
     ++bad;

@@ -271,7 +271,9 @@ int run_pass(int pass, const LCase &lc, const Rule &rule, const Problem<T> &p, c
   q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
   q.base.lse_stride.batch = lse.bs, q.base.lse_stride.head = lse.hs;
   fk_longformer_common &c = q.c;
-  c.batch = lc.B, c.seqlen = lc.N, c.heads = lc.H, c.head_dim = lc.D;
+  fk_attention_shape &sh = q.base.shape;
+  sh.batch = lc.B, sh.seqlen_q = sh.seqlen_k = lc.N, sh.heads = sh.heads_kv = lc.H;
+  sh.head_dim = lc.D;
   c.window = lc.window, c.causal = lc.causal;
   // Every list the kernels read is its own exact allocation, as the host uploads it.
   const emu::DeviceArray<int32_t> d_dil(dil), d_q_rows(pl.q_rows), d_k_rows(pl.k_rows);
@@ -296,7 +298,7 @@ int run_pass(int pass, const LCase &lc, const Rule &rule, const Problem<T> &p, c
   c.head_class = d_class.data(), c.num_classes = pl.C;
   static const int32_t no_tile = 0; // an empty list still needs a pointer
   c.tile_offsets = d_offs.data(), c.tile_ids = pl.ids.empty() ? &no_tile : d_ids.data();
-  c.softmax_scale = p.scale, c.dtype = lc.dtype, c.device = 0;
+  sh.softmax_scale = p.scale, sh.dtype = lc.dtype, sh.device = 0;
   return fk_longformer_fwd(&q, nullptr);
 }
 
@@ -388,9 +390,11 @@ static void api_checks(Report &r) {
   auto base = [&] {
     fk_longformer_fwd_params q{};
     q.base.q = q.base.k = q.base.v = buf, q.o = buf, q.lse = lse_buf;
-    q.c.batch = 1, q.c.seqlen = 0, q.c.heads = 1, q.c.head_dim = 8, q.c.window = 1;
+    fk_attention_shape &s = q.base.shape;
+    s.batch = 1, s.seqlen_q = s.seqlen_k = 0, s.heads = s.heads_kv = 1, s.head_dim = 8;
+    q.c.window = 1;
     q.c.dilation = &one, q.c.head_class = &zero, q.c.num_classes = 1;
-    q.c.tile_offsets = offs, q.c.tile_ids = &zero, q.c.dtype = FK_DTYPE_F16;
+    q.c.tile_offsets = offs, q.c.tile_ids = &zero, q.base.shape.dtype = FK_DTYPE_F16;
     q.c.pass = FK_LONGFORMER_LOCAL;
     q.num_splits = 1;
     return q;
@@ -425,7 +429,9 @@ static void api_checks(Report &r) {
        [](fk_longformer_fwd_params &q) { q.c.pass = FK_LONGFORMER_GLOBAL_COLS; }, bad},
       {"pass -1", [](fk_longformer_fwd_params &q) { q.c.pass = -1; }, bad},
       {"pass 4", [](fk_longformer_fwd_params &q) { q.c.pass = 4; }, bad},
-      {"head_dim 12", [](fk_longformer_fwd_params &q) { q.c.head_dim = 12; }, bad},
+      {"head_dim 12", [](fk_longformer_fwd_params &q) { q.base.shape.head_dim = 12; }, bad},
+      {"heads_kv != heads (GQA)", [](fk_longformer_fwd_params &q) { q.base.shape.heads = 2; }, bad},
+      {"seqlen_k != seqlen_q", [](fk_longformer_fwd_params &q) { q.base.shape.seqlen_k = 1; }, bad},
       {"tile_ids NULL", [](fk_longformer_fwd_params &q) { q.c.tile_ids = nullptr; }, bad},
       {"num_splits 0", [](fk_longformer_fwd_params &q) { q.num_splits = 0; }, bad},
       {"num_splits -1", [](fk_longformer_fwd_params &q) { q.num_splits = -1; }, bad},

@@ -40,17 +40,24 @@ inline bool check_window(int32_t &window_left, int32_t &window_right, int32_t se
   return true;
 }
 
-// Dense sequence layout, heads, head dim and dtype (forward and backward params alike).
-template <class Params> bool check_dense_shape(const Params &p) {
-  return p.batch > 0 && p.heads > 0 && p.heads_kv > 0 && p.heads % p.heads_kv == 0 &&
-         p.seqlen_q >= 0 && p.seqlen_k >= 0 && head_dim_ok(p.head_dim, kDenseMaxHeadDim) &&
-         (p.cu_seqlens_q == nullptr) == (p.cu_seqlens_k == nullptr) && dtype_ok(p.dtype);
+// The shape every attention entry reads (fk_attention_shape): sizes, GQA grouping, head dim
+// (up to the op's max_head_dim), dtype.
+inline bool check_shape(const fk_attention_shape &s, int32_t max_head_dim) {
+  return s.batch > 0 && s.heads > 0 && s.heads_kv > 0 && s.heads % s.heads_kv == 0 &&
+         s.seqlen_q >= 0 && s.seqlen_k >= 0 && head_dim_ok(s.head_dim, max_head_dim) &&
+         dtype_ok(s.dtype);
 }
 
-// The fields every Longformer entry reads: shapes (N < 2^30), head dim, dtype.
-inline bool check_longformer_shape(const fk_longformer_common &c) {
-  return c.batch > 0 && c.heads > 0 && c.seqlen >= 0 && c.seqlen < (1 << 30) &&
-         head_dim_ok(c.head_dim, kLongformerMaxHeadDim) && dtype_ok(c.dtype);
+// Dense: the shape, and the sequence layout (forward and backward params alike).
+template <class Params> bool check_dense_shape(const Params &p) {
+  return check_shape(p.base.shape, kDenseMaxHeadDim) &&
+         (p.cu_seqlens_q == nullptr) == (p.cu_seqlens_k == nullptr);
+}
+
+// Longformer: the shape, with no GQA and one length N < 2^30 for queries and keys.
+inline bool check_longformer_shape(const fk_attention_shape &s) {
+  return check_shape(s, kLongformerMaxHeadDim) && s.heads_kv == s.heads &&
+         s.seqlen_k == s.seqlen_q && s.seqlen_q < (1 << 30);
 }
 
 // What THE RULE and the host's work list need, in every pass.
@@ -73,13 +80,14 @@ inline bool check_longformer_rows(const fk_longformer_common &c) {
 // Splits (num_splits >= 1; > 1 only for `split_pass`, with its workspace): the split grid's
 // x (outer tiles of `block` gathered rows, times splits) and the grid of the combine /
 // reduce kernel that follows (4 warps per block, one per listed row) must fit.
-inline bool check_splits(int32_t num_splits, const fk_longformer_common &c, int32_t split_pass,
-                         bool workspace, int32_t per_seq, int32_t block) {
+inline bool check_splits(int32_t num_splits, const fk_attention_shape &s,
+                         const fk_longformer_common &c, int32_t split_pass, bool workspace,
+                         int32_t per_seq, int32_t block) {
   if (num_splits < 1) return false;
   if (num_splits == 1) return true;
   if (c.pass != split_pass || !workspace) return false;
   const int64_t outer = (int64_t(per_seq) + block - 1) / block;
-  return outer * num_splits <= INT32_MAX && int64_t(c.batch) * c.heads * per_seq / 4 < INT32_MAX;
+  return outer * num_splits <= INT32_MAX && int64_t(s.batch) * s.heads * per_seq / 4 < INT32_MAX;
 }
 
 } // namespace check

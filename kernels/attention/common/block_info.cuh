@@ -36,8 +36,8 @@ struct SeqInfo {
     } else {
       q_start = 0;
       k_start = 0;
-      nq = p.seqlen_q;
-      nk = p.seqlen_k;
+      nq = p.base.shape.seqlen_q;
+      nk = p.base.shape.seqlen_k;
     }
   }
   // Element offset of row 0 of this sequence, head `head`, of a Q-like tensor.

@@ -88,9 +88,10 @@ struct LongformerRule {
   const uint8_t *glob; // this sequence's (N) masks, or nullptr
   const uint8_t *pad;
 
-  // The rule of every pass; pair() takes the pass.
-  __device__ __forceinline__ LongformerRule(const fk_longformer_common &c, int b, int h) {
-    n = c.seqlen;
+  // The rule of every pass; pair() takes the pass. n_tokens: N (base.shape.seqlen_q).
+  __device__ __forceinline__ LongformerRule(const fk_longformer_common &c, int n_tokens, int b,
+                                            int h) {
+    n = n_tokens;
     dil = min(c.dilation[h], max(n, 1));
     reach = int64_t(min(c.window, n)) * dil;
     causal = c.causal != 0;
@@ -101,9 +102,10 @@ struct LongformerRule {
   // no key is global) and a band that holds every pair (d = 1, reach N), which leaves
   // GLOBAL_ROWS' rule. (Clipping w and d to N changes no key and keeps w * d far from
   // overflow.)
-  static __device__ __forceinline__ LongformerRule local_form(const fk_longformer_common &c, int b,
-                                                              int h, bool rows_pass) {
-    const int n = c.seqlen;
+  static __device__ __forceinline__ LongformerRule local_form(const fk_longformer_common &c,
+                                                              int n_tokens, int b, int h,
+                                                              bool rows_pass) {
+    const int n = n_tokens;
     const uint8_t *glob = rows_pass       ? nullptr
                           : c.global_mask ? c.global_mask + int64_t(b) * n
                                           : nullptr;

@@ -10,8 +10,8 @@ use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::ops::glue::{
-    borrowed, bsh, check_grid_and_views, check_out_rows, check_same_device, dtype_arg, lse_strides,
-    order_after,
+    borrowed, bsh, check_grid_and_views, check_out_rows, check_same_device, dtype_arg, i32_arg,
+    lse_strides, order_after,
 };
 use crate::tensor::{DType, Layout};
 
@@ -34,8 +34,10 @@ pub fn check_kernel_support(
             supported: "the CUDA kernel takes float16 or bfloat16",
         });
     }
+    // A head dim beyond i32 is no multiple of 8 up to 256 either (and must not wrap).
+    let head_dim = i32::try_from(p.head_dim).unwrap_or(0);
     // SAFETY: a pure function of its argument.
-    if unsafe { ffi::fk_attention_supports_head_dim(p.head_dim as i32) } == 0 {
+    if unsafe { ffi::fk_attention_supports_head_dim(head_dim) } == 0 {
         return Err(Error::Unsupported(format!(
             "head_dim {} (the CUDA kernels take multiples of 8 up to 256)",
             p.head_dim
@@ -193,11 +195,13 @@ fn upload_seqlens(p: &AttentionProblem, stream: &Stream) -> Result<DeviceSeqLens
 }
 
 /// The part of every attention kernel's parameters that Q, K, V, O and LSE give: the
-/// Q, K, V pointers and the Q, K, V, O, LSE strides (dense and Longformer alike).
+/// Q, K, V pointers and the Q, K, V, O, LSE strides (dense and Longformer alike), and
+/// the problem's shape (`attention_shape`).
 pub(crate) fn attention_base(
     [q, k, v]: [&DeviceView; 3],
     out: &DeviceView,
     lse: &DeviceView,
+    shape: ffi::fk_attention_shape,
 ) -> ffi::fk_attention_base {
     ffi::fk_attention_base {
         q: q.ptr as *const c_void,
@@ -208,7 +212,50 @@ pub(crate) fn attention_base(
         v_stride: bsh(&v.layout),
         o_stride: bsh(&out.layout),
         lse_stride: lse_strides(&lse.layout),
+        shape,
     }
+}
+
+/// Sizes of an attention call as the kernels take them (`fk_attention_shape`):
+/// `[batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim]` (Longformer: heads_kv =
+/// heads, seqlen_k = seqlen_q = N). The ops check their kernels' limits before; a size
+/// that does not fit an i32 is still `Error::TooLarge` here, never a wrapped value.
+pub(crate) fn attention_shape(
+    sizes: [usize; 6],
+    softmax_scale: f32,
+    dtype: DType,
+    device: usize,
+) -> Result<ffi::fk_attention_shape> {
+    let names = [
+        "batch", "heads", "heads_kv", "seqlen_q", "seqlen_k", "head_dim",
+    ];
+    let mut v = [0i32; 6];
+    for ((out, value), what) in v.iter_mut().zip(sizes).zip(names) {
+        *out = i32_arg(what, value)?;
+    }
+    Ok(ffi::fk_attention_shape {
+        batch: v[0],
+        heads: v[1],
+        heads_kv: v[2],
+        seqlen_q: v[3],
+        seqlen_k: v[4],
+        head_dim: v[5],
+        softmax_scale,
+        dtype: dtype_arg(dtype),
+        device: i32_arg("device", device)?,
+    })
+}
+
+/// The shape of a dense problem on `device`.
+fn dense_shape(p: &AttentionProblem, device: usize) -> Result<ffi::fk_attention_shape> {
+    attention_shape(
+        [
+            p.batch, p.heads, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim,
+        ],
+        p.scale,
+        p.dtype,
+        device,
+    )
 }
 
 /// Checks the output views against the problem, then launches the forward on the
@@ -228,22 +275,13 @@ pub(crate) unsafe fn launch_forward(
     let stream = &stream()?;
     let seqs = upload_seqlens(p, stream)?;
     let params = ffi::fk_attention_fwd_params {
-        base: attention_base([q, k, v], out, lse),
+        base: attention_base([q, k, v], out, lse, dense_shape(p, q.device)?),
         o: out.ptr as *mut c_void,
         lse: lse.ptr as *mut f32,
         cu_seqlens_q: seqs.q,
         cu_seqlens_k: seqs.k,
-        batch: p.batch as i32,
-        heads: p.heads as i32,
-        heads_kv: p.heads_kv as i32,
-        seqlen_q: p.seqlen_q as i32,
-        seqlen_k: p.seqlen_k as i32,
-        head_dim: p.head_dim as i32,
-        softmax_scale: p.scale,
         window_left: window_arg(p.window_left),
         window_right: window_arg(p.window_right),
-        dtype: dtype_arg(p.dtype),
-        device: q.device as i32,
     };
     // SAFETY: params were validated above; the caller vouches for the memory.
     let code = unsafe { ffi::fk_attention_fwd(&params, stream.raw()) };
@@ -359,7 +397,7 @@ pub(crate) unsafe fn launch_backward(
     let delta = unsafe { DeviceBuffer::alloc_elems::<f32>(stream, lse_len)? };
     let delta_ptr = delta.ptr();
     let params = ffi::fk_attention_bwd_params {
-        base: attention_base([q, k, v], out, lse),
+        base: attention_base([q, k, v], out, lse, dense_shape(p, q.device)?),
         o: out.ptr as *const c_void,
         dout: dout.ptr as *const c_void,
         lse: lse.ptr as *const f32,
@@ -373,17 +411,8 @@ pub(crate) unsafe fn launch_backward(
         dq_stride: bsh(&dq.layout),
         dk_stride: bsh(&dk.layout),
         dv_stride: bsh(&dv.layout),
-        batch: p.batch as i32,
-        heads: p.heads as i32,
-        heads_kv: p.heads_kv as i32,
-        seqlen_q: p.seqlen_q as i32,
-        seqlen_k: p.seqlen_k as i32,
-        head_dim: p.head_dim as i32,
-        softmax_scale: p.scale,
         window_left: window_arg(p.window_left),
         window_right: window_arg(p.window_right),
-        dtype: dtype_arg(p.dtype),
-        device: q.device as i32,
     };
     // SAFETY: params were validated above; the caller vouches for the memory.
     let code = unsafe { ffi::fk_attention_bwd(&params, stream.raw()) };

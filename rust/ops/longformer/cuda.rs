@@ -14,9 +14,9 @@ use super::{
 use crate::device::{memset_async, DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::ops::attention::cuda::attention_base;
+use crate::ops::attention::cuda::{attention_base, attention_shape};
 use crate::ops::glue::{
-    borrowed, bsh, check_contiguous, check_grid_and_views, check_out_rows, dtype_arg, order_after,
+    borrowed, bsh, check_contiguous, check_grid_and_views, check_out_rows, order_after,
 };
 use crate::tensor::{DType, Layout};
 
@@ -119,21 +119,26 @@ struct PassArgs {
     list: (Slot, Slot),
 }
 
+/// The shape of a Longformer problem on `device` (no GQA; N queries and N keys).
+fn longformer_shape(p: &LongformerProblem, device: usize) -> Result<ffi::fk_attention_shape> {
+    attention_shape(
+        [p.batch, p.heads, p.heads, p.seqlen, p.seqlen, p.head_dim],
+        p.scale,
+        p.dtype,
+        device,
+    )
+}
+
 fn common(
     p: &LongformerProblem,
     s: &Schedule,
     sh: &Shared,
     up: &Uploaded,
     a: &PassArgs,
-    device: usize,
 ) -> ffi::fk_longformer_common {
     let per_seq = s.globals.as_ref().map_or(0, |g| g.per_seq) as i32;
     let rows = sh.global_rows.map_or(std::ptr::null(), |r| up.i32(r));
     ffi::fk_longformer_common {
-        batch: p.batch as i32,
-        seqlen: p.seqlen as i32,
-        heads: p.heads as i32,
-        head_dim: p.head_dim as i32,
         window: p.window.min(i32::MAX as usize) as i32,
         causal: p.causal as i32,
         dilation: up.i32(sh.dilation),
@@ -152,9 +157,6 @@ fn common(
         num_classes: if a.per_class { s.num_classes as i32 } else { 1 },
         tile_offsets: up.i32(a.list.0),
         tile_ids: up.i32(a.list.1),
-        softmax_scale: p.scale,
-        dtype: dtype_arg(p.dtype),
-        device: device as i32,
     }
 }
 
@@ -275,10 +277,11 @@ pub(crate) unsafe fn launch_forward(
         .as_ref()
         .map(|g| (plan.lists[1], plan.splits[1], g.per_seq));
 
+    let shape = longformer_shape(p, q.device)?;
     let params = |a: PassArgs, [q, k, v]: [&DeviceView; 3], split: (i32, u64, u64)| {
         ffi::fk_longformer_fwd_params {
-            base: attention_base([q, k, v], out, lse),
-            c: common(p, s, sh, &up, &a, q.device),
+            base: attention_base([q, k, v], out, lse, shape),
+            c: common(p, s, sh, &up, &a),
             o: out.ptr as *mut c_void,
             lse: lse.ptr as *mut f32,
             num_splits: split.0,
@@ -539,14 +542,15 @@ pub(crate) unsafe fn launch_backward(
         }
     }
 
+    let shape = longformer_shape(p, q.device)?;
     let params = |a: PassArgs,
                   [q, k, v]: [&DeviceView; 3],
                   [dq, dk, dv]: [&DeviceView; 3],
                   accumulate: bool,
                   splits: usize| {
         ffi::fk_longformer_bwd_params {
-            base: attention_base([q, k, v], vw.out, vw.lse),
-            c: common(p, s, sh, &up, &a, q.device),
+            base: attention_base([q, k, v], vw.out, vw.lse, shape),
+            c: common(p, s, sh, &up, &a),
             o: vw.out.ptr as *const c_void,
             dout: vw.dout.ptr as *const c_void,
             lse: vw.lse.ptr as *const f32,

@@ -88,7 +88,7 @@ static int global_overread() {
   q.base.q = p.Q.data.data(), q.base.k = p.K.data.data(), q.base.v = p.V.data.data();
   q.o = O.data.data(), q.lse = lse.data.data();
   set_common(q, p, lse, cuq, cuk);
-  q.seqlen_k = 41;
+  q.base.shape.seqlen_k = 41;
   q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
   return fk_attention_fwd(&q, nullptr);
 }
