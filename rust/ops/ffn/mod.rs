@@ -14,6 +14,8 @@ use crate::ops::common::{f64_data, host_out, mixed_devices};
 use crate::tensor::HostTensor;
 use crate::{OpTensor, Tensor, TensorRef};
 
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+pub(crate) mod cuda;
 pub mod problem;
 pub mod reference;
 
@@ -121,7 +123,7 @@ pub struct FfnGradients<T> {
 enum Placed<'a> {
     Host(Vec<Option<&'a HostTensor>>),
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    Device,
+    Device(Vec<Option<&'a crate::DeviceTensor>>),
 }
 
 fn place<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>> {
@@ -139,7 +141,14 @@ fn place<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>>
     }
     #[cfg(any(feature = "cuda", feature = "emulator"))]
     if given.iter().all(|(_, t)| matches!(t, TensorRef::Cuda(_))) {
-        return Ok(Placed::Device);
+        return Ok(Placed::Device(
+            ts.iter()
+                .map(|(_, t)| match t {
+                    Some(TensorRef::Cuda(d)) => Some(*d),
+                    _ => None,
+                })
+                .collect(),
+        ));
     }
     Err(mixed_devices(&given))
 }
@@ -168,16 +177,17 @@ fn layouts<'a>(h: &[Option<&'a HostTensor>]) -> FfnLayouts<'a> {
 }
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
-fn device_not_built() -> crate::Error {
+fn no_backward_kernels() -> crate::Error {
     crate::Error::Unsupported(
-        "the feed-forward block on device tensors: its kernels are not written yet (issue 14); \
-         use host tensors (the CPU reference)"
+        "the feed-forward backward on device tensors: its kernels are not written yet \
+         (issue 14, item 3); use host tensors (the CPU reference)"
             .into(),
     )
 }
 
 /// Feed-forward forward. Host tensors run the CPU reference (f64, the hidden
-/// activation and y each rounded once to the dtype).
+/// activation and y each rounded once to the dtype); device tensors the CUDA kernels
+/// (f16 / bf16, widths multiples of 8: [`check_kernel_limits`]) on x's stream.
 pub fn forward<T: OpTensor>(i: &Inputs<'_, T>, opts: &FfnOptions) -> Result<FfnOutput<T>> {
     let o = match place(&refs(&i.named()))? {
         Placed::Host(h) => {
@@ -189,7 +199,13 @@ pub fn forward<T: OpTensor>(i: &Inputs<'_, T>, opts: &FfnOptions) -> Result<FfnO
             }
         }
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device => return Err(device_not_built()),
+        Placed::Device(d) => {
+            let o = cuda::forward(&d, opts, i.keep_hidden)?;
+            FfnOutput {
+                y: Tensor::Cuda(o.y),
+                hidden: o.hidden.map(Tensor::Cuda),
+            }
+        }
     };
     Ok(FfnOutput {
         y: T::from_output(o.y)?,
@@ -233,6 +249,7 @@ fn weights(v: &[Option<Vec<f64>>]) -> reference::FfnWeights<'_> {
 
 /// Feed-forward backward: dx, dW1, dW2 (dW3 when gated; db_i where b_i is given). Host
 /// tensors run the CPU reference (f64, each gradient rounded once to the dtype).
+/// Device tensors: `Error::Unsupported` (the backward kernels are not written yet).
 pub fn backward<T: OpTensor>(
     i: &BackwardInputs<'_, T>,
     opts: &FfnOptions,
@@ -248,7 +265,7 @@ pub fn backward<T: OpTensor>(
             map_grads(g, Tensor::Host)
         }
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device => return Err(device_not_built()),
+        Placed::Device(_) => return Err(no_backward_kernels()),
     };
     let f = T::from_output;
     Ok(FfnGradients {
