@@ -23,7 +23,7 @@ features=(--release --no-default-features --features emulator)
 start=$SECONDS
 cargo build "${features[@]}" --lib --bin flashkernels \
   --test gpu_attention_full --test gpu_longformer --test gpu_conv --test gpu_attention \
-  --test gpu_ffn --test errors --test errors_device --test errors_conv
+  --test gpu_ffn --test errors --test errors_device --test errors_conv --test limits_device
 echo "emulated crate built in $((SECONDS - start)) s"
 
 start=$SECONDS
@@ -34,7 +34,8 @@ else
   cargo test "${features[@]}" --test gpu_attention_full --test gpu_longformer --test gpu_conv \
     --test gpu_ffn -- --ignored smoke
 fi
-cargo test "${features[@]}" --lib --test errors --test errors_device --test errors_conv
+cargo test "${features[@]}" --lib --test errors --test errors_device --test errors_conv \
+  --test limits_device
 echo "GPU tests on the emulator ran in $((SECONDS - start)) s"
 
 start=$SECONDS

@@ -11,13 +11,28 @@ use crate::device::{DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::ops::glue::{
-    borrowed, check_contiguous, check_out, check_same_device, dtype_arg, order_after, workspace,
+    borrowed, check_contiguous, check_out, check_same_device, dtype_arg, i32_arg, order_after,
+    workspace,
 };
-use crate::tensor::Layout;
+use crate::tensor::{DType, Layout};
 
-/// Largest size any one dimension (and the GEMM extents N*P*Q, C/groups*R*S) may
-/// have: the kernels index with 32-bit integers.
+/// Largest size any one dimension may have: the kernels index with 32-bit integers.
 const MAX_DIM: u64 = i32::MAX as u64;
+/// Largest GEMM extent, M = N*P*Q and K_gemm = C/groups*R*S: the kernels form 32-bit
+/// row and column indices up to the next whole tile past it (128 rows, 64 columns) and
+/// pad K_gemm to a multiple of 8.
+const MAX_GEMM_EXTENT: u64 = (1 << 31) - 256;
+/// Largest padded input extent, H + 2 pad_h and W + 2 pad_w: window positions
+/// p*stride - pad + r*dil are 32-bit, and the implicit GEMM parks the rows past M at
+/// i32::MAX / 2, beyond every position (pooling: window ends and sizes likewise).
+const MAX_PADDED_EXTENT: u64 = 1 << 30;
+/// The f16 / bf16 GEMMs' grid: groups index grid z and 64-column tiles grid y (at most
+/// 65535 each): out_channels / groups columns forward, K_gemm columns backward.
+const MAX_GROUPS: u64 = 65_535;
+const MAX_GEMM_COLUMNS: u64 = 65_535 * 64;
+/// Elements of an im2col workspace (groups * M * K_gemm rounded up to 8): the C side
+/// sizes it in bytes (up to 6 per element backward) in an int64_t.
+const MAX_WORKSPACE_ELEMS: u64 = (i64::MAX / 8) as u64;
 
 fn activation_arg(a: Activation) -> i32 {
     (match a {
@@ -39,17 +54,59 @@ pub(crate) fn strides4(l: &Layout) -> [i64; 4] {
     [0, 1, 2, 3].map(|i| l.strides[i] as i64)
 }
 
-pub(crate) fn check_limits(what: &[(&str, usize)]) -> Result<()> {
-    for &(name, value) in what {
-        if value as u64 > MAX_DIM {
+/// The product of sizes, saturating at u64::MAX (which every limit refuses).
+pub(crate) fn product(sizes: &[usize]) -> u64 {
+    sizes
+        .iter()
+        .try_fold(1u64, |acc, &x| acc.checked_mul(x as u64))
+        .unwrap_or(u64::MAX)
+}
+
+/// `size + 2 * pad`, saturating.
+pub(crate) fn padded_extent(size: usize, pad: usize) -> u64 {
+    (pad as u64)
+        .checked_mul(2)
+        .and_then(|p| p.checked_add(size as u64))
+        .unwrap_or(u64::MAX)
+}
+
+/// Each (what, value, limit): `Error::TooLarge` for the first value above its limit.
+pub(crate) fn check_each(what: &[(&str, u64, u64)]) -> Result<()> {
+    for &(name, value, limit) in what {
+        if value > limit {
             return Err(Error::TooLarge {
                 what: name.into(),
-                value: value as u64,
-                limit: MAX_DIM,
+                value,
+                limit,
             });
         }
     }
     Ok(())
+}
+
+pub(crate) fn check_limits(what: &[(&str, usize)]) -> Result<()> {
+    let each: Vec<_> = what
+        .iter()
+        .map(|&(name, value)| (name, value as u64, MAX_DIM))
+        .collect();
+    check_each(&each)
+}
+
+/// Window positions of the convolution and pooling kernels: H + 2 pad_h and W + 2 pad_w
+/// within [`MAX_PADDED_EXTENT`].
+pub(crate) fn check_padded_extents(h: usize, w: usize, padding: [usize; 2]) -> Result<()> {
+    check_each(&[
+        (
+            "height + 2 * padding[0]",
+            padded_extent(h, padding[0]),
+            MAX_PADDED_EXTENT,
+        ),
+        (
+            "width + 2 * padding[1]",
+            padded_extent(w, padding[1]),
+            MAX_PADDED_EXTENT,
+        ),
+    ])
 }
 
 pub(crate) fn check_views(device: usize, views: &[(&'static str, &DeviceView)]) -> Result<()> {
@@ -66,12 +123,29 @@ pub(crate) fn check_views(device: usize, views: &[(&'static str, &DeviceView)]) 
     Ok(())
 }
 
-/// Checks what the kernels need beyond the op's semantics: dtype, sizes that fit
-/// their 32-bit indices, every view on `device`.
+/// Which direction a check is for: the backward's GEMMs have K_gemm columns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Checks what the kernels need beyond the op's semantics: sizes that fit their 32-bit
+/// indices, workspaces and grids (the f16 / bf16 GEMMs'; f32 runs direct kernels), every
+/// view on `device`.
 pub fn check_kernel_support(
     p: &Conv2dProblem,
     device: usize,
     views: &[(&'static str, &DeviceView)],
+) -> Result<()> {
+    check_support(p, device, views, Direction::Forward)
+}
+
+fn check_support(
+    p: &Conv2dProblem,
+    device: usize,
+    views: &[(&'static str, &DeviceView)],
+    direction: Direction,
 ) -> Result<()> {
     check_limits(&[
         ("batch", p.n),
@@ -79,12 +153,41 @@ pub fn check_kernel_support(
         ("height", p.h),
         ("width", p.w),
         ("out_channels", p.k),
-        ("batch * out_height * out_width", p.n * p.p * p.q),
+    ])?;
+    let m = product(&[p.n, p.p, p.q]);
+    let k_gemm = product(&[p.c / p.groups, p.r, p.s]);
+    check_each(&[
+        ("batch * out_height * out_width", m, MAX_GEMM_EXTENT),
         (
             "in_channels / groups * kernel_h * kernel_w",
-            p.c / p.groups * p.r * p.s,
+            k_gemm,
+            MAX_GEMM_EXTENT,
         ),
     ])?;
+    check_padded_extents(p.h, p.w, p.padding)?;
+    if matches!(p.dtype, DType::F16 | DType::BF16) {
+        let k_padded = k_gemm.div_ceil(8) * 8;
+        let workspace = m
+            .checked_mul(k_padded)
+            .and_then(|e| e.checked_mul(p.groups as u64))
+            .unwrap_or(u64::MAX);
+        check_each(&[
+            ("groups", p.groups as u64, MAX_GROUPS),
+            (
+                "out_channels / groups",
+                (p.k / p.groups) as u64,
+                MAX_GEMM_COLUMNS,
+            ),
+            ("im2col workspace elements", workspace, MAX_WORKSPACE_ELEMS),
+        ])?;
+        if direction == Direction::Backward {
+            check_each(&[(
+                "in_channels / groups * kernel_h * kernel_w (backward)",
+                k_gemm,
+                MAX_GEMM_COLUMNS,
+            )])?;
+        }
+    }
     check_views(device, views)
 }
 
@@ -95,25 +198,25 @@ pub struct Conv2dPlan {
     pub workspace_bytes: usize,
 }
 
-fn shape_arg(p: &Conv2dProblem) -> ffi::fk_conv2d_shape {
-    ffi::fk_conv2d_shape {
-        n: p.n as i32,
-        c: p.c as i32,
-        h: p.h as i32,
-        w: p.w as i32,
-        k: p.k as i32,
-        r: p.r as i32,
-        s: p.s as i32,
-        p: p.p as i32,
-        q: p.q as i32,
-        stride_h: p.stride[0] as i32,
-        stride_w: p.stride[1] as i32,
-        pad_h: p.padding[0] as i32,
-        pad_w: p.padding[1] as i32,
-        dil_h: p.dilation[0] as i32,
-        dil_w: p.dilation[1] as i32,
-        groups: p.groups as i32,
-    }
+fn shape_arg(p: &Conv2dProblem) -> Result<ffi::fk_conv2d_shape> {
+    Ok(ffi::fk_conv2d_shape {
+        n: i32_arg("batch", p.n)?,
+        c: i32_arg("channels", p.c)?,
+        h: i32_arg("height", p.h)?,
+        w: i32_arg("width", p.w)?,
+        k: i32_arg("out_channels", p.k)?,
+        r: i32_arg("kernel_h", p.r)?,
+        s: i32_arg("kernel_w", p.s)?,
+        p: i32_arg("out_height", p.p)?,
+        q: i32_arg("out_width", p.q)?,
+        stride_h: i32_arg("stride[0]", p.stride[0])?,
+        stride_w: i32_arg("stride[1]", p.stride[1])?,
+        pad_h: i32_arg("padding[0]", p.padding[0])?,
+        pad_w: i32_arg("padding[1]", p.padding[1])?,
+        dil_h: i32_arg("dilation[0]", p.dilation[0])?,
+        dil_w: i32_arg("dilation[1]", p.dilation[1])?,
+        groups: i32_arg("groups", p.groups)?,
+    })
 }
 
 /// Candidate algorithms: the forced one, or the implicit GEMM then im2col.
@@ -152,8 +255,8 @@ fn fwd_params(
     [x, w, y]: [&DeviceView; 3],
     bias: Option<&DeviceView>,
     y_pre: Option<&DeviceView>,
-) -> ffi::fk_conv2d_params {
-    ffi::fk_conv2d_params {
+) -> Result<ffi::fk_conv2d_params> {
+    Ok(ffi::fk_conv2d_params {
         x: x.ptr as *const c_void,
         weight: w.ptr as *const c_void,
         bias: bias.map_or(std::ptr::null(), |b| b.ptr as *const c_void),
@@ -163,12 +266,12 @@ fn fwd_params(
         x_strides: strides4(&x.layout),
         w_strides: strides4(&w.layout),
         y_strides: strides4(&y.layout),
-        shape: shape_arg(p),
+        shape: shape_arg(p)?,
         activation: activation_arg(p.activation),
         algo: 0,
         dtype: dtype_arg(p.dtype),
-        device: x.device as i32,
-    }
+        device: i32_arg("device", x.device)?,
+    })
 }
 
 /// Chooses the forward's algorithm (the implicit GEMM when `fk_conv2d_supports`
@@ -191,14 +294,16 @@ fn plan_params(p: &Conv2dProblem, params: &mut ffi::fk_conv2d_params) -> Result<
 }
 
 /// The plan of a forward call on these views (x, weight, y; bias and y_pre
-/// optional), after the kernel checks.
+/// optional), after the kernel checks (sizes beyond the kernels' limits are
+/// `Error::TooLarge` here, before any launch).
 pub fn plan(
     p: &Conv2dProblem,
     [x, w, y]: [&DeviceView; 3],
     bias: Option<&DeviceView>,
     y_pre: Option<&DeviceView>,
 ) -> Result<Conv2dPlan> {
-    let mut params = fwd_params(p, [x, w, y], bias, y_pre);
+    check_kernel_support(p, x.device, &[])?;
+    let mut params = fwd_params(p, [x, w, y], bias, y_pre)?;
     plan_params(p, &mut params)
 }
 
@@ -297,7 +402,7 @@ pub(crate) unsafe fn launch_forward(
         views.push(("y_pre", v));
     }
     check_kernel_support(p, x.device, &views)?;
-    let mut params = fwd_params(p, [x, w, y], bias, y_pre);
+    let mut params = fwd_params(p, [x, w, y], bias, y_pre)?;
     let plan = plan_params(p, &mut params)?;
     let stream = &stream()?;
     let ws = workspace(stream, plan.workspace_bytes)?;
@@ -387,7 +492,7 @@ pub(crate) unsafe fn launch_backward(
         check_contiguous("dbias", v, "must be contiguous")?;
         views.push(("dbias", v));
     }
-    check_kernel_support(p, x.device, &views)?;
+    check_support(p, x.device, &views, Direction::Backward)?;
     if dx.is_none() && dw.is_none() && db.is_none() {
         return Ok(());
     }
@@ -405,10 +510,10 @@ pub(crate) unsafe fn launch_backward(
         dy_strides: strides4(&dy.layout),
         dx_strides: dx.map_or(zero, |v| strides4(&v.layout)),
         dw_strides: dw.map_or(zero, |v| strides4(&v.layout)),
-        shape: shape_arg(p),
+        shape: shape_arg(p)?,
         algo: 0,
         dtype: dtype_arg(p.dtype),
-        device: x.device as i32,
+        device: i32_arg("device", x.device)?,
     };
     let mut bytes = None;
     for algo in candidates(p) {

@@ -9,8 +9,10 @@ use super::{
 use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::ops::conv::cuda::{check_limits, check_views, strides4};
-use crate::ops::glue::{borrowed, check_out, dtype_arg, order_after};
+use crate::ops::conv::cuda::{
+    check_each, check_limits, check_padded_extents, check_views, padded_extent, product, strides4,
+};
+use crate::ops::glue::{borrowed, check_out, dtype_arg, i32_arg, order_after};
 use crate::tensor::{DType, Layout};
 
 /// Max-pooling indices in device memory (contiguous int32, y's logical shape),
@@ -88,38 +90,59 @@ fn pool_params(
     x: &DeviceView,
     y: &DeviceView,
     indices: u64,
-) -> ffi::fk_pool2d_params {
-    ffi::fk_pool2d_params {
+) -> Result<ffi::fk_pool2d_params> {
+    Ok(ffi::fk_pool2d_params {
         x: x.ptr as *const c_void,
         y: y.ptr as *mut c_void,
         indices: indices as *mut i32,
         x_strides: strides4(&x.layout),
         y_strides: strides4(&y.layout),
-        n: p.n as i32,
-        c: p.c as i32,
-        h: p.h as i32,
-        w: p.w as i32,
-        p: p.p as i32,
-        q: p.q as i32,
-        kernel_h: p.kernel[0] as i32,
-        kernel_w: p.kernel[1] as i32,
-        stride_h: p.stride[0] as i32,
-        stride_w: p.stride[1] as i32,
-        pad_h: p.padding[0] as i32,
-        pad_w: p.padding[1] as i32,
-        dil_h: p.dilation[0] as i32,
-        dil_w: p.dilation[1] as i32,
+        n: i32_arg("batch", p.n)?,
+        c: i32_arg("channels", p.c)?,
+        h: i32_arg("height", p.h)?,
+        w: i32_arg("width", p.w)?,
+        p: i32_arg("out_height", p.p)?,
+        q: i32_arg("out_width", p.q)?,
+        kernel_h: i32_arg("kernel_size[0]", p.kernel[0])?,
+        kernel_w: i32_arg("kernel_size[1]", p.kernel[1])?,
+        stride_h: i32_arg("stride[0]", p.stride[0])?,
+        stride_w: i32_arg("stride[1]", p.stride[1])?,
+        pad_h: i32_arg("padding[0]", p.padding[0])?,
+        pad_w: i32_arg("padding[1]", p.padding[1])?,
+        dil_h: i32_arg("dilation[0]", p.dilation[0])?,
+        dil_w: i32_arg("dilation[1]", p.dilation[1])?,
         count_include_pad: p.count_include_pad as i32,
         divisor: p
             .divisor_override
-            .map_or(0, |d| d.min(i32::MAX as usize) as i32),
+            .map_or(Ok(0), |d| i32_arg("divisor_override", d))?,
         kind: (match p.kind {
             PoolKind::Max => ffi::fk_pool_kind_FK_POOL_MAX,
             PoolKind::Avg => ffi::fk_pool_kind_FK_POOL_AVG,
         }) as i32,
         dtype: dtype_arg(p.dtype),
-        device: x.device as i32,
+        device: i32_arg("device", x.device)?,
+    })
+}
+
+/// The sizes the pooling kernels' 32-bit arithmetic needs: planes, padded extents
+/// (window positions, [`check_padded_extents`]) and, for average pooling, the window's
+/// area clipped to the padded input (its divisor).
+pub fn check_pool_limits(p: &Pool2dProblem) -> Result<()> {
+    check_limits(&[("batch", p.n), ("channels", p.c)])?;
+    let max = i32::MAX as u64;
+    check_each(&[
+        ("height * width", product(&[p.h, p.w]), max),
+        ("out_height * out_width", product(&[p.p, p.q]), max),
+    ])?;
+    check_padded_extents(p.h, p.w, p.padding)?;
+    if p.kind == PoolKind::Avg {
+        // Both padded extents are at most 2^30 here, so the product cannot overflow.
+        let clipped = |k: usize, size: usize, pad: usize| (k as u64).min(padded_extent(size, pad));
+        let area =
+            clipped(p.kernel[0], p.h, p.padding[0]) * clipped(p.kernel[1], p.w, p.padding[1]);
+        check_each(&[("average pooling window area", area, max)])?;
     }
+    Ok(())
 }
 
 /// Checks a pooling call's views: y (or dy) of y's shape, x (or dx) of x's, sizes,
@@ -133,12 +156,7 @@ fn check_pool(
 ) -> Result<u64> {
     check_out(xname, x, p.dtype, &p.x_shape())?;
     check_out(yname, y, p.dtype, &p.y_shape())?;
-    check_limits(&[
-        ("batch", p.n),
-        ("channels", p.c),
-        ("height * width", p.h * p.w),
-        ("out_height * out_width", p.p * p.q),
-    ])?;
+    check_pool_limits(p)?;
     check_views(x.device, &[(xname, x), (yname, y)])?;
     if p.kind == PoolKind::Avg {
         return Ok(0);
@@ -234,7 +252,7 @@ pub(crate) unsafe fn launch_pool(
     stream: impl FnOnce() -> Result<Stream>,
 ) -> Result<()> {
     let indices = check_pool(p, ("x", x), ("y", y), indices)?;
-    let params = pool_params(p, x, y, indices);
+    let params = pool_params(p, x, y, indices)?;
     let stream = &stream()?;
     // SAFETY: params were validated above; the caller vouches for the memory.
     let code = unsafe { ffi::fk_pool2d_fwd(&params, stream.raw()) };
@@ -337,7 +355,7 @@ pub(crate) unsafe fn launch_pool_backward(
         dy: dy.ptr as *const c_void,
         indices: indices as *const i32,
         dx: dx.ptr as *mut c_void,
-        fwd: pool_params(p, dx, dy, 0),
+        fwd: pool_params(p, dx, dy, 0)?,
     };
     let stream = &stream()?;
     // SAFETY: params were validated above; the caller vouches for the memory.
