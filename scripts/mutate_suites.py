@@ -39,6 +39,8 @@ class Mutation:
     old: str
     new: str
     suites: list
+    every: bool = False  # replace every occurrence (at least one) instead of exactly one
+    append: str = ""  # code added at the end of the file (a helper the replacement calls)
 
 
 # What each mutation breaks, in words a reviewer can check against the diff it makes.
@@ -53,9 +55,9 @@ MUTATIONS = [
     ),
     Mutation(
         "ref: default softmax scale 1/D instead of 1/sqrt(D)",
-        "rust/ops/attention/problem.rs",
-        ".sqrt()",
-        "",
+        "rust/ops/common.rs",
+        "1.0 / (head_dim as f32).sqrt()",
+        "1.0 / (head_dim as f32)",
         ["rust:reference_props,attention_variants", "py:test_attention_cpu.py"],
     ),
     Mutation(
@@ -89,24 +91,61 @@ MUTATIONS = [
     Mutation(
         "ref: bf16 outputs rounded by truncation instead of to nearest",
         "rust/tensor.rs",
-        "it.map(bf16::from_f32)",
-        "it.map(|x: f32| bf16::from_bits((x.to_bits() >> 16) as u16))",
+        "bf16::from_f32",
+        "bf16_truncated",
         ["py:test_attention_cpu.py,test_backward_cpu.py,test_longformer_api.py"],
+        every=True,
+        append="fn bf16_truncated(x: f32) -> bf16 {\n    bf16::from_bits((x.to_bits() >> 16) as u16)\n}\n",
     ),
     # --- kernels, on the emulator
     Mutation(
-        "kernel: causal/window diagonal off by one key",
-        "kernels/attention/common/mask.cuh",
-        "if (wr >= 0) ok = ok && j <= i + diag + wr;",
-        "if (wr >= 0) ok = ok && j <= i + diag + wr + 1;",
+        "kernel: forward's causal/window band one key too wide on the right",
+        "kernels/attention/dense_fwd_sm80.cuh",
+        "rel > p.window_right",
+        "rel > p.window_right + 1",
         ["emu:fwd"],
     ),
     Mutation(
-        "kernel: backward softmax scale applied in natural log instead of log2",
-        "kernels/attention/dense_bwd_sm80.cuh",
-        "const float scale_log2 = p.base.shape.softmax_scale * kLog2e;",
-        "const float scale_log2 = p.base.shape.softmax_scale;",
+        "kernel: backward's causal/window band one key too wide (the shared visible())",
+        "kernels/attention/common/mask.cuh",
+        "if (wr >= 0) ok = ok && j <= i + diag + wr;",
+        "if (wr >= 0) ok = ok && j <= i + diag + wr + 1;",
         ["emu:bwd"],
+    ),
+    Mutation(
+        "kernel: forward softmax scale applied in natural log instead of log2",
+        "kernels/attention/dense_fwd_sm80.cuh",
+        "softmax_scale * attn::kLog2e;",
+        "softmax_scale;",
+        ["emu:fwd"],
+    ),
+    Mutation(
+        "kernel: GQA maps query head h to kv head h % group instead of h / group",
+        "kernels/attention/dense_fwd_sm80.cuh",
+        "const int head_kv = head / (",
+        "const int head_kv = head % (",
+        ["emu:fwd"],
+    ),
+    Mutation(
+        "kernel: Longformer forward's local rows do not see global keys outside their band",
+        "kernels/attention/longformer_fwd_sm80.cuh",
+        "if (!packed && is_glob) key_any |=",
+        "if (false && is_glob) key_any |=",
+        ["emu:longformer"],
+    ),
+    Mutation(
+        "kernel: Longformer backward's local rows do not see global keys (the shared pair())",
+        "kernels/attention/common/mask.cuh",
+        "return pass == FK_LONGFORMER_LOCAL ? (band || k_glob)",
+        "return pass == FK_LONGFORMER_LOCAL ? (band)",
+        ["emu:longformer_bwd"],
+    ),
+    Mutation(
+        "kernel: conv input window off by one column of padding",
+        "kernels/conv/conv_gemm_sm80.cuh",
+        "w0 = q * op.stride_w - op.pad_w;",
+        "w0 = q * op.stride_w - op.pad_w + 1;",
+        ["emu:conv"],
     ),
     Mutation(
         "kernel: max pooling ties go to the last maximum",
@@ -130,7 +169,7 @@ def sh(cmd, cwd, env=None, log=None, timeout=1800):
         Path(log).write_text(r.stdout)
     lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
     # The first line that names what failed (pytest, cargo test, the emulator), else the tail.
-    why = [ln for ln in lines if re.match(r"FAILED |---- |test .* FAILED|.*(panicked at|FAIL|error\[)", ln)]
+    why = [ln for ln in lines if re.match(r"FAILED |test .* FAILED|.*(panicked at|: FAILED|error\[)", ln)]
     return r.returncode == 0, (why[0] if why else " | ".join(lines[-3:]))[:200]
 
 
@@ -231,11 +270,11 @@ def main():
         path = runner.tree / m.path
         pristine = path.read_text()
         count = pristine.count(m.old)
-        if count != 1:
-            rows.append((m.name, "STALE", f"pattern found {count} times in {m.path}"))
+        if count == 0 or (count > 1 and not m.every):
+            rows.append((m.name, "STALE", f"pattern found {count} times in {m.path}", 0))
             status = 1
             continue
-        path.write_text(pristine.replace(m.old, m.new))
+        path.write_text(pristine.replace(m.old, m.new) + m.append)
         verdict, by = "MISSED", []
         start = time.time()
         for suite in m.suites:
