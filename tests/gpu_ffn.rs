@@ -8,7 +8,8 @@
 mod ffn_common;
 
 use ffn_common::{
-    assert_within, subnormal_floor, unit_roundoff, y_bounds, Case, Flags, Tensors, ACTIVATIONS,
+    act, assert_within, subnormal_floor, unit_roundoff, y_bounds, Case, Flags, Mat, Rng, Tensors,
+    ACTIVATIONS,
 };
 use flashkernels::ffn::{self, FfnActivation, FfnOptions, Inputs};
 use flashkernels::{DType, Device, DeviceTensor, Error, HostTensor, Stream, Tensor};
@@ -208,11 +209,176 @@ fn device_errors() {
         matches!(&e, Error::DeviceMismatch { detail } if detail.contains("w1 on cpu")),
         "{e}"
     );
-    // The backward has no kernels yet: a typed refusal, not a wrong answer.
+    // The backward refuses f32 as the forward does.
     let dy = dev(&s, &t.x);
     let e = ffn::backward(&ffn::BackwardInputs::new(inputs(&d), &dy), &opts).unwrap_err();
-    assert!(
-        matches!(&e, Error::Unsupported(m) if m.contains("backward")),
-        "{e}"
+    assert!(matches!(e, Error::UnsupportedDType { .. }), "{e}");
+}
+
+/// The device backward against the gradients' f64 definitions. du and dg are stored once
+/// in the storage dtype and each gradient once more, so each gradient is within 2 u of
+/// the absolute sum of its terms, taken at the intermediates' magnitudes (mdu = |dy| |W2|
+/// |g| |act'(u)|, mdg = |dy| |W2| |act(u)|), plus 2e-5 of it for the f32 accumulations and
+/// f16's subnormal floor per rounding.
+fn check_backward(s: &Stream, c: &Case) {
+    let t = c.tensors(0);
+    let d = upload(s, &t);
+    let dy = Mat::random(&mut Rng::new(7), c.x.rows, c.x.cols, 1.0, c.dtype);
+    let dyd = dev(s, &dy.tensor(c.dtype, 0));
+    let opts = FfnOptions::new(c.act).residual(c.residual);
+    let g = ffn::backward(&ffn::BackwardInputs::new(inputs(&d), &dyd), &opts).unwrap();
+    let def = c.define();
+    let (tn, dm, dh) = (c.x.rows, c.x.cols, c.w1.rows);
+    let rel = 2.0 * unit_roundoff(c.dtype) + 2e-5;
+    let sub = subnormal_floor(c.dtype);
+    let dhm = dy.mul(&c.w2);
+    let mdh = dy.abs_mul(&c.w2);
+    let eps = 1e-6;
+    let (mut du, mut dg, mut mdu, mut mdg) = (dhm.clone(), dhm.clone(), dhm.clone(), dhm.clone());
+    for i in 0..tn * dh {
+        let u = def.u.v[i];
+        let gv = def.g.as_ref().map_or(1.0, |g| g.v[i]);
+        let dd = if c.act == FfnActivation::Relu {
+            f64::from(u > 0.0)
+        } else {
+            (act(c.act, u + eps) - act(c.act, u - eps)) / (2.0 * eps)
+        };
+        du.v[i] = dhm.v[i] * gv * dd;
+        dg.v[i] = dhm.v[i] * act(c.act, u);
+        mdu.v[i] = mdh.v[i] * gv.abs() * (dd.abs() + 1e-5);
+        mdg.v[i] = mdh.v[i] * (act(c.act, u).abs() + 1e-5);
+    }
+    let absm = |m: &Mat| Mat {
+        v: m.v.iter().map(|x| x.abs()).collect(),
+        ..m.clone()
+    };
+    let ones = Mat {
+        rows: 1,
+        cols: tn,
+        v: vec![1.0; tn],
+    };
+    let what = format!(
+        "{:?} {:?} tokens {tn} d_model {dm} d_hidden {dh}",
+        c.dtype, c.act
     );
+    let check = |name: &str, got: &Tensor, want: &Mat, mag: &Mat, floor: &[f64]| {
+        let b: Vec<f64> = (0..want.v.len())
+            .map(|i| rel * (mag.v[i] + want.v[i].abs()) + sub * floor[i] + 1e-30)
+            .collect();
+        let got = got.to_host().unwrap().to_f32_vec();
+        assert_within(&format!("{name}, {what}"), &got, &want.v, &b);
+    };
+    // dx = du W1 [+ dg W3] [+ dy].
+    let mut dx = du.mul(&c.w1);
+    let mut mx = mdu.mul(&absm(&c.w1));
+    let mut wsum: Vec<f64> = (0..dm)
+        .map(|k| (0..dh).map(|j| c.w1.at(j, k).abs()).sum())
+        .collect();
+    if let Some(w3) = &c.w3 {
+        let a = dg.mul(w3);
+        let m = mdg.mul(&absm(w3));
+        for i in 0..dx.v.len() {
+            dx.v[i] += a.v[i];
+            mx.v[i] += m.v[i];
+        }
+        for (k, w) in wsum.iter_mut().enumerate() {
+            *w += (0..dh).map(|j| w3.at(j, k).abs()).sum::<f64>();
+        }
+    }
+    if c.residual {
+        for i in 0..dx.v.len() {
+            dx.v[i] += dy.v[i];
+        }
+    }
+    let fx: Vec<f64> = (0..tn * dm).map(|i| wsum[i % dm] + 1.0).collect();
+    check("dx", &g.dx, &dx, &mx, &fx);
+    // Weight gradients.
+    let xs: Vec<f64> = (0..dm)
+        .map(|k| (0..tn).map(|r| c.x.at(r, k).abs()).sum())
+        .collect();
+    let fw: Vec<f64> = (0..dh * dm).map(|i| xs[i % dm] + 1.0).collect();
+    let xa = absm(&c.x);
+    check("dW1", &g.dw1, &du.t().mul(&c.x), &mdu.t().mul(&xa), &fw);
+    if c.w3.is_some() {
+        let dw3 = g.dw3.as_ref().unwrap();
+        check("dW3", dw3, &dg.t().mul(&c.x), &mdg.t().mul(&xa), &fw);
+    }
+    let dys: Vec<f64> = (0..dm)
+        .map(|k| (0..tn).map(|r| dy.at(r, k).abs()).sum())
+        .collect();
+    let f2: Vec<f64> = (0..dm * dh).map(|i| dys[i / dh] + 1.0).collect();
+    check(
+        "dW2",
+        &g.dw2,
+        &dy.t().mul(&def.h),
+        &dy.t().abs_mul(&def.h),
+        &f2,
+    );
+    // Bias gradients, where the biases were given.
+    let fb = vec![tn as f64 + 1.0; dm.max(dh)];
+    if let Some(db1) = &g.db1 {
+        check("db1", db1, &ones.mul(&du), &ones.mul(&mdu), &fb);
+    }
+    if let Some(db2) = &g.db2 {
+        check("db2", db2, &ones.mul(&dy), &ones.abs_mul(&dy), &fb);
+    }
+    if let Some(db3) = &g.db3 {
+        check("db3", db3, &ones.mul(&dg), &ones.mul(&mdg), &fb);
+    }
+    assert_eq!(g.db1.is_some(), c.b1.is_some());
+    assert_eq!(g.db2.is_some(), c.b2.is_some());
+    assert_eq!(g.db3.is_some(), c.b3.is_some());
+    assert_eq!(g.dw3.is_some(), c.w3.is_some());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_smoke() {
+    let s = stream();
+    let swiglu = Flags {
+        gated: true,
+        biases: true,
+        residual: true,
+    };
+    check_backward(
+        &s,
+        &case(5, DType::BF16, [33, 40, 72], FfnActivation::Silu, swiglu),
+    );
+    let plain = Flags {
+        gated: false,
+        biases: true,
+        residual: false,
+    };
+    check_backward(
+        &s,
+        &case(6, DType::F16, [7, 24, 16], FfnActivation::GeluTanh, plain),
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_every_activation_and_gate() {
+    let s = stream();
+    let widths = [8, 24, 40, 72, 136];
+    let mut seed = 300;
+    for dtype in [DType::F16, DType::BF16] {
+        for &a in &ACTIVATIONS {
+            for gated in [false, true] {
+                for (k, &tokens) in [1usize, 7, 33, 129].iter().enumerate() {
+                    seed += 1;
+                    let dims = [
+                        tokens,
+                        widths[seed as usize % 5],
+                        widths[(seed as usize / 5) % 5],
+                    ];
+                    let f = Flags {
+                        gated,
+                        biases: k % 2 == 0,
+                        residual: k != 1,
+                    };
+                    check_backward(&s, &case(seed, dtype, dims, a, f));
+                }
+            }
+        }
+    }
 }

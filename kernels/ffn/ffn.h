@@ -12,6 +12,30 @@ namespace ffn {
 
 // Both GEMMs of the forward (params checked by the C entry, tokens > 0).
 template <typename T> cudaError_t ffn_fwd(const fk_ffn_params &p, cudaStream_t stream);
+// The backward's GEMMs and column sums (params checked by the C entry).
+template <typename T> cudaError_t ffn_bwd(const fk_ffn_bwd_params &p, cudaStream_t stream);
+
+// The backward's workspace, each part 256-byte aligned: u and g (gated only) in f32,
+// h and [du | dg] in the storage dtype, all (tokens, d_hidden) row-major (dU: 2 d_hidden
+// wide when gated).
+struct FfnBwdWorkspace {
+  int64_t u = 0, g = 0, h = 0, d_u = 0, bytes = 0;
+  explicit FfnBwdWorkspace(const fk_ffn_bwd_params &p) {
+    const int64_t n = int64_t(p.tokens) * p.d_hidden;
+    const bool gated = p.w3 != nullptr;
+    u = take(n * 4);
+    g = gated ? take(n * 4) : 0;
+    h = take(n * 2);
+    d_u = take(n * 2 * (gated ? 2 : 1));
+  }
+
+private:
+  int64_t take(int64_t b) {
+    const int64_t at = bytes;
+    bytes += (b + 255) / 256 * 256;
+    return at;
+  }
+};
 
 } // namespace ffn
 } // namespace fk

@@ -1,6 +1,6 @@
-// C entry of the fused feed-forward block: refuse what would be undefined on the device,
-// then dispatch the dtype (activation, gate, biases and residual are run-time switches of
-// the epilogues) and launch on the caller's device and stream.
+// C entries of the fused feed-forward block (forward, backward): refuse what would be undefined on
+// the device, then dispatch the dtype (activation, gate, biases and residual are run-time switches
+// of the epilogues) and launch on the caller's device and stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -29,7 +29,41 @@ bool fwd_args_ok(const fk_ffn_params &p) {
   return p.dtype == FK_DTYPE_F16 || p.dtype == FK_DTYPE_BF16;
 }
 
+bool bwd_args_ok(const fk_ffn_bwd_params &p) {
+  const bool gated = p.w3 != nullptr;
+  if (p.x == nullptr || p.w1 == nullptr || p.w2 == nullptr || p.dy == nullptr || p.dx == nullptr ||
+      p.dw1 == nullptr || p.dw2 == nullptr || (gated && p.dw3 == nullptr))
+    return false;
+  if (!gated && (p.b3 != nullptr || p.db3 != nullptr || p.dw3 != nullptr)) return false;
+  if (p.tokens < 1 || !width_ok(p.d_model) || !width_ok(p.d_hidden)) return false;
+  if (int64_t(p.d_hidden) * 2 > int64_t(65535) * 64 || int64_t(p.d_model) > int64_t(65535) * 64 ||
+      p.tokens > (int64_t(1) << 31) - 256)
+    return false;
+  if (p.x_stride < p.d_model || p.w1_stride < p.d_model || p.w2_stride < p.d_hidden ||
+      p.dy_stride < p.d_model || p.dx_stride < p.d_model || p.dw1_stride < p.d_model ||
+      p.dw2_stride < p.d_hidden || (gated && (p.w3_stride < p.d_model || p.dw3_stride < p.d_model)))
+    return false;
+  if (p.activation < FK_FFN_RELU || p.activation > FK_FFN_SILU) return false;
+  if (p.residual != 0 && p.residual != 1) return false;
+  return p.dtype == FK_DTYPE_F16 || p.dtype == FK_DTYPE_BF16;
+}
+
 } // namespace
+
+extern "C" int64_t fk_ffn_bwd_workspace_bytes(const fk_ffn_bwd_params *p) {
+  return p != nullptr && bwd_args_ok(*p) ? fk::ffn::FfnBwdWorkspace(*p).bytes : 0;
+}
+
+extern "C" int32_t fk_ffn_bwd(const fk_ffn_bwd_params *p, void *stream) {
+  if (p == nullptr || !bwd_args_ok(*p) || p->workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(p->workspace) % 256 != 0)
+    return cudaErrorInvalidValue;
+  fk::DeviceGuard guard(p->device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  const auto s = static_cast<cudaStream_t>(stream);
+  return p->dtype == FK_DTYPE_F16 ? fk::ffn::ffn_bwd<__half>(*p, s)
+                                  : fk::ffn::ffn_bwd<__nv_bfloat16>(*p, s);
+}
 
 extern "C" int32_t fk_ffn_fwd(const fk_ffn_params *p, void *stream) {
   if (p == nullptr || !fwd_args_ok(*p)) return cudaErrorInvalidValue;

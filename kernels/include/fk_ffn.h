@@ -1,4 +1,4 @@
-/* flashkernels C ABI, fused feed-forward block (issue 14):
+/* flashkernels C ABI, fused feed-forward block (issue 14), forward and backward:
  *   h = act(x W1^T + b1)                      (plain)
  *   h = act(x W1^T + b1) * (x W3^T + b3)      (gated: SwiGLU with SiLU, GeGLU with GELU)
  *   y = h W2^T + b2 (+ x)
@@ -54,6 +54,41 @@ typedef struct {
 } fk_ffn_params;
 
 int32_t fk_ffn_fwd(const fk_ffn_params *params, void *stream);
+
+/* Backward: every gradient of the forward's inputs, given dy (tokens, d_model). Only the
+ * forward's inputs are read (u, g and h are recomputed into the workspace); b1 / b3 as in
+ * the forward (they enter the recomputation). dx, dw1, dw2 (and dw3 when gated) are
+ * required, row-major with the given row strides; db1, db2, db3 (contiguous) may be NULL
+ * (not wanted; db3 only when gated). Every element of each requested output is written.
+ * tokens >= 1. Deterministic: no atomics, each output summed in a fixed order. */
+typedef struct {
+  const void *x;
+  const void *w1;
+  const void *w2;
+  const void *w3;
+  const void *b1;
+  const void *b3;
+  const void *dy;
+  void *dx;
+  void *dw1;
+  void *dw2;
+  void *dw3;
+  void *db1;
+  void *db2;
+  void *db3;
+  void *workspace; /* fk_ffn_bwd_workspace_bytes() bytes, 256-byte aligned */
+  int64_t x_stride, w1_stride, w2_stride, w3_stride, dy_stride;
+  int64_t dx_stride, dw1_stride, dw2_stride, dw3_stride;
+  int32_t tokens, d_model, d_hidden;
+  int32_t activation;
+  int32_t residual;
+  int32_t dtype;
+  int32_t device;
+} fk_ffn_bwd_params;
+
+/* Workspace the backward needs (0 for arguments it refuses). */
+int64_t fk_ffn_bwd_workspace_bytes(const fk_ffn_bwd_params *params);
+int32_t fk_ffn_bwd(const fk_ffn_bwd_params *params, void *stream);
 
 #ifdef __cplusplus
 }

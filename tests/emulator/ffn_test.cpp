@@ -1,4 +1,4 @@
-// Fused feed-forward suite: fk_ffn_fwd (kernels/ffn/, on kernels/common/gemm_sm80.cuh) on
+// Fused feed-forward suite: fk_ffn_fwd and fk_ffn_bwd (kernels/ffn/, on kernels/common/gemm_sm80.cuh) on
 // the emulator against an f64 definition. Every matrix lives in a row-padded layout whose
 // gaps are NaN: an input gap that is read shows up as NaN in the results, an output gap
 // that is written is counted (pad-touched); outputs start as NaN, so an element never
@@ -9,6 +9,8 @@
 
 #include "emulated/ffn/ffn_fwd_f16.cu"
 #include "emulated/ffn/ffn_fwd_bf16.cu"
+#include "emulated/ffn/ffn_bwd_f16.cu"
+#include "emulated/ffn/ffn_bwd_bf16.cu"
 #include "emulated/ffn/ffn_api.cu"
 
 #include <functional>
@@ -67,6 +69,12 @@ const char *act_name(int a) {
          : a == FK_FFN_GELU_TANH ? "gelu_tanh"
          : a == FK_FFN_GELU_ERF  ? "gelu"
                                  : "silu";
+}
+
+double act_grad_ref(int act, double v) {
+  const double e = 1e-6; // central difference: ~1e-12 off on the smooth activations
+  if (act == FK_FFN_RELU) return v > 0 ? 1 : 0;
+  return (act_ref(act, v + e) - act_ref(act, v - e)) / (2 * e);
 }
 
 struct FfnCase {
@@ -191,6 +199,123 @@ template <typename T> void ffn_fwd_case(const FfnCase &cc, Result &res) {
   res.check("y", cy, y.pad_touched());
 }
 
+// The backward against the gradients' f64 definitions. Bounds: du and dg are stored once in
+// the storage dtype and every gradient once more, so each is within 2 u of the absolute sum
+// of its terms, the intermediates at their magnitudes (mdu = |dy| |W2| |g| |act'(u)|, mdg =
+// |dy| |W2| |act(u)|), plus 2e-5 of it for the f32 accumulations, plus f16's subnormal floor
+// per rounding.
+template <typename T> void ffn_bwd_case(const FfnCase &cc, Result &res) {
+  std::mt19937 rng(4321 + cc.tokens * 7 + cc.d_model * 13 + cc.d_hidden);
+  const int slack = cc.unaligned ? 3 : 8, shift = cc.unaligned ? 1 : 0;
+  const int T_ = cc.tokens, DM = cc.d_model, DH = cc.d_hidden;
+  Mat<T> x(T_, DM, slack, shift), w1(DH, DM, slack, shift), w3(cc.gated ? DH : 0, DM, 8);
+  Mat<T> w2(DM, DH, 8), dy(T_, DM, slack, shift);
+  Mat<T> b1(1, DH, 0), b3(1, DH, 0);
+  const float s1 = 2.f / std::sqrt(float(DM)), s2 = 2.f / std::sqrt(float(DH));
+  x.fill(rng, 1.f), w1.fill(rng, s1), w2.fill(rng, s2), dy.fill(rng, 1.f);
+  if (cc.gated) w3.fill(rng, s1);
+  b1.fill(rng, 0.5f), b3.fill(rng, 0.5f);
+  Mat<T> dx(T_, DM, 8), dw1(DH, DM, 8), dw2(DM, DH, 8), dw3(cc.gated ? DH : 0, DM, 8);
+  Mat<T> db1(1, DH, 0), db2(1, DM, 0), db3(1, DH, 0);
+
+  fk_ffn_bwd_params p{};
+  p.x = x.ptr(), p.w1 = w1.ptr(), p.w2 = w2.ptr(), p.w3 = cc.gated ? w3.ptr() : nullptr;
+  p.b1 = cc.biases ? b1.ptr() : nullptr, p.b3 = cc.biases && cc.gated ? b3.ptr() : nullptr;
+  p.dy = dy.ptr(), p.dx = dx.ptr(), p.dw1 = dw1.ptr(), p.dw2 = dw2.ptr();
+  p.dw3 = cc.gated ? dw3.ptr() : nullptr;
+  p.db1 = db1.ptr(), p.db2 = db2.ptr(), p.db3 = cc.gated ? db3.ptr() : nullptr;
+  p.x_stride = x.ld, p.w1_stride = w1.ld, p.w2_stride = w2.ld, p.w3_stride = w3.ld;
+  p.dy_stride = dy.ld, p.dx_stride = dx.ld, p.dw1_stride = dw1.ld, p.dw2_stride = dw2.ld;
+  p.dw3_stride = dw3.ld;
+  p.tokens = T_, p.d_model = DM, p.d_hidden = DH;
+  p.activation = cc.act, p.residual = cc.residual, p.dtype = cc.dtype;
+  const int64_t ws_bytes = fk_ffn_bwd_workspace_bytes(&p);
+  if (ws_bytes <= 0) return res.fail("workspace 0");
+  emu::DeviceArray<unsigned char> ws(size_t(ws_bytes), 0xFF, 256); // NaN: unwritten shows
+  p.workspace = ws.data();
+  const int rc = fk_ffn_bwd(&p, nullptr);
+  if (rc != 0) return res.fail("rc " + std::to_string(rc));
+
+  const double u = cc.dtype == FK_DTYPE_F16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+  const double sub = cc.dtype == FK_DTYPE_F16 ? std::ldexp(1.0, -25) : 0.0;
+  const double rel = 2 * u + 2e-5;
+  // Per (t, j): h, du, dg and their magnitudes.
+  std::vector<double> h(T_ * DH), du(T_ * DH), dg(T_ * DH), mdu(T_ * DH), mdg(T_ * DH);
+  for (int t = 0; t < T_; ++t)
+    for (int j = 0; j < DH; ++j) {
+      double a = cc.biases ? b1.get(0, j) : 0.0, g = cc.biases && cc.gated ? b3.get(0, j) : 0.0;
+      for (int k = 0; k < DM; ++k) {
+        a += x.get(t, k) * w1.get(j, k);
+        if (cc.gated) g += x.get(t, k) * w3.get(j, k);
+      }
+      double dh = 0, mdh = 0;
+      for (int i = 0; i < DM; ++i) {
+        dh += dy.get(t, i) * w2.get(i, j);
+        mdh += std::fabs(dy.get(t, i) * w2.get(i, j));
+      }
+      const double gv = cc.gated ? g : 1.0, d = act_grad_ref(cc.act, a);
+      const int k = t * DH + j;
+      h[k] = act_ref(cc.act, a) * gv;
+      du[k] = dh * gv * d, mdu[k] = mdh * std::fabs(gv) * (std::fabs(d) + 1e-5);
+      dg[k] = dh * act_ref(cc.act, a), mdg[k] = mdh * (std::fabs(act_ref(cc.act, a)) + 1e-5);
+    }
+  Check cx, c1, c2, c3, cb1, cb2, cb3;
+  for (int t = 0; t < T_; ++t)
+    for (int c = 0; c < DM; ++c) {
+      double v = cc.residual ? dy.get(t, c) : 0.0, m = 0, wabs = 0;
+      for (int j = 0; j < DH; ++j) {
+        v += du[t * DH + j] * w1.get(j, c);
+        m += mdu[t * DH + j] * std::fabs(w1.get(j, c));
+        wabs += std::fabs(w1.get(j, c));
+        if (cc.gated) {
+          v += dg[t * DH + j] * w3.get(j, c);
+          m += mdg[t * DH + j] * std::fabs(w3.get(j, c));
+          wabs += std::fabs(w3.get(j, c));
+        }
+      }
+      cx.add(dx.get(t, c), v, rel * (m + std::fabs(v)) + sub * (wabs + 1) + 1e-30);
+    }
+  for (int j = 0; j < DH; ++j) {
+    for (int c = 0; c < DM; ++c) {
+      double v1 = 0, m1 = 0, v3 = 0, m3 = 0, xabs = 0;
+      for (int t = 0; t < T_; ++t) {
+        v1 += du[t * DH + j] * x.get(t, c), m1 += mdu[t * DH + j] * std::fabs(x.get(t, c));
+        v3 += dg[t * DH + j] * x.get(t, c), m3 += mdg[t * DH + j] * std::fabs(x.get(t, c));
+        xabs += std::fabs(x.get(t, c));
+      }
+      c1.add(dw1.get(j, c), v1, rel * (m1 + std::fabs(v1)) + sub * (xabs + 1) + 1e-30);
+      if (cc.gated) c3.add(dw3.get(j, c), v3, rel * (m3 + std::fabs(v3)) + sub * (xabs + 1) + 1e-30);
+    }
+    double s1v = 0, s1m = 0, s3v = 0, s3m = 0;
+    for (int t = 0; t < T_; ++t)
+      s1v += du[t * DH + j], s1m += mdu[t * DH + j], s3v += dg[t * DH + j], s3m += mdg[t * DH + j];
+    cb1.add(db1.get(0, j), s1v, rel * (s1m + std::fabs(s1v)) + sub * (T_ + 1) + 1e-30);
+    if (cc.gated) cb3.add(db3.get(0, j), s3v, rel * (s3m + std::fabs(s3v)) + sub * (T_ + 1) + 1e-30);
+  }
+  for (int i = 0; i < DM; ++i) {
+    for (int j = 0; j < DH; ++j) {
+      double v = 0, m = 0, dyabs = 0;
+      for (int t = 0; t < T_; ++t) {
+        v += dy.get(t, i) * h[t * DH + j], m += std::fabs(dy.get(t, i) * h[t * DH + j]);
+        dyabs += std::fabs(dy.get(t, i));
+      }
+      c2.add(dw2.get(i, j), v, rel * (m + std::fabs(v)) + sub * (dyabs + 1) + 1e-30);
+    }
+    double sv = 0, sm = 0;
+    for (int t = 0; t < T_; ++t) sv += dy.get(t, i), sm += std::fabs(dy.get(t, i));
+    cb2.add(db2.get(0, i), sv, rel * (sm + std::fabs(sv)) + 1e-30);
+  }
+  res.check("dx", cx, dx.pad_touched());
+  res.check("dW1", c1, dw1.pad_touched());
+  res.check("dW2", c2, dw2.pad_touched());
+  res.check("db1", cb1, 0);
+  res.check("db2", cb2, 0);
+  if (cc.gated) {
+    res.check("dW3", c3, dw3.pad_touched());
+    res.check("db3", cb3, 0);
+  }
+}
+
 struct Entry {
   std::string name;
   std::function<void(Result &)> run;
@@ -222,6 +347,22 @@ std::vector<Entry> all_cases() {
                        ffn_fwd_case<__half>(c, r);
                      else
                        ffn_fwd_case<__nv_bfloat16>(c, r);
+                   }});
+  const FfnCase bwd[] = {
+      {1, 8, 8, RELU, false, false, false, F16},
+      {7, 24, 40, GELU, false, true, true, BF16},
+      {33, 72, 136, SILU, true, true, false, F16},
+      {129, 64, 24, GELU, true, false, true, BF16}, // tokens: 3 k-tiles of the dW GEMMs
+      {33, 136, 24, TANH, false, true, true, F16},
+      {7, 40, 72, TANH, true, true, true, BF16, true},
+      {130, 16, 8, SILU, false, true, false, F16},
+  };
+  for (const FfnCase &c : bwd)
+    out.push_back({"bwd " + describe(c), [c](Result &r) {
+                     if (c.dtype == FK_DTYPE_F16)
+                       ffn_bwd_case<__half>(c, r);
+                     else
+                       ffn_bwd_case<__nv_bfloat16>(c, r);
                    }});
   return out;
 }
@@ -262,6 +403,29 @@ int api_checks() {
   q = p, q.tokens = -1, refused("negative tokens", q);
   q = p, q.residual = 2, refused("residual 2", q);
   expect("null params", fk_ffn_fwd(nullptr, nullptr) == cudaErrorInvalidValue);
+  fk_ffn_bwd_params b{};
+  b.x = b.w1 = b.w2 = b.dy = dummy, b.dx = b.dw1 = b.dw2 = dummy;
+  b.tokens = 4, b.d_model = 8, b.d_hidden = 16;
+  b.x_stride = b.dy_stride = b.dx_stride = b.w1_stride = b.dw1_stride = 8;
+  b.w2_stride = b.dw2_stride = 16;
+  b.activation = FK_FFN_GELU_ERF, b.dtype = FK_DTYPE_BF16;
+  expect("bwd workspace", fk_ffn_bwd_workspace_bytes(&b) == 256 + 256 + 256);
+  auto bwd_refused = [&](const char *what, fk_ffn_bwd_params r) {
+    const int launches0 = fk::g_emu_launches;
+    expect(what, fk_ffn_bwd(&r, nullptr) == cudaErrorInvalidValue &&
+                     fk::g_emu_launches == launches0);
+  };
+  bwd_refused("bwd without workspace", b);
+  alignas(256) static unsigned char wsp[1024];
+  b.workspace = wsp;
+  auto r = b;
+  r.workspace = wsp + 16, bwd_refused("bwd workspace not 256-aligned", r);
+  r = b, r.tokens = 0, bwd_refused("bwd no tokens", r);
+  r = b, r.dw3 = dummy, bwd_refused("bwd dw3 without w3", r);
+  r = b, r.w3 = dummy, r.w3_stride = 8, bwd_refused("bwd gated without dw3", r);
+  r = b, r.dx = nullptr, bwd_refused("bwd null dx", r);
+  r = b, r.d_hidden = 12, bwd_refused("bwd d_hidden 12", r);
+  r = b, r.dw2_stride = 8, bwd_refused("bwd dw2 row stride below d_hidden", r);
   q = p, q.tokens = 0;
   const int launches0 = fk::g_emu_launches;
   expect("no tokens: success, nothing launched",

@@ -176,15 +176,6 @@ fn layouts<'a>(h: &[Option<&'a HostTensor>]) -> FfnLayouts<'a> {
     }
 }
 
-#[cfg(any(feature = "cuda", feature = "emulator"))]
-fn no_backward_kernels() -> crate::Error {
-    crate::Error::Unsupported(
-        "the feed-forward backward on device tensors: its kernels are not written yet \
-         (issue 14, item 3); use host tensors (the CPU reference)"
-            .into(),
-    )
-}
-
 /// Feed-forward forward. Host tensors run the CPU reference (f64, the hidden
 /// activation and y each rounded once to the dtype); device tensors the CUDA kernels
 /// (f16 / bf16, widths multiples of 8: [`check_kernel_limits`]) on x's stream.
@@ -249,7 +240,7 @@ fn weights(v: &[Option<Vec<f64>>]) -> reference::FfnWeights<'_> {
 
 /// Feed-forward backward: dx, dW1, dW2 (dW3 when gated; db_i where b_i is given). Host
 /// tensors run the CPU reference (f64, each gradient rounded once to the dtype).
-/// Device tensors: `Error::Unsupported` (the backward kernels are not written yet).
+/// Device tensors run the CUDA kernels (deterministic: no atomics) on x's stream.
 pub fn backward<T: OpTensor>(
     i: &BackwardInputs<'_, T>,
     opts: &FfnOptions,
@@ -265,7 +256,10 @@ pub fn backward<T: OpTensor>(
             map_grads(g, Tensor::Host)
         }
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device(_) => return Err(no_backward_kernels()),
+        Placed::Device(d) => {
+            let dy = d[7].expect("dy is always given");
+            map_grads(cuda::backward(&d[..7], dy, opts)?, Tensor::Cuda)
+        }
     };
     let f = T::from_output;
     Ok(FfnGradients {
