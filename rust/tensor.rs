@@ -103,20 +103,13 @@ impl Layout {
         }
     }
 
-    /// Row-major contiguous layout, or `Error::TooLarge` when its element count (or a
-    /// stride) does not fit `usize`.
+    /// Row-major contiguous layout, or `Error::TooLarge` when its element count does not
+    /// fit `usize` (then neither do its strides; an empty tensor's strides, which reach
+    /// no element, saturate).
     pub fn try_contiguous(shape: &[usize]) -> Result<Self> {
         let l = Layout::contiguous(shape);
         if l.checked_numel().is_none() {
             return Err(too_many_elements(shape));
-        }
-        // With a non-zero product every stride divides it, so none saturated. With an
-        // empty dimension the strides above it may still overflow: refuse those too.
-        let mut acc = 1usize;
-        for &n in shape.iter().rev() {
-            acc = acc
-                .checked_mul(n.max(1))
-                .ok_or_else(|| too_many_elements(shape))?;
         }
         Ok(l)
     }
@@ -167,8 +160,12 @@ impl Layout {
         if self.checked_numel().is_none() {
             return Err(too_many_elements(&self.shape));
         }
+        if self.numel() == 0 {
+            // No element is reached, whatever the strides.
+            return Ok(());
+        }
         match self.checked_span() {
-            Some(span) if self.numel() == 0 || span <= storage_len => Ok(()),
+            Some(span) if span <= storage_len => Ok(()),
             _ => Err(Error::InvalidArgument(format!(
                 "{name}: shape {:?} with strides {:?} reaches past its storage of {storage_len} elements",
                 self.shape, self.strides

@@ -71,10 +71,18 @@ fn layout_contiguous_never_wraps() {
     assert_eq!(l.numel(), usize::MAX);
     assert_eq!(l.checked_numel(), None);
     assert!(l.check("x", usize::MAX).is_err());
-    // An empty dimension does not hide an overflowing stride.
-    assert!(Layout::try_contiguous(&[0, usize::MAX, 4]).is_err());
-    assert_eq!(Layout::try_contiguous(&[3, 0, 4]).unwrap().strides, vec![0, 4, 1]);
-    assert_eq!(Layout::try_contiguous(&[2, 3, 4]).unwrap().strides, vec![12, 4, 1]);
+    // An empty tensor reaches no element: its strides saturate, and any fit.
+    let empty = Layout::try_contiguous(&[0, usize::MAX, 4]).unwrap();
+    assert_eq!(empty.strides, vec![usize::MAX, 4, 1]);
+    empty.check("x", 0).unwrap();
+    assert_eq!(
+        Layout::try_contiguous(&[3, 0, 4]).unwrap().strides,
+        vec![0, 4, 1]
+    );
+    assert_eq!(
+        Layout::try_contiguous(&[2, 3, 4]).unwrap().strides,
+        vec![12, 4, 1]
+    );
 }
 
 #[test]
@@ -430,7 +438,10 @@ fn allocation_failures_are_errors() {
     let q = filled(&[1, 1, 1, 8], |_| 1.0);
     let kv = broadcast_rows(&[1, 1 << 40, 1, 8]);
     let e = quick("attention OOM", Duration::from_secs(5), || {
-        attention::forward(&attention::Inputs::new(&q, &kv, &kv), &AttentionOptions::default())
+        attention::forward(
+            &attention::Inputs::new(&q, &kv, &kv),
+            &AttentionOptions::default(),
+        )
     })
     .unwrap_err();
     assert!(matches!(e, Error::OutOfMemory { .. }), "{e:?}");
@@ -438,8 +449,11 @@ fn allocation_failures_are_errors() {
     // Past MAX_ELEMENTS the validator refuses the size itself.
     let kv = broadcast_rows(&[1 << 20, 1 << 40, 1, 8]);
     let q = broadcast_rows(&[1 << 20, 1, 1, 8]);
-    let e = attention::forward(&attention::Inputs::new(&q, &kv, &kv), &AttentionOptions::default())
-        .unwrap_err();
+    let e = attention::forward(
+        &attention::Inputs::new(&q, &kv, &kv),
+        &AttentionOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     // The same for conv and pooling inputs.
     let x = broadcast(&[1, 1, 1 << 20, 1 << 20]);
@@ -514,7 +528,12 @@ fn long_attention() -> (HostTensor, HostTensor) {
 #[test]
 fn interrupt_check_runs_during_long_calls_and_stops_them() {
     let (q, k) = long_attention();
-    let run = || attention::forward(&attention::Inputs::new(&q, &k, &k), &AttentionOptions::default());
+    let run = || {
+        attention::forward(
+            &attention::Inputs::new(&q, &k, &k),
+            &AttentionOptions::default(),
+        )
+    };
     // A checker that never interrupts is called regularly while the call runs.
     let calls = AtomicUsize::new(0);
     let ok = || -> flashkernels::Result<()> {
@@ -563,8 +582,11 @@ fn every_reference_is_interruptible() {
         assert_eq!(r, Err(Error::Interrupted), "{what}");
     };
     let (q, k) = long_attention();
-    let f = attention::forward(&attention::Inputs::new(&q, &k, &k), &AttentionOptions::default())
-        .unwrap();
+    let f = attention::forward(
+        &attention::Inputs::new(&q, &k, &k),
+        &AttentionOptions::default(),
+    )
+    .unwrap();
     interrupted(
         "attention backward",
         with_interrupt_check_every(every, &stop, || {
@@ -602,8 +624,11 @@ fn every_reference_is_interruptible() {
     interrupted(
         "conv backward",
         with_interrupt_check_every(every, &stop, || {
-            conv::backward(&conv::BackwardInputs::new(&x, &w, &dy), &Conv2dOptions::default())
-                .map(drop)
+            conv::backward(
+                &conv::BackwardInputs::new(&x, &w, &dy),
+                &Conv2dOptions::default(),
+            )
+            .map(drop)
         }),
     );
     let px = pool_x(6, 6);
