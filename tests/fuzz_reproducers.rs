@@ -717,3 +717,125 @@ fn scale_messages_show_the_value_given() {
     )
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// Item 7: a problem changed after validation (its fields are public) is an error in the
+// fallible references, never a division by zero or an out-of-bounds index.
+
+#[test]
+fn altered_problems_are_errors() {
+    use flashkernels::reference as r;
+    let q = filled(&[1, 4, 2, 8], |i| i as f32 / 64.0);
+    let k = filled(&[1, 4, 1, 8], |i| i as f32 / 32.0);
+    let p = attention::validate(
+        q.described(),
+        k.described(),
+        k.described(),
+        &AttentionOptions::default(),
+    )
+    .unwrap();
+    let (qv, kv) = (values(&q), values(&k));
+    assert!(r::try_attention(&p, &qv, &kv, &kv).is_ok());
+    for alter in [
+        (|p: &mut attention::AttentionProblem| p.heads_kv = 0) as fn(&mut _),
+        |p| p.heads = 3,
+        |p| p.seqlen_q = usize::MAX,
+        |p| p.batch = 2,
+    ] {
+        let mut bad = p.clone();
+        alter(&mut bad);
+        let e = quick("try_attention", Duration::from_secs(1), || {
+            r::try_attention(&bad, &qv, &kv, &kv)
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument(_) | Error::ShapeMismatch { .. } | Error::TooLarge { .. }
+            ),
+            "{e:?}"
+        );
+    }
+    // Buffers of the wrong length.
+    assert!(r::try_attention(&p, &qv[1..], &kv, &kv).is_err());
+
+    let (x, w) = (conv_x(), conv_w());
+    let p = conv::validate(
+        x.described(),
+        w.described(),
+        None,
+        &Conv2dOptions::default(),
+    )
+    .unwrap();
+    let (xv, wv) = (
+        values(&x).into_iter().map(f64::from).collect::<Vec<_>>(),
+        values(&w).into_iter().map(f64::from).collect::<Vec<_>>(),
+    );
+    assert!(r::try_conv2d(&p, &xv, &wv, None).is_ok());
+    for alter in [
+        (|p: &mut conv::Conv2dProblem| p.groups = 0) as fn(&mut _),
+        |p| p.padding = [usize::MAX / 2 + 1, 0],
+        |p| p.p = 1 << 40,
+        |p| p.dilation = [1 << 63, 1],
+    ] {
+        let mut bad = p.clone();
+        alter(&mut bad);
+        assert!(r::try_conv2d(&bad, &xv, &wv, None).is_err(), "{bad:?}");
+    }
+
+    let px = pool_x(6, 6);
+    let pv: Vec<f64> = values(&px).into_iter().map(f64::from).collect();
+    let p = pool::validate_pool(
+        pool::PoolKind::Max,
+        px.described(),
+        &Pool2dOptions::new([2, 2]),
+    )
+    .unwrap();
+    assert!(r::try_max_pool2d(&p, &pv).is_ok());
+    for alter in [
+        (|p: &mut pool::Pool2dProblem| p.kernel = [(1 << 63) + 1, 1]) as fn(&mut _),
+        |p| p.p = 1 << 40,
+        |p| p.stride = [0, 1],
+    ] {
+        let mut bad = p.clone();
+        alter(&mut bad);
+        let e = quick("try_max_pool2d", Duration::from_secs(1), || {
+            r::try_max_pool2d(&bad, &pv)
+        });
+        assert!(e.is_err(), "{bad:?}");
+        assert!(r::try_avg_pool2d(&bad, &pv).is_err());
+    }
+
+    let lq = filled(&[1, 6, 2, 8], |i| (i % 5) as f32);
+    let p = longformer::validate(
+        lq.described(),
+        lq.described(),
+        lq.described(),
+        None,
+        None,
+        None,
+        &LongformerOptions::new(2),
+    )
+    .unwrap();
+    let lv = values(&lq);
+    let x = r::LongformerInputs {
+        q: &lv,
+        k: &lv,
+        v: &lv,
+        q_g: &lv,
+        k_g: &lv,
+        v_g: &lv,
+    };
+    assert!(r::try_longformer(&p, &x).is_ok());
+    for alter in [
+        (|p: &mut longformer::LongformerProblem| p.dilation = vec![]) as fn(&mut _),
+        |p| p.dilation = vec![0, 1],
+        |p| p.global_positions = vec![vec![9]],
+        |p| p.seqlen = 7,
+        |p| p.global.clear(),
+    ] {
+        let mut bad = p.clone();
+        alter(&mut bad);
+        assert!(r::try_longformer(&bad, &x).is_err(), "{bad:?}");
+    }
+}

@@ -142,6 +142,31 @@ pub(crate) fn checked_elements(what: &str, dims: &[usize]) -> Result<usize> {
     }
 }
 
+/// Checks that each buffer a reference was given has the length its problem implies
+/// (`(name, given, dims)`): a problem's fields are public, so one can be changed after
+/// validation, and the references must not index out of bounds for it.
+pub(crate) fn check_buffers(bufs: &[(&str, usize, &[usize])]) -> Result<()> {
+    for &(name, len, dims) in bufs {
+        let want = checked_elements(name, dims)?;
+        if len != want {
+            return Err(Error::ShapeMismatch {
+                detail: format!(
+                    "{name} has {len} elements, but the problem needs {dims:?} = {want} (was \
+                     the problem changed after validation?)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The error for a problem whose fields were changed after validation.
+pub(crate) fn altered(what: String) -> Error {
+    Error::InvalidArgument(format!(
+        "the problem is inconsistent ({what}): was it changed after validation?"
+    ))
+}
+
 /// An empty vector with room for `len` elements, allocated fallibly:
 /// `Error::OutOfMemory` (naming `what`) instead of aborting the process.
 pub(crate) fn try_with_capacity<T>(len: usize, what: &str) -> Result<Vec<T>> {

@@ -102,6 +102,37 @@ impl AttentionProblem {
         }
     }
 
+    /// The invariants the CPU reference relies on, checked again (the fields are public,
+    /// so a validated problem can be changed): head counts, and varlen offsets.
+    pub(crate) fn check_consistent(&self) -> Result<()> {
+        if self.heads_kv == 0 || self.heads % self.heads_kv != 0 {
+            return Err(crate::ops::common::altered(format!(
+                "heads {} and heads_kv {}",
+                self.heads, self.heads_kv
+            )));
+        }
+        if let Some(s) = &self.seqlens {
+            for (name, cu) in [
+                ("cu_seqlens_q", &s.cu_seqlens_q),
+                ("cu_seqlens_k", &s.cu_seqlens_k),
+            ] {
+                let total = cu.last().map_or(0, |&x| x.max(0) as usize);
+                if cu.len() != self.batch + 1 {
+                    return Err(crate::ops::common::altered(format!(
+                        "{name} has {} offsets for batch {}",
+                        cu.len(),
+                        self.batch
+                    )));
+                }
+                check_cu_seqlens(name, cu, total)?;
+            }
+        } else {
+            checked_elements("q", &[self.batch, self.seqlen_q, self.heads, self.head_dim])?;
+            checked_elements("k", &[self.batch, self.seqlen_k, self.heads, self.head_dim])?;
+        }
+        Ok(())
+    }
+
     /// Shape of Q, O, dO and dQ.
     pub fn q_shape(&self) -> Vec<usize> {
         match self.seqlens {

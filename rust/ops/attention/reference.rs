@@ -10,7 +10,9 @@ use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use crate::attention::AttentionProblem;
 use crate::error::Result;
-use crate::ops::common::{poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt};
+use crate::ops::common::{
+    check_buffers, poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt,
+};
 
 /// The float types the reference runs in.
 pub trait Real:
@@ -95,7 +97,13 @@ pub fn try_attention<T: Real>(
     k: &[T],
     v: &[T],
 ) -> Result<(Vec<T>, Vec<T>)> {
+    p.check_consistent()?;
     let (hq, hkv, d) = (p.heads, p.heads_kv, p.head_dim);
+    check_buffers(&[
+        ("q", q.len(), &[p.rows_q(), hq, d]),
+        ("k", k.len(), &[p.rows_k(), hkv, d]),
+        ("v", v.len(), &[p.rows_k(), hkv, d]),
+    ])?;
     let mut out = try_alloc_vec(p.rows_q() * hq * d, T::ZERO, "the attention output")?;
     let mut lse = try_alloc_vec(p.rows_q() * hq, T::NEG_INFINITY, "the attention LSE")?;
     let tasks: Vec<(usize, usize)> = (0..p.batch)
@@ -188,7 +196,17 @@ pub fn try_attention_backward<T: Real>(
     lse: &[T],
     dout: &[T],
 ) -> Result<Gradients<T>> {
+    p.check_consistent()?;
     let (hq, hkv, d, group) = (p.heads, p.heads_kv, p.head_dim, p.group_size());
+    let (qs, kvs) = ([p.rows_q(), hq, d], [p.rows_k(), hkv, d]);
+    check_buffers(&[
+        ("q", q.len(), &qs),
+        ("k", k.len(), &kvs),
+        ("v", v.len(), &kvs),
+        ("out", out.len(), &qs),
+        ("dout", dout.len(), &qs),
+        ("lse", lse.len(), &[p.rows_q(), hq]),
+    ])?;
     let mut grads = Gradients {
         dq: try_alloc_vec(p.rows_q() * hq * d, T::ZERO, "dq")?,
         dk: try_alloc_vec(p.rows_k() * hkv * d, T::ZERO, "dk")?,

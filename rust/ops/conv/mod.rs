@@ -154,6 +154,39 @@ impl Conv2dProblem {
         vec![self.n, self.k, self.p, self.q]
     }
 
+    /// The invariants the CPU reference relies on, checked again (the fields are public,
+    /// so a validated problem can be changed): groups divide the channels, and the
+    /// output size is the one the options give (so no position computation overflows).
+    pub(crate) fn check_consistent(&self) -> Result<()> {
+        let g = self.groups;
+        let sizes_ok = g != 0
+            && self.c % g == 0
+            && self.k % g == 0
+            && output_size(
+                self.h,
+                self.r,
+                self.stride[0],
+                self.padding[0],
+                self.dilation[0],
+                false,
+            ) == Some(self.p)
+            && output_size(
+                self.w,
+                self.s,
+                self.stride[1],
+                self.padding[1],
+                self.dilation[1],
+                false,
+            ) == Some(self.q);
+        if !sizes_ok {
+            return Err(crate::ops::common::altered(format!("{self:?}")));
+        }
+        checked_elements("x", &self.x_shape())?;
+        checked_elements("the weight", &self.weight_shape())?;
+        checked_elements("y", &self.y_shape())?;
+        Ok(())
+    }
+
     /// Forward FLOPs: 2 per multiply-add, padding taps included (the usual convention).
     pub fn flops(&self) -> f64 {
         2.0 * (self.n * self.k * self.p * self.q) as f64

@@ -10,7 +10,9 @@ use std::ops::Neg;
 
 use crate::error::Result;
 use crate::ops::attention::reference::Real;
-use crate::ops::common::{poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt};
+use crate::ops::common::{
+    check_buffers, poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt,
+};
 use crate::ops::conv::{Activation, Conv2dProblem};
 
 /// The float types the convolution reference runs in: [`Real`] plus what the
@@ -210,6 +212,12 @@ pub fn try_conv2d<T: ConvReal>(
     w: &[T],
     bias: Option<&[T]>,
 ) -> Result<ConvForward<T>> {
+    p.check_consistent()?;
+    check_buffers(&[
+        ("x", x.len(), &p.x_shape()),
+        ("weight", w.len(), &p.weight_shape()),
+        ("bias", bias.map_or(p.k, <[T]>::len), &[p.k]),
+    ])?;
     let (n, c, h, wd, k, r, s, pp, q) = (p.n, p.c, p.h, p.w, p.k, p.r, p.s, p.p, p.q);
     let (cg, kg) = (c / p.groups, k / p.groups);
     let mut y_pre = try_alloc_vec(n * k * pp * q, T::ZERO, "the convolution output")?;
@@ -271,6 +279,12 @@ pub fn try_conv2d_backward<T: ConvReal>(
     w: &[T],
     dy: &[T],
 ) -> Result<ConvGradients<T>> {
+    p.check_consistent()?;
+    check_buffers(&[
+        ("x", x.len(), &p.x_shape()),
+        ("weight", w.len(), &p.weight_shape()),
+        ("dy", dy.len(), &p.y_shape()),
+    ])?;
     let (n, c, h, wd, k, r, s, pp, q) = (p.n, p.c, p.h, p.w, p.k, p.r, p.s, p.p, p.q);
     let (cg, kg) = (c / p.groups, k / p.groups);
     let mut dx = try_alloc_vec(x.len(), T::ZERO, "dx")?;

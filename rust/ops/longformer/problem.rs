@@ -90,6 +90,33 @@ impl LongformerProblem {
         keys
     }
 
+    /// The invariants the CPU reference relies on, checked again (the fields are public,
+    /// so a validated problem can be changed).
+    pub(crate) fn check_consistent(&self) -> Result<()> {
+        let bn = checked_elements("the masks", &[self.batch, self.seqlen])?;
+        checked_elements("q", &[bn, self.heads, self.head_dim])?;
+        let bad = |what: String| Err(crate::ops::common::altered(what));
+        if self.dilation.len() != self.heads || self.dilation.contains(&0) {
+            return bad(format!(
+                "dilation {:?} for {} heads",
+                self.dilation, self.heads
+            ));
+        }
+        if self.global.len() != bn || self.padding.len() != bn {
+            return bad("mask lengths".into());
+        }
+        if self.global_positions.len() != self.batch
+            || self.global_positions.iter().enumerate().any(|(b, g)| {
+                g.windows(2).any(|w| w[0] >= w[1])
+                    || g.iter()
+                        .any(|&i| i >= self.seqlen || !self.global[b * self.seqlen + i])
+            })
+        {
+            return bad("global_positions".into());
+        }
+        Ok(())
+    }
+
     /// Number of (query, key) pairs scored, over all sequences and heads.
     pub fn pairs(&self) -> usize {
         (0..self.batch)

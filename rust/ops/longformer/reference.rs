@@ -9,7 +9,9 @@
 use crate::error::Result;
 use crate::longformer::LongformerProblem;
 use crate::ops::attention::reference::{dot, Real};
-use crate::ops::common::{poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt};
+use crate::ops::common::{
+    check_buffers, poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt,
+};
 
 /// The six input buffers of one call (pass Q, K, V again as the global projections when
 /// there are none).
@@ -33,6 +35,18 @@ pub struct LongformerGrads<T> {
     pub dq_g: Vec<T>,
     pub dk_g: Vec<T>,
     pub dv_g: Vec<T>,
+}
+
+fn check_inputs<T>(p: &LongformerProblem, x: &LongformerInputs<'_, T>) -> Result<()> {
+    let s = p.qkv_shape();
+    check_buffers(&[
+        ("q", x.q.len(), &s),
+        ("k", x.k.len(), &s),
+        ("v", x.v.len(), &s),
+        ("q_global", x.q_g.len(), &s),
+        ("k_global", x.k_g.len(), &s),
+        ("v_global", x.v_g.len(), &s),
+    ])
 }
 
 fn tasks(p: &LongformerProblem) -> Vec<(usize, usize)> {
@@ -60,6 +74,8 @@ pub fn try_longformer<T: Real>(
     p: &LongformerProblem,
     x: &LongformerInputs<'_, T>,
 ) -> Result<(Vec<T>, Vec<T>)> {
+    p.check_consistent()?;
+    check_inputs(p, x)?;
     let (n, d) = (p.seqlen, p.head_dim);
     let mut out = try_alloc_vec(p.batch * n * p.heads * d, T::ZERO, "the Longformer output")?;
     let mut lse = try_alloc_vec(p.batch * p.heads * n, T::NEG_INFINITY, "the Longformer LSE")?;
@@ -144,6 +160,14 @@ pub fn try_longformer_backward<T: Real>(
     lse: &[T],
     dout: &[T],
 ) -> Result<LongformerGrads<T>> {
+    p.check_consistent()?;
+    check_inputs(p, x)?;
+    let shape = p.qkv_shape();
+    check_buffers(&[
+        ("out", out.len(), &shape),
+        ("dout", dout.len(), &shape),
+        ("lse", lse.len(), &p.lse_shape()),
+    ])?;
     let (n, d) = (p.seqlen, p.head_dim);
     let len = p.batch * n * p.heads * d;
     let buf = || try_alloc_vec(len, T::ZERO, "a Longformer gradient");

@@ -82,6 +82,32 @@ impl Pool2dProblem {
     pub fn y_shape(&self) -> Vec<usize> {
         vec![self.n, self.c, self.p, self.q]
     }
+
+    /// The invariants the CPU reference relies on, checked again (the fields are public,
+    /// so a validated problem can be changed): the output size is at most what the
+    /// options give (so no position computation overflows), and the sizes fit.
+    pub(crate) fn check_consistent(&self) -> Result<()> {
+        let fits = |i: usize, len: usize, out: usize| {
+            out > 0
+                && [false, true].iter().any(|&ceil| {
+                    output_size(
+                        len,
+                        self.kernel[i],
+                        self.stride[i],
+                        self.padding[i],
+                        self.dilation[i],
+                        ceil,
+                    ) == Some(out)
+                })
+        };
+        if !(fits(0, self.h, self.p) && fits(1, self.w, self.q)) || self.divisor_override == Some(0)
+        {
+            return Err(crate::ops::common::altered(format!("{self:?}")));
+        }
+        checked_elements("x", &self.x_shape())?;
+        checked_elements("y", &self.y_shape())?;
+        Ok(())
+    }
 }
 
 /// Checks x and the options of a pooling call; returns the problem sizes.

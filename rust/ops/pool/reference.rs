@@ -6,7 +6,9 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::ops::common::{poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt};
+use crate::ops::common::{
+    check_buffers, poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt,
+};
 use crate::ops::conv::reference::ConvReal;
 use crate::ops::pool::Pool2dProblem;
 
@@ -67,6 +69,8 @@ pub fn max_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> (Vec<T>, Vec<i32>)
 /// [`max_pool2d`], with allocation failures and interruptions (see
 /// [`crate::ops::with_interrupt_check`]) returned as errors.
 pub fn try_max_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Result<(Vec<T>, Vec<i32>)> {
+    p.check_consistent()?;
+    check_buffers(&[("x", x.len(), &p.x_shape())])?;
     let planes = p.n * p.c;
     let mut y = try_with_capacity(planes * p.p * p.q, "the pooling output")?;
     let mut idx = try_with_capacity(planes * p.p * p.q, "the pooling indices")?;
@@ -136,6 +140,11 @@ pub fn try_max_pool2d_backward<T: ConvReal>(
     dy: &[T],
     indices: &[i32],
 ) -> Result<Vec<T>> {
+    p.check_consistent()?;
+    check_buffers(&[
+        ("dy", dy.len(), &p.y_shape()),
+        ("indices", indices.len(), &p.y_shape()),
+    ])?;
     let plane_in = p.h * p.w;
     let plane_out = p.p * p.q;
     if let Some(bad) = indices
@@ -203,6 +212,8 @@ pub fn avg_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Vec<T> {
 
 /// [`avg_pool2d`], with allocation failures and interruptions returned as errors.
 pub fn try_avg_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Result<Vec<T>> {
+    p.check_consistent()?;
+    check_buffers(&[("x", x.len(), &p.x_shape())])?;
     let planes = p.n * p.c;
     let mut y = try_with_capacity(planes * p.p * p.q, "the pooling output")?;
     for plane in 0..planes {
@@ -237,6 +248,8 @@ pub fn avg_pool2d_backward<T: ConvReal>(p: &Pool2dProblem, dy: &[T]) -> Vec<T> {
 /// [`avg_pool2d_backward`], with allocation failures and interruptions returned as
 /// errors.
 pub fn try_avg_pool2d_backward<T: ConvReal>(p: &Pool2dProblem, dy: &[T]) -> Result<Vec<T>> {
+    p.check_consistent()?;
+    check_buffers(&[("dy", dy.len(), &p.y_shape())])?;
     let planes = p.n * p.c;
     let mut dx = try_alloc_vec(planes * p.h * p.w, T::ZERO, "dx")?;
     for plane in 0..planes {
