@@ -1633,3 +1633,13 @@ fn pool_case_run(c: &PoolCase) -> Result<(), TestCaseError> {
 fn fuzz_pool2d() {
     fuzz("fuzz_pool2d", CASES * 2, pool_case(), pool_case_run);
 }
+
+/// The watchdog itself: run with `--ignored watchdog_fires`; the process must exit 101
+/// after about 20 s, naming the call.
+#[test]
+#[ignore]
+fn watchdog_fires() {
+    let _ = call("a call that sleeps for a minute", || {
+        std::thread::sleep(Duration::from_secs(60))
+    });
+}
