@@ -5,21 +5,19 @@
 //! backward) and against independent oracles (python/tests/).
 
 pub use crate::ops::attention::reference::{
-    attention, attention_backward, try_attention, try_attention_backward, Gradients, Real,
+    try_attention, try_attention_backward, Gradients, Real,
 };
 pub use crate::ops::conv::reference::{
-    activate, activation_backward, activation_derivative, conv2d, conv2d_backward, erf, try_conv2d,
-    try_conv2d_backward, ConvForward, ConvGradients, ConvReal,
+    activate, activation_backward, activation_derivative, erf, try_conv2d, try_conv2d_backward,
+    ConvForward, ConvGradients, ConvReal,
 };
 pub use crate::ops::ffn::reference::{
     ffn_activate, ffn_activation_derivative, round_to_dtype, try_ffn, try_ffn_backward, FfnForward,
     FfnRefGradients, FfnWeights,
 };
 pub use crate::ops::longformer::reference::{
-    longformer, longformer_backward, try_longformer, try_longformer_backward, LongformerGrads,
-    LongformerInputs,
+    try_longformer, try_longformer_backward, LongformerGrads, LongformerInputs,
 };
 pub use crate::ops::pool::reference::{
-    avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward, try_avg_pool2d,
-    try_avg_pool2d_backward, try_max_pool2d, try_max_pool2d_backward,
+    try_avg_pool2d, try_avg_pool2d_backward, try_max_pool2d, try_max_pool2d_backward,
 };

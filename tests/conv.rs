@@ -188,7 +188,7 @@ proptest! {
         let w = random(&mut rng, case.k * (case.c / case.opts.groups) * case.r * case.s);
         let b = random(&mut rng, case.k);
         let b = bias.then_some(b.as_slice());
-        let got = reference::conv2d(&p, &x, &w, b);
+        let got = reference::try_conv2d(&p, &x, &w, b).unwrap();
         let want = naive_conv(&case, &x, &w, b);
         assert_close("y_pre", &got.y_pre, &want, 1e-12);
         let want_y: Vec<f64> = want.iter().map(|&v| naive_act(case.opts.activation, v)).collect();
@@ -208,9 +208,9 @@ proptest! {
         // L = sum(y_pre * dy); linear in each argument, so the central difference is
         // exact up to rounding.
         let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
-            reference::conv2d(&p, x, w, Some(b)).y_pre.iter().zip(&dy).map(|(a, g)| a * g).sum()
+            reference::try_conv2d(&p, x, w, Some(b)).unwrap().y_pre.iter().zip(&dy).map(|(a, g)| a * g).sum()
         };
-        let g = reference::conv2d_backward(&p, &x, &w, &dy);
+        let g = reference::try_conv2d_backward(&p, &x, &w, &dy).unwrap();
         let eps = 1e-3;
         // Up to 16 random elements of each argument (the forward is linear in each, so
         // any element's gradient is as informative as any other's).
@@ -300,7 +300,7 @@ proptest! {
         let x: Vec<f64> = (0..n * c * h * w)
             .map(|_| if ties { rng.below(3) as f64 - 1.0 } else { rng.normal() as f64 })
             .collect();
-        let (y, idx) = reference::max_pool2d(&p, &x);
+        let (y, idx) = reference::try_max_pool2d(&p, &x).unwrap();
         for plane in 0..n * c {
             for oh in 0..p.p {
                 for ow in 0..p.q {
@@ -327,7 +327,7 @@ proptest! {
         }
         // Adjoint: <y, dy> = <x, dx>.
         let dy = random(&mut rng, y.len());
-        let dx = reference::max_pool2d_backward(&p, &dy, &idx);
+        let dx = reference::try_max_pool2d_backward(&p, &dy, &idx).unwrap();
         let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
         prop_assert!((lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()));
@@ -349,7 +349,7 @@ proptest! {
             .unwrap_or_else(|e| panic!("{opts:?} {h}x{w}: {e}"));
         let mut rng = Rng::new(seed);
         let x = random(&mut rng, n * c * h * w);
-        let y = reference::avg_pool2d(&p, &x);
+        let y = reference::try_avg_pool2d(&p, &x).unwrap();
         let [ph, pw] = opts.padding;
         for plane in 0..n * c {
             for oh in 0..p.p {
@@ -378,7 +378,7 @@ proptest! {
             }
         }
         let dy = random(&mut rng, y.len());
-        let dx = reference::avg_pool2d_backward(&p, &dy);
+        let dx = reference::try_avg_pool2d_backward(&p, &dy).unwrap();
         let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
         prop_assert!((lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()));

@@ -261,13 +261,6 @@ pub fn with_interrupt_check_every<R>(
     f()
 }
 
-/// Runs `f` with no interrupt check on this thread (the infallible public references use
-/// it, so they never stop half-way).
-pub(crate) fn without_interrupt<R>(f: impl FnOnce() -> R) -> R {
-    let _restore = Restore::install(None, None);
-    f()
-}
-
 struct Restore(Option<InterruptCtx>, Option<Instant>);
 
 impl Restore {

@@ -10,9 +10,7 @@ use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use crate::attention::AttentionProblem;
 use crate::error::Result;
-use crate::ops::common::{
-    check_buffers, poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt,
-};
+use crate::ops::common::{check_buffers, poll_interrupt, try_alloc_vec, try_parallel_map};
 
 /// The float types the reference runs in.
 pub trait Real:
@@ -83,14 +81,8 @@ fn row_range(r: usize, h: usize, heads: usize, d: usize) -> std::ops::Range<usiz
 /// Attention forward. Returns O (laid out like Q) and LSE (natural log, per
 /// [`AttentionProblem::lse_index`]).
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_attention`] returns that as an error).
-pub fn attention<T: Real>(p: &AttentionProblem, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
-    without_interrupt(|| try_attention(p, q, k, v)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`attention`], with allocation failures (`Error::OutOfMemory`) and interruptions
-/// (see [`crate::ops::with_interrupt_check`]) returned as errors.
+/// Fallible: allocation failures (`Error::OutOfMemory`) and interruptions (see
+/// [`crate::ops::with_interrupt_check`]) returned as errors.
 pub fn try_attention<T: Real>(
     p: &AttentionProblem,
     q: &[T],
@@ -167,25 +159,7 @@ pub fn try_attention<T: Real>(
 /// dS = P * (dP - Delta), dQ = scale * dS K, dK = scale * dS^T Q. For GQA, dK and dV sum
 /// over the query heads of each group.
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_attention_backward`] returns that as an
-/// error).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward<T: Real>(
-    p: &AttentionProblem,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &[T],
-    lse: &[T],
-    dout: &[T],
-) -> Gradients<T> {
-    without_interrupt(|| try_attention_backward(p, q, k, v, out, lse, dout))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`attention_backward`], with allocation failures and interruptions returned as
-/// errors.
+/// Fallible: allocation failures and interruptions returned as errors.
 #[allow(clippy::too_many_arguments)]
 pub fn try_attention_backward<T: Real>(
     p: &AttentionProblem,

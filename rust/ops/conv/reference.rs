@@ -10,9 +10,7 @@ use std::ops::Neg;
 
 use crate::error::Result;
 use crate::ops::attention::reference::Real;
-use crate::ops::common::{
-    check_buffers, poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt,
-};
+use crate::ops::common::{check_buffers, poll_interrupt, try_alloc_vec, try_with_capacity};
 use crate::ops::conv::{Activation, Conv2dProblem};
 
 /// The float types the convolution reference runs in: [`Real`] plus what the
@@ -193,18 +191,7 @@ pub(crate) fn input_pos(
 /// Convolution forward (cross-correlation, as torch's conv2d), grouped: output channel
 /// `k` of group `g = k / (K / groups)` reads input channels `g * C/groups ..`.
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_conv2d`] returns that as an error).
-pub fn conv2d<T: ConvReal>(
-    p: &Conv2dProblem,
-    x: &[T],
-    w: &[T],
-    bias: Option<&[T]>,
-) -> ConvForward<T> {
-    without_interrupt(|| try_conv2d(p, x, w, bias)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`conv2d`], with allocation failures and interruptions (see
+/// Fallible: allocation failures and interruptions (see
 /// [`crate::ops::with_interrupt_check`]) returned as errors.
 pub fn try_conv2d<T: ConvReal>(
     p: &Conv2dProblem,
@@ -261,18 +248,7 @@ pub fn try_conv2d<T: ConvReal>(
 /// (conv + bias), as in the C ABI. Each forward multiply-add `y += x * w` contributes
 /// `dx += dy * w` and `dw += dy * x`; dbias sums dy over (n, p, q).
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_conv2d_backward`] returns that as an error).
-pub fn conv2d_backward<T: ConvReal>(
-    p: &Conv2dProblem,
-    x: &[T],
-    w: &[T],
-    dy: &[T],
-) -> ConvGradients<T> {
-    without_interrupt(|| try_conv2d_backward(p, x, w, dy)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`conv2d_backward`], with allocation failures and interruptions returned as errors.
+/// Fallible: allocation failures and interruptions returned as errors.
 pub fn try_conv2d_backward<T: ConvReal>(
     p: &Conv2dProblem,
     x: &[T],

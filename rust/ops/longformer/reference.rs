@@ -9,9 +9,7 @@
 use crate::error::Result;
 use crate::longformer::LongformerProblem;
 use crate::ops::attention::reference::{dot, Real};
-use crate::ops::common::{
-    check_buffers, poll_interrupt, try_alloc_vec, try_parallel_map, without_interrupt,
-};
+use crate::ops::common::{check_buffers, poll_interrupt, try_alloc_vec, try_parallel_map};
 
 /// The six input buffers of one call (pass Q, K, V again as the global projections when
 /// there are none).
@@ -62,13 +60,7 @@ fn at(p: &LongformerProblem, b: usize, i: usize, h: usize) -> usize {
 
 /// Longformer forward: O (B, N, H, D) and LSE (B, H, N; -inf for padded rows).
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_longformer`] returns that as an error).
-pub fn longformer<T: Real>(p: &LongformerProblem, x: &LongformerInputs<'_, T>) -> (Vec<T>, Vec<T>) {
-    without_interrupt(|| try_longformer(p, x)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`longformer`], with allocation failures and interruptions (see
+/// Fallible: allocation failures and interruptions (see
 /// [`crate::ops::with_interrupt_check`]) returned as errors.
 pub fn try_longformer<T: Real>(
     p: &LongformerProblem,
@@ -137,22 +129,7 @@ pub fn try_longformer<T: Real>(
 /// P = exp(scale * q K^T - LSE), Delta = dO . O, dV += P^T dO, dS = P * (dO V^T - Delta),
 /// dQ = scale * dS K, dK += scale * dS^T q, each on the projections the row used.
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_longformer_backward`] returns that as an
-/// error).
-pub fn longformer_backward<T: Real>(
-    p: &LongformerProblem,
-    x: &LongformerInputs<'_, T>,
-    out: &[T],
-    lse: &[T],
-    dout: &[T],
-) -> LongformerGrads<T> {
-    without_interrupt(|| try_longformer_backward(p, x, out, lse, dout))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`longformer_backward`], with allocation failures and interruptions returned as
-/// errors.
+/// Fallible: allocation failures and interruptions returned as errors.
 pub fn try_longformer_backward<T: Real>(
     p: &LongformerProblem,
     x: &LongformerInputs<'_, T>,

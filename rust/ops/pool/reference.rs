@@ -6,9 +6,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::ops::common::{
-    check_buffers, poll_interrupt, try_alloc_vec, try_with_capacity, without_interrupt,
-};
+use crate::ops::common::{check_buffers, poll_interrupt, try_alloc_vec, try_with_capacity};
 use crate::ops::conv::reference::ConvReal;
 use crate::ops::pool::Pool2dProblem;
 
@@ -60,13 +58,7 @@ fn positions(
 /// wins over any number (the last NaN of a window). A window whose elements are all
 /// -inf records its first element.
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_max_pool2d`] returns that as an error).
-pub fn max_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> (Vec<T>, Vec<i32>) {
-    without_interrupt(|| try_max_pool2d(p, x)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`max_pool2d`], with allocation failures and interruptions (see
+/// Fallible: allocation failures and interruptions (see
 /// [`crate::ops::with_interrupt_check`]) returned as errors.
 pub fn try_max_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Result<(Vec<T>, Vec<i32>)> {
     p.check_consistent()?;
@@ -126,15 +118,8 @@ pub fn try_max_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Result<(Vec<T>
 /// Max pooling backward: dy scattered to the recorded indices, summed where windows
 /// share their maximum.
 ///
-/// # Panics
-/// When an index lies outside its plane or a buffer cannot be allocated
-/// ([`try_max_pool2d_backward`] returns those as errors).
-pub fn max_pool2d_backward<T: ConvReal>(p: &Pool2dProblem, dy: &[T], indices: &[i32]) -> Vec<T> {
-    without_interrupt(|| try_max_pool2d_backward(p, dy, indices)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`max_pool2d_backward`], with out-of-range indices, allocation failures and
-/// interruptions returned as errors.
+/// Fallible: out-of-range indices, allocation failures and interruptions returned as
+/// errors.
 pub fn try_max_pool2d_backward<T: ConvReal>(
     p: &Pool2dProblem,
     dy: &[T],
@@ -204,13 +189,7 @@ fn avg_divisor(p: &Pool2dProblem, oh: usize, ow: usize) -> (Range<usize>, Range<
 /// clipped to the padded input (`count_include_pad`) or to the input, or by
 /// `divisor_override`.
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_avg_pool2d`] returns that as an error).
-pub fn avg_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Vec<T> {
-    without_interrupt(|| try_avg_pool2d(p, x)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`avg_pool2d`], with allocation failures and interruptions returned as errors.
+/// Fallible: allocation failures and interruptions returned as errors.
 pub fn try_avg_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Result<Vec<T>> {
     p.check_consistent()?;
     check_buffers(&[("x", x.len(), &p.x_shape())])?;
@@ -238,15 +217,7 @@ pub fn try_avg_pool2d<T: ConvReal>(p: &Pool2dProblem, x: &[T]) -> Result<Vec<T>>
 /// Average pooling backward: each dy spread evenly (dy / divisor) over its window's
 /// input elements.
 ///
-/// # Panics
-/// When a buffer cannot be allocated ([`try_avg_pool2d_backward`] returns that as an
-/// error).
-pub fn avg_pool2d_backward<T: ConvReal>(p: &Pool2dProblem, dy: &[T]) -> Vec<T> {
-    without_interrupt(|| try_avg_pool2d_backward(p, dy)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// [`avg_pool2d_backward`], with allocation failures and interruptions returned as
-/// errors.
+/// Fallible: allocation failures and interruptions returned as errors.
 pub fn try_avg_pool2d_backward<T: ConvReal>(p: &Pool2dProblem, dy: &[T]) -> Result<Vec<T>> {
     p.check_consistent()?;
     check_buffers(&[("dy", dy.len(), &p.y_shape())])?;
