@@ -22,6 +22,11 @@ Entry points, with the signatures users already know:
   projections, padding) on (batch, seqlen, heads, head_dim) arrays;
   ``longformer_attention_backward`` for numpy users (see ``_longformer``). Its masks are
   read on the host (a device-to-host copy for GPU masks).
+- ``feed_forward(x, w1, w2, b1=None, b2=None, *, w3=None, b3=None, activation="gelu",
+  residual=False)``: the fused feed-forward block ``act(x W1ᵀ + b1) W2ᵀ + b2`` (gated with
+  w3: SwiGLU, GeGLU) on nn.Linear-shaped weights; ``feed_forward_backward`` for numpy users;
+  ``FeedForward(d_model, d_hidden, ...)``, a torch.nn.Module drop-in whose state_dict is
+  that of nn.Linear layers (loaded on first use, since it imports torch; see ``_ffn``).
 - ``ring_attention(q, k, v, causal=False, softmax_scale=None, group=None)``: past one
   GPU, attention over a sequence sharded across the ranks of a torch.distributed group
   (context parallelism), differentiable; ``merge_attention_states(out_a, lse_a, out_b,
@@ -116,6 +121,7 @@ from typing import Any, Optional
 from . import _native
 from ._attention import attention_backward, flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from ._conv import avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
+from ._ffn import feed_forward, feed_forward_backward
 from ._longformer import longformer_attention, longformer_attention_backward
 
 # The package is this file's re-exports and the torch registration below. The modules
@@ -142,6 +148,8 @@ __all__ = [
     "avg_pool2d_backward",
     "longformer_attention",
     "longformer_attention_backward",
+    "feed_forward",
+    "feed_forward_backward",
 ]
 
 
@@ -153,11 +161,12 @@ def cuda_available() -> bool:
 def register_torch_ops() -> None:
     """Registers the torch.library ops ``torch.ops.flashkernels.attention_fwd``,
     ``attention_bwd``, ``conv2d_fwd``, ``conv2d_bwd``, ``longformer_fwd`` and
-    ``longformer_bwd`` (importing torch). Not needed in the usual cases (see the module
-    docs); idempotent."""
+    ``longformer_bwd``, ``ffn_fwd``, ``ffn_bwd`` (importing torch). Not needed in the
+    usual cases (see the module docs); idempotent."""
     from . import (
         _torch,  # noqa: F401  (registers on import)
         _torch_conv,  # noqa: F401  (conv2d / pooling ops, likewise)
+        _torch_ffn,  # noqa: F401  (feed-forward ops, likewise)
         _torch_longformer,  # noqa: F401  (Longformer ops, likewise)
     )
 
@@ -173,6 +182,10 @@ def __getattr__(name: str) -> Any:
         from . import ring
 
         return getattr(ring, name)
+    if name == "FeedForward":  # a torch.nn.Module: loaded on first use, like ring
+        from . import _torch_ffn
+
+        return _torch_ffn.FeedForward
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -198,6 +198,65 @@ def pool2d_output_shape(
 ) -> List[int]:
     """(N, C, P, Q) of a pooling call, validated."""
 
+def ffn_forward(
+    x: _Capsule,
+    w1: _Capsule,
+    w2: _Capsule,
+    y: _Capsule,
+    w3: Optional[_Capsule] = None,
+    b1: Optional[_Capsule] = None,
+    b2: Optional[_Capsule] = None,
+    b3: Optional[_Capsule] = None,
+    hidden: Optional[_Capsule] = None,
+    *,
+    activation: str,
+    residual: bool,
+    stream: int = 0,
+) -> None:
+    """y = act(x W1ᵀ + b1) W2ᵀ + b2 (+ x), gated with w3: (act(x W1ᵀ + b1) ∘ (x W3ᵀ + b3))
+    W2ᵀ + b2 (+ x); x (tokens, d_model), w1 / w3 (d_hidden, d_model), w2 (d_model,
+    d_hidden). Fills the caller's `y` (and `hidden`), shaped as `ffn_shapes` says, in x's
+    dtype, any strides. `activation`: "relu", "gelu", "gelu_tanh" or "silu". CUDA:
+    float16 / bfloat16, widths multiples of 8, on `stream`, not synchronized."""
+
+def ffn_backward(
+    x: _Capsule,
+    w1: _Capsule,
+    w2: _Capsule,
+    dy: _Capsule,
+    w3: Optional[_Capsule] = None,
+    b1: Optional[_Capsule] = None,
+    b2: Optional[_Capsule] = None,
+    b3: Optional[_Capsule] = None,
+    *,
+    dx: Optional[_Capsule] = None,
+    dw1: Optional[_Capsule] = None,
+    dw2: Optional[_Capsule] = None,
+    dw3: Optional[_Capsule] = None,
+    db1: Optional[_Capsule] = None,
+    db2: Optional[_Capsule] = None,
+    db3: Optional[_Capsule] = None,
+    activation: str,
+    residual: bool,
+    stream: int = 0,
+) -> None:
+    """Fills the given gradient outputs (each shaped like its input, x's dtype, any
+    strides); dw3 needs w3 and db_i needs b_i."""
+
+def ffn_shapes(
+    x_shape: Sequence[int],
+    w1_shape: Sequence[int],
+    w2_shape: Sequence[int],
+    w3_shape: Optional[Sequence[int]] = None,
+    b1_shape: Optional[Sequence[int]] = None,
+    b2_shape: Optional[Sequence[int]] = None,
+    b3_shape: Optional[Sequence[int]] = None,
+    *,
+    activation: str,
+    residual: bool,
+) -> Tuple[List[int], List[int]]:
+    """(y, hidden) shapes, ((tokens, d_model), (tokens, d_hidden)), validated."""
+
 # A host mask: one byte per token (nonzero = set) and its shape, (batch, seqlen).
 _HostMask = Tuple[bytes, Sequence[int]]
 
