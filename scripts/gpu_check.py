@@ -39,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/fk-site"
 LOG_LIMIT = 1 << 20  # bytes kept of each step's output (the tail): 14 steps stay under 16 MiB
-RUST_SUITES = ["gpu_attention", "gpu_attention_full", "gpu_longformer", "gpu_conv"]
-SMOKE_SUITES = ["gpu_attention_full", "gpu_longformer", "gpu_conv"]
+RUST_SUITES = ["gpu_attention", "gpu_attention_full", "gpu_longformer", "gpu_conv", "gpu_ffn"]
+SMOKE_SUITES = ["gpu_attention_full", "gpu_longformer", "gpu_conv", "gpu_ffn"]
 SANITIZERS = ["memcheck", "racecheck", "synccheck", "initcheck"]
 
 
@@ -221,7 +221,7 @@ def quick_steps():
         "Python GPU tests, a covering subset (every op, dtype, option; torch autograd and torch.compile on CUDA)",
         # from python/tests, so the installed wheel is imported, not the sources
         "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu "
-        "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py",
+        "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py test_ffn_gpu.py",
         110,
         {"PYTHONPATH": SITE},
     )
