@@ -9,7 +9,7 @@ pub mod ops;
 pub mod reference;
 pub mod tensor;
 
-pub use ops::{attention, conv, ffn, longformer, pool};
+pub use ops::{attention, conv, ffn, linformer, longformer, pool};
 
 #[cfg(all(feature = "cuda", feature = "emulator"))]
 compile_error!(

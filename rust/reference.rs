@@ -15,6 +15,9 @@ pub use crate::ops::ffn::reference::{
     ffn_activate, ffn_activation_derivative, round_to_dtype, try_ffn, try_ffn_backward, FfnForward,
     FfnRefGradients, FfnWeights,
 };
+pub use crate::ops::linformer::reference::{
+    try_linformer, try_linformer_backward, LinformerForward, LinformerInputs, LinformerRefGradients,
+};
 pub use crate::ops::longformer::reference::{
     try_longformer, try_longformer_backward, LongformerGrads, LongformerInputs,
 };

@@ -19,6 +19,7 @@ pub mod conv;
 pub mod ffn;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 pub(crate) mod glue;
+pub mod linformer;
 pub mod longformer;
 pub mod pool;
 
