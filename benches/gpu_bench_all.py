@@ -4,7 +4,7 @@
 
 The GPU check's bench step (scripts/gpu_check.sh bench). One process, so torch, CUDA and
 the compiled peers start once. Cases come from the per-op benches (gpu_bench.py,
-gpu_bench_longformer.py, gpu_bench_conv.py: each checks correctness first, then times
+gpu_bench_longformer.py, gpu_bench_conv.py, gpu_bench_ffn.py: each checks correctness first, then times
 the contenders interleaved over --rounds rounds with CUDA events and takes medians) plus
 pooling here. The headline case of every op runs first, then the sweeps that give the
 plots (TFLOP/s against sequence length); a case whose estimated cost no longer fits the
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flashkernels  # noqa: E402
 import gpu_bench as attn  # noqa: E402
 import gpu_bench_conv as conv  # noqa: E402
+import gpu_bench_ffn as ffn  # noqa: E402
 import gpu_bench_longformer as lf  # noqa: E402
 
 OURS = "flashkernels"
@@ -89,6 +90,22 @@ def conv_layer(layer, nhwc, train, headline=False):
         name,
         lambda r: conv.run_layer(*layer, nhwc, train, r),
         20 if train else 12,
+        headline,
+    )
+
+
+def ffn_case(d, gated, train, headline=False):
+    """The fused feed-forward block (bf16, 8192 tokens) vs torch eager and torch.compile of
+    the same nn.Linear layers; torch.compile's first call (tens of seconds) is in est_s."""
+    block = "SwiGLU" if gated else "GELU"
+    return Case(
+        "ffn_train" if train else "ffn_fwd",
+        f"{block} d_model {d} d_hidden {ffn.hidden_of(d, gated)}",
+        f"{block} ({'8/3' if gated else '4'}x hidden)",
+        "d_model",
+        d,
+        lambda r: ffn.run_case(d, gated, train, r),
+        45 if train else 30,
         headline,
     )
 
@@ -154,8 +171,11 @@ def cases():
     yield conv_layer(r50[0], True, False, headline=True)
     yield conv_layer(r50[0], True, True, headline=True)
     yield pool_case("max", False, headline=True)
+    yield ffn_case(1024, False, False, headline=True)  # the issue's goals: >= 1.15x eager here
+    yield ffn_case(1024, False, True, headline=True)
     yield longformer("spread", False, headline=True)
     yield longformer("none", True, headline=True)
+    yield ffn_case(4096, False, False, headline=True)  # >= 1.0x eager
     for d in (128, 64):
         for n in (512, 2048, 8192, 16384):
             if (d, n) != (128, 8192):
@@ -176,6 +196,10 @@ def cases():
     yield pool_case("avg", False)
     yield pool_case("max", True)
     yield pool_case("avg", True)
+    for train in (False, True):
+        for d in ffn.D_MODELS:
+            yield ffn_case(d, True, train)
+    yield ffn_case(4096, False, True)
 
 
 def check_of(raw):

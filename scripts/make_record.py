@@ -47,6 +47,8 @@ OP_ORDER = [
     "conv_fwd",
     "conv_train",
     "pool",
+    "ffn_fwd",
+    "ffn_train",
 ]
 
 
