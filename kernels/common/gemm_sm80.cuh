@@ -13,6 +13,12 @@
 // - The epilogue (StagedEpilogue: bias, run-time activation, optional pre-activation copy,
 //   any output strides, staged through shared memory; F32Epilogue: raw f32) runs once the
 //   mainloop is done.
+// Groups (blockIdx.z) start group_stride apart, or, for groups that are tuples such as
+// (batch, head, split), where an IndexMap3 over z puts them (MappedOperand,
+// MappedEpilogueParams). Split-K (tile_gemm_split_kernel): group z reduces only over its
+// split's range of k, absolute k indices, so loaders need no base shift; the partials go to
+// an F32Epilogue and the caller reduces them in a fixed order. Rows or reduction columns of
+// padded keys can be masked to zero in the loader (KeyMask).
 // A linear layer is the same call: A = activations (row-major), B = weight (out, in) as torch
 // stores it, StagedEpilogue for bias + activation. A Hopper path slots in beside this one as
 // TileGemmTraitsSm90 with a warpgroup wgmma mainloop: the loaders' tiles are already wgmma's
@@ -69,6 +75,11 @@ struct TileGemmTraitsSm80 {
   static constexpr size_t kSmemBytes = kSmemMain > kSmemEpilogue ? kSmemMain : kSmemEpilogue;
 };
 
+// Which elements a loader zeroes besides those outside rows x cols: none, the rows, or the
+// reduction columns whose mask byte is nonzero (attention-style key padding: the keys of a
+// sequence are the rows or the columns of an operand, the mask row is the group's batch).
+enum class KeyMask { kNone, kRows, kCols };
+
 // Operand given by index maps; zero outside rows x cols. Group g starts group_stride later.
 template <typename Element> struct StridedOperand {
   const Element *base;
@@ -76,13 +87,32 @@ template <typename Element> struct StridedOperand {
   int rows, cols;
   int64_t group_stride;
   bool vec; // 16-byte cp.async allowed (host-checked: col_map, strides, alignment)
+  static constexpr KeyMask kMask = KeyMask::kNone;
+  __device__ __forceinline__ int64_t group_offset(int z) const { return z * group_stride; }
 };
 
-// Fills ROWS x kBlockK tiles of a StridedOperand. Each thread owns one 16-byte chunk column
-// and ROWS / (threads / 8) rows, whose offsets it computes once.
-template <class Traits, int ROWS> struct StridedLoader {
+// A StridedOperand whose group z starts at group_map.offset(z) (group_stride unused): z =
+// (batch, head, split) with a stride each, 0 for what the operand does not depend on. With
+// kMask_ != kNone, element (r, c) is also zero where mask[mask_map.offset(z) + r] (kRows)
+// or mask[mask_map.offset(z) + c] (kCols) is nonzero (mask: uint8, 1 = masked).
+template <typename Element, KeyMask kMask_ = KeyMask::kNone>
+struct MappedOperand : StridedOperand<Element> {
+  IndexMap3 group_map;
+  const uint8_t *mask; // null: nothing masked
+  IndexMap3 mask_map;
+  static constexpr KeyMask kMask = kMask_;
+  __device__ __forceinline__ int64_t group_offset(int z) const { return group_map.offset(z); }
+};
+
+// Fills ROWS x kBlockK tiles of a StridedOperand (or a MappedOperand: StridedLoaderT's
+// Operand). Each thread owns one 16-byte chunk column and ROWS / (threads / 8) rows, whose
+// offsets it computes once. Masked rows (kRows) are folded into the rows' validity at
+// construction; masked columns (kCols) are read once per k-tile for the thread's chunk and
+// shared by its rows. Without a mask (StridedOperand) the code is the unmasked loader's.
+template <class Traits, int ROWS, class Operand_> struct StridedLoaderT {
   using Element = typename Traits::Element;
-  using Operand = StridedOperand<Element>;
+  using Operand = Operand_;
+  static constexpr KeyMask kMask = Operand::kMask;
   static constexpr int kRowsPerPass = Traits::kNThreads / Traits::Tile::kChunksPerRow;
   static constexpr int kPasses = ROWS / kRowsPerPass;
   static_assert(kPasses * kRowsPerPass == ROWS, "tile rows must split evenly over threads");
@@ -93,25 +123,38 @@ template <class Traits, int ROWS> struct StridedLoader {
   int64_t row_offset[kPasses];
   bool row_valid[kPasses];
 
-  __device__ StridedLoader(const Operand &op_, int row0, int tid)
-      : op(op_), base(op_.base + blockIdx.z * op_.group_stride),
+  __device__ StridedLoaderT(const Operand &op_, int row0, int tid)
+      : op(op_), base(op_.base + op_.group_offset(blockIdx.z)),
         chunk(tid % Traits::Tile::kChunksPerRow), row_in_pass(tid / Traits::Tile::kChunksPerRow) {
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int row = row0 + i * kRowsPerPass + row_in_pass;
       row_valid[i] = row < op.rows;
+      if constexpr (kMask == KeyMask::kRows)
+        if (row_valid[i] && op.mask != nullptr)
+          row_valid[i] = op.mask[op.mask_map.offset(blockIdx.z) + row] == 0;
       row_offset[i] = row_valid[i] ? op.row_map.offset(row) : 0;
     }
   }
 
   __device__ void load(Element *tile, int k0) const {
     const int col = k0 + chunk * 8;
-    const bool full = op.vec && col + 8 <= op.cols;
+    bool full = op.vec && col + 8 <= op.cols;
+    unsigned keep = 0xFFu; // bit e: column col + e is not masked
+    if constexpr (kMask == KeyMask::kCols) {
+      if (op.mask != nullptr && col < op.cols) {
+        const uint8_t *m = op.mask + op.mask_map.offset(blockIdx.z);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if (col + e < op.cols && m[col + e] != 0) keep &= ~(1u << e);
+        full = full && keep == 0xFFu;
+      }
+    }
     const int64_t col_offset = full ? op.col_map.offset(col) : 0;
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       Element *dst = tile + Traits::Tile::offset(i * kRowsPerPass + row_in_pass, chunk);
-      if (!row_valid[i] || col >= op.cols) {
+      if (!row_valid[i] || col >= op.cols || keep == 0) {
         cp_async_16(smem_addr(dst), base, 0);
       } else if (full) {
         cp_async_16(smem_addr(dst), base + row_offset[i] + col_offset, 16);
@@ -119,13 +162,24 @@ template <class Traits, int ROWS> struct StridedLoader {
         alignas(16) Element v[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e)
-          v[e] = col + e < op.cols ? base[row_offset[i] + op.col_map.offset(col + e)]
-                                   : from_float<Element>(0.f);
+          v[e] = col + e < op.cols && (keep >> e & 1u)
+                     ? base[row_offset[i] + op.col_map.offset(col + e)]
+                     : from_float<Element>(0.f);
         *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(v);
       }
     }
   }
 };
+
+// The plain loader of a StridedOperand (the name conv and the FFN instantiate).
+template <class Traits, int ROWS>
+struct StridedLoader : StridedLoaderT<Traits, ROWS, StridedOperand<typename Traits::Element>> {
+  using StridedLoaderT<Traits, ROWS, StridedOperand<typename Traits::Element>>::StridedLoaderT;
+};
+
+// The loader of a MappedOperand (group map, optional key mask).
+template <class Traits, int ROWS, KeyMask kMask = KeyMask::kNone>
+using MappedLoader = StridedLoaderT<Traits, ROWS, MappedOperand<typename Traits::Element, kMask>>;
 
 template <typename Element> struct EpilogueParams {
   Element *out;
@@ -136,6 +190,14 @@ template <typename Element> struct EpilogueParams {
   int64_t group_stride; // of out and out_pre; the bias's is N
   int activation;       // fk_activation
   bool vec;             // 16-byte stores along n allowed (host-checked)
+  __device__ __forceinline__ int64_t group_offset(int z) const { return z * group_stride; }
+};
+
+// EpilogueParams whose group z starts at group_map.offset(z) in out / out_pre (group_stride
+// unused); the bias is still (groups * N).
+template <typename Element> struct MappedEpilogueParams : EpilogueParams<Element> {
+  IndexMap3 group_map;
+  __device__ __forceinline__ int64_t group_offset(int z) const { return group_map.offset(z); }
 };
 
 // Epilogue policies: apply(acc, params, smem, m0, n0, warp_m0, warp_n0) is called by every
@@ -145,16 +207,22 @@ template <typename Element> struct EpilogueParams {
 // operands' dtype. When n is the unit-stride dimension (NHWC), consecutive threads store
 // consecutive n, 16 bytes at a time where allowed; otherwise (NCHW: m's q is unit-stride)
 // consecutive threads take consecutive m.
-template <class Traits> struct StagedEpilogue {
+template <class Traits, class Params_> struct StagedEpilogueT {
   using Element = typename Traits::Element;
-  using Params = EpilogueParams<Element>;
+  using Params = Params_;
   static __device__ void apply(const float (&acc)[Traits::kMTiles][Traits::kNTiles][4],
                                const Params &ep, Element *smem, int m0, int n0, int warp_m0,
                                int warp_n0);
 };
 
 template <class Traits>
-__device__ void StagedEpilogue<Traits>::apply(
+struct StagedEpilogue : StagedEpilogueT<Traits, EpilogueParams<typename Traits::Element>> {};
+template <class Traits>
+struct MappedStagedEpilogue
+    : StagedEpilogueT<Traits, MappedEpilogueParams<typename Traits::Element>> {};
+
+template <class Traits, class Params_>
+__device__ void StagedEpilogueT<Traits, Params_>::apply(
     const float (&acc)[Traits::kMTiles][Traits::kNTiles][4], const Params &ep, Element *smem,
     int m0, int n0, int warp_m0, int warp_n0) {
   constexpr int BM = Traits::kBlockM, BN = Traits::kBlockN, LD = Traits::kStageLd;
@@ -162,8 +230,8 @@ __device__ void StagedEpilogue<Traits>::apply(
   Element *s_pre = smem + BM * LD;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const Element *bias = ep.bias != nullptr ? ep.bias + blockIdx.z * ep.cols : nullptr;
-  Element *out = ep.out + blockIdx.z * ep.group_stride;
-  Element *out_pre = ep.out_pre != nullptr ? ep.out_pre + blockIdx.z * ep.group_stride : nullptr;
+  Element *out = ep.out + ep.group_offset(blockIdx.z);
+  Element *out_pre = ep.out_pre != nullptr ? ep.out_pre + ep.group_offset(blockIdx.z) : nullptr;
 #pragma unroll
   for (int j = 0; j < Traits::kNTiles; ++j)
 #pragma unroll
@@ -245,29 +313,21 @@ template <class Traits> struct F32Epilogue {
   }
 };
 
-// One block: a BM x BN output tile of group blockIdx.z; k_total is the reduction length.
-template <class Traits, class ALoader, class BLoader, class Epilogue>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
-    tile_gemm_kernel(const typename ALoader::Operand a, const typename BLoader::Operand b,
-                     const typename Epilogue::Params ep, int k_total) {
+// The mainloop of one block: acc = sum over the k-tiles [kt_begin, kt_end) (absolute
+// k0 = kt * kBlockK, so the loaders see absolute reduction columns) of A_tile B_tileᵀ.
+// Called by the whole block with shared memory free; ends with every read of sA and sB
+// ordered by a barrier, so the epilogue may reuse shared memory.
+template <class Traits, class ALoader, class BLoader>
+__device__ __forceinline__ void tile_gemm_mainloop(
+    const ALoader &load_a, const BLoader &load_b, typename Traits::Element *sA,
+    typename Traits::Element *sB, float (&acc)[Traits::kMTiles][Traits::kNTiles][4], int kt_begin,
+    int kt_end, int warp_m0, int warp_n0) {
   using Element = typename Traits::Element;
   using Tile = typename Traits::Tile;
   constexpr int MT = Traits::kMTiles, NT = Traits::kNTiles;
+  const int lane = threadIdx.x % 32;
+  const int k_tiles = kt_end - kt_begin;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Element *sA = reinterpret_cast<Element *>(smem_raw);
-  Element *sB = sA + Traits::kStages * Traits::kSmemA;
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * Traits::kBlockM, n0 = blockIdx.y * Traits::kBlockN;
-  const int warp_m0 = (warp / Traits::kWarpsN) * MT * 16;
-  const int warp_n0 = (warp % Traits::kWarpsN) * NT * 8;
-
-  const ALoader load_a(a, m0, tid);
-  const BLoader load_b(b, n0, tid);
-  const int k_tiles = (k_total + Traits::kBlockK - 1) / Traits::kBlockK;
-
-  float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -276,15 +336,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
   if (k_tiles > 0) { // an empty reduction (no pixels, say) must not touch its operands
-    load_a.load(sA, 0);
-    load_b.load(sB, 0);
+    load_a.load(sA, kt_begin * Traits::kBlockK);
+    load_b.load(sB, kt_begin * Traits::kBlockK);
   }
   cp_async_commit();
   for (int kt = 0; kt < k_tiles; ++kt) {
     const int stage = kt & 1;
     if (kt + 1 < k_tiles) {
-      load_a.load(sA + (stage ^ 1) * Traits::kSmemA, (kt + 1) * Traits::kBlockK);
-      load_b.load(sB + (stage ^ 1) * Traits::kSmemB, (kt + 1) * Traits::kBlockK);
+      const int k_next = (kt_begin + kt + 1) * Traits::kBlockK;
+      load_a.load(sA + (stage ^ 1) * Traits::kSmemA, k_next);
+      load_b.load(sB + (stage ^ 1) * Traits::kSmemB, k_next);
       cp_async_commit();
       cp_async_wait<1>(); // tile kt has landed, kt + 1 may still be in flight
     } else {
@@ -317,7 +378,62 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   }
   // Shared memory is free for the epilogue without a wait or barrier here (the emulator's
   // race check agrees): the last k-tile waited with wait<0> and its closing barrier orders
-  // every read of sA and sB; with k_tiles == 0 nothing was loaded or read.
+  // every read of sA and sB; with no k-tile nothing was loaded or read.
+}
+
+// One block: a BM x BN output tile of group blockIdx.z; k_total is the reduction length.
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+    tile_gemm_kernel(const typename ALoader::Operand a, const typename BLoader::Operand b,
+                     const typename Epilogue::Params ep, int k_total) {
+  using Element = typename Traits::Element;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element *sA = reinterpret_cast<Element *>(smem_raw);
+  Element *sB = sA + Traits::kStages * Traits::kSmemA;
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int m0 = blockIdx.x * Traits::kBlockM, n0 = blockIdx.y * Traits::kBlockN;
+  const int warp_m0 = (warp / Traits::kWarpsN) * Traits::kMTiles * 16;
+  const int warp_n0 = (warp % Traits::kWarpsN) * Traits::kNTiles * 8;
+
+  const ALoader load_a(a, m0, tid);
+  const BLoader load_b(b, n0, tid);
+  float acc[Traits::kMTiles][Traits::kNTiles][4];
+  tile_gemm_mainloop<Traits>(load_a, load_b, sA, sB, acc, 0,
+                             (k_total + Traits::kBlockK - 1) / Traits::kBlockK, warp_m0, warp_n0);
+  Epilogue::apply(acc, ep, sA, m0, n0, warp_m0, warp_n0);
+}
+
+// Split-K: group z = blockIdx.z reduces only over k in [s k_split, min(k_total, (s + 1)
+// k_split)), s = z % splits (splits fastest in z), k_split a multiple of kBlockK so that no
+// k-tile straddles two splits (the loaders zero only past k_total). The loaders' and the
+// epilogue's group maps see the whole z (give the split dimension stride 0 in operands;
+// an F32Epilogue with group_stride = M N keeps one partial per z for the caller's
+// fixed-order reduction). A split past k_total yields zeros.
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+    tile_gemm_split_kernel(const typename ALoader::Operand a, const typename BLoader::Operand b,
+                           const typename Epilogue::Params ep, int k_total, int k_split,
+                           int splits) {
+  using Element = typename Traits::Element;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element *sA = reinterpret_cast<Element *>(smem_raw);
+  Element *sB = sA + Traits::kStages * Traits::kSmemA;
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int m0 = blockIdx.x * Traits::kBlockM, n0 = blockIdx.y * Traits::kBlockN;
+  const int warp_m0 = (warp / Traits::kWarpsN) * Traits::kMTiles * 16;
+  const int warp_n0 = (warp % Traits::kWarpsN) * Traits::kNTiles * 8;
+
+  const ALoader load_a(a, m0, tid);
+  const BLoader load_b(b, n0, tid);
+  const int tiles_per_split = k_split / Traits::kBlockK;
+  const int k_tiles = (k_total + Traits::kBlockK - 1) / Traits::kBlockK;
+  const int split_begin = int(blockIdx.z % splits) * tiles_per_split;
+  const int kt_begin = split_begin < k_tiles ? split_begin : k_tiles;
+  const int kt_end = k_tiles - kt_begin < tiles_per_split ? k_tiles : kt_begin + tiles_per_split;
+  float acc[Traits::kMTiles][Traits::kNTiles][4];
+  tile_gemm_mainloop<Traits>(load_a, load_b, sA, sB, acc, kt_begin, kt_end, warp_m0, warp_n0);
   Epilogue::apply(acc, ep, sA, m0, n0, warp_m0, warp_n0);
 }
 
@@ -329,6 +445,19 @@ cudaError_t launch_tile_gemm(const typename ALoader::Operand &a, const typename 
                   (ep.cols + Traits::kBlockN - 1) / Traits::kBlockN, groups);
   return launch_kernel(tile_gemm_kernel<Traits, ALoader, BLoader, Epilogue>, grid,
                        dim3(Traits::kNThreads), Traits::kSmemBytes, stream, a, b, ep, k_total);
+}
+
+// Split-K launch: groups = (the caller's groups) x splits, splits fastest.
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+cudaError_t launch_tile_gemm_split(const typename ALoader::Operand &a,
+                                   const typename BLoader::Operand &b,
+                                   const typename Epilogue::Params &ep, int k_total, int k_split,
+                                   int splits, int groups, cudaStream_t stream) {
+  const dim3 grid((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM,
+                  (ep.cols + Traits::kBlockN - 1) / Traits::kBlockN, groups);
+  return launch_kernel(tile_gemm_split_kernel<Traits, ALoader, BLoader, Epilogue>, grid,
+                       dim3(Traits::kNThreads), Traits::kSmemBytes, stream, a, b, ep, k_total,
+                       k_split, splits);
 }
 
 // The configuration the convolution family uses: 128 x 64 tiles, 4 warps of 64 x 32.
