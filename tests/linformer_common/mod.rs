@@ -2,9 +2,9 @@
 //! here independently of the library (explicit sums, its own softmax and attention
 //! backward), rounding bounds, strided tensor builders, and the reader of the lucidrains
 //! golden fixtures (tests/fixtures/linformer, written by scripts/make_linformer_fixtures.py).
-#![allow(dead_code, clippy::needless_range_loop)]
+#![allow(dead_code, clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use flashkernels::linformer::TokenMask;
+use flashkernels::linformer::{Inputs, LinformerOptions, TokenMask};
 use flashkernels::{DType, HostTensor, Layout};
 use half::{bf16, f16};
 use std::path::Path;
@@ -284,6 +284,36 @@ pub struct Tensors {
     pub v: HostTensor,
     pub e: HostTensor,
     pub f: Option<HostTensor>,
+}
+
+/// The options of a case (its scale).
+pub fn opts(c: &Case) -> LinformerOptions {
+    LinformerOptions::new().scale(c.scale)
+}
+
+/// The forward's inputs over host tensors, with a mask.
+pub fn inputs<'a>(t: &'a Tensors, m: Option<&'a TokenMask>) -> Inputs<'a, HostTensor> {
+    Inputs::new(&t.q, &t.k, &t.v, &t.e, t.f.as_ref()).key_padding_mask(m)
+}
+
+pub fn dims(b: usize, n: usize, h: usize, hkv: usize, d: usize, k: usize, n_max: usize) -> Dims {
+    Dims {
+        b,
+        n,
+        h,
+        hkv,
+        d,
+        k,
+        n_max,
+    }
+}
+
+/// dO (B, N, H, D), random in [-1, 1), rounded to the dtype.
+pub fn random_dout(c: &Case, seed: u64) -> Vec<f64> {
+    let mut rng = Rng::new(seed);
+    (0..c.q.len())
+        .map(|_| round(c.dtype, rng.uniform()))
+        .collect()
 }
 
 /// A contiguous tensor of `dtype` holding `v` (already representable).
