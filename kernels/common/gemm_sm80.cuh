@@ -15,10 +15,10 @@
 //   mainloop is done.
 // Groups (blockIdx.z) start group_stride apart, or, for groups that are tuples such as
 // (batch, head, split), where an IndexMap3 over z puts them (MappedOperand,
-// MappedEpilogueParams). Split-K (tile_gemm_split_kernel): group z reduces only over its
-// split's range of k, absolute k indices, so loaders need no base shift; the partials go to
-// an F32Epilogue and the caller reduces them in a fixed order. Rows or reduction columns of
-// padded keys can be masked to zero in the loader (KeyMask).
+// MappedEpilogueParams). Split-K (SplitKLoader, a policy around any loader): group z
+// reduces only over its split's range of k, absolute k indices, so loaders need no base
+// shift; the partials go to an F32Epilogue and the caller reduces them in a fixed order.
+// Rows or reduction columns of padded keys can be masked to zero in the loader (KeyMask).
 // A linear layer is the same call: A = activations (row-major), B = weight (out, in) as torch
 // stores it, StagedEpilogue for bias + activation. A Hopper path slots in beside this one as
 // TileGemmTraitsSm90 with a warpgroup wgmma mainloop: the loaders' tiles are already wgmma's
@@ -88,7 +88,7 @@ template <typename Element> struct StridedOperand {
   int64_t group_stride;
   bool vec; // 16-byte cp.async allowed (host-checked: col_map, strides, alignment)
   static constexpr KeyMask kMask = KeyMask::kNone;
-  __device__ __forceinline__ int64_t group_offset(int z) const { return z * group_stride; }
+  __device__ __forceinline__ int64_t group_offset(unsigned z) const { return z * group_stride; }
 };
 
 // A StridedOperand whose group z starts at group_map.offset(z) (group_stride unused): z =
@@ -101,7 +101,9 @@ struct MappedOperand : StridedOperand<Element> {
   const uint8_t *mask; // null: nothing masked
   IndexMap3 mask_map;
   static constexpr KeyMask kMask = kMask_;
-  __device__ __forceinline__ int64_t group_offset(int z) const { return group_map.offset(z); }
+  __device__ __forceinline__ int64_t group_offset(unsigned z) const {
+    return group_map.offset(int(z));
+  }
 };
 
 // Fills ROWS x kBlockK tiles of a StridedOperand (or a MappedOperand: StridedLoaderT's
@@ -190,14 +192,16 @@ template <typename Element> struct EpilogueParams {
   int64_t group_stride; // of out and out_pre; the bias's is N
   int activation;       // fk_activation
   bool vec;             // 16-byte stores along n allowed (host-checked)
-  __device__ __forceinline__ int64_t group_offset(int z) const { return z * group_stride; }
+  __device__ __forceinline__ int64_t group_offset(unsigned z) const { return z * group_stride; }
 };
 
 // EpilogueParams whose group z starts at group_map.offset(z) in out / out_pre (group_stride
 // unused); the bias is still (groups * N).
 template <typename Element> struct MappedEpilogueParams : EpilogueParams<Element> {
   IndexMap3 group_map;
-  __device__ __forceinline__ int64_t group_offset(int z) const { return group_map.offset(z); }
+  __device__ __forceinline__ int64_t group_offset(unsigned z) const {
+    return group_map.offset(int(z));
+  }
 };
 
 // Epilogue policies: apply(acc, params, smem, m0, n0, warp_m0, warp_n0) is called by every
@@ -313,21 +317,54 @@ template <class Traits> struct F32Epilogue {
   }
 };
 
-// The mainloop of one block: acc = sum over the k-tiles [kt_begin, kt_end) (absolute
-// k0 = kt * kBlockK, so the loaders see absolute reduction columns) of A_tile B_tileᵀ.
-// Called by the whole block with shared memory free; ends with every read of sA and sB
-// ordered by a barrier, so the epilogue may reuse shared memory.
-template <class Traits, class ALoader, class BLoader>
-__device__ __forceinline__ void tile_gemm_mainloop(
-    const ALoader &load_a, const BLoader &load_b, typename Traits::Element *sA,
-    typename Traits::Element *sB, float (&acc)[Traits::kMTiles][Traits::kNTiles][4], int kt_begin,
-    int kt_end, int warp_m0, int warp_n0) {
+// Split-K as a loader policy around any loader: group z = blockIdx.z reduces over k in
+// [s k_split, (s + 1) k_split) with s = z % splits (splits fastest in z), k_split a multiple
+// of kBlockK. Launched with k_total = k_split, the mainloop's k0 runs over [0, k_split); the
+// wrapped loader gets the absolute column s k_split + k0 (no base shift in it) and zeroes
+// what lies past its operand's cols, so the last split ends at the true reduction length.
+// The inner operands' group maps see the whole z (give the split dimension stride 0); an
+// F32Epilogue with group_stride = M N keeps one partial per z for the caller's fixed-order
+// reduction. Why a loader policy and not a second kernel: the mainloop stays the one
+// tile_gemm_kernel (a k-range argument in it changed the register allocation of the conv
+// and FFN kernels); the price is that the last split runs its tiles past k_total on zeros
+// (less than one split's work per group; the caller picks splits that do not leave whole
+// splits empty).
+template <class Loader> struct SplitKLoader {
+  using Element = typename Loader::Element;
+  struct Operand {
+    typename Loader::Operand inner;
+    int k_split, splits;
+  };
+  Loader inner;
+  int k_begin;
+  __device__ SplitKLoader(const Operand &op, int row0, int tid)
+      : inner(op.inner, row0, tid), k_begin(int(blockIdx.z % unsigned(op.splits)) * op.k_split) {}
+  __device__ void load(Element *tile, int k0) const { inner.load(tile, k_begin + k0); }
+};
+
+// One block: a BM x BN output tile of group blockIdx.z; k_total is the reduction length.
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+    tile_gemm_kernel(const typename ALoader::Operand a, const typename BLoader::Operand b,
+                     const typename Epilogue::Params ep, int k_total) {
   using Element = typename Traits::Element;
   using Tile = typename Traits::Tile;
   constexpr int MT = Traits::kMTiles, NT = Traits::kNTiles;
-  const int lane = threadIdx.x % 32;
-  const int k_tiles = kt_end - kt_begin;
 
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element *sA = reinterpret_cast<Element *>(smem_raw);
+  Element *sB = sA + Traits::kStages * Traits::kSmemA;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int m0 = blockIdx.x * Traits::kBlockM, n0 = blockIdx.y * Traits::kBlockN;
+  const int warp_m0 = (warp / Traits::kWarpsN) * MT * 16;
+  const int warp_n0 = (warp % Traits::kWarpsN) * NT * 8;
+
+  const ALoader load_a(a, m0, tid);
+  const BLoader load_b(b, n0, tid);
+  const int k_tiles = (k_total + Traits::kBlockK - 1) / Traits::kBlockK;
+
+  float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -336,16 +373,15 @@ __device__ __forceinline__ void tile_gemm_mainloop(
       for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
   if (k_tiles > 0) { // an empty reduction (no pixels, say) must not touch its operands
-    load_a.load(sA, kt_begin * Traits::kBlockK);
-    load_b.load(sB, kt_begin * Traits::kBlockK);
+    load_a.load(sA, 0);
+    load_b.load(sB, 0);
   }
   cp_async_commit();
   for (int kt = 0; kt < k_tiles; ++kt) {
     const int stage = kt & 1;
     if (kt + 1 < k_tiles) {
-      const int k_next = (kt_begin + kt + 1) * Traits::kBlockK;
-      load_a.load(sA + (stage ^ 1) * Traits::kSmemA, k_next);
-      load_b.load(sB + (stage ^ 1) * Traits::kSmemB, k_next);
+      load_a.load(sA + (stage ^ 1) * Traits::kSmemA, (kt + 1) * Traits::kBlockK);
+      load_b.load(sB + (stage ^ 1) * Traits::kSmemB, (kt + 1) * Traits::kBlockK);
       cp_async_commit();
       cp_async_wait<1>(); // tile kt has landed, kt + 1 may still be in flight
     } else {
@@ -378,62 +414,7 @@ __device__ __forceinline__ void tile_gemm_mainloop(
   }
   // Shared memory is free for the epilogue without a wait or barrier here (the emulator's
   // race check agrees): the last k-tile waited with wait<0> and its closing barrier orders
-  // every read of sA and sB; with no k-tile nothing was loaded or read.
-}
-
-// One block: a BM x BN output tile of group blockIdx.z; k_total is the reduction length.
-template <class Traits, class ALoader, class BLoader, class Epilogue>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
-    tile_gemm_kernel(const typename ALoader::Operand a, const typename BLoader::Operand b,
-                     const typename Epilogue::Params ep, int k_total) {
-  using Element = typename Traits::Element;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Element *sA = reinterpret_cast<Element *>(smem_raw);
-  Element *sB = sA + Traits::kStages * Traits::kSmemA;
-
-  const int tid = threadIdx.x, warp = tid / 32;
-  const int m0 = blockIdx.x * Traits::kBlockM, n0 = blockIdx.y * Traits::kBlockN;
-  const int warp_m0 = (warp / Traits::kWarpsN) * Traits::kMTiles * 16;
-  const int warp_n0 = (warp % Traits::kWarpsN) * Traits::kNTiles * 8;
-
-  const ALoader load_a(a, m0, tid);
-  const BLoader load_b(b, n0, tid);
-  float acc[Traits::kMTiles][Traits::kNTiles][4];
-  tile_gemm_mainloop<Traits>(load_a, load_b, sA, sB, acc, 0,
-                             (k_total + Traits::kBlockK - 1) / Traits::kBlockK, warp_m0, warp_n0);
-  Epilogue::apply(acc, ep, sA, m0, n0, warp_m0, warp_n0);
-}
-
-// Split-K: group z = blockIdx.z reduces only over k in [s k_split, min(k_total, (s + 1)
-// k_split)), s = z % splits (splits fastest in z), k_split a multiple of kBlockK so that no
-// k-tile straddles two splits (the loaders zero only past k_total). The loaders' and the
-// epilogue's group maps see the whole z (give the split dimension stride 0 in operands;
-// an F32Epilogue with group_stride = M N keeps one partial per z for the caller's
-// fixed-order reduction). A split past k_total yields zeros.
-template <class Traits, class ALoader, class BLoader, class Epilogue>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
-    tile_gemm_split_kernel(const typename ALoader::Operand a, const typename BLoader::Operand b,
-                           const typename Epilogue::Params ep, int k_total, int k_split,
-                           int splits) {
-  using Element = typename Traits::Element;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Element *sA = reinterpret_cast<Element *>(smem_raw);
-  Element *sB = sA + Traits::kStages * Traits::kSmemA;
-
-  const int tid = threadIdx.x, warp = tid / 32;
-  const int m0 = blockIdx.x * Traits::kBlockM, n0 = blockIdx.y * Traits::kBlockN;
-  const int warp_m0 = (warp / Traits::kWarpsN) * Traits::kMTiles * 16;
-  const int warp_n0 = (warp % Traits::kWarpsN) * Traits::kNTiles * 8;
-
-  const ALoader load_a(a, m0, tid);
-  const BLoader load_b(b, n0, tid);
-  const int tiles_per_split = k_split / Traits::kBlockK;
-  const int k_tiles = (k_total + Traits::kBlockK - 1) / Traits::kBlockK;
-  const int split_begin = int(blockIdx.z % splits) * tiles_per_split;
-  const int kt_begin = split_begin < k_tiles ? split_begin : k_tiles;
-  const int kt_end = k_tiles - kt_begin < tiles_per_split ? k_tiles : kt_begin + tiles_per_split;
-  float acc[Traits::kMTiles][Traits::kNTiles][4];
-  tile_gemm_mainloop<Traits>(load_a, load_b, sA, sB, acc, kt_begin, kt_end, warp_m0, warp_n0);
+  // every read of sA and sB; with k_tiles == 0 nothing was loaded or read.
   Epilogue::apply(acc, ep, sA, m0, n0, warp_m0, warp_n0);
 }
 
@@ -447,17 +428,14 @@ cudaError_t launch_tile_gemm(const typename ALoader::Operand &a, const typename 
                        dim3(Traits::kNThreads), Traits::kSmemBytes, stream, a, b, ep, k_total);
 }
 
-// Split-K launch: groups = (the caller's groups) x splits, splits fastest.
+// Split-K launch (SplitKLoader): groups = (the caller's groups) x splits, splits fastest.
 template <class Traits, class ALoader, class BLoader, class Epilogue>
 cudaError_t launch_tile_gemm_split(const typename ALoader::Operand &a,
                                    const typename BLoader::Operand &b,
-                                   const typename Epilogue::Params &ep, int k_total, int k_split,
-                                   int splits, int groups, cudaStream_t stream) {
-  const dim3 grid((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM,
-                  (ep.cols + Traits::kBlockN - 1) / Traits::kBlockN, groups);
-  return launch_kernel(tile_gemm_split_kernel<Traits, ALoader, BLoader, Epilogue>, grid,
-                       dim3(Traits::kNThreads), Traits::kSmemBytes, stream, a, b, ep, k_total,
-                       k_split, splits);
+                                   const typename Epilogue::Params &ep, int k_split, int splits,
+                                   int groups, cudaStream_t stream) {
+  return launch_tile_gemm<Traits, SplitKLoader<ALoader>, SplitKLoader<BLoader>, Epilogue>(
+      {a, k_split, splits}, {b, k_split, splits}, ep, k_split, groups * splits, stream);
 }
 
 // The configuration the convolution family uses: 128 x 64 tiles, 4 warps of 64 x 32.

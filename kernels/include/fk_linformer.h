@@ -10,9 +10,10 @@
  * taken as zero (never read); he = h when e_heads == heads_kv, 0 when e_heads == 1
  * (headwise sharing); hf likewise with f_heads. f may equal e (key-value sharing).
  * The reduction over N runs in `splits` ranges of whole 64-position blocks (split s covers
- * positions [s c, min(N, (s + 1) c)), c = 64 ceil(ceil(N / 64) / splits)), each summed in
- * f32 into the workspace, then added in the order s = 0, 1, ... and rounded once to the
- * storage dtype; splits == 1 rounds the f32 accumulator directly (no workspace).
+ * positions [s c, min(N, (s + 1) c)), c = 64 ceil(ceil(N / 64) / splits); ranges that
+ * would be empty are not run), each summed in f32 into the workspace, then added in the
+ * order s = 0, 1, ... and rounded once to the storage dtype; splits == 1 rounds the f32
+ * accumulator directly (no workspace).
  * Deterministic (no atomics): the same inputs and splits give bitwise the same outputs;
  * a different `splits` may differ in rounding.
  *

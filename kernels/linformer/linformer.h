@@ -33,6 +33,10 @@ inline int proj_k_split(int seqlen, int splits) {
   const int blocks = (seqlen + 63) / 64;
   return (blocks + splits - 1) / splits * 64;
 }
+// The splits that hold positions (<= splits): 5 blocks in 4 splits of 2 use 3.
+inline int proj_used_splits(int seqlen, int splits) {
+  return (seqlen + proj_k_split(seqlen, splits) - 1) / proj_k_split(seqlen, splits);
+}
 
 } // namespace linformer
 } // namespace fk

@@ -150,7 +150,6 @@ cudaError_t proj_fwd_one(const fk_linformer_proj_params &p, const void *x, fk_st
   b.vec = false;
   using ALoader = gemm::MappedLoader<Traits, Traits::kBlockM>;
   using BLoader = gemm::MappedLoader<Traits, Traits::kBlockN, KeyMask::kCols>;
-  const int groups = p.batch * H * splits;
   if (splits == 1) {
     gemm::MappedEpilogueParams<T> ep{};
     ep.out = static_cast<T *>(out);
@@ -160,19 +159,24 @@ cudaError_t proj_fwd_one(const fk_linformer_proj_params &p, const void *x, fk_st
     ep.activation = 0;
     ep.vec = os.row % 8 == 0 && os.batch % 8 == 0 && os.head % 8 == 0 && aligned16(out);
     return gemm::launch_tile_gemm<Traits, ALoader, BLoader, gemm::MappedStagedEpilogue<Traits>>(
-        a, b, ep, p.seqlen, groups, stream);
+        a, b, ep, p.seqlen, p.batch * H, stream);
   }
+  // Splits of whole 64-position blocks; none left empty (fewer than asked when they would
+  // be: the workspace was sized for `splits`).
+  const int k_split = proj_k_split(p.seqlen, splits);
+  const int used = proj_used_splits(p.seqlen, splits);
   const gemm::F32MatrixParams ep{ws, p.head_dim, int64_t(p.k_proj) * p.head_dim, p.k_proj,
                                  p.head_dim};
+  a.group_map.d2 = b.group_map.d2 = b.mask_map.d2 = used;
   cudaError_t err =
       gemm::launch_tile_gemm_split<Traits, ALoader, BLoader, gemm::F32Epilogue<Traits>>(
-          a, b, ep, p.seqlen, proj_k_split(p.seqlen, splits), splits, groups, stream);
+          a, b, ep, k_split, used, p.batch * H, stream);
   if (err != cudaSuccess) return err;
   const int64_t total = int64_t(p.batch) * H * p.k_proj * p.head_dim;
   const int blocks = int(total / 256 + 1 < (int64_t(1) << 20) ? total / 256 + 1 : 1 << 20);
   return launch_kernel(proj_split_reduce_kernel<T>, dim3(blocks), dim3(256), 0, stream,
-                       static_cast<const float *>(ws), static_cast<T *>(out), os, H, splits,
-                       p.k_proj, p.head_dim, total);
+                       static_cast<const float *>(ws), static_cast<T *>(out), os, H, used, p.k_proj,
+                       p.head_dim, total);
 }
 
 template <typename T> cudaError_t proj_fwd(const fk_linformer_proj_params &p, cudaStream_t stream) {
