@@ -7,24 +7,11 @@
 mod common;
 
 use common::{
-    default_scale, host_tensor, logical_values, max_rel_err, naive_row, out_tol, rel_l2,
-    visible_keys, Dense4, Dist, Rng, Shape, Storage,
+    default_scale, gpu_stream, host_tensor, logical_values, max_rel_err, naive_row, out_tol,
+    rel_l2, visible_keys, Dense4, Dist, Rng, Shape, Storage,
 };
 use flashkernels::attention::{self, AttentionOptions};
-use flashkernels::{DType, Device, DeviceTensor, Error, HostTensor, Stream, Tensor};
-
-/// A stream on device 0, or a panic that says there is no GPU.
-fn stream() -> Stream {
-    assert!(
-        flashkernels::cuda_available(),
-        "no CUDA device: these tests need an NVIDIA GPU and driver (device_count: {:?})",
-        flashkernels::device::device_count()
-    );
-    Device::new(0)
-        .expect("open cuda:0")
-        .new_stream()
-        .expect("create a stream")
-}
+use flashkernels::{DType, DeviceTensor, Error, HostTensor, Stream, Tensor};
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -250,7 +237,7 @@ const DTYPES: [DType; 2] = [DType::BF16, DType::F16];
 #[test]
 #[ignore = "needs a CUDA device"]
 fn odd_lengths() {
-    let s = stream();
+    let s = gpu_stream();
     let mut k = 0;
     for n in [1, 17, 63, 65, 127, 129, 255, 1000] {
         for causal in [false, true] {
@@ -266,7 +253,7 @@ fn odd_lengths() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn all_dtype_head_dim_combinations() {
-    let s = stream();
+    let s = gpu_stream();
     for dtype in DTYPES {
         for d in [64, 128] {
             for causal in [false, true] {
@@ -279,7 +266,7 @@ fn all_dtype_head_dim_combinations() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn seqlen_q_differs_from_seqlen_k() {
-    let s = stream();
+    let s = gpu_stream();
     let pairs = [
         (1, 300),
         (300, 1),
@@ -306,7 +293,7 @@ fn seqlen_q_differs_from_seqlen_k() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn batch_and_heads() {
-    let s = stream();
+    let s = gpu_stream();
     for (i, &(b, h)) in [(1, 1), (3, 1), (1, 5), (2, 3), (4, 8)].iter().enumerate() {
         for causal in [false, true] {
             let dtype = DTYPES[i % 2];
@@ -319,7 +306,7 @@ fn batch_and_heads() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn strided_heads_first_inputs() {
-    let s = stream();
+    let s = gpu_stream();
     let mut i = 0;
     for storage in [
         Storage::HeadsFirst,
@@ -340,7 +327,7 @@ fn strided_heads_first_inputs() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn explicit_scales() {
-    let s = stream();
+    let s = gpu_stream();
     for (i, scale) in [0.05f32, 0.3, 1.0].into_iter().enumerate() {
         for causal in [false, true] {
             let mut c = Case::new(1, 2, 100, 140, 64 * (1 + i % 2), DTYPES[i % 2], causal);
@@ -353,7 +340,7 @@ fn explicit_scales() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn deterministic() {
-    let s = stream();
+    let s = gpu_stream();
     for (dtype, d, causal) in [(DType::BF16, 128, true), (DType::F16, 64, false)] {
         let c = Case::new(2, 4, 333, 517, d, dtype, causal);
         let x = inputs(&c);
@@ -376,7 +363,7 @@ fn deterministic() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn large_causal() {
-    let s = stream();
+    let s = gpu_stream();
     check_case(&s, Case::new(2, 4, 2048, 2048, 128, DType::BF16, true));
     check_case(&s, Case::new(1, 4, 2048, 3000, 64, DType::F16, false));
 }
@@ -384,7 +371,7 @@ fn large_causal() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn device_errors() {
-    let s = stream();
+    let s = gpu_stream();
     let host = HostTensor::from_fn(DType::BF16, &[1, 16, 2, 64], |i| (i as f32).sin()).unwrap();
     let dev = || Tensor::Cuda(DeviceTensor::from_host(&s, &host).unwrap());
     let opts = AttentionOptions::default();

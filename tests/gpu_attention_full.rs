@@ -7,17 +7,9 @@
 
 mod common;
 
-use common::{round_to, Rng};
+use common::{gpu_stream, round_to, Rng};
 use flashkernels::attention::{self, AttentionOptions, SeqLens};
-use flashkernels::{DType, Device, DeviceTensor, HostTensor, Stream, Tensor};
-
-fn stream() -> Stream {
-    assert!(
-        flashkernels::cuda_available(),
-        "no CUDA device: these tests need an NVIDIA GPU and driver"
-    );
-    Device::new(0).unwrap().new_stream().unwrap()
-}
+use flashkernels::{DType, DeviceTensor, HostTensor, Stream, Tensor};
 
 /// (batch, nq, nk, heads, heads_kv, head_dim).
 type Dims = (usize, usize, usize, usize, usize, usize);
@@ -199,7 +191,7 @@ fn opts(causal: bool, left: Option<usize>, right: Option<usize>) -> AttentionOpt
 #[test]
 #[ignore = "needs a CUDA device"]
 fn smoke() {
-    let s = stream();
+    let s = gpu_stream();
     for (i, c) in [
         dense((1, 77, 93, 4, 2, 64), DType::BF16, opts(true, None, None)),
         dense(
@@ -227,7 +219,7 @@ fn smoke() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn every_head_dim() {
-    let s = stream();
+    let s = gpu_stream();
     for d in [8, 16, 40, 64, 72, 96, 128, 136, 160, 192, 224, 256] {
         for dtype in [DType::F16, DType::BF16] {
             for causal in [false, true] {
@@ -244,7 +236,7 @@ fn every_head_dim() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_dense_odd_lengths() {
-    let s = stream();
+    let s = gpu_stream();
     for (b, nq, nk) in [
         (1, 1, 1),
         (2, 17, 17),
@@ -267,7 +259,7 @@ fn backward_dense_odd_lengths() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gqa_ratios() {
-    let s = stream();
+    let s = gpu_stream();
     for (hq, hkv) in [(2, 1), (3, 1), (4, 2), (6, 2), (8, 1), (8, 4), (16, 2)] {
         for causal in [false, true] {
             check(
@@ -286,7 +278,7 @@ fn gqa_ratios() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn sliding_windows() {
-    let s = stream();
+    let s = gpu_stream();
     let windows = [
         (Some(0), Some(0)),
         (Some(3), Some(0)),
@@ -313,7 +305,7 @@ fn sliding_windows() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn varlen_batches() {
-    let s = stream();
+    let s = gpu_stream();
     let lens = [
         (0, 5),
         (1, 1),
@@ -339,7 +331,7 @@ fn varlen_batches() {
 fn causal_rows_without_keys() {
     // Nq > Nk, bottom-right causal: the first Nq - Nk rows see nothing (O = 0,
     // LSE = -inf, dQ = 0).
-    let s = stream();
+    let s = gpu_stream();
     check(
         &s,
         &dense((1, 200, 50, 2, 2, 64), DType::BF16, opts(true, None, None)),
@@ -350,7 +342,7 @@ fn causal_rows_without_keys() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_is_deterministic() {
-    let s = stream();
+    let s = gpu_stream();
     for c in [
         dense(
             (2, 513, 513, 8, 2, 128),
@@ -380,7 +372,7 @@ fn backward_is_deterministic() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn larger_problems() {
-    let s = stream();
+    let s = gpu_stream();
     check(
         &s,
         &dense(

@@ -6,23 +6,10 @@
 
 mod common;
 
-use common::Rng;
+use common::{gpu_stream, Rng};
 use flashkernels::conv::{self, cuda, Activation, Conv2dOptions, ConvAlgo, ConvGrads};
 use flashkernels::pool::{self, Pool2dOptions, PoolKind};
-use flashkernels::{DType, Device, DeviceTensor, HostTensor, Layout, Stream, Tensor};
-
-/// A stream on device 0, or a panic that says there is no GPU.
-fn stream() -> Stream {
-    assert!(
-        flashkernels::cuda_available(),
-        "no CUDA device: these tests need an NVIDIA GPU and driver (device_count: {:?})",
-        flashkernels::device::device_count()
-    );
-    Device::new(0)
-        .expect("open cuda:0")
-        .new_stream()
-        .expect("create a stream")
-}
+use flashkernels::{DType, DeviceTensor, HostTensor, Layout, Stream, Tensor};
 
 /// A random (N, C, H, W)-logical host tensor in `dtype`, stored NCHW or NHWC.
 fn tensor(
@@ -292,7 +279,7 @@ const ACTIVATIONS: [Activation; 4] = [
 #[test]
 #[ignore = "needs a CUDA device"]
 fn conv_forward_matches_reference() {
-    let s = stream();
+    let s = gpu_stream();
     let mut rng = Rng::new(7);
     let (mut implicit_runs, mut implicit_must_run) = (0, 0);
     for c in cases() {
@@ -326,7 +313,7 @@ fn conv_forward_matches_reference() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn conv_backward_matches_reference() {
-    let s = stream();
+    let s = gpu_stream();
     let mut rng = Rng::new(11);
     for c in cases() {
         for dtype in [DType::F16, DType::BF16, DType::F32] {
@@ -369,7 +356,7 @@ fn pool_configs() -> [Pool2dOptions; 5] {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn pooling_matches_reference() {
-    let s = stream();
+    let s = gpu_stream();
     let mut rng = Rng::new(13);
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         for nhwc in [false, true] {
@@ -391,7 +378,7 @@ fn pooling_matches_reference() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn smoke() {
-    let s = stream();
+    let s = gpu_stream();
     let mut rng = Rng::new(17);
     let c = case([1, 16, 9, 11], 24, [3, 3], 2, 1, 1, 1);
     let grouped = case([1, 32, 7, 7], 32, [3, 3], 1, 1, 1, 4);

@@ -5,27 +5,16 @@
 //! GPU an ignored run fails loudly instead of passing.
 #![cfg(any(feature = "cuda", feature = "emulator"))]
 
+mod common;
 mod ffn_common;
 
+use common::gpu_stream;
 use ffn_common::{
     act, assert_within, subnormal_floor, unit_roundoff, y_bounds, Case, Flags, Mat, Rng, Tensors,
     ACTIVATIONS,
 };
 use flashkernels::ffn::{self, FfnActivation, FfnOptions, Inputs};
-use flashkernels::{DType, Device, DeviceTensor, Error, HostTensor, Stream, Tensor};
-
-/// A stream on device 0, or a panic that says there is no GPU.
-fn stream() -> Stream {
-    assert!(
-        flashkernels::cuda_available(),
-        "no CUDA device: these tests need an NVIDIA GPU and driver (device_count: {:?})",
-        flashkernels::device::device_count()
-    );
-    Device::new(0)
-        .expect("open cuda:0")
-        .new_stream()
-        .expect("create a stream")
-}
+use flashkernels::{DType, DeviceTensor, Error, HostTensor, Stream, Tensor};
 
 fn dev(s: &Stream, t: &HostTensor) -> Tensor {
     Tensor::Cuda(DeviceTensor::from_host(s, t).unwrap())
@@ -121,7 +110,7 @@ fn case(seed: u64, dtype: DType, dims: [usize; 3], act: FfnActivation, f: Flags)
 #[test]
 #[ignore = "needs a CUDA device"]
 fn smoke() {
-    let s = stream();
+    let s = gpu_stream();
     // SwiGLU with every bias and the residual; a plain tanh-GELU block on a row-strided x
     // whose rows are off 16-byte alignment (the element-gather path).
     let swiglu = Flags {
@@ -149,7 +138,7 @@ fn smoke() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn every_activation_gate_and_dtype() {
-    let s = stream();
+    let s = gpu_stream();
     let widths = [8, 24, 40, 72, 136];
     let mut seed = 10;
     for dtype in [DType::F16, DType::BF16] {
@@ -181,7 +170,7 @@ fn every_activation_gate_and_dtype() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn device_errors() {
-    let s = stream();
+    let s = gpu_stream();
     let f = Flags {
         gated: false,
         biases: false,
@@ -334,7 +323,7 @@ fn check_backward(s: &Stream, c: &Case) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_smoke() {
-    let s = stream();
+    let s = gpu_stream();
     let swiglu = Flags {
         gated: true,
         biases: true,
@@ -358,7 +347,7 @@ fn backward_smoke() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_every_activation_and_gate() {
-    let s = stream();
+    let s = gpu_stream();
     let widths = [8, 24, 40, 72, 136];
     let mut seed = 300;
     for dtype in [DType::F16, DType::BF16] {

@@ -7,19 +7,11 @@
 
 mod common;
 
-use common::{round_to, Rng};
+use common::{gpu_stream, round_to, Rng};
 use flashkernels::longformer::{
     self, cuda, GlobalProjections, LongformerGradients, LongformerOptions, TokenMask,
 };
-use flashkernels::{DType, Device, DeviceTensor, Error, HostTensor, Stream};
-
-fn stream() -> Stream {
-    assert!(
-        flashkernels::cuda_available(),
-        "no CUDA device: these tests need an NVIDIA GPU and driver"
-    );
-    Device::new(0).unwrap().new_stream().unwrap()
-}
+use flashkernels::{DType, DeviceTensor, Error, HostTensor, Stream};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -166,7 +158,7 @@ fn check(s: &Stream, c: &Case, seed: u64) -> Vec<Vec<f32>> {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn window_only_odd_lengths_and_head_dims() {
-    let s = stream();
+    let s = gpu_stream();
     for n in [1, 5, 63, 64, 65, 130, 257] {
         for d in [8, 64, 72, 128] {
             for dtype in [DType::F16, DType::BF16] {
@@ -181,7 +173,7 @@ fn window_only_odd_lengths_and_head_dims() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn windows_from_zero_to_beyond_n() {
-    let s = stream();
+    let s = gpu_stream();
     for w in [0, 1, 2, 31, 64, 100, 299, 1000] {
         for causal in [false, true] {
             let mut c = Case::new([2, 299, 2, 64], w, &[1]);
@@ -195,7 +187,7 @@ fn windows_from_zero_to_beyond_n() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn dilation_per_head() {
-    let s = stream();
+    let s = gpu_stream();
     for dil in [vec![1], vec![2], vec![1, 2, 3, 4], vec![4, 1, 1, 3]] {
         for causal in [false, true] {
             let mut c = Case::new([1, 333, 4, 64], 9, &dil);
@@ -210,7 +202,7 @@ fn dilation_per_head() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn global_tokens_everywhere() {
-    let s = stream();
+    let s = gpu_stream();
     let n = 300;
     let placements: Vec<Vec<usize>> = vec![
         vec![0],
@@ -237,7 +229,7 @@ fn global_tokens_everywhere() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn padding_anywhere() {
-    let s = stream();
+    let s = gpu_stream();
     let n = 200;
     for (x, pads) in [
         vec![],
@@ -263,7 +255,7 @@ fn padding_anywhere() {
 fn few_global_rows_over_a_long_sequence() {
     // Few gathered rows against thousands of keys: the global passes split over keys
     // (the host picks the splits), the local rows see packed global-key tiles.
-    let s = stream();
+    let s = gpu_stream();
     for (n, globals) in [
         (2085, vec![0, 1, 2, 3]),
         (4100, vec![0, 999, 1000, 2047, 4099]),
@@ -288,7 +280,7 @@ fn few_global_rows_over_a_long_sequence() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn smoke() {
-    let s = stream();
+    let s = gpu_stream();
     let mut a = Case::new([2, 300, 2, 64], 16, &[1, 2]);
     a.globals = vec![vec![0, 150], vec![299]];
     a.padded = vec![vec![], (280..299).collect()];
@@ -308,7 +300,7 @@ fn smoke() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn backward_is_deterministic() {
-    let s = stream();
+    let s = gpu_stream();
     let mut c = Case::new([1, 500, 2, 64], 32, &[1, 2]);
     c.globals = vec![vec![0, 1, 250, 499]];
     c.padded = vec![(480..499).collect()];
@@ -320,7 +312,7 @@ fn backward_is_deterministic() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn matches_hugging_face_fixtures() {
-    let s = stream();
+    let s = gpu_stream();
     for f in common::longformer_fixtures::load() {
         // The kernels take head dims in multiples of 8: zero-pad D (q.k and the real
         // output columns do not change), compare the real columns.
@@ -386,7 +378,7 @@ fn matches_hugging_face_fixtures() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn kernel_limits_are_errors() {
-    let s = stream();
+    let s = gpu_stream();
     let opts = LongformerOptions::new(4);
     let t = |dtype: DType, d: usize| {
         let h = HostTensor::from_fn(dtype, &[1, 16, 1, d], |_| 0.5).unwrap();

@@ -9,8 +9,22 @@
 
 pub mod longformer_fixtures;
 
-use flashkernels::{DType, HostData, HostTensor, Layout};
+use flashkernels::{DType, Device, HostData, HostTensor, Layout, Stream};
 use half::{bf16, f16};
+
+/// A new stream on device 0, for the GPU suites (run with `--ignored` where a device
+/// exists); fails loudly, naming the device count, where there is none.
+pub fn gpu_stream() -> Stream {
+    assert!(
+        flashkernels::cuda_available(),
+        "no CUDA device: these tests need an NVIDIA GPU and driver (device_count: {:?})",
+        flashkernels::device::device_count()
+    );
+    Device::new(0)
+        .expect("open cuda:0")
+        .new_stream()
+        .expect("create a stream")
+}
 
 /// SplitMix64: tiny, seedable, good enough for test data.
 #[derive(Debug, Clone)]
