@@ -57,7 +57,10 @@ suites_of() {
   *dense_bwd*) echo bwd ;;
   *longformer_fwd*) echo longformer ;;
   *longformer_bwd*) echo longformer_bwd ;;
-  *gemm_sm80* | kernels/conv/*) echo conv ;;
+  *gemm_sm80*) echo "conv ffn linformer" ;;
+  kernels/conv/*) echo conv ;;
+  kernels/ffn/*) echo ffn ;;
+  kernels/linformer/*) echo linformer ;;
   *) echo "" ;;
   esac
 }

@@ -45,9 +45,8 @@ use crate::ops::common::{f64_data, host_out, mixed_devices};
 use crate::tensor::HostTensor;
 use crate::{OpTensor, Tensor, TensorRef};
 
-// The kernels' launch path (cuda.rs) lands with them:
-// #[cfg(any(feature = "cuda", feature = "emulator"))]
-// pub(crate) mod cuda;
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+pub mod cuda;
 pub mod problem;
 pub mod reference;
 
@@ -172,7 +171,7 @@ pub struct LinformerGradients<T> {
 enum Placed<'a> {
     Host(Vec<Option<&'a HostTensor>>),
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    Device,
+    Device(Vec<Option<&'a crate::DeviceTensor>>),
 }
 
 fn place<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>> {
@@ -190,7 +189,14 @@ fn place<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>>
     }
     #[cfg(any(feature = "cuda", feature = "emulator"))]
     if given.iter().all(|(_, t)| matches!(t, TensorRef::Cuda(_))) {
-        return Ok(Placed::Device);
+        return Ok(Placed::Device(
+            ts.iter()
+                .map(|(_, t)| match t {
+                    Some(TensorRef::Cuda(d)) => Some(*d),
+                    _ => None,
+                })
+                .collect(),
+        ));
     }
     Err(mixed_devices(&given))
 }
@@ -216,17 +222,6 @@ fn layouts<'a>(h: &[Option<&'a HostTensor>]) -> LinformerLayouts<'a> {
     }
 }
 
-/// The error for device tensors until the kernels land: the one place the device paths
-/// will call `cuda::forward` / `cuda::backward`.
-#[cfg(any(feature = "cuda", feature = "emulator"))]
-fn device_not_built() -> crate::Error {
-    crate::Error::Unsupported(
-        "Linformer on device tensors: its kernels are not written yet (issue 15); use host \
-         tensors (the CPU reference)"
-            .into(),
-    )
-}
-
 /// Linformer forward: O, LSE, kp, vp. Host tensors run the CPU reference (f64; kp, vp
 /// and O each rounded once to the dtype); all inputs must live on the same side.
 pub fn forward<T: OpTensor>(
@@ -238,9 +233,11 @@ pub fn forward<T: OpTensor>(
             let p = validate(&layouts(&h), i.key_padding_mask, opts)?;
             map_output(forward_host(&p, &h)?, Tensor::Host)
         }
-        // cuda::forward(&d, i.key_padding_mask, opts) goes here.
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device => return Err(device_not_built()),
+        Placed::Device(d) => map_output(
+            cuda::forward(&[d[0], d[1], d[2], d[3], d[4]], i.key_padding_mask, opts)?,
+            Tensor::Cuda,
+        ),
     };
     let f = T::from_output;
     Ok(LinformerOutput {
@@ -327,9 +324,19 @@ pub fn backward<T: OpTensor>(
                 Tensor::Host,
             )
         }
-        // cuda::backward(&d, i.fwd.key_padding_mask, opts) goes here.
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device => return Err(device_not_built()),
+        Placed::Device(d) => {
+            let given = |i: usize| d[i].expect("always given");
+            map_grads(
+                cuda::backward(
+                    &[d[0], d[1], d[2], d[3], d[4]],
+                    [5, 6, 7, 8, 9].map(given),
+                    i.fwd.key_padding_mask,
+                    opts,
+                )?,
+                Tensor::Cuda,
+            )
+        }
     };
     let f = T::from_output;
     Ok(LinformerGradients {
