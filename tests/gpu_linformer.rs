@@ -167,3 +167,60 @@ fn f32_is_refused_before_launch() {
     let e = linformer::forward(&i, &LinformerOptions::new()).unwrap_err();
     assert!(matches!(e, Error::UnsupportedDType { .. }), "{e}");
 }
+
+/// lucidrains/linformer's golden fixtures (tests/fixtures/linformer) on the device: each
+/// input rounded to f16 and bf16, the kernels against the CPU reference on those inputs
+/// (the same bounds as above), and against lucidrains' float64 output within what the
+/// rounding of the inputs moves it (1% of its largest value for f16, 5% for bf16).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn lucidrains_golden_fixtures() {
+    let s = gpu_stream();
+    let fixtures = linformer_common::load_fixtures();
+    assert!(fixtures.len() >= 6, "expected the 6 committed fixtures");
+    for fx in &fixtures {
+        let u = |key: &str| fx.usize(key);
+        let (_, q) = fx.get("q").unwrap();
+        let (_, k) = fx.get("k").unwrap();
+        let v = fx.get("v").map_or(k.clone(), |t| t.1);
+        let (_, e) = fx.get("e").unwrap();
+        let f = fx.get("f").map(|t| t.1);
+        let (_, want) = fx.get("out").unwrap();
+        for (dtype, slack) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+            let r = |x: &[f64]| -> Vec<f64> {
+                x.iter()
+                    .map(|&x| linformer_common::round(dtype, x))
+                    .collect()
+            };
+            let c = Case {
+                dtype,
+                dims: dims(
+                    u("batch"),
+                    u("seqlen"),
+                    u("heads"),
+                    u("heads_kv"),
+                    u("head_dim"),
+                    u("k"),
+                    u("n_max"),
+                ),
+                e_heads: 1,
+                f_heads: 1,
+                shared: f.is_none(),
+                scale: None,
+                q: r(&q),
+                k: r(&k),
+                v: r(&v),
+                e: r(&e),
+                f: f.as_deref().map(r),
+                pad: None,
+            };
+            check(&s, &c, true);
+            let d = upload(&s, &c.strided_tensors(0));
+            let i = Inputs::new(&d.q, &d.k, &d.v, &d.e, d.f.as_ref());
+            let got = host(&linformer::forward(&i, &opts(&c)).unwrap().out);
+            let want_t = tensor(&want, &c.q_shape(), DType::F32);
+            let case = format!("{} {dtype:?} vs lucidrains", fx.name);
+            assert_close_to_reference(&case, "out", &got, &want_t, slack);
+        }
+    }
+}
