@@ -27,6 +27,12 @@ Entry points, with the signatures users already know:
   w3: SwiGLU, GeGLU) on nn.Linear-shaped weights; ``feed_forward_backward`` for numpy users;
   ``FeedForward(d_model, d_hidden, ...)``, a torch.nn.Module drop-in whose state_dict is
   that of nn.Linear layers (loaded on first use, since it imports torch; see ``_ffn``).
+- ``linformer_attention(q, k, v, e, f=None, *, key_padding_mask=None, softmax_scale=None,
+  return_aux=False)``: Linformer attention ``softmax(scale · Q (E K)ᵀ) (F V)`` with
+  projections E, F (He/Hf, k, N_max) shared per head or across heads, F = E when f is
+  None; ``linformer_attention_backward`` for numpy users; ``LinformerAttention(dim,
+  seq_len, k, heads, ...)``, a torch.nn.Module whose state_dict loads lucidrains/linformer's
+  ``LinformerSelfAttention`` weights (loaded on first use; see ``_linformer``).
 - ``ring_attention(q, k, v, causal=False, softmax_scale=None, group=None)``: past one
   GPU, attention over a sequence sharded across the ranks of a torch.distributed group
   (context parallelism), differentiable; ``merge_attention_states(out_a, lse_a, out_b,
@@ -122,6 +128,7 @@ from . import _native
 from ._attention import attention_backward, flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from ._conv import avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
 from ._ffn import feed_forward, feed_forward_backward
+from ._linformer import linformer_attention, linformer_attention_backward
 from ._longformer import longformer_attention, longformer_attention_backward
 
 # The package is this file's re-exports and the torch registration below. The modules
@@ -150,6 +157,8 @@ __all__ = [
     "longformer_attention_backward",
     "feed_forward",
     "feed_forward_backward",
+    "linformer_attention",
+    "linformer_attention_backward",
 ]
 
 
@@ -161,12 +170,14 @@ def cuda_available() -> bool:
 def register_torch_ops() -> None:
     """Registers the torch.library ops ``torch.ops.flashkernels.attention_fwd``,
     ``attention_bwd``, ``conv2d_fwd``, ``conv2d_bwd``, ``longformer_fwd`` and
-    ``longformer_bwd``, ``ffn_fwd``, ``ffn_bwd`` (importing torch). Not needed in the
+    ``longformer_bwd``, ``ffn_fwd``, ``ffn_bwd``, ``linformer_fwd``, ``linformer_bwd``
+    (importing torch). Not needed in the
     usual cases (see the module docs); idempotent."""
     from . import (
         _torch,  # noqa: F401  (registers on import)
         _torch_conv,  # noqa: F401  (conv2d / pooling ops, likewise)
         _torch_ffn,  # noqa: F401  (feed-forward ops, likewise)
+        _torch_linformer,  # noqa: F401  (Linformer ops, likewise)
         _torch_longformer,  # noqa: F401  (Longformer ops, likewise)
     )
 
@@ -186,6 +197,10 @@ def __getattr__(name: str) -> Any:
         from . import _torch_ffn
 
         return _torch_ffn.FeedForward
+    if name == "LinformerAttention":  # likewise
+        from . import _torch_linformer
+
+        return _torch_linformer.LinformerAttention
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -331,6 +331,73 @@ def longformer_shapes(q_shape: Sequence[int]) -> Tuple[List[int], List[int]]:
     """(out and every gradient, lse) shapes of a Longformer call on q (B, N, H, D): q's
     shape and (B, H, N)."""
 
+def linformer_forward(
+    q: _Capsule,
+    k: _Capsule,
+    v: _Capsule,
+    e: _Capsule,
+    out: _Capsule,
+    lse: _Capsule,
+    kp: _Capsule,
+    vp: _Capsule,
+    f: Optional[_Capsule] = None,
+    key_padding_mask: Optional[_HostMask] = None,
+    *,
+    scale: Optional[float] = None,
+    stream: int = 0,
+) -> None:
+    """Linformer forward on DLPack capsules: O = softmax(scale Q (E K)^T) (F V). q
+    (B, N, H, D), k and v (B, N, H_kv, D), e (He, k, N_max) and f (Hf, k, N_max) or None
+    (F = E), He, Hf in {1, H_kv}, N <= N_max (the first N columns are used); any
+    strides. `key_padding_mask`: host (B, N) bytes, nonzero = padded key (excluded from
+    the projection). Writes `out` (q's dtype), `lse` (float32 (B, H, N)) and the projected
+    keys and values `kp`, `vp` ((B, k, H_kv, D), q's dtype), caller-allocated of the shapes
+    `linformer_shapes` gives (CPU reference, or CUDA kernels queued on `stream`).
+
+    Raises ValueError (shapes, mask, scale, devices), TypeError (dtypes) or RuntimeError
+    (CUDA unavailable or failing).
+    """
+
+def linformer_backward(
+    q: _Capsule,
+    k: _Capsule,
+    v: _Capsule,
+    e: _Capsule,
+    out: _Capsule,
+    lse: _Capsule,
+    kp: _Capsule,
+    vp: _Capsule,
+    grad_output: _Capsule,
+    dq: _Capsule,
+    dk: _Capsule,
+    dv: _Capsule,
+    de: _Capsule,
+    f: Optional[_Capsule] = None,
+    df: Optional[_Capsule] = None,
+    key_padding_mask: Optional[_HostMask] = None,
+    *,
+    scale: Optional[float] = None,
+    stream: int = 0,
+) -> None:
+    """Linformer backward on DLPack capsules: from the forward's inputs, out, lse, kp, vp
+    and out's gradient, writes dq, dk, dv, de and, exactly when f is given, df (each like
+    its input, q's dtype, caller-allocated). Without f, de holds both projections'
+    contributions. Deterministic."""
+
+def linformer_shapes(
+    q: Sequence[int],
+    k: Sequence[int],
+    v: Sequence[int],
+    e: Sequence[int],
+    f: Optional[Sequence[int]] = None,
+    mask_shape: Optional[Sequence[int]] = None,
+    *,
+    scale: Optional[float] = None,
+) -> Tuple[List[int], List[int], List[int], List[int]]:
+    """(out, lse, kp, vp) shapes ((B, N, H, D), (B, H, N), (B, k, H_kv, D) twice) of a
+    Linformer call on inputs of these shapes, validated (mismatched E / F, k = 0,
+    N > N_max, a key padding mask not (B, N): ValueError)."""
+
 class DeviceBuffer:
     """Contiguous CUDA memory allocated by flashkernels (stream-ordered, on the legacy
     default stream), filled with NaN, exported through DLPack. Present in CUDA builds."""

@@ -2,7 +2,8 @@
 //! file per op plus the DLPack boundary:
 //!
 //! - `dlpack`: the DLPack mirror and [`dlpack::Imported`], a consumed capsule;
-//! - `attention`, `longformer`, `conv`, `pool`, `ffn`: each op's forward / backward entries;
+//! - `attention`, `longformer`, `conv`, `pool`, `ffn`, `linformer`: each op's forward /
+//!   backward entries;
 //! - `buffer` (CUDA builds): device memory allocated by flashkernels and exported
 //!   through DLPack, the output buffer for callers whose framework has no mutable arrays
 //!   (jax).
@@ -26,6 +27,7 @@ mod buffer;
 mod conv;
 mod dlpack;
 mod ffn;
+mod linformer;
 mod longformer;
 mod pool;
 
@@ -243,6 +245,9 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ffn::ffn_forward, m)?)?;
     m.add_function(wrap_pyfunction!(ffn::ffn_backward, m)?)?;
     m.add_function(wrap_pyfunction!(ffn::ffn_shapes, m)?)?;
+    m.add_function(wrap_pyfunction!(linformer::linformer_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(linformer::linformer_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(linformer::linformer_shapes, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_class::<buffer::DeviceBuffer>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
