@@ -101,6 +101,53 @@ pub(crate) fn mixed_devices(ts: &[(&str, TensorRef<'_>)]) -> Error {
     }
 }
 
+/// Where an op's optional tensors live, in the order given: all on the host, or (with a
+/// device backend) all on devices; `None` where a tensor was not given.
+pub(crate) enum Placed<'a> {
+    Host(Vec<Option<&'a HostTensor>>),
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    Device(Vec<Option<&'a crate::DeviceTensor>>),
+}
+
+/// Sorts named, optional tensors into [`Placed`]; a mix of host and device tensors is
+/// [`mixed_devices`]' error.
+pub(crate) fn place<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>> {
+    let given: Vec<(&str, TensorRef<'a>)> =
+        ts.iter().filter_map(|(n, t)| t.map(|t| (*n, t))).collect();
+    if given.iter().all(|(_, t)| matches!(t, TensorRef::Host(_))) {
+        return Ok(Placed::Host(
+            ts.iter()
+                .map(|(_, t)| match t {
+                    Some(TensorRef::Host(h)) => Some(*h),
+                    _ => None,
+                })
+                .collect(),
+        ));
+    }
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    if given.iter().all(|(_, t)| matches!(t, TensorRef::Cuda(_))) {
+        return Ok(Placed::Device(
+            ts.iter()
+                .map(|(_, t)| match t {
+                    Some(TensorRef::Cuda(d)) => Some(*d),
+                    _ => None,
+                })
+                .collect(),
+        ));
+    }
+    Err(mixed_devices(&given))
+}
+
+/// Named optional tensors of any [`crate::OpTensor`] kind as [`TensorRef`]s, for [`place`].
+pub(crate) fn refs<'a, T: crate::OpTensor>(
+    named: &[(&'static str, Option<&'a T>)],
+) -> Vec<(&'static str, Option<TensorRef<'a>>)> {
+    named
+        .iter()
+        .map(|(n, t)| (*n, t.map(crate::OpTensor::tensor_ref)))
+        .collect()
+}
+
 /// A host tensor's values as f32 (the attention references' input), read element by
 /// element through its strides: O(numel), whatever the storage's size.
 pub(crate) fn f32_data(t: &HostTensor) -> Result<Vec<f32>> {

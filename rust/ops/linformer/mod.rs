@@ -41,9 +41,9 @@
 //! gradient shaped like its input (dE like E, dF like F).
 
 use crate::error::Result;
-use crate::ops::common::{f64_data, host_out, mixed_devices};
+use crate::ops::common::{f64_data, host_out, place, refs, Placed};
 use crate::tensor::HostTensor;
-use crate::{OpTensor, Tensor, TensorRef};
+use crate::{OpTensor, Tensor};
 
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 pub mod cuda;
@@ -164,50 +164,6 @@ pub struct LinformerGradients<T> {
     pub dv: T,
     pub de: T,
     pub df: Option<T>,
-}
-
-/// The host tensors of a call, in [`Inputs::named`]'s order (then the backward's), or
-/// where they live when not all on the host.
-enum Placed<'a> {
-    Host(Vec<Option<&'a HostTensor>>),
-    #[cfg(any(feature = "cuda", feature = "emulator"))]
-    Device(Vec<Option<&'a crate::DeviceTensor>>),
-}
-
-fn place<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>> {
-    let given: Vec<(&str, TensorRef<'a>)> =
-        ts.iter().filter_map(|(n, t)| t.map(|t| (*n, t))).collect();
-    if given.iter().all(|(_, t)| matches!(t, TensorRef::Host(_))) {
-        return Ok(Placed::Host(
-            ts.iter()
-                .map(|(_, t)| match t {
-                    Some(TensorRef::Host(h)) => Some(*h),
-                    _ => None,
-                })
-                .collect(),
-        ));
-    }
-    #[cfg(any(feature = "cuda", feature = "emulator"))]
-    if given.iter().all(|(_, t)| matches!(t, TensorRef::Cuda(_))) {
-        return Ok(Placed::Device(
-            ts.iter()
-                .map(|(_, t)| match t {
-                    Some(TensorRef::Cuda(d)) => Some(*d),
-                    _ => None,
-                })
-                .collect(),
-        ));
-    }
-    Err(mixed_devices(&given))
-}
-
-fn refs<'a, T: OpTensor>(
-    named: &[(&'static str, Option<&'a T>)],
-) -> Vec<(&'static str, Option<TensorRef<'a>>)> {
-    named
-        .iter()
-        .map(|(n, t)| (*n, t.map(OpTensor::tensor_ref)))
-        .collect()
 }
 
 /// The layouts of host tensors in [`Inputs::named`]'s order.
