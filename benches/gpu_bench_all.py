@@ -4,12 +4,12 @@
 
 The GPU check's bench step (scripts/gpu_check.sh bench). One process, so torch, CUDA and
 the compiled peers start once. Cases come from the per-op benches (gpu_bench.py,
-gpu_bench_longformer.py, gpu_bench_conv.py, gpu_bench_ffn.py: each checks correctness first, then times
-the contenders interleaved over --rounds rounds with CUDA events and takes medians) plus
-pooling here. The headline case of every op runs first, then the sweeps that give the
-plots (TFLOP/s against sequence length); a case whose estimated cost no longer fits the
-budget is skipped and listed, and bench.json is rewritten after every case, so a cut run
-still has the headline ratios.
+gpu_bench_longformer.py, gpu_bench_conv.py, gpu_bench_ffn.py, gpu_bench_linformer.py: each
+checks correctness first, then times the contenders interleaved over --rounds rounds with
+CUDA events and takes medians) plus pooling here. The headline case of every op runs
+first, then the sweeps that give the plots (TFLOP/s against sequence length); a case whose
+estimated cost no longer fits the budget is skipped and listed, and bench.json is
+rewritten after every case, so a cut run still has the headline ratios.
 
 bench.json: {"meta", "rows": [{op, case, series, x_name, x, headline, metric, params,
 check: {rel_err, ok}, results: {contender: {ms, tflops | gbps} | {error}}, peer, ratio}],
@@ -34,6 +34,7 @@ import flashkernels  # noqa: E402
 import gpu_bench as attn  # noqa: E402
 import gpu_bench_conv as conv  # noqa: E402
 import gpu_bench_ffn as ffn  # noqa: E402
+import gpu_bench_linformer as lin  # noqa: E402
 import gpu_bench_longformer as lf  # noqa: E402
 
 OURS = "flashkernels"
@@ -110,6 +111,21 @@ def ffn_case(d, gated, train, headline=False):
     )
 
 
+def linformer_case(n, kp, train, headline=False):
+    """Linformer attention (bf16, B1 H12 D64, shared E/F) vs the torch composite (E K, F V
+    matmuls + SDPA) and dense SDPA over the same N."""
+    return Case(
+        "linformer_train" if train else "linformer_fwd",
+        f"N{n} k{kp}",
+        f"k {kp}",
+        "N",
+        n,
+        lambda r: lin.run_case(n, kp, train, r),
+        25 if train else 12,
+        headline,
+    )
+
+
 def pool_case(kind, train, headline=False):
     """max/avg pooling 3x3 stride 2 pad 1 on a ResNet stem output, channels-last bf16,
     vs torch (cuDNN / ATen). Memory-bound: GB/s of the tensors each must read and write."""
@@ -173,6 +189,8 @@ def cases():
     yield pool_case("max", False, headline=True)
     yield ffn_case(1024, False, False, headline=True)  # the issue's goals: >= 1.15x eager here
     yield ffn_case(1024, False, True, headline=True)
+    yield linformer_case(16384, 256, False, headline=True)  # the issue's goal: >= 1.5x composite
+    yield linformer_case(16384, 256, True, headline=True)
     yield longformer("spread", False, headline=True)
     yield longformer("none", True, headline=True)
     yield ffn_case(4096, False, False, headline=True)  # >= 1.0x eager
@@ -200,6 +218,9 @@ def cases():
         for d in ffn.D_MODELS:
             yield ffn_case(d, True, train)
     yield ffn_case(4096, False, True)
+    for n, kp, train in lin.cases():
+        if (n, kp) != (16384, 256):
+            yield linformer_case(n, kp, train)
 
 
 def check_of(raw):

@@ -25,18 +25,16 @@ gpu_bench_all.py runs these cases in the GPU check's bench step (ops ffn_fwd, ff
 """
 
 import argparse
-import datetime
-import json
 import math
 import os
-import statistics
-import subprocess
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
 
-import flashkernels
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flashkernels  # noqa: E402
+from bench_common import add_results, cuda_timer, meta_of, rel_err, timed, wall_timer, write_outputs  # noqa: E402
 
 OURS = "flashkernels"
 TOKENS = 8192
@@ -92,11 +90,6 @@ def reference(x, m, train, dy):
     return y.detach(), xf.grad, w["w1"].grad, w["w2"].grad
 
 
-def rel_err(got, want):
-    got, want = got.float(), want.float()
-    return ((got - want).norm() / want.norm()).item()
-
-
 def step(fn, x, params, dy):
     """forward + backward of fn(x) with upstream gradient dy, gradients cleared first."""
 
@@ -107,37 +100,6 @@ def step(fn, x, params, dy):
         fn(x).backward(dy)
 
     return run
-
-
-def cuda_timer(fn):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def wall_timer(fn, reps=3):
-    """--dry-run: a wall-clock median (ms) of a few calls, after one warm-up call."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def timed(fns, rounds, timer):
-    """Median-of-rounds times (ms), contenders interleaved; failures recorded as text."""
-    times, errors = {n: [] for n in fns}, {}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if name in errors:
-                continue
-            try:
-                times[name].append(timer(fn))
-            except Exception as e:  # e.g. a compile failure: recorded, the others still run
-                errors[name] = f"{type(e).__name__}: {e}"[:200]
-    return times, errors
 
 
 def run_case(
@@ -208,18 +170,7 @@ def run_case(
     goal = GOALS.get(goal_of or d_model)
     if goal and not gated and not train:
         row["goal"] = goal
-    for name in (OURS, "torch_eager", "torch_compile"):
-        ts = times.get(name)
-        if ts:
-            ms = statistics.median(ts)
-            row["results"][name] = {"ms": ms, "tflops": fl / ms / 1e9, "rounds_ms": ts}
-        else:
-            row["results"][name] = {"error": errors.get(name, "no timing")}
-    ours_ms = row["results"][OURS].get("ms")
-    for name, r in row["results"].items():
-        if name != OURS and ours_ms and r.get("ms"):
-            r["ours_speedup"] = r["ms"] / ours_ms
-    return row
+    return add_results(row, (OURS, "torch_eager", "torch_compile"), times, errors, lambda _: fl, OURS)
 
 
 def cases(quick=False):
@@ -281,17 +232,7 @@ def main():
     for knob in ("cache_size_limit", "recompile_limit"):  # recompiles must not fall to eager
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, 64)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    meta = {
-        "device": device_name,
-        "date": datetime.date.today().isoformat(),
-        "commit": commit or os.environ.get("FK_COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "dry_run": args.dry_run,
-    }
+    meta = meta_of(device_name, args.dry_run)
     rows, failed = [], []
     for real_d, gated, train in cases(args.quick):
         d = dims[D_MODELS.index(real_d)]
@@ -308,13 +249,7 @@ def main():
             + f", err {r['rel_err_vs_torch_fp32']:.1e}",
             flush=True,
         )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ffn.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "failed": failed}, f, indent=1)
-    md = markdown(rows, meta)
-    with open(os.path.join(args.out, "ffn.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_outputs(args.out, "ffn", meta, rows, failed, markdown(rows, meta))
     return 1 if failed or any(r["checks"]["flagged"] for r in rows) else 0
 
 

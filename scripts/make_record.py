@@ -49,6 +49,8 @@ OP_ORDER = [
     "pool",
     "ffn_fwd",
     "ffn_train",
+    "linformer_fwd",
+    "linformer_train",
 ]
 
 
