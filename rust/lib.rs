@@ -9,6 +9,7 @@ pub mod ops;
 pub mod reference;
 pub mod tensor;
 
+pub use ops::reformer;
 pub use ops::{attention, conv, ffn, linformer, longformer, pool};
 
 #[cfg(all(feature = "cuda", feature = "emulator"))]

@@ -24,3 +24,7 @@ pub use crate::ops::longformer::reference::{
 pub use crate::ops::pool::reference::{
     try_avg_pool2d, try_avg_pool2d_backward, try_max_pool2d, try_max_pool2d_backward,
 };
+pub use crate::ops::reformer::reference::{
+    try_reformer, try_reformer_backward, try_reformer_hash, ReformerForward, ReformerInputs,
+    ReformerRefGradients,
+};

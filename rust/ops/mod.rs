@@ -22,6 +22,7 @@ pub(crate) mod glue;
 pub mod linformer;
 pub mod longformer;
 pub mod pool;
+pub mod reformer;
 
 pub use common::{
     scale_to_f32, with_interrupt_check, with_interrupt_check_every, DEFAULT_INTERRUPT_INTERVAL,
