@@ -178,6 +178,10 @@ def test_bench_runs_every_op_headline_first():
         "attention_gqa",
         "attention_varlen",
         "attention_window",
+        "ffn_fwd",
+        "ffn_train",
+        "linformer_fwd",
+        "linformer_train",
     } <= ops
     heads = [c.headline for c in cases]
     assert heads.index(False) == sum(heads), "every headline case comes before the sweeps"
@@ -189,6 +193,37 @@ def test_bench_runs_every_op_headline_first():
         "conv_fwd",
         "conv_train",
         "pool",
+        "ffn_fwd",
+        "linformer_fwd",
     }
     labels = [(c.op, c.case) for c in cases]
     assert len(labels) == len(set(labels)), "each case once"
+
+
+@pytest.mark.parametrize("script, out", [("gpu_bench_ffn.py", "ffn"), ("gpu_bench_linformer.py", "linformer")])
+def test_op_bench_dry_run(script, out, tmp_path):
+    """The per-op benches run end to end on the CPU (tiny shapes, no CUDA timing): every
+    case passes its correctness check and lands in the JSON and the table."""
+    pytest.importorskip("torch")
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benches", script),
+            "--dry-run",
+            "--quick",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.load(open(tmp_path / f"{out}.json"))
+    assert doc["rows"] and not doc["failed"], doc["failed"]
+    assert doc["meta"]["dry_run"]
+    for row in doc["rows"]:
+        assert "ms" in row["results"]["flashkernels"], row["results"]
+    assert (tmp_path / f"{out}.md").read_text().count("\n|") >= len(doc["rows"]) + 1
