@@ -1,9 +1,10 @@
 //! `flashkernels`: the main job. Runs every op — dense attention, Longformer attention,
-//! conv2d, max/avg pooling — forward and backward over a fixed set of shapes: on the GPU
-//! when there is one (each result checked against the CPU reference on a cheap slice,
-//! then timed), otherwise the CPU reference itself on small shapes (timed). The first
-//! line says which; then one table row per (op, case, direction), or with `--json` one
-//! JSON document. Exits non-zero when a GPU result mismatches or an op fails.
+//! Linformer attention, conv2d, max/avg pooling, the fused feed-forward block (FFN) —
+//! forward and backward over a fixed set of shapes: on the GPU when there is one (each
+//! result checked against the CPU reference on a cheap slice, then timed), otherwise the
+//! CPU reference itself on small shapes (timed). The first line says which; then one
+//! table row per (op, case, direction), or with `--json` one JSON document. Exits
+//! non-zero when a GPU result mismatches or an op fails.
 
 use std::process::ExitCode;
 
@@ -15,6 +16,10 @@ mod attention;
 mod bench;
 #[path = "main/conv.rs"]
 mod conv;
+#[path = "main/ffn.rs"]
+mod ffn;
+#[path = "main/linformer.rs"]
+mod linformer;
 #[path = "main/longformer.rs"]
 mod longformer;
 #[path = "main/pool.rs"]
@@ -50,10 +55,14 @@ enum Family {
     Attention,
     /// Longformer attention (window + global tokens).
     Longformer,
+    /// Linformer attention (keys and values projected along the sequence).
+    Linformer,
     /// conv2d (implicit GEMM on NHWC, im2col on NCHW).
     Conv,
     /// max_pool2d and avg_pool2d.
     Pool,
+    /// The fused feed-forward block (GELU, SwiGLU).
+    Ffn,
 }
 
 impl Family {
@@ -62,8 +71,10 @@ impl Family {
         match self {
             Family::Attention => attention::run,
             Family::Longformer => longformer::run,
+            Family::Linformer => linformer::run,
             Family::Conv => conv::run,
             Family::Pool => pool::run,
+            Family::Ffn => ffn::run,
         }
     }
 }
