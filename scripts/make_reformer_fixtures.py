@@ -35,7 +35,8 @@ Regenerate (needs torch with a CPU build and transformers 5.25 with the few pack
 imports; install them outside the repository's environments, e.g.):
 
     $FK_TEST_PYTHON -m pip install --target /tmp/reformer-site --no-deps transformers==5.25.0 \
-        huggingface_hub safetensors regex tokenizers
+        huggingface_hub safetensors regex tokenizers tqdm pyyaml httpx httpcore truststore \
+        anyio h11 idna sniffio certifi packaging filelock fsspec typing_extensions hf-xet
     PYTHONPATH=/tmp/reformer-site $FK_TEST_PYTHON scripts/make_reformer_fixtures.py
 
 Cases are seeded, so a rerun writes the same files.
