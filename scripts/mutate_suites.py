@@ -89,6 +89,34 @@ MUTATIONS = [
         ["rust:conv", "py:test_conv_cpu.py"],
     ),
     Mutation(
+        "ref: Linformer keeps padded keys in the projection",
+        "rust/ops/linformer/reference.rs",
+        "                    if p.padded(b, j) {\n"
+        "                        continue;\n"
+        "                    }\n"
+        "                    let xr",
+        "                    if false && p.padded(b, j) {\n"
+        "                        continue;\n"
+        "                    }\n"
+        "                    let xr",
+        ["rust:linformer", "py:test_linformer_cpu.py"],
+    ),
+    Mutation(
+        "ref: Linformer with F = E drops dV's share of dE",
+        "rust/ops/linformer/reference.rs",
+        "project_backward(p, x.e, |hk| p.e_head(hk), x.v, &dvp, &mut dv, &mut de)?;",
+        "project_backward(p, x.e, |hk| p.e_head(hk), x.v, &dvp, &mut dv, &mut vec![0.0; de.len()])?;",
+        ["rust:linformer", "py:test_linformer_cpu.py"],
+    ),
+    Mutation(
+        "ref: FFN tanh GELU without its cubic term",
+        "rust/ops/ffn/reference.rs",
+        "(x + GELU_CUBIC * x * x * x)",
+        "(x)",
+        ["rust:ffn", "py:test_ffn_cpu.py"],
+        every=True,
+    ),
+    Mutation(
         "ref: bf16 outputs rounded by truncation instead of to nearest",
         "rust/tensor.rs",
         "bf16::from_f32",
@@ -153,6 +181,20 @@ MUTATIONS = [
         "if (v > best || v != v)",
         "if (v >= best || v != v)",
         ["emu:conv"],
+    ),
+    Mutation(
+        "kernel: Linformer projection reads E's head 0 for every K/V head",
+        "kernels/linformer/linformer_sm80.cuh",
+        "a.group_map = IndexMap3{H, splits, 0, e_heads > 1 ? es.head : 0, 0};",
+        "a.group_map = IndexMap3{H, splits, 0, 0, 0};",
+        ["emu:linformer"],
+    ),
+    Mutation(
+        "kernel: FFN second GEMM drops the residual",
+        "kernels/ffn/ffn_sm80.cuh",
+        "if (ep.residual != nullptr && col_in && m0 + m < ep.rows)",
+        "if (false && ep.residual != nullptr && col_in && m0 + m < ep.rows)",
+        ["emu:ffn"],
     ),
 ]
 
