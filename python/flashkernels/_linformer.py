@@ -79,8 +79,9 @@ def host_mask(m: Any) -> Optional[HostMask]:
 
 
 def _named(tensors: Sequence[Any]) -> List[Tuple[str, Any]]:
-    """(name, array) of q, k, v, e and f when given."""
-    return [(n, t) for n, t in zip(_INPUTS, tensors) if t is not None]
+    """(name, array) of q, k, v, e (always: a None among them is named in the TypeError)
+    and f when given."""
+    return [(n, t) for i, (n, t) in enumerate(zip(_INPUTS, tensors)) if i < 4 or t is not None]
 
 
 def lin_shapes(tensors: Sequence[Any], mask: Optional[HostMask], scale: Optional[float]) -> Tuple[tuple, ...]:
