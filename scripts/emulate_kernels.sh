@@ -4,8 +4,9 @@
 # ldmatrix, shuffles, cp.async) and checks them against an f64 reference: the attention
 # forward suite, the backward suite (which includes forward-then-backward cases), the
 # convolution / pooling suite, the Longformer forward suite, the Longformer backward
-# suite, the fused feed-forward suite and the Linformer projection suite. Each suite is
-# built three ways (scripts/lib_emulator.sh) and run as:
+# suite, the fused feed-forward suite, the Linformer projection suite and the Reformer
+# LSH attention forward suite. Each suite is built three ways (scripts/lib_emulator.sh)
+# and run as:
 #   plain   every case, threads in order (as the suites always ran); then every case once
 #           more under an adversarial schedule: cases 0, 3, 6, ... with a warp running ahead
 #           (runahead), 1, 4, 7, ... with the last warp ahead (runahead-last), 2, 5, 8, ...
@@ -13,8 +14,8 @@
 #   race    every case under the shared-memory race check (a missing barrier is a hazard,
 #           whatever the schedule)
 #   asan    AddressSanitizer + UBSan (alignment included) on cases 0, 3, 6, ... (every case
-#           of the cheap conv, ffn and linformer suites): exact global allocations, poisoned
-#           shared-memory tail
+#           of the cheap conv, ffn, linformer and reformer suites): exact global allocations,
+#           poisoned shared-memory tail
 # and the negative controls (tests/emulator/negative/controls.cpp): planted bugs that each
 # check must catch. A control that passes is a failure of this script.
 # Needs g++ and the CUDA headers that scripts/bootstrap.sh installs. Exits non-zero on any
@@ -27,7 +28,7 @@ source scripts/lib_emulator.sh
 obj="$root/target/emulator"
 mkdir -p "$obj"
 emu_overlay "$root" "$root" "$obj"
-suites=(fwd bwd conv longformer longformer_bwd ffn linformer)
+suites=(fwd bwd conv longformer longformer_bwd ffn linformer reformer)
 seed="${EMU_SEED:-1}"
 max_jobs="$(nproc)"
 
@@ -57,12 +58,12 @@ env_run() {
   env "${vars[@]}" "$@"
 }
 
-# ---- Build: 7 suites x 3 flavours, and the controls in 3 flavours.
+# ---- Build: 8 suites x 3 flavours, and the controls in 3 flavours.
 start=$SECONDS
 total_start=$SECONDS
 rm -f "$obj"/*.log "$obj"/*.rc "$obj"/*.s
 for flavour in asan race plain; do
-  for s in longformer_bwd bwd longformer fwd linformer conv ffn; do
+  for s in longformer_bwd bwd longformer fwd linformer reformer conv ffn; do
     bin="$obj/${s}_test"
     [ "$flavour" = plain ] || bin="$obj/${s}_test_$flavour"
     pool_run "$obj/build_${s}_$flavour.log" \
@@ -95,9 +96,9 @@ queue() { # NAME ENV... -- PROGRAM ARGS...
   command_of[$name]="$*"
   pool_run "$obj/run_$name.log" env_run "$@"
 }
-for s in longformer longformer_bwd fwd bwd linformer conv ffn; do
+for s in longformer longformer_bwd fwd bwd linformer reformer conv ffn; do
   queue "$s:race" EMU_SCHEDULE=inorder -- "$obj/${s}_test_race"
-  if [ "$s" = conv ] || [ "$s" = ffn ] || [ "$s" = linformer ]; then
+  if [ "$s" = conv ] || [ "$s" = ffn ] || [ "$s" = linformer ] || [ "$s" = reformer ]; then
     queue "$s:asan" EMU_SCHEDULE=inorder -- "$obj/${s}_test_asan"
   else
     queue "$s:asan" EMU_SCHEDULE=inorder EMU_CASES=3:0 -- "$obj/${s}_test_asan"

@@ -1,0 +1,39 @@
+// Internal interface of Reformer's LSH attention forward: what reformer_api.cu dispatches
+// to, instantiated per dtype in its own translation unit (nvcc in parallel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../include/fk_reformer.h"
+
+namespace fk {
+namespace reformer {
+
+// Hashes (unless given), sorts, attends, combines (params checked by the C entry).
+template <typename T> cudaError_t fwd(const fk_reformer_fwd_params &p, cudaStream_t stream);
+
+inline bool hashed(const fk_reformer_fwd_params &p) { return p.seqlen > p.chunk_length; }
+// Rounds of the LSE: n_hashes when hashed, 1 for the full-attention fallback.
+inline int rounds(const fk_reformer_fwd_params &p) { return hashed(p) ? p.n_hashes : 1; }
+
+// The workspace's parts (byte offsets, each 256-byte aligned), absent ones at -1: the
+// padding flag (hashed with key_padding), the sorted order (hashed), the per-round outputs
+// (more than one round).
+struct FwdWorkspace {
+  int64_t flag = -1, perm = -1, o_rounds = -1, bytes = 0;
+  explicit FwdWorkspace(const fk_reformer_fwd_params &p) {
+    if (!hashed(p)) return;
+    const int64_t rows = int64_t(p.batch) * p.heads * p.n_hashes * p.seqlen;
+    auto take = [&](int64_t n) {
+      const int64_t at = bytes;
+      bytes += (n + 255) / 256 * 256;
+      return at;
+    };
+    if (p.key_padding != nullptr) flag = take(4);
+    perm = take(rows * 4);
+    if (p.n_hashes > 1) o_rounds = take(rows * p.head_dim * 4);
+  }
+};
+
+} // namespace reformer
+} // namespace fk

@@ -1,0 +1,480 @@
+// Reformer LSH attention forward suite: fk_reformer_fwd (kernels/reformer/) on the
+// emulator against this file's own f64 definition of HF's LSHSelfAttention semantics
+// (rust/ops/reformer/mod.rs): hashing (first argmax of [xR ; -xR], HF's round offsets and
+// padding bucket), one stable sort of the concatenated rounds by bucket, chunks with
+// circular look-back / look-ahead over all rounds, masks that replace scores (causal and
+// padding, then self by token position; f16's values), per-round logsumexp and output,
+// the rounds' logsumexp combination, the unsort; N <= C: full attention, one round.
+// qk, v, O live in strided layouts with NaN gaps, allocated to their exact bound (a gap
+// read shows up as NaN, a gap written is counted as pad-touched); O and LSE start as NaN,
+// the buckets as a sentinel, the workspace as 0xFF bytes, so anything not written (or read
+// before written) fails. Buckets must match exactly, except at a near tie of the f64
+// projections (f32 on the device), where the device's choice is then used by the
+// reference. Bounds: O one rounding (2 u |ref|) + 1e-4 (f32 scores, fast-math exp / log,
+// inputs in [-1, 1]); LSE 1e-5 (|lse| + 8). Runs twice where the case asks and compares
+// every output bit for bit.
+// Usage: reformer_test [case index...] (all cases by default).
+#include "emu.h"
+
+#include "emulated/reformer/reformer_api.cu"
+#include "emulated/reformer/reformer_fwd_bf16.cu"
+#include "emulated/reformer/reformer_fwd_f16.cu"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+
+namespace {
+
+template <typename T> T to_e(float x);
+template <> __half to_e<__half>(float x) { return __float2half_rn(x); }
+template <> __nv_bfloat16 to_e<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+float to_f(__half x) { return __half2float(x); }
+float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A (B, N, H, D) tensor (strides s in elements, innermost unit) in an allocation that ends
+// at its last logical element; `shift` NaN elements before the first.
+template <typename T> struct Strided {
+  std::array<int, 4> d;
+  std::array<int64_t, 4> s;
+  int shift;
+  emu::DeviceArray<T> data;
+  std::vector<char> logical;
+  Strided(std::array<int, 4> d_, std::array<int64_t, 4> s_, int shift_ = 0)
+      : d(d_), s(s_), shift(shift_) {
+    int64_t last = 0;
+    for (int i = 0; i < 4; ++i) last += int64_t(d[i] - 1) * s[i];
+    const size_t n = size_t(shift + last + 1);
+    data.assign(n, to_e<T>(NAN));
+    logical.assign(n, 0);
+    for (int a = 0; a < d[0]; ++a)
+      for (int b = 0; b < d[1]; ++b)
+        for (int c = 0; c < d[2]; ++c)
+          for (int e = 0; e < d[3]; ++e) logical[size_t(off(a, b, c, e))] = 1;
+  }
+  int64_t off(int a, int b, int c, int e) const {
+    return shift + a * s[0] + b * s[1] + c * s[2] + e * s[3];
+  }
+  T *ptr() { return data.data() + shift; }
+  double get(int a, int b, int c, int e) const { return to_f(data[size_t(off(a, b, c, e))]); }
+  void set(int a, int b, int c, int e, float v) { data[size_t(off(a, b, c, e))] = to_e<T>(v); }
+  fk_strides st() const { return {s[0], s[1], s[2]}; }
+  long pad_touched() const {
+    long n = 0;
+    for (size_t i = 0; i < data.size(); ++i) n += !logical[i] && !std::isnan(to_f(data[i]));
+    return n;
+  }
+  bool same_bits(const Strided &o) const {
+    return std::memcmp(data.data(), o.data.data(), data.size() * sizeof(T)) == 0;
+  }
+};
+
+struct RefCase {
+  int batch, seqlen, heads, head_dim, n_hashes, n_buckets, chunk, before, after;
+  bool causal;
+  int pad;    // 0 none, 1 random tokens, 2 random tokens and sequence 0 fully padded
+  bool given; // buckets given (random valid ones)
+  int dtype;
+  bool bhnd;      // qk, v, O in (B, H, N, D) memory
+  bool unaligned; // odd row gaps and one-element shifts
+  bool twice;     // run twice, compare bits
+};
+
+std::string describe(const RefCase &c) {
+  char buf[240];
+  snprintf(buf, sizeof buf, "%s B%d N%d H%d D%d R%d nb%d C%d %d/%d%s%s%s%s%s",
+           c.dtype == FK_DTYPE_F16 ? "f16" : "bf16", c.batch, c.seqlen, c.heads, c.head_dim,
+           c.n_hashes, c.n_buckets, c.chunk, c.before, c.after, c.causal ? " causal" : "",
+           c.pad == 0   ? ""
+           : c.pad == 1 ? " pad"
+                        : " pad+full",
+           c.given ? " given" : "", c.bhnd ? " bhnd" : "", c.unaligned ? " unaligned" : "");
+  return buf;
+}
+
+struct Check {
+  double worst = 0;
+  long bad = 0, nonfinite = 0, count = 0;
+  void add(double got, double ref, double bound) {
+    ++count;
+    if (!std::isfinite(got)) {
+      ++nonfinite;
+      return;
+    }
+    const double err = std::fabs(got - ref);
+    worst = std::max(worst, bound > 0 ? err / bound : (err > 0 ? 1e9 : 0));
+    bad += bound > 0 ? err > bound : err != 0;
+  }
+};
+
+struct Result {
+  std::string line;
+  bool ok = true;
+  void check(const char *what, const Check &c, long touched) {
+    const bool good = c.bad == 0 && c.nonfinite == 0 && touched == 0 && c.count > 0;
+    char buf[200];
+    snprintf(buf, sizeof buf, " %s %.2f%s", what, c.worst, good ? "" : " <-- BAD");
+    line += buf;
+    if (!good) {
+      snprintf(buf, sizeof buf, " (bad %ld nonfinite %ld pad-touched %ld of %ld)", c.bad,
+               c.nonfinite, touched, c.count);
+      line += buf;
+    }
+    ok = ok && good;
+  }
+  void fail(const std::string &why) {
+    line += " " + why + " <-- BAD";
+    ok = false;
+  }
+};
+
+double unit(int dtype) {
+  return dtype == FK_DTYPE_F16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+}
+
+constexpr int32_t kSentinel = -777;
+
+template <typename T> struct Problem {
+  const RefCase &c;
+  int n, hh, d, nh, nb, half, gap, shift;
+  bool hashed, pad_any = false;
+  int nbp; // buckets per round
+  std::vector<uint8_t> padv;
+  emu::DeviceArray<uint8_t> pad;
+  emu::DeviceArray<float> rot;
+  emu::DeviceArray<int32_t> given;
+  Strided<T> qk, v;
+
+  static Strided<T> bnhd(const RefCase &c, int gap, int shift) {
+    const int64_t ld = c.head_dim + gap;
+    if (c.bhnd)
+      return Strided<T>({c.batch, c.seqlen, c.heads, c.head_dim},
+                        {int64_t(c.heads) * c.seqlen * ld, ld, int64_t(c.seqlen) * ld, 1}, shift);
+    return Strided<T>({c.batch, c.seqlen, c.heads, c.head_dim},
+                      {int64_t(c.seqlen) * c.heads * ld, c.heads * ld, ld, 1}, shift);
+  }
+
+  explicit Problem(const RefCase &c_)
+      : c(c_), n(c_.seqlen), hh(c_.heads), d(c_.head_dim), nh(c_.n_hashes), nb(c_.n_buckets),
+        half(c_.n_buckets / 2), gap(c_.unaligned ? 3 : 8), shift(c_.unaligned ? 1 : 0),
+        hashed(c_.seqlen > c_.chunk), nbp(0), padv(size_t(c_.batch) * c_.seqlen, 0),
+        pad(padv.size()), rot(size_t(c_.heads) * c_.head_dim * c_.n_hashes * (c_.n_buckets / 2)),
+        given(size_t(c_.batch) * c_.heads * c_.n_hashes * c_.seqlen), qk(bnhd(c_, gap, shift)),
+        v(bnhd(c_, gap, 0)) {
+    std::mt19937 rng(1234 + n * 7 + d * 13 + nh * 3 + c.chunk + c.batch);
+    std::uniform_real_distribution<float> u(-1.f, 1.f), p01(0.f, 1.f);
+    std::normal_distribution<float> g(0.f, 1.f);
+    if (c.pad != 0)
+      for (int b = 0; b < c.batch; ++b)
+        for (int i = 0; i < n; ++i) padv[size_t(b) * n + i] = p01(rng) < 0.25f;
+    if (c.pad == 2)
+      for (int i = 0; i < n; ++i) padv[size_t(i)] = 1;
+    for (size_t i = 0; i < padv.size(); ++i) pad[i] = padv[i], pad_any = pad_any || padv[i];
+    nbp = nb + (pad_any ? 1 : 0);
+    for (int b = 0; b < c.batch; ++b)
+      for (int i = 0; i < n; ++i)
+        for (int h = 0; h < hh; ++h)
+          for (int e = 0; e < d; ++e) {
+            qk.set(b, i, h, e, u(rng));
+            v.set(b, i, h, e, u(rng));
+          }
+    for (size_t i = 0; i < rot.size(); ++i) rot[i] = g(rng);
+    // Given: valid buckets (round r's in [r nb', (r + 1) nb'), padded tokens anywhere),
+    // few values so that equal buckets (the sort's stability) are common.
+    std::uniform_int_distribution<int> ub(0, nbp - 1);
+    for (size_t i = 0; i < given.size(); ++i) {
+      const int r = int(i / size_t(n)) % nh;
+      given[i] = r * nbp + ub(rng);
+    }
+  }
+  bool padded(int b, int i) const { return padv[size_t(b) * n + i] != 0; }
+  // x R_r[:, k] in f64 from the stored values.
+  double proj(int b, int h, int i, int r, int k) const {
+    double s = 0;
+    for (int e = 0; e < d; ++e)
+      s += qk.get(b, i, h, e) * double(rot[((size_t(h) * d + e) * nh + r) * half + k]);
+    return s;
+  }
+  double rot_val(int b, int h, int i, int r, int k) const {
+    return k < half ? proj(b, h, i, r, k) : -proj(b, h, i, r, k - half);
+  }
+  // The round-local bucket (HF's hashing, first maximum).
+  int hash(int b, int h, int i, int r) const {
+    if (pad_any && padded(b, i)) return nb;
+    int best = 0;
+    double bv = rot_val(b, h, i, r, 0);
+    for (int k = 1; k < 2 * half; ++k) {
+      const double x = rot_val(b, h, i, r, k);
+      if (x > bv) bv = x, best = k;
+    }
+    return best;
+  }
+};
+
+template <typename T> void fwd_case(const RefCase &c, Result &res) {
+  Problem<T> pr(c);
+  const int n = pr.n, hh = pr.hh, d = pr.d, nh = pr.nh;
+  const int rounds = pr.hashed ? nh : 1;
+  auto out = Problem<T>::bnhd(c, 8, 0);
+  const size_t bk_n = size_t(c.batch) * hh * nh * n;
+  emu::DeviceArray<float> lse(size_t(c.batch) * hh * rounds * n, NAN);
+  emu::DeviceArray<int32_t> buckets(bk_n, kSentinel);
+  fk_reformer_fwd_params p{};
+  p.qk = pr.qk.ptr(), p.v = pr.v.ptr(), p.rotations = pr.rot.data();
+  p.key_padding = c.pad != 0 ? pr.pad.data() : nullptr;
+  p.given_buckets = c.given ? pr.given.data() : nullptr;
+  p.out = out.ptr(), p.lse = lse.data(), p.buckets = buckets.data();
+  p.qk_stride = pr.qk.st(), p.v_stride = pr.v.st(), p.out_stride = out.st();
+  p.batch = c.batch, p.seqlen = n, p.heads = hh, p.head_dim = d;
+  p.n_hashes = nh, p.n_buckets = c.n_buckets, p.chunk_length = c.chunk;
+  p.chunks_before = c.before, p.chunks_after = c.after, p.causal = c.causal;
+  p.dtype = c.dtype;
+  const int64_t ws_bytes = fk_reformer_fwd_workspace_bytes(&p);
+  if ((ws_bytes > 0) != pr.hashed) return res.fail("workspace " + std::to_string(ws_bytes));
+  emu::DeviceArray<unsigned char> ws(size_t(ws_bytes > 0 ? ws_bytes : 1), 0xFF, 256);
+  p.workspace = ws_bytes > 0 ? ws.data() : nullptr;
+  int rc = fk_reformer_fwd(&p, nullptr);
+  if (rc != 0) return res.fail("rc " + std::to_string(rc));
+
+  // ---- Buckets: the ones the reference uses (given, hashed and checked, or none).
+  std::vector<int32_t> used(bk_n, 0);
+  Check cb;
+  long bk_untouched_bad = 0, ties = 0;
+  for (size_t at = 0; at < bk_n; ++at) {
+    const int i = int(at % size_t(n)), r = int(at / size_t(n)) % nh;
+    const int h = int(at / (size_t(n) * nh)) % hh, b = int(at / (size_t(n) * nh * hh));
+    if (!pr.hashed || c.given) {
+      bk_untouched_bad += buckets[at] != kSentinel;
+      used[at] = c.given ? pr.given[at] : 0;
+      continue;
+    }
+    const int want = pr.hash(b, h, i, r);
+    const int32_t got = buckets[at];
+    used[at] = got;
+    const int got_local = got - r * pr.nbp;
+    bool ok = got == want + r * pr.nbp;
+    if (!ok && got_local >= 0 && got_local < 2 * pr.half && want < 2 * pr.half) {
+      // A near tie: the device's choice must be within f32 error of the maximum.
+      double mag = 0;
+      for (int e = 0; e < d; ++e) mag += std::fabs(pr.qk.get(b, i, h, e));
+      const double gap = pr.rot_val(b, h, i, r, want) - pr.rot_val(b, h, i, r, got_local);
+      ok = gap <= 1e-5 * mag * 4;
+      ties += ok;
+    }
+    cb.add(ok ? 0 : 1, 0, 0);
+  }
+  if (pr.hashed && !c.given) res.check("buckets", cb, 0);
+  if (bk_untouched_bad) res.fail("buckets written " + std::to_string(bk_untouched_bad));
+  if (ties) res.line += " (ties " + std::to_string(ties) + ")";
+
+  // ---- The f64 definition, per (b, h).
+  const double mask = c.dtype == FK_DTYPE_F16 ? -1e4 : -1e9;
+  const double self_mask = c.dtype == FK_DTYPE_F16 ? -1e3 : -1e5;
+  const double u = unit(c.dtype);
+  const int64_t L = int64_t(rounds) * n;
+  Check co, cl;
+  std::vector<double> keys(size_t(n) * d), o_r(size_t(L) * d), lse_r(static_cast<size_t>(L));
+  std::vector<int> perm(static_cast<size_t>(L)), undo(static_cast<size_t>(L)), win;
+  for (int b = 0; b < c.batch; ++b)
+    for (int h = 0; h < hh; ++h) {
+      for (int j = 0; j < n; ++j) {
+        double s2 = 0;
+        for (int e = 0; e < d; ++e) s2 += pr.qk.get(b, j, h, e) * pr.qk.get(b, j, h, e);
+        const double g = 1.0 / std::sqrt(s2 / d + 1e-6) / std::sqrt(double(d));
+        for (int e = 0; e < d; ++e) keys[size_t(j) * d + e] = pr.qk.get(b, j, h, e) * g;
+      }
+      std::iota(perm.begin(), perm.end(), 0);
+      const int32_t *bk = used.data() + (size_t(b) * hh + h) * nh * n;
+      if (pr.hashed)
+        std::stable_sort(perm.begin(), perm.end(), [&](int x, int y) { return bk[x] < bk[y]; });
+      for (int s = 0; s < int(L); ++s) undo[size_t(perm[size_t(s)])] = s;
+      const int64_t cl_ = pr.hashed ? c.chunk : n, nc = pr.hashed ? L / c.chunk : 1;
+      const int before = pr.hashed ? c.before : 0, after = pr.hashed ? c.after : 0;
+      for (int r = 0; r < rounds; ++r)
+        for (int i = 0; i < n; ++i) {
+          const int64_t chunk = undo[size_t(r) * n + i] / cl_;
+          win.clear();
+          for (int w = -before; w <= after; ++w) {
+            const int64_t cc = ((chunk + w) % nc + nc) % nc;
+            for (int64_t s = cc * cl_; s < (cc + 1) * cl_; ++s) win.push_back(perm[size_t(s)] % n);
+          }
+          std::vector<double> sc(win.size());
+          double m = -INFINITY;
+          for (size_t k = 0; k < win.size(); ++k) {
+            const int j = win[k];
+            double x;
+            if (j == i)
+              x = self_mask;
+            else if ((c.causal && i < j) || pr.padded(b, j))
+              x = mask;
+            else {
+              x = 0;
+              for (int e = 0; e < d; ++e) x += pr.qk.get(b, i, h, e) * keys[size_t(j) * d + e];
+            }
+            sc[k] = x, m = std::max(m, x);
+          }
+          double sum = 0;
+          for (double x : sc) sum += std::exp(x - m);
+          const double l = m + std::log(sum);
+          lse_r[size_t(r) * n + i] = l;
+          cl.add(lse[((size_t(b) * hh + h) * rounds + r) * n + i], l, 1e-5 * (std::fabs(l) + 8));
+          double *o = &o_r[(size_t(r) * n + i) * d];
+          std::fill(o, o + d, 0.0);
+          for (size_t k = 0; k < win.size(); ++k) {
+            const double w = std::exp(sc[k] - l);
+            for (int e = 0; e < d; ++e) o[e] += w * pr.v.get(b, win[k], h, e);
+          }
+        }
+      for (int i = 0; i < n; ++i) {
+        double m = -INFINITY, sum = 0;
+        for (int r = 0; r < rounds; ++r) m = std::max(m, lse_r[size_t(r) * n + i]);
+        for (int r = 0; r < rounds; ++r) sum += std::exp(lse_r[size_t(r) * n + i] - m);
+        const double all = m + std::log(sum);
+        for (int e = 0; e < d; ++e) {
+          double acc = 0;
+          for (int r = 0; r < rounds; ++r)
+            acc += std::exp(lse_r[size_t(r) * n + i] - all) * o_r[(size_t(r) * n + i) * d + e];
+          co.add(out.get(b, i, h, e), acc, 2 * u * std::fabs(acc) + 1e-4);
+        }
+      }
+    }
+  res.check("O", co, out.pad_touched());
+  res.check("lse", cl, 0);
+  if (c.twice) {
+    auto out2 = Problem<T>::bnhd(c, 8, 0);
+    emu::DeviceArray<float> lse2(lse.size(), NAN);
+    emu::DeviceArray<int32_t> buckets2(bk_n, kSentinel);
+    emu::DeviceArray<unsigned char> ws2(ws.size(), 0x00, 256);
+    p.out = out2.ptr(), p.lse = lse2.data(), p.buckets = buckets2.data();
+    p.workspace = ws_bytes > 0 ? ws2.data() : nullptr;
+    rc = fk_reformer_fwd(&p, nullptr);
+    if (rc != 0) return res.fail("second run rc " + std::to_string(rc));
+    const bool same = out.same_bits(out2) &&
+                      std::memcmp(lse.data(), lse2.data(), lse.size() * 4) == 0 &&
+                      std::memcmp(buckets.data(), buckets2.data(), bk_n * 4) == 0;
+    res.line += same ? " bitwise-repeat ok" : "";
+    if (!same) res.fail("second run differs");
+  }
+}
+
+struct Entry {
+  std::string name;
+  std::function<void(Result &)> run;
+};
+
+std::vector<Entry> all_cases() {
+  const int F16 = FK_DTYPE_F16, BF16 = FK_DTYPE_BF16;
+  // B N H D R nb C before after causal pad given dtype bhnd unaligned twice
+  const RefCase cases[] = {
+      {1, 64, 1, 8, 1, 4, 16, 1, 0, false, 0, false, F16, false, false, false},
+      {2, 128, 2, 16, 3, 8, 32, 1, 0, true, 1, false, BF16, false, false, true},
+      {1, 96, 2, 24, 2, 6, 16, 1, 1, false, 1, true, F16, true, false, false},
+      {2, 32, 1, 64, 2, 4, 32, 1, 0, true, 1, false, BF16, false, true, false},
+      {1, 20, 2, 40, 3, 4, 32, 1, 0, false, 1, false, F16, false, false, true},
+      {1, 256, 1, 32, 4, 16, 32, 2, 1, true, 0, false, BF16, false, false, false},
+      {2, 64, 1, 64, 3, 4, 8, 1, 0, true, 2, false, F16, false, true, true},
+      {1, 48, 3, 8, 1, 2, 16, 1, 1, false, 0, true, BF16, true, false, false},
+      {1, 32, 1, 128, 2, 4, 16, 1, 0, false, 1, false, BF16, false, false, false},
+      {1, 32, 2, 16, 1, 8, 16, 3, 1, true, 0, false, F16, false, false, false},
+      {2, 200, 1, 12, 2, 4, 100, 1, 0, false, 1, false, BF16, false, true, true},
+      {1, 120, 1, 48, 3, 6, 40, 0, 1, true, 2, true, F16, false, false, false},
+      {2, 70, 2, 32, 2, 4, 70, 1, 0, true, 2, false, F16, true, false, false},
+  };
+  std::vector<Entry> out;
+  for (const RefCase &c : cases)
+    out.push_back({describe(c), [c](Result &r) {
+                     if (c.dtype == FK_DTYPE_F16)
+                       fwd_case<__half>(c, r);
+                     else
+                       fwd_case<__nv_bfloat16>(c, r);
+                   }});
+  return out;
+}
+
+// What the device would mis-handle is refused before any launch.
+int api_checks() {
+  int bad = 0;
+  auto expect = [&](const char *what, bool ok) {
+    if (!ok) {
+      printf("api %s  <-- BAD\n", what);
+      ++bad;
+    }
+  };
+  alignas(256) static __half dummy[4096];
+  alignas(256) static float fdummy[256];
+  alignas(256) static int32_t idummy[256];
+  fk_reformer_fwd_params p{};
+  p.qk = p.v = p.out = dummy, p.rotations = fdummy, p.lse = fdummy, p.buckets = idummy;
+  p.qk_stride = p.v_stride = p.out_stride = {1024, 8, 8};
+  p.batch = 1, p.seqlen = 64, p.heads = 1, p.head_dim = 8, p.n_hashes = 2, p.n_buckets = 4;
+  p.chunk_length = 16, p.chunks_before = 1, p.chunks_after = 0, p.dtype = FK_DTYPE_F16;
+  auto refused = [&](const char *what, fk_reformer_fwd_params r, bool sized = false) {
+    const int launches0 = fk::g_emu_launches;
+    expect(what, fk_reformer_fwd(&r, nullptr) == cudaErrorInvalidValue &&
+                     fk::g_emu_launches == launches0 &&
+                     (sized || fk_reformer_fwd_workspace_bytes(&r) == 0));
+  };
+  auto q = p;
+  refused("no workspace", q, true);
+  q = p, q.workspace = reinterpret_cast<char *>(dummy) + 16;
+  refused("workspace not 256-aligned", q, true);
+  q = p, q.head_dim = 136, refused("head_dim 136", q);
+  q = p, q.head_dim = 0, refused("head_dim 0", q);
+  q = p, q.seqlen = 72, refused("N not a multiple of C", q);
+  q = p, q.n_buckets = 5, refused("odd n_buckets", q);
+  q = p, q.n_buckets = 8194, refused("n_buckets 8194", q);
+  q = p, q.n_hashes = 0, refused("n_hashes 0", q);
+  q = p, q.chunk_length = 0, refused("chunk 0", q);
+  q = p, q.chunks_before = -1, refused("chunks_before -1", q);
+  q = p, q.chunks_after = 65536, refused("chunks_after 65536", q);
+  q = p, q.causal = 2, refused("causal 2", q);
+  q = p, q.dtype = 3, refused("f32", q);
+  q = p, q.rotations = nullptr, refused("null rotations", q);
+  q = p, q.buckets = nullptr, refused("null buckets", q);
+  q = p, q.lse = nullptr, refused("null lse", q);
+  q = p, q.out = nullptr, refused("null out", q);
+  q = p, q.batch = 65536, refused("batch 65536", q);
+  q = p, q.seqlen = 16, q.given_buckets = idummy, refused("given buckets, N <= C", q);
+  q = p, q.n_hashes = 1 << 16, q.seqlen = 1 << 15, refused("n_hashes N >= 2^31", q);
+  expect("null params", fk_reformer_fwd(nullptr, nullptr) == cudaErrorInvalidValue);
+  // Needed only where used: given buckets need neither rotations nor buckets; the
+  // fallback no workspace.
+  q = p, q.rotations = nullptr, q.buckets = nullptr, q.given_buckets = idummy;
+  expect("given: workspace", fk_reformer_fwd_workspace_bytes(&q) == 512 + 4096);
+  q = p, q.seqlen = 16, q.rotations = nullptr, q.buckets = nullptr;
+  expect("fallback: no workspace", fk_reformer_fwd_workspace_bytes(&q) == 0);
+  q = p, q.key_padding = reinterpret_cast<const uint8_t *>(idummy), q.n_hashes = 1;
+  expect("pad, one round: workspace", fk_reformer_fwd_workspace_bytes(&q) == 256 + 256);
+  return bad;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  const auto cases = all_cases();
+  const int api_failed = argc == 1 ? api_checks() : 0;
+  if (argc == 1) printf("api checks: %s\n", api_failed ? "FAILED" : "ok");
+  int failed = 0, ran = 0;
+  printf("per case and output: worst |error| / bound, 1 = at the bound\n");
+  for (int i = 0; i < int(cases.size()); ++i) {
+    if (!emu::case_selected(size_t(i), argc, argv)) continue;
+    Result r;
+    const std::string label = "case " + std::to_string(i) + " (" + cases[i].name + ")";
+    emu::g_case = label.c_str();
+    cases[i].run(r);
+    emu::g_case = nullptr;
+    printf("%2d %-62s%s\n", i, cases[i].name.c_str(), r.line.c_str());
+    fflush(stdout);
+    failed += !r.ok;
+    ++ran;
+  }
+  printf("%d of %d cases failed\n", failed, ran);
+  return failed || api_failed ? 1 : 0;
+}
+
+// The runtime's error strings are not linked (one translation unit per suite).
+const char *cudaGetErrorString(cudaError_t) { return "(error string: not emulated)"; }
