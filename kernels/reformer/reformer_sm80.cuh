@@ -198,9 +198,14 @@ template <typename T> struct AttnArgs {
   int rounds, causal;
 };
 
+// The token at sorted position s (perm null: the identity).
+__device__ __forceinline__ int token_at(const int32_t *perm, int64_t s) {
+  return perm != nullptr ? int(perm[s]) : int(s);
+}
+
 // grid: (n_chunks * ceil(C / 64), H, B); block: 64 threads, one query each.
 template <typename T>
-__global__ void __launch_bounds__(kQueries) reformer_attn_kernel(const AttnArgs<T> a) {
+__global__ void __launch_bounds__(kQueries, 4) reformer_attn_kernel(const AttnArgs<T> a) {
   const int dh = a.d_head, ld = dh + 1;
   float *sq = reinterpret_cast<float *>(reformer_smem()); // queries
   float *so = sq + kQueries * ld;                  // accumulators
@@ -216,18 +221,17 @@ __global__ void __launch_bounds__(kQueries) reformer_attn_kernel(const AttnArgs<
   const int64_t bh = int64_t(b) * a.heads + h;
   const int64_t nc = a.n_chunks;
   const int32_t *perm = a.perm != nullptr ? a.perm + bh * nc * a.chunk : nullptr;
-  auto token = [&](int64_t s) { return perm != nullptr ? int(perm[s]) : int(s); };
   const T *qk = a.qk + b * a.qs.batch + h * a.qs.head;
   const T *v = a.v + b * a.vs.batch + h * a.vs.head;
   const uint8_t *pad = a.pad != nullptr ? a.pad + int64_t(b) * a.n : nullptr;
   const int64_t s0 = c * a.chunk + q0; // first sorted position of the block
   for (int e = t; e < nq * dh; e += kQueries) {
     const int row = e / dh, d = e % dh;
-    sq[row * ld + d] = to_float(qk[token(s0 + row) * a.qs.row + d]);
+    sq[row * ld + d] = to_float(qk[token_at(perm, s0 + row) * a.qs.row + d]);
     so[row * ld + d] = 0.f;
   }
   const bool active = t < nq;
-  const int qi = active ? token(s0 + t) : 0;
+  const int qi = active ? token_at(perm, s0 + t) : 0;
   const float mask = MaskValues<T>::kMask, self_mask = MaskValues<T>::kSelf;
   const float *myq = sq + t * ld;
   float *myo = so + t * ld, *mys = ss + t * (kKeys + 1);
@@ -241,7 +245,7 @@ __global__ void __launch_bounds__(kQueries) reformer_attn_kernel(const AttnArgs<
     for (int k0 = 0; k0 < a.chunk; k0 += kKeys) {
       const int nk = min(kKeys, a.chunk - k0);
       __syncthreads(); // the previous tile (or the queries' load) is done
-      if (t < nk) stok[t] = token(k_first + k0 + t);
+      if (t < nk) stok[t] = token_at(perm, k_first + k0 + t);
       __syncthreads();
       for (int e = t; e < nk * dh; e += kQueries) {
         const int j = e / dh, d = e % dh;

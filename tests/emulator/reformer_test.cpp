@@ -381,8 +381,10 @@ std::vector<Entry> all_cases() {
       {1, 32, 1, 128, 2, 4, 16, 1, 0, false, 1, false, BF16, false, false, false},
       {1, 32, 2, 16, 1, 8, 16, 3, 1, true, 0, false, F16, false, false, false},
       {2, 200, 1, 12, 2, 4, 100, 1, 0, false, 1, false, BF16, false, true, true},
-      {1, 120, 1, 48, 3, 6, 40, 0, 1, true, 2, true, F16, false, false, false},
+      {2, 120, 1, 48, 3, 6, 40, 0, 1, true, 2, true, F16, false, false, false},
       {2, 70, 2, 32, 2, 4, 70, 1, 0, true, 2, false, F16, true, false, false},
+      {1, 512, 1, 64, 2, 16, 64, 1, 0, true, 1, false, BF16, false, false, false},
+      {1, 256, 1, 16, 2, 300, 32, 1, 0, false, 1, false, F16, false, true, true},
   };
   std::vector<Entry> out;
   for (const RefCase &c : cases)
