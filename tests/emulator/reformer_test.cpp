@@ -385,6 +385,7 @@ std::vector<Entry> all_cases() {
       {2, 70, 2, 32, 2, 4, 70, 1, 0, true, 2, false, F16, true, false, false},
       {1, 512, 1, 64, 2, 16, 64, 1, 0, true, 1, false, BF16, false, false, false},
       {1, 256, 1, 16, 2, 300, 32, 1, 0, false, 1, false, F16, false, true, true},
+      {2, 64, 2, 24, 2, 8, 16, 0, 0, true, 0, false, BF16, true, false, false},
   };
   std::vector<Entry> out;
   for (const RefCase &c : cases)
