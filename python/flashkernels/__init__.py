@@ -33,6 +33,12 @@ Entry points, with the signatures users already know:
   None; ``linformer_attention_backward`` for numpy users; ``LinformerAttention(dim,
   seq_len, k, heads, ...)``, a torch.nn.Module whose state_dict loads lucidrains/linformer's
   ``LinformerSelfAttention`` weights (loaded on first use; see ``_linformer``).
+- ``lsh_attention(qk, v, rotations, *, chunk_length, chunks_before=1, chunks_after=0,
+  causal=False, n_buckets=None, key_padding_mask=None, buckets=None,
+  return_buckets=False, return_aux=False)``: Reformer LSH attention, Hugging Face's
+  ``LSHSelfAttention`` before its output dense (shared-QK hashing, sorted chunks, rounds
+  combined by logsumexp; given buckets skip the hashing); ``lsh_attention_backward`` for
+  numpy users; CPU reference only so far (see ``_reformer``).
 - ``ring_attention(q, k, v, causal=False, softmax_scale=None, group=None)``: past one
   GPU, attention over a sequence sharded across the ranks of a torch.distributed group
   (context parallelism), differentiable; ``merge_attention_states(out_a, lse_a, out_b,
@@ -130,6 +136,7 @@ from ._conv import avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max
 from ._ffn import feed_forward, feed_forward_backward
 from ._linformer import linformer_attention, linformer_attention_backward
 from ._longformer import longformer_attention, longformer_attention_backward
+from ._reformer import lsh_attention, lsh_attention_backward
 
 # The package is this file's re-exports and the torch registration below. The modules
 # behind it import one another in one direction only: _dlpack (the DLPack glue) <- the
@@ -159,6 +166,8 @@ __all__ = [
     "feed_forward_backward",
     "linformer_attention",
     "linformer_attention_backward",
+    "lsh_attention",
+    "lsh_attention_backward",
 ]
 
 
@@ -170,8 +179,8 @@ def cuda_available() -> bool:
 def register_torch_ops() -> None:
     """Registers the torch.library ops ``torch.ops.flashkernels.attention_fwd``,
     ``attention_bwd``, ``conv2d_fwd``, ``conv2d_bwd``, ``longformer_fwd`` and
-    ``longformer_bwd``, ``ffn_fwd``, ``ffn_bwd``, ``linformer_fwd``, ``linformer_bwd``
-    (importing torch). Not needed in the
+    ``longformer_bwd``, ``ffn_fwd``, ``ffn_bwd``, ``linformer_fwd``, ``linformer_bwd``,
+    ``reformer_fwd``, ``reformer_bwd`` (importing torch). Not needed in the
     usual cases (see the module docs); idempotent."""
     from . import (
         _torch,  # noqa: F401  (registers on import)
@@ -179,6 +188,7 @@ def register_torch_ops() -> None:
         _torch_ffn,  # noqa: F401  (feed-forward ops, likewise)
         _torch_linformer,  # noqa: F401  (Linformer ops, likewise)
         _torch_longformer,  # noqa: F401  (Longformer ops, likewise)
+        _torch_reformer,  # noqa: F401  (Reformer LSH ops, likewise)
     )
 
 

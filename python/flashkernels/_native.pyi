@@ -398,6 +398,77 @@ def linformer_shapes(
     Linformer call on inputs of these shapes, validated (mismatched E / F, k = 0,
     N > N_max, a key padding mask not (B, N): ValueError)."""
 
+_HostBuckets = Tuple[bytes, Sequence[int]]
+
+def reformer_forward(
+    qk: _Capsule,
+    v: _Capsule,
+    rotations: _Capsule,
+    out: _Capsule,
+    lse: _Capsule,
+    key_padding_mask: Optional[_HostMask] = None,
+    buckets: Optional[_HostBuckets] = None,
+    *,
+    chunk_length: int,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
+    causal: bool = False,
+    n_buckets: Optional[int] = None,
+    stream: int = 0,
+) -> Optional[bytes]:
+    """Reformer LSH attention forward on DLPack capsules (HF's LSHSelfAttention before
+    its output dense). qk, v (B, N, H, D), rotations (H, D, n_hashes, n_buckets / 2), any
+    strides. `key_padding_mask`: host (B, N) bytes, nonzero = padded; `buckets`: host
+    native-endian int32 bytes (B, H, n_hashes, N), offset per round, used instead of
+    hashing (N > C only). Writes `out` (qk's dtype) and `lse` (float32 (B, H, rounds,
+    N)), caller-allocated of the shapes `reformer_shapes` gives; returns the buckets used
+    as int32 bytes, or None when N <= C (full attention). CPU reference only: device
+    tensors raise (kernels not written yet).
+
+    Raises ValueError (shapes, odd n_buckets, C = 0, N not a multiple of C, bad buckets
+    or mask, devices) or TypeError (dtypes).
+    """
+
+def reformer_backward(
+    qk: _Capsule,
+    v: _Capsule,
+    rotations: _Capsule,
+    out: _Capsule,
+    lse: _Capsule,
+    grad_output: _Capsule,
+    dqk: _Capsule,
+    dv: _Capsule,
+    key_padding_mask: Optional[_HostMask] = None,
+    buckets: Optional[_HostBuckets] = None,
+    *,
+    chunk_length: int,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
+    causal: bool = False,
+    n_buckets: Optional[int] = None,
+    stream: int = 0,
+) -> None:
+    """Reformer backward on DLPack capsules, the buckets held fixed (given, or hashed
+    again): writes dqk and dv (like qk, v; qk's dtype, caller-allocated). Deterministic."""
+
+def reformer_shapes(
+    qk: Sequence[int],
+    v: Sequence[int],
+    rotations: Sequence[int],
+    mask_shape: Optional[Sequence[int]] = None,
+    buckets_shape: Optional[Sequence[int]] = None,
+    *,
+    chunk_length: int,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
+    causal: bool = False,
+    n_buckets: Optional[int] = None,
+) -> Tuple[List[int], List[int], Optional[List[int]]]:
+    """(out, lse, buckets) shapes ((B, N, H, D), (B, H, rounds, N), (B, H, n_hashes, N) or
+    None when N <= C) of a Reformer call on inputs of these shapes, validated (odd
+    n_buckets, rotations of the wrong shape, C = 0, N not a multiple of C, mask or buckets
+    of the wrong shape: ValueError)."""
+
 class DeviceBuffer:
     """Contiguous CUDA memory allocated by flashkernels (stream-ordered, on the legacy
     default stream), filled with NaN, exported through DLPack. Present in CUDA builds."""

@@ -2,8 +2,8 @@
 //! file per op plus the DLPack boundary:
 //!
 //! - `dlpack`: the DLPack mirror and [`dlpack::Imported`], a consumed capsule;
-//! - `attention`, `longformer`, `conv`, `pool`, `ffn`, `linformer`: each op's forward /
-//!   backward entries;
+//! - `attention`, `longformer`, `conv`, `pool`, `ffn`, `linformer`, `reformer`: each op's
+//!   forward / backward entries;
 //! - `buffer` (CUDA builds): device memory allocated by flashkernels and exported
 //!   through DLPack, the output buffer for callers whose framework has no mutable arrays
 //!   (jax).
@@ -30,6 +30,7 @@ mod ffn;
 mod linformer;
 mod longformer;
 mod pool;
+mod reformer;
 
 use crate::error::Error;
 use dlpack::{device_name, import, import_f32, DLDevice, Imported, Place};
@@ -248,6 +249,9 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linformer::linformer_forward, m)?)?;
     m.add_function(wrap_pyfunction!(linformer::linformer_backward, m)?)?;
     m.add_function(wrap_pyfunction!(linformer::linformer_shapes, m)?)?;
+    m.add_function(wrap_pyfunction!(reformer::reformer_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(reformer::reformer_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(reformer::reformer_shapes, m)?)?;
     #[cfg(feature = "cuda")]
     m.add_class::<buffer::DeviceBuffer>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
