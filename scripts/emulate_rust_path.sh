@@ -23,17 +23,17 @@ features=(--release --no-default-features --features emulator)
 start=$SECONDS
 cargo build "${features[@]}" --lib --bin flashkernels \
   --test gpu_attention_full --test gpu_longformer --test gpu_conv --test gpu_attention \
-  --test gpu_ffn --test gpu_linformer --test errors --test errors_device --test errors_conv \
+  --test gpu_ffn --test gpu_linformer --test gpu_reformer --test errors --test errors_device --test errors_conv \
   --test limits_device
 echo "emulated crate built in $((SECONDS - start)) s"
 
 start=$SECONDS
 if [ "${1:-}" = "--full" ]; then
   cargo test "${features[@]}" --test gpu_attention_full --test gpu_longformer --test gpu_conv \
-    --test gpu_attention --test gpu_ffn --test gpu_linformer -- --ignored
+    --test gpu_attention --test gpu_ffn --test gpu_linformer --test gpu_reformer -- --ignored
 else
   cargo test "${features[@]}" --test gpu_attention_full --test gpu_longformer --test gpu_conv \
-    --test gpu_ffn --test gpu_linformer -- --ignored smoke
+    --test gpu_ffn --test gpu_linformer --test gpu_reformer -- --ignored smoke
 fi
 cargo test "${features[@]}" --lib --test errors --test errors_device --test errors_conv \
   --test limits_device

@@ -39,8 +39,16 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/fk-site"
 LOG_LIMIT = 1 << 20  # bytes kept of each step's output (the tail): 14 steps stay under 16 MiB
-RUST_SUITES = ["gpu_attention", "gpu_attention_full", "gpu_longformer", "gpu_conv", "gpu_ffn", "gpu_linformer"]
-SMOKE_SUITES = ["gpu_attention_full", "gpu_longformer", "gpu_conv", "gpu_ffn", "gpu_linformer"]
+RUST_SUITES = [
+    "gpu_attention",
+    "gpu_attention_full",
+    "gpu_longformer",
+    "gpu_conv",
+    "gpu_ffn",
+    "gpu_linformer",
+    "gpu_reformer",
+]
+SMOKE_SUITES = ["gpu_attention_full", "gpu_longformer", "gpu_conv", "gpu_ffn", "gpu_linformer", "gpu_reformer"]
 SANITIZERS = ["memcheck", "racecheck", "synccheck", "initcheck"]
 
 

@@ -2,7 +2,7 @@
 //! exactly Hugging Face's `LSHSelfAttention` semantics (transformers 5.x;
 //! `modeling_reformer.py`), before its output dense:
 //!
-//! validate -> (CPU reference | launch (kernels not written yet: `Error::Unsupported`)).
+//! validate -> (CPU reference | launch: the forward on the device; the backward's kernels are not written yet: `Error::Unsupported`).
 //!
 //! Inputs, with any strides and a unit-stride head dim (B batch, N tokens, H heads, D
 //! head dim):
@@ -63,10 +63,12 @@
 //! still take their probability's share of dv). The rotations and buckets get none.
 
 use crate::error::Result;
-use crate::ops::common::{f64_data, host_out, mixed_devices};
+use crate::ops::common::{f64_data, host_out, place as common_place, refs, Placed as CommonPlaced};
 use crate::tensor::HostTensor;
 use crate::{OpTensor, Tensor, TensorRef};
 
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+pub mod cuda;
 pub mod problem;
 pub mod reference;
 
@@ -185,49 +187,27 @@ pub struct ReformerGradients<T> {
     pub dv: T,
 }
 
-/// The host tensors of a call, in [`Inputs::named`]'s order (then the backward's), or
-/// where they live when not all on the host.
+/// The tensors of a call (all given), host or device.
 enum Placed<'a> {
     Host(Vec<&'a HostTensor>),
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    Device,
+    Device(Vec<&'a crate::DeviceTensor>),
 }
 
-fn place<'a>(ts: &[(&'static str, TensorRef<'a>)]) -> Result<Placed<'a>> {
-    if ts.iter().all(|(_, t)| matches!(t, TensorRef::Host(_))) {
-        return Ok(Placed::Host(
-            ts.iter()
-                .filter_map(|(_, t)| match t {
-                    TensorRef::Host(h) => Some(*h),
-                    #[allow(unreachable_patterns)] // without device features
-                    _ => None,
-                })
-                .collect(),
-        ));
-    }
-    #[cfg(any(feature = "cuda", feature = "emulator"))]
-    if ts.iter().all(|(_, t)| matches!(t, TensorRef::Cuda(_))) {
-        return Ok(Placed::Device);
-    }
-    Err(mixed_devices(ts))
+fn place_all<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<'a>> {
+    Ok(match common_place(ts)? {
+        CommonPlaced::Host(h) => Placed::Host(h.into_iter().flatten().collect()),
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
+        CommonPlaced::Device(d) => Placed::Device(d.into_iter().flatten().collect()),
+    })
 }
 
-fn refs<'a, T: OpTensor>(
-    named: &[(&'static str, Option<&'a T>)],
-) -> Vec<(&'static str, TensorRef<'a>)> {
-    named
-        .iter()
-        .filter_map(|(n, t)| t.map(|t| (*n, t.tensor_ref())))
-        .collect()
-}
-
-/// The error for device tensors until the kernels land: the one place the device paths
-/// will call `cuda::forward` / `cuda::backward`.
+/// The error for the backward on device tensors until its kernels land (issue 16).
 #[cfg(any(feature = "cuda", feature = "emulator"))]
-fn device_not_built() -> crate::Error {
+fn device_backward_not_built() -> crate::Error {
     crate::Error::Unsupported(
-        "Reformer LSH attention on device tensors: its kernels are not written yet (issue \
-         16); use host tensors (the CPU reference)"
+        "Reformer LSH attention's backward on device tensors: its kernels are not written \
+         yet (issue 16); run the backward on host tensors (the CPU reference)"
             .into(),
     )
 }
@@ -261,19 +241,22 @@ pub fn forward<T: OpTensor>(
     i: &Inputs<'_, T>,
     opts: &ReformerOptions,
 ) -> Result<ReformerOutput<T>> {
-    let o = match place(&refs(&i.named()))? {
+    let o = match place_all(&refs(&i.named()))? {
         Placed::Host(h) => {
             let p = validate_host(&h, i, opts)?;
-            forward_host(&p, &h, i.buckets)?
+            let o = forward_host(&p, &h, i.buckets)?;
+            (Tensor::Host(o.out), Tensor::Host(o.lse), o.buckets)
         }
-        // cuda::forward(&d, i.key_padding_mask, i.buckets, opts) goes here.
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device => return Err(device_not_built()),
+        Placed::Device(d) => {
+            let o = cuda::forward([d[0], d[1], d[2]], i.key_padding_mask, i.buckets, opts)?;
+            (Tensor::Cuda(o.out), Tensor::Cuda(o.lse), o.buckets)
+        }
     };
     Ok(ReformerOutput {
-        out: T::from_output(Tensor::Host(o.out))?,
-        lse: T::from_output(Tensor::Host(o.lse))?,
-        buckets: o.buckets,
+        out: T::from_output(o.0)?,
+        lse: T::from_output(o.1)?,
+        buckets: o.2,
     })
 }
 
@@ -310,9 +293,9 @@ pub fn backward<T: OpTensor>(
 ) -> Result<ReformerGradients<T>> {
     let mut named = refs(&i.fwd.named());
     for (n, t) in [("out", i.out), ("lse", i.lse), ("dout", i.dout)] {
-        named.push((n, t.tensor_ref()));
+        named.push((n, Some(t.tensor_ref())));
     }
-    let g = match place(&named)? {
+    let g = match place_all(&named)? {
         Placed::Host(h) => {
             let p = validate_host(&h, &i.fwd, opts)?;
             let [out, lse, dout] = [h[3], h[4], h[5]];
@@ -326,9 +309,8 @@ pub fn backward<T: OpTensor>(
             )?;
             backward_host(&p, &h[..3], i.fwd.buckets, [out, lse, dout])?
         }
-        // cuda::backward(...) goes here.
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device => return Err(device_not_built()),
+        Placed::Device(_) => return Err(device_backward_not_built()),
     };
     Ok(ReformerGradients {
         dqk: T::from_output(Tensor::Host(g.dqk))?,

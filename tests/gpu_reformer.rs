@@ -1,0 +1,138 @@
+//! Reformer LSH attention's forward on a CUDA device (or the emulated one): hashing, the
+//! sort, chunked attention, the round combination and the unsort, against the CPU
+//! reference on the same inputs (buckets exactly, O within the dtype's bound, the
+//! per-round LSE to 1e-3 relative). Needs a device: run with `--ignored`
+//! (scripts/gpu_check.sh, or scripts/emulate_rust_path.sh on the emulated device).
+
+mod common;
+mod reformer_common;
+
+use common::{assert_close_to_reference, gpu_stream, out_tol};
+use flashkernels::reformer::{self, Inputs};
+use flashkernels::{DType, DeviceTensor, Error, HostTensor, Stream, Tensor};
+use reformer_common::{inputs, Case};
+
+/// (b, n, h, d), (n_hashes, n_buckets, c), (before, after), causal, padded.
+type Shape = (
+    (usize, usize, usize, usize),
+    (usize, usize, usize),
+    (usize, usize),
+    bool,
+    bool,
+);
+
+fn dev(s: &Stream, t: &HostTensor) -> Tensor {
+    Tensor::Cuda(DeviceTensor::from_host(s, t).unwrap())
+}
+
+/// The device forward of one case against the CPU reference; then the device's own
+/// buckets passed back give bitwise the same O.
+fn check(s: &Stream, seed: u64, dtype: DType, shape: Shape) {
+    let (dims, hash, chunks, causal, pad) = shape;
+    let c = Case::random(seed, dtype, dims, hash, chunks, causal, pad);
+    let t = c.tensors();
+    let mask = c.mask();
+    let want = reformer::forward(&inputs(&t, mask.as_ref(), None), &c.opts()).unwrap();
+    let d = [&t[0], &t[1], &t[2]].map(|t| dev(s, t));
+    let di = Inputs::new(&d[0], &d[1], &d[2]).key_padding_mask(mask.as_ref());
+    let got = reformer::forward(&di, &c.opts()).expect("device forward");
+    let case = format!("{dtype:?} {shape:?}");
+    assert_eq!(got.buckets, want.buckets, "{case}: buckets");
+    let out = got.out.to_host().unwrap();
+    assert_close_to_reference(&case, "out", &out, &want.out, out_tol(dtype));
+    let (gl, wl) = (got.lse.to_host().unwrap(), want.lse.to_f32_vec());
+    assert_eq!(gl.shape(), want.lse.shape(), "{case}: lse shape");
+    for (i, (&a, &b)) in gl.to_f32_vec().iter().zip(&wl).enumerate() {
+        let (a, b) = (a as f64, b as f64);
+        assert!(
+            (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
+            "{case}: lse[{i}] = {a}, expected {b}"
+        );
+    }
+    if let Some(b) = &got.buckets {
+        let again = reformer::forward(&di.buckets(Some(b)), &c.opts()).unwrap();
+        assert_eq!(
+            again.out.to_host().unwrap(),
+            out,
+            "{case}: given buckets reproduce O"
+        );
+    }
+}
+
+/// One small hashed case (3 rounds, causal) and the full-attention fallback.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn smoke() {
+    let s = gpu_stream();
+    check(
+        &s,
+        1,
+        DType::BF16,
+        ((1, 24, 2, 8), (3, 6, 4), (1, 0), true, false),
+    );
+    check(
+        &s,
+        2,
+        DType::F16,
+        ((2, 7, 2, 8), (2, 4, 16), (1, 0), false, true),
+    );
+}
+
+/// Every kind of case of the reference's own suite, both dtypes: several rounds, padding,
+/// look-ahead, windows that wrap onto themselves, no look-back, N = C and N < C.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn matches_reference() {
+    let s = gpu_stream();
+    let shapes: [Shape; 8] = [
+        ((2, 16, 2, 8), (1, 4, 4), (1, 0), false, false),
+        ((2, 32, 2, 8), (3, 8, 8), (1, 0), false, true),
+        ((2, 24, 1, 16), (2, 4, 6), (1, 1), true, true),
+        ((1, 12, 2, 8), (2, 4, 12), (1, 0), false, false),
+        ((1, 16, 2, 8), (4, 2, 4), (2, 1), false, false),
+        ((3, 20, 2, 32), (2, 10, 5), (0, 0), false, true),
+        ((1, 48, 2, 64), (3, 8, 16), (1, 0), true, false),
+        ((1, 128, 1, 128), (2, 16, 32), (1, 0), true, true),
+    ];
+    for (k, shape) in shapes.into_iter().enumerate() {
+        for dtype in [DType::F16, DType::BF16] {
+            check(&s, 100 + k as u64, dtype, shape);
+        }
+    }
+}
+
+/// What the kernels do not take is a typed error before any launch: f32 inputs, head
+/// dims past 128, rotations that are not contiguous f32, the backward (not written yet).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn unsupported_calls_are_typed_errors() {
+    let s = gpu_stream();
+    let shape = ((1, 16, 1, 8), (1, 4, 4), (1, 0), false, false);
+    let (dims, hash, chunks, causal, pad) = shape;
+    let c = Case::random(3, DType::F32, dims, hash, chunks, causal, pad);
+    let t = c.tensors();
+    let d = [&t[0], &t[1], &t[2]].map(|t| dev(&s, t));
+    let e = reformer::forward(&Inputs::new(&d[0], &d[1], &d[2]), &c.opts()).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedDType { .. }), "{e}");
+
+    let c = Case::random(4, DType::BF16, dims, hash, chunks, causal, pad);
+    let t = c.tensors();
+    let rot16 = reformer_common::tensor(DType::BF16, &c.rot, t[2].shape());
+    let d = [&t[0], &t[1], &rot16].map(|t| dev(&s, t));
+    let e = reformer::forward(&Inputs::new(&d[0], &d[1], &d[2]), &c.opts()).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+
+    let big = Case::random(5, DType::BF16, (1, 8, 1, 136), hash, chunks, causal, pad);
+    let t = big.tensors();
+    let d = [&t[0], &t[1], &t[2]].map(|t| dev(&s, t));
+    let e = reformer::forward(&Inputs::new(&d[0], &d[1], &d[2]), &big.opts()).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+
+    let c = Case::random(6, DType::BF16, dims, hash, chunks, causal, pad);
+    let t = c.tensors();
+    let d = [&t[0], &t[1], &t[2]].map(|t| dev(&s, t));
+    let i = Inputs::new(&d[0], &d[1], &d[2]);
+    let o = reformer::forward(&i, &c.opts()).unwrap();
+    let e = reformer::backward(&i.backward(&o.out, &o.lse, &o.out), &c.opts()).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+}
