@@ -219,11 +219,12 @@ fn backward_input_errors_and_altered_problems() {
         f: c.f.as_deref(),
     };
     assert!(try_linformer(&p, &x).is_ok());
-    let alter: [fn(&mut linformer::LinformerProblem); 5] = [
+    let alter: [fn(&mut linformer::LinformerProblem); 6] = [
         |p| p.seqlen += 1,
         |p| p.k_proj += 1,
         |p| p.e_heads = 2,
-        |p| p.padding.pop().map_or((), |_| ()),
+        |p| p.has_mask = !p.has_mask,
+        |p| p.padding.push(true),
         |p| p.shared_kv = !p.shared_kv,
     ];
     for (n, f) in alter.iter().enumerate() {

@@ -55,7 +55,7 @@ pub struct LinformerProblem {
     pub dtype: DType,
     /// A key padding mask was given.
     pub has_mask: bool,
-    /// (B, N) row-major, true = padded key (all false without a mask).
+    /// (B, N) row-major, true = padded key; empty without a mask (see [`Self::padded`]).
     pub padding: Vec<bool>,
 }
 
@@ -85,7 +85,7 @@ impl LinformerProblem {
 
     /// True when key `j` of sequence `b` is padded.
     pub fn padded(&self, b: usize, j: usize) -> bool {
-        self.padding[b * self.seqlen + j]
+        self.has_mask && self.padding[b * self.seqlen + j]
     }
 
     /// Shape of Q, O, dO and dQ: (B, N, H, D).
@@ -159,7 +159,7 @@ impl LinformerProblem {
             ));
         }
         let bn = checked_elements("the key padding mask", &[self.batch, self.seqlen])?;
-        if self.padding.len() != bn {
+        if self.padding.len() != if self.has_mask { bn } else { 0 } {
             return bad(format!(
                 "{} padding flags for (batch, seqlen) = ({}, {})",
                 self.padding.len(),
@@ -255,14 +255,13 @@ fn check_projection(name: &'static str, l: &Layout, heads_kv: usize) -> Result<[
     Ok(s)
 }
 
-/// The key padding mask as (B, N) flags (all false when absent).
+/// The key padding mask as (B, N) flags; none (empty) when absent, so a call without a
+/// mask allocates nothing of size B·N here.
 fn check_mask(m: Option<&TokenMask>, batch: usize, n: usize) -> Result<Vec<bool>> {
     let name = "key_padding_mask";
     let len = checked_elements(name, &[batch, n])?;
     let Some(m) = m else {
-        let mut v = try_with_capacity(len, name)?;
-        v.resize(len, false);
-        return Ok(v);
+        return Ok(Vec::new());
     };
     if m.shape.len() != 2 {
         return Err(Error::Rank {
