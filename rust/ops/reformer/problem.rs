@@ -78,7 +78,8 @@ pub struct ReformerProblem {
     pub dtype: DType,
     /// The rotations' dtype (any; hashing reads their values in f64).
     pub rotations_dtype: DType,
-    /// (B, N) row-major, true = padded token (all false without a mask).
+    /// (B, N) row-major, true = padded token; empty without a mask (read it through
+    /// [`Self::padded`]).
     pub padding: Vec<bool>,
     /// Some token of the batch is padded: padded tokens then hash to the extra bucket
     /// `n_buckets` and round r's offset is r·(n_buckets + 1), for every sequence (HF).
@@ -112,7 +113,7 @@ impl ReformerProblem {
 
     /// True when token `i` of sequence `b` is padded.
     pub fn padded(&self, b: usize, i: usize) -> bool {
-        self.padding[b * self.seqlen + i]
+        !self.padding.is_empty() && self.padding[b * self.seqlen + i]
     }
 
     /// The values that replace masked scores: (causal / padding, self) = (−1e9, −1e5), or
@@ -174,7 +175,8 @@ impl ReformerProblem {
             ));
         }
         let bn = checked_elements("the key padding mask", &[self.batch, self.seqlen])?;
-        if self.padding.len() != bn || self.padded_anywhere != self.padding.contains(&true) {
+        let len_ok = self.padding.is_empty() || self.padding.len() == bn;
+        if !len_ok || self.padded_anywhere != self.padding.contains(&true) {
             return bad(format!(
                 "{} padding flags (padded_anywhere {}) for (batch, seqlen) = ({}, {})",
                 self.padding.len(),
@@ -271,14 +273,13 @@ fn check_shape(name: &str, l: &Layout, expected: &[usize], why: &str) -> Result<
     Ok(())
 }
 
-/// The key padding mask as (B, N) flags (all false when absent).
+/// The key padding mask as (B, N) flags; empty when absent (nothing of size B·N is
+/// allocated for a call without a mask).
 fn check_mask(m: Option<&TokenMask>, batch: usize, n: usize) -> Result<Vec<bool>> {
     let name = "key_padding_mask";
     let len = checked_elements(name, &[batch, n])?;
     let Some(m) = m else {
-        let mut v = try_with_capacity(len, name)?;
-        v.resize(len, false);
-        return Ok(v);
+        return Ok(Vec::new());
     };
     if m.shape.len() != 2 {
         return Err(Error::Rank {
