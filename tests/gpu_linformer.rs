@@ -4,6 +4,8 @@
 //! backward's own. Needs a device: run with `--ignored` (scripts/gpu_check.sh, or
 //! scripts/emulate_rust_path.sh on the emulated device).
 
+#![cfg(any(feature = "cuda", feature = "emulator"))]
+
 mod common;
 mod linformer_common;
 

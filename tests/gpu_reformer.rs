@@ -4,6 +4,8 @@
 //! per-round LSE to 1e-3 relative). Needs a device: run with `--ignored`
 //! (scripts/gpu_check.sh, or scripts/emulate_rust_path.sh on the emulated device).
 
+#![cfg(any(feature = "cuda", feature = "emulator"))]
+
 mod common;
 mod reformer_common;
 

@@ -9,18 +9,19 @@
 
 pub mod longformer_fixtures;
 
-use flashkernels::{DType, Device, HostData, HostTensor, Layout, Stream};
+use flashkernels::{DType, HostData, HostTensor, Layout};
 use half::{bf16, f16};
 
 /// A new stream on device 0, for the GPU suites (run with `--ignored` where a device
 /// exists); fails loudly, naming the device count, where there is none.
-pub fn gpu_stream() -> Stream {
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+pub fn gpu_stream() -> flashkernels::Stream {
     assert!(
         flashkernels::cuda_available(),
         "no CUDA device: these tests need an NVIDIA GPU and driver (device_count: {:?})",
         flashkernels::device::device_count()
     );
-    Device::new(0)
+    flashkernels::Device::new(0)
         .expect("open cuda:0")
         .new_stream()
         .expect("create a stream")
