@@ -10,6 +10,7 @@
 // case asks and compares the outputs bit for bit (determinism).
 // Usage: linformer_test [case index...] (all cases by default).
 #include "emu.h"
+#include "strided.h"
 
 #include "emulated/linformer/linformer_api.cu"
 #include "emulated/linformer/linformer_bwd_bf16.cu"
@@ -25,49 +26,12 @@
 
 namespace {
 
-template <typename T> T to_e(float x);
-template <> __half to_e<__half>(float x) { return __float2half_rn(x); }
-template <> __nv_bfloat16 to_e<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-float to_f(__half x) { return __half2float(x); }
-float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+using suite::Strided;
+using suite::to_e;
+using suite::to_f;
 
-// A 4-d tensor (dims d, strides s in elements, innermost unit) in an allocation that ends
-// at its last logical element; `shift` NaN elements before the first (off 16-byte alignment).
-template <typename T> struct Strided {
-  std::array<int, 4> d;
-  std::array<int64_t, 4> s;
-  int shift;
-  emu::DeviceArray<T> data;
-  std::vector<char> logical;
-  Strided(std::array<int, 4> d_, std::array<int64_t, 4> s_, int shift_ = 0)
-      : d(d_), s(s_), shift(shift_) {
-    int64_t last = 0;
-    for (int i = 0; i < 4; ++i) last += int64_t(d[i] - 1) * s[i];
-    const size_t n = size_t(shift + last + 1);
-    data.assign(n, to_e<T>(NAN));
-    logical.assign(n, 0);
-    for (int a = 0; a < d[0]; ++a)
-      for (int b = 0; b < d[1]; ++b)
-        for (int c = 0; c < d[2]; ++c)
-          for (int e = 0; e < d[3]; ++e) logical[size_t(off(a, b, c, e))] = 1;
-  }
-  int64_t off(int a, int b, int c, int e) const {
-    return shift + a * s[0] + b * s[1] + c * s[2] + e * s[3];
-  }
-  T *ptr() { return data.data() + shift; }
-  double get(int a, int b, int c, int e) const { return to_f(data[size_t(off(a, b, c, e))]); }
-  void set(int a, int b, int c, int e, float v) { data[size_t(off(a, b, c, e))] = to_e<T>(v); }
-  fk_strides st() const { return {s[0], s[1], s[2]}; }
-  fk_proj_strides pst() const { return {s[1], s[2], s[3]}; }
-  long pad_touched() const {
-    long n = 0;
-    for (size_t i = 0; i < data.size(); ++i) n += !logical[i] && !std::isnan(to_f(data[i]));
-    return n;
-  }
-  bool same_bits(const Strided &o) const {
-    return std::memcmp(data.data(), o.data.data(), data.size() * sizeof(T)) == 0;
-  }
-};
+// (head, row, col) strides of an E / F view (d[0] = 1 for E's (heads, k, n_max) in dims 1..3).
+template <typename T> fk_proj_strides pst(const Strided<T> &t) { return {t.s[1], t.s[2], t.s[3]}; }
 
 struct LinCase {
   int batch, seqlen, n_max, heads, head_dim, k_proj;
@@ -206,7 +170,7 @@ template <typename T> void fwd_case(const LinCase &c, Result &res) {
   p.key_padding = in.pad_ptr();
   p.kp = kp.ptr(), p.vp = vp.ptr();
   p.k_stride = in.k.st(), p.v_stride = in.v.st(), p.kp_stride = kp.st(), p.vp_stride = vp.st();
-  p.e_stride = in.e.pst(), p.f_stride = in.fmat().pst();
+  p.e_stride = pst(in.e), p.f_stride = pst(in.fmat());
   p.batch = c.batch, p.seqlen = c.seqlen, p.heads_kv = c.heads, p.head_dim = c.head_dim;
   p.k_proj = c.k_proj, p.n_max = c.n_max, p.e_heads = in.eh, p.f_heads = in.fheads();
   p.splits = c.splits, p.dtype = c.dtype;
@@ -271,8 +235,8 @@ template <typename T> void bwd_case(const LinCase &c, Result &res) {
   p.de = de.ptr(), p.df = c.shared ? nullptr : df.ptr();
   p.k_stride = in.k.st(), p.v_stride = in.v.st(), p.dkp_stride = dkp.st();
   p.dvp_stride = dvp.st(), p.dk_stride = dk.st(), p.dv_stride = dv.st();
-  p.e_stride = in.e.pst(), p.f_stride = in.fmat().pst(), p.de_stride = de.pst();
-  p.df_stride = df.pst();
+  p.e_stride = pst(in.e), p.f_stride = pst(in.fmat()), p.de_stride = pst(de);
+  p.df_stride = pst(df);
   p.shared_kv = c.shared;
   p.batch = c.batch, p.seqlen = c.seqlen, p.heads_kv = c.heads, p.head_dim = c.head_dim;
   p.k_proj = c.k_proj, p.n_max = c.n_max, p.e_heads = in.eh, p.f_heads = in.fheads();
@@ -487,5 +451,3 @@ int main(int argc, char **argv) {
   return failed || api_failed ? 1 : 0;
 }
 
-// The runtime's error strings are not linked (one translation unit per suite).
-const char *cudaGetErrorString(cudaError_t) { return "(error string: not emulated)"; }

@@ -15,6 +15,7 @@
 // every output bit for bit.
 // Usage: reformer_test [case index...] (all cases by default).
 #include "emu.h"
+#include "strided.h"
 
 #include "emulated/reformer/reformer_api.cu"
 #include "emulated/reformer/reformer_fwd_bf16.cu"
@@ -30,48 +31,9 @@
 
 namespace {
 
-template <typename T> T to_e(float x);
-template <> __half to_e<__half>(float x) { return __float2half_rn(x); }
-template <> __nv_bfloat16 to_e<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-float to_f(__half x) { return __half2float(x); }
-float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-// A (B, N, H, D) tensor (strides s in elements, innermost unit) in an allocation that ends
-// at its last logical element; `shift` NaN elements before the first.
-template <typename T> struct Strided {
-  std::array<int, 4> d;
-  std::array<int64_t, 4> s;
-  int shift;
-  emu::DeviceArray<T> data;
-  std::vector<char> logical;
-  Strided(std::array<int, 4> d_, std::array<int64_t, 4> s_, int shift_ = 0)
-      : d(d_), s(s_), shift(shift_) {
-    int64_t last = 0;
-    for (int i = 0; i < 4; ++i) last += int64_t(d[i] - 1) * s[i];
-    const size_t n = size_t(shift + last + 1);
-    data.assign(n, to_e<T>(NAN));
-    logical.assign(n, 0);
-    for (int a = 0; a < d[0]; ++a)
-      for (int b = 0; b < d[1]; ++b)
-        for (int c = 0; c < d[2]; ++c)
-          for (int e = 0; e < d[3]; ++e) logical[size_t(off(a, b, c, e))] = 1;
-  }
-  int64_t off(int a, int b, int c, int e) const {
-    return shift + a * s[0] + b * s[1] + c * s[2] + e * s[3];
-  }
-  T *ptr() { return data.data() + shift; }
-  double get(int a, int b, int c, int e) const { return to_f(data[size_t(off(a, b, c, e))]); }
-  void set(int a, int b, int c, int e, float v) { data[size_t(off(a, b, c, e))] = to_e<T>(v); }
-  fk_strides st() const { return {s[0], s[1], s[2]}; }
-  long pad_touched() const {
-    long n = 0;
-    for (size_t i = 0; i < data.size(); ++i) n += !logical[i] && !std::isnan(to_f(data[i]));
-    return n;
-  }
-  bool same_bits(const Strided &o) const {
-    return std::memcmp(data.data(), o.data.data(), data.size() * sizeof(T)) == 0;
-  }
-};
+using suite::Strided;
+using suite::to_e;
+using suite::to_f;
 
 struct RefCase {
   int batch, seqlen, heads, head_dim, n_hashes, n_buckets, chunk, before, after;
@@ -479,5 +441,3 @@ int main(int argc, char **argv) {
   return failed || api_failed ? 1 : 0;
 }
 
-// The runtime's error strings are not linked (one translation unit per suite).
-const char *cudaGetErrorString(cudaError_t) { return "(error string: not emulated)"; }
