@@ -6,6 +6,7 @@
 // through W2, one rounding of y, and the f32 accumulation's own error (see Bounds).
 // Usage: ffn_test [case index...] (all cases by default).
 #include "emu.h"
+#include "harness.h"
 
 #include "emulated/ffn/ffn_fwd_f16.cu"
 #include "emulated/ffn/ffn_fwd_bf16.cu"
@@ -19,11 +20,8 @@
 
 namespace {
 
-template <typename T> T to_e(float x);
-template <> __half to_e<__half>(float x) { return __float2half_rn(x); }
-template <> __nv_bfloat16 to_e<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-float to_f(__half x) { return __half2float(x); }
-float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+using harness::to_e;
+using harness::to_f;
 
 // A (rows, cols) row-major matrix with `slack` NaN elements after each row; the allocation
 // ends at the last logical element (an access past it is caught). `shift` elements of
@@ -457,5 +455,3 @@ int main(int argc, char **argv) {
   return failed || api_failed ? 1 : 0;
 }
 
-// The runtime's error strings are not linked (one translation unit per suite).
-const char *cudaGetErrorString(cudaError_t) { return "(error string: not emulated)"; }
