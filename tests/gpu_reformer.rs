@@ -10,7 +10,7 @@ mod common;
 mod reformer_common;
 
 use common::{assert_close_to_reference, gpu_stream, out_tol};
-use flashkernels::reformer::{self, Inputs};
+use flashkernels::reformer::{self, Buckets, Inputs};
 use flashkernels::{DType, DeviceTensor, Error, HostTensor, Stream, Tensor};
 use reformer_common::{inputs, Case};
 
@@ -137,4 +137,63 @@ fn unsupported_calls_are_typed_errors() {
     let o = reformer::forward(&i, &c.opts()).unwrap();
     let e = reformer::backward(&i.backward(&o.out, &o.lse, &o.out), &c.opts()).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
+}
+
+/// Hugging Face LSHSelfAttention's golden fixtures (tests/fixtures/reformer) on the device:
+/// qk and v rounded to f16 / bf16, HF's buckets given (hashing is checked above), the
+/// kernels against the CPU reference on those inputs, and against HF's float64 output
+/// within what the rounding of the inputs moves it (1% of its largest value for f16, 5%
+/// for bf16). The N <= C fallback fixtures run unhashed.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn hugging_face_golden_fixtures() {
+    let s = gpu_stream();
+    let fixtures = reformer_common::load_fixtures();
+    assert!(fixtures.len() >= 6, "{} fixtures", fixtures.len());
+    for f in &fixtures {
+        let g = |k: &str| f.get(k);
+        let (b, n, h, d) = (g("batch"), g("seqlen"), g("heads"), g("head_dim"));
+        let pad = f
+            .tensor("attention_mask")
+            .map(|(_, m)| m.iter().map(|&x| x == 0.0).collect::<Vec<bool>>());
+        let want = &f.tensor("out").unwrap().1;
+        for (dtype, slack) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+            let c = Case {
+                b,
+                n,
+                h,
+                d,
+                n_hashes: g("num_hashes"),
+                n_buckets: g("num_buckets"),
+                c: g("chunk_length"),
+                before: g("chunks_before"),
+                after: g("chunks_after"),
+                causal: g("causal") == 1,
+                pad: pad.clone(),
+                dtype,
+                qk: f.tensor("qk").unwrap().1.clone(),
+                v: f.tensor("v").unwrap().1.clone(),
+                rot: f.tensor("rotations").unwrap().1.clone(),
+            };
+            let hb = f.tensor("buckets").map(|(_, v)| {
+                Buckets::new(v.iter().map(|&x| x as i32).collect(), [b, h, c.n_hashes, n])
+            });
+            let t = c.tensors();
+            let m = c.mask();
+            let host = reformer::forward(&inputs(&t, m.as_ref(), hb.as_ref()), &c.opts()).unwrap();
+            let dt = [&t[0], &t[1], &t[2]].map(|t| dev(&s, t));
+            let di = Inputs::new(&dt[0], &dt[1], &dt[2])
+                .key_padding_mask(m.as_ref())
+                .buckets(hb.as_ref());
+            let got = reformer::forward(&di, &c.opts())
+                .unwrap()
+                .out
+                .to_host()
+                .unwrap();
+            let case = format!("{} {dtype:?}", f.name);
+            assert_close_to_reference(&case, "out vs reference", &got, &host.out, out_tol(dtype));
+            let hf = reformer_common::tensor(DType::F32, want, got.shape());
+            assert_close_to_reference(&case, "out vs Hugging Face", &got, &hf, slack);
+        }
+    }
 }
