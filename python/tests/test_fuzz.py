@@ -11,6 +11,7 @@ from _fuzz_cases_conv import conv_cases, pool_cases
 from _fuzz_cases_ffn import FFN_SETUP, FFN_TORCH_SETUP, ffn_cases, ffn_torch_cases
 from _fuzz_cases_linformer import LINFORMER_SETUP, linformer_cases
 from _fuzz_cases_misc import memory_cases, random_cases, torch_cases
+from _fuzz_cases_reformer import REFORMER_SETUP, reformer_cases
 
 GROUPS = {
     "attention": dict(cases=attention_cases(), torch=False, budget=2 * GiB),
@@ -21,6 +22,7 @@ GROUPS = {
     "ffn": dict(cases=ffn_cases(), torch=False, budget=2 * GiB, setup=FFN_SETUP),
     "ffn_torch": dict(cases=ffn_torch_cases(), torch=True, budget=2 * GiB, setup=FFN_TORCH_SETUP),
     "linformer": dict(cases=linformer_cases(), torch=False, budget=2 * GiB, setup=LINFORMER_SETUP),
+    "reformer": dict(cases=reformer_cases(), torch=False, budget=2 * GiB, setup=REFORMER_SETUP),
     "torch": dict(cases=torch_cases(), torch=True, budget=2 * GiB),
     "random": dict(cases=random_cases(), torch=False, budget=2 * GiB),
     # The 3 GiB array is address space only; 1 GiB on top of it for everything else.
