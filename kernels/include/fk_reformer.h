@@ -84,6 +84,63 @@ typedef struct {
 int64_t fk_reformer_fwd_workspace_bytes(const fk_reformer_fwd_params *params);
 int32_t fk_reformer_fwd(const fk_reformer_fwd_params *params, void *stream);
 
+/* Backward (issue 16 item 3): gradients with respect to qk and v, the buckets held fixed
+ * (as in training: the forward's buckets are given back), from the forward's out and
+ * per-round lse. With L_i = logsumexp_r lse[b, h, r, i] the rounds form one softmax over
+ * the union of their windows, P_ij = exp(score_ij - L_i) (a key reached in several rounds
+ * or several window slots counts each time), Delta_i = rowsum(dO_i o out_i) (out as
+ * stored), and
+ *   dv_j  = sum_i P_ij dO_i                       (masked keys take their share too)
+ *   dS_ij = P_ij (dO_i . v_j - Delta_i)           (0 where the score was replaced: the
+ *                                                  mask and self values are constants)
+ *   dqk_i = sum_j dS_ij k_j                       (the query)
+ *         + J_i^T sum_j dS_ji qk_j                (the key, through k = qk g / sqrt(D),
+ *                                                  g = (mean(qk^2) + 1e-6)^(-1/2))
+ * The order, window and masks are the forward's (above): the backward re-runs the stable
+ * sort of the given buckets. N <= C: full attention, one round, no buckets.
+ *
+ * Layouts: qk, v, out, dout, dqk, dv (B, N, H, D) through their fk_strides, head dim unit
+ * stride; lse (B, H, rounds, N) f32 contiguous (the forward's); key_padding as the
+ * forward's; buckets (B, H, n_hashes, N) int32 contiguous, round-offset (the forward's
+ * output or given buckets). dqk and dv are written in the storage dtype, each element
+ * rounded once from f32; they must not overlap the inputs or each other.
+ *
+ * Refused (cudaErrorInvalidValue, nothing launched): a required pointer NULL (qk, v, out,
+ * dout, lse, dqk, dv; buckets when hashed); the forward's size, option and dtype checks;
+ * hashed with N not a multiple of C; buckets with N <= C; a workspace that is needed and
+ * NULL or not 256-byte aligned.
+ * NOT checked (the host must): the buckets' values (out-of-range ones are clamped into
+ * their round's range, as in the forward: in bounds, meaningless); that lse and out are
+ * the forward's for these inputs (an lse below a query's scores overflows); finite inputs.
+ * Deterministic (no atomics): each gradient row is summed in a fixed order. */
+typedef struct {
+  const void *qk;             /* (B, N, H, D) */
+  const void *v;              /* (B, N, H, D) */
+  const void *out;            /* (B, N, H, D): the forward's output */
+  const void *dout;           /* (B, N, H, D) */
+  const float *lse;           /* (B, H, rounds, N): the forward's per-round lse */
+  const uint8_t *key_padding; /* (B, N), 1 = padded; or NULL */
+  const int32_t *buckets;     /* (B, H, n_hashes, N): required when hashed; NULL otherwise */
+  void *dqk;                  /* (B, N, H, D) */
+  void *dv;                   /* (B, N, H, D) */
+  void *workspace; /* fk_reformer_bwd_workspace_bytes() bytes, 256-byte aligned */
+  fk_strides qk_stride, v_stride, out_stride, dout_stride, dqk_stride, dv_stride;
+  int32_t batch, seqlen, heads, head_dim;
+  int32_t n_hashes, n_buckets;
+  int32_t chunk_length, chunks_before, chunks_after;
+  int32_t causal; /* 0 / 1 */
+  int32_t dtype;  /* FK_DTYPE_F16 or FK_DTYPE_BF16 */
+  int32_t device;
+} fk_reformer_bwd_params;
+
+/* Workspace of the backward, each part 256-byte aligned: hashed calls the padding flag
+ * (with key_padding, 256 bytes) and the sorted order (B H n_hashes N int32); every call
+ * Delta (B H N f32), the rounds' weights exp(lse_r - L) (B H rounds N f32) and the
+ * per-round partial gradients dq, dk (of the normalised keys) and dv (3 x B H rounds N D
+ * f32). 0 when the arguments are refused. */
+int64_t fk_reformer_bwd_workspace_bytes(const fk_reformer_bwd_params *params);
+int32_t fk_reformer_bwd(const fk_reformer_bwd_params *params, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

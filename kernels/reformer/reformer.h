@@ -1,5 +1,6 @@
-// Internal interface of Reformer's LSH attention forward: what reformer_api.cu dispatches
-// to, instantiated per dtype in its own translation unit (nvcc in parallel).
+// Internal interface of Reformer's LSH attention forward and backward: what
+// reformer_api.cu dispatches to, instantiated per dtype in its own translation unit (nvcc
+// in parallel).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,6 +33,38 @@ struct FwdWorkspace {
     if (p.key_padding != nullptr) flag = take(4);
     perm = take(rows * 4);
     if (p.n_hashes > 1) o_rounds = take(rows * p.head_dim * 4);
+  }
+};
+
+// The backward (params checked by the C entry).
+template <typename T> cudaError_t bwd(const fk_reformer_bwd_params &p, cudaStream_t stream);
+
+inline bool hashed(const fk_reformer_bwd_params &p) { return p.seqlen > p.chunk_length; }
+inline int rounds(const fk_reformer_bwd_params &p) { return hashed(p) ? p.n_hashes : 1; }
+
+// The backward's workspace (byte offsets, 256-byte aligned, absent parts at -1): the
+// padding flag and the sorted order (hashed), Delta per (b, h, token), the rounds' weights
+// w_r = exp(lse_r - logsumexp_r lse_r) per (b, h, round, token), and the
+// per-round partials dq, dk, dv per (b, h, round, token, d).
+struct BwdWorkspace {
+  int64_t flag = -1, perm = -1, delta = -1, wts = -1, dq = -1, dk = -1, dv = -1, bytes = 0;
+  explicit BwdWorkspace(const fk_reformer_bwd_params &p) {
+    auto take = [&](int64_t n) {
+      const int64_t at = bytes;
+      bytes += (n + 255) / 256 * 256;
+      return at;
+    };
+    const int64_t bhn = int64_t(p.batch) * p.heads * p.seqlen;
+    if (hashed(p)) {
+      if (p.key_padding != nullptr) flag = take(4);
+      perm = take(bhn * p.n_hashes * 4);
+    }
+    delta = take(bhn * 4);
+    wts = take(bhn * rounds(p) * 4);
+    const int64_t part = bhn * rounds(p) * p.head_dim * 4;
+    dq = take(part);
+    dk = take(part);
+    dv = take(part);
   }
 };
 

@@ -1,8 +1,8 @@
-// Reformer LSH attention forward suite: fk_reformer_fwd (kernels/reformer/) on the
-// emulator against this file's own f64 definition of HF's LSHSelfAttention semantics
-// (rust/ops/reformer/mod.rs): hashing (first argmax of [xR ; -xR], HF's round offsets and
-// padding bucket), one stable sort of the concatenated rounds by bucket, chunks with
-// circular look-back / look-ahead over all rounds, masks that replace scores (causal and
+// Reformer LSH attention forward and backward suite: fk_reformer_fwd and fk_reformer_bwd
+// (kernels/reformer/) on the emulator against this file's own f64 definition of HF's
+// LSHSelfAttention semantics (rust/ops/reformer/mod.rs): hashing (first argmax of [xR ; -xR], HF's
+// round offsets and padding bucket), one stable sort of the concatenated rounds by bucket, chunks
+// with circular look-back / look-ahead over all rounds, masks that replace scores (causal and
 // padding, then self by token position; f16's values), per-round logsumexp and output,
 // the rounds' logsumexp combination, the unsort; N <= C: full attention, one round.
 // qk, v, O live in strided layouts with NaN gaps, allocated to their exact bound (a gap
@@ -13,11 +13,20 @@
 // reference. Bounds: O one rounding (2 u |ref|) + 1e-4 (f32 scores, fast-math exp / log,
 // inputs in [-1, 1]); LSE 1e-5 (|lse| + 8). Runs twice where the case asks and compares
 // every output bit for bit.
+// The backward (fk_reformer_bwd, "bwd" cases): the forward on the device gives O, the
+// per-round lse and the buckets (given or hashed), then the backward with those buckets
+// and a random dO against this file's f64 backward definition (Def, from reference.rs:
+// the rounds one softmax, Delta = rowsum(dO o O), replaced scores constants, the key
+// normalisation's Jacobian) fed the same stored O and f32 lse; the definition itself is
+// checked against central differences of sum(dO o O) on one tiny case. dqk, dv strided
+// and NaN-poisoned like O, the workspace 0xFF; bounds one rounding (2 u |ref|) + 2e-4.
 // Usage: reformer_test [case index...] (all cases by default).
 #include "emu.h"
 #include "strided.h"
 
 #include "emulated/reformer/reformer_api.cu"
+#include "emulated/reformer/reformer_bwd_bf16.cu"
+#include "emulated/reformer/reformer_bwd_f16.cu"
 #include "emulated/reformer/reformer_fwd_bf16.cu"
 #include "emulated/reformer/reformer_fwd_f16.cu"
 
@@ -323,6 +332,289 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
   }
 }
 
+// ---- The backward's f64 definition (rust/ops/reformer/reference.rs try_reformer_backward):
+// the buckets fixed, the rounds one softmax over the union of their windows,
+// P = exp(score - logsumexp_r lse_r), Delta = rowsum(dO o O), dS = P (dO . v - Delta) where
+// the score was computed (replaced scores are constants; their P still reaches dv), dqk the
+// query's dS k plus the key's dS q through the normalisation's Jacobian. Tensors (B, N, H, D)
+// contiguous f64; lse (B, H, rounds, N).
+struct Def {
+  int batch, n, hh, d, nh, chunk, before, after;
+  bool causal, hashed;
+  double mask, self_mask;
+  std::vector<uint8_t> pad;    // (B, N)
+  std::vector<int32_t> bk;     // (B, H, nh, N) when hashed
+  int rounds() const { return hashed ? nh : 1; }
+  size_t at(int b, int i, int h) const { return ((size_t(b) * n + i) * hh + h) * d; }
+  // Sorted order of (b, h) and, per (r, i), the window's key tokens in HF's order.
+  void windows(int b, int h, std::vector<std::vector<int>> &win) const {
+    const int64_t L = int64_t(rounds()) * n;
+    std::vector<int> perm(static_cast<size_t>(L)), undo(static_cast<size_t>(L));
+    std::iota(perm.begin(), perm.end(), 0);
+    if (hashed) {
+      const int32_t *k = bk.data() + (size_t(b) * hh + h) * nh * n;
+      std::stable_sort(perm.begin(), perm.end(), [&](int x, int y) { return k[x] < k[y]; });
+    }
+    for (int s = 0; s < int(L); ++s) undo[size_t(perm[size_t(s)])] = s;
+    const int64_t cl = hashed ? chunk : n, nc = hashed ? L / chunk : 1;
+    const int bf = hashed ? before : 0, af = hashed ? after : 0;
+    win.assign(static_cast<size_t>(L), {});
+    for (int64_t p = 0; p < L; ++p) {
+      const int64_t c = undo[size_t(p)] / cl;
+      for (int w = -bf; w <= af; ++w) {
+        const int64_t cc = ((c + w) % nc + nc) % nc;
+        for (int64_t s = cc * cl; s < (cc + 1) * cl; ++s)
+          win[size_t(p)].push_back(perm[size_t(s)] % n);
+      }
+    }
+  }
+  void keys(const std::vector<double> &qk, int b, int h, std::vector<double> &k) const {
+    k.assign(size_t(n) * d, 0);
+    for (int j = 0; j < n; ++j) {
+      const double *x = &qk[at(b, j, h)];
+      double s2 = 0;
+      for (int e = 0; e < d; ++e) s2 += x[e] * x[e];
+      const double g = 1.0 / std::sqrt(s2 / d + 1e-6) / std::sqrt(double(d));
+      for (int e = 0; e < d; ++e) k[size_t(j) * d + e] = x[e] * g;
+    }
+  }
+  double score(const std::vector<double> &qk, const std::vector<double> &k, int b, int h, int i,
+               int j, bool &replaced) const {
+    replaced = true;
+    if (j == i) return self_mask;
+    if ((causal && i < j) || pad[size_t(b) * n + j]) return mask;
+    replaced = false;
+    double s = 0;
+    for (int e = 0; e < d; ++e) s += qk[at(b, i, h) + e] * k[size_t(j) * d + e];
+    return s;
+  }
+  void forward(const std::vector<double> &qk, const std::vector<double> &v,
+               std::vector<double> &out, std::vector<double> &lse) const {
+    const int R = rounds();
+    out.assign(qk.size(), 0), lse.assign(size_t(batch) * hh * R * n, 0);
+    std::vector<std::vector<int>> win;
+    std::vector<double> k;
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < hh; ++h) {
+        windows(b, h, win), keys(qk, b, h, k);
+        std::vector<double> o_r(size_t(R) * n * d, 0);
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < n; ++i) {
+            const auto &wk = win[size_t(r) * n + i];
+            std::vector<double> sc(wk.size());
+            double m = -INFINITY;
+            bool rep;
+            for (size_t x = 0; x < wk.size(); ++x)
+              sc[x] = score(qk, k, b, h, i, wk[x], rep), m = std::max(m, sc[x]);
+            double sum = 0;
+            for (double x : sc) sum += std::exp(x - m);
+            const double l = m + std::log(sum);
+            lse[((size_t(b) * hh + h) * R + r) * n + i] = l;
+            for (size_t x = 0; x < wk.size(); ++x)
+              for (int e = 0; e < d; ++e)
+                o_r[(size_t(r) * n + i) * d + e] += std::exp(sc[x] - l) * v[at(b, wk[x], h) + e];
+          }
+        for (int i = 0; i < n; ++i) {
+          const double all = lse_all(lse, b, h, i);
+          for (int r = 0; r < R; ++r)
+            for (int e = 0; e < d; ++e)
+              out[at(b, i, h) + e] += std::exp(lse[((size_t(b) * hh + h) * R + r) * n + i] - all) *
+                                      o_r[(size_t(r) * n + i) * d + e];
+        }
+      }
+  }
+  double lse_all(const std::vector<double> &lse, int b, int h, int i) const {
+    const int R = rounds();
+    double m = -INFINITY, s = 0;
+    for (int r = 0; r < R; ++r) m = std::max(m, lse[((size_t(b) * hh + h) * R + r) * n + i]);
+    for (int r = 0; r < R; ++r) s += std::exp(lse[((size_t(b) * hh + h) * R + r) * n + i] - m);
+    return m + std::log(s);
+  }
+  void backward(const std::vector<double> &qk, const std::vector<double> &v,
+                const std::vector<double> &out, const std::vector<double> &lse,
+                const std::vector<double> &dout, std::vector<double> &dqk,
+                std::vector<double> &dv) const {
+    const int R = rounds();
+    dqk.assign(qk.size(), 0), dv.assign(v.size(), 0);
+    std::vector<std::vector<int>> win;
+    std::vector<double> k, dk;
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < hh; ++h) {
+        windows(b, h, win), keys(qk, b, h, k);
+        dk.assign(size_t(n) * d, 0);
+        for (int i = 0; i < n; ++i) {
+          const double all = lse_all(lse, b, h, i);
+          const double *doi = &dout[at(b, i, h)];
+          double delta = 0;
+          for (int e = 0; e < d; ++e) delta += doi[e] * out[at(b, i, h) + e];
+          for (int r = 0; r < R; ++r)
+            for (int j : win[size_t(r) * n + i]) {
+              bool rep;
+              const double p = std::exp(score(qk, k, b, h, i, j, rep) - all);
+              double dp = 0;
+              for (int e = 0; e < d; ++e) {
+                dv[at(b, j, h) + e] += p * doi[e];
+                dp += doi[e] * v[at(b, j, h) + e];
+              }
+              if (rep) continue;
+              const double ds = p * (dp - delta);
+              for (int e = 0; e < d; ++e) {
+                dqk[at(b, i, h) + e] += ds * k[size_t(j) * d + e];
+                dk[size_t(j) * d + e] += ds * qk[at(b, i, h) + e];
+              }
+            }
+        }
+        for (int j = 0; j < n; ++j) { // dx = (g dk - x (x . dk) g^3 / D) / sqrt(D)
+          const double *x = &qk[at(b, j, h)];
+          double s2 = 0, xdk = 0;
+          for (int e = 0; e < d; ++e) s2 += x[e] * x[e], xdk += x[e] * dk[size_t(j) * d + e];
+          const double g = 1.0 / std::sqrt(s2 / d + 1e-6);
+          for (int e = 0; e < d; ++e)
+            dqk[at(b, j, h) + e] +=
+                (g * dk[size_t(j) * d + e] - x[e] * xdk * g * g * g / d) / std::sqrt(double(d));
+        }
+      }
+  }
+};
+
+// The definition against central differences of sum(dO o O) on a tiny case (buckets fixed;
+// random scores well inside the masks' gaps). Returns the worst relative error.
+double finite_difference_check() {
+  Def df{1, 12, 1, 4, 2, 4, 1, 1, true, true, -1e4, -1e3, {}, {}};
+  std::mt19937 rng(77);
+  std::uniform_real_distribution<double> u(-1, 1);
+  df.pad.assign(12, 0), df.pad[5] = 1;
+  df.bk.resize(size_t(df.nh) * df.n);
+  for (size_t i = 0; i < df.bk.size(); ++i) df.bk[i] = int(i / 12) * 3 + int(rng() % 3);
+  const size_t sz = size_t(df.n) * df.d;
+  std::vector<double> qk(sz), v(sz), dout(sz), out, lse, dqk, dv;
+  for (size_t i = 0; i < sz; ++i) qk[i] = u(rng), v[i] = u(rng), dout[i] = u(rng);
+  df.forward(qk, v, out, lse);
+  df.backward(qk, v, out, lse, dout, dqk, dv);
+  auto loss = [&](const std::vector<double> &q, const std::vector<double> &vv) {
+    std::vector<double> o, l;
+    df.forward(q, vv, o, l);
+    double s = 0;
+    for (size_t i = 0; i < sz; ++i) s += o[i] * dout[i];
+    return s;
+  };
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < sz; ++i) scale = std::max({scale, std::fabs(dqk[i]), std::fabs(dv[i])});
+  const double eps = 1e-6;
+  for (int which = 0; which < 2; ++which)
+    for (size_t i = 0; i < sz; ++i) {
+      auto q = qk, vv = v;
+      auto &x = which == 0 ? q : vv;
+      x[i] += eps;
+      const double up = loss(q, vv);
+      x[i] -= 2 * eps;
+      const double fd = (up - loss(q, vv)) / (2 * eps);
+      const double an = which == 0 ? dqk[i] : dv[i];
+      worst = std::max(worst, std::fabs(fd - an) / scale);
+    }
+  return worst;
+}
+
+template <typename T> void bwd_case(const RefCase &c, Result &res) {
+  Problem<T> pr(c);
+  const int n = pr.n, hh = pr.hh, d = pr.d, nh = pr.nh;
+  const int rounds = pr.hashed ? nh : 1;
+  // The forward (device) gives O, the per-round lse and the buckets, all as stored.
+  auto out = Problem<T>::bnhd(c, 8, 0);
+  const size_t bk_n = size_t(c.batch) * hh * nh * n;
+  emu::DeviceArray<float> lse(size_t(c.batch) * hh * rounds * n, NAN);
+  emu::DeviceArray<int32_t> buckets(bk_n, kSentinel);
+  fk_reformer_fwd_params f{};
+  f.qk = pr.qk.ptr(), f.v = pr.v.ptr(), f.rotations = pr.rot.data();
+  f.key_padding = c.pad != 0 ? pr.pad.data() : nullptr;
+  f.given_buckets = c.given && pr.hashed ? pr.given.data() : nullptr;
+  f.out = out.ptr(), f.lse = lse.data(), f.buckets = buckets.data();
+  f.qk_stride = pr.qk.st(), f.v_stride = pr.v.st(), f.out_stride = out.st();
+  f.batch = c.batch, f.seqlen = n, f.heads = hh, f.head_dim = d;
+  f.n_hashes = nh, f.n_buckets = c.n_buckets, f.chunk_length = c.chunk;
+  f.chunks_before = c.before, f.chunks_after = c.after, f.causal = c.causal, f.dtype = c.dtype;
+  const int64_t fws = fk_reformer_fwd_workspace_bytes(&f);
+  emu::DeviceArray<unsigned char> fw(size_t(fws > 0 ? fws : 1), 0, 256);
+  f.workspace = fws > 0 ? fw.data() : nullptr;
+  if (int rc = fk_reformer_fwd(&f, nullptr)) return res.fail("forward rc " + std::to_string(rc));
+  const int32_t *used = !pr.hashed ? nullptr : c.given ? pr.given.data() : buckets.data();
+
+  std::mt19937 rng(99 + n + d);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  auto dout = Problem<T>::bnhd(c, c.unaligned ? 5 : 8, c.unaligned ? 1 : 0);
+  for (int b = 0; b < c.batch; ++b)
+    for (int i = 0; i < n; ++i)
+      for (int h = 0; h < hh; ++h)
+        for (int e = 0; e < d; ++e) dout.set(b, i, h, e, u(rng));
+  auto dqk = Problem<T>::bnhd(c, c.unaligned ? 3 : 8, c.unaligned ? 1 : 0);
+  auto dv = Problem<T>::bnhd(c, 8, 0);
+  fk_reformer_bwd_params p{};
+  p.qk = pr.qk.ptr(), p.v = pr.v.ptr(), p.out = out.ptr(), p.dout = dout.ptr();
+  p.lse = lse.data(), p.key_padding = f.key_padding, p.buckets = used;
+  p.dqk = dqk.ptr(), p.dv = dv.ptr();
+  p.qk_stride = pr.qk.st(), p.v_stride = pr.v.st(), p.out_stride = out.st();
+  p.dout_stride = dout.st(), p.dqk_stride = dqk.st(), p.dv_stride = dv.st();
+  p.batch = c.batch, p.seqlen = n, p.heads = hh, p.head_dim = d;
+  p.n_hashes = nh, p.n_buckets = c.n_buckets, p.chunk_length = c.chunk;
+  p.chunks_before = c.before, p.chunks_after = c.after, p.causal = c.causal, p.dtype = c.dtype;
+  const int64_t ws_bytes = fk_reformer_bwd_workspace_bytes(&p);
+  if (ws_bytes <= 0) return res.fail("workspace " + std::to_string(ws_bytes));
+  emu::DeviceArray<unsigned char> ws(size_t(ws_bytes), 0xFF, 256);
+  p.workspace = ws.data();
+  if (int rc = fk_reformer_bwd(&p, nullptr)) return res.fail("rc " + std::to_string(rc));
+
+  Def df{c.batch,
+         n,
+         hh,
+         d,
+         nh,
+         c.chunk,
+         c.before,
+         c.after,
+         c.causal,
+         pr.hashed,
+         c.dtype == FK_DTYPE_F16 ? -1e4 : -1e9,
+         c.dtype == FK_DTYPE_F16 ? -1e3 : -1e5,
+         pr.padv,
+         {}};
+  if (used) df.bk.assign(used, used + bk_n);
+  const size_t sz = size_t(c.batch) * n * hh * d;
+  std::vector<double> qk(sz), v(sz), o(sz), g(sz), l(lse.size()), rdq, rdv;
+  for (int b = 0; b < c.batch; ++b)
+    for (int i = 0; i < n; ++i)
+      for (int h = 0; h < hh; ++h)
+        for (int e = 0; e < d; ++e) {
+          const size_t at = df.at(b, i, h) + size_t(e);
+          qk[at] = pr.qk.get(b, i, h, e), v[at] = pr.v.get(b, i, h, e);
+          o[at] = out.get(b, i, h, e), g[at] = dout.get(b, i, h, e);
+        }
+  for (size_t i = 0; i < l.size(); ++i) l[i] = lse[i];
+  df.backward(qk, v, o, l, g, rdq, rdv);
+  const double un = unit(c.dtype);
+  Check cq, cv;
+  for (int b = 0; b < c.batch; ++b)
+    for (int i = 0; i < n; ++i)
+      for (int h = 0; h < hh; ++h)
+        for (int e = 0; e < d; ++e) {
+          const size_t at = df.at(b, i, h) + size_t(e);
+          cq.add(dqk.get(b, i, h, e), rdq[at], 2 * un * std::fabs(rdq[at]) + 2e-4);
+          cv.add(dv.get(b, i, h, e), rdv[at], 2 * un * std::fabs(rdv[at]) + 2e-4);
+        }
+  res.check("dqk", cq, dqk.pad_touched());
+  res.check("dv", cv, dv.pad_touched());
+  if (c.twice) {
+    auto dqk2 = Problem<T>::bnhd(c, c.unaligned ? 3 : 8, c.unaligned ? 1 : 0);
+    auto dv2 = Problem<T>::bnhd(c, 8, 0);
+    emu::DeviceArray<unsigned char> ws2(ws.size(), 0x00, 256);
+    p.dqk = dqk2.ptr(), p.dv = dv2.ptr(), p.workspace = ws2.data();
+    if (int rc = fk_reformer_bwd(&p, nullptr))
+      return res.fail("second run rc " + std::to_string(rc));
+    const bool same = dqk.same_bits(dqk2) && dv.same_bits(dv2);
+    res.line += same ? " bitwise-repeat ok" : "";
+    if (!same) res.fail("second run differs");
+  }
+}
+
 struct Entry {
   std::string name;
   std::function<void(Result &)> run;
@@ -356,6 +648,29 @@ std::vector<Entry> all_cases() {
                        fwd_case<__half>(c, r);
                      else
                        fwd_case<__nv_bfloat16>(c, r);
+                   }});
+  // Backward cases: B N H D R nb C before after causal pad given dtype bhnd unaligned twice
+  const RefCase bwd_cases[] = {
+      {1, 64, 1, 8, 1, 4, 16, 1, 0, false, 0, false, F16, false, false, true},
+      {2, 128, 2, 16, 3, 8, 32, 1, 0, true, 1, false, BF16, false, false, true},
+      {1, 96, 2, 24, 3, 6, 16, 1, 1, false, 1, true, F16, true, false, false},
+      {2, 64, 1, 64, 3, 4, 8, 1, 0, true, 2, false, F16, false, true, true},
+      {1, 48, 1, 16, 1, 4, 16, 3, 2, true, 1, true, BF16, false, false, true},
+      {1, 32, 2, 16, 1, 8, 16, 3, 1, true, 0, false, F16, false, true, false},
+      {2, 32, 1, 40, 2, 4, 32, 1, 0, true, 1, false, BF16, false, true, true},
+      {1, 20, 2, 40, 3, 4, 32, 1, 0, false, 1, false, F16, true, false, true},
+      {2, 120, 1, 48, 3, 6, 40, 0, 1, true, 2, true, F16, false, false, false},
+      {1, 64, 1, 128, 2, 4, 32, 1, 0, false, 0, false, BF16, false, false, false},
+      {1, 100, 1, 12, 2, 4, 50, 2, 2, false, 1, true, BF16, false, true, false},
+      {2, 96, 2, 32, 2, 8, 32, 1, 0, true, 2, false, BF16, true, false, true},
+      {2, 40, 1, 24, 1, 4, 40, 1, 0, false, 2, false, BF16, false, true, false},
+  };
+  for (const RefCase &c : bwd_cases)
+    out.push_back({"bwd " + describe(c), [c](Result &r) {
+                     if (c.dtype == FK_DTYPE_F16)
+                       bwd_case<__half>(c, r);
+                     else
+                       bwd_case<__nv_bfloat16>(c, r);
                    }});
   return out;
 }
@@ -414,6 +729,43 @@ int api_checks() {
   expect("fallback: no workspace", fk_reformer_fwd_workspace_bytes(&q) == 0);
   q = p, q.key_padding = reinterpret_cast<const uint8_t *>(idummy), q.n_hashes = 1;
   expect("pad, one round: workspace", fk_reformer_fwd_workspace_bytes(&q) == 256 + 256);
+  // The backward: the same checks, and its own required pointers.
+  fk_reformer_bwd_params g{};
+  g.qk = g.v = g.out = g.dout = g.dqk = g.dv = dummy, g.lse = fdummy, g.buckets = idummy;
+  g.qk_stride = g.v_stride = g.out_stride = g.dout_stride = g.dqk_stride =
+      g.dv_stride = {1024, 8, 8};
+  g.batch = 1, g.seqlen = 64, g.heads = 1, g.head_dim = 8, g.n_hashes = 2, g.n_buckets = 4;
+  g.chunk_length = 16, g.chunks_before = 1, g.chunks_after = 0, g.dtype = FK_DTYPE_BF16;
+  auto brefused = [&](const char *what, fk_reformer_bwd_params r, bool sized = false) {
+    const int launches0 = fk::g_emu_launches;
+    expect(what, fk_reformer_bwd(&r, nullptr) == cudaErrorInvalidValue &&
+                     fk::g_emu_launches == launches0 &&
+                     (sized || fk_reformer_bwd_workspace_bytes(&r) == 0));
+  };
+  auto h = g;
+  brefused("bwd: no workspace", h, true);
+  h = g, h.workspace = reinterpret_cast<char *>(dummy) + 16;
+  brefused("bwd: workspace not 256-aligned", h, true);
+  h = g, h.buckets = nullptr, brefused("bwd: hashed without buckets", h);
+  h = g, h.seqlen = 16, brefused("bwd: buckets, N <= C", h);
+  h = g, h.seqlen = 72, brefused("bwd: N not a multiple of C", h);
+  h = g, h.dout = nullptr, brefused("bwd: null dout", h);
+  h = g, h.out = nullptr, brefused("bwd: null out", h);
+  h = g, h.lse = nullptr, brefused("bwd: null lse", h);
+  h = g, h.dqk = nullptr, brefused("bwd: null dqk", h);
+  h = g, h.dv = nullptr, brefused("bwd: null dv", h);
+  h = g, h.head_dim = 129, brefused("bwd: head_dim 129", h);
+  h = g, h.n_buckets = 6, h.n_buckets = 3, brefused("bwd: odd n_buckets", h);
+  h = g, h.chunks_after = -1, brefused("bwd: chunks_after -1", h);
+  h = g, h.causal = 3, brefused("bwd: causal 3", h);
+  h = g, h.dtype = 0, brefused("bwd: dtype 0", h);
+  h = g, h.heads = 65536, brefused("bwd: heads 65536", h);
+  expect("bwd: null params", fk_reformer_bwd(nullptr, nullptr) == cudaErrorInvalidValue);
+  // flag 256, perm 512, Delta 256, weights 512, 3 partials of 2 x 64 x 8 x 4 = 4096 each.
+  h = g, h.key_padding = reinterpret_cast<const uint8_t *>(idummy);
+  expect("bwd: workspace", fk_reformer_bwd_workspace_bytes(&h) == 256 + 512 + 256 + 512 + 3 * 4096);
+  h = g, h.seqlen = 16, h.buckets = nullptr; // fallback: Delta, weights, partials
+  expect("bwd fallback: workspace", fk_reformer_bwd_workspace_bytes(&h) == 256 + 256 + 3 * 512);
   return bad;
 }
 
@@ -423,6 +775,11 @@ int main(int argc, char **argv) {
   const auto cases = all_cases();
   const int api_failed = argc == 1 ? api_checks() : 0;
   if (argc == 1) printf("api checks: %s\n", api_failed ? "FAILED" : "ok");
+  const double fd = argc == 1 ? finite_difference_check() : 0;
+  if (argc == 1)
+    printf("backward definition vs finite differences: worst %.2e%s\n", fd,
+           fd < 1e-6 ? "" : " <-- BAD");
+  const bool fd_failed = fd >= 1e-6;
   int failed = 0, ran = 0;
   printf("per case and output: worst |error| / bound, 1 = at the bound\n");
   for (int i = 0; i < int(cases.size()); ++i) {
@@ -438,6 +795,5 @@ int main(int argc, char **argv) {
     ++ran;
   }
   printf("%d of %d cases failed\n", failed, ran);
-  return failed || api_failed ? 1 : 0;
+  return failed || api_failed || fd_failed ? 1 : 0;
 }
-
