@@ -2,7 +2,7 @@
 //! exactly Hugging Face's `LSHSelfAttention` semantics (transformers 5.x;
 //! `modeling_reformer.py`), before its output dense:
 //!
-//! validate -> (CPU reference | launch: the forward on the device; the backward's kernels are not written yet: `Error::Unsupported`).
+//! validate -> (CPU reference | launch).
 //!
 //! Inputs, with any strides and a unit-stride head dim (B batch, N tokens, H heads, D
 //! head dim):
@@ -202,16 +202,6 @@ fn place_all<'a>(ts: &[(&'static str, Option<TensorRef<'a>>)]) -> Result<Placed<
     })
 }
 
-/// The error for the backward on device tensors until its kernels land (issue 16).
-#[cfg(any(feature = "cuda", feature = "emulator"))]
-fn device_backward_not_built() -> crate::Error {
-    crate::Error::Unsupported(
-        "Reformer LSH attention's backward on device tensors: its kernels are not written \
-         yet (issue 16); run the backward on host tensors (the CPU reference)"
-            .into(),
-    )
-}
-
 /// Validates a call's host inputs (and given buckets).
 fn validate_host(
     h: &[&HostTensor],
@@ -285,8 +275,8 @@ pub(crate) fn forward_host(
 
 /// Reformer LSH attention backward with the buckets held fixed: dqk and dv,
 /// deterministic. Host tensors run the CPU reference (f64 from the given O, LSE, dO;
-/// each gradient rounded once to the dtype); device tensors are `Error::Unsupported`
-/// until issue 16's kernels land.
+/// each gradient rounded once to the dtype); device tensors the CUDA kernels (without
+/// given buckets a hashed call first runs the device forward for them).
 pub fn backward<T: OpTensor>(
     i: &BackwardInputs<'_, T>,
     opts: &ReformerOptions,
@@ -295,7 +285,7 @@ pub fn backward<T: OpTensor>(
     for (n, t) in [("out", i.out), ("lse", i.lse), ("dout", i.dout)] {
         named.push((n, Some(t.tensor_ref())));
     }
-    let g = match place_all(&named)? {
+    let (dqk, dv) = match place_all(&named)? {
         Placed::Host(h) => {
             let p = validate_host(&h, &i.fwd, opts)?;
             let [out, lse, dout] = [h[3], h[4], h[5]];
@@ -307,14 +297,24 @@ pub fn backward<T: OpTensor>(
                     dout: dout.described(),
                 },
             )?;
-            backward_host(&p, &h[..3], i.fwd.buckets, [out, lse, dout])?
+            let g = backward_host(&p, &h[..3], i.fwd.buckets, [out, lse, dout])?;
+            (Tensor::Host(g.dqk), Tensor::Host(g.dv))
         }
         #[cfg(any(feature = "cuda", feature = "emulator"))]
-        Placed::Device(_) => return Err(device_backward_not_built()),
+        Placed::Device(d) => {
+            let g = cuda::backward(
+                [d[0], d[1], d[2]],
+                [d[3], d[4], d[5]],
+                i.fwd.key_padding_mask,
+                i.fwd.buckets,
+                opts,
+            )?;
+            (Tensor::Cuda(g.dqk), Tensor::Cuda(g.dv))
+        }
     };
     Ok(ReformerGradients {
-        dqk: T::from_output(Tensor::Host(g.dqk))?,
-        dv: T::from_output(Tensor::Host(g.dv))?,
+        dqk: T::from_output(dqk)?,
+        dv: T::from_output(dv)?,
     })
 }
 
