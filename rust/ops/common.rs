@@ -1,6 +1,7 @@
 //! Host-side helpers every op's validation and CPU path share.
 
 use crate::error::{Error, Result};
+use crate::ops::longformer::TokenMask;
 use crate::tensor::{DType, HostTensor, Layout};
 use crate::TensorRef;
 
@@ -146,6 +147,47 @@ pub(crate) fn refs<'a, T: crate::OpTensor>(
         .iter()
         .map(|(n, t)| (*n, t.map(crate::OpTensor::tensor_ref)))
         .collect()
+}
+
+/// A key padding mask (Linformer, Reformer) as (B, N) flags, true = padded; none (empty) when absent, so a call without a
+/// mask allocates nothing of size B·N here.
+pub(crate) fn key_padding_flags(
+    m: Option<&TokenMask>,
+    batch: usize,
+    n: usize,
+) -> Result<Vec<bool>> {
+    let name = "key_padding_mask";
+    let len = checked_elements(name, &[batch, n])?;
+    let Some(m) = m else {
+        return Ok(Vec::new());
+    };
+    if m.shape.len() != 2 {
+        return Err(Error::Rank {
+            name,
+            expected: 2,
+            layout: "(batch, seqlen)",
+            shape: m.shape.clone(),
+        });
+    }
+    if m.shape != [batch, n] {
+        return Err(Error::ShapeMismatch {
+            detail: format!(
+                "{name} has shape {:?}, expected (batch, seqlen) = {:?}",
+                m.shape,
+                [batch, n]
+            ),
+        });
+    }
+    if m.values.len() != len {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: shape {:?} needs {len} values, got {}",
+            m.shape,
+            m.values.len()
+        )));
+    }
+    let mut v = try_with_capacity(len, name)?;
+    v.extend_from_slice(&m.values);
+    Ok(v)
 }
 
 /// A host tensor's values as f32 (the attention references' input), read element by

@@ -4,7 +4,7 @@
 use super::TokenMask;
 use crate::error::{Error, Result};
 use crate::ops::common::{
-    check_layout, check_row_layout, check_scale, checked_elements, try_with_capacity,
+    check_layout, check_row_layout, check_scale, checked_elements, key_padding_flags,
 };
 use crate::tensor::{DType, Layout};
 
@@ -204,7 +204,6 @@ const QKV_LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
 const PROJ_LAYOUT: &str = "(heads, k, n_max)";
 const KP_LAYOUT: &str = "(batch, k, heads_kv, head_dim)";
 const LSE_LAYOUT: &str = "(batch, heads, seqlen)";
-const MASK_LAYOUT: &str = "(batch, seqlen)";
 
 /// The widest head the kernels take; the CPU reference holds calls to the same limit,
 /// so both paths accept the same calls.
@@ -253,43 +252,6 @@ fn check_projection(name: &'static str, l: &Layout, heads_kv: usize) -> Result<[
         });
     }
     Ok(s)
-}
-
-/// The key padding mask as (B, N) flags; none (empty) when absent, so a call without a
-/// mask allocates nothing of size B·N here.
-fn check_mask(m: Option<&TokenMask>, batch: usize, n: usize) -> Result<Vec<bool>> {
-    let name = "key_padding_mask";
-    let len = checked_elements(name, &[batch, n])?;
-    let Some(m) = m else {
-        return Ok(Vec::new());
-    };
-    if m.shape.len() != 2 {
-        return Err(Error::Rank {
-            name,
-            expected: 2,
-            layout: MASK_LAYOUT,
-            shape: m.shape.clone(),
-        });
-    }
-    if m.shape != [batch, n] {
-        return Err(Error::ShapeMismatch {
-            detail: format!(
-                "{name} has shape {:?}, expected (batch, seqlen) = {:?}",
-                m.shape,
-                [batch, n]
-            ),
-        });
-    }
-    if m.values.len() != len {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: shape {:?} needs {len} values, got {}",
-            m.shape,
-            m.values.len()
-        )));
-    }
-    let mut v = try_with_capacity(len, name)?;
-    v.extend_from_slice(&m.values);
-    Ok(v)
 }
 
 /// Checks a forward call: Q (B, N, H, D), K and V (B, N, H_kv, D) with H % H_kv == 0,
@@ -362,7 +324,7 @@ pub fn validate(
         });
     }
     let scale = check_scale(opts.scale, head_dim)?;
-    let padding = check_mask(key_padding_mask, batch, seqlen)?;
+    let padding = key_padding_flags(key_padding_mask, batch, seqlen)?;
     // Every buffer the call allocates (O, LSE, kp, vp, the f64 copies) fits.
     checked_elements("q", qs)?;
     checked_elements("k", ks)?;

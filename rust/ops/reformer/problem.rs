@@ -4,7 +4,7 @@
 
 use super::{Buckets, TokenMask};
 use crate::error::{Error, Result};
-use crate::ops::common::{check_layout, check_row_layout, checked_elements, try_with_capacity};
+use crate::ops::common::{check_layout, check_row_layout, checked_elements, key_padding_flags};
 use crate::tensor::{DType, Layout};
 
 /// Options of a Reformer LSH attention call (Hugging Face's `ReformerConfig` names in
@@ -250,7 +250,6 @@ pub struct ReformerBackwardLayouts<'a> {
 const QKV_LAYOUT: &str = "(batch, seqlen, heads, head_dim)";
 const ROT_LAYOUT: &str = "(heads, head_dim, n_hashes, n_buckets / 2)";
 const LSE_LAYOUT: &str = "(batch, heads, rounds, seqlen)";
-const MASK_LAYOUT: &str = "(batch, seqlen)";
 
 fn same_dtype(name: &str, d: DType, q: DType) -> Result<()> {
     if d != q {
@@ -271,43 +270,6 @@ fn check_shape(name: &str, l: &Layout, expected: &[usize], why: &str) -> Result<
         });
     }
     Ok(())
-}
-
-/// The key padding mask as (B, N) flags; empty when absent (nothing of size B·N is
-/// allocated for a call without a mask).
-fn check_mask(m: Option<&TokenMask>, batch: usize, n: usize) -> Result<Vec<bool>> {
-    let name = "key_padding_mask";
-    let len = checked_elements(name, &[batch, n])?;
-    let Some(m) = m else {
-        return Ok(Vec::new());
-    };
-    if m.shape.len() != 2 {
-        return Err(Error::Rank {
-            name,
-            expected: 2,
-            layout: MASK_LAYOUT,
-            shape: m.shape.clone(),
-        });
-    }
-    if m.shape != [batch, n] {
-        return Err(Error::ShapeMismatch {
-            detail: format!(
-                "{name} has shape {:?}, expected (batch, seqlen) = {:?}",
-                m.shape,
-                [batch, n]
-            ),
-        });
-    }
-    if m.values.len() != len {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: shape {:?} needs {len} values, got {}",
-            m.shape,
-            m.values.len()
-        )));
-    }
-    let mut v = try_with_capacity(len, name)?;
-    v.extend_from_slice(&m.values);
-    Ok(v)
 }
 
 /// Checks a forward call: qk and v (B, N, H, D), one dtype, any strides and a
@@ -377,7 +339,7 @@ pub fn validate(
              in Hugging Face's LSHSelfAttention; pad the sequence, masking the padding)"
         )));
     }
-    let padding = check_mask(key_padding_mask, batch, seqlen)?;
+    let padding = key_padding_flags(key_padding_mask, batch, seqlen)?;
     let padded_anywhere = padding.contains(&true);
     let p = ReformerProblem {
         batch,
