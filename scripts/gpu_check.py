@@ -229,7 +229,8 @@ def quick_steps():
         "Python GPU tests, a covering subset (every op, dtype, option; torch autograd and torch.compile on CUDA)",
         # from python/tests, so the installed wheel is imported, not the sources
         "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu "
-        "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py test_ffn_gpu.py test_linformer_gpu.py",
+        "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py test_ffn_gpu.py test_linformer_gpu.py "
+        "test_reformer_gpu.py",
         110,
         {"PYTHONPATH": SITE},
     )

@@ -422,8 +422,9 @@ def reformer_forward(
     native-endian int32 bytes (B, H, n_hashes, N), offset per round, used instead of
     hashing (N > C only). Writes `out` (qk's dtype) and `lse` (float32 (B, H, rounds,
     N)), caller-allocated of the shapes `reformer_shapes` gives; returns the buckets used
-    as int32 bytes, or None when N <= C (full attention). CPU reference only: device
-    tensors raise (kernels not written yet).
+    as int32 bytes, or None when N <= C (full attention). CUDA tensors run the kernels
+    (float16 / bfloat16, D <= 128, float32 contiguous rotations), queued on `stream`;
+    hashed buckets are downloaded (a wait for the stream).
 
     Raises ValueError (shapes, odd n_buckets, C = 0, N not a multiple of C, bad buckets
     or mask, devices) or TypeError (dtypes).

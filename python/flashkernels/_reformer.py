@@ -21,9 +21,11 @@ them (``return_buckets=True``) and HF's ``LSHSelfAttention`` returns them, skip 
 hashing: passing a forward's buckets back reproduces its output.
 
 numpy (and any CPU DLPack array) runs the CPU reference (float64 inside; O rounded once
-to the dtype, the per-round LSE to float32); device tensors are refused until the CUDA
-kernels land (issue 16); torch tensors are differentiable in qk and v (see
-``_torch_reformer``). The mask and the buckets are read on the host.
+to the dtype, the per-round LSE to float32); CUDA tensors (float16 / bfloat16, D <= 128)
+run the kernels (kernels/reformer: f32 hashing and attention, the rotations read as
+float32); torch tensors are differentiable in qk and v (see ``_torch_reformer``). The
+mask and the buckets are read on the host (the buckets the forward used come back
+through the host too).
 """
 
 from __future__ import annotations
@@ -142,6 +144,24 @@ def buckets_array(data: Optional[bytes], shape: Optional[Sequence[int]], like: A
     return a
 
 
+def _kernel_rotations(place: Placement, rot: Any) -> Any:
+    """The rotations as the CUDA kernels read them: float32, contiguous (a small copy
+    where they are not). Host calls keep them as given (the reference reads any float
+    dtype and strides)."""
+    if not place.for_cuda:
+        return rot
+    if place.fw == "torch":
+        return rot.float().contiguous()
+    if place.fw == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(place.dev_id):
+            return cupy.ascontiguousarray(rot, dtype=cupy.float32)
+    import jax.numpy as jnp
+
+    return jnp.asarray(rot, dtype=jnp.float32)
+
+
 def ref_shapes(
     tensors: Sequence[Any], mask: Optional[HostMask], buckets: Optional[HostBuckets], opts: Options
 ) -> Tuple[tuple, tuple, Optional[tuple]]:
@@ -165,6 +185,7 @@ def ref_forward(
     (None when N <= C) from (qk, v, rotations)."""
     place = Placement(list(zip(_INPUTS, tensors)))
     out_s, lse_s, bk_s = ref_shapes(tensors, mask, buckets, opts)
+    tensors = (tensors[0], tensors[1], _kernel_rotations(place, tensors[2]))
     out = place.empty(out_s, dtype_name(tensors[0]))
     lse = place.empty(lse_s, "float32")
     used = _native.reformer_forward(
@@ -194,6 +215,7 @@ def ref_backward(
     extra = [("out", out), ("lse", lse), ("grad_output", dout)]
     place = Placement(list(zip(_INPUTS, tensors)) + extra)
     ref_shapes(tensors, mask, buckets, opts)  # validates before allocating
+    tensors = (tensors[0], tensors[1], _kernel_rotations(place, tensors[2]))
     dtype = dtype_name(tensors[0])
     grads = [place.empty(tuple(shape_list(t)), dtype) for t in tensors[:2]]
     _native.reformer_backward(
@@ -260,8 +282,8 @@ def lsh_attention(
     Returns out (B, N, H, D), contiguous, in qk's dtype, of the caller's array type. torch
     tensors are differentiable in qk and v (the rotations and buckets get no gradient).
     An odd bucket count, rotations of the wrong shape, C = 0, N > C not a multiple of C,
-    buckets of the wrong shape or range raise ValueError; dtypes TypeError. Device
-    tensors: the CUDA kernels are not written yet (ValueError / RuntimeError).
+    buckets of the wrong shape or range raise ValueError; dtypes TypeError. CUDA tensors
+    run the kernels: float16 / bfloat16, head dim <= 128 (others a ValueError).
     """
     opts = options(chunk_length, chunks_before, chunks_after, causal, n_buckets)
     return_buckets = check_bool("return_buckets", return_buckets)

@@ -5,11 +5,14 @@
 //! = padded, as Linformer's and Longformer's masks do; buckets likewise as host data,
 //! `(bytes, shape)` of native-endian int32 (B, H, n_hashes, N), and the forward returns
 //! the buckets it used as such bytes (they live on the host in the op too). Device
-//! tensors get the op's `Unsupported` error (ValueError) until its kernels land.
+//! tensors run the CUDA kernels, which read float32 contiguous rotations (the Python
+//! layer converts them; anything else is a ValueError here).
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+#[cfg(feature = "cuda")]
+use super::caller_stream;
 use super::{
     check_output_devices, check_output_size, conv_place, guarded, import, import_f32, run_detached,
     to_py_err, Imported, Place,
@@ -71,6 +74,11 @@ fn to_buckets(b: Option<(Bound<'_, PyBytes>, Vec<usize>)>) -> Result<Option<Buck
     Ok(Some(Buckets::new(values, shape)))
 }
 
+/// Buckets as the native-endian int32 bytes Python receives.
+fn bucket_bytes(b: &Buckets) -> Vec<u8> {
+    b.values.iter().flat_map(|x| x.to_ne_bytes()).collect()
+}
+
 /// Imports qk, v and the rotations (in this order).
 fn import_inputs(
     qk: &Bound<'_, PyAny>,
@@ -109,22 +117,11 @@ fn host(t: &Imported) -> PyResult<HostTensor> {
     t.to_host(t.layout.clone()).map_err(to_py_err)
 }
 
-/// The error of a device call: the op's own (`Unsupported` until its kernels land, or
-/// `CudaNotBuilt` in a CPU-only build), from the op itself so the message stays its.
-fn device_call(stream: usize) -> PyResult<()> {
-    let _ = stream;
-    #[cfg(feature = "cuda")]
-    {
-        Err(to_py_err(Error::Unsupported(
-            "Reformer LSH attention on device tensors: its kernels are not written yet \
-             (issue 16); use host tensors (the CPU reference)"
-                .into(),
-        )))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(to_py_err(Error::CudaNotBuilt))
-    }
+#[cfg(feature = "cuda")]
+fn views(t: &[Imported], ordinal: usize) -> Vec<crate::DeviceView> {
+    t.iter()
+        .map(|x| x.device_view(x.layout.clone(), ordinal))
+        .collect()
 }
 
 /// Reformer LSH attention forward on DLPack capsules (Hugging Face's `LSHSelfAttention`
@@ -184,14 +181,34 @@ pub(super) fn reformer_forward<'py>(
                 let r = run_detached(py, || reformer::forward_host(&p, &refs, buckets.as_ref()))?;
                 o.write_host(&r.out).map_err(to_py_err)?;
                 l.write_host(&r.lse).map_err(to_py_err)?;
-                Ok(r.buckets.map(|b| {
-                    b.values
-                        .iter()
-                        .flat_map(|x| x.to_ne_bytes())
-                        .collect::<Vec<u8>>()
-                }))
+                Ok(r.buckets.as_ref().map(bucket_bytes))
             }
-            Place::Cuda(_) => device_call(stream).map(|()| None),
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let iv = views(&t, ordinal);
+                let ov = views(&outs, ordinal);
+                let s = caller_stream(ordinal, stream)().map_err(to_py_err)?;
+                // SAFETY: the views describe live producer memory until the `Imported`s
+                // drop after this call; the outputs are fresh allocations; the caller's
+                // stream, for which the inputs were exported.
+                let used = unsafe {
+                    reformer::cuda::launch_forward(
+                        &p,
+                        [&iv[0], &iv[1], &iv[2]],
+                        [&ov[0], &ov[1]],
+                        buckets.as_ref(),
+                        ordinal,
+                        &s,
+                    )
+                }
+                .map_err(to_py_err)?;
+                Ok(used.map(|b| bucket_bytes(&b)))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => {
+                let _ = stream;
+                Err(to_py_err(Error::CudaNotBuilt))
+            }
         }
     })?;
     Ok(r.map(|bytes| PyBytes::new(py, &bytes)))
@@ -269,7 +286,31 @@ pub(super) fn reformer_backward<'py>(
                 grads[1].write_host(&g.dv).map_err(to_py_err)?;
                 Ok(())
             }
-            Place::Cuda(_) => device_call(stream),
+            #[cfg(feature = "cuda")]
+            Place::Cuda(ordinal) => {
+                let iv = views(&t, ordinal);
+                let ev = views(&extra, ordinal);
+                let gv = views(&grads, ordinal);
+                let s = caller_stream(ordinal, stream)().map_err(to_py_err)?;
+                // SAFETY: as in `reformer_forward`; the gradient buffers are fresh.
+                unsafe {
+                    reformer::cuda::launch_backward(
+                        &p,
+                        [&iv[0], &iv[1], &iv[2]],
+                        [&ev[0], &ev[1], &ev[2]],
+                        [&gv[0], &gv[1]],
+                        buckets.as_ref(),
+                        ordinal,
+                        &s,
+                    )
+                }
+                .map_err(to_py_err)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Place::Cuda(_) => {
+                let _ = stream;
+                Err(to_py_err(Error::CudaNotBuilt))
+            }
         }
     })
 }
