@@ -4,17 +4,20 @@
 
 The GPU check's bench step (scripts/gpu_check.sh bench). One process, so torch, CUDA and
 the compiled peers start once. Cases come from the per-op benches (gpu_bench.py,
-gpu_bench_longformer.py, gpu_bench_conv.py, gpu_bench_ffn.py, gpu_bench_linformer.py: each
-checks correctness first, then times the contenders interleaved over --rounds rounds with
-CUDA events and takes medians) plus pooling here. The headline case of every op runs
-first, then the sweeps that give the plots (TFLOP/s against sequence length); a case whose
-estimated cost no longer fits the budget is skipped and listed, and bench.json is
-rewritten after every case, so a cut run still has the headline ratios.
+gpu_bench_longformer.py, gpu_bench_conv.py, gpu_bench_ffn.py, gpu_bench_linformer.py,
+gpu_bench_reformer.py: each checks correctness first, then times the contenders
+interleaved over --rounds rounds with CUDA events and takes medians) plus pooling here.
+The headline case of every op runs first, then the sweeps that give the plots (TFLOP/s
+against sequence length); a case whose estimated cost no longer fits the budget is
+skipped and listed, and bench.json is rewritten after every case, so a cut run still has
+the headline ratios.
 
 bench.json: {"meta", "rows": [{op, case, series, x_name, x, headline, metric, params,
 check: {rel_err, ok}, results: {contender: {ms, tflops | gbps} | {error}}, peer, ratio}],
 "skipped": [{op, case, reason}], "failed": [{op, case, error}]}. `peer` is the fastest
-peer that ran the case, `ratio` = its ms / our ms (> 1: we are faster). bench.md: a table.
+peer that ran the case, `ratio` = its ms / our ms (> 1: we are faster); reformer results
+also carry `peak_mib` (the contender's peak memory above its inputs; null if not measured)
+and their params the issue's `goal`. bench.md: a table.
 """
 
 import argparse
@@ -36,6 +39,7 @@ import gpu_bench_conv as conv  # noqa: E402
 import gpu_bench_ffn as ffn  # noqa: E402
 import gpu_bench_linformer as lin  # noqa: E402
 import gpu_bench_longformer as lf  # noqa: E402
+import gpu_bench_reformer as ref  # noqa: E402
 
 OURS = "flashkernels"
 CHECK_TOL = 2e-2  # bf16 relative error of an attention / conv output vs float32
@@ -126,6 +130,22 @@ def linformer_case(n, kp, train, headline=False):
     )
 
 
+def reformer_case(n, n_hashes, train, headline=False):
+    """Reformer LSH attention, the whole layer (bf16, B1 H8 D64, chunk 64, 2N/C buckets:
+    the qk / v projections + lsh_attention) vs Hugging Face's LSHSelfAttention in float32
+    and bf16 and dense SDPA over the same N; each contender's peak memory in its result."""
+    return Case(
+        "reformer_train" if train else "reformer_fwd",
+        f"N{n} {n_hashes} hash{'es' if n_hashes > 1 else ''}",
+        f"{n_hashes} hash{'es' if n_hashes > 1 else ''}",
+        "N",
+        n,
+        lambda r: ref.run_case(n, n_hashes, train, r),
+        30 if train else 20,
+        headline,
+    )
+
+
 def pool_case(kind, train, headline=False):
     """max/avg pooling 3x3 stride 2 pad 1 on a ResNet stem output, channels-last bf16,
     vs torch (cuDNN / ATen). Memory-bound: GB/s of the tensors each must read and write."""
@@ -191,8 +211,10 @@ def cases():
     # measures every op once.
     yield ffn_case(1024, False, False, headline=True)  # the issue's goals: >= 1.15x eager here
     yield linformer_case(16384, 256, False, headline=True)  # the issue's goal: >= 1.5x composite
+    yield reformer_case(16384, 4, False, headline=True)  # the issue's goal: >= 20x HF fp32, <= 1/4 its memory
     yield ffn_case(1024, False, True, headline=True)
     yield linformer_case(16384, 256, True, headline=True)
+    yield reformer_case(16384, 4, True, headline=True)
     yield longformer("spread", False, headline=True)
     yield longformer("none", True, headline=True)
     yield ffn_case(4096, False, False, headline=True)  # >= 1.0x eager
@@ -223,6 +245,9 @@ def cases():
     for n, kp, train in lin.cases():
         if (n, kp) != (16384, 256):
             yield linformer_case(n, kp, train)
+    for n, n_hashes, train in ref.cases():
+        if (n, n_hashes) != (16384, 4):
+            yield reformer_case(n, n_hashes, train)
 
 
 def check_of(raw):
@@ -244,7 +269,7 @@ def check_of(raw):
 def normalize(case, raw):
     """A per-op bench row in the common schema, with the ratio against the fastest peer."""
     results = {
-        name: {k: v for k, v in r.items() if k in ("ms", "tflops", "gbps", "error", "note")}
+        name: {k: v for k, v in r.items() if k in ("ms", "tflops", "gbps", "peak_mib", "error", "note")}
         for name, r in raw["results"].items()
     }
     params = {k: v for k, v in raw.items() if k not in ("results", "checks") and "rel_err" not in k}
