@@ -15,24 +15,22 @@
 //              in index order scatters (stable by construction). perm[s] = token at sorted
 //              position s. Work O(N threads) per round (every thread reads every bucket;
 //              broadcast loads), memory O(N + nb).
-//   attn       one block of 64 threads per (b, h, 64 sorted queries of one chunk): the
-//              query rows and their f32 accumulators in shared memory (one thread per
-//              query), the window's keys (normalised on load) and values streamed through
-//              shared memory 16 at a time, masks that replace scores, online softmax; per
-//              round lse (written in token order: the unsort) and o_r (f32 workspace, or
-//              the output itself when there is one round).
+//   attn       per (b, h, 64 sorted queries of one chunk), on tensor cores when rows are
+//              16-byte chunks (reformer_attn_tc_kernel: the dense forward's tiles, mma.sync
+//              and online softmax over the window gathered by token, the key normalisation
+//              a per-column scale of S), else on CUDA cores (reformer_attn_kernel: one
+//              thread per query, f32, keys and values streamed through shared memory 16 at
+//              a time); masks replace scores; per round lse (written in token order: the
+//              unsort) and o_r (f32 workspace, or the output itself for one round).
 //   combine    (R > 1) out = sum_r exp(lse_r - logsumexp_r lse_r) o_r, rounded once.
 //
 // The fallback N <= C is attn alone with one chunk of N queries, no look-back, identity
 // order, one round.
 //
-// Known performance gaps (correctness first): attn is a CUDA-core f32 kernel. The faster
-// version is FlashAttention's: a 4-warp block per (chunk, 64 queries) gathering the
-// window's rows with cp.async into swizzled f16/bf16 tiles, QK^T and PV on mma.sync
-// (mma_sm80.cuh) with the row-wise online softmax of attention/common/softmax.cuh, the
-// masks applied on the accumulator fragments from the tokens' positions, and the key
-// normalisation folded in as a per-column scale of the score tile (k_j = g_j qk_j: scale
-// column j of S by g_j, computed once per token by the hash kernel). The sort's every-thread
+// Known performance gaps (correctness first; nothing here has run on a GPU yet): the
+// tensor-core attn computes each key's scale once per query block that loads it (a
+// per-token pass would do it once), and P is rounded to the dtype before P V as in the
+// dense kernels (the emulator's bound allows for it). The sort's every-thread
 // pass over the round would become a CUB-style radix pass (per-warp histograms in shared
 // memory, a decoupled look-back scan across blocks) once the emulator has atomics and
 // ballots; the combine could be fused into attn for R = 1 (done) or with a second pass.
@@ -44,8 +42,12 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../attention/common/gemm.cuh"
+#include "../attention/common/kernel_traits.cuh"
+#include "../attention/common/softmax.cuh"
 #include "../common/launch.cuh"
 #include "../common/numeric.cuh"
+#include "../common/tile_io.cuh"
 #include "reformer.h"
 
 namespace fk {
@@ -303,6 +305,189 @@ __global__ void __launch_bounds__(kQueries, 4) reformer_attn_kernel(const AttnAr
   }
 }
 
+// attn on tensor cores (the dense forward's building blocks, attention/common): a block of
+// 4 warps owns BM = 64 sorted queries of one chunk (16 a warp, Q in registers); the window,
+// the sorted positions [w0, w0 + (before + 1 + after) C) modulo L (chunks (c - before ..
+// c + after) mod nc, in HF's order, wrapping duplicates and all), is visited in 64-key
+// blocks gathered by token with cp.async (double-buffered), S = Q X^T and O += P V on
+// mma.sync, the online softmax of attention/common/softmax.cuh in the exp2 domain. The key
+// normalisation is a per-column scale of S (k_j = g_j x_j, g_j = (|x_j|^2 + 1e-6 D)^-1/2,
+// from the key tile in shared memory: two threads a row); masked scores are replaced
+// (HF's values) after it, keys past the window are -inf. Needs D % 8 == 0 and 16-byte
+// aligned rows (tc_eligible); otherwise the CUDA-core kernel above runs.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+    reformer_attn_tc_kernel(const AttnArgs<typename Traits::Element> a) {
+  using T = typename Traits::Element;
+  using Tile = typename Traits::Tile;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads, kKSteps = D / 16, kSTiles = BN / 8;
+  static_assert(Traits::kMTiles == 1 && Traits::kQInRegs, "a warp owns 16 rows, Q in registers");
+  static_assert(kNThreads == 2 * BN, "two threads per key row compute its scale");
+  T *sQ = reinterpret_cast<T *>(reformer_smem());
+  T *sK = sQ + Traits::kSmemQ;                                    // two stages
+  T *sV = sK + 2 * Traits::kSmemKV;                               // two stages
+  int *sTok = reinterpret_cast<int *>(sV + 2 * Traits::kSmemKV); // two stages x BN tokens
+  float *sG = reinterpret_cast<float *>(sTok + 2 * BN);           // two stages x BN scales
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tiles = (a.chunk + BM - 1) / BM;
+  const int64_t c = blockIdx.x / tiles;
+  const int q0 = int(blockIdx.x % tiles) * BM;
+  const int nq = min(BM, a.chunk - q0);
+  const int64_t bh = int64_t(b) * a.heads + h;
+  const int64_t nc = a.n_chunks, L = nc * a.chunk;
+  const int32_t *perm = a.perm != nullptr ? a.perm + bh * L : nullptr;
+  const T *qk = a.qk + b * a.qs.batch + h * a.qs.head;
+  const T *v = a.v + b * a.vs.batch + h * a.vs.head;
+  const uint8_t *pad = a.pad != nullptr ? a.pad + int64_t(b) * a.n : nullptr;
+  const int64_t s0 = c * a.chunk + q0; // first sorted position of the block
+  const int d_chunks = a.d_head / 8;
+  const int warp_row0 = warp * 16;
+  // The block's query rows: tokens at its sorted positions, none past the chunk's end.
+  auto query_tok = [&](int row) { return row < nq ? token_at(perm, s0 + row) : -1; };
+  load_tile<kNThreads, D, BM>(token_rows(query_tok), d_chunks, tid, tile_source(sQ, qk, a.qs.row));
+  cp_async_commit();
+  const int64_t w0 = ((c + nc - a.before % nc) % nc) * a.chunk;
+  const int64_t wlen = int64_t(a.before + 1 + a.after) * a.chunk;
+  const int n_blocks = int((wlen + BN - 1) / BN);
+  auto load_kv = [&](int kb, int stage) {
+    const int64_t k0 = int64_t(kb) * BN;
+    auto tok = [&](int row) { return k0 + row < wlen ? token_at(perm, (w0 + k0 + row) % L) : -1; };
+    load_tile<kNThreads, D, BN>(token_rows(tok), d_chunks, tid,
+                                tile_source(sK + stage * Traits::kSmemKV, qk, a.qs.row),
+                                tile_source(sV + stage * Traits::kSmemKV, v, a.vs.row));
+    if (tid < BN) sTok[stage * BN + tid] = tok(tid); // read after the loop's barrier
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+  int qtok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) qtok[r] = query_tok(warp_row0 + g + 8 * r);
+  cp_async_wait<1>(); // Q has landed
+  __syncthreads();
+  uint32_t qf[kKSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) attn::load_a<D>(qf[ks], sQ, warp_row0, ks, lane);
+  const attn::RegA<kKSteps> q_src{qf};
+  float acc[1][D / 8][4];
+  attn::zero(acc);
+  attn::OnlineSoftmax<1> softmax;
+  const float mask_v = MaskValues<T>::kMask, self_v = MaskValues<T>::kSelf;
+  for (int kb = 0; kb < n_blocks; ++kb) {
+    const int stage = kb & 1;
+    if (kb + 1 < n_blocks) {
+      load_kv(kb + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>(); // block kb has landed, kb + 1 may be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T *sKs = sK + stage * Traits::kSmemKV;
+    const int *tok = sTok + stage * BN;
+    float *gs = sG + stage * BN;
+    { // g of key row tid / 2: each of its two threads sums half its 16-byte chunks.
+      const int row = tid / 2;
+      float s2 = 0.f;
+      for (int ch = tid % 2; ch < d_chunks; ch += 2) {
+        const T *x = sKs + Tile::offset(row, ch);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s2 += to_float(x[e]) * to_float(x[e]);
+      }
+      s2 += __shfl_xor_sync(0xffffffffu, s2, 1);
+      if (tid % 2 == 0) gs[row] = 1.f / sqrtf(s2 + 1e-6f * float(a.d_head));
+    }
+    __syncthreads();
+    float s[1][kSTiles][4];
+    attn::zero(s);
+    attn::gemm_abt<D>(s, q_src, sKs, lane);
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        const int kj = tok[col], qi = qtok[e >> 1];
+        float x = s[0][j][e] * gs[col];
+        if (kj < 0)
+          x = -INFINITY;
+        else if (kj == qi)
+          x = self_v;
+        else if ((a.causal && qi < kj) || (pad != nullptr && pad[kj] != 0))
+          x = mask_v;
+        s[0][j][e] = x;
+      }
+    softmax.update(s, acc, attn::kLog2e);
+    attn::gemm_xb<D>(acc, s, sV + stage * Traits::kSmemKV, lane);
+    __syncthreads(); // everyone is done with this stage before it is refilled
+  }
+  // Epilogue: per round LSE and O in token order (the unsort). One round: O is staged in
+  // this warp's Q rows (read into registers before the loop's first barrier) and stored 16
+  // bytes at a time; more: f32 rows of the rounds' workspace.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float lse;
+    const float inv = softmax.finalize(0, r, lse);
+    const int row = warp_row0 + g + 8 * r, qi = qtok[r];
+    if (qi >= 0) {
+      const int64_t rd = (s0 + row) / a.n;
+      if (t == 0) a.lse[(bh * a.rounds + rd) * a.n + qi] = lse;
+      if (a.o_rounds != nullptr) {
+        float *o = a.o_rounds + ((bh * a.rounds + rd) * a.n + qi) * a.d_head;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i)
+          if (8 * i + 2 * t < a.d_head)
+            *reinterpret_cast<float2 *>(o + 8 * i + 2 * t) =
+                make_float2(acc[0][i][2 * r] * inv, acc[0][i][2 * r + 1] * inv);
+      }
+    }
+    if (a.o_rounds == nullptr) stage_row<D>(sQ, row, acc[0], r, inv, t);
+  }
+  if (a.o_rounds == nullptr) {
+    __syncwarp();
+    store_rows<D, 16>(
+        a.out + b * a.os.batch + h * a.os.head, a.os.row, sQ, warp_row0,
+        [&](int row, ChunkOk chunk_ok) { return chunk_ok() ? query_tok(row) : -1; }, d_chunks,
+        lane);
+  }
+}
+
+// The tensor-core attn's configuration per padded head dim: 4 warps, 64-key blocks.
+template <int D, typename T>
+using AttnTcTraits = AttnFwdTraitsSm80<D, T, 1, 4, 64, D == 64 ? 3 : 2, true>;
+
+template <int D, typename T> size_t attn_tc_smem_bytes() {
+  using Tr = AttnTcTraits<D, T>;
+  return Tr::kSmemBytes + size_t(2 * Tr::kBlockN) * (sizeof(int) + sizeof(float));
+}
+
+// Whether the tensor-core attn can run: 16-byte chunks of rows (D % 8 == 0, rows and
+// strides 16-byte aligned), D <= 128.
+inline bool tc_eligible(const void *ptr, fk_strides s) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 &&
+         s.head % 8 == 0;
+}
+
+// grid: (n_chunks * ceil(C / 64), H, B) either way (kQueries = BM = 64 queries a block).
+template <typename T>
+cudaError_t launch_attn(const AttnArgs<T> &a, dim3 heads_batch, cudaStream_t stream) {
+  static_assert(kQueries == AttnTcTraits<64, T>::kBlockM, "one grid for both kernels");
+  const dim3 grid(unsigned(int64_t(a.n_chunks) * ((a.chunk + kQueries - 1) / kQueries)),
+                  heads_batch.y, heads_batch.z);
+  const bool tc = a.d_head % 8 == 0 && a.d_head <= 128 && tc_eligible(a.qk, a.qs) &&
+                  tc_eligible(a.v, a.vs) && tc_eligible(a.out, a.os);
+  if (tc && a.d_head <= 64)
+    return launch_kernel(reformer_attn_tc_kernel<AttnTcTraits<64, T>>, grid,
+                         dim3(AttnTcTraits<64, T>::kNThreads), attn_tc_smem_bytes<64, T>(), stream,
+                         a);
+  if (tc)
+    return launch_kernel(reformer_attn_tc_kernel<AttnTcTraits<128, T>>, grid,
+                         dim3(AttnTcTraits<128, T>::kNThreads), attn_tc_smem_bytes<128, T>(),
+                         stream, a);
+  return launch_kernel(reformer_attn_kernel<T>, grid, dim3(kQueries), attn_smem_bytes(a.d_head),
+                       stream, a);
+}
+
 // out[b, i, h, d] = sum_r exp(lse_r - logsumexp_r lse_r) o_r[d]; e = ((b H + h) N + i) D + d.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
@@ -371,9 +556,7 @@ template <typename T> cudaError_t fwd(const fk_reformer_fwd_params &p, cudaStrea
   } else {
     a.chunk = n, a.n_chunks = 1, a.before = 0, a.after = 0;
   }
-  const int64_t blocks = int64_t(a.n_chunks) * ((a.chunk + kQueries - 1) / kQueries);
-  err = launch_kernel(reformer_attn_kernel<T>, dim3(unsigned(blocks), heads_batch.y, heads_batch.z),
-                      dim3(kQueries), attn_smem_bytes(p.head_dim), stream, a);
+  err = launch_attn(a, heads_batch, stream);
   if (err != cudaSuccess || nr == 1) return err;
   const int64_t total = int64_t(p.batch) * p.heads * n * p.head_dim;
   const int64_t cblocks =

@@ -248,7 +248,10 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
   const double u = unit(c.dtype);
   const int64_t L = int64_t(rounds) * n;
   Check co, cl;
-  std::vector<double> keys(size_t(n) * d), o_r(size_t(L) * d), lse_r(static_cast<size_t>(L));
+  // o_abs: sum_k w_k |v_k| per (round, token, e), the scale of the rounding of P to the
+  // dtype before P V (the tensor-core attn, as the dense kernels).
+  std::vector<double> keys(size_t(n) * d), o_r(size_t(L) * d), o_abs(size_t(L) * d),
+      lse_r(static_cast<size_t>(L));
   std::vector<int> perm(static_cast<size_t>(L)), undo(static_cast<size_t>(L)), win;
   for (int b = 0; b < c.batch; ++b)
     for (int h = 0; h < hh; ++h) {
@@ -293,11 +296,15 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
           const double l = m + std::log(sum);
           lse_r[size_t(r) * n + i] = l;
           cl.add(lse[((size_t(b) * hh + h) * rounds + r) * n + i], l, 1e-5 * (std::fabs(l) + 8));
-          double *o = &o_r[(size_t(r) * n + i) * d];
+          double *o = &o_r[(size_t(r) * n + i) * d], *oa = &o_abs[(size_t(r) * n + i) * d];
           std::fill(o, o + d, 0.0);
+          std::fill(oa, oa + d, 0.0);
           for (size_t k = 0; k < win.size(); ++k) {
             const double w = std::exp(sc[k] - l);
-            for (int e = 0; e < d; ++e) o[e] += w * pr.v.get(b, win[k], h, e);
+            for (int e = 0; e < d; ++e) {
+              o[e] += w * pr.v.get(b, win[k], h, e);
+              oa[e] += w * std::fabs(pr.v.get(b, win[k], h, e));
+            }
           }
         }
       for (int i = 0; i < n; ++i) {
@@ -306,10 +313,14 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
         for (int r = 0; r < rounds; ++r) sum += std::exp(lse_r[size_t(r) * n + i] - m);
         const double all = m + std::log(sum);
         for (int e = 0; e < d; ++e) {
-          double acc = 0;
-          for (int r = 0; r < rounds; ++r)
-            acc += std::exp(lse_r[size_t(r) * n + i] - all) * o_r[(size_t(r) * n + i) * d + e];
-          co.add(out.get(b, i, h, e), acc, 2 * u * std::fabs(acc) + 1e-4);
+          double acc = 0, acc_abs = 0;
+          for (int r = 0; r < rounds; ++r) {
+            const double wr = std::exp(lse_r[size_t(r) * n + i] - all);
+            acc += wr * o_r[(size_t(r) * n + i) * d + e];
+            acc_abs += wr * o_abs[(size_t(r) * n + i) * d + e];
+          }
+          // O's rounding, P's (tensor-core path), f32 accumulation.
+          co.add(out.get(b, i, h, e), acc, 2 * u * std::fabs(acc) + u * acc_abs + 1e-4);
         }
       }
     }
@@ -640,6 +651,9 @@ std::vector<Entry> all_cases() {
       {1, 512, 1, 64, 2, 16, 64, 1, 0, true, 1, false, BF16, false, false, false},
       {1, 256, 1, 16, 2, 300, 32, 1, 0, false, 1, false, F16, false, true, true},
       {2, 64, 2, 24, 2, 8, 16, 0, 0, true, 0, false, BF16, true, false, false},
+      // Tensor-core attn: C = 96 (two query blocks a chunk, key blocks across chunks), D = 128.
+      {1, 384, 2, 64, 2, 8, 96, 1, 1, true, 1, false, F16, false, false, true},
+      {2, 192, 1, 128, 3, 6, 64, 1, 0, false, 2, false, BF16, true, false, false},
   };
   std::vector<Entry> out;
   for (const RefCase &c : cases)
