@@ -30,7 +30,7 @@ through the host too).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._dlpack import (
@@ -48,6 +48,9 @@ from ._linformer import HostMask, host_mask
 
 # (bytes, shape): host buckets as the native module takes and returns them (int32).
 HostBuckets = Tuple[bytes, Tuple[int, ...]]
+# The buckets a forward used: HostBuckets, or the int32 device array (torch / cupy) the
+# kernels wrote them to.
+UsedBuckets = Union[HostBuckets, Any]
 
 _INPUTS = ("qk", "v", "rotations")
 _INT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
@@ -180,25 +183,53 @@ def ref_shapes(
 
 def ref_forward(
     tensors: Sequence[Any], mask: Optional[HostMask], buckets: Optional[HostBuckets], opts: Options
-) -> Tuple[Any, Any, Optional[HostBuckets]]:
-    """(out, lse) in the caller's framework and the buckets used as host int32 bytes
-    (None when N <= C) from (qk, v, rotations)."""
+) -> Tuple[Any, Any, Optional[UsedBuckets]]:
+    """(out, lse) in the caller's framework and the buckets used (None when N <= C) from
+    (qk, v, rotations): host int32 bytes, or, where the kernels hashed them for torch /
+    cupy CUDA tensors, the int32 device array they were written to (no copy to the host,
+    no wait for the stream)."""
     place = Placement(list(zip(_INPUTS, tensors)))
     out_s, lse_s, bk_s = ref_shapes(tensors, mask, buckets, opts)
     tensors = (tensors[0], tensors[1], _kernel_rotations(place, tensors[2]))
     out = place.empty(out_s, dtype_name(tensors[0]))
     lse = place.empty(lse_s, "float32")
+    on_device = place.for_cuda and place.fw in ("torch", "cupy") and bk_s is not None and buckets is None
+    dev_bk = place.empty(bk_s, "int32") if on_device else None
     used = _native.reformer_forward(
         *(place.export(n, t) for n, t in zip(_INPUTS, tensors)),
         place.export("out", out),
         place.export("lse", lse),
         mask,
         buckets,
+        None if dev_bk is None else place.export("buckets_out", dev_bk),
         **opts.kwargs(),
         stream=place.stream,
     )
-    hb = None if used is None or bk_s is None else (bytes(used), bk_s)
-    return place.to_caller(out), place.to_caller(lse), hb
+    if dev_bk is not None:
+        bk: Optional[UsedBuckets] = dev_bk
+    else:
+        bk = None if used is None or bk_s is None else (bytes(used), bk_s)
+    return place.to_caller(out), place.to_caller(lse), bk
+
+
+def used_host(used: Optional[UsedBuckets]) -> Optional[HostBuckets]:
+    """A forward's buckets as host bytes (a device array is copied: a wait for it)."""
+    if used is None or isinstance(used, tuple):
+        return used
+    return host_buckets(used)
+
+
+def used_array(used: Optional[UsedBuckets], like: Any) -> Any:
+    """A forward's buckets as int64 in like's framework (on like's device); None stays None."""
+    if used is None:
+        return None
+    if isinstance(used, tuple):
+        return buckets_array(used[0], used[1], like)
+    if is_torch(used):
+        import torch
+
+        return used.to(torch.int64)
+    return used.astype("int64")  # cupy
 
 
 def ref_backward(
@@ -295,9 +326,8 @@ def lsh_attention(
 
         out, lse, bk = _torch_reformer.forward(qk, v, rotations, key_padding_mask, buckets, opts)
         return _results(out, lse, bk, return_aux, return_buckets)
-    out, lse, hb = ref_forward(tensors, host_mask(key_padding_mask), host_buckets(buckets), opts)
-    bk = None if hb is None else buckets_array(hb[0], hb[1], qk)
-    return _results(out, lse, bk, return_aux, return_buckets)
+    out, lse, used = ref_forward(tensors, host_mask(key_padding_mask), host_buckets(buckets), opts)
+    return _results(out, lse, used_array(used, qk), return_aux, return_buckets)
 
 
 def lsh_attention_backward(

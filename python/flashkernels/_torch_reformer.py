@@ -25,7 +25,7 @@ import torch
 
 from ._dlpack import check_bool, check_int
 from ._linformer import HostMask, host_mask
-from ._reformer import HostBuckets, Options, buckets_array, host_buckets, ref_backward, ref_forward
+from ._reformer import HostBuckets, Options, UsedBuckets, host_buckets, ref_backward, ref_forward, used_array, used_host
 from ._torch_ops import Autograd, autograd_function, custom_op, kernel_ready, use_op, wants_grad
 
 Tensor = torch.Tensor
@@ -39,7 +39,7 @@ def _ready(qk: Tensor, v: Tensor, rotations: Tensor) -> tuple:
 
 def _forward_impl(
     qk: Tensor, v: Tensor, rotations: Tensor, mask: Optional[HostMask], buckets: Optional[HostBuckets], opts: Options
-) -> Tuple[Tensor, Tensor, Optional[HostBuckets]]:
+) -> Tuple[Tensor, Tensor, Optional[UsedBuckets]]:
     return ref_forward(_ready(qk, v, rotations), mask, buckets, opts)  # type: ignore[return-value]
 
 
@@ -59,11 +59,11 @@ def _backward_impl(
     return ref_backward(_ready(qk, v, rotations), out, lse.contiguous(), dout, mask, buckets, opts)  # type: ignore[return-value]
 
 
-def _bucket_tensor(hb: Optional[HostBuckets], like: Tensor) -> Tensor:
+def _bucket_tensor(used: Optional[UsedBuckets], like: Tensor) -> Tensor:
     """The buckets used as int64 on like's device, or an empty (0,) tensor (N <= C)."""
-    if hb is None:
+    if used is None:
         return torch.empty(0, dtype=torch.int64, device=like.device)
-    return buckets_array(hb[0], hb[1], like)
+    return used_array(used, like)
 
 
 def _opts(chunk_length: int, chunks_before: int, chunks_after: int, causal: bool, n_buckets: Optional[int]) -> Options:
@@ -210,22 +210,24 @@ reformer_fwd = custom_op(
 
 
 def _eager_forward(mask: Optional[HostMask], buckets: Optional[HostBuckets], opts: Options, qk, v, rotations):  # type: ignore[no-untyped-def]
-    out, lse, hb = _forward_impl(qk, v, rotations, mask, buckets, opts)
-    return out, lse, _bucket_tensor(hb, qk), hb
+    out, lse, used = _forward_impl(qk, v, rotations, mask, buckets, opts)
+    return out, lse, _bucket_tensor(used, qk), used
 
 
 def _eager_save(inputs: tuple, outputs: tuple) -> tuple:
     mask, _given, opts, qk, v, rotations = inputs
-    out, lse, _bk, hb = outputs
-    return (qk, v, rotations, out, lse), (mask, hb, opts)
+    out, lse, _bk, used = outputs
+    return (qk, v, rotations, out, lse), (mask, used, opts)
 
 
 def _eager_backward(state: tuple, saved: tuple, needs: Any, dout: Tensor, *_aux: Any) -> tuple:
     qk, v, rotations, out, lse = saved
     if not any(needs[3:5]):
         return ()
-    mask, hb, opts = state
-    dqk, dv = _backward_impl(qk, v, rotations, out, lse, dout, mask, hb, opts)
+    mask, used, opts = state
+    # The forward's buckets, held fixed (copied to the host if the kernels left them on
+    # the device).
+    dqk, dv = _backward_impl(qk, v, rotations, out, lse, dout, mask, used_host(used), opts)
     return (None, None, None, dqk, dv)
 
 

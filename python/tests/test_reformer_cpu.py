@@ -273,6 +273,36 @@ def test_given_buckets_reproduce_the_output():
     check(out3, define(qk, v, rot, mask, other, **kw)[0], np.float32, "shuffled buckets")
 
 
+def test_native_buckets_out():
+    """The native forward's ``buckets_out`` (the CUDA path's way to keep the buckets on
+    the device) receives the buckets the call returns otherwise, and is checked."""
+    from flashkernels import _native
+
+    rng = np.random.default_rng(12)
+    qk, v, rot, mask, kw = make(rng, "padded", np.float32)
+    want = fk.lsh_attention(qk, v, rot, key_padding_mask=mask, return_buckets=True, **kw)[1]
+    hm = (np.ascontiguousarray(mask, np.uint8).tobytes(), mask.shape)
+
+    def call(bout, buckets=None):
+        out = np.empty(qk.shape, np.float32)
+        lse = np.empty((qk.shape[0], qk.shape[2], rot.shape[2], qk.shape[1]), np.float32)
+        caps = [t.__dlpack__() for t in (qk, v, rot, out, lse, bout)]
+        return _native.reformer_forward(*caps[:5], hm, buckets, caps[5], **kw)
+
+    bout = np.full(want.shape, -7, np.int32)
+    assert call(bout) is None
+    np.testing.assert_array_equal(bout, want)
+    with pytest.raises(ValueError, match="buckets_out must be int32"):
+        call(np.empty((1,) + want.shape[1:], np.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        call(np.empty(want.shape[::-1], np.int32).T)
+    with pytest.raises(TypeError, match="int32"):
+        call(np.empty(want.shape, np.int64))
+    given = (want.astype(np.int32).tobytes(), want.shape)
+    with pytest.raises(ValueError, match="only a call that hashes"):
+        call(np.empty(want.shape, np.int32), given)
+
+
 def test_strided_inputs_are_the_same_call():
     rng = np.random.default_rng(3)
     qk, v, rot, mask, kw = make(rng, "rounds_causal", np.float32)

@@ -562,6 +562,12 @@ impl Indices {
         Ok(())
     }
 
+    /// The first index's address (device or host, as imported).
+    #[cfg(feature = "cuda")]
+    pub(super) fn ptr(&self) -> u64 {
+        self.0.ptr
+    }
+
     #[cfg(feature = "cuda")]
     pub(super) fn device_view(&self, ordinal: usize) -> crate::pool::cuda::IndicesView {
         crate::pool::cuda::IndicesView {

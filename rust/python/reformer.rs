@@ -13,9 +13,10 @@ use pyo3::types::PyBytes;
 
 #[cfg(feature = "cuda")]
 use super::caller_stream;
+use super::dlpack::Indices;
 use super::{
     check_output_devices, check_output_size, conv_place, guarded, import, import_f32, run_detached,
-    to_py_err, Imported, Place,
+    to_py_err, DLDevice, Imported, Place,
 };
 use crate::error::Error;
 use crate::reformer::{
@@ -72,6 +73,31 @@ fn to_buckets(b: Option<(Bound<'_, PyBytes>, Vec<usize>)>) -> Result<Option<Buck
         .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok(Some(Buckets::new(values, shape)))
+}
+
+/// `buckets_out`: int32 (B, H, n_hashes, N), contiguous, writable, where the inputs are;
+/// only for a call that hashes (N > C, no buckets given).
+fn import_buckets_out(
+    b: &Bound<'_, PyAny>,
+    p: &ReformerProblem,
+    given: bool,
+    device: DLDevice,
+) -> PyResult<Indices> {
+    if !p.hashed() || given {
+        return Err(to_py_err(Error::InvalidArgument(
+            "buckets_out: only a call that hashes (N > chunk_length, no buckets given) \
+             writes buckets"
+                .into(),
+        )));
+    }
+    let bo = Indices::import("buckets_out", b)?;
+    if bo.device() != device {
+        return Err(to_py_err(Error::DeviceMismatch {
+            detail: "buckets_out must be where the inputs are".into(),
+        }));
+    }
+    bo.check(&p.buckets_shape(), true).map_err(to_py_err)?;
+    Ok(bo)
 }
 
 /// Buckets as the native-endian int32 bytes Python receives.
@@ -136,11 +162,13 @@ fn views(t: &[Imported], ordinal: usize) -> Vec<crate::DeviceView> {
 /// of hashing (N > C only). The caller allocates `out` (qk's dtype, (B, N, H, D)) and
 /// `lse` (float32 (B, H, rounds, N)) where the inputs are, of the shapes
 /// [`reformer_shapes`] gives. Returns the buckets used as int32 bytes (B, H, n_hashes, N),
-/// or None when N <= C.
+/// or None when N <= C, or when `buckets_out` (int32 of that shape, contiguous, where the
+/// inputs are; only for a call that hashes) received them: on CUDA that skips the copy to
+/// the host and its wait for the stream.
 #[pyfunction]
 #[pyo3(signature = (
-    qk, v, rotations, out, lse, key_padding_mask=None, buckets=None, *, chunk_length,
-    chunks_before=1, chunks_after=0, causal=false, n_buckets=None, stream=0
+    qk, v, rotations, out, lse, key_padding_mask=None, buckets=None, buckets_out=None, *,
+    chunk_length, chunks_before=1, chunks_after=0, causal=false, n_buckets=None, stream=0
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn reformer_forward<'py>(
@@ -152,6 +180,7 @@ pub(super) fn reformer_forward<'py>(
     lse: &Bound<'py, PyAny>,
     key_padding_mask: MaskArg,
     buckets: BucketsArg<'py>,
+    buckets_out: Option<&Bound<'py, PyAny>>,
     chunk_length: usize,
     chunks_before: usize,
     chunks_after: usize,
@@ -174,6 +203,9 @@ pub(super) fn reformer_forward<'py>(
         o.check_output(p.dtype, &p.qkv_shape()).map_err(to_py_err)?;
         l.check_output(DType::F32, &p.lse_shape())
             .map_err(to_py_err)?;
+        let bout = buckets_out
+            .map(|b| import_buckets_out(b, &p, buckets.is_some(), t[0].device))
+            .transpose()?;
         match place {
             Place::Host => {
                 let h = t.iter().map(host).collect::<PyResult<Vec<_>>>()?;
@@ -181,7 +213,14 @@ pub(super) fn reformer_forward<'py>(
                 let r = run_detached(py, || reformer::forward_host(&p, &refs, buckets.as_ref()))?;
                 o.write_host(&r.out).map_err(to_py_err)?;
                 l.write_host(&r.lse).map_err(to_py_err)?;
-                Ok(r.buckets.as_ref().map(bucket_bytes))
+                match (&bout, &r.buckets) {
+                    (Some(bo), Some(b)) => {
+                        bo.write_host(&p.buckets_shape(), &b.values)
+                            .map_err(to_py_err)?;
+                        Ok(None)
+                    }
+                    _ => Ok(r.buckets.as_ref().map(bucket_bytes)),
+                }
             }
             #[cfg(feature = "cuda")]
             Place::Cuda(ordinal) => {
@@ -197,6 +236,7 @@ pub(super) fn reformer_forward<'py>(
                         [&iv[0], &iv[1], &iv[2]],
                         [&ov[0], &ov[1]],
                         buckets.as_ref(),
+                        bout.as_ref().map(|b| b.ptr() as *mut i32),
                         ordinal,
                         &s,
                     )

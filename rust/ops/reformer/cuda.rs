@@ -25,7 +25,6 @@ const MAX_GRID_YZ: usize = 65_535;
 /// The head dims, bucket counts and look-back the kernels take (fk_reformer.h).
 const MAX_HEAD_DIM: usize = 128;
 const MAX_BUCKETS: usize = 8192;
-const MAX_CHUNKS_AROUND: usize = 65_535;
 
 fn too_large(what: &str, value: usize, limit: usize) -> Error {
     Error::TooLarge {
@@ -60,8 +59,6 @@ pub fn check_kernel_limits(p: &ReformerProblem) -> Result<()> {
     for (what, value, limit) in [
         ("batch", p.batch, MAX_GRID_YZ),
         ("heads", p.heads, MAX_GRID_YZ),
-        ("chunks_before", p.chunks_before, MAX_CHUNKS_AROUND),
-        ("chunks_after", p.chunks_after, MAX_CHUNKS_AROUND),
         (
             "n_hashes * seqlen",
             p.n_hashes.saturating_mul(p.seqlen),
@@ -140,17 +137,20 @@ fn buffer_ptr(b: &Option<DeviceBuffer>) -> *const c_void {
 
 /// The forward of a validated call on views: O and the per-round LSE into `out` (qk's
 /// dtype and shape, unit head-dim stride) and `lse` (contiguous float32), all on
-/// `stream`. Returns the buckets used (given ones as given; hashed ones downloaded,
-/// which waits for the stream), None when N <= C.
+/// `stream`. Returns the buckets used: given ones as given; hashed ones written to
+/// `buckets_out` when given (then None: nothing waits for the stream), else downloaded
+/// (a wait for the stream); None when N <= C.
 ///
 /// # Safety
 /// The views describe live device memory on `device` that their layouts stay inside,
 /// ready on `stream`; the outputs overlap neither the inputs nor each other.
+/// `buckets_out`, when given, points to B·H·n_hashes·N writable int32 on `device`.
 pub(crate) unsafe fn launch_forward(
     p: &ReformerProblem,
     [qk, v, rotations]: [&DeviceView; 3],
     [out, lse]: [&DeviceView; 2],
     given: Option<&Buckets>,
+    buckets_out: Option<*mut i32>,
     device: usize,
     stream: &Stream,
 ) -> Result<Option<Buckets>> {
@@ -175,11 +175,15 @@ pub(crate) unsafe fn launch_forward(
         .transpose()?;
     let hashed_here = p.hashed() && given.is_none();
     // SAFETY: the kernels write every bucket they hash before it is read back.
-    let buckets_dev = if hashed_here {
+    let buckets_dev = if hashed_here && buckets_out.is_none() {
         let n = p.buckets_shape().iter().product();
         Some(unsafe { DeviceBuffer::alloc_elems::<i32>(stream, n)? })
     } else {
         None
+    };
+    let buckets_ptr = match (hashed_here, buckets_out) {
+        (true, Some(ptr)) => ptr,
+        _ => buffer_ptr(&buckets_dev) as *mut i32,
     };
     let mut params = ffi::fk_reformer_fwd_params {
         qk: qk.ptr as *const c_void,
@@ -189,7 +193,7 @@ pub(crate) unsafe fn launch_forward(
         given_buckets: buffer_ptr(&given_dev) as *const i32,
         out: out.ptr as *mut c_void,
         lse: lse.ptr as *mut f32,
-        buckets: buffer_ptr(&buckets_dev) as *mut i32,
+        buckets: buckets_ptr,
         workspace: std::ptr::null_mut(),
         qk_stride: bsh(&qk.layout),
         v_stride: bsh(&v.layout),
@@ -244,7 +248,17 @@ unsafe fn backward_buckets(
     let out = DeviceTensor::poisoned(stream, p.dtype, &p.qkv_shape())?;
     let lse = DeviceTensor::poisoned(stream, DType::F32, &p.lse_shape())?;
     // SAFETY: the caller vouches for the inputs; the outputs are fresh.
-    unsafe { launch_forward(p, inputs, [&out.view(), &lse.view()], None, device, stream) }
+    unsafe {
+        launch_forward(
+            p,
+            inputs,
+            [&out.view(), &lse.view()],
+            None,
+            None,
+            device,
+            stream,
+        )
+    }
 }
 
 /// The backward of a validated call (`validate_backward` checked out / lse / dout) on
@@ -354,6 +368,7 @@ pub(crate) fn forward(
             [&qk.view(), &v.view(), &rotations.view()],
             [&out.view(), &lse.view()],
             given,
+            None,
             stream.ordinal(),
             stream,
         )
