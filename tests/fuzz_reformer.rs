@@ -138,10 +138,11 @@ fn dimw(max: usize) -> impl Strategy<Value = usize> {
     prop_oneof![60 => 1..=max, 1 => Just(0usize), 1 => huge()]
 }
 
-/// Chunks before / after: mostly small; sometimes so many that the window is huge
-/// (valid up to MAX_ELEMENTS keys) or its count overflows.
+/// Chunks before / after: mostly small; sometimes the most a side may reach
+/// (reformer::MAX_CHUNKS_AROUND), one more, or so many that the count overflows.
 fn chunks_around() -> impl Strategy<Value = usize> {
-    prop_oneof![30 => 0usize..=2, 1 => Just(1usize << 20), 1 => huge()]
+    let cap = reformer::MAX_CHUNKS_AROUND;
+    prop_oneof![30 => 0usize..=2, 1 => Just(cap), 1 => Just(cap + 1), 1 => huge()]
 }
 
 /// A tensor of `shape`; unless `wild`, no stride past any storage, no short storage and
@@ -518,17 +519,25 @@ fn verdict(t: [&HostTensor; 3], mask: Option<&TokenMask>, o: &ReformerOptions) -
         return Verdict::TooLarge;
     };
     let rounds = if n > c { nh } else { 1 };
+    let cap = reformer::MAX_CHUNKS_AROUND;
     let around = o.chunks_before as u128 + 1 + o.chunks_after as u128;
+    // The key window counts only when the call hashes (N > C).
+    let window = if n > c {
+        around.saturating_mul(c as u128)
+    } else {
+        0
+    };
     let fits = [
         numel_u128(qs),
         numel_u128(rs),
         numel_u128(&[b, h, nh, n]),
         numel_u128(&[b, h, rounds, n]),
-        around.saturating_mul(c as u128),
+        window,
     ]
     .iter()
     .all(|&x| x <= MAX_ELEMENTS)
-        && around <= usize::MAX as u128
+        && o.chunks_before <= cap
+        && o.chunks_after <= cap
         && (nh as u128).saturating_mul(nb as u128 + 1) <= i32::MAX as u128;
     if !fits {
         return Verdict::TooLarge;
@@ -1221,17 +1230,24 @@ fn size_case_run(c: &SizeCase) -> Result<(), TestCaseError> {
     };
     let what = format!("validate {c:?} (N {n}, n_buckets {nb_opt:?})");
     let rounds = if n > ch { nh } else { 1 };
+    let cap = reformer::MAX_CHUNKS_AROUND;
     let around = before as u128 + 1 + after as u128;
+    let window = if n > ch {
+        around.saturating_mul(ch as u128)
+    } else {
+        0
+    };
     let fits = [
         numel_u128(&[b, n, h, d]),
         numel_u128(&[h, d, nh, half]),
         numel_u128(&[b, h, nh, n]),
         numel_u128(&[b, h, rounds, n]),
-        around.saturating_mul(ch as u128),
+        window,
     ]
     .iter()
     .all(|&x| x <= MAX_ELEMENTS)
-        && around <= usize::MAX as u128
+        && before <= cap
+        && after <= cap
         && nb2.is_some_and(|nb| (nh as u128).saturating_mul(nb as u128 + 1) <= i32::MAX as u128);
     let empty = [b, n, h, d, nh, half].contains(&0);
     let nb_bad = nb_opt.is_some_and(|x| x == 0 || x % 2 != 0);

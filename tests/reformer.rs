@@ -316,6 +316,18 @@ fn bad_inputs_are_typed_errors() {
         err(check(&s, &s, &rs, f, None, &o.chunks(usize::MAX, 1))),
         Error::TooLarge { .. }
     ));
+    // A window wraps around the chunks, so a tiny input with a vast window would cost
+    // the window for every query: each side is capped (found by tests/fuzz_reformer.rs).
+    let cap = flashkernels::reformer::MAX_CHUNKS_AROUND;
+    for (before, after) in [(cap + 1, 0), (0, cap + 1), (1 << 40, 0)] {
+        assert!(matches!(
+            err(check(&s, &s, &rs, f, None, &o.chunks(before, after))),
+            Error::TooLarge { what, .. } if what.starts_with("chunks_")
+        ));
+    }
+    assert!(check(&s, &s, &rs, f, None, &o.chunks(cap, cap)).is_ok());
+    // Unhashed (N <= C) calls use no chunk window: a huge C is fine.
+    assert!(check(&s, &s, &rs, f, None, &ReformerOptions::new(1 << 62)).is_ok());
 }
 
 #[test]

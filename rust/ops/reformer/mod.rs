@@ -75,7 +75,7 @@ pub mod reference;
 pub use crate::ops::longformer::TokenMask;
 pub use problem::{
     validate, validate_backward, validate_buckets, Described, ReformerBackwardLayouts,
-    ReformerLayouts, ReformerOptions, ReformerProblem,
+    ReformerLayouts, ReformerOptions, ReformerProblem, MAX_CHUNKS_AROUND,
 };
 
 /// Buckets (B, H, n_hashes, N), row-major, offset per round (round r's values in

@@ -189,26 +189,36 @@ impl ReformerProblem {
     }
 }
 
+/// The most chunks a window reaches on either side (HF's `lsh_num_chunks_before` /
+/// `_after`; a window longer than all chunks only repeats them).
+pub const MAX_CHUNKS_AROUND: usize = 65_535;
+
 /// Every size product the call derives, in checked arithmetic.
 fn check_sizes(p: &ReformerProblem) -> Result<()> {
     checked_elements("qk", &p.qkv_shape())?;
     checked_elements("the rotations", &p.rotations_shape())?;
     checked_elements("the buckets", &p.buckets_shape())?;
     checked_elements("lse", &p.lse_shape())?;
-    checked_elements(
-        "the key window (chunks_before + 1 + chunks_after, chunk_length)",
-        &[
-            p.chunks_before
-                .checked_add(1)
-                .and_then(|x| x.checked_add(p.chunks_after))
-                .ok_or_else(|| Error::TooLarge {
-                    what: "chunks_before + 1 + chunks_after".into(),
-                    value: u64::MAX,
-                    limit: usize::MAX as u64,
-                })?,
-            p.chunk_length,
-        ],
-    )?;
+    // A window wraps around the chunks (repeating them, as HF's look-adjacent does), so
+    // its cost does not shrink with N: each side is capped (the kernels' grid limit too).
+    for (what, value) in [
+        ("chunks_before", p.chunks_before),
+        ("chunks_after", p.chunks_after),
+    ] {
+        if value > MAX_CHUNKS_AROUND {
+            return Err(Error::TooLarge {
+                what: what.into(),
+                value: value as u64,
+                limit: MAX_CHUNKS_AROUND as u64,
+            });
+        }
+    }
+    if p.hashed() {
+        checked_elements(
+            "the key window (chunks_before + 1 + chunks_after, chunk_length)",
+            &[p.chunks_before + 1 + p.chunks_after, p.chunk_length],
+        )?;
+    }
     // Bucket values (offset per round) are i32, as HF returns them (int64 there).
     let top = p
         .n_buckets
