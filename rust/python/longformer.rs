@@ -7,10 +7,10 @@
 use pyo3::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::caller_stream;
+use super::{caller_stream, check_cuda_device};
 use super::{
-    check_cuda_device, check_output_devices, common_place, guarded, import, import_f32,
-    run_detached, scale_f32, to_py_err, Imported, Place,
+    check_output_devices, common_place, guarded, import, import_f32, run_detached, scale_f32,
+    to_py_err, Imported, Place,
 };
 use crate::error::Error;
 use crate::longformer::{self, GlobalProjections, LongformerOptions, LongformerProblem, TokenMask};

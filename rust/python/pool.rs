@@ -2,12 +2,12 @@
 
 use pyo3::prelude::*;
 
-#[cfg(feature = "cuda")]
-use super::caller_stream;
 use super::dlpack::Indices;
+#[cfg(feature = "cuda")]
+use super::{caller_stream, Imported};
 use super::{
     check_output_devices, check_output_size, conv_place, device_name, guarded, import,
-    run_detached, to_py_err, DLDevice, Imported, Place,
+    run_detached, to_py_err, DLDevice, Place,
 };
 use crate::error::Error;
 use crate::pool;
