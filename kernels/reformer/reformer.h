@@ -20,8 +20,15 @@ inline int rounds(const fk_reformer_fwd_params &p) { return hashed(p) ? p.n_hash
 // The workspace's parts (byte offsets, each 256-byte aligned), absent ones at -1: the
 // padding flag (hashed with key_padding), the sorted order (hashed), the per-round outputs
 // (more than one round).
+// The rotations split for the tensor-core hash (hashed here, rows of 16-byte chunks): hi =
+// R rounded to the dtype, lo = R - hi rounded, each (H, n_hashes, n_buckets / 2, D) (2-byte
+// elements), so that x R = x hi + x lo to about f32 accuracy on 16-bit MMAs.
+inline bool rotations_split(const fk_reformer_fwd_params &p) {
+  return hashed(p) && p.given_buckets == nullptr && p.head_dim % 8 == 0;
+}
+
 struct FwdWorkspace {
-  int64_t flag = -1, perm = -1, o_rounds = -1, bytes = 0;
+  int64_t flag = -1, perm = -1, o_rounds = -1, rot_split = -1, bytes = 0;
   explicit FwdWorkspace(const fk_reformer_fwd_params &p) {
     if (!hashed(p)) return;
     const int64_t rows = int64_t(p.batch) * p.heads * p.n_hashes * p.seqlen;
@@ -33,6 +40,8 @@ struct FwdWorkspace {
     if (p.key_padding != nullptr) flag = take(4);
     perm = take(rows * 4);
     if (p.n_hashes > 1) o_rounds = take(rows * p.head_dim * 4);
+    if (rotations_split(p))
+      rot_split = take(2 * int64_t(p.heads) * p.n_hashes * (p.n_buckets / 2) * p.head_dim * 2);
   }
 };
 

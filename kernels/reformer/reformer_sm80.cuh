@@ -4,8 +4,14 @@
 //   pad_flag   whether any token of the whole batch is padded (one block; hashed calls
 //              with key_padding only), into the workspace: decides nb' and the padding
 //              bucket, as HF does, without the host reading the mask.
-//   hash       one thread per (b, h, r, i): the first argmax of [x R_r ; -x R_r] (f32,
-//              sums over d in order), + r nb' (skipped when buckets are given).
+//   hash       the first argmax of [x R_r ; -x R_r], + r nb' (skipped when buckets are
+//              given). On tensor cores when qk's rows are 16-byte chunks: R split into
+//              16-bit hi + lo (rot_split, in the workspace) so x R = x hi + x lo keeps f32
+//              accuracy, a 4-warp block per 64 tokens of (b, h) for all rounds
+//              (reformer_hash_tc_kernel); else one thread per (b, h, r, i) on CUDA cores
+//              (f32, sums over d in order). This GEMM is the forward's largest: at the
+//              issue's shape (N 16384, 4 rounds, 512 buckets, D 64, 8 heads) it is 4x the
+//              attention's FLOPs.
 //   sort       one block per (b, h, r): a stable counting sort of round r's N tokens by
 //              bucket (round r's values all precede round r + 1's, so the sorted order of
 //              the concatenation is the rounds' sorted orders one after the other).
@@ -82,6 +88,13 @@ template <typename T> struct MaskValues {
   static constexpr float kSelf = std::is_same<T, __half>::value ? -1e3f : -1e5f;
 };
 
+// Whether a tensor-core kernel can read (or write) a (B, N, H, D) tensor's rows as 16-byte
+// chunks: its pointer and strides 16-byte aligned (and D % 8 == 0, checked by the caller).
+inline bool tc_eligible(const void *ptr, fk_strides s) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 &&
+         s.head % 8 == 0;
+}
+
 // flag = 1 when some key_padding[0 .. n) is non-zero, else 0. One block.
 template <typename T>
 __global__ void __launch_bounds__(kFlagThreads)
@@ -132,6 +145,151 @@ __global__ void __launch_bounds__(kHashThreads)
   }
   buckets[((int64_t(b) * gridDim.y + h) * n_hashes + r) * n + i] =
       bucket + r * (n_buckets + pad_any);
+}
+
+// The rotations split for the tensor-core hash: hi[h, r, k, d] = R[h, d, r, k] rounded to
+// T, lo = (R - hi) rounded to T, each (H, R, half, D) (grid-stride over its elements).
+template <typename T>
+__global__ void __launch_bounds__(kHashThreads)
+    reformer_rot_split_kernel(const float *rot, T *hi, T *lo, int heads, int d_head, int n_hashes,
+                              int half) {
+  const int64_t total = int64_t(heads) * n_hashes * half * d_head;
+  for (int64_t e = int64_t(blockIdx.x) * kHashThreads + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * kHashThreads) {
+    const int d = int(e % d_head);
+    const int64_t hrk = e / d_head; // (h, r, k)
+    const int k = int(hrk % half), r = int(hrk / half % n_hashes), h = int(hrk / half / n_hashes);
+    const float x = rot[((int64_t(h) * d_head + d) * n_hashes + r) * half + k];
+    const T xh = from_float<T>(x);
+    hi[e] = xh;
+    lo[e] = from_float<T>(x - to_float(xh));
+  }
+}
+
+// The hash on tensor cores: a block of 4 warps owns 64 tokens of (b, h) (16 a warp, rows in
+// registers) for every round; per round the rotations' columns are visited 64 at a time
+// (hi and lo tiles through shared memory), S = x hi^T + x lo^T on mma.sync, and each row
+// keeps the first maximum and the first minimum of S over its columns (per thread in
+// column order, then across the row's four threads, ties to the lower column): the same
+// first argmax of [x R ; -x R] as reformer_hash_kernel, in f32 with other roundings.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    reformer_hash_tc_kernel(const typename Traits::Element *qk, fk_strides qs,
+                            const typename Traits::Element *rot_hi,
+                            const typename Traits::Element *rot_lo, const uint8_t *pad,
+                            const int32_t *flag, int32_t *buckets, int n, int d_head, int n_hashes,
+                            int n_buckets) {
+  using T = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads, kKSteps = D / 16, kSTiles = BN / 8;
+  static_assert(Traits::kMTiles == 1 && BM == 64, "a warp owns 16 token rows");
+  T *sX = reinterpret_cast<T *>(reformer_smem());
+  T *sHi = sX + Traits::kSmemQ;
+  T *sLo = sHi + Traits::kSmemKV;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int h = blockIdx.y, b = blockIdx.z, i0 = blockIdx.x * BM;
+  const int half = n_buckets / 2, d_chunks = d_head / 8;
+  load_tile<kNThreads, D, BM>(
+      FirstRows{n - i0}, d_chunks, tid,
+      tile_source(sX, qk + b * qs.batch + h * qs.head + int64_t(i0) * qs.row, qs.row));
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t xf[kKSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) attn::load_a<D>(xf[ks], sX, warp * 16, ks, lane);
+  const attn::RegA<kKSteps> x_src{xf};
+  const int pad_any = flag != nullptr && *flag != 0 ? 1 : 0;
+  for (int r = 0; r < n_hashes; ++r) {
+    const int64_t rows0 = (int64_t(h) * n_hashes + r) * half; // (h, r, k = 0)
+    float hi[2] = {-INFINITY, -INFINITY}, lo[2] = {INFINITY, INFINITY};
+    int khi[2] = {0, 0}, klo[2] = {0, 0};
+    for (int k0 = 0; k0 < half; k0 += BN) {
+      __syncthreads(); // the previous tiles are read
+      load_tile<kNThreads, D, BN>(FirstRows{half - k0}, d_chunks, tid,
+                                  tile_source(sHi, rot_hi + (rows0 + k0) * d_head, d_head),
+                                  tile_source(sLo, rot_lo + (rows0 + k0) * d_head, d_head));
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      float s[1][kSTiles][4];
+      attn::zero(s);
+      attn::gemm_abt<D>(s, x_src, sHi, lane);
+      attn::gemm_abt<D>(s, x_src, sLo, lane);
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int k = k0 + j * 8 + 2 * t + (e & 1), rr = e >> 1;
+          const float v = s[0][j][e];
+          if (k < half && v > hi[rr]) hi[rr] = v, khi[rr] = k;
+          if (k < half && v < lo[rr]) lo[rr] = v, klo[rr] = k;
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+      for (int m = 1; m <= 2; m *= 2) { // the row's four threads
+        const float oh = __shfl_xor_sync(0xffffffffu, hi[rr], m);
+        const int okh = __shfl_xor_sync(0xffffffffu, khi[rr], m);
+        const float ol = __shfl_xor_sync(0xffffffffu, lo[rr], m);
+        const int okl = __shfl_xor_sync(0xffffffffu, klo[rr], m);
+        if (oh > hi[rr] || (oh == hi[rr] && okh < khi[rr])) hi[rr] = oh, khi[rr] = okh;
+        if (ol < lo[rr] || (ol == lo[rr] && okl < klo[rr])) lo[rr] = ol, klo[rr] = okl;
+      }
+      const int i = i0 + warp * 16 + g + 8 * rr;
+      if (t == 0 && i < n) {
+        const int bucket = pad_any && pad[int64_t(b) * n + i] != 0 ? n_buckets
+                           : -lo[rr] > hi[rr]                      ? half + klo[rr]
+                                                                   : khi[rr];
+        buckets[((int64_t(b) * gridDim.y + h) * n_hashes + r) * n + i] =
+            bucket + r * (n_buckets + pad_any);
+      }
+    }
+  }
+}
+
+// The tensor-core hash's configuration per padded head dim: 4 warps, 64 rotation columns
+// a step (only kSmemQ and one kSmemKV-sized hi and lo tile are used).
+template <int D, typename T> using HashTcTraits = AttnFwdTraitsSm80<D, T, 1, 4, 64, 1, true>;
+
+template <int D, typename T> size_t hash_tc_smem_bytes() {
+  using Tr = HashTcTraits<D, T>;
+  return size_t(Tr::kSmemQ + 2 * Tr::kSmemKV) * sizeof(T);
+}
+
+// Hashes into p.buckets: on tensor cores when qk's rows are 16-byte chunks (the rotations
+// split into the workspace first), else on CUDA cores.
+template <typename T>
+cudaError_t launch_hash(const fk_reformer_fwd_params &p, T *rot_split, const int32_t *flag,
+                        dim3 heads_batch, cudaStream_t stream) {
+  const T *qk = static_cast<const T *>(p.qk);
+  const int n = p.seqlen, nh = p.n_hashes, half = p.n_buckets / 2;
+  if (rot_split != nullptr && p.head_dim <= 128 && tc_eligible(p.qk, p.qk_stride)) {
+    T *hi = rot_split, *lo = rot_split + int64_t(p.heads) * nh * half * p.head_dim;
+    const int64_t total = int64_t(p.heads) * nh * half * p.head_dim;
+    cudaError_t err = launch_kernel(
+        reformer_rot_split_kernel<T>,
+        dim3(unsigned(std::min<int64_t>((total + kHashThreads - 1) / kHashThreads, 1 << 16))),
+        dim3(kHashThreads), 0, stream, p.rotations, hi, lo, p.heads, p.head_dim, nh, half);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned((n + 63) / 64), heads_batch.y, heads_batch.z);
+    if (p.head_dim <= 64)
+      return launch_kernel(reformer_hash_tc_kernel<HashTcTraits<64, T>>, grid,
+                           dim3(HashTcTraits<64, T>::kNThreads), hash_tc_smem_bytes<64, T>(),
+                           stream, qk, p.qk_stride, hi, lo, p.key_padding, flag, p.buckets, n,
+                           p.head_dim, nh, p.n_buckets);
+    return launch_kernel(reformer_hash_tc_kernel<HashTcTraits<128, T>>, grid,
+                         dim3(HashTcTraits<128, T>::kNThreads), hash_tc_smem_bytes<128, T>(),
+                         stream, qk, p.qk_stride, hi, lo, p.key_padding, flag, p.buckets, n,
+                         p.head_dim, nh, p.n_buckets);
+  }
+  const int64_t rows = int64_t(nh) * n;
+  return launch_kernel(
+      reformer_hash_kernel<T>,
+      dim3(unsigned((rows + kHashThreads - 1) / kHashThreads), heads_batch.y, heads_batch.z),
+      dim3(kHashThreads), 0, stream, qk, p.qk_stride, p.rotations, p.key_padding, flag, p.buckets,
+      n, p.head_dim, nh, p.n_buckets);
 }
 
 // perm[b, h, r N + s'] = the token at round r's sorted position s' (grid: (R, H, B)).
@@ -461,13 +619,6 @@ template <int D, typename T> size_t attn_tc_smem_bytes() {
   return Tr::kSmemBytes + size_t(2 * Tr::kBlockN) * (sizeof(int) + sizeof(float));
 }
 
-// Whether the tensor-core attn can run: 16-byte chunks of rows (D % 8 == 0, rows and
-// strides 16-byte aligned), D <= 128.
-inline bool tc_eligible(const void *ptr, fk_strides s) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s.batch % 8 == 0 && s.row % 8 == 0 &&
-         s.head % 8 == 0;
-}
-
 // grid: (n_chunks * ceil(C / 64), H, B) either way (kQueries = BM = 64 queries a block).
 template <typename T>
 cudaError_t launch_attn(const AttnArgs<T> &a, dim3 heads_batch, cudaStream_t stream) {
@@ -531,12 +682,8 @@ template <typename T> cudaError_t fwd(const fk_reformer_fwd_params &p, cudaStrea
     }
     const int32_t *bk = p.given_buckets;
     if (bk == nullptr) {
-      const int64_t rows = int64_t(nh) * n;
-      err = launch_kernel(
-          reformer_hash_kernel<T>,
-          dim3(unsigned((rows + kHashThreads - 1) / kHashThreads), heads_batch.y, heads_batch.z),
-          dim3(kHashThreads), 0, stream, qk, p.qk_stride, p.rotations, p.key_padding, flag,
-          p.buckets, n, p.head_dim, nh, p.n_buckets);
+      T *rot_split = ws.rot_split >= 0 ? reinterpret_cast<T *>(w + ws.rot_split) : nullptr;
+      err = launch_hash(p, rot_split, flag, heads_batch, stream);
       if (err != cudaSuccess) return err;
       bk = p.buckets;
     }
