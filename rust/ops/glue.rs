@@ -131,6 +131,22 @@ pub(crate) fn check_same_device(
     Ok(())
 }
 
+/// Per-token flags (a key padding mask, (B, N) row-major) as the kernels read them: one
+/// byte each, 1 = set; none when `flags` is empty (no mask). Freed in stream order when
+/// dropped.
+pub(crate) fn upload_flags(flags: &[bool], stream: &Stream) -> Result<Option<DeviceBuffer>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    let bytes: Vec<u8> = flags.iter().map(|&b| u8::from(b)).collect();
+    DeviceBuffer::upload(stream, &bytes).map(Some)
+}
+
+/// An optional buffer's device pointer, null when absent (the C ABI's "not given").
+pub(crate) fn ptr_or_null<T>(b: &Option<DeviceBuffer>) -> *const T {
+    b.as_ref().map_or(std::ptr::null(), |b| b.ptr() as *const T)
+}
+
 /// A 256-byte aligned device workspace (or none), freed in stream order when dropped.
 pub(crate) struct Workspace {
     _buf: Option<DeviceBuffer>,

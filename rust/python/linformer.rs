@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use super::caller_stream;
 use super::{
     check_output_devices, check_output_size, conv_place, guarded, import, import_f32, run_detached,
-    scale_f32, to_py_err, Imported, Place,
+    scale_f32, to_mask, to_py_err, Imported, MaskArg, Place,
 };
 use crate::error::Error;
 use crate::linformer::{
@@ -18,14 +18,8 @@ use crate::linformer::{
 };
 use crate::tensor::{DType, HostTensor, Layout};
 
-type MaskArg = Option<(Vec<u8>, Vec<usize>)>;
-
 fn options(scale: Option<f64>) -> PyResult<LinformerOptions> {
     Ok(LinformerOptions::new().scale(scale_f32(scale)?))
-}
-
-fn to_mask(m: MaskArg) -> Option<TokenMask> {
-    m.map(|(bytes, shape)| TokenMask::new(bytes.into_iter().map(|x| x != 0).collect(), &shape))
 }
 
 /// Imports q, k, v, e and, when given, f (in this order).

@@ -10,13 +10,11 @@ use pyo3::prelude::*;
 use super::{caller_stream, check_cuda_device};
 use super::{
     check_output_devices, common_place, guarded, import, import_f32, run_detached, scale_f32,
-    to_py_err, Imported, Place,
+    to_mask, to_py_err, Imported, MaskArg, Place,
 };
 use crate::error::Error;
 use crate::longformer::{self, GlobalProjections, LongformerOptions, LongformerProblem, TokenMask};
 use crate::tensor::{DType, HostTensor};
-
-type MaskArg = Option<(Vec<u8>, Vec<usize>)>;
 
 fn options(
     window: i64,
@@ -54,16 +52,13 @@ fn masks(
     global_indices: Option<Vec<Vec<i64>>>,
     padding_mask: MaskArg,
 ) -> PyResult<(Option<TokenMask>, Option<TokenMask>)> {
-    let to_mask = |(bytes, shape): (Vec<u8>, Vec<usize>)| {
-        TokenMask::new(bytes.into_iter().map(|x| x != 0).collect(), &shape)
-    };
     let global = match (global_mask, global_indices) {
         (Some(_), Some(_)) => {
             return Err(to_py_err(Error::InvalidArgument(
                 "give global tokens as a mask or as indices, not both".into(),
             )))
         }
-        (Some(m), None) => Some(to_mask(m)),
+        (Some(m), None) => to_mask(Some(m)),
         (None, Some(ix)) => {
             let shape = &q.layout.shape;
             if shape.len() != 4 {
@@ -75,7 +70,7 @@ fn masks(
         }
         (None, None) => None,
     };
-    Ok((global, padding_mask.map(to_mask)))
+    Ok((global, to_mask(padding_mask)))
 }
 
 fn validate(

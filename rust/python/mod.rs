@@ -56,6 +56,15 @@ fn to_py_err(e: Error) -> PyErr {
     }
 }
 
+/// A per-token mask from Python: host `(bytes, shape)`, one byte per token, nonzero = set.
+type MaskArg = Option<(Vec<u8>, Vec<usize>)>;
+
+fn to_mask(m: MaskArg) -> Option<crate::longformer::TokenMask> {
+    m.map(|(bytes, shape)| {
+        crate::longformer::TokenMask::new(bytes.into_iter().map(|x| x != 0).collect(), &shape)
+    })
+}
+
 /// A softmax scale from Python (f64) as the ops take it (f32): finite, positive, and
 /// still so in float32, else an error reporting the value given (1e-50 is not "0").
 fn scale_f32(scale: Option<f64>) -> PyResult<Option<f32>> {

@@ -16,7 +16,7 @@ use super::caller_stream;
 use super::dlpack::Indices;
 use super::{
     check_output_devices, check_output_size, conv_place, guarded, import, import_f32, run_detached,
-    to_py_err, DLDevice, Imported, Place,
+    to_mask, to_py_err, DLDevice, Imported, MaskArg, Place,
 };
 use crate::error::Error;
 use crate::reformer::{
@@ -25,7 +25,6 @@ use crate::reformer::{
 };
 use crate::tensor::{DType, HostTensor, Layout};
 
-type MaskArg = Option<(Vec<u8>, Vec<usize>)>;
 type BucketsArg<'py> = Option<(Bound<'py, PyBytes>, Vec<usize>)>;
 
 const BUCKETS_LAYOUT: &str = "(batch, heads, n_hashes, seqlen)";
@@ -41,10 +40,6 @@ fn options(
         .chunks(chunks_before, chunks_after)
         .causal(causal)
         .n_buckets(n_buckets)
-}
-
-fn to_mask(m: MaskArg) -> Option<TokenMask> {
-    m.map(|(bytes, shape)| TokenMask::new(bytes.into_iter().map(|x| x != 0).collect(), &shape))
 }
 
 /// Host buckets from `(bytes, shape)`: rank 4, 4 bytes per value, as many values as

@@ -18,11 +18,12 @@ use super::{
     LinformerOptions, LinformerOutput, LinformerProblem, TokenMask,
 };
 use crate::attention::{self, AttentionOptions};
-use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
+use crate::device::{DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::ops::glue::{
-    bsh, check_out_rows, check_same_device, dtype_arg, i32_arg, order_after, workspace,
+    bsh, check_out_rows, check_same_device, dtype_arg, i32_arg, order_after, ptr_or_null,
+    upload_flags, workspace,
 };
 use crate::tensor::{DType, Layout};
 
@@ -159,21 +160,6 @@ fn check_views(device: usize, views: &[(&str, &DeviceView)]) -> Result<()> {
     Ok(())
 }
 
-/// The key padding mask as the kernels read it: (B, N) bytes, 1 = padded (none without
-/// a mask). Freed in stream order when dropped.
-fn upload_padding(p: &LinformerProblem, stream: &Stream) -> Result<Option<DeviceBuffer>> {
-    if !p.has_mask {
-        return Ok(None);
-    }
-    let bytes: Vec<u8> = p.padding.iter().map(|&b| u8::from(b)).collect();
-    DeviceBuffer::upload(stream, &bytes).map(Some)
-}
-
-fn padding_ptr(buf: &Option<DeviceBuffer>) -> *const u8 {
-    buf.as_ref()
-        .map_or(std::ptr::null(), |b| b.ptr() as *const u8)
-}
-
 fn attention_options(p: &LinformerProblem) -> AttentionOptions {
     AttentionOptions {
         scale: Some(p.scale),
@@ -201,14 +187,14 @@ pub(crate) unsafe fn launch_forward(
     let mut views = ins.named();
     views.extend([("out", out), ("kp", kp), ("vp", vp)]);
     check_views(device, &views)?;
-    let padding = upload_padding(p, stream)?;
+    let padding = upload_flags(&p.padding, stream)?;
     let f = ins.f_or_e();
     let mut params = ffi::fk_linformer_proj_params {
         k: ins.k.ptr as *const c_void,
         v: ins.v.ptr as *const c_void,
         e: ins.e.ptr as *const c_void,
         f: f.ptr as *const c_void,
-        key_padding: padding_ptr(&padding),
+        key_padding: ptr_or_null(&padding),
         kp: kp.ptr as *mut c_void,
         vp: vp.ptr as *mut c_void,
         workspace: std::ptr::null_mut(),
@@ -319,14 +305,14 @@ pub(crate) unsafe fn launch_backward(
             stream.raw(),
         )
     }?;
-    let padding = upload_padding(p, stream)?;
+    let padding = upload_flags(&p.padding, stream)?;
     let f = ins.f_or_e();
     let mut params = ffi::fk_linformer_proj_bwd_params {
         k: ins.k.ptr as *const c_void,
         v: ins.v.ptr as *const c_void,
         e: ins.e.ptr as *const c_void,
         f: f.ptr as *const c_void,
-        key_padding: padding_ptr(&padding),
+        key_padding: ptr_or_null(&padding),
         dkp: dkp.ptr as *const c_void,
         dvp: dvp.ptr as *const c_void,
         dk: dk.ptr as *mut c_void,

@@ -17,7 +17,7 @@ use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::ops::glue::{bsh, check_contiguous, check_out, check_out_rows, check_same_device};
-use crate::ops::glue::{dtype_arg, i32_arg, order_after, workspace};
+use crate::ops::glue::{dtype_arg, i32_arg, order_after, ptr_or_null, upload_flags, workspace};
 use crate::tensor::DType;
 
 /// Grid y / z extents (heads, batch).
@@ -121,20 +121,6 @@ fn check_views(device: usize, rotations: &DeviceView, views: &[(&str, &DeviceVie
     )
 }
 
-/// The key padding mask as the kernels read it ((B, N) bytes, 1 = padded), when given.
-fn upload_padding(p: &ReformerProblem, stream: &Stream) -> Result<Option<DeviceBuffer>> {
-    if p.padding.is_empty() {
-        return Ok(None);
-    }
-    let bytes: Vec<u8> = p.padding.iter().map(|&b| u8::from(b)).collect();
-    DeviceBuffer::upload(stream, &bytes).map(Some)
-}
-
-fn buffer_ptr(b: &Option<DeviceBuffer>) -> *const c_void {
-    b.as_ref()
-        .map_or(std::ptr::null(), |b| b.ptr() as *const c_void)
-}
-
 /// The forward of a validated call on views: O and the per-round LSE into `out` (qk's
 /// dtype and shape, unit head-dim stride) and `lse` (contiguous float32), all on
 /// `stream`. Returns the buckets used: given ones as given; hashed ones written to
@@ -169,7 +155,7 @@ pub(crate) unsafe fn launch_forward(
             ("lse", lse),
         ],
     )?;
-    let padding = upload_padding(p, stream)?;
+    let padding = upload_flags(&p.padding, stream)?;
     let given_dev = given
         .map(|b| DeviceBuffer::upload_values(stream, &b.values))
         .transpose()?;
@@ -183,14 +169,14 @@ pub(crate) unsafe fn launch_forward(
     };
     let buckets_ptr = match (hashed_here, buckets_out) {
         (true, Some(ptr)) => ptr,
-        _ => buffer_ptr(&buckets_dev) as *mut i32,
+        _ => ptr_or_null::<i32>(&buckets_dev) as *mut i32,
     };
     let mut params = ffi::fk_reformer_fwd_params {
         qk: qk.ptr as *const c_void,
         v: v.ptr as *const c_void,
         rotations: rotations.ptr as *const f32,
-        key_padding: buffer_ptr(&padding) as *const u8,
-        given_buckets: buffer_ptr(&given_dev) as *const i32,
+        key_padding: ptr_or_null(&padding),
+        given_buckets: ptr_or_null(&given_dev),
         out: out.ptr as *mut c_void,
         lse: lse.ptr as *mut f32,
         buckets: buckets_ptr,
@@ -297,7 +283,7 @@ pub(crate) unsafe fn launch_backward(
     )?;
     // SAFETY: as the caller vouches.
     let buckets = unsafe { backward_buckets(p, [qk, v, rotations], given, device, stream)? };
-    let padding = upload_padding(p, stream)?;
+    let padding = upload_flags(&p.padding, stream)?;
     let buckets_dev = buckets
         .map(|b| DeviceBuffer::upload_values(stream, &b.values))
         .transpose()?;
@@ -307,8 +293,8 @@ pub(crate) unsafe fn launch_backward(
         out: out.ptr as *const c_void,
         dout: dout.ptr as *const c_void,
         lse: lse.ptr as *const f32,
-        key_padding: buffer_ptr(&padding) as *const u8,
-        buckets: buffer_ptr(&buckets_dev) as *const i32,
+        key_padding: ptr_or_null(&padding),
+        buckets: ptr_or_null(&buckets_dev),
         dqk: dqk.ptr as *mut c_void,
         dv: dv.ptr as *mut c_void,
         workspace: std::ptr::null_mut(),
