@@ -738,11 +738,14 @@ int api_checks() {
   // Needed only where used: given buckets need neither rotations nor buckets; the
   // fallback no workspace.
   q = p, q.rotations = nullptr, q.buckets = nullptr, q.given_buckets = idummy;
-  expect("given: workspace", fk_reformer_fwd_workspace_bytes(&q) == 512 + 4096);
+  // perm 512, the sort's keys 512 and counts (2 rounds x 5 buckets x 1 segment) 256, the
+  // per-round outputs 4096.
+  expect("given: workspace", fk_reformer_fwd_workspace_bytes(&q) == 512 + 512 + 256 + 4096);
   q = p, q.seqlen = 16, q.rotations = nullptr, q.buckets = nullptr;
   expect("fallback: no workspace", fk_reformer_fwd_workspace_bytes(&q) == 0);
   q = p, q.key_padding = reinterpret_cast<const uint8_t *>(idummy), q.n_hashes = 1;
-  expect("pad, one round: workspace", fk_reformer_fwd_workspace_bytes(&q) == 256 + 256);
+  expect("pad, one round: workspace",
+         fk_reformer_fwd_workspace_bytes(&q) == 256 + 256 + 256 + 256);
   // The backward: the same checks, and its own required pointers.
   fk_reformer_bwd_params g{};
   g.qk = g.v = g.out = g.dout = g.dqk = g.dv = dummy, g.lse = fdummy, g.buckets = idummy;
@@ -775,9 +778,11 @@ int api_checks() {
   h = g, h.dtype = 0, brefused("bwd: dtype 0", h);
   h = g, h.heads = 65536, brefused("bwd: heads 65536", h);
   expect("bwd: null params", fk_reformer_bwd(nullptr, nullptr) == cudaErrorInvalidValue);
-  // flag 256, perm 512, Delta 256, weights 512, 3 partials of 2 x 64 x 8 x 4 = 4096 each.
+  // flag 256, perm 512, the sort's keys 512 and counts 256, Delta 256, weights 512, 3
+  // partials of 2 x 64 x 8 x 4 = 4096 each.
   h = g, h.key_padding = reinterpret_cast<const uint8_t *>(idummy);
-  expect("bwd: workspace", fk_reformer_bwd_workspace_bytes(&h) == 256 + 512 + 256 + 512 + 3 * 4096);
+  expect("bwd: workspace", fk_reformer_bwd_workspace_bytes(&h) ==
+                               256 + 512 + 512 + 256 + 256 + 512 + 3 * 4096);
   h = g, h.seqlen = 16, h.buckets = nullptr; // fallback: Delta, weights, partials
   expect("bwd fallback: workspace", fk_reformer_bwd_workspace_bytes(&h) == 256 + 256 + 3 * 512);
   return bad;
