@@ -78,9 +78,10 @@ typedef struct {
 } fk_reformer_fwd_params;
 
 /* Workspace of the forward, each part 256-byte aligned: hashed calls hold the sorted order
- * (B H n_hashes N int32) and, with key_padding, a padding flag (256 bytes); calls with
- * n_hashes > 1 (hashed) the per-round outputs (B H n_hashes N D f32). 0 for the fallback
- * (N <= C) and when the arguments are refused. */
+ * (B H n_hashes N int32), the sort's sorted segments (B H n_hashes N uint32) and per-segment
+ * bucket counts (B H n_hashes (n_buckets + 1) ceil(N / 1024) int32) and, with key_padding, a
+ * padding flag (256 bytes); calls with n_hashes > 1 (hashed) the per-round outputs
+ * (B H n_hashes N D f32). 0 for the fallback (N <= C) and when the arguments are refused. */
 int64_t fk_reformer_fwd_workspace_bytes(const fk_reformer_fwd_params *params);
 int32_t fk_reformer_fwd(const fk_reformer_fwd_params *params, void *stream);
 
@@ -134,9 +135,9 @@ typedef struct {
 } fk_reformer_bwd_params;
 
 /* Workspace of the backward, each part 256-byte aligned: hashed calls the padding flag
- * (with key_padding, 256 bytes) and the sorted order (B H n_hashes N int32); every call
- * Delta (B H N f32), the rounds' weights exp(lse_r - L) (B H rounds N f32) and the
- * per-round partial gradients dq, dk (of the normalised keys) and dv (3 x B H rounds N D
+ * (with key_padding, 256 bytes), the sorted order and the sort's parts (as the forward's);
+ * every call Delta (B H N f32), the rounds' weights exp(lse_r - L) (B H rounds N f32) and
+ * the per-round partial gradients dq, dk (of the normalised keys) and dv (3 x B H rounds N D
  * f32). 0 when the arguments are refused. */
 int64_t fk_reformer_bwd_workspace_bytes(const fk_reformer_bwd_params *params);
 int32_t fk_reformer_bwd(const fk_reformer_bwd_params *params, void *stream);

@@ -1,8 +1,9 @@
 // Reformer's LSH attention backward (issue 16 item 3), the buckets held fixed: per batch b
 // and head h, on the caller's stream (R = rounds, L = R N sorted positions, nc = L / C):
 //
-//   pad_flag, sort   the forward's kernels (reformer_sm80.cuh) on the given buckets: the
-//                    same stable order, hence the same chunks and windows (hashed only).
+//   pad_flag, sort   the forward's kernels (reformer_sm80.cuh, reformer_sort.cuh) on the
+//                    given buckets: the same stable order, hence the same chunks and
+//                    windows (hashed only).
 //   prep             one thread per (b, h, token): Delta = rowsum(dO o O) and the rounds'
 //                    weights w_r = exp(lse_r - L), L = logsumexp_r lse_r (the rounds' one
 //                    softmax), f32, into the workspace. P = exp(score - lse_r) w_r for a key
@@ -42,6 +43,7 @@
 #pragma once
 
 #include "reformer_sm80.cuh"
+#include "reformer_sort.cuh"
 
 namespace fk {
 namespace reformer {
@@ -334,6 +336,8 @@ template <typename T> cudaError_t bwd(const fk_reformer_bwd_params &p, cudaStrea
   auto f32 = [&](int64_t at) { return at >= 0 ? reinterpret_cast<float *>(w + at) : nullptr; };
   int32_t *flag = ws.flag >= 0 ? reinterpret_cast<int32_t *>(w + ws.flag) : nullptr;
   int32_t *perm = ws.perm >= 0 ? reinterpret_cast<int32_t *>(w + ws.perm) : nullptr;
+  uint32_t *keys = ws.keys >= 0 ? reinterpret_cast<uint32_t *>(w + ws.keys) : nullptr;
+  int32_t *counts = ws.counts >= 0 ? reinterpret_cast<int32_t *>(w + ws.counts) : nullptr;
   const int n = p.seqlen, nh = p.n_hashes, nr = rounds(p);
   const dim3 heads_batch(1, unsigned(p.heads), unsigned(p.batch));
   cudaError_t err = cudaSuccess;
@@ -343,9 +347,8 @@ template <typename T> cudaError_t bwd(const fk_reformer_bwd_params &p, cudaStrea
                           kFlagThreads * 4, stream, p.key_padding, int64_t(p.batch) * n, flag);
       if (err != cudaSuccess) return err;
     }
-    err = launch_kernel(reformer_sort_kernel<T>, dim3(unsigned(nh), heads_batch.y, heads_batch.z),
-                        dim3(kSortThreads), sort_smem_bytes(p.n_buckets), stream, p.buckets, flag,
-                        perm, n, nh, p.n_buckets);
+    err = sort_rounds<T>(p.buckets, flag, keys, counts, perm, p.batch, p.heads, n, nh, p.n_buckets,
+                         stream);
     if (err != cudaSuccess) return err;
   }
   const int64_t total = int64_t(p.batch) * p.heads * n;

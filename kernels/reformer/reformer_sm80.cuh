@@ -1,5 +1,6 @@
-// Reformer's LSH attention forward (issue 16): five kernels on the caller's stream, per
-// batch b and head h (R = n_hashes, L = R N positions, nb' = nb (+ 1 with padding)):
+// Reformer's LSH attention forward (issue 16): five stages (the sort is three kernels) on the
+// caller's stream, per batch b and head h (R = n_hashes, L = R N positions, nb' = nb (+ 1 with
+// padding)):
 //
 //   pad_flag   whether any token of the whole batch is padded (one block; hashed calls
 //              with key_padding only), into the workspace: decides nb' and the padding
@@ -12,15 +13,14 @@
 //              (f32, sums over d in order). This GEMM is the forward's largest: at the
 //              issue's shape (N 16384, 4 rounds, 512 buckets, D 64, 8 heads) it is 4x the
 //              attention's FLOPs.
-//   sort       one block per (b, h, r): a stable counting sort of round r's N tokens by
+//   sort       (reformer_sort.cuh) per (b, h, r), a stable sort of round r's N tokens by
 //              bucket (round r's values all precede round r + 1's, so the sorted order of
-//              the concatenation is the rounds' sorted orders one after the other).
-//              Deterministic and atomic-free: thread t owns the buckets v with
-//              v % threads == t, counts them in one pass over the round in index order,
-//              a block scan gives each bucket its first sorted position, and a second pass
-//              in index order scatters (stable by construction). perm[s] = token at sorted
-//              position s. Work O(N threads) per round (every thread reads every bucket;
-//              broadcast loads), memory O(N + nb).
+//              the concatenation is the rounds' sorted orders one after the other), out of
+//              range values clamped into their round's range: three atomic-free kernels
+//              over segments of 1024 tokens, B H R ceil(N / 1024) blocks (a bitonic sort of
+//              each segment in shared memory with its per-bucket counts, a scan of the
+//              counts per (b, h, r), a scatter), deterministic. perm[s] = token at sorted
+//              position s.
 //   attn       per (b, h, 64 sorted queries of one chunk), on tensor cores when rows are
 //              16-byte chunks (reformer_attn_tc_kernel: the dense forward's tiles, mma.sync
 //              and online softmax over the window gathered by token, the key normalisation
@@ -36,10 +36,9 @@
 // Known performance gaps (correctness first; nothing here has run on a GPU yet): the
 // tensor-core attn computes each key's scale once per query block that loads it (a
 // per-token pass would do it once), and P is rounded to the dtype before P V as in the
-// dense kernels (the emulator's bound allows for it). The sort's every-thread
-// pass over the round would become a CUB-style radix pass (per-warp histograms in shared
-// memory, a decoupled look-back scan across blocks) once the emulator has atomics and
-// ballots; the combine could be fused into attn for R = 1 (done) or with a second pass.
+// dense kernels (the emulator's bound allows for it). The sort's count scan is one block per
+// (b, h, r) (reformer_sort.cuh: it grows with n_buckets); the combine could be fused into
+// attn for R = 1 (done) or with a second pass.
 #pragma once
 
 #include <math.h>
@@ -55,20 +54,13 @@
 #include "../common/numeric.cuh"
 #include "../common/tile_io.cuh"
 #include "reformer.h"
+#include "reformer_sort.cuh"
 
 namespace fk {
-
-// The dynamic shared memory, declared in namespace fk (the emulator binds fk::smem_raw).
-__device__ __forceinline__ unsigned char *reformer_smem() {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  return smem_raw;
-}
-
 namespace reformer {
 
 constexpr int kFlagThreads = 256;
 constexpr int kHashThreads = 128;
-constexpr int kSortThreads = 128;
 constexpr int kQueries = 64; // attn: queries (threads) per block
 constexpr int kKeys = 16;    // attn: keys per shared-memory tile (<= kQueries)
 constexpr int kCombineThreads = 256;
@@ -80,7 +72,6 @@ inline size_t attn_smem_bytes(int head_dim) {
   return size_t(2 * kQueries * (head_dim + 1) + 2 * kKeys * head_dim + kQueries * (kKeys + 1)) * 4 +
          kKeys * 4;
 }
-inline size_t sort_smem_bytes(int n_buckets) { return size_t(n_buckets + 1 + kSortThreads) * 4; }
 
 // (mask, self) values that replace scores: HF's fp16 values for f16, fp32's otherwise.
 template <typename T> struct MaskValues {
@@ -290,57 +281,6 @@ cudaError_t launch_hash(const fk_reformer_fwd_params &p, T *rot_split, const int
       dim3(unsigned((rows + kHashThreads - 1) / kHashThreads), heads_batch.y, heads_batch.z),
       dim3(kHashThreads), 0, stream, qk, p.qk_stride, p.rotations, p.key_padding, flag, p.buckets,
       n, p.head_dim, nh, p.n_buckets);
-}
-
-// perm[b, h, r N + s'] = the token at round r's sorted position s' (grid: (R, H, B)).
-template <typename T>
-__global__ void __launch_bounds__(kSortThreads)
-    reformer_sort_kernel(const int32_t *buckets, const int32_t *flag, int32_t *perm, int n,
-                         int n_hashes, int n_buckets) {
-  int *cnt = reinterpret_cast<int *>(reformer_smem()); // nb' counters, then first positions
-  int *part = cnt + n_buckets + 1;              // kSortThreads partial sums
-  const int t = threadIdx.x, r = blockIdx.x;
-  const int nbp = n_buckets + (flag != nullptr && *flag != 0 ? 1 : 0);
-  const int64_t row = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * n_hashes + r;
-  const int32_t *bk = buckets + row * n;
-  int32_t *pm = perm + row * n;
-  const int base = r * nbp;
-  // Round r's local bucket, clamped (given buckets are the host's to check).
-  auto local = [&](int i) { return min(max(bk[i] - base, 0), nbp - 1); };
-  for (int v = t; v < nbp; v += kSortThreads) cnt[v] = 0;
-  __syncthreads();
-  for (int i = 0; i < n; ++i) {
-    const int v = local(i);
-    if (v % kSortThreads == t) ++cnt[v];
-  }
-  __syncthreads();
-  // Exclusive scan of cnt: contiguous ranges per thread, the partials by thread 0.
-  const int per = (nbp + kSortThreads - 1) / kSortThreads;
-  const int lo = min(nbp, t * per), hi = min(nbp, lo + per);
-  int sum = 0;
-  for (int v = lo; v < hi; ++v) sum += cnt[v];
-  part[t] = sum;
-  __syncthreads();
-  if (t == 0) {
-    int run = 0;
-    for (int k = 0; k < kSortThreads; ++k) {
-      const int x = part[k];
-      part[k] = run;
-      run += x;
-    }
-  }
-  __syncthreads();
-  int run = part[t];
-  for (int v = lo; v < hi; ++v) {
-    const int x = cnt[v];
-    cnt[v] = run;
-    run += x;
-  }
-  __syncthreads();
-  for (int i = 0; i < n; ++i) {
-    const int v = local(i);
-    if (v % kSortThreads == t) pm[cnt[v]++] = i;
-  }
 }
 
 template <typename T> struct AttnArgs {
@@ -669,6 +609,8 @@ template <typename T> cudaError_t fwd(const fk_reformer_fwd_params &p, cudaStrea
   char *w = static_cast<char *>(p.workspace);
   int32_t *flag = ws.flag >= 0 ? reinterpret_cast<int32_t *>(w + ws.flag) : nullptr;
   int32_t *perm = ws.perm >= 0 ? reinterpret_cast<int32_t *>(w + ws.perm) : nullptr;
+  uint32_t *keys = ws.keys >= 0 ? reinterpret_cast<uint32_t *>(w + ws.keys) : nullptr;
+  int32_t *counts = ws.counts >= 0 ? reinterpret_cast<int32_t *>(w + ws.counts) : nullptr;
   float *o_rounds = ws.o_rounds >= 0 ? reinterpret_cast<float *>(w + ws.o_rounds) : nullptr;
   const T *qk = static_cast<const T *>(p.qk);
   const int n = p.seqlen, nh = p.n_hashes, nr = rounds(p);
@@ -687,9 +629,8 @@ template <typename T> cudaError_t fwd(const fk_reformer_fwd_params &p, cudaStrea
       if (err != cudaSuccess) return err;
       bk = p.buckets;
     }
-    err = launch_kernel(reformer_sort_kernel<T>, dim3(unsigned(nh), heads_batch.y, heads_batch.z),
-                        dim3(kSortThreads), sort_smem_bytes(p.n_buckets), stream, bk, flag, perm, n,
-                        nh, p.n_buckets);
+    err =
+        sort_rounds<T>(bk, flag, keys, counts, perm, p.batch, p.heads, n, nh, p.n_buckets, stream);
     if (err != cudaSuccess) return err;
   }
   AttnArgs<T> a;

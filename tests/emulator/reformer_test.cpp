@@ -10,9 +10,12 @@
 // the buckets as a sentinel, the workspace as 0xFF bytes, so anything not written (or read
 // before written) fails. Buckets must match exactly, except at a near tie of the f64
 // projections (f32 on the device), where the device's choice is then used by the
-// reference. Bounds: O one rounding (2 u |ref|) + 1e-4 (f32 scores, fast-math exp / log,
-// inputs in [-1, 1]); LSE 1e-5 (|lse| + 8). Runs twice where the case asks and compares
-// every output bit for bit.
+// reference. The sorted order itself (perm, read from the workspace, forward and backward)
+// must equal std::stable_sort of the buckets, given ones clamped into their round's range
+// first (as the kernels do; "given+wild" cases plant out-of-range values). Bounds: O one
+// rounding (2 u |ref|) + 1e-4 (f32 scores, fast-math exp / log, inputs in [-1, 1]); LSE
+// 1e-5 (|lse| + 8). Runs twice where the case asks (the second time on a zeroed workspace)
+// and compares every output, and the forward's perm, bit for bit.
 // The backward (fk_reformer_bwd, "bwd" cases): the forward on the device gives O, the
 // per-round lse and the buckets (given or hashed), then the backward with those buckets
 // and a random dO against this file's f64 backward definition (Def, from reference.rs:
@@ -32,6 +35,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -47,8 +51,10 @@ using suite::to_f;
 struct RefCase {
   int batch, seqlen, heads, head_dim, n_hashes, n_buckets, chunk, before, after;
   bool causal;
-  int pad;    // 0 none, 1 random tokens, 2 random tokens and sequence 0 fully padded
-  bool given; // buckets given (random valid ones)
+  int pad;   // 0 none, 1 random tokens, 2 random tokens and sequence 0 fully padded,
+             // 3 a mask with no token padded (the flag's 0: nb' = nb)
+  int given; // buckets given: 0 no, 1 random valid ones, 2 with ~30% out of their round's
+             // range (clamped by the sort: the reference clamps them too)
   int dtype;
   bool bhnd;      // qk, v, O in (B, H, N, D) memory
   bool unaligned; // odd row gaps and one-element shifts
@@ -62,8 +68,12 @@ std::string describe(const RefCase &c) {
            c.n_hashes, c.n_buckets, c.chunk, c.before, c.after, c.causal ? " causal" : "",
            c.pad == 0   ? ""
            : c.pad == 1 ? " pad"
-                        : " pad+full",
-           c.given ? " given" : "", c.bhnd ? " bhnd" : "", c.unaligned ? " unaligned" : "");
+           : c.pad == 2 ? " pad+full"
+                        : " pad:none",
+           c.given == 0   ? ""
+           : c.given == 1 ? " given"
+                          : " given+wild",
+           c.bhnd ? " bhnd" : "", c.unaligned ? " unaligned" : "");
   return buf;
 }
 
@@ -139,7 +149,7 @@ template <typename T> struct Problem {
     std::mt19937 rng(1234 + n * 7 + d * 13 + nh * 3 + c.chunk + c.batch);
     std::uniform_real_distribution<float> u(-1.f, 1.f), p01(0.f, 1.f);
     std::normal_distribution<float> g(0.f, 1.f);
-    if (c.pad != 0)
+    if (c.pad == 1 || c.pad == 2)
       for (int b = 0; b < c.batch; ++b)
         for (int i = 0; i < n; ++i) padv[size_t(b) * n + i] = p01(rng) < 0.25f;
     if (c.pad == 2)
@@ -162,6 +172,28 @@ template <typename T> struct Problem {
       const int r = int(i / size_t(n)) % nh;
       given[i] = r * nbp + ub(rng);
     }
+    // Wild: values outside round r's range (below, above, the neighbours' ranges, the int32
+    // extremes), from their own generator (the valid draws above stay as they were).
+    std::mt19937 wild_rng(4321 + n);
+    for (size_t i = 0; c.given == 2 && i < given.size(); ++i) {
+      const int r = int(i / size_t(n)) % nh;
+      if (wild_rng() % 10 >= 3) continue;
+      const int32_t k = int32_t(wild_rng() % 5);
+      switch (wild_rng() % 6) {
+      case 0: given[i] = INT32_MIN + k; break;
+      case 1: given[i] = INT32_MAX - k; break;
+      case 2: given[i] = r * nbp - 1 - k; break;   // below: the previous round's, or negative
+      case 3: given[i] = (r + 1) * nbp + k; break; // above: the next round's
+      case 4: given[i] = -1000000 - k; break;
+      default: given[i] = (nh + 3) * nbp + k; break;
+      }
+    }
+  }
+  // Round r's bucket as the sort uses it: clamped into [r nb', (r + 1) nb').
+  int32_t clamped(size_t at) const {
+    const int64_t base = int64_t(at / size_t(n) % size_t(nh)) * nbp;
+    const int64_t v = std::min<int64_t>(std::max<int64_t>(int64_t(given[at]) - base, 0), nbp - 1);
+    return int32_t(base + v);
   }
   bool padded(int b, int i) const { return padv[size_t(b) * n + i] != 0; }
   // x R_r[:, k] in f64 from the stored values.
@@ -186,6 +218,21 @@ template <typename T> struct Problem {
     return best;
   }
 };
+
+// The device's sorted order (perm (B, H, R N) from the workspace: tokens) against the stable
+// sort of the buckets the reference uses (bk (B, H, R, N), in range), position by position.
+Check perm_check(const int32_t *dev, const int32_t *bk, int batch, int hh, int nh, int n) {
+  Check cp;
+  const size_t L = size_t(nh) * n;
+  std::vector<int> perm(L);
+  for (size_t bh = 0; bh < size_t(batch) * hh; ++bh) {
+    const int32_t *k = bk + bh * L;
+    std::iota(perm.begin(), perm.end(), 0);
+    std::stable_sort(perm.begin(), perm.end(), [&](int x, int y) { return k[x] < k[y]; });
+    for (size_t s = 0; s < L; ++s) cp.add(dev[bh * L + s] == perm[s] % n ? 0 : 1, 0, 0);
+  }
+  return cp;
+}
 
 template <typename T> void fwd_case(const RefCase &c, Result &res) {
   Problem<T> pr(c);
@@ -221,7 +268,7 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
     const int h = int(at / (size_t(n) * nh)) % hh, b = int(at / (size_t(n) * nh * hh));
     if (!pr.hashed || c.given) {
       bk_untouched_bad += buckets[at] != kSentinel;
-      used[at] = c.given ? pr.given[at] : 0;
+      used[at] = c.given ? pr.clamped(at) : 0;
       continue;
     }
     const int want = pr.hash(b, h, i, r);
@@ -242,6 +289,11 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
   if (pr.hashed && !c.given) res.check("buckets", cb, 0);
   if (bk_untouched_bad) res.fail("buckets written " + std::to_string(bk_untouched_bad));
   if (ties) res.line += " (ties " + std::to_string(ties) + ")";
+  const int64_t perm_at = fk::reformer::FwdWorkspace(p).perm;
+  auto dev_perm = [&](const emu::DeviceArray<unsigned char> &w) {
+    return reinterpret_cast<const int32_t *>(w.data() + perm_at);
+  };
+  if (pr.hashed) res.check("perm", perm_check(dev_perm(ws), used.data(), c.batch, hh, nh, n), 0);
 
   // ---- The f64 definition, per (b, h).
   const double mask = c.dtype == FK_DTYPE_F16 ? -1e4 : -1e9;
@@ -336,9 +388,10 @@ template <typename T> void fwd_case(const RefCase &c, Result &res) {
     p.workspace = ws_bytes > 0 ? ws2.data() : nullptr;
     rc = fk_reformer_fwd(&p, nullptr);
     if (rc != 0) return res.fail("second run rc " + std::to_string(rc));
-    const bool same = out.same_bits(out2) &&
-                      std::memcmp(lse.data(), lse2.data(), lse.size() * 4) == 0 &&
-                      std::memcmp(buckets.data(), buckets2.data(), bk_n * 4) == 0;
+    const bool same =
+        out.same_bits(out2) && std::memcmp(lse.data(), lse2.data(), lse.size() * 4) == 0 &&
+        std::memcmp(buckets.data(), buckets2.data(), bk_n * 4) == 0 &&
+        (!pr.hashed || std::memcmp(dev_perm(ws), dev_perm(ws2), bk_n * 4) == 0);
     res.line += same ? " bitwise-repeat ok" : "";
     if (!same) res.fail("second run differs");
   }
@@ -549,7 +602,12 @@ template <typename T> void bwd_case(const RefCase &c, Result &res) {
   emu::DeviceArray<unsigned char> fw(size_t(fws > 0 ? fws : 1), 0, 256);
   f.workspace = fws > 0 ? fw.data() : nullptr;
   if (int rc = fk_reformer_fwd(&f, nullptr)) return res.fail("forward rc " + std::to_string(rc));
+  // The buckets the backward is given (given ones as they are, wild values included), and
+  // the ones the reference uses (given ones clamped, as the sort does).
   const int32_t *used = !pr.hashed ? nullptr : c.given ? pr.given.data() : buckets.data();
+  std::vector<int32_t> ref_bk;
+  if (used) ref_bk.assign(used, used + bk_n);
+  for (size_t at = 0; c.given && at < ref_bk.size(); ++at) ref_bk[at] = pr.clamped(at);
 
   std::mt19937 rng(99 + n + d);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -589,7 +647,7 @@ template <typename T> void bwd_case(const RefCase &c, Result &res) {
          c.dtype == FK_DTYPE_F16 ? -1e3 : -1e5,
          pr.padv,
          {}};
-  if (used) df.bk.assign(used, used + bk_n);
+  df.bk = ref_bk;
   const size_t sz = size_t(c.batch) * n * hh * d;
   std::vector<double> qk(sz), v(sz), o(sz), g(sz), l(lse.size()), rdq, rdv;
   for (int b = 0; b < c.batch; ++b)
@@ -612,6 +670,12 @@ template <typename T> void bwd_case(const RefCase &c, Result &res) {
           cq.add(dqk.get(b, i, h, e), rdq[at], 2 * un * std::fabs(rdq[at]) + 2e-4);
           cv.add(dv.get(b, i, h, e), rdv[at], 2 * un * std::fabs(rdv[at]) + 2e-4);
         }
+  const int64_t perm_at = fk::reformer::BwdWorkspace(p).perm;
+  if (pr.hashed)
+    res.check("perm",
+              perm_check(reinterpret_cast<const int32_t *>(ws.data() + perm_at), ref_bk.data(),
+                         c.batch, hh, nh, n),
+              0);
   res.check("dqk", cq, dqk.pad_touched());
   res.check("dv", cv, dv.pad_touched());
   if (c.twice) {
@@ -655,6 +719,16 @@ std::vector<Entry> all_cases() {
       // Tensor-core attn: C = 96 (two query blocks a chunk, key blocks across chunks), D = 128.
       {1, 384, 2, 64, 2, 8, 96, 1, 1, true, 1, false, F16, false, false, true},
       {2, 192, 1, 128, 3, 6, 64, 1, 0, false, 2, false, BF16, true, false, false},
+      // The sort (segments of 1024 tokens): several segments, the last partial, 3 rounds.
+      {1, 5000, 1, 8, 3, 16, 40, 1, 0, false, 0, 0, F16, false, false, true},
+      // Two buckets (+ padding): long runs of equal buckets across segments.
+      {1, 3000, 1, 8, 2, 2, 100, 1, 1, true, 1, 0, BF16, false, false, false},
+      // Out-of-range given buckets (clamped), the padding bucket, a 52-token last segment.
+      {2, 2100, 1, 8, 2, 8, 70, 1, 0, false, 2, 2, F16, false, false, false},
+      // A mask with nothing padded (nb' = nb: a value nb clamps to nb - 1), N = 2 S, 4 rounds.
+      {1, 2048, 1, 8, 4, 4, 64, 1, 0, true, 3, 2, BF16, false, false, true},
+      // The most buckets (8192 + padding): the largest histogram, 9 scan tiles per round.
+      {1, 1100, 1, 8, 2, 8192, 100, 1, 0, false, 1, 1, F16, false, false, false},
   };
   std::vector<Entry> out;
   for (const RefCase &c : cases)
@@ -679,6 +753,10 @@ std::vector<Entry> all_cases() {
       {1, 100, 1, 12, 2, 4, 50, 2, 2, false, 1, true, BF16, false, true, false},
       {2, 96, 2, 32, 2, 8, 32, 1, 0, true, 2, false, BF16, true, false, true},
       {2, 40, 1, 24, 1, 4, 40, 1, 0, false, 2, false, BF16, false, true, false},
+      // The sort again from given buckets (out of range ones clamped), 3 segments per round.
+      {1, 3000, 1, 8, 2, 4, 100, 1, 0, true, 1, 2, BF16, false, false, true},
+      // Hashed into 2 buckets (+ padding), 3 rounds of 3 segments.
+      {1, 2500, 2, 8, 3, 2, 50, 1, 1, false, 1, 0, F16, false, false, false},
   };
   for (const RefCase &c : bwd_cases)
     out.push_back({"bwd " + describe(c), [c](Result &r) {
@@ -739,14 +817,19 @@ int api_checks() {
   // Needed only where used: given buckets need neither rotations nor buckets; the
   // fallback no workspace.
   q = p, q.rotations = nullptr, q.buckets = nullptr, q.given_buckets = idummy;
-  expect("given: workspace", fk_reformer_fwd_workspace_bytes(&q) == 512 + 4096);
+  // perm 512, the sort's keys 512 and counts (2 rounds x 5 buckets x 1 segment) 256, the
+  // per-round outputs 4096.
+  expect("given: workspace", fk_reformer_fwd_workspace_bytes(&q) == 512 + 512 + 256 + 4096);
   q = p, q.seqlen = 16, q.rotations = nullptr, q.buckets = nullptr;
   expect("fallback: no workspace", fk_reformer_fwd_workspace_bytes(&q) == 0);
   q = p, q.key_padding = reinterpret_cast<const uint8_t *>(idummy), q.n_hashes = 1;
-  // flag, perm, and the rotations split for the tensor-core hash (hashed here, D % 8 == 0).
-  expect("pad, one round: workspace", fk_reformer_fwd_workspace_bytes(&q) == 256 + 256 + 256);
+  // flag, perm, the sort's keys and counts, and the rotations split for the tensor-core
+  // hash (hashed here, D % 8 == 0).
+  expect("pad, one round: workspace",
+         fk_reformer_fwd_workspace_bytes(&q) == 256 + 256 + 256 + 256 + 256);
   q.head_dim = 12;
-  expect("D % 8 != 0: no rotations split", fk_reformer_fwd_workspace_bytes(&q) == 256 + 256);
+  expect("D % 8 != 0: no rotations split",
+         fk_reformer_fwd_workspace_bytes(&q) == 256 + 256 + 256 + 256);
   // The backward: the same checks, and its own required pointers.
   fk_reformer_bwd_params g{};
   g.qk = g.v = g.out = g.dout = g.dqk = g.dv = dummy, g.lse = fdummy, g.buckets = idummy;
@@ -779,9 +862,11 @@ int api_checks() {
   h = g, h.dtype = 0, brefused("bwd: dtype 0", h);
   h = g, h.heads = 65536, brefused("bwd: heads 65536", h);
   expect("bwd: null params", fk_reformer_bwd(nullptr, nullptr) == cudaErrorInvalidValue);
-  // flag 256, perm 512, Delta 256, weights 512, 3 partials of 2 x 64 x 8 x 4 = 4096 each.
+  // flag 256, perm 512, the sort's keys 512 and counts 256, Delta 256, weights 512, 3
+  // partials of 2 x 64 x 8 x 4 = 4096 each.
   h = g, h.key_padding = reinterpret_cast<const uint8_t *>(idummy);
-  expect("bwd: workspace", fk_reformer_bwd_workspace_bytes(&h) == 256 + 512 + 256 + 512 + 3 * 4096);
+  expect("bwd: workspace", fk_reformer_bwd_workspace_bytes(&h) ==
+                               256 + 512 + 512 + 256 + 256 + 512 + 3 * 4096);
   h = g, h.seqlen = 16, h.buckets = nullptr; // fallback: Delta, weights, partials
   expect("bwd fallback: workspace", fk_reformer_bwd_workspace_bytes(&h) == 256 + 256 + 3 * 512);
   return bad;
