@@ -38,7 +38,9 @@
 // per-token pass would do it once), and P is rounded to the dtype before P V as in the
 // dense kernels (the emulator's bound allows for it). The sort's count scan is one block per
 // (b, h, r) (reformer_sort.cuh: it grows with n_buckets); the combine could be fused into
-// attn for R = 1 (done) or with a second pass.
+// attn for R = 1 (done) or with a second pass, and the per-round O is f32 (R B H N D 4 bytes
+// written and read again); every 64-token hash block reads its rounds' rotations (hi and lo)
+// from L2 again (a larger token block would halve it). The backward is on CUDA cores.
 #pragma once
 
 #include <math.h>
