@@ -8,7 +8,7 @@
 //   hash       the first argmax of [x R_r ; -x R_r], + r nb' (skipped when buckets are
 //              given). On tensor cores when qk's rows are 16-byte chunks: R split into
 //              16-bit hi + lo (rot_split, in the workspace) so x R = x hi + x lo keeps f32
-//              accuracy, a 4-warp block per 64 tokens of (b, h) for all rounds
+//              accuracy, an 8-warp block per 128 tokens of (b, h) for all rounds
 //              (reformer_hash_tc_kernel); else one thread per (b, h, r, i) on CUDA cores
 //              (f32, sums over d in order). This GEMM is the forward's largest: at the
 //              issue's shape (N 16384, 4 rounds, 512 buckets, D 64, 8 heads) it is 4x the
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kHashThreads)
   }
 }
 
-// The hash on tensor cores: a block of 4 warps owns 64 tokens of (b, h) (16 a warp, rows in
+// The hash on tensor cores: a block of 8 warps owns 128 tokens of (b, h) (16 a warp, rows in
 // registers) for every round; per round the rotations' columns are visited 64 at a time
 // (hi and lo tiles through shared memory), S = x hi^T + x lo^T on mma.sync, and each row
 // keeps the first maximum and the first minimum of S over its columns (per thread in
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN;
   constexpr int kNThreads = Traits::kNThreads, kKSteps = D / 16, kSTiles = BN / 8;
-  static_assert(Traits::kMTiles == 1 && BM == 64, "a warp owns 16 token rows");
+  static_assert(Traits::kMTiles == 1 && BM == 16 * Traits::kNWarps, "a warp owns 16 token rows");
   T *sX = reinterpret_cast<T *>(reformer_smem());
   T *sHi = sX + Traits::kSmemQ;
   T *sLo = sHi + Traits::kSmemKV;
@@ -242,9 +242,10 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   }
 }
 
-// The tensor-core hash's configuration per padded head dim: 4 warps, 64 rotation columns
+// The tensor-core hash's configuration per padded head dim: 8 warps (128 tokens, so each
+// round's rotations are read from L2 once per 128 tokens), 64 rotation columns
 // a step (only kSmemQ and one kSmemKV-sized hi and lo tile are used).
-template <int D, typename T> using HashTcTraits = AttnFwdTraitsSm80<D, T, 1, 4, 64, 1, true>;
+template <int D, typename T> using HashTcTraits = AttnFwdTraitsSm80<D, T, 1, 8, 64, 1, true>;
 
 template <int D, typename T> size_t hash_tc_smem_bytes() {
   using Tr = HashTcTraits<D, T>;
@@ -266,7 +267,9 @@ cudaError_t launch_hash(const fk_reformer_fwd_params &p, T *rot_split, const int
         dim3(unsigned(std::min<int64_t>((total + kHashThreads - 1) / kHashThreads, 1 << 16))),
         dim3(kHashThreads), 0, stream, p.rotations, hi, lo, p.heads, p.head_dim, nh, half);
     if (err != cudaSuccess) return err;
-    const dim3 grid(unsigned((n + 63) / 64), heads_batch.y, heads_batch.z);
+    constexpr int kTokens = HashTcTraits<64, T>::kBlockM;
+    static_assert(kTokens == HashTcTraits<128, T>::kBlockM, "one grid for both head dims");
+    const dim3 grid(unsigned((n + kTokens - 1) / kTokens), heads_batch.y, heads_batch.z);
     if (p.head_dim <= 64)
       return launch_kernel(reformer_hash_tc_kernel<HashTcTraits<64, T>>, grid,
                            dim3(HashTcTraits<64, T>::kNThreads), hash_tc_smem_bytes<64, T>(),
