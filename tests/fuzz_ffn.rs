@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 
 use flashkernels::ffn::problem::{KERNEL_MAX_D_HIDDEN, KERNEL_MAX_D_MODEL, KERNEL_MAX_TOKENS};
 use flashkernels::ffn::{self, FfnActivation, FfnLayouts, FfnOptions};
-use flashkernels::{DType, Error, HostTensor, Layout};
+use flashkernels::{DType, Error, HostTensor};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -31,14 +31,6 @@ fn activation() -> impl Strategy<Value = FfnActivation> {
         FfnActivation::GeluErf,
         FfnActivation::Silu,
     ])
-}
-
-fn other_dtype(d: DType) -> DType {
-    match d {
-        DType::F32 => DType::F16,
-        DType::F16 => DType::BF16,
-        DType::BF16 => DType::F32,
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -577,17 +569,6 @@ fn size() -> impl Strategy<Value = usize> {
         ]),
         2 => huge(),
     ]
-}
-
-fn contiguous(shape: &[usize]) -> Layout {
-    let mut strides = vec![1usize; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1].saturating_mul(shape[i + 1].max(1));
-    }
-    Layout {
-        shape: shape.to_vec(),
-        strides,
-    }
 }
 
 #[test]

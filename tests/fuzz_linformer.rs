@@ -33,14 +33,6 @@ const RUN_LIMIT: u128 = 1 << 14;
 
 const NAMES: [&str; 5] = ["q", "k", "v", "e", "f"];
 
-fn other_dtype(d: DType) -> DType {
-    match d {
-        DType::F32 => DType::F16,
-        DType::F16 => DType::BF16,
-        DType::BF16 => DType::F32,
-    }
-}
-
 fn scale() -> impl Strategy<Value = Option<f32>> {
     prop_oneof![
         10 => Just(None),
@@ -109,11 +101,6 @@ struct LinCase {
     scale: Option<f32>,
     dout: Tspec,
     bad: Option<BadBackward>,
-}
-
-/// A dimension: mostly small, now and then 0 or huge.
-fn dimw(max: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![60 => 1..=max, 1 => Just(0usize), 1 => huge()]
 }
 
 /// A tensor of `shape`; unless `wild`, no stride past any storage, no short storage and
@@ -441,23 +428,6 @@ fn layouts<'a>(t: &[Option<&'a HostTensor>; 5]) -> LinformerLayouts<'a> {
     }
 }
 
-/// `got` within `abs` of `want`, elementwise.
-fn within(what: &str, got: &[f64], want: &[f64], abs: f64) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), want.len(), "{}: lengths", what);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        prop_assert!(
-            (g - w).abs() <= abs,
-            "{}: element {} is {}, want {} (tol {})",
-            what,
-            i,
-            g,
-            w,
-            abs
-        );
-    }
-    Ok(())
-}
-
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0f64, |a, x| a.max(x.abs()))
 }
@@ -605,32 +575,6 @@ fn lin_case_run(c: &LinCase) -> Result<(), TestCaseError> {
         }
     });
     Ok(())
-}
-
-/// `t` with dimension `at` one larger (contiguous, values from `seed`).
-fn grown(t: &HostTensor, at: usize, seed: u64) -> HostTensor {
-    let mut shape = t.shape().to_vec();
-    let r = shape.len();
-    shape[at % r] += 1;
-    let n: usize = shape.iter().product();
-    let v = values(seed, n);
-    HostTensor::from_fn(t.dtype(), &shape, |i| v[i]).expect("small")
-}
-
-/// `t`'s values with the last dimension at stride 2.
-fn strided(t: &HostTensor) -> HostTensor {
-    let shape = t.shape().to_vec();
-    let r = shape.len();
-    let mut strides = vec![2usize; r];
-    for i in (0..r - 1).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    let vals = logical(t);
-    let mut flat = vec![0f32; vals.len() * 2];
-    for (i, x) in vals.iter().enumerate() {
-        flat[2 * i] = *x as f32;
-    }
-    HostTensor::from_data(host_data(t.dtype(), &flat), Layout { shape, strides }).expect("small")
 }
 
 /// The exact dkp, dvp of the attention backward from the given O, LSE, kp, vp, dO (for
@@ -864,17 +808,6 @@ fn size() -> impl Strategy<Value = usize> {
         ]),
         2 => huge(),
     ]
-}
-
-fn contiguous(shape: &[usize]) -> Layout {
-    let mut strides = vec![1usize; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1].saturating_mul(shape[i + 1].max(1));
-    }
-    Layout {
-        shape: shape.to_vec(),
-        strides,
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -46,14 +46,6 @@ const WORK_LIMIT: u128 = 1 << 16;
 
 const NAMES: [&str; 3] = ["qk", "v", "rotations"];
 
-fn other_dtype(d: DType) -> DType {
-    match d {
-        DType::F32 => DType::F16,
-        DType::F16 => DType::BF16,
-        DType::BF16 => DType::F32,
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Random calls.
 
@@ -131,11 +123,6 @@ struct RefCase {
     bad: Option<BadBackward>,
     /// The finite-difference direction's seed.
     seed: u64,
-}
-
-/// A dimension: mostly small, now and then 0 or huge.
-fn dimw(max: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![60 => 1..=max, 1 => Just(0usize), 1 => huge()]
 }
 
 /// Chunks before / after: mostly small; sometimes the most a side may reach
@@ -635,23 +622,6 @@ fn layouts(t: [&HostTensor; 3]) -> ReformerLayouts<'_> {
     }
 }
 
-/// `got` within `abs` of `want`, elementwise.
-fn within(what: &str, got: &[f64], want: &[f64], abs: f64) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), want.len(), "{}: lengths", what);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        prop_assert!(
-            (g - w).abs() <= abs,
-            "{}: element {} is {}, want {} (tol {})",
-            what,
-            i,
-            g,
-            w,
-            abs
-        );
-    }
-    Ok(())
-}
-
 fn finite(what: &str, v: &[f64]) -> Result<(), TestCaseError> {
     let bad = v.iter().position(|x| !x.is_finite());
     prop_assert!(bad.is_none(), "{}: element {:?} is not finite", what, bad);
@@ -868,32 +838,6 @@ fn ref_case_run(c: &RefCase) -> Result<(), TestCaseError> {
     }
     backward_check(c, &what, t, &inputs, &o, &case, &bk, &def)?;
     Ok(())
-}
-
-/// `t` with dimension `at` one larger (contiguous, values from `seed`).
-fn grown(t: &HostTensor, at: usize, seed: u64) -> HostTensor {
-    let mut shape = t.shape().to_vec();
-    let r = shape.len();
-    shape[at % r] += 1;
-    let n: usize = shape.iter().product();
-    let v = values(seed, n);
-    HostTensor::from_fn(t.dtype(), &shape, |i| v[i]).expect("small")
-}
-
-/// `t`'s values with the last dimension at stride 2.
-fn strided(t: &HostTensor) -> HostTensor {
-    let shape = t.shape().to_vec();
-    let r = shape.len();
-    let mut strides = vec![2usize; r];
-    for i in (0..r - 1).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    let vals = logical(t);
-    let mut flat = vec![0f32; vals.len() * 2];
-    for (i, x) in vals.iter().enumerate() {
-        flat[2 * i] = *x as f32;
-    }
-    HostTensor::from_data(host_data(t.dtype(), &flat), Layout { shape, strides }).expect("small")
 }
 
 /// The backward of a valid forward call: with one of O, LSE, dO wrong a typed Err; else
@@ -1130,17 +1074,6 @@ fn size() -> impl Strategy<Value = usize> {
         ]),
         2 => huge(),
     ]
-}
-
-fn contiguous(shape: &[usize]) -> Layout {
-    let mut strides = vec![1usize; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1].saturating_mul(shape[i + 1].max(1));
-    }
-    Layout {
-        shape: shape.to_vec(),
-        strides,
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -438,3 +438,72 @@ pub fn close(what: &str, got: &[f64], want: &[f64], tol: f64) -> Result<(), Test
     }
     Ok(())
 }
+
+// Helpers of the op suites (fuzz_ffn, fuzz_linformer, fuzz_reformer).
+
+pub fn other_dtype(d: DType) -> DType {
+    match d {
+        DType::F32 => DType::F16,
+        DType::F16 => DType::BF16,
+        DType::BF16 => DType::F32,
+    }
+}
+
+/// `got` within `abs` of `want`, elementwise.
+pub fn within(what: &str, got: &[f64], want: &[f64], abs: f64) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}: lengths", what);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        prop_assert!(
+            (g - w).abs() <= abs,
+            "{}: element {} is {}, want {} (tol {})",
+            what,
+            i,
+            g,
+            w,
+            abs
+        );
+    }
+    Ok(())
+}
+
+/// `t` with dimension `at` one larger (contiguous, values from `seed`).
+pub fn grown(t: &HostTensor, at: usize, seed: u64) -> HostTensor {
+    let mut shape = t.shape().to_vec();
+    let r = shape.len();
+    shape[at % r] += 1;
+    let n: usize = shape.iter().product();
+    let v = values(seed, n);
+    HostTensor::from_fn(t.dtype(), &shape, |i| v[i]).expect("small")
+}
+
+/// `t`'s values with the last dimension at stride 2.
+pub fn strided(t: &HostTensor) -> HostTensor {
+    let shape = t.shape().to_vec();
+    let r = shape.len();
+    let mut strides = vec![2usize; r];
+    for i in (0..r - 1).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    let vals = logical(t);
+    let mut flat = vec![0f32; vals.len() * 2];
+    for (i, x) in vals.iter().enumerate() {
+        flat[2 * i] = *x as f32;
+    }
+    HostTensor::from_data(host_data(t.dtype(), &flat), Layout { shape, strides }).expect("small")
+}
+
+pub fn contiguous(shape: &[usize]) -> Layout {
+    let mut strides = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1].saturating_mul(shape[i + 1].max(1));
+    }
+    Layout {
+        shape: shape.to_vec(),
+        strides,
+    }
+}
+
+/// A dimension: mostly small, now and then 0 or huge.
+pub fn dimw(max: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![60 => 1..=max, 1 => Just(0usize), 1 => huge()]
+}
