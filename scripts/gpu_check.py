@@ -224,16 +224,31 @@ def quick_steps():
         )
         for s in RUST_SUITES
     ]
-    py = Step(
-        "python-gpu",
-        "Python GPU tests, a covering subset (every op, dtype, option; torch autograd and torch.compile on CUDA)",
-        # from python/tests, so the installed wheel is imported, not the sources
-        "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu "
-        "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py test_ffn_gpu.py test_linformer_gpu.py "
-        "test_reformer_gpu.py",
-        110,
-        {"PYTHONPATH": SITE},
-    )
+    # Two pytest processes side by side (16 cores, one GPU), so that neither outgrows its
+    # timeout as the ops grow.
+    py = [
+        Step(
+            name,
+            f"Python GPU tests of {what}, a covering subset (every dtype and option; torch autograd and "
+            "torch.compile on CUDA)",
+            # from python/tests, so the installed wheel is imported, not the sources
+            "cd python/tests && python3 -m pytest -q -rs -p no:cacheprovider --fk-quick --fk-require-gpu " + files,
+            110,
+            {"PYTHONPATH": SITE},
+        )
+        for name, what, files in (
+            (
+                "python-gpu",
+                "dense attention, convolution, Longformer",
+                "test_attention_gpu.py test_conv_gpu.py test_longformer_gpu.py",
+            ),
+            (
+                "python-gpu-2",
+                "the FFN, Linformer, Reformer",
+                "test_ffn_gpu.py test_linformer_gpu.py test_reformer_gpu.py",
+            ),
+        )
+    ]
     sanitizers = [
         Step(
             f"sanitizer-{tool}",
@@ -255,7 +270,7 @@ def quick_steps():
     )
     env = Step("python-env", "install the wheel and pytest", python_env(), 60)
     # (steps, seconds kept for the phases after them)
-    return [([env], 240), (smoke, 200), (suites + [py], 90), (sanitizers + [cli], 0)]
+    return [([env], 240), (smoke, 200), (suites + py, 90), (sanitizers + [cli], 0)]
 
 
 def run_quick(runner):

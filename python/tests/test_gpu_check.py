@@ -77,7 +77,14 @@ def test_quick_writes_its_json_and_log_even_without_a_gpu(tmp_path):
     doc = json.loads((tmp_path / "quick.json").read_text())
     assert doc["status"] == "fail" and doc["meta"]["kind"] == "quick"
     names = {s["name"] for s in doc["steps"]}
-    assert {"smoke-gpu_conv", "rust-gpu_longformer", "python-gpu", "sanitizer-racecheck", "main-job"} <= names
+    assert {
+        "smoke-gpu_conv",
+        "rust-gpu_longformer",
+        "python-gpu",
+        "python-gpu-2",
+        "sanitizer-racecheck",
+        "main-job",
+    } <= names
     assert all(s["status"] != "pass" or s["name"] == "python-env" for s in doc["steps"])
     assert doc["meta"]["elapsed_s"] < 40
     assert "=====" in (tmp_path / "quick.log").read_text()
