@@ -1,10 +1,10 @@
 //! `flashkernels`: the main job. Runs every op — dense attention, Longformer attention,
-//! Linformer attention, conv2d, max/avg pooling, the fused feed-forward block (FFN) —
-//! forward and backward over a fixed set of shapes: on the GPU when there is one (each
-//! result checked against the CPU reference on a cheap slice, then timed), otherwise the
-//! CPU reference itself on small shapes (timed). The first line says which; then one
-//! table row per (op, case, direction), or with `--json` one JSON document. Exits
-//! non-zero when a GPU result mismatches or an op fails.
+//! Linformer attention, Reformer LSH attention, conv2d, max/avg pooling, the fused
+//! feed-forward block (FFN) — forward and backward over a fixed set of shapes: on the GPU
+//! when there is one (each result checked against the CPU reference on a cheap slice,
+//! then timed), otherwise the CPU reference itself on small shapes (timed). The first
+//! line says which; then one table row per (op, case, direction), or with `--json` one
+//! JSON document. Exits non-zero when a GPU result mismatches or an op fails.
 
 use std::process::ExitCode;
 
@@ -24,6 +24,8 @@ mod linformer;
 mod longformer;
 #[path = "main/pool.rs"]
 mod pool;
+#[path = "main/reformer.rs"]
+mod reformer;
 #[path = "main/report.rs"]
 mod report;
 
@@ -63,6 +65,8 @@ enum Family {
     Pool,
     /// The fused feed-forward block (GELU, SwiGLU).
     Ffn,
+    /// Reformer LSH attention (hashing, sort, chunked attention).
+    Reformer,
 }
 
 impl Family {
@@ -75,6 +79,7 @@ impl Family {
             Family::Conv => conv::run,
             Family::Pool => pool::run,
             Family::Ffn => ffn::run,
+            Family::Reformer => reformer::run,
         }
     }
 }
