@@ -15,8 +15,8 @@ constexpr int kMaxHeadDim = 128; // attn's shared memory (fits 99 KB)
 constexpr int kMaxBuckets = 8192; // the sort's counters in shared memory
 constexpr int kMaxLook = 65535; // chunks_before, chunks_after
 
-bool fwd_args_ok(const fk_reformer_fwd_params &p) {
-  if (p.qk == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr) return false;
+// The sizes and options both directions share (fk_reformer.h's refusals).
+template <class Params> bool shape_ok(const Params &p) {
   if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.n_hashes < 1 || p.chunk_length < 1)
     return false;
   if (p.head_dim < 1 || p.head_dim > kMaxHeadDim) return false;
@@ -27,7 +27,12 @@ bool fwd_args_ok(const fk_reformer_fwd_params &p) {
   if (p.causal != 0 && p.causal != 1) return false;
   if (p.dtype != FK_DTYPE_F16 && p.dtype != FK_DTYPE_BF16) return false;
   if (p.batch > kMaxGrid || p.heads > kMaxGrid) return false;
-  if (int64_t(p.n_hashes) * p.seqlen > kMaxRows) return false;
+  return int64_t(p.n_hashes) * p.seqlen <= kMaxRows;
+}
+
+bool fwd_args_ok(const fk_reformer_fwd_params &p) {
+  if (p.qk == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr) return false;
+  if (!shape_ok(p)) return false;
   if (fk::reformer::hashed(p)) {
     if (p.seqlen % p.chunk_length != 0) return false;
     if (p.given_buckets == nullptr && (p.rotations == nullptr || p.buckets == nullptr))
@@ -42,17 +47,7 @@ bool bwd_args_ok(const fk_reformer_bwd_params &p) {
   if (p.qk == nullptr || p.v == nullptr || p.out == nullptr || p.dout == nullptr ||
       p.lse == nullptr || p.dqk == nullptr || p.dv == nullptr)
     return false;
-  if (p.batch < 1 || p.seqlen < 1 || p.heads < 1 || p.n_hashes < 1 || p.chunk_length < 1)
-    return false;
-  if (p.head_dim < 1 || p.head_dim > kMaxHeadDim) return false;
-  if (p.n_buckets < 2 || p.n_buckets > kMaxBuckets || p.n_buckets % 2 != 0) return false;
-  if (p.chunks_before < 0 || p.chunks_before > kMaxLook || p.chunks_after < 0 ||
-      p.chunks_after > kMaxLook)
-    return false;
-  if (p.causal != 0 && p.causal != 1) return false;
-  if (p.dtype != FK_DTYPE_F16 && p.dtype != FK_DTYPE_BF16) return false;
-  if (p.batch > kMaxGrid || p.heads > kMaxGrid) return false;
-  if (int64_t(p.n_hashes) * p.seqlen > kMaxRows) return false;
+  if (!shape_ok(p)) return false;
   if (fk::reformer::hashed(p)) {
     if (p.seqlen % p.chunk_length != 0 || p.buckets == nullptr) return false;
   } else if (p.buckets != nullptr) {

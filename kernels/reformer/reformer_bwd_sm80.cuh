@@ -109,23 +109,12 @@ template <typename T> struct BwdArgs {
 template <typename T>
 __device__ __forceinline__ float bwd_score(const BwdArgs<T> &a, const uint8_t *pad, int qi, int kj,
                                            const float *q, const float *k, bool &replaced) {
-  replaced = true;
-  if (kj == qi) return MaskValues<T>::kSelf;
-  if ((a.causal && qi < kj) || (pad != nullptr && pad[kj] != 0)) return MaskValues<T>::kMask;
-  replaced = false;
-  float sc = 0.f;
+  float sc;
+  replaced = replaced_score<T>(qi, kj, a.causal, pad, sc);
+  if (replaced) return sc;
+  sc = 0.f;
   for (int d = 0; d < a.d_head; ++d) sc += q[d] * k[d];
   return sc;
-}
-
-// Normalises rows [0, nk) of x (stride ld) in place, one thread per row:
-// k = x / sqrt(sum(x^2) + 1e-6 D) (the forward's formula).
-__device__ __forceinline__ void bwd_normalise_rows(float *x, int ld, int nk, int dh, int t) {
-  if (t >= nk) return;
-  float s2 = 0.f;
-  for (int d = 0; d < dh; ++d) s2 += x[t * ld + d] * x[t * ld + d];
-  const float g = 1.f / sqrtf(s2 + 1e-6f * float(dh));
-  for (int d = 0; d < dh; ++d) x[t * ld + d] *= g;
 }
 
 // grid: (n_chunks * ceil(C / 32), H, B); block: 32 threads, one query each.
@@ -165,7 +154,7 @@ __global__ void __launch_bounds__(kBwdRows) reformer_bwd_dq_kernel(const BwdArgs
   const float di = active ? a.delta[bh * a.n + qi] : 0.f;
   const float *myq = sq + t * ld, *mydo = sdo + t * ld;
   float *myacc = sacc + t * ld;
-  const int64_t first = (c + nc - a.before % nc) % nc;
+  const int64_t first = window_first(c, nc, a.before);
   const int nwin = a.before + 1 + a.after;
   for (int w = 0; w < nwin; ++w) {
     const int64_t k_first = ((first + w) % nc) * a.chunk;
@@ -181,7 +170,7 @@ __global__ void __launch_bounds__(kBwdRows) reformer_bwd_dq_kernel(const BwdArgs
         sv[j * dh + d] = to_float(v[tok * a.vs.row + d]);
       }
       __syncthreads();
-      bwd_normalise_rows(sk, dh, nk, dh, t);
+      normalise_rows(sk, dh, nk, dh, t);
       __syncthreads();
       if (!active) continue;
       for (int j = 0; j < nk; ++j) {
@@ -238,7 +227,7 @@ __global__ void __launch_bounds__(kBwdRows) reformer_bwd_dkv_kernel(const BwdArg
     sdv[row * ld + d] = 0.f;
   }
   __syncthreads();
-  bwd_normalise_rows(sk, ld, nk, dh, t);
+  normalise_rows(sk, ld, nk, dh, t);
   const bool active = t < nk;
   const int kj = active ? token_at(perm, s0 + t) : 0;
   const float *myk = sk + t * ld, *myv = sv + t * ld;
@@ -315,7 +304,7 @@ __global__ void __launch_bounds__(kBwdRowThreads)
       s2 += xd * xd;
       xdk += xd * k;
     }
-    const float gs = 1.f / sqrtf(s2 + 1e-6f * float(d_head));
+    const float gs = key_scale(s2, d_head);
     const float c3 = xdk * gs * gs * gs;
     for (int d = 0; d < d_head; ++d) {
       float q = 0.f, k = 0.f, vv = 0.f;

@@ -81,6 +81,44 @@ template <typename T> struct MaskValues {
   static constexpr float kSelf = std::is_same<T, __half>::value ? -1e3f : -1e5f;
 };
 
+// The score rule every kernel (forward and backward) applies, in HF's order: the query's
+// own token is replaced by kSelf, causal (qi < kj) and padded keys by kMask. Returns
+// whether the score of query token qi with key token kj is replaced, and by what.
+template <typename T>
+__device__ __forceinline__ bool replaced_score(int qi, int kj, int causal, const uint8_t *pad,
+                                               float &value) {
+  if (kj == qi) {
+    value = MaskValues<T>::kSelf;
+    return true;
+  }
+  if ((causal && qi < kj) || (pad != nullptr && pad[kj] != 0)) {
+    value = MaskValues<T>::kMask;
+    return true;
+  }
+  return false;
+}
+
+// The key normalisation's scale from sum(x^2): k = g x, g = (sum(x^2) + 1e-6 D)^(-1/2), i.e.
+// HF's x (mean(x^2) + 1e-6)^(-1/2) / sqrt(D).
+__device__ __forceinline__ float key_scale(float sum_sq, int d_head) {
+  return 1.f / sqrtf(sum_sq + 1e-6f * float(d_head));
+}
+
+// Normalises f32 rows [0, nk) of x (stride ld, D = dh) in place by key_scale, a row per
+// thread t (the CUDA-core kernels' key tiles).
+__device__ __forceinline__ void normalise_rows(float *x, int ld, int nk, int dh, int t) {
+  if (t >= nk) return;
+  float s2 = 0.f;
+  for (int d = 0; d < dh; ++d) s2 += x[t * ld + d] * x[t * ld + d];
+  const float g = key_scale(s2, dh);
+  for (int d = 0; d < dh; ++d) x[t * ld + d] *= g;
+}
+
+// The first chunk of chunk c's window, (c - before) mod nc (HF's look-adjacent order).
+__device__ __forceinline__ int64_t window_first(int64_t c, int64_t nc, int before) {
+  return (c + nc - before % nc) % nc;
+}
+
 // Whether a tensor-core kernel can read (or write) a (B, N, H, D) tensor's rows as 16-byte
 // chunks: its pointer and strides 16-byte aligned (and D % 8 == 0, checked by the caller).
 inline bool tc_eligible(const void *ptr, fk_strides s) {
@@ -337,13 +375,12 @@ __global__ void __launch_bounds__(kQueries, 4) reformer_attn_kernel(const AttnAr
   }
   const bool active = t < nq;
   const int qi = active ? token_at(perm, s0 + t) : 0;
-  const float mask = MaskValues<T>::kMask, self_mask = MaskValues<T>::kSelf;
   const float *myq = sq + t * ld;
   float *myo = so + t * ld, *mys = ss + t * (kKeys + 1);
   float m = -INFINITY, l = 0.f;
   // The window: chunks (c - before + w) mod nc, w = 0 .. before + after (as HF's
   // look-adjacent, in its order).
-  const int64_t first = (c + nc - a.before % nc) % nc;
+  const int64_t first = window_first(c, nc, a.before);
   const int nwin = a.before + 1 + a.after;
   for (int w = 0; w < nwin; ++w) {
     const int64_t k_first = ((first + w) % nc) * a.chunk;
@@ -359,23 +396,13 @@ __global__ void __launch_bounds__(kQueries, 4) reformer_attn_kernel(const AttnAr
         sv[j * dh + d] = to_float(v[tok * a.vs.row + d]);
       }
       __syncthreads();
-      if (t < nk) { // k = x (mean(x^2) + 1e-6)^(-1/2) / sqrt(D) = x / sqrt(sum(x^2) + 1e-6 D)
-        float s2 = 0.f;
-        for (int d = 0; d < dh; ++d) s2 += sk[t * dh + d] * sk[t * dh + d];
-        const float g = 1.f / sqrtf(s2 + 1e-6f * float(dh));
-        for (int d = 0; d < dh; ++d) sk[t * dh + d] *= g;
-      }
+      normalise_rows(sk, dh, nk, dh, t);
       __syncthreads();
       if (active) {
         float mt = m;
         for (int j = 0; j < nk; ++j) {
-          const int kj = stok[j];
           float sc;
-          if (kj == qi) {
-            sc = self_mask;
-          } else if ((a.causal && qi < kj) || (pad != nullptr && pad[kj] != 0)) {
-            sc = mask;
-          } else {
+          if (!replaced_score<T>(qi, stok[j], a.causal, pad, sc)) {
             sc = 0.f;
             for (int d = 0; d < dh; ++d) sc += myq[d] * sk[j * dh + d];
           }
@@ -451,7 +478,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   auto query_tok = [&](int row) { return row < nq ? token_at(perm, s0 + row) : -1; };
   load_tile<kNThreads, D, BM>(token_rows(query_tok), d_chunks, tid, tile_source(sQ, qk, a.qs.row));
   cp_async_commit();
-  const int64_t w0 = ((c + nc - a.before % nc) % nc) * a.chunk;
+  const int64_t w0 = window_first(c, nc, a.before) * a.chunk;
   const int64_t wlen = int64_t(a.before + 1 + a.after) * a.chunk;
   const int n_blocks = int((wlen + BN - 1) / BN);
   auto load_kv = [&](int kb, int stage) {
@@ -476,7 +503,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   float acc[1][D / 8][4];
   attn::zero(acc);
   attn::OnlineSoftmax<1> softmax;
-  const float mask_v = MaskValues<T>::kMask, self_v = MaskValues<T>::kSelf;
   for (int kb = 0; kb < n_blocks; ++kb) {
     const int stage = kb & 1;
     if (kb + 1 < n_blocks) {
@@ -499,7 +525,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         for (int e = 0; e < 8; ++e) s2 += to_float(x[e]) * to_float(x[e]);
       }
       s2 += __shfl_xor_sync(0xffffffffu, s2, 1);
-      if (tid % 2 == 0) gs[row] = 1.f / sqrtf(s2 + 1e-6f * float(a.d_head));
+      if (tid % 2 == 0) gs[row] = key_scale(s2, a.d_head);
     }
     __syncthreads();
     float s[1][kSTiles][4];
@@ -511,13 +537,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * t + (e & 1);
         const int kj = tok[col], qi = qtok[e >> 1];
+        // replaced_score's rule, written out: the helper call measured a 4-byte spill
+        // here (sm_90a, D 64).
         float x = s[0][j][e] * gs[col];
         if (kj < 0)
-          x = -INFINITY;
+          x = -INFINITY; // past the window
         else if (kj == qi)
-          x = self_v;
+          x = MaskValues<T>::kSelf;
         else if ((a.causal && qi < kj) || (pad != nullptr && pad[kj] != 0))
-          x = mask_v;
+          x = MaskValues<T>::kMask;
         s[0][j][e] = x;
       }
     softmax.update(s, acc, attn::kLog2e);
