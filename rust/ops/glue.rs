@@ -131,6 +131,15 @@ pub(crate) fn check_same_device(
     Ok(())
 }
 
+/// A size past a kernel's limit.
+pub(crate) fn too_large(what: &str, value: usize, limit: usize) -> Error {
+    Error::TooLarge {
+        what: what.into(),
+        value: value as u64,
+        limit: limit as u64,
+    }
+}
+
 /// Per-token flags (a key padding mask, (B, N) row-major) as the kernels read them: one
 /// byte each, 1 = set; none when `flags` is empty (no mask). Freed in stream order when
 /// dropped.
@@ -180,7 +189,7 @@ pub(crate) fn workspace(stream: &Stream, bytes: usize) -> Result<Workspace> {
 // (total, H, D) tensors, LSE of (B, H, N) or (H, total).
 
 /// Largest grid y/z extent (heads, batch).
-const MAX_GRID_YZ: usize = 65_535;
+pub(crate) const MAX_GRID_YZ: usize = 65_535;
 
 /// Batch and heads within the grid's y / z extents; every view on `device` with
 /// 16-byte aligned rows (the kernels' cp.async and vector stores).

@@ -23,14 +23,12 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::ops::glue::{
     bsh, check_out_rows, check_same_device, dtype_arg, i32_arg, order_after, ptr_or_null,
-    upload_flags, workspace,
+    too_large, upload_flags, workspace, MAX_GRID_YZ,
 };
 use crate::tensor::{DType, Layout};
 
 /// The kernels' tile row and column indices are 32-bit with a tile of slack.
 const MAX_INDEX: usize = (1 << 31) - 256;
-/// Grid y / z extents.
-const MAX_GRID_YZ: usize = 65_535;
 /// Sequence positions per block of the projection's reduction (the GEMM's k-tile).
 const POSITIONS_PER_TILE: usize = 64;
 /// Blocks the forward projection aims for: two waves of an H100/H200's 132 SMs.
@@ -38,14 +36,6 @@ const TARGET_BLOCKS: usize = 264;
 /// Fewest sequence positions one split of the forward reduction sums: shorter splits cost
 /// more in f32 partials than they gain in parallelism.
 const MIN_SPLIT_POSITIONS: usize = 512;
-
-fn too_large(what: &str, value: usize, limit: usize) -> Error {
-    Error::TooLarge {
-        what: what.into(),
-        value: value as u64,
-        limit: limit as u64,
-    }
-}
 
 /// What the kernels need beyond the op's semantics (fk_linformer.h's refusals), checked
 /// before anything is allocated: f16/bf16, head dims the attention kernels are compiled

@@ -16,23 +16,15 @@ use super::{ReformerOutput, ReformerProblem, TokenMask};
 use crate::device::{DeviceBuffer, DeviceTensor, DeviceView, Stream};
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::ops::glue::{bsh, check_contiguous, check_out, check_out_rows, check_same_device};
+use crate::ops::glue::{
+    bsh, check_contiguous, check_out, check_out_rows, check_same_device, too_large, MAX_GRID_YZ,
+};
 use crate::ops::glue::{dtype_arg, i32_arg, order_after, ptr_or_null, upload_flags, workspace};
 use crate::tensor::DType;
 
-/// Grid y / z extents (heads, batch).
-const MAX_GRID_YZ: usize = 65_535;
-/// The head dims, bucket counts and look-back the kernels take (fk_reformer.h).
+/// The head dims and bucket counts the kernels take (fk_reformer.h).
 const MAX_HEAD_DIM: usize = 128;
 const MAX_BUCKETS: usize = 8192;
-
-fn too_large(what: &str, value: usize, limit: usize) -> Error {
-    Error::TooLarge {
-        what: what.into(),
-        value: value as u64,
-        limit: limit as u64,
-    }
-}
 
 /// What the kernels need beyond the op's semantics (fk_reformer.h's refusals), checked
 /// before anything is allocated.
