@@ -162,6 +162,8 @@ fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
 
 fn cache_key(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) -> u64 {
     let mut h = DefaultHasher::new();
+    // How the library is put together (bump when compile_kernels changes what it makes).
+    "one nvcc call per source, whole-program device code".hash(&mut h);
     nvcc_flags().hash(&mut h);
     gencodes.hash(&mut h);
     let version = Command::new(nvcc)
@@ -199,13 +201,39 @@ fn compile_kernels(nvcc: &Path, gencodes: &[String], sources: &[PathBuf]) {
     for g in gencodes {
         build.flag(g);
     }
-    for s in sources
+    // One build (one nvcc call) per source, so that none is relocatable device code: cc
+    // passes --device-c as soon as a build has two .cu files, and under it ptxas ignores
+    // setmaxnreg and serializes wgmma (C7504, C7509), which would cost the Hopper kernels
+    // both. No kernel calls device code of another file, so nothing needs a device link.
+    let units: Vec<&PathBuf> = sources
         .iter()
         .filter(|s| s.extension().is_some_and(|e| e == "cu"))
-    {
-        build.file(s);
-    }
-    build.compile(LIB_NAME);
+        .collect();
+    let workers = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, units.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let objects = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(unit) = units.get(i) else { break };
+                let mut one = build.clone();
+                one.file(unit);
+                let objs = one.compile_intermediates();
+                objects.lock().unwrap().extend(objs);
+            });
+        }
+    });
+    let mut objects = objects.into_inner().unwrap();
+    objects.sort();
+    cc::Build::new()
+        .cargo_metadata(false)
+        .objects(objects)
+        .compile(LIB_NAME);
 }
 
 /// Feature `emulator`: the same kernels/ sources, each `.cu` its own translation unit as
