@@ -93,3 +93,23 @@ def write_outputs(out_dir, name, meta, rows, failed, md):
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
+
+
+# Our kernels kept on the sm80 (mma.sync) path: on an H100 / H200 the C entries otherwise
+# take their TMA + wgmma kernels where they have them; FLASHKERNELS_NO_SM90 is read per call.
+SM80_PATH = "flashkernels_sm80_path"
+
+
+def sm80_path(fn):
+    def run(*args, **kwargs):
+        old = os.environ.get("FLASHKERNELS_NO_SM90")
+        os.environ["FLASHKERNELS_NO_SM90"] = "1"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ["FLASHKERNELS_NO_SM90"]
+            else:
+                os.environ["FLASHKERNELS_NO_SM90"] = old
+
+    return run

@@ -34,7 +34,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flashkernels  # noqa: E402
-from bench_common import add_results, cuda_timer, meta_of, rel_err, timed, wall_timer, write_outputs  # noqa: E402
+from bench_common import (  # noqa: E402
+    SM80_PATH,
+    add_results,
+    cuda_timer,
+    meta_of,
+    rel_err,
+    sm80_path,
+    timed,
+    wall_timer,
+    write_outputs,
+)
 
 OURS = "flashkernels"
 TOKENS = 8192
@@ -121,7 +131,12 @@ def run_case(
         device=device,
     )
     eager = EagerFFN(ours.w1, ours.w2, ours.w3)  # the same parameters
-    fns = {OURS: ours, "torch_eager": eager, "torch_compile": torch.compile(eager, backend=backend)}
+    fns = {
+        OURS: ours,
+        SM80_PATH: sm80_path(ours),
+        "torch_eager": eager,
+        "torch_compile": torch.compile(eager, backend=backend),
+    }
     x = torch.randn(tokens, d_model, device=device, dtype=dtype).requires_grad_(train)
     dy = torch.randn(tokens, d_model, device=device, dtype=dtype)
     params = list(ours.parameters())
@@ -170,7 +185,7 @@ def run_case(
     goal = GOALS.get(goal_of or d_model)
     if goal and not gated and not train:
         row["goal"] = goal
-    return add_results(row, (OURS, "torch_eager", "torch_compile"), times, errors, lambda _: fl, OURS)
+    return add_results(row, (OURS, SM80_PATH, "torch_eager", "torch_compile"), times, errors, lambda _: fl, OURS)
 
 
 def cases(quick=False):
@@ -185,15 +200,18 @@ def markdown(rows, meta):
         f"{meta['date']} — commit {meta['commit']}",
         "",
         "TFLOP/s (median of interleaved rounds); x = peer time / ours (> 1: we are faster). "
+        "'ours, sm80 kernels': our forward with FLASHKERNELS_NO_SM90=1 (the mma.sync path; on "
+        "Hopper the default is TMA + wgmma). "
         "GELU: d_hidden 4 d_model, biases; SwiGLU: d_hidden 8/3 d_model rounded up to 256, no biases.",
         "",
-        "| block | d_model | d_hidden | pass | flashkernels | torch eager | torch.compile | err | goal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| block | d_model | d_hidden | pass | flashkernels | ours, sm80 kernels | torch eager | torch.compile "
+        "| err | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = []
-        for name in (OURS, "torch_eager", "torch_compile"):
-            x = r["results"][name]
+        for name in (OURS, SM80_PATH, "torch_eager", "torch_compile"):
+            x = r["results"].get(name, {"error": "not run"})
             if "ms" in x:
                 ratio = f" (x{x['ours_speedup']:.2f})" if "ours_speedup" in x else ""
                 cells.append(f"{x['ms']:.3f} ms {x['tflops']:.0f} TF/s{ratio}")

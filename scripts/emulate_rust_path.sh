@@ -4,7 +4,8 @@
 # device memory in host memory, streams in order; see rust/device/emulated.rs), so the
 # real validation, plans (Longformer work lists and splits, conv plan and workspace,
 # varlen offsets), parameter structs and launches drive the real kernel sources. Runs:
-#   1. the `smoke` test of each GPU suite (one small case of every kernel and path),
+#   1. the `smoke` test of each GPU suite (one small case of every kernel and path), and the
+#      whole GPU suite of each op with a Hopper path on an emulated Hopper device,
 #   2. the emulated device itself (unit tests) and the device-side argument checks
 #      (tests/errors*.rs: fake pointers, rejected before anything is launched),
 #   3. the main job on its small shapes (every op forward and backward, checked against the
@@ -35,6 +36,10 @@ else
   cargo test "${features[@]}" --test gpu_attention_full --test gpu_longformer --test gpu_conv \
     --test gpu_ffn --test gpu_linformer --test gpu_reformer -- --ignored smoke
 fi
+# The ops with an sm_90a path again on an emulated Hopper device (EMU_ARCH=sm90: the C
+# entries take their TMA + wgmma kernels).
+EMU_ARCH=sm90 cargo test "${features[@]}" --test gpu_ffn -- --ignored
+EMU_ARCH=sm90 cargo test "${features[@]}" --test gpu_attention_full -- --ignored smoke
 cargo test "${features[@]}" --lib --test errors --test errors_device --test errors_conv \
   --test limits_device
 echo "GPU tests on the emulator ran in $((SECONDS - start)) s"

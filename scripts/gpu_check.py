@@ -215,6 +215,17 @@ def quick_steps():
         )
         for s in SMOKE_SUITES
     ]
+    # On an H100 / H200 the FFN forward takes its TMA + wgmma kernels (every GPU step above
+    # and below tests those); its sm80 kernels once more on the same device.
+    smoke.append(
+        Step(
+            "smoke-gpu_ffn-sm80",
+            "gpu_ffn on the sm80 kernels (FLASHKERNELS_NO_SM90=1)",
+            rust_test("gpu_ffn", "--exact smoke"),
+            45,
+            {"FLASHKERNELS_NO_SM90": "1"},
+        )
+    )
     suites = [
         Step(
             f"rust-{s}",

@@ -20,10 +20,10 @@
 // shift; the partials go to an F32Epilogue and the caller reduces them in a fixed order.
 // Rows or reduction columns of padded keys can be masked to zero in the loader (KeyMask).
 // A linear layer is the same call: A = activations (row-major), B = weight (out, in) as torch
-// stores it, StagedEpilogue for bias + activation. A Hopper path slots in beside this one as
-// TileGemmTraitsSm90 with a warpgroup wgmma mainloop: the loaders' tiles are already wgmma's
-// 128-byte swizzle (SwizzledTile<64> of 16-bit elements) and the epilogues take accumulators
-// by (row, col), so only the mainloop and the accumulator-to-(row, col) mapping change.
+// stores it, StagedEpilogue for bias + activation. The Hopper path sits beside this one
+// (gemm_sm90.cuh: TMA, wgmma, a producer warpgroup): its tiles are SwizzledTile<64>'s layout
+// (wgmma's 128-byte swizzle) and its traits give these epilogues the same per-warp
+// accumulator view, so only the mainloop differs.
 #pragma once
 
 #include "launch.cuh"
@@ -73,6 +73,8 @@ struct TileGemmTraitsSm80 {
   static constexpr size_t kSmemMain = size_t(kStages) * (kSmemA + kSmemB) * sizeof(Element);
   static constexpr size_t kSmemEpilogue = size_t(2) * kBlockM * kStageLd * sizeof(Element);
   static constexpr size_t kSmemBytes = kSmemMain > kSmemEpilogue ? kSmemMain : kSmemEpilogue;
+  // Orders the epilogue's staging among its threads (gemm_sm90.cuh's: a named barrier).
+  static __device__ __forceinline__ void epilogue_barrier() { __syncthreads(); }
 };
 
 // Which elements a loader zeroes besides those outside rows x cols: none, the rows, or the
@@ -252,7 +254,7 @@ __device__ void StagedEpilogueT<Traits, Params_>::apply(
           if (out_pre != nullptr) s_pre[m * LD + n] = from_float<Element>(v);
         }
     }
-  __syncthreads();
+  Traits::epilogue_barrier();
 
   const bool n_unit = ep.col_map.d1 == 1 && ep.col_map.d2 == 1 && ep.col_map.s0 == 1;
   if (n_unit) {

@@ -1,9 +1,11 @@
-// Host-side launch helpers shared by the C entry points: a scoped device switch and a
+// Host-side launch helpers shared by the C entry points: a scoped device switch, a
 // launcher that raises a kernel's dynamic shared-memory limit when it needs more than
-// the default 48 KB.
+// the default 48 KB, and what the run-time choice of the Hopper kernels asks of a device.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <stdlib.h>
 
 #include <utility>
 
@@ -42,6 +44,37 @@ cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   }
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+}
+
+// The same for the sm_90a kernels (up to 227 KB of shared memory; the CPU emulator holds the
+// other kernels to the 99 KB of sm_86 / sm_89).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel_sm90(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                               size_t smem_bytes, cudaStream_t stream, Args &&...args) {
+  return launch_kernel(kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
+}
+
+// Does `device` run the sm_90a kernels? Compute capability 9.0 exactly: sm_90a code runs on
+// no other device.
+inline bool device_is_sm90(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+}
+
+// Should the C entries take the sm_90a kernels on `device`? FLASHKERNELS_NO_SM90=1 keeps
+// the sm80 path on Hopper too (to compare the two in one benchmark run).
+inline bool use_sm90_kernels(int device) {
+  const char *off = getenv("FLASHKERNELS_NO_SM90");
+  return device_is_sm90(device) && !(off != nullptr && off[0] == '1');
+}
+
+// Multiprocessors of `device` (persistent grids), or 0 if it cannot be asked.
+inline int device_sm_count(int device) {
+  int n = 0;
+  return cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess ? n : 0;
 }
 
 } // namespace fk

@@ -12,6 +12,10 @@ namespace ffn {
 
 // Both GEMMs of the forward (params checked by the C entry, tokens > 0).
 template <typename T> cudaError_t ffn_fwd(const fk_ffn_params &p, cudaStream_t stream);
+// The same on Hopper's TMA + wgmma path (ffn_sm90.cuh), for a device that use_sm90_kernels()
+// and params that ffn_sm90_eligible().
+template <typename T> cudaError_t ffn_fwd_sm90(const fk_ffn_params &p, cudaStream_t stream);
+bool ffn_sm90_eligible(const fk_ffn_params &p);
 // The backward's GEMMs and column sums (params checked by the C entry).
 template <typename T> cudaError_t ffn_bwd(const fk_ffn_bwd_params &p, cudaStream_t stream);
 

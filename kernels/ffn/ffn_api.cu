@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "../common/launch.cuh"
+#include "../common/tma_host.cuh"
 #include "ffn.h"
 
 namespace {
@@ -50,6 +51,19 @@ bool bwd_args_ok(const fk_ffn_bwd_params &p) {
 
 } // namespace
 
+namespace fk {
+namespace ffn {
+bool ffn_sm90_eligible(const fk_ffn_params &p) {
+  const int64_t t = p.tokens;
+  return tma_matrix_ok(p.x, p.x_stride, t, p.d_model) &&
+         tma_matrix_ok(p.w1, p.w1_stride, p.d_hidden, p.d_model) &&
+         (p.w3 == nullptr || tma_matrix_ok(p.w3, p.w3_stride, p.d_hidden, p.d_model)) &&
+         tma_matrix_ok(p.h, p.h_stride, t, p.d_hidden) &&
+         tma_matrix_ok(p.w2, p.w2_stride, p.d_model, p.d_hidden);
+}
+} // namespace ffn
+} // namespace fk
+
 extern "C" int64_t fk_ffn_bwd_workspace_bytes(const fk_ffn_bwd_params *p) {
   return p != nullptr && bwd_args_ok(*p) ? fk::ffn::FfnBwdWorkspace(*p).bytes : 0;
 }
@@ -71,6 +85,10 @@ extern "C" int32_t fk_ffn_fwd(const fk_ffn_params *p, void *stream) {
   fk::DeviceGuard guard(p->device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
+  // Hopper: TMA + wgmma where every matrix is TMA-describable (the tensor maps' rules).
+  if (fk::use_sm90_kernels(p->device) && fk::ffn::ffn_sm90_eligible(*p))
+    return p->dtype == FK_DTYPE_F16 ? fk::ffn::ffn_fwd_sm90<__half>(*p, s)
+                                    : fk::ffn::ffn_fwd_sm90<__nv_bfloat16>(*p, s);
   return p->dtype == FK_DTYPE_F16 ? fk::ffn::ffn_fwd<__half>(*p, s)
                                   : fk::ffn::ffn_fwd<__nv_bfloat16>(*p, s);
 }

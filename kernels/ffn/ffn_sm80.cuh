@@ -116,26 +116,33 @@ template <typename Element> struct FfnEpilogueParams {
 };
 
 // Epilogue policy (gemm_sm80.cuh's interface): accumulators -> bias, activation, gate,
-// residual in f32 -> the storage dtype in shared staging -> 16-byte row stores.
-template <class Traits, bool kGated> struct FfnEpilogue {
+// residual in f32 -> the storage dtype in shared staging -> 16-byte row stores. Gated, the
+// W3 product of n-tile j sits in n-tile j + 1 (kGateHalves false: the interleaved operand
+// above, j even) or in n-tile j + kNTiles / 2 (true: gemm_sm90.cuh's gated B, whose tile is
+// W1's rows then W3's; the warp spans the block's columns).
+template <class Traits, bool kGated, bool kGateHalves = false> struct FfnEpilogue {
   using Element = typename Traits::Element;
   using Params = FfnEpilogueParams<Element>;
   static constexpr int kOutCols = kGated ? Traits::kBlockN / 2 : Traits::kBlockN;
   static_assert(!kGated || Traits::kNTiles % 2 == 0, "W1/W3 n-tiles come in pairs");
+  static_assert(kGated || !kGateHalves, "halves only describe a gated operand");
 
   static __device__ void apply(const float (&acc)[Traits::kMTiles][Traits::kNTiles][4],
                                const Params &ep, Element *smem, int m0, int n0, int warp_m0,
                                int warp_n0) {
     constexpr int LD = Traits::kStageLd;
-    constexpr int kStep = kGated ? 2 : 1; // n-tiles per output n-tile
+    constexpr int kStep = kGated && !kGateHalves ? 2 : 1;          // n-tiles per output n-tile
+    constexpr int kGate = kGateHalves ? Traits::kNTiles / 2 : 1;    // W3's n-tile: j + kGate
+    constexpr int kEnd = kGateHalves ? Traits::kNTiles / 2 : Traits::kNTiles;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int out_n0 = kGated ? n0 / 2 : n0;
 #pragma unroll
-    for (int j = 0; j < Traits::kNTiles; j += kStep)
+    for (int j = 0; j < kEnd; j += kStep)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        // Local output column: gated pairs (j, j + 1) give 8 columns at (warp_n0 + 8 j) / 2.
-        const int n = (warp_n0 + j * 8) / kStep + 2 * t + c;
+        // Local output column: interleaved pairs (j, j + 1) give 8 columns at
+        // (warp_n0 + 8 j) / 2; halves: n-tile j is output n-tile j.
+        const int n = (kGateHalves ? warp_n0 / 2 + j * 8 : (warp_n0 + j * 8) / kStep) + 2 * t + c;
         const bool col_in = out_n0 + n < ep.out_cols;
         const float b = ep.bias != nullptr && col_in ? to_float(ep.bias[out_n0 + n]) : 0.f;
         const float bg =
@@ -146,13 +153,13 @@ template <class Traits, bool kGated> struct FfnEpilogue {
           for (int r = 0; r < 2; ++r) {
             const int m = warp_m0 + mt * 16 + g + 8 * r;
             float v = ffn_activate(acc[mt][j][2 * r + c] + b, ep.activation);
-            if (kGated) v *= acc[mt][j + kStep - 1][2 * r + c] + bg;
+            if (kGated) v *= acc[mt][kGated ? j + kGate : j][2 * r + c] + bg;
             if (ep.residual != nullptr && col_in && m0 + m < ep.rows)
               v += to_float(ep.residual[int64_t(m0 + m) * ep.res_ld + out_n0 + n]);
             smem[m * LD + n] = from_float<Element>(v);
           }
       }
-    __syncthreads();
+    Traits::epilogue_barrier();
 
     constexpr int kChunks = kOutCols / 8;
     for (int i = threadIdx.x; i < Traits::kBlockM * kChunks; i += Traits::kNThreads) {

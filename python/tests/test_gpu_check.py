@@ -79,6 +79,7 @@ def test_quick_writes_its_json_and_log_even_without_a_gpu(tmp_path):
     names = {s["name"] for s in doc["steps"]}
     assert {
         "smoke-gpu_conv",
+        "smoke-gpu_ffn-sm80",
         "rust-gpu_longformer",
         "python-gpu",
         "python-gpu-2",

@@ -45,6 +45,13 @@
 //   models of ex2.approx.ftz / lg2.approx.ftz (__expf = ex2(x * log2e), __logf = lg2(x) ln2):
 //   flushed inputs and outputs and a deterministic pseudo-random error within the documented
 //   bound (ex2, lg2 off [0.5, 2]: 2 ulp; lg2 on [0.5, 2]: 2^-22 absolute). See fast_exp2f.
+// - Hopper (sm_90a) kernels, on an emulated Hopper device (EMU_ARCH=sm90 or emu::g_sm90;
+//   up to 227 KB of shared memory for them, 99 KB for the others): mbarriers (phases,
+//   arrival counts, transaction bytes; waiters sleep until the barrier changes), TMA tiled
+//   loads (zero fill outside the tensor, swizzled destinations, NaN until the phase
+//   completes), wgmma from shared-memory descriptors (swizzle modes per the ISA, computed at
+//   the wait that retires it, accumulators NaN until then), setmaxnreg, named barriers. See
+//   mock/sm90.cuh (and mock/tma_host.cuh for the tensor maps).
 // Suites run the cases named on their command line, else all, or with EMU_CASES=K:N every
 // K-th case from N.
 // Not emulated: x / y stays IEEE division (nvcc's -prec-div=false gives <= 2 ulp: a C++

@@ -58,8 +58,10 @@ using std::min;
 // so that the compiler cannot prove an access in bounds and skip ASan's check of it.
 namespace fk {
 constexpr size_t kEmuMaxSmem = 99 * 1024; // sm_86 / sm_89 per-block limit, the strictest
+constexpr size_t kEmuMaxSmemSm90 = 227 * 1024; // sm_90's, for the sm_90a kernels only
+constexpr size_t kEmuSmemStorage = kEmuMaxSmemSm90;
 }
-alignas(128) inline unsigned char emu_shared_storage[fk::kEmuMaxSmem] asm("emu_shared_memory");
+alignas(1024) inline unsigned char emu_shared_storage[fk::kEmuSmemStorage] asm("emu_shared_memory");
 namespace fk {
 extern unsigned char smem_raw[] asm("emu_shared_memory");
 namespace dense_bwd_detail {
@@ -77,6 +79,7 @@ namespace emu {
 
 struct Barrier {
   int count = 0, gen = 0, expected = 0;
+  bool block_epoch = false; // the race check counts it as __syncthreads (named barriers)
 };
 
 struct CopyOp {
@@ -127,6 +130,13 @@ inline uint64_t g_seed = 0;
 inline std::mt19937_64 g_rng;
 
 inline const char *g_case = nullptr; // what the suite is running, for failure messages
+
+// The emulated device is a Hopper one (EMU_ARCH=sm90): the C entries take their sm_90a
+// kernels (mock/launch.cuh's device_is_sm90). Suites may set it between cases.
+inline bool g_sm90 = [] {
+  const char *a = getenv("EMU_ARCH");
+  return a != nullptr && strcmp(a, "sm90") == 0;
+}();
 
 // Which cases a suite runs: the indices on its command line; without any, all of them, or
 // with EMU_CASES=K:N every K-th from N (scripts/emulate_kernels.sh spreads the costlier

@@ -28,7 +28,7 @@ struct Cell {             // the shadow of one shared-memory byte
   uint16_t pend_tid = kNone;
   bool r_many = false;    // several lanes of r_tid's warp read in r_wepoch
 };
-inline Cell g_shadow[fk::kEmuMaxSmem];
+inline Cell g_shadow[fk::kEmuSmemStorage];
 
 // The function that made an access, for the report (the race build links with -rdynamic).
 __attribute__((no_sanitize_thread)) inline std::string where(const void *pc) {
@@ -66,7 +66,7 @@ __attribute__((no_sanitize_thread)) inline void report(const char *what, size_t 
 __attribute__((no_sanitize_thread)) inline void access(const void *p, size_t n, char kind,
                                                        const void *pc) {
   const size_t off = size_t(static_cast<const unsigned char *>(p) - g_smem);
-  if (off >= fk::kEmuMaxSmem || !g_cur) return; // not shared memory / not in a kernel
+  if (off >= fk::kEmuSmemStorage || !g_cur) return; // not shared memory / not in a kernel
   if (off + n > g_smem_bytes) {
     report("access past the launch's dynamic shared memory", off, kNone, pc);
     return;

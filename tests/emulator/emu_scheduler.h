@@ -11,8 +11,9 @@ inline void barrier_wait(Barrier &b) {
   if (++b.count == b.expected) {
     b.count = 0;
     ++b.gen;
-    if (&b == &g_block_bar) ++race::g_epoch;
-    else ++race::g_wepoch[&b - g_warp_bar.data()];
+    if (&b == &g_block_bar || b.block_epoch) ++race::g_epoch;
+    else if (&b >= g_warp_bar.data() && &b < g_warp_bar.data() + g_warp_bar.size())
+      ++race::g_wepoch[&b - g_warp_bar.data()];
     return;
   }
   g_cur->wait = &b;
@@ -71,7 +72,7 @@ inline void setup_once() {
 EMU_UNTRACKED inline void poison_smem(size_t bytes) {
   memset(g_smem, 0xFF, bytes); // NaN halves / bf16 / f32 everywhere
 #ifdef EMU_ASAN
-  ASAN_POISON_MEMORY_REGION(g_smem + bytes, fk::kEmuMaxSmem - bytes);
+  ASAN_POISON_MEMORY_REGION(g_smem + bytes, fk::kEmuSmemStorage - bytes);
 #endif
 }
 
@@ -141,7 +142,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void(
   setup_once();
   const int n = int(block.x * block.y * block.z);
   if (n <= 0 || n > 1024 || n % 32) fail("bad block size");
-  if (smem_bytes > fk::kEmuMaxSmem) fail("too much shared memory");
+  if (smem_bytes > fk::kEmuSmemStorage) fail("too much shared memory");
   // Fiber stacks, reused across launches, each above a PROT_NONE page (an overflow faults).
   static std::vector<char *> stacks;
   while (int(stacks.size()) < n) {
@@ -175,7 +176,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void(
   }
   for (const uint3 &b : order) run_block(b, fibers);
 #ifdef EMU_ASAN
-  ASAN_UNPOISON_MEMORY_REGION(g_smem, fk::kEmuMaxSmem);
+  ASAN_UNPOISON_MEMORY_REGION(g_smem, fk::kEmuSmemStorage);
 #endif
 }
 

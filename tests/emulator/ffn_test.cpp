@@ -1,4 +1,5 @@
-// Fused feed-forward suite: fk_ffn_fwd and fk_ffn_bwd (kernels/ffn/, on kernels/common/gemm_sm80.cuh) on
+// Fused feed-forward suite: fk_ffn_fwd and fk_ffn_bwd (kernels/ffn/, on kernels/common/gemm_sm80.cuh,
+// and the forward on an emulated Hopper device too: gemm_sm90.cuh) on
 // the emulator against an f64 definition. Every matrix lives in a row-padded layout whose
 // gaps are NaN: an input gap that is read shows up as NaN in the results, an output gap
 // that is written is counted (pad-touched); outputs start as NaN, so an element never
@@ -345,6 +346,31 @@ std::vector<Entry> all_cases() {
                        ffn_fwd_case<__half>(c, r);
                      else
                        ffn_fwd_case<__nv_bfloat16>(c, r);
+                   }});
+  // The forward again on an emulated Hopper device (fk_ffn_fwd takes the TMA + wgmma path of
+  // ffn_sm90.cuh where every matrix is TMA-describable, the sm80 path otherwise), plus
+  // shapes for its pipeline: k-tiles past the 4 stages (the barriers' phases wrap), more
+  // tiles than the 3 emulated SMs (the persistent loop), a partial last k-tile.
+  const FfnCase sm90_extra[] = {
+      {300, 520, 136, GELU, true, true, true, BF16},
+      {260, 136, 392, SILU, false, true, true, F16},
+  };
+  std::vector<FfnCase> on_sm90(std::begin(cases), std::end(cases));
+  on_sm90.insert(on_sm90.end(), std::begin(sm90_extra), std::end(sm90_extra));
+  for (const FfnCase &c : on_sm90)
+    out.push_back({"fwd sm90 " + describe(c), [c](Result &r) {
+                     emu::g_sm90 = true;
+                     const int launches0 = fk::g_emu_sm90_launches;
+                     if (c.dtype == FK_DTYPE_F16)
+                       ffn_fwd_case<__half>(c, r);
+                     else
+                       ffn_fwd_case<__nv_bfloat16>(c, r);
+                     emu::g_sm90 = false;
+                     const int want = c.unaligned ? 0 : 2; // unaligned: the sm80 fallback
+                     if (fk::g_emu_sm90_launches - launches0 != want)
+                       r.fail("sm90 launches " +
+                              std::to_string(fk::g_emu_sm90_launches - launches0) + ", want " +
+                              std::to_string(want));
                    }});
   const FfnCase bwd[] = {
       {1, 8, 8, RELU, false, false, false, F16},

@@ -11,8 +11,10 @@
 #include <utility>
 
 #define launch_kernel emu_unserialized_launch_kernel
+#define launch_kernel_sm90 emu_unserialized_launch_kernel_sm90
 #include "mock/launch.cuh"
 #undef launch_kernel
+#undef launch_kernel_sm90
 
 namespace fk {
 
@@ -27,6 +29,14 @@ cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
   std::lock_guard<std::mutex> lock(emu_device_mutex());
   return emu_unserialized_launch_kernel(kernel, grid, block, smem_bytes, stream,
                                         std::forward<Args>(args)...);
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel_sm90(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                               size_t smem_bytes, cudaStream_t stream, Args &&...args) {
+  std::lock_guard<std::mutex> lock(emu_device_mutex());
+  return emu_unserialized_launch_kernel_sm90(kernel, grid, block, smem_bytes, stream,
+                                             std::forward<Args>(args)...);
 }
 
 } // namespace fk
