@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import flashkernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import SM80_PATH, sm80_path  # noqa: E402
 
 PEERS = {
     "torch_flash": SDPBackend.FLASH_ATTENTION,
@@ -145,7 +149,8 @@ def case_fwd(d, n, causal, rounds, train=False, hkv=None):
         ref = F.scaled_dot_product_attention(qt[:nb].float(), kt[:nb].float(), vt[:nb].float(), **kw).transpose(1, 2)
         err = rel_err(ours()[:nb], ref)
     flops = dense_flops(b, h, n, n, d, causal)
-    fns = {"flashkernels": ours, **peers}
+    # Our forward on its sm80 kernel too: on Hopper the default is the TMA + wgmma one.
+    fns = {"flashkernels": ours, SM80_PATH: sm80_path(ours), **peers}
     if train:
         dout = randn(b, n, h, d, seed=seed + 3)
         doutt = dout.transpose(1, 2)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the CUDA kernels (kernels/) without a GPU: tests/emulator/ compiles the real kernel
 # sources as host C++ against an emulator of CUDA thread blocks (warp-level mma.sync,
-# ldmatrix, shuffles, cp.async) and checks them against an f64 reference: the attention
+# ldmatrix, shuffles, cp.async; Hopper's TMA, mbarriers and wgmma for the sm_90a kernels,
+# which the suites run on an emulated Hopper device) and checks them against an f64 reference: the attention
 # forward suite, the backward suite (which includes forward-then-backward cases), the
 # convolution / pooling suite, the Longformer forward suite, the Longformer backward
 # suite, the fused feed-forward suite, the Linformer projection suite and the Reformer
@@ -121,6 +122,9 @@ controls=(
   "race refill-while-read RACE"
   "race missing-syncwarp RACE read-after-write"
   "race missing-cp-async-wait RACE read of a cp.async destination before its wait"
+  "plain wgmma-before-tma-lands emu: wgmma read shared memory whose TMA has not landed"
+  "plain wgmma-accumulator-in-flight emu: wgmma accumulator written while the wgmma was in flight"
+  "plain mbarrier-phase-never-completes emu: deadlock"
 )
 for c in "${controls[@]}"; do
   read -r flavour mode _ <<<"$c"

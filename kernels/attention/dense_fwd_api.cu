@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include "../common/launch.cuh"
+#include "../common/tma_host.cuh"
 #include "common/api_checks.h"
 #include "dense_fwd.h"
 
@@ -18,15 +19,49 @@ cudaError_t dispatch_mask(const fk_attention_fwd_params &p, cudaStream_t s) {
                   : fk::run_dense_fwd_sm80<D, T, false>(p, s);
 }
 
-// Head dims are padded up to the next compiled size (64, 128, 256).
+template <int D, typename T>
+cudaError_t dispatch_mask_sm90(const fk_attention_fwd_params &p, cudaStream_t s) {
+  const bool has_mask = p.window_left >= 0 || p.window_right >= 0;
+  return has_mask ? fk::run_dense_fwd_sm90<D, T, true>(p, s)
+                  : fk::run_dense_fwd_sm90<D, T, false>(p, s);
+}
+
+// Head dims are padded up to the next compiled size (64, 128, 256). Hopper takes the TMA +
+// wgmma kernels where they apply (head dim <= 128, dense batch, TMA-describable operands).
 template <typename T>
 cudaError_t dispatch_head_dim(const fk_attention_fwd_params &p, cudaStream_t s) {
+  if (p.base.shape.head_dim <= 128 && fk::use_sm90_kernels(p.base.shape.device) &&
+      fk::dense_fwd_sm90_eligible(p))
+    return p.base.shape.head_dim <= 64 ? dispatch_mask_sm90<64, T>(p, s)
+                                       : dispatch_mask_sm90<128, T>(p, s);
   if (p.base.shape.head_dim <= 64) return dispatch_mask<64, T>(p, s);
   if (p.base.shape.head_dim <= 128) return dispatch_mask<128, T>(p, s);
   return dispatch_mask<256, T>(p, s);
 }
 
 } // namespace
+
+namespace fk {
+// TMA describes Q, K, V as (head_dim, rows, heads, batch) tensors (16-byte-aligned bases
+// and strides; a size-1 dimension's stride is never used); O is stored two elements at a
+// time. Varlen batches stay on the sm80 kernel for now, and so do empty key sequences (a
+// tensor map has no zero-sized dimension).
+bool dense_fwd_sm90_eligible(const fk_attention_fwd_params &p) {
+  const fk_attention_shape &s = p.base.shape;
+  if (p.cu_seqlens_q != nullptr || s.head_dim > 128 || s.seqlen_k < 1) return false;
+  const auto tma_ok = [&](const void *base, const fk_strides &st, int rows, int heads) {
+    const int64_t strides[3] = {rows > 1 ? st.row : 8, heads > 1 ? st.head : 8,
+                                s.batch > 1 ? st.batch : 8};
+    return tma_strides_ok(base, 4, strides);
+  };
+  const fk_strides &o = p.base.o_stride;
+  return tma_ok(p.base.q, p.base.q_stride, s.seqlen_q, s.heads) &&
+         tma_ok(p.base.k, p.base.k_stride, s.seqlen_k, s.heads_kv) &&
+         tma_ok(p.base.v, p.base.v_stride, s.seqlen_k, s.heads_kv) &&
+         reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && o.row % 2 == 0 && o.head % 2 == 0 &&
+         o.batch % 2 == 0;
+}
+} // namespace fk
 
 extern "C" int32_t fk_attention_supports_head_dim(int32_t head_dim) {
   return fk::check::head_dim_ok(head_dim, fk::check::kDenseMaxHeadDim);

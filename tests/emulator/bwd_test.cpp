@@ -10,6 +10,7 @@
 #include "emulated/attention/dense_bwd_sm80.cuh"
 #include "emulated/attention/dense_bwd_api.cu"
 #include "emulated/attention/dense_fwd_sm80.cuh"
+#include "emulated/attention/dense_fwd_sm90.cuh"
 #include "emulated/attention/dense_fwd_api.cu"
 
 using namespace harness;

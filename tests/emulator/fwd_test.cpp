@@ -1,5 +1,5 @@
 // Forward suite: fk_attention_fwd (kernels/attention/dense_fwd_*) on the emulator against
-// the f64 reference. Every case checks, per valid element, O and LSE against the
+// the f64 reference, on an sm_80-class and on a Hopper device (the sm_90a kernel). Every case checks, per valid element, O and LSE against the
 // reference; rows that see no key must give O = 0 and LSE = -inf exactly; every element of
 // O and LSE outside the sequences must stay untouched (NaN), and the NaN padding of the
 // inputs must never reach the results.
@@ -7,6 +7,7 @@
 #include "harness.h"
 
 #include "emulated/attention/dense_fwd_sm80.cuh"
+#include "emulated/attention/dense_fwd_sm90.cuh"
 #include "emulated/attention/dense_fwd_api.cu"
 
 using namespace harness;
@@ -149,9 +150,33 @@ int main(int argc, char **argv) {
       {"dense nk=0 causal", F, 1, 1, 128, {70}, {0}, false, -1, 0},
       {"d8 f16 nq=1 nk=1 causal", F, 1, 1, 8, {1}, {1}, false, -1, 0},
   };
+  // Every case again on an emulated Hopper device ("sm90 ..."): dense batches with head dims
+  // <= 128 take the TMA + wgmma kernel (dense_fwd_sm90.cuh; its 128 x 128 tiles and two
+  // K/V stages: the key blocks below wrap the stages' phases), the others the sm80 one;
+  // plus a few longer ones for the pipeline.
+  std::vector<Case> all = cases;
+  const std::vector<Case> sm90_extra = {
+      {"d128 bf16 gqa2 causal batch2 nk=700", BF, 2, 1, 128, {640, 640}, {700, 700}, false, -1, 0},
+      {"d64 f16 window(200,30) nq=nk=900", F, 1, 1, 64, {900}, {900}, false, 200, 30},
+      {"d128 f16 head-major nomask nk=1000", F, 2, 2, 128, {129}, {1000}, false, -1, -1, true},
+  };
+  for (const std::vector<Case> *list : {&cases, &sm90_extra})
+    for (Case c : *list) {
+      c.name = "sm90 " + c.name;
+      all.push_back(c);
+    }
   int bad = argc > 1 ? 0 : api_checks();
-  bad += run_cases(cases, argc, argv, [](const Case &c, Report &r) {
+  bad += run_cases(all, argc, argv, [](const Case &c, Report &r) {
+    const bool sm90 = c.name.rfind("sm90 ", 0) == 0;
+    emu::g_sm90 = sm90;
+    const int launches0 = fk::g_emu_sm90_launches;
     c.dtype == FK_DTYPE_F16 ? fwd_case<__half>(c, r) : fwd_case<__nv_bfloat16>(c, r);
+    emu::g_sm90 = false;
+    // Which kernel ran: the Hopper one exactly where it applies.
+    const bool want = sm90 && !c.varlen && c.D <= 128 && c.nq[0] > 0 && c.nk[0] > 0;
+    if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
+      r.fail(format("sm90 kernel launches %d, want %s", fk::g_emu_sm90_launches - launches0,
+                    want ? "some" : "none"));
   });
   printf(bad ? "forward: %d FAILED\n" : "forward: all passed\n", bad);
   return bad != 0;

@@ -6,7 +6,10 @@
 #include "harness.h"
 
 #include "emulated/attention/dense_fwd_sm80.cuh"
+#include "emulated/attention/dense_fwd_sm90.cuh"
 #include "emulated/attention/dense_fwd_api.cu"
+#include "emulated/common/sm90.cuh"
+#include "emulated/common/tma_host.cuh"
 
 using namespace harness;
 
@@ -61,6 +64,79 @@ __global__ void neg_missing_cp_async_wait(const __half *g, float *out) {
   out[threadIdx.x] = __half2float(s[8 * threadIdx.x]);
   cp_async_wait<0>();
 }
+// One warpgroup on Hopper's path: A and B (64 x 64 each, f16) by TMA with the 128-byte
+// swizzle into shared memory, completing on one mbarrier, then D = A Bᵀ by four wgmma
+// m64n64k16 from shared-memory descriptors; out is D row-major. bug 1: no wait on the
+// barrier; 2: an accumulator written while the wgmma is in flight; 3: a wait on a phase
+// that never completes.
+__global__ void sm90_gemm_64(const __grid_constant__ CUtensorMap ma,
+                             const __grid_constant__ CUtensorMap mb, float *out, int bug) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *sa = base, *sb = base + 8192;
+  uint64_t *bar = reinterpret_cast<uint64_t *>(base + 16384);
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(bar, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_arrive_expect_tx(bar, 16384);
+    sm90::tma_load_2d(sa, &ma, bar, 0, 0);
+    sm90::tma_load_2d(sb, &mb, bar, 0, 0);
+  }
+  if (bug != 1) sm90::mbarrier_wait(bar, 0);
+  if (bug == 3) sm90::mbarrier_wait(bar, 1);
+  float d[32];
+  for (float &x : d) x = 0.f;
+  sm90::wgmma_fence();
+  for (int ks = 0; ks < 4; ++ks)
+    sm90::wgmma_ss<__half, 64>(d, sm90::advance_smem_desc(sm90::make_smem_desc_sw128(sa), 32 * ks),
+                               sm90::advance_smem_desc(sm90::make_smem_desc_sw128(sb), 32 * ks),
+                               1);
+  sm90::wgmma_commit();
+  if (bug == 2) d[5] = 1.f;
+  sm90::wgmma_wait<0>();
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (int i = 0; i < 32; ++i)
+    out[(16 * w + g + 8 * ((i % 4) / 2)) * 64 + 8 * (i / 4) + 2 * q + i % 2] = d[i];
+}
+// One warpgroup: D = A V with A (64 x 64) from registers (mma.sync A fragments read from
+// global memory) and V (64 x 64, row-major: MN-major for the product) by TMA, as the
+// attention's O += P V runs on Hopper.
+__global__ void sm90_gemm_rs_64(const __half *a, const __grid_constant__ CUtensorMap mv,
+                                float *out) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char *sv = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  uint64_t *bar = reinterpret_cast<uint64_t *>(sv + 8192);
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(bar, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_arrive_expect_tx(bar, 8192);
+    sm90::tma_load_2d(sv, &mv, bar, 0, 0);
+  }
+  sm90::mbarrier_wait(bar, 0);
+  const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+  float d[32];
+  for (float &x : d) x = 0.f;
+  sm90::wgmma_fence();
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t af[4];
+    for (int i = 0; i < 4; ++i) {
+      const int row = 16 * w + g + 8 * (i & 1), col = 16 * ks + 2 * q + 8 * (i >> 1);
+      const __half2 h2 = __halves2half2(a[row * 64 + col], a[row * 64 + col + 1]);
+      af[i] = *reinterpret_cast<const uint32_t *>(&h2);
+    }
+    sm90::wgmma_rs_tb<__half, 64>(d, af, sm90::make_smem_desc_sw128_mn(sv + 2048 * ks, 8192), 1);
+  }
+  sm90::wgmma_commit();
+  sm90::wgmma_wait<0>();
+  for (int i = 0; i < 32; ++i)
+    out[(16 * w + g + 8 * ((i % 4) / 2)) * 64 + 8 * (i / 4) + 2 * q + i % 2] = d[i];
+}
 // Self-test: records the order in which warps pass two points, and fast-math results.
 inline std::vector<int> g_order;
 __global__ void selftest_order() {
@@ -93,6 +169,53 @@ static int global_overread() {
   return fk_attention_fwd(&q, nullptr);
 }
 
+// sm90_gemm_64 on random A, B; with bug 0, the largest error against A Bᵀ in f64.
+static double sm90_gemm_control(int bug) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  emu::DeviceArray<__half> a(64 * 64), b(64 * 64);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = __float2half(u(rng)), b[i] = __float2half(u(rng));
+  emu::DeviceArray<float> out(64 * 64, NAN);
+  CUtensorMap ma, mb;
+  if (fk::encode_matrix_map_sw128(&ma, a.data(), 64, 64, 64, 64, false) != cudaSuccess ||
+      fk::encode_matrix_map_sw128(&mb, b.data(), 64, 64, 64, 64, false) != cudaSuccess)
+    return INFINITY;
+  emu::launch(dim3(1), dim3(128), 16384 + 8 + 1024,
+              [&] { fk::sm90_gemm_64(ma, mb, out.data(), bug); });
+  double worst = 0;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 64; ++c) {
+      double want = 0;
+      for (int k = 0; k < 64; ++k)
+        want += double(__half2float(a[r * 64 + k])) * double(__half2float(b[c * 64 + k]));
+      const double e = std::abs(double(out[r * 64 + c]) - want);
+      worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    }
+  return worst;
+}
+// sm90_gemm_rs_64 on random A, V: the largest error against A V in f64.
+static double sm90_gemm_rs_control() {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  emu::DeviceArray<__half> a(64 * 64), v(64 * 64);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = __float2half(u(rng)), v[i] = __float2half(u(rng));
+  emu::DeviceArray<float> out(64 * 64, NAN);
+  CUtensorMap mv;
+  if (fk::encode_matrix_map_sw128(&mv, v.data(), 64, 64, 64, 64, false) != cudaSuccess)
+    return INFINITY;
+  emu::launch(dim3(1), dim3(128), 8192 + 8 + 1024,
+              [&] { fk::sm90_gemm_rs_64(a.data(), mv, out.data()); });
+  double worst = 0;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 64; ++c) {
+      double want = 0;
+      for (int k = 0; k < 64; ++k)
+        want += double(__half2float(a[r * 64 + k])) * double(__half2float(v[k * 64 + c]));
+      const double e = std::abs(double(out[r * 64 + c]) - want);
+      worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    }
+  return worst;
+}
 static int selftest() {
   int bad = 0;
   auto expect = [&](const char *what, bool ok) {
@@ -146,6 +269,13 @@ static int selftest() {
     worst_log = std::max(worst_log, std::abs(double(log2f(x)) - std::log2(double(x))));
   }
   expect("log2f model within 2^-22 absolute on [0.5, 2]", worst_log <= std::ldexp(1.0, -22) * 1.01);
+  // Hopper: TMA (128-byte swizzle) + mbarrier + wgmma from descriptors give A Bᵀ.
+  const double sm90_err = sm90_gemm_control(0);
+  printf("selftest sm90 TMA + wgmma 64x64x64: max error %.3g\n", sm90_err);
+  expect("sm90 TMA + wgmma product", sm90_err < 1e-4);
+  const double rs_err = sm90_gemm_rs_control();
+  printf("selftest sm90 wgmma, A in registers, B MN-major: max error %.3g\n", rs_err);
+  expect("sm90 wgmma A-registers x MN-major B product", rs_err < 1e-4);
   return bad;
 }
 
@@ -176,6 +306,12 @@ int main(int argc, char **argv) {
   } else if (mode == "missing-cp-async-wait") {
     emu::launch(dim3(1), dim3(32), 1024,
                 [&] { fk::neg_missing_cp_async_wait(g.data(), out.data()); });
+  } else if (mode == "wgmma-before-tma-lands") {
+    sm90_gemm_control(1);
+  } else if (mode == "wgmma-accumulator-in-flight") {
+    sm90_gemm_control(2);
+  } else if (mode == "mbarrier-phase-never-completes") {
+    sm90_gemm_control(3);
   } else if (mode == "selftest") {
     const int bad = selftest();
     printf(bad ? "selftest: %d FAILED\n" : "selftest: all passed\n", bad);

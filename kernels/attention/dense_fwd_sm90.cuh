@@ -1,0 +1,265 @@
+// Dense attention forward for Hopper (sm_90a): TMA, mbarriers, wgmma and a producer
+// warpgroup, with dense_fwd_sm80.cuh's rules (masks aligned bottom-right, windows, GQA, LSE,
+// head dims padded up to the compiled one).
+//
+// A block owns 128 query rows of one (batch, head) and has three warpgroups:
+// - the producer (setmaxnreg.dec) whose elected thread loads Q once and the K and V tiles of
+//   every visible key block by TMA (128-byte swizzle, zero fill past the sequence and past
+//   head_dim) into two stages, each with a `full` mbarrier (bytes) and an `empty` one (one
+//   arrival per consumer);
+// - two consumers (setmaxnreg.inc) of 64 query rows each: S = Q K^T by wgmma from shared
+//   memory (both K-major), the masks and FlashAttention-2's online softmax on the
+//   accumulators (per warp mma.sync's m16n8 fragment layout, so common/softmax.cuh runs on
+//   them unchanged), then O += P V by wgmma with P from registers (the S fragments packed as
+//   mma.sync A fragments) and V MN-major from shared memory; the stage is released once
+//   that wgmma has retired.
+// K and V of block n + 1 stream in while block n is computed. The epilogue writes O and
+// LSE straight from the accumulators. Taken where every operand is TMA-describable and
+// the batch is dense (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
+// Not yet here (issue 17): intra-warpgroup overlap of softmax and wgmma, ping-pong between
+// the consumers, a persistent scheduler, varlen, head dim 256.
+#pragma once
+
+#include "../common/launch.cuh"
+#include "../common/sm90.cuh"
+#include "../common/tma_host.cuh"
+#include "common/softmax.cuh"
+#include "dense_fwd.h"
+
+namespace fk {
+
+template <int kHeadDim_, typename Element_> struct AttnFwdTraitsSm90 {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma n of the wrappers in sm90.cuh");
+  static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2;
+  static constexpr int kDBlocks = kHeadDim / 64; // 64-column sub-tiles (one swizzle span)
+  static constexpr int kConsumers = 2, kLaunchThreads = 384;
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // one K or V stage
+  static constexpr size_t kBarrierOffset = size_t(kTileQBytes) + 4 * size_t(kTileKVBytes);
+  static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+// The key blocks [begin, end) that rows [m0, m0 + BM) see (masks of dense_fwd_sm80.cuh).
+template <int BM, int BN>
+__device__ __forceinline__ void visible_key_blocks(int m0, int nk, int diag, bool has_left,
+                                                   bool has_right, int window_left,
+                                                   int window_right, int &begin, int &end) {
+  begin = 0;
+  end = (nk + BN - 1) / BN;
+  if (has_right) {
+    const int64_t last_key = int64_t(m0) + BM - 1 + diag + window_right;
+    end = int(min(int64_t(end), max(int64_t(0), (last_key + BN) / BN)));
+  }
+  if (has_left) {
+    const int64_t first_key = int64_t(m0) + diag - window_left;
+    begin = int(min(int64_t(end), max(int64_t(0), first_key) / BN));
+  }
+}
+
+template <class Traits, bool kHasMask>
+__global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
+    dense_fwd_sm90_kernel(const __grid_constant__ CUtensorMap map_q,
+                          const __grid_constant__ CUtensorMap map_k,
+                          const __grid_constant__ CUtensorMap map_v,
+                          const fk_attention_fwd_params p) {
+#ifdef FK_SM90_DEVICE_CODE
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN;
+  constexpr int kSTiles = BN / 8, kOTiles = D / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *sQ = base;
+  unsigned char *sK = sQ + Traits::kTileQBytes;
+  unsigned char *sV = sK + 2 * Traits::kTileKVBytes;
+  uint64_t *q_full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
+  uint64_t *kv_full = q_full + 1, *kv_empty = kv_full + 2;
+
+  // Reverse order: under causal masking the last query blocks have the most work.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int head_kv = head / (p.base.shape.heads / p.base.shape.heads_kv);
+  const int nq = p.base.shape.seqlen_q, nk = p.base.shape.seqlen_k;
+  const int m0 = m_block * BM, diag = nk - nq;
+  const bool has_left = kHasMask && p.window_left >= 0;
+  const bool has_right = kHasMask && p.window_right >= 0;
+  int n_begin, n_end;
+  visible_key_blocks<BM, BN>(m0, nk, diag, has_left, has_right, p.window_left, p.window_right,
+                             n_begin, n_end);
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(q_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      sm90::mbarrier_init(&kv_full[s], 1);
+      sm90::mbarrier_init(&kv_empty[s], Traits::kConsumers);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == Traits::kConsumers) { // producer
+    sm90::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x % 128 == 0) {
+      sm90::mbarrier_arrive_expect_tx(q_full, Traits::kTileQBytes);
+#pragma unroll
+      for (int b = 0; b < Traits::kDBlocks; ++b)
+        sm90::tma_load_4d(sQ + b * BM * 128, &map_q, q_full, 64 * b, m0, head, batch);
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int n = n_begin; n < n_end; ++n) {
+        sm90::mbarrier_wait(&kv_empty[stage], phase ^ 1);
+        sm90::mbarrier_arrive_expect_tx(&kv_full[stage], 2 * Traits::kTileKVBytes);
+        unsigned char *k = sK + stage * Traits::kTileKVBytes;
+        unsigned char *v = sV + stage * Traits::kTileKVBytes;
+#pragma unroll
+        for (int b = 0; b < Traits::kDBlocks; ++b) {
+          sm90::tma_load_4d(k + b * BN * 128, &map_k, &kv_full[stage], 64 * b, n * BN, head_kv,
+                            batch);
+          sm90::tma_load_4d(v + b * BN * 128, &map_v, &kv_full[stage], 64 * b, n * BN, head_kv,
+                            batch);
+        }
+        if (++stage == 2) stage = 0, phase ^= 1;
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg owns rows m0 + 64 wg .. + 63; this thread rows row0 and row0 + 8.
+  sm90::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row0 = 64 * wg + 16 * ((threadIdx.x / 32) % 4); // in the block
+  float o[1][kOTiles][4];
+  float (&od)[D / 2] = reinterpret_cast<float (&)[D / 2]>(o);
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) od[i] = 0.f;
+  attn::OnlineSoftmax<1> softmax;
+  const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
+
+  sm90::mbarrier_wait(q_full, 0);
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int n = n_begin; n < n_end; ++n) {
+    sm90::mbarrier_wait(&kv_full[stage], phase);
+    const unsigned char *k = sK + stage * Traits::kTileKVBytes;
+    const unsigned char *v = sV + stage * Traits::kTileKVBytes;
+
+    // S = Q K^T for this warpgroup's 64 rows and the block's BN keys.
+    float s[1][kSTiles][4];
+    float (&sd)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) sd[i] = 0.f;
+    sm90::fence_registers(sd);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int b = ks / 4, kb = 32 * (ks % 4);
+      const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
+      const uint64_t dk = sm90::make_smem_desc_sw128(k + b * BN * 128);
+      sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb),
+                                  sm90::advance_smem_desc(dk, kb), 1);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers(sd);
+
+    const int k0 = n * BN;
+    const bool need_mask =
+        (k0 + BN > nk) ||
+        (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
+        (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
+    if (need_mask) {
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = k0 + j * 8 + 2 * t + (e & 1);
+          const int rel = col - (m0 + warp_row0 + g + (e >= 2 ? 8 : 0)) - diag;
+          if (col >= nk || (has_right && rel > p.window_right) ||
+              (has_left && rel < -p.window_left))
+            s[0][j][e] = -INFINITY;
+        }
+    }
+    softmax.update(s, o, scale_log2);
+
+    // O += P V: P as mma.sync A fragments (n-tiles 2 kk and 2 kk + 1 of S), V MN-major.
+    uint32_t pf[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+      pf[kk][1] = ElemTraits<Element>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+      pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+    sm90::fence_registers(od);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      sm90::wgmma_rs_tb<Element, D>(od, pf[kk],
+                                    sm90::make_smem_desc_sw128_mn(v + kk * 16 * 128, BN * 128), 1);
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers(od);
+    if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
+    if (++stage == 2) stage = 0, phase ^= 1;
+  }
+
+  // Epilogue: O and LSE straight from the accumulators (rows past nq and columns past
+  // head_dim are not stored).
+  Element *out = static_cast<Element *>(p.o) + int64_t(batch) * p.base.o_stride.batch +
+                 int64_t(head) * p.base.o_stride.head;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float lse;
+    const float inv_sum = softmax.finalize(0, r, lse);
+    const int row = m0 + warp_row0 + g + 8 * r;
+    if (row >= nq) continue;
+    Element *orow = out + int64_t(row) * p.base.o_stride.row;
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j) {
+      const int col = 8 * j + 2 * t;
+      if (col < p.base.shape.head_dim)
+        *reinterpret_cast<uint32_t *>(orow + col) =
+            ElemTraits<Element>::pack(o[0][j][2 * r] * inv_sum, o[0][j][2 * r + 1] * inv_sum);
+    }
+    if (t == 0)
+      p.lse[int64_t(batch) * p.base.lse_stride.batch + int64_t(head) * p.base.lse_stride.head +
+            row] = lse;
+  }
+#endif
+}
+
+// Tensor maps of Q, K, V as (head_dim, rows, heads, batch) tensors; boxes of 64 columns x
+// the block's rows. A stride of a size-1 dimension is never used: any valid one will do.
+inline cudaError_t attention_map(CUtensorMap *map, const void *base, const fk_strides &st, int rows,
+                                 int heads, int batch, int head_dim, int box_rows, bool bf16) {
+  const int64_t dims[4] = {head_dim, rows, heads, batch};
+  const int64_t strides[3] = {rows > 1 ? st.row : 8, heads > 1 ? st.head : 8,
+                              batch > 1 ? st.batch : 8};
+  const uint32_t box[4] = {64, uint32_t(box_rows), 1, 1};
+  return encode_map_sw128(map, base, 4, dims, strides, box, bf16);
+}
+
+template <int kHeadDim, typename Element, bool kHasMask>
+cudaError_t run_dense_fwd_sm90(const fk_attention_fwd_params &p, cudaStream_t stream) {
+  using Traits = AttnFwdTraitsSm90<kHeadDim, Element>;
+  constexpr bool kBf16 = std::is_same<Element, __nv_bfloat16>::value;
+  const fk_attention_shape &s = p.base.shape;
+  CUtensorMap mq, mk, mv;
+  cudaError_t err;
+  if ((err = attention_map(&mq, p.base.q, p.base.q_stride, s.seqlen_q, s.heads, s.batch, s.head_dim,
+                           Traits::kBlockM, kBf16)) ||
+      (err = attention_map(&mk, p.base.k, p.base.k_stride, s.seqlen_k, s.heads_kv, s.batch,
+                           s.head_dim, Traits::kBlockN, kBf16)) ||
+      (err = attention_map(&mv, p.base.v, p.base.v_stride, s.seqlen_k, s.heads_kv, s.batch,
+                           s.head_dim, Traits::kBlockN, kBf16)))
+    return err;
+  const dim3 grid((s.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, s.heads, s.batch);
+  return launch_kernel_sm90(dense_fwd_sm90_kernel<Traits, kHasMask>, grid,
+                            dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, mq, mk, mv,
+                            p);
+}
+
+} // namespace fk
