@@ -36,7 +36,7 @@ emu_build() {
   local flavour=$1 src=$2 out=$3 kroot=$4 troot=$5 obj=$6
   local cuda_include
   cuda_include="$(dirname "$NVCC")/../include"
-  local flags=(-std=c++17 -fno-strict-aliasing -Wall -Wextra -Wno-unknown-pragmas
+  local flags=(-std=c++17 -fno-strict-aliasing -Wall -Wextra -Wno-unknown-pragmas -Wno-psabi
     -I"$obj" -I"$troot/tests/emulator" -I"$kroot" -isystem "$cuda_include")
   case $flavour in
   plain) g++ "${flags[@]}" -O2 "$src" -o "$out" ;;

@@ -14,7 +14,7 @@ namespace fk {
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_fwd_sm80(const fk_attention_fwd_params &params, cudaStream_t stream);
 
-// TMA + wgmma path (dense_fwd_sm90.cuh), head dims padded to 64 or 128, for a compute
+// TMA + wgmma path (dense_fwd_sm90.cuh), head dims padded to 64, 128 or 256, for a compute
 // capability 9.0 device (use_sm90_kernels) and params that dense_fwd_sm90_eligible accepts.
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_fwd_sm90(const fk_attention_fwd_params &params, cudaStream_t stream);

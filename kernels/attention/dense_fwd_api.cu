@@ -27,13 +27,14 @@ cudaError_t dispatch_mask_sm90(const fk_attention_fwd_params &p, cudaStream_t s)
 }
 
 // Head dims are padded up to the next compiled size (64, 128, 256). Hopper takes the TMA +
-// wgmma kernels where they apply (head dim <= 128, dense batch, TMA-describable operands).
+// wgmma kernels where they apply (dense batch, TMA-describable operands).
 template <typename T>
 cudaError_t dispatch_head_dim(const fk_attention_fwd_params &p, cudaStream_t s) {
-  if (p.base.shape.head_dim <= 128 && fk::use_sm90_kernels(p.base.shape.device) &&
-      fk::dense_fwd_sm90_eligible(p))
-    return p.base.shape.head_dim <= 64 ? dispatch_mask_sm90<64, T>(p, s)
-                                       : dispatch_mask_sm90<128, T>(p, s);
+  if (fk::use_sm90_kernels(p.base.shape.device) && fk::dense_fwd_sm90_eligible(p)) {
+    if (p.base.shape.head_dim <= 64) return dispatch_mask_sm90<64, T>(p, s);
+    if (p.base.shape.head_dim <= 128) return dispatch_mask_sm90<128, T>(p, s);
+    return dispatch_mask_sm90<256, T>(p, s);
+  }
   if (p.base.shape.head_dim <= 64) return dispatch_mask<64, T>(p, s);
   if (p.base.shape.head_dim <= 128) return dispatch_mask<128, T>(p, s);
   return dispatch_mask<256, T>(p, s);
@@ -48,7 +49,7 @@ namespace fk {
 // tensor map has no zero-sized dimension).
 bool dense_fwd_sm90_eligible(const fk_attention_fwd_params &p) {
   const fk_attention_shape &s = p.base.shape;
-  if (p.cu_seqlens_q != nullptr || s.head_dim > 128 || s.seqlen_k < 1) return false;
+  if (p.cu_seqlens_q != nullptr || s.seqlen_k < 1) return false;
   const auto tma_ok = [&](const void *base, const fk_strides &st, int rows, int heads) {
     const int64_t strides[3] = {rows > 1 ? st.row : 8, heads > 1 ? st.head : 8,
                                 s.batch > 1 ? st.batch : 8};

@@ -16,8 +16,9 @@
 // K and V of block n + 1 stream in while block n is computed. The epilogue writes O and
 // LSE straight from the accumulators. Taken where every operand is TMA-describable and
 // the batch is dense (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
-// Not yet here (issue 17): intra-warpgroup overlap of softmax and wgmma, ping-pong between
-// the consumers, a persistent scheduler, varlen, head dim 256.
+// Head dims padded to 64 and 128 (128 x 128 tiles) and 256 (128 x 64). Not yet here
+// (issue 17): intra-warpgroup overlap of softmax and wgmma, ping-pong between the
+// consumers, a persistent scheduler, varlen.
 #pragma once
 
 #include "../common/launch.cuh"
@@ -31,8 +32,10 @@ namespace fk {
 template <int kHeadDim_, typename Element_> struct AttnFwdTraitsSm90 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma n of the wrappers in sm90.cuh");
-  static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "wgmma n of the wrappers in sm90.cuh");
+  // D 256: 64-key blocks (S = 32 accumulators, O = 128 per thread; 192 KB of stages).
+  static constexpr int kBlockM = 128, kBlockN = kHeadDim == 256 ? 64 : 128, kStages = 2;
   static constexpr int kDBlocks = kHeadDim / 64; // 64-column sub-tiles (one swizzle span)
   static constexpr int kConsumers = 2, kLaunchThreads = 384;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
