@@ -153,13 +153,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   auto load_q_do = [&](int it, int stage) {
     const int h = iter_head(it);
     const int m0 = iter_m0(it);
+    // One fill for both (same rows): the row tests and shared offsets are shared.
     load_tile<Tr::kNThreads, D, BM>(
         FirstRows{nq - m0}, chunks_valid, tid,
         tile_source(sQ + stage * Tr::kSmemQ,
                     q + int64_t(h) * p.base.q_stride.head + int64_t(m0) * p.base.q_stride.row,
-                    p.base.q_stride.row));
-    load_tile<Tr::kNThreads, D, BM>(
-        FirstRows{nq - m0}, chunks_valid, tid,
+                    p.base.q_stride.row),
         tile_source(sdO + stage * Tr::kSmemQ,
                     dout + int64_t(h) * p.do_stride.head + int64_t(m0) * p.do_stride.row,
                     p.do_stride.row));

@@ -105,8 +105,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     const FirstRows rows{nk - n_begin * BN};
     load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
                                 tile_source(sK + (n_begin & 1) * Traits::kSmemKV,
-                                            k + first * p.base.k_stride.row, p.base.k_stride.row));
-    load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
+                                            k + first * p.base.k_stride.row, p.base.k_stride.row),
                                 tile_source(sV + (n_begin & 1) * Traits::kSmemKV,
                                             v + first * p.base.v_stride.row, p.base.v_stride.row));
   }
@@ -132,15 +131,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   attn::OnlineSoftmax<MT> softmax;
   const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
 
-  for (int n = n_begin; n < n_end; ++n) {
+  // The loop's bound as a key row: key blocks n_begin <= n < n_end are those with
+  // n BN < k_end. Without a right bound that is nk itself, which the masking holds anyway:
+  // one register fewer through the loop (at D = 256 the one that spilled).
+  const int k_end = has_right ? min(n_end * BN, nk) : nk;
+  for (int n = n_begin; n * BN < k_end; ++n) {
     const int stage = n & 1;
-    if (n + 1 < n_end) {
+    if ((n + 1) * BN < k_end) {
       const int64_t next = int64_t(n + 1) * BN;
       const FirstRows rows{nk - (n + 1) * BN};
       load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
                                   tile_source(sK + (stage ^ 1) * Traits::kSmemKV,
-                                              k + next * p.base.k_stride.row, p.base.k_stride.row));
-      load_tile<kNThreads, D, BN>(rows, d_chunks, tid,
+                                              k + next * p.base.k_stride.row, p.base.k_stride.row),
                                   tile_source(sV + (stage ^ 1) * Traits::kSmemKV,
                                               v + next * p.base.v_stride.row, p.base.v_stride.row));
       cp_async_commit();
@@ -158,11 +160,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     attn::gemm_abt<D>(s, q_src, sKs, lane);
 
     const int k0 = n * BN;
+    // Offset of key k0 from the diagonal of row m0. 32-bit is exact since sequences are
+    // < 2^30 (k0 - diag < nq), and so are the tests below (no 64-bit bounds held through
+    // the key loop: 1 to 6 registers fewer in the masked kernels, measured).
+    const int rel0 = k0 - m0 - diag;
     // Per-element masking only on blocks that cross the sequence end or a band edge.
-    const bool need_mask =
-        (k0 + BN > nk) ||
-        (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
-        (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
+    const bool need_mask = (k0 + BN > nk) || (has_right && rel0 + BN - 1 > p.window_right) ||
+                           (has_left && rel0 < BM - 1 - p.window_left);
     if (need_mask) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -170,10 +174,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int col = k0 + j * 8 + 2 * t + (e & 1);
-            // Key offset from the diagonal; 32-bit is exact since sequences are < 2^30.
-            const int rel = col - (m0 + warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0)) - diag;
-            if (col >= nk || (has_right && rel > p.window_right) ||
+            const int dcol = j * 8 + 2 * t + (e & 1);
+            // The key's offset from the diagonal of this element's row.
+            const int rel = rel0 + dcol - (warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0));
+            if (k0 + dcol >= nk || (has_right && rel > p.window_right) ||
                 (has_left && rel < -p.window_left))
               s[mt][j][e] = -INFINITY;
           }
@@ -201,7 +205,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   __syncwarp();
 
-  Element *o = static_cast<Element *>(p.o) + strided_batch * p.base.o_stride.batch +
+  // The batch read anew: held through the key loop it was the spilled register (D = 256).
+  const unsigned o_batch = p.cu_seqlens_q != nullptr ? 0 : attn::fresh_block_idx_z();
+  Element *o = static_cast<Element *>(p.o) + o_batch * p.base.o_stride.batch +
                head * p.base.o_stride.head + int64_t(q_start) * p.base.o_stride.row;
   store_rows<D, Traits::kWarpRows>(
       o, p.base.o_stride.row, sO, warp_row0,
@@ -217,7 +223,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       for (int r = 0; r < 2; ++r) {
         const int grow = m0 + warp_row0 + mt * 16 + g + 8 * r;
         if (grow < nq)
-          p.lse[strided_batch * p.base.lse_stride.batch + head * p.base.lse_stride.head + q_start +
+          p.lse[o_batch * p.base.lse_stride.batch + head * p.base.lse_stride.head + q_start +
                 grow] = lse[mt][r];
       }
   }
@@ -238,6 +244,13 @@ cudaError_t launch_dense_fwd(const fk_attention_fwd_params &p, cudaStream_t stre
 // (not yet measured) keeps Q in shared memory (64 Q registers would spill next to 128
 // accumulators) and halves the key block so shared memory stays at 96 KB, which sm_86
 // and sm_89 (99 KB per block) can launch.
+// FlashAttention-2's D=128 shape (2 m-tiles, 4 warps, Q re-read from shared memory, 2
+// blocks per SM: 255 registers are allowed at 128 threads) re-measured with ptxas after
+// the fragment addressing of common/gemm.cuh stopped spilling: kBlockN 64 still spills
+// 68-204 bytes, 32 spills 4-16 bytes (masked, and unmasked on sm_90a), only 16 is free
+// (236-245 registers); with 16 keys per block each Q fragment feeds as few MMAs as each K
+// fragment, so it reads as much shared memory per MMA as the shape below, with four times
+// the barriers. D=128 keeps one m-tile, Q in registers (232-247 registers, no spills).
 template <int kHeadDim> struct DenseFwdConfigSm80;
 template <> struct DenseFwdConfigSm80<64> {
   static constexpr int kMTiles = 2, kNWarps = 4, kBlockN = 64, kMinBlocksPerSm = 2;

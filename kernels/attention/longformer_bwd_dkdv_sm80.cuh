@@ -228,6 +228,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   // loaded). The barrier orders sKtok's writes (made even when n_iters == 0) before the
   // epilogue reads them.
   __syncthreads();
+  // This thread's first key row (warp_row0 + g), from a fresh thread index: held through
+  // the loop it was the one spilled register (D = 128).
+  const int row_g = [] {
+    const int tid_e = fresh_thread_idx();
+    return (tid_e / 32) * 16 + (tid_e % 32) / 4;
+  }();
   // Exact zeros for keys that can never be a key (the overwrite and split results; the
   // accumulate path leaves such rows alone).
 #pragma unroll
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (key_i[r] < 0) continue;
-      float *pk = p.partial + (ws_row0 + warp_row0 + g + 8 * r) * sh.head_dim + 2 * t;
+      float *pk = p.partial + (ws_row0 + row_g + 8 * r) * sh.head_dim + 2 * t;
 #pragma unroll
       for (int i = 0; i < kOTiles; ++i)
         if (i < chunks_valid) {
@@ -290,10 +296,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   // Overwrite: every row with a token (the tile's keys, or the listed ones for
   // GLOBAL_COLS), staged in this warp's rows of sK / sV for 16-byte stores.
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
-    stage_row<D>(sK, warp_row0 + g + 8 * r, acc[kDk], r, sh.softmax_scale, t);
+  for (int r = 0; r < 2; ++r) stage_row<D>(sK, row_g + 8 * r, acc[kDk], r, sh.softmax_scale, t);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) stage_row<D>(sV, warp_row0 + g + 8 * r, acc[kDv], r, 1.f, t);
+  for (int r = 0; r < 2; ++r) stage_row<D>(sV, row_g + 8 * r, acc[kDv], r, 1.f, t);
   int *tok_s = sKtok; // the tokens of the rows (D = 128: written before the loop)
   if (!kTokInSmem && lane < 16) tok_s[warp_row0 + lane] = krows.token(n0 + warp_row0 + lane);
   __syncwarp();

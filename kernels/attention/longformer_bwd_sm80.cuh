@@ -44,7 +44,8 @@ namespace fk {
 
 // Tile configuration per padded head dim (tiles are FK_LONGFORMER_BWD_BLOCK = 64 on both
 // sides): 4 warps per block; dK/dV takes kKVBlockM queries per step (the dense D = 128
-// choice: 32); dQ works through a step's 64 keys in kQKeySplit parts.
+// choice: 32); dQ works through a step's 64 keys in kQKeySplit parts (D = 128: 4 parts of
+// 16 keys, 238-250 registers; 2 parts of 32 spilled 4 bytes on sm_80).
 template <int kHeadDim> struct LongformerBwdConfigSm80;
 template <> struct LongformerBwdConfigSm80<64> {
   static constexpr int kKVBlockM = 64, kKVMinBlocks = 2;
@@ -52,7 +53,7 @@ template <> struct LongformerBwdConfigSm80<64> {
 };
 template <> struct LongformerBwdConfigSm80<128> {
   static constexpr int kKVBlockM = 32, kKVMinBlocks = 1;
-  static constexpr int kQKeySplit = 2, kQMinBlocks = 1;
+  static constexpr int kQKeySplit = 4, kQMinBlocks = 1;
 };
 
 template <typename Element>

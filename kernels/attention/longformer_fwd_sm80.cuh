@@ -139,11 +139,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
         tok = tok_of(row);
         return tok >= 0 && chunk_ok() && (pad == nullptr || pad[tok] == 0);
       };
+      // K and V in one fill: the row map (token, padding) is evaluated once per chunk.
       load_tile<Traits::kNThreads, D, BN>(
-          key_row, d_chunks, tid,
-          tile_source(sK + stage * Traits::kSmemKV, k, p.base.k_stride.row));
-      load_tile<Traits::kNThreads, D, BN>(
-          key_row, d_chunks, tid,
+          key_row, d_chunks, tid, tile_source(sK + stage * Traits::kSmemKV, k, p.base.k_stride.row),
           tile_source(sV + stage * Traits::kSmemKV, v, p.base.v_stride.row));
       // The tile's tokens, for its flags and causal cut (read after the loop's barrier).
       if (tid < BN) sKTok[stage * BN + tid] = tok_of(tid);
@@ -157,14 +155,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       src = row;
       return row < rows_valid && chunk_ok() && (tpad == nullptr || tpad[row] == 0);
     };
-    load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
-                                        tile_source(sK + stage * Traits::kSmemKV,
-                                                    k + int64_t(k0) * p.base.k_stride.row,
-                                                    p.base.k_stride.row));
-    load_tile<Traits::kNThreads, D, BN>(key_row, d_chunks, tid,
-                                        tile_source(sV + stage * Traits::kSmemKV,
-                                                    v + int64_t(k0) * p.base.v_stride.row,
-                                                    p.base.v_stride.row));
+    load_tile<Traits::kNThreads, D, BN>(
+        key_row, d_chunks, tid,
+        tile_source(sK + stage * Traits::kSmemKV, k + int64_t(k0) * p.base.k_stride.row,
+                    p.base.k_stride.row),
+        tile_source(sV + stage * Traits::kSmemKV, v + int64_t(k0) * p.base.v_stride.row,
+                    p.base.v_stride.row));
   };
 
   // Q rows: the block's tokens, zeros where none or padded.

@@ -3,6 +3,7 @@
 // - SeqInfo: one sequence of a dense or variable-length (cu_seqlens) batch, its lengths and
 //   where its rows start in Q-like and K-like tensors and in LSE. Used by the dense
 //   forward and backward.
+// - fresh_thread_idx, fresh_block_idx_z: an index read again for an epilogue.
 // - LongformerRows, gathered_token: the rows of one side of a Longformer pass, contiguous
 //   tokens or a gathered list (q_rows / k_rows); LongformerWork: the slice of its CSR row
 //   of the host's work list a block visits (its split of it when num_splits > 1). Used by
@@ -15,6 +16,31 @@
 
 namespace fk {
 namespace attn {
+
+// threadIdx.x / blockIdx.z read anew, for an epilogue. The compiler treats every read of a
+// special register as the same value, so an index the kernel read at its start is kept in
+// a register through the whole main loop only for the epilogue's addresses; at 255
+// registers that one is what spills (stored before the loop, reloaded after it). An
+// opaque read makes the epilogue fetch it again instead. The CPU emulator (host C++, no
+// __CUDA_ARCH__) reads the variable.
+__device__ __forceinline__ int fresh_thread_idx() {
+#ifdef __CUDA_ARCH__
+  unsigned v;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
+  return int(v);
+#else
+  return int(threadIdx.x);
+#endif
+}
+__device__ __forceinline__ int fresh_block_idx_z() {
+#ifdef __CUDA_ARCH__
+  unsigned v;
+  asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v));
+  return int(v);
+#else
+  return int(blockIdx.z);
+#endif
+}
 
 // Rows of one sequence (batch entry). Dense: the batch strides locate it; varlen: the
 // packed row offsets do (and the batch strides are ignored). Params: the forward's or the

@@ -31,12 +31,42 @@ template <int NT> __device__ __forceinline__ void zero(float (&x)[NT][4]) {
     for (int e = 0; e < 4; ++e) x[j][e] = 0.f;
 }
 
-// A fragment (rows [row0, row0 + 16), k-step ks) of a row-major tile of COLS columns.
+// SwizzledTile<COLS>::offset(row, 2 c + h) split into a per-thread part and a
+// compile-time one, for a lane's ldmatrix row (row & 7 == r) and half h (0 or 1): chunk
+// 2 c + h = 8 (c / 4) + (2 (c % 4) ^ h), and the XOR with r < 8 only touches the low three
+// bits, so offset = row COLS + 64 (c / 4) + ((2 (c % 4) ^ h ^ r) << 3). Only the four
+// values of the last term depend on the lane: every fragment address of a loop is then one
+// of four registers plus a constant (folded into ldmatrix's immediate), instead of one
+// loop-invariant register per (k-step, tile) that the compiler hoists out of the key loop
+// (at D = 256 those 16 Q addresses spilled).
+struct SwizzleCols {
+  int x; // h ^ r
+  __device__ __forceinline__ SwizzleCols(int h, int r) : x(h ^ r) {}
+  // Element offset, within its row, of chunk 2 c + h (c a compile-time constant once
+  // unrolled).
+  __device__ __forceinline__ int operator()(int c) const {
+    return (c / 4) * 64 + (((2 * (c % 4)) ^ x) << 3);
+  }
+};
+// The lane pattern of an A fragment (and of ldmatrix trans on a row-major B tile): rows
+// (lane % 8) + 8 ((lane / 8) & 1), chunk half lane / 16.
+__device__ __forceinline__ int frag_row_a(int lane) { return (lane % 8) + ((lane / 8) & 1) * 8; }
+__device__ __forceinline__ SwizzleCols frag_cols_a(int lane) {
+  return SwizzleCols(lane / 16, lane % 8);
+}
+// The lane pattern of a B fragment pair (gemm_abt): rows 8 (lane / 16) + lane % 8, chunk
+// half (lane / 8) & 1.
+__device__ __forceinline__ int frag_row_b(int lane) { return (lane / 16) * 8 + (lane % 8); }
+__device__ __forceinline__ SwizzleCols frag_cols_b(int lane) {
+  return SwizzleCols((lane / 8) & 1, lane % 8);
+}
+
+// A fragment (rows [row0, row0 + 16), k-step ks) of a row-major tile of COLS columns
+// (row0 a multiple of 8).
 template <int COLS, typename Element>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const Element *tile, int row0, int ks,
                                        int lane) {
-  const int row = row0 + (lane % 8) + ((lane / 8) & 1) * 8;
-  ldmatrix_x4(a, smem_addr(tile + SwizzledTile<COLS>::offset(row, 2 * ks + lane / 16)));
+  ldmatrix_x4(a, smem_addr(tile + (row0 + frag_row_a(lane)) * COLS + frag_cols_a(lane)(ks)));
 }
 
 // A operands of gemm_abt: m-tile mt is rows [row0 + 16 mt, row0 + 16 mt + 16) of a
@@ -72,9 +102,7 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[MT][NT][4], const ASource 
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       uint32_t b[4];
-      const int row = (j + lane / 16) * 8 + (lane % 8);
-      ldmatrix_x4(b,
-                  smem_addr(b_tile + SwizzledTile<COLS>::offset(row, 2 * ks + ((lane / 8) & 1))));
+      ldmatrix_x4(b, smem_addr(b_tile + (j * 8 + frag_row_b(lane)) * COLS + frag_cols_b(lane)(ks)));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma_16x8x16<Element>(acc[mt][j], a[mt], b[0], b[1]);
@@ -113,8 +141,8 @@ __device__ __forceinline__ void gemm_xb(float (&acc)[MT][COLS / 8][4], const flo
 #pragma unroll
     for (int np = 0; np < COLS / 16; ++np) {
       uint32_t b[4];
-      const int row = kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-      ldmatrix_x4_trans(b, smem_addr(b_tile + SwizzledTile<COLS>::offset(row, 2 * np + lane / 16)));
+      ldmatrix_x4_trans(
+          b, smem_addr(b_tile + (kk * 16 + frag_row_a(lane)) * COLS + frag_cols_a(lane)(np)));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma_16x8x16<Element>(acc[mt][2 * np], a[mt], b[0], b[1]);
