@@ -2,11 +2,14 @@
 // warpgroup, with dense_fwd_sm80.cuh's rules (masks aligned bottom-right, windows, GQA, LSE,
 // head dims padded up to the compiled one).
 //
-// A block owns 128 query rows of one (batch, head) and has three warpgroups:
-// - the producer (setmaxnreg.dec) whose elected thread loads Q once and the K and V tiles of
-//   every visible key block by TMA (128-byte swizzle, zero fill past the sequence and past
+// A persistent grid (one block per multiprocessor) walks the tiles of 128 query rows of one
+// (batch, head), heaviest first under causal masking (the last query blocks of every head
+// before any earlier one). A block has three warpgroups:
+// - the producer (setmaxnreg.dec) whose elected thread loads each tile's Q (once the
+//   consumers have released the last one: q_full / q_empty) and the K and V tiles of every
+//   visible key block by TMA (128-byte swizzle, zero fill past the sequence and past
 //   head_dim) into two stages, each with a `full` mbarrier (bytes) and an `empty` one (one
-//   arrival per consumer);
+//   arrival per consumer), running ahead into the next tile;
 // - two consumers (setmaxnreg.inc) of 64 query rows each: S = Q K^T by wgmma from shared
 //   memory (both K-major), the masks and FlashAttention-2's online softmax on the
 //   accumulators (per warp mma.sync's m16n8 fragment layout, so common/softmax.cuh runs on
@@ -18,7 +21,7 @@
 // the batch is dense (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
 // Head dims padded to 64 and 128 (128 x 128 tiles) and 256 (128 x 64). Not yet here
 // (issue 17): intra-warpgroup overlap of softmax and wgmma, ping-pong between the
-// consumers, a persistent scheduler, varlen.
+// consumers, varlen.
 #pragma once
 
 #include "../common/launch.cuh"
@@ -41,7 +44,7 @@ template <int kHeadDim_, typename Element_> struct AttnFwdTraitsSm90 {
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // one K or V stage
   static constexpr size_t kBarrierOffset = size_t(kTileQBytes) + 4 * size_t(kTileKVBytes);
-  static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (2 + 2 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
@@ -78,23 +81,35 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   unsigned char *sK = sQ + Traits::kTileQBytes;
   unsigned char *sV = sK + 2 * Traits::kTileKVBytes;
   uint64_t *q_full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
-  uint64_t *kv_full = q_full + 1, *kv_empty = kv_full + 2;
+  uint64_t *q_empty = q_full + 1, *kv_full = q_full + 2, *kv_empty = kv_full + 2;
 
-  // Reverse order: under causal masking the last query blocks have the most work.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int head = blockIdx.y, batch = blockIdx.z;
-  const int head_kv = head / (p.base.shape.heads / p.base.shape.heads_kv);
-  const int nq = p.base.shape.seqlen_q, nk = p.base.shape.seqlen_k;
-  const int m0 = m_block * BM, diag = nk - nq;
+  const int nq = p.base.shape.seqlen_q, nk = p.base.shape.seqlen_k, diag = nk - nq;
   const bool has_left = kHasMask && p.window_left >= 0;
   const bool has_right = kHasMask && p.window_right >= 0;
-  int n_begin, n_end;
-  visible_key_blocks<BM, BN>(m0, nk, diag, has_left, has_right, p.window_left, p.window_right,
-                             n_begin, n_end);
+  const int heads = p.base.shape.heads, group = heads / p.base.shape.heads_kv;
+  const int m_blocks = (nq + BM - 1) / BM;
+  const int tiles = m_blocks * heads * p.base.shape.batch;
+  // Persistent: block b takes tiles b, b + gridDim.x, ...; tile i is query block
+  // m_blocks - 1 - i / (heads batch) of (head, batch) = (i % heads, i / heads % batch), so
+  // the heaviest blocks under causal masking (the last ones) go first across all heads.
+  struct Tile {
+    int m0, head, batch, n_begin, n_end;
+  };
+  const auto tile_at = [&](int i) {
+    Tile t;
+    const int hb = heads * p.base.shape.batch;
+    t.m0 = (m_blocks - 1 - i / hb) * BM;
+    t.head = i % hb % heads;
+    t.batch = i % hb / heads;
+    visible_key_blocks<BM, BN>(t.m0, nk, diag, has_left, has_right, p.window_left, p.window_right,
+                               t.n_begin, t.n_end);
+    return t;
+  };
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
     sm90::mbarrier_init(q_full, 1);
+    sm90::mbarrier_init(q_empty, Traits::kConsumers);
     for (int s = 0; s < 2; ++s) {
       sm90::mbarrier_init(&kv_full[s], 1);
       sm90::mbarrier_init(&kv_empty[s], Traits::kConsumers);
@@ -106,25 +121,31 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   if (wg == Traits::kConsumers) { // producer
     sm90::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x % 128 == 0) {
-      sm90::mbarrier_arrive_expect_tx(q_full, Traits::kTileQBytes);
-#pragma unroll
-      for (int b = 0; b < Traits::kDBlocks; ++b)
-        sm90::tma_load_4d(sQ + b * BM * 128, &map_q, q_full, 64 * b, m0, head, batch);
       int stage = 0;
-      uint32_t phase = 0;
-      for (int n = n_begin; n < n_end; ++n) {
-        sm90::mbarrier_wait(&kv_empty[stage], phase ^ 1);
-        sm90::mbarrier_arrive_expect_tx(&kv_full[stage], 2 * Traits::kTileKVBytes);
-        unsigned char *k = sK + stage * Traits::kTileKVBytes;
-        unsigned char *v = sV + stage * Traits::kTileKVBytes;
+      uint32_t phase = 0, q_phase = 0;
+      for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
+        const Tile tl = tile_at(i);
+        const int head_kv = tl.head / group;
+        sm90::mbarrier_wait(q_empty, q_phase ^ 1); // the consumers are done with the last Q
+        sm90::mbarrier_arrive_expect_tx(q_full, Traits::kTileQBytes);
 #pragma unroll
-        for (int b = 0; b < Traits::kDBlocks; ++b) {
-          sm90::tma_load_4d(k + b * BN * 128, &map_k, &kv_full[stage], 64 * b, n * BN, head_kv,
-                            batch);
-          sm90::tma_load_4d(v + b * BN * 128, &map_v, &kv_full[stage], 64 * b, n * BN, head_kv,
-                            batch);
+        for (int b = 0; b < Traits::kDBlocks; ++b)
+          sm90::tma_load_4d(sQ + b * BM * 128, &map_q, q_full, 64 * b, tl.m0, tl.head, tl.batch);
+        q_phase ^= 1;
+        for (int n = tl.n_begin; n < tl.n_end; ++n) {
+          sm90::mbarrier_wait(&kv_empty[stage], phase ^ 1);
+          sm90::mbarrier_arrive_expect_tx(&kv_full[stage], 2 * Traits::kTileKVBytes);
+          unsigned char *k = sK + stage * Traits::kTileKVBytes;
+          unsigned char *v = sV + stage * Traits::kTileKVBytes;
+#pragma unroll
+          for (int b = 0; b < Traits::kDBlocks; ++b) {
+            sm90::tma_load_4d(k + b * BN * 128, &map_k, &kv_full[stage], 64 * b, n * BN, head_kv,
+                              tl.batch);
+            sm90::tma_load_4d(v + b * BN * 128, &map_v, &kv_full[stage], 64 * b, n * BN, head_kv,
+                              tl.batch);
+          }
+          if (++stage == 2) stage = 0, phase ^= 1;
         }
-        if (++stage == 2) stage = 0, phase ^= 1;
       }
     }
     return;
@@ -134,102 +155,110 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   sm90::warpgroup_reg_alloc<Traits::kConsumerRegs>();
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row0 = 64 * wg + 16 * ((threadIdx.x / 32) % 4); // in the block
-  float o[1][kOTiles][4];
-  float (&od)[D / 2] = reinterpret_cast<float (&)[D / 2]>(o);
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) od[i] = 0.f;
-  attn::OnlineSoftmax<1> softmax;
   const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
-
-  sm90::mbarrier_wait(q_full, 0);
   int stage = 0;
-  uint32_t phase = 0;
-  for (int n = n_begin; n < n_end; ++n) {
-    sm90::mbarrier_wait(&kv_full[stage], phase);
-    const unsigned char *k = sK + stage * Traits::kTileKVBytes;
-    const unsigned char *v = sV + stage * Traits::kTileKVBytes;
+  uint32_t phase = 0, q_phase = 0;
+  for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
+    const Tile tl = tile_at(i);
+    const int m0 = tl.m0;
+    float o[1][kOTiles][4];
+    float (&od)[D / 2] = reinterpret_cast<float (&)[D / 2]>(o);
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) od[e] = 0.f;
+    attn::OnlineSoftmax<1> softmax;
 
-    // S = Q K^T for this warpgroup's 64 rows and the block's BN keys.
-    float s[1][kSTiles][4];
-    float (&sd)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) sd[i] = 0.f;
-    sm90::fence_registers(sd);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int b = ks / 4, kb = 32 * (ks % 4);
-      const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
-      const uint64_t dk = sm90::make_smem_desc_sw128(k + b * BN * 128);
-      sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb),
-                                  sm90::advance_smem_desc(dk, kb), 1);
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers(sd);
+    sm90::mbarrier_wait(q_full, q_phase);
+    q_phase ^= 1;
+    for (int n = tl.n_begin; n < tl.n_end; ++n) {
+      sm90::mbarrier_wait(&kv_full[stage], phase);
+      const unsigned char *k = sK + stage * Traits::kTileKVBytes;
+      const unsigned char *v = sV + stage * Traits::kTileKVBytes;
 
-    const int k0 = n * BN;
-    const bool need_mask =
-        (k0 + BN > nk) ||
-        (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
-        (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
-    if (need_mask) {
+      // S = Q K^T for this warpgroup's 64 rows and the block's BN keys.
+      float s[1][kSTiles][4];
+      float (&sd)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
+      for (int e = 0; e < BN / 2; ++e) sd[e] = 0.f;
+      sm90::fence_registers(sd);
+      sm90::wgmma_fence();
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = k0 + j * 8 + 2 * t + (e & 1);
-          const int rel = col - (m0 + warp_row0 + g + (e >= 2 ? 8 : 0)) - diag;
-          if (col >= nk || (has_right && rel > p.window_right) ||
-              (has_left && rel < -p.window_left))
-            s[0][j][e] = -INFINITY;
-        }
-    }
-    softmax.update(s, o, scale_log2);
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const int b = ks / 4, kb = 32 * (ks % 4);
+        const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
+        const uint64_t dk = sm90::make_smem_desc_sw128(k + b * BN * 128);
+        sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb),
+                                    sm90::advance_smem_desc(dk, kb), 1);
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(sd);
+      // The last key block's S was the last read of Q: the producer may load the next one.
+      if (n + 1 == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
 
-    // O += P V: P as mma.sync A fragments (n-tiles 2 kk and 2 kk + 1 of S), V MN-major.
-    uint32_t pf[BN / 16][4];
+      const int k0 = n * BN;
+      const bool need_mask =
+          (k0 + BN > nk) ||
+          (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
+          (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
+      if (need_mask) {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-      pf[kk][1] = ElemTraits<Element>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-      pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-      pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-    }
-    sm90::fence_registers(od);
-    sm90::wgmma_fence();
+        for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      sm90::wgmma_rs_tb<Element, D>(od, pf[kk],
-                                    sm90::make_smem_desc_sw128_mn(v + kk * 16 * 128, BN * 128), 1);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers(od);
-    if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
-    if (++stage == 2) stage = 0, phase ^= 1;
-  }
+          for (int e = 0; e < 4; ++e) {
+            const int col = k0 + j * 8 + 2 * t + (e & 1);
+            const int rel = col - (m0 + warp_row0 + g + (e >= 2 ? 8 : 0)) - diag;
+            if (col >= nk || (has_right && rel > p.window_right) ||
+                (has_left && rel < -p.window_left))
+              s[0][j][e] = -INFINITY;
+          }
+      }
+      softmax.update(s, o, scale_log2);
 
-  // Epilogue: O and LSE straight from the accumulators (rows past nq and columns past
-  // head_dim are not stored).
-  Element *out = static_cast<Element *>(p.o) + int64_t(batch) * p.base.o_stride.batch +
-                 int64_t(head) * p.base.o_stride.head;
+      // O += P V: P as mma.sync A fragments (n-tiles 2 kk and 2 kk + 1 of S), V MN-major.
+      uint32_t pf[BN / 16][4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float lse;
-    const float inv_sum = softmax.finalize(0, r, lse);
-    const int row = m0 + warp_row0 + g + 8 * r;
-    if (row >= nq) continue;
-    Element *orow = out + int64_t(row) * p.base.o_stride.row;
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+        pf[kk][1] = ElemTraits<Element>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+        pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+        pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+      }
+      sm90::fence_registers(od);
+      sm90::wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < kOTiles; ++j) {
-      const int col = 8 * j + 2 * t;
-      if (col < p.base.shape.head_dim)
-        *reinterpret_cast<uint32_t *>(orow + col) =
-            ElemTraits<Element>::pack(o[0][j][2 * r] * inv_sum, o[0][j][2 * r + 1] * inv_sum);
+      for (int kk = 0; kk < BN / 16; ++kk)
+        sm90::wgmma_rs_tb<Element, D>(
+            od, pf[kk], sm90::make_smem_desc_sw128_mn(v + kk * 16 * 128, BN * 128), 1);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(od);
+      if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
+      if (++stage == 2) stage = 0, phase ^= 1;
     }
-    if (t == 0)
-      p.lse[int64_t(batch) * p.base.lse_stride.batch + int64_t(head) * p.base.lse_stride.head +
-            row] = lse;
+    if (tl.n_begin == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
+
+    // Epilogue: O and LSE straight from the accumulators (rows past nq and columns past
+    // head_dim are not stored).
+    Element *out = static_cast<Element *>(p.o) + int64_t(tl.batch) * p.base.o_stride.batch +
+                   int64_t(tl.head) * p.base.o_stride.head;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float lse;
+      const float inv_sum = softmax.finalize(0, r, lse);
+      const int row = m0 + warp_row0 + g + 8 * r;
+      if (row >= nq) continue;
+      Element *orow = out + int64_t(row) * p.base.o_stride.row;
+#pragma unroll
+      for (int j = 0; j < kOTiles; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (col < p.base.shape.head_dim)
+          *reinterpret_cast<uint32_t *>(orow + col) =
+              ElemTraits<Element>::pack(o[0][j][2 * r] * inv_sum, o[0][j][2 * r + 1] * inv_sum);
+      }
+      if (t == 0)
+        p.lse[int64_t(tl.batch) * p.base.lse_stride.batch +
+              int64_t(tl.head) * p.base.lse_stride.head + row] = lse;
+    }
   }
 #endif
 }
@@ -259,7 +288,13 @@ cudaError_t run_dense_fwd_sm90(const fk_attention_fwd_params &p, cudaStream_t st
       (err = attention_map(&mv, p.base.v, p.base.v_stride, s.seqlen_k, s.heads_kv, s.batch,
                            s.head_dim, Traits::kBlockN, kBf16)))
     return err;
-  const dim3 grid((s.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, s.heads, s.batch);
+  // Persistent: one block per multiprocessor at most (the kernel counts tiles in int).
+  const int64_t tiles =
+      int64_t((s.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM) * s.heads * s.batch;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  const int sms = device_sm_count(s.device);
+  if (sms <= 0) return cudaErrorInvalidDevice;
+  const dim3 grid(unsigned(tiles < sms ? tiles : sms));
   return launch_kernel_sm90(dense_fwd_sm90_kernel<Traits, kHasMask>, grid,
                             dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, mq, mk, mv,
                             p);
