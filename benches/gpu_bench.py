@@ -82,6 +82,24 @@ def sdpa_peer(backend, qt, kt, vt, **kw):
     return run
 
 
+try:  # FlashAttention-3 (Hopper), where installed: the peer the sm_90a kernels aim at
+    from flash_attn_interface import flash_attn_func as fa3_func
+except ImportError:
+    fa3_func = None
+
+
+def fa3_peer(q, k, v, causal):
+    """FA3 on the (B, N, H, D) tensors, or None where it is not installed."""
+    if fa3_func is None:
+        return None
+
+    def run():
+        out = fa3_func(q, k, v, causal=causal)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
 def train_step(fwd, grad_inputs, dout):
     """forward + backward of fwd() with upstream gradient dout."""
 
@@ -151,6 +169,9 @@ def case_fwd(d, n, causal, rounds, train=False, hkv=None):
     flops = dense_flops(b, h, n, n, d, causal)
     # Our forward on its sm80 kernel too: on Hopper the default is the TMA + wgmma one.
     fns = {"flashkernels": ours, SM80_PATH: sm80_path(ours), **peers}
+    fa3 = fa3_peer(q, k, v, causal)
+    if fa3 is not None:
+        fns["flash_attn_3"] = fa3
     if train:
         dout = randn(b, n, h, d, seed=seed + 3)
         doutt = dout.transpose(1, 2)

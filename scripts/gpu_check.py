@@ -215,17 +215,19 @@ def quick_steps():
         )
         for s in SMOKE_SUITES
     ]
-    # On an H100 / H200 the FFN forward takes its TMA + wgmma kernels (every GPU step above
-    # and below tests those); its sm80 kernels once more on the same device.
-    smoke.append(
+    # On an H100 / H200 the dense attention and FFN forwards take their TMA + wgmma kernels
+    # (every GPU step above and below tests those); their sm80 kernels once more on the same
+    # device.
+    smoke += [
         Step(
-            "smoke-gpu_ffn-sm80",
-            "gpu_ffn on the sm80 kernels (FLASHKERNELS_NO_SM90=1)",
-            rust_test("gpu_ffn", "--exact smoke"),
+            f"smoke-{s}-sm80",
+            f"{s} on the sm80 kernels (FLASHKERNELS_NO_SM90=1)",
+            rust_test(s, "--exact smoke"),
             45,
             {"FLASHKERNELS_NO_SM90": "1"},
         )
-    )
+        for s in ("gpu_attention_full", "gpu_ffn")
+    ]
     suites = [
         Step(
             f"rust-{s}",
