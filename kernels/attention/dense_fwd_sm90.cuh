@@ -19,9 +19,11 @@
 // K and V of block n + 1 stream in while block n is computed. The epilogue writes O and
 // LSE straight from the accumulators. Taken where every operand is TMA-describable and
 // the batch is dense (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
-// Head dims padded to 64 and 128 (128 x 128 tiles) and 256 (128 x 64). Not yet here
-// (issue 17): intra-warpgroup overlap of softmax and wgmma, ping-pong between the
-// consumers, varlen.
+// The consumers take turns issuing S = Q K^T (ping-pong on named barriers 2, 3) so that
+// one's softmax overlaps the other's wgmma. Head dims padded to 64 and 128 (128 x 128
+// tiles) and 256 (128 x 64). Not yet here (issue 17): intra-warpgroup overlap of softmax
+// with the next S, varlen (the C ABI gives the kernels no total row count, which a tensor
+// map needs).
 #pragma once
 
 #include "../common/launch.cuh"
@@ -156,6 +158,11 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row0 = 64 * wg + 16 * ((threadIdx.x / 32) % 4); // in the block
   const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
+  // Ping-pong (FlashAttention-3): the consumers take turns issuing S = Q K^T, so that one's
+  // softmax runs while the other's wgmma does. Warpgroup w waits for its turn at named
+  // barrier 2 + w and hands it over at the other's; warpgroup 0 goes first.
+  constexpr int kTurn = 2, kTurnThreads = 2 * 128;
+  if (wg == 1) sm90::named_barrier_arrive(kTurn + 0, kTurnThreads);
   int stage = 0;
   uint32_t phase = 0, q_phase = 0;
   for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
@@ -180,6 +187,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 #pragma unroll
       for (int e = 0; e < BN / 2; ++e) sd[e] = 0.f;
       sm90::fence_registers(sd);
+      sm90::named_barrier_sync(kTurn + wg, kTurnThreads);
       sm90::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
@@ -190,6 +198,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
                                     sm90::advance_smem_desc(dk, kb), 1);
       }
       sm90::wgmma_commit();
+      sm90::named_barrier_arrive(kTurn + 1 - wg, kTurnThreads);
       sm90::wgmma_wait<0>();
       sm90::fence_registers(sd);
       // The last key block's S was the last read of Q: the producer may load the next one.

@@ -103,6 +103,12 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// Arrives at named barrier `id` without waiting: with named_barrier_sync over the same
+// count, one warpgroup can hand a turn to another (ping-pong scheduling).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
 // setmaxnreg: a warpgroup gives up (dec) or claims (inc) registers; every warp of the
 // warpgroup executes it. Needs a register cap at entry (__launch_bounds__(threads, 1)).
 template <int kRegs> __device__ __forceinline__ void warpgroup_reg_alloc() {

@@ -22,7 +22,8 @@
 //   is reported. Products summed in k order per 16-k slice.
 // - setmaxnreg (a warpgroup collective, no other effect here), named barriers (bar.sync id,
 //   count: the race check counts their completion as a block barrier, which is exact for
-//   kernels whose other threads touch shared memory only through TMA and mbarriers),
+//   kernels whose other threads touch shared memory only through TMA and mbarriers;
+//   bar.arrive counts without waiting, and a phase with one orders nothing),
 //   fences (no effect: every write is visible at once here).
 //   A from registers (wgmma_rs_tb: per warp an mma.sync A fragment) and B MN-major with the
 //   128-byte swizzle (CUTLASS's canonical ((8,n),(8,k)):((1,LBO),(8,SBO)) in 16-byte units)
@@ -50,6 +51,7 @@
 #define tma_load_4d ptx_tma_load_4d
 #define fence_proxy_async_shared ptx_fence_proxy_async_shared
 #define named_barrier_sync ptx_named_barrier_sync
+#define named_barrier_arrive ptx_named_barrier_arrive
 #define warpgroup_reg_alloc ptx_warpgroup_reg_alloc
 #define warpgroup_reg_dealloc ptx_warpgroup_reg_dealloc
 #define wgmma_fence ptx_wgmma_fence
@@ -70,6 +72,7 @@
 #undef tma_load_4d
 #undef fence_proxy_async_shared
 #undef named_barrier_sync
+#undef named_barrier_arrive
 #undef warpgroup_reg_alloc
 #undef warpgroup_reg_dealloc
 #undef wgmma_fence
@@ -308,6 +311,22 @@ inline void named_barrier_sync(int id, int count) {
   if (n.count == 0) n.expected = count, n.block_epoch = true;
   else if (n.expected != count) emu::fail("named barrier used with two thread counts at once");
   emu::barrier_wait(n);
+}
+// bar.arrive: counts toward the phase without waiting. A phase with such an arrival orders
+// nothing for the race check (the arriving threads go on unordered).
+inline void named_barrier_arrive(int id, int count) {
+  emu::sm90::BlockState &b = emu::sm90::block();
+  if (id < 1 || id > 15) emu::fail("named barrier id out of 1..15");
+  if (count % 32 || count < 32 || count > int(emu::g_bdim.x * emu::g_bdim.y * emu::g_bdim.z))
+    emu::fail("named barrier thread count");
+  emu::Barrier &n = b.named[id];
+  if (n.count == 0) n.expected = count;
+  else if (n.expected != count) emu::fail("named barrier used with two thread counts at once");
+  n.block_epoch = false;
+  if (++n.count == n.expected) {
+    n.count = 0;
+    ++n.gen;
+  }
 }
 
 template <int kRegs> void warpgroup_reg_alloc() {
