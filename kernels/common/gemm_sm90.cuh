@@ -16,9 +16,15 @@
 // mma.sync's m16n8 fragment layout, which is wgmma's per warp): Traits here says kMTiles = 1
 // and kNTiles = BN / 8 per warp, kNThreads = the consumers, and epilogue_barrier() is a named
 // barrier over the consumers. One group (blockIdx.z == 0) per launch.
-// Gated B (kGatedB): the B tile's first BN / 2 rows come from one matrix (W1) and the last
-// BN / 2 from another (W3) at the same rows, so n-tiles j and j + kNTiles / 2 of each thread
-// hold the same (row, hidden unit) of both products.
+// Operand layouts (template flags): A and B each K-major (a row-major M x K / N x K matrix:
+// boxes of 64 k x rows) or MN-major (a row-major K x M / K x N matrix, as a transposed
+// operand is: boxes of 64 m-or-n x 64 k, one per 64-wide block; wgmma's transpose bit).
+// B may also come in two parts (BLoad):
+// - kGatedHalves: the tile's first BN / 2 rows from one matrix (W1) and the last BN / 2 from
+//   another (W3) at the same rows, so n-tiles j and j + kNTiles / 2 of each thread hold the
+//   same (row, hidden unit) of both products;
+// - kStackedK: the reduction runs over map_b's k < k_split, then over map_b2's (A's k goes on
+//   from k_split): [W1; W3] stacked along K without a copy.
 #pragma once
 
 #include "launch.cuh"
@@ -48,13 +54,16 @@ template <typename Element_, int kBlockN_, int kStages_> struct TileGemmTraitsSm
   }
 };
 
-// The tensor maps of A and B (B2: W3 when gated) travel by value as __grid_constant__.
-template <class Traits, class Epilogue, bool kGatedB>
+enum class BLoad { kSingle, kGatedHalves, kStackedK };
+
+// The tensor maps of A and B (B2: W3 when gated or stacked) travel by value as
+// __grid_constant__.
+template <class Traits, class Epilogue, bool kAMn, bool kBMn, BLoad kB>
 __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     tile_gemm_sm90_kernel(const __grid_constant__ CUtensorMap map_a,
                           const __grid_constant__ CUtensorMap map_b,
                           const __grid_constant__ CUtensorMap map_b2,
-                          const typename Epilogue::Params ep, int k_total) {
+                          const typename Epilogue::Params ep, int k_total, int k_split) {
 #ifdef FK_SM90_DEVICE_CODE
   using Element = typename Traits::Element;
   constexpr int S = Traits::kStages, NT = Traits::kNTiles;
@@ -69,7 +78,12 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int m_tiles = (ep.rows + Traits::kBlockM - 1) / Traits::kBlockM;
   const int n_tiles = (ep.cols + Traits::kBlockN - 1) / Traits::kBlockN;
   const int tiles = m_tiles * n_tiles;
-  const int k_tiles = (k_total + Traits::kBlockK - 1) / Traits::kBlockK;
+  constexpr int BK = Traits::kBlockK;
+  static_assert(!(kB == BLoad::kGatedHalves && kBMn), "gated halves are K-major");
+  // kStackedK: k-tiles [0, k_tiles1) over map_b, the rest over map_b2.
+  const int k_first = kB == BLoad::kStackedK ? k_split : k_total;
+  const int k_tiles1 = (k_first + BK - 1) / BK;
+  const int k_tiles = k_tiles1 + (kB == BLoad::kStackedK ? (k_total - k_split + BK - 1) / BK : 0);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -86,7 +100,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     if (threadIdx.x % 128 == 0) {
       sm90::tma_prefetch_descriptor(&map_a);
       sm90::tma_prefetch_descriptor(&map_b);
-      if (kGatedB) sm90::tma_prefetch_descriptor(&map_b2);
+      if (kB != BLoad::kSingle) sm90::tma_prefetch_descriptor(&map_b2);
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -94,14 +108,29 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
         for (int kt = 0; kt < k_tiles; ++kt) {
           sm90::mbarrier_wait(&empty[stage], phase ^ 1); // the consumers released it
           sm90::mbarrier_arrive_expect_tx(&full[stage], Traits::kTileABytes + Traits::kTileBBytes);
-          const int k0 = kt * Traits::kBlockK;
-          sm90::tma_load_2d(sA + stage * Traits::kTileABytes, &map_a, &full[stage], k0, m0);
-          unsigned char *b = sB + stage * Traits::kTileBBytes;
-          if (kGatedB) {
-            sm90::tma_load_2d(b, &map_b, &full[stage], k0, n0 / 2);
-            sm90::tma_load_2d(b + Traits::kTileBBytes / 2, &map_b2, &full[stage], k0, n0 / 2);
+          // A's k, and B's k in the matrix it comes from.
+          const bool second = kB == BLoad::kStackedK && kt >= k_tiles1;
+          const int kb = (second ? kt - k_tiles1 : kt) * BK;
+          const int ka = second ? k_split + kb : kb;
+          unsigned char *a = sA + stage * Traits::kTileABytes;
+          if (kAMn) { // 64-row blocks of M, each 64 k x 128 bytes
+#pragma unroll
+            for (int i = 0; i < Traits::kBlockM / 64; ++i)
+              sm90::tma_load_2d(a + i * 64 * 128, &map_a, &full[stage], m0 + 64 * i, ka);
           } else {
-            sm90::tma_load_2d(b, &map_b, &full[stage], k0, n0);
+            sm90::tma_load_2d(a, &map_a, &full[stage], ka, m0);
+          }
+          unsigned char *b = sB + stage * Traits::kTileBBytes;
+          const CUtensorMap *mb = second ? &map_b2 : &map_b;
+          if (kB == BLoad::kGatedHalves) {
+            sm90::tma_load_2d(b, &map_b, &full[stage], kb, n0 / 2);
+            sm90::tma_load_2d(b + Traits::kTileBBytes / 2, &map_b2, &full[stage], kb, n0 / 2);
+          } else if (kBMn) {
+#pragma unroll
+            for (int i = 0; i < Traits::kBlockN / 64; ++i)
+              sm90::tma_load_2d(b + i * 64 * 128, mb, &full[stage], n0 + 64 * i, kb);
+          } else {
+            sm90::tma_load_2d(b, mb, &full[stage], kb, n0);
           }
           if (++stage == S) stage = 0, phase ^= 1;
         }
@@ -125,14 +154,22 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     int prev = -1; // the stage whose wgmma group may still be in flight
     for (int kt = 0; kt < k_tiles; ++kt) {
       sm90::mbarrier_wait(&full[stage], phase);
+      // This warpgroup's 64 rows of A, and B; a k16 slice is 32 bytes along a K-major row
+      // or 16 rows (2048 bytes) down an MN-major block (blocks 64 rows x 128 bytes apart).
+      const unsigned char *a = sA + stage * Traits::kTileABytes + wg * 64 * 128;
+      const unsigned char *b = sB + stage * Traits::kTileBBytes;
       const uint64_t da =
-          sm90::make_smem_desc_sw128(sA + stage * Traits::kTileABytes + wg * 64 * 128);
-      const uint64_t db = sm90::make_smem_desc_sw128(sB + stage * Traits::kTileBBytes);
+          kAMn ? sm90::make_smem_desc_sw128_mn(a, 64 * 128) : sm90::make_smem_desc_sw128(a);
+      const uint64_t db =
+          kBMn ? sm90::make_smem_desc_sw128_mn(b, 64 * 128) : sm90::make_smem_desc_sw128(b);
+      constexpr uint32_t kStepA = kAMn ? 2048 : 32, kStepB = kBMn ? 2048 : 32;
+      sm90::fence_registers(d);
       sm90::wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < Traits::kBlockK / 16; ++ks)
-        sm90::wgmma_ss<Element, Traits::kBlockN>(d, sm90::advance_smem_desc(da, 32 * ks),
-                                                 sm90::advance_smem_desc(db, 32 * ks), 1);
+      for (int ks = 0; ks < BK / 16; ++ks)
+        sm90::wgmma_ss<Element, Traits::kBlockN, kAMn, kBMn>(
+            d, sm90::advance_smem_desc(da, kStepA * ks), sm90::advance_smem_desc(db, kStepB * ks),
+            1);
       sm90::wgmma_commit();
       sm90::wgmma_wait<1>(); // the previous k-tile's wgmma has retired: release its stage
       if (prev >= 0 && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[prev]);
@@ -149,10 +186,12 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 }
 
 // Launches the persistent kernel: min(tiles, SMs) blocks of the producer + consumers.
-template <class Traits, class Epilogue, bool kGatedB = false>
+// k_split: kStackedK's first part (ignored otherwise).
+template <class Traits, class Epilogue, bool kAMn = false, bool kBMn = false,
+          BLoad kB = BLoad::kSingle>
 cudaError_t launch_tile_gemm_sm90(const CUtensorMap &map_a, const CUtensorMap &map_b,
                                   const CUtensorMap &map_b2, const typename Epilogue::Params &ep,
-                                  int k_total, int device, cudaStream_t stream) {
+                                  int k_total, int device, cudaStream_t stream, int k_split = 0) {
   const int64_t tiles = int64_t((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM) *
                         ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
   if (tiles == 0) return cudaSuccess;
@@ -160,9 +199,9 @@ cudaError_t launch_tile_gemm_sm90(const CUtensorMap &map_a, const CUtensorMap &m
   const int sms = device_sm_count(device);
   if (sms <= 0) return cudaErrorInvalidDevice;
   const unsigned blocks = unsigned(tiles < sms ? tiles : sms);
-  return launch_kernel_sm90(tile_gemm_sm90_kernel<Traits, Epilogue, kGatedB>, dim3(blocks),
+  return launch_kernel_sm90(tile_gemm_sm90_kernel<Traits, Epilogue, kAMn, kBMn, kB>, dim3(blocks),
                             dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, map_a, map_b,
-                            map_b2, ep, k_total);
+                            map_b2, ep, k_total, k_split);
 }
 
 } // namespace gemm

@@ -16,6 +16,9 @@ template <typename T> cudaError_t ffn_fwd(const fk_ffn_params &p, cudaStream_t s
 // and params that ffn_sm90_eligible().
 template <typename T> cudaError_t ffn_fwd_sm90(const fk_ffn_params &p, cudaStream_t stream);
 bool ffn_sm90_eligible(const fk_ffn_params &p);
+// The backward on Hopper's path (ffn_bwd_sm90.cuh), likewise.
+template <typename T> cudaError_t ffn_bwd_sm90(const fk_ffn_bwd_params &p, cudaStream_t stream);
+bool ffn_bwd_sm90_eligible(const fk_ffn_bwd_params &p);
 // The backward's GEMMs and column sums (params checked by the C entry).
 template <typename T> cudaError_t ffn_bwd(const fk_ffn_bwd_params &p, cudaStream_t stream);
 

@@ -61,6 +61,14 @@ bool ffn_sm90_eligible(const fk_ffn_params &p) {
          tma_matrix_ok(p.h, p.h_stride, t, p.d_hidden) &&
          tma_matrix_ok(p.w2, p.w2_stride, p.d_model, p.d_hidden);
 }
+bool ffn_bwd_sm90_eligible(const fk_ffn_bwd_params &p) {
+  const int64_t t = p.tokens;
+  return tma_matrix_ok(p.x, p.x_stride, t, p.d_model) &&
+         tma_matrix_ok(p.dy, p.dy_stride, t, p.d_model) &&
+         tma_matrix_ok(p.w1, p.w1_stride, p.d_hidden, p.d_model) &&
+         (p.w3 == nullptr || tma_matrix_ok(p.w3, p.w3_stride, p.d_hidden, p.d_model)) &&
+         tma_matrix_ok(p.w2, p.w2_stride, p.d_model, p.d_hidden); // the workspace always is
+}
 } // namespace ffn
 } // namespace fk
 
@@ -75,6 +83,9 @@ extern "C" int32_t fk_ffn_bwd(const fk_ffn_bwd_params *p, void *stream) {
   fk::DeviceGuard guard(p->device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
+  if (fk::use_sm90_kernels(p->device) && fk::ffn::ffn_bwd_sm90_eligible(*p))
+    return p->dtype == FK_DTYPE_F16 ? fk::ffn::ffn_bwd_sm90<__half>(*p, s)
+                                    : fk::ffn::ffn_bwd_sm90<__nv_bfloat16>(*p, s);
   return p->dtype == FK_DTYPE_F16 ? fk::ffn::ffn_bwd<__half>(*p, s)
                                   : fk::ffn::ffn_bwd<__nv_bfloat16>(*p, s);
 }

@@ -62,31 +62,37 @@ template <typename Element> struct RecomputeParams {
   int activation;
 };
 
-template <class Traits, bool kGated> struct RecomputeEpilogue {
+// Gated, W3's product of n-tile j sits in n-tile j + 1 (the interleaved operand) or, with
+// kGateHalves (gemm_sm90.cuh's gated B), in n-tile j + kNTiles / 2, as in FfnEpilogue.
+template <class Traits, bool kGated, bool kGateHalves = false> struct RecomputeEpilogue {
   using Element = typename Traits::Element;
   using Params = RecomputeParams<Element>;
   static __device__ void apply(const float (&acc)[Traits::kMTiles][Traits::kNTiles][4],
                                const Params &ep, Element *, int m0, int n0, int warp_m0,
                                int warp_n0) {
-    constexpr int kStep = kGated ? 2 : 1;
+    constexpr int kStep = kGated && !kGateHalves ? 2 : 1;
+    constexpr int kGate = kGateHalves ? Traits::kNTiles / 2 : 1; // W3's n-tile: j + kGate
+    constexpr int kEnd = kGateHalves ? Traits::kNTiles / 2 : Traits::kNTiles;
 #pragma unroll
     for (int mt = 0; mt < Traits::kMTiles; ++mt)
 #pragma unroll
-      for (int j = 0; j < Traits::kNTiles; j += kStep)
+      for (int j = 0; j < kEnd; j += kStep)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const AccPos<Traits> pos(warp_m0, warp_n0, mt, j, e);
           const int m = m0 + pos.m;
-          // Gated: the pair (j, j + 1) is hidden unit (n0 + warp_n0 + 8 j) / 2 + 2 t + c.
-          const int n =
-              kGated ? (n0 + warp_n0 + j * 8) / 2 + (pos.n - warp_n0 - j * 8) : n0 + pos.n;
+          // Gated: the pair (j, j + 1) is hidden unit (n0 + warp_n0 + 8 j) / 2 + 2 t + c;
+          // halves: n-tile j is hidden unit n0 / 2 + 8 j + 2 t + c.
+          const int n = kGateHalves ? (n0 + warp_n0) / 2 + (pos.n - warp_n0)
+                        : kGated    ? (n0 + warp_n0 + j * 8) / 2 + (pos.n - warp_n0 - j * 8)
+                                    : n0 + pos.n;
           if (m >= ep.rows || n >= ep.out_cols) continue;
           const float a = acc[mt][j][e] + (ep.b1 != nullptr ? to_float(ep.b1[n]) : 0.f);
           float v = ffn_activate(a, ep.activation);
           ep.u[int64_t(m) * ep.ld_f + n] = a;
           if (kGated) {
             const float gv =
-                acc[mt][j + kStep - 1][e] + (ep.b3 != nullptr ? to_float(ep.b3[n]) : 0.f);
+                acc[mt][kGated ? j + kGate : j][e] + (ep.b3 != nullptr ? to_float(ep.b3[n]) : 0.f);
             ep.g[int64_t(m) * ep.ld_f + n] = gv;
             v *= gv;
           }
@@ -192,6 +198,21 @@ cudaError_t launch_column_sum(const T *a, int64_t ld, int rows, int cols, T *out
                        rows, cols, out);
 }
 
+// Step 5: db1 [, db3] as column sums of dU = [du | dg] (tokens x k_cat), db2 of dy.
+template <typename T>
+cudaError_t bias_grads(const fk_ffn_bwd_params &p, const T *d_u, cudaStream_t stream) {
+  const int dh_n = p.d_hidden, k_cat = p.w3 != nullptr ? 2 * dh_n : dh_n;
+  cudaError_t err =
+      launch_column_sum<T>(d_u, k_cat, p.tokens, dh_n, static_cast<T *>(p.db1), stream);
+  if (err != cudaSuccess) return err;
+  if (p.w3 != nullptr) {
+    err = launch_column_sum<T>(d_u + dh_n, k_cat, p.tokens, dh_n, static_cast<T *>(p.db3), stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_column_sum<T>(static_cast<const T *>(p.dy), p.dy_stride, p.tokens, p.d_model,
+                              static_cast<T *>(p.db2), stream);
+}
+
 // A matrix seen transposed: element (r, c) of the operand is base[c * ld + r].
 template <typename T>
 gemm::StridedOperand<T> transposed_operand(const void *base, int64_t ld, int rows, int cols) {
@@ -282,14 +303,7 @@ template <typename T> cudaError_t ffn_bwd(const fk_ffn_bwd_params &p, cudaStream
   if (err != cudaSuccess) return err;
 
   // 5. Bias gradients.
-  err = launch_column_sum<T>(d_u, k_cat, p.tokens, dh_n, static_cast<T *>(p.db1), stream);
-  if (err != cudaSuccess) return err;
-  if (gated) {
-    err = launch_column_sum<T>(d_u + dh_n, k_cat, p.tokens, dh_n, static_cast<T *>(p.db3), stream);
-    if (err != cudaSuccess) return err;
-  }
-  return launch_column_sum<T>(static_cast<const T *>(p.dy), p.dy_stride, p.tokens, p.d_model,
-                              static_cast<T *>(p.db2), stream);
+  return bias_grads<T>(p, d_u, stream);
 }
 
 } // namespace ffn

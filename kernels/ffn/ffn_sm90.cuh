@@ -38,8 +38,9 @@ template <typename T> cudaError_t ffn_fwd_sm90(const fk_ffn_params &p, cudaStrea
       return err;
     ep1.bias_gate = static_cast<const T *>(p.b3);
     ep1.cols = 2 * p.d_hidden;
-    err = gemm::launch_tile_gemm_sm90<Traits, FfnEpilogue<Traits, true, true>, true>(
-        x, w1, w3, ep1, p.d_model, p.device, stream);
+    err = gemm::launch_tile_gemm_sm90<Traits, FfnEpilogue<Traits, true, true>, false, false,
+                                      gemm::BLoad::kGatedHalves>(x, w1, w3, ep1, p.d_model,
+                                                                 p.device, stream);
   } else {
     if ((err = encode_matrix_map_sw128(&w1, p.w1, p.d_hidden, p.d_model, p.w1_stride, BN, kBf16)))
       return err;

@@ -388,6 +388,28 @@ std::vector<Entry> all_cases() {
                      else
                        ffn_bwd_case<__nv_bfloat16>(c, r);
                    }});
+  // The backward on the emulated Hopper device too (all of its GEMMs on the TMA + wgmma
+  // path, transposed operands MN-major), plus shapes that cross its 128-wide tiles and k
+  // tiles (gated dx: the stacked W1 / W3 reduction with d_hidden not a multiple of 64).
+  std::vector<FfnCase> bwd_sm90(std::begin(bwd), std::end(bwd));
+  bwd_sm90.push_back({200, 136, 200, SILU, true, true, true, BF16});
+  bwd_sm90.push_back({130, 72, 264, GELU, false, true, false, F16});
+  for (const FfnCase &c : bwd_sm90)
+    out.push_back({"bwd sm90 " + describe(c), [c](Result &r) {
+                     emu::g_sm90 = true;
+                     const int launches0 = fk::g_emu_sm90_launches;
+                     if (c.dtype == FK_DTYPE_F16)
+                       ffn_bwd_case<__half>(c, r);
+                     else
+                       ffn_bwd_case<__nv_bfloat16>(c, r);
+                     emu::g_sm90 = false;
+                     // recompute, dh, dx, dW1 [, dW3], dW2; unaligned: the sm80 fallback
+                     const int want = c.unaligned ? 0 : c.gated ? 6 : 5;
+                     if (fk::g_emu_sm90_launches - launches0 != want)
+                       r.fail("sm90 launches " +
+                              std::to_string(fk::g_emu_sm90_launches - launches0) + ", want " +
+                              std::to_string(want));
+                   }});
   return out;
 }
 

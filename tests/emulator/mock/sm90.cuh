@@ -25,11 +25,11 @@
 //   kernels whose other threads touch shared memory only through TMA and mbarriers;
 //   bar.arrive counts without waiting, and a phase with one orders nothing),
 //   fences (no effect: every write is visible at once here).
-//   A from registers (wgmma_rs_tb: per warp an mma.sync A fragment) and B MN-major with the
-//   128-byte swizzle (CUTLASS's canonical ((8,n),(8,k)):((1,LBO),(8,SBO)) in 16-byte units)
-//   are emulated too.
-// Not emulated: other MN-major swizzles, A MN-major, base_offset != 0, clusters and
-// multicast, im2col TMA.
+//   A from registers (wgmma_rs_tb: per warp an mma.sync A fragment) and MN-major A or B
+//   with the 128-byte swizzle (CUTLASS's canonical ((8,n),(8,k)):((1,LBO),(8,SBO)) in
+//   16-byte units) are emulated too.
+// Not emulated: other MN-major swizzles, base_offset != 0, clusters and multicast, im2col
+// TMA.
 #pragma once
 #include "emu.h"
 #include <limits>
@@ -99,7 +99,7 @@ struct MBarrier {
 struct WgmmaOp {
   uint64_t da, db; // da unused when A comes from registers
   int n, accumulate;
-  bool a_regs, b_mn; // A from registers (in a_vals); B MN-major (transposed)
+  bool a_regs, a_mn, b_mn; // A from registers (in a_vals); A / B MN-major (transposed)
   float a_vals[2][16]; // A from registers: this thread's rows (g, g + 8) of its warp
   bool chained; // its input is an earlier pending op's output (the same accumulators)
   bool last;    // no later op writes these accumulators (set when one is issued)
@@ -401,7 +401,8 @@ std::vector<float> wgmma_compute(const emu::sm90::WgmmaOp &op, const std::vector
   float a[2][16];
   for (int h = 0; h < 2; ++h)
     for (int k = 0; k < 16; ++k)
-      a[h][k] = op.a_regs ? op.a_vals[h][k] : desc_element<T>(op.da, 16 * w + g + 8 * h, k);
+      a[h][k] = op.a_regs ? op.a_vals[h][k]
+                          : desc_element<T>(op.da, 16 * w + g + 8 * h, k, op.a_mn);
   std::vector<float> out(size_t(op.n / 2));
   for (int i = 0; i < op.n / 2; ++i) {
     const int j = i / 4, h = (i % 4) / 2, col = 8 * j + 2 * q + (i % 2);
@@ -417,7 +418,7 @@ std::vector<float> wgmma_compute(const emu::sm90::WgmmaOp &op, const std::vector
 // queues the op (computed at the wait that retires it); the accumulators read NaN till then.
 template <typename T, int N>
 void wgmma_issue(float (&d)[N / 2], const uint32_t *a, uint64_t desc_a, uint64_t desc_b,
-                 int accumulate, bool b_mn) {
+                 int accumulate, bool a_mn, bool b_mn) {
   emu::sm90::BlockState &b = emu::sm90::block();
   const int wg = emu::sm90::warpgroup(), t = emu::g_cur->flat % 128;
   if (t == 0) b.wg_desc[0][wg] = desc_a, b.wg_desc[1][wg] = desc_b;
@@ -425,7 +426,7 @@ void wgmma_issue(float (&d)[N / 2], const uint32_t *a, uint64_t desc_a, uint64_t
   emu::sm90::warpgroup_sync();
   if (b.wg_desc[0][wg] != desc_a || b.wg_desc[1][wg] != desc_b)
     emu::fail("wgmma descriptors differ across the warpgroup");
-  emu::sm90::WgmmaOp op{desc_a, desc_b, N,  accumulate, a != nullptr, b_mn, {}, false,
+  emu::sm90::WgmmaOp op{desc_a, desc_b, N, accumulate, a != nullptr, a_mn, b_mn, {}, false,
                         true,   d,      {}, &wgmma_compute<T>};
   if (a != nullptr) { // rows g, g + 8 of this warp: lanes 4 g' + kk / 2 hold them
     const int warp0 = emu::g_cur->flat / 32 * 32, g = (t % 32) / 4;
@@ -448,13 +449,13 @@ void wgmma_issue(float (&d)[N / 2], const uint32_t *a, uint64_t desc_a, uint64_t
   ts.open.push_back(std::move(op));
 }
 
-template <typename T, int N>
+template <typename T, int N, int kTransA = 0, int kTransB = 0>
 void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  wgmma_issue<T, N>(d, nullptr, desc_a, desc_b, accumulate, false);
+  wgmma_issue<T, N>(d, nullptr, desc_a, desc_b, accumulate, kTransA != 0, kTransB != 0);
 }
 template <typename T, int N>
 void wgmma_rs_tb(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-  wgmma_issue<T, N>(d, a, 0, desc_b, accumulate, true);
+  wgmma_issue<T, N>(d, a, 0, desc_b, accumulate, false, true);
 }
 
 // wgmma.wait_group N: the ops of all but the N most recent groups retire, in issue order
