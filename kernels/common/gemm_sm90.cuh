@@ -48,11 +48,70 @@ template <typename Element_, int kBlockN_, int kStages_> struct TileGemmTraitsSm
       size_t(kStages) * (kTileABytes + kTileBBytes) + kStagingBytes;
   // + 1024: the dynamic shared memory's base is aligned up to the swizzle's 1024 bytes.
   static constexpr size_t kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kProducerRegs = 120, kConsumerRegs = 192;
   static __device__ __forceinline__ void epilogue_barrier() {
     sm90::named_barrier_sync(1, kNThreads);
   }
 };
+
+// The consumer warpgroups' side of both producers below: for each of this block's tiles
+// (m-fastest), wait for each k-tile's stage, run its wgmma (one group kept in flight: a
+// stage is released once the wgmma after it was issued and its own has retired), then the
+// epilogue.
+template <class Traits, class Epilogue, bool kAMn, bool kBMn>
+__device__ __forceinline__ void consume_tiles(const typename Epilogue::Params &ep,
+                                              unsigned char *sA, unsigned char *sB,
+                                              typename Traits::Element *staging, uint64_t *full,
+                                              uint64_t *empty, int k_tiles) {
+#ifdef FK_SM90_DEVICE_CODE
+  using Element = typename Traits::Element;
+  constexpr int S = Traits::kStages, NT = Traits::kNTiles, BK = Traits::kBlockK;
+  const int m_tiles = (ep.rows + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int tiles = m_tiles * ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
+  const int wg = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32;
+  const int warp_m0 = wg * 64 + (warp % 4) * 16;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = (tile % m_tiles) * Traits::kBlockM, n0 = (tile / m_tiles) * Traits::kBlockN;
+    float acc[1][NT][4];
+    float (&d)[NT * 4] = reinterpret_cast<float (&)[NT * 4]>(acc);
+#pragma unroll
+    for (int i = 0; i < NT * 4; ++i) d[i] = 0.f;
+    int prev = -1; // the stage whose wgmma group may still be in flight
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      sm90::mbarrier_wait(&full[stage], phase);
+      // This warpgroup's 64 rows of A, and B; a k16 slice is 32 bytes along a K-major row
+      // or 16 rows (2048 bytes) down an MN-major block (blocks 64 rows x 128 bytes apart).
+      const unsigned char *a = sA + stage * Traits::kTileABytes + wg * 64 * 128;
+      const unsigned char *b = sB + stage * Traits::kTileBBytes;
+      const uint64_t da =
+          kAMn ? sm90::make_smem_desc_sw128_mn(a, 64 * 128) : sm90::make_smem_desc_sw128(a);
+      const uint64_t db =
+          kBMn ? sm90::make_smem_desc_sw128_mn(b, 64 * 128) : sm90::make_smem_desc_sw128(b);
+      constexpr uint32_t kStepA = kAMn ? 2048 : 32, kStepB = kBMn ? 2048 : 32;
+      sm90::fence_registers(d);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < BK / 16; ++ks)
+        sm90::wgmma_ss<Element, Traits::kBlockN, kAMn, kBMn>(
+            d, sm90::advance_smem_desc(da, kStepA * ks), sm90::advance_smem_desc(db, kStepB * ks),
+            1);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<1>(); // the previous k-tile's wgmma has retired: release its stage
+      if (prev >= 0 && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[prev]);
+      prev = stage;
+      if (++stage == S) stage = 0, phase ^= 1;
+    }
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers(d);
+    if (prev >= 0 && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[prev]);
+    Traits::epilogue_barrier(); // the previous tile's stores have read the staging
+    Epilogue::apply(acc, ep, staging, m0, n0, warp_m0, 0);
+  }
+#endif
+}
 
 enum class BLoad { kSingle, kGatedHalves, kStackedK };
 
@@ -66,7 +125,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
                           const typename Epilogue::Params ep, int k_total, int k_split) {
 #ifdef FK_SM90_DEVICE_CODE
   using Element = typename Traits::Element;
-  constexpr int S = Traits::kStages, NT = Traits::kNTiles;
+  constexpr int S = Traits::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   unsigned char *sA = base;
@@ -141,47 +200,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 
   // Consumers.
   sm90::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  const int warp = threadIdx.x / 32;
-  const int warp_m0 = wg * 64 + (warp % 4) * 16;
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int m0 = (tile % m_tiles) * Traits::kBlockM, n0 = (tile / m_tiles) * Traits::kBlockN;
-    float acc[1][NT][4];
-    float (&d)[NT * 4] = reinterpret_cast<float (&)[NT * 4]>(acc);
-#pragma unroll
-    for (int i = 0; i < NT * 4; ++i) d[i] = 0.f;
-    int prev = -1; // the stage whose wgmma group may still be in flight
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      sm90::mbarrier_wait(&full[stage], phase);
-      // This warpgroup's 64 rows of A, and B; a k16 slice is 32 bytes along a K-major row
-      // or 16 rows (2048 bytes) down an MN-major block (blocks 64 rows x 128 bytes apart).
-      const unsigned char *a = sA + stage * Traits::kTileABytes + wg * 64 * 128;
-      const unsigned char *b = sB + stage * Traits::kTileBBytes;
-      const uint64_t da =
-          kAMn ? sm90::make_smem_desc_sw128_mn(a, 64 * 128) : sm90::make_smem_desc_sw128(a);
-      const uint64_t db =
-          kBMn ? sm90::make_smem_desc_sw128_mn(b, 64 * 128) : sm90::make_smem_desc_sw128(b);
-      constexpr uint32_t kStepA = kAMn ? 2048 : 32, kStepB = kBMn ? 2048 : 32;
-      sm90::fence_registers(d);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BK / 16; ++ks)
-        sm90::wgmma_ss<Element, Traits::kBlockN, kAMn, kBMn>(
-            d, sm90::advance_smem_desc(da, kStepA * ks), sm90::advance_smem_desc(db, kStepB * ks),
-            1);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<1>(); // the previous k-tile's wgmma has retired: release its stage
-      if (prev >= 0 && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[prev]);
-      prev = stage;
-      if (++stage == S) stage = 0, phase ^= 1;
-    }
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers(d);
-    if (prev >= 0 && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[prev]);
-    Traits::epilogue_barrier(); // the previous tile's stores have read the staging
-    Epilogue::apply(acc, ep, staging, m0, n0, warp_m0, 0);
-  }
+  consume_tiles<Traits, Epilogue, kAMn, kBMn>(ep, sA, sB, staging, full, empty, k_tiles);
 #endif
 }
 
@@ -202,6 +221,91 @@ cudaError_t launch_tile_gemm_sm90(const CUtensorMap &map_a, const CUtensorMap &m
   return launch_kernel_sm90(tile_gemm_sm90_kernel<Traits, Epilogue, kAMn, kBMn, kB>, dim3(blocks),
                             dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, map_a, map_b,
                             map_b2, ep, k_total, k_split);
+}
+
+// The sm80 core's loader policies (StridedLoader, conv's Im2colLoader, ...) as this
+// mainloop's producer: the producer warpgroup's 128 threads gather each stage with cp.async
+// (16-byte chunks into the 128-byte-swizzled tiles, element gathers where they must) and
+// signal it with cp.async.mbarrier.arrive.noinc (the `full` barrier counts 128 arrivals).
+// For operands TMA cannot describe, such as the implicit im2col matrix. Both K-major.
+template <typename Element_> struct GatherLoaderTraits {
+  using Element = Element_;
+  static constexpr int kNThreads = 128;
+  using Tile = SwizzledTile<64>;
+};
+
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+__global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
+    tile_gemm_sm90_gather_kernel(const typename ALoader::Operand a,
+                                 const typename BLoader::Operand b,
+                                 const typename Epilogue::Params ep, int k_total) {
+#ifdef FK_SM90_DEVICE_CODE
+  using Element = typename Traits::Element;
+  constexpr int S = Traits::kStages, BK = Traits::kBlockK;
+  // The gathering producer keeps its rows' offsets in registers (implicit im2col: 8 rows a
+  // thread): 120 for it, 192 for the consumers (128 x 120 + 256 x 192 <= 64 K); at 104 the
+  // implicit kernel spilled 88 bytes, at 72 up to 284.
+  constexpr int kProducerRegs = 120, kConsumerRegs = 192;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *sA = base;
+  unsigned char *sB = sA + S * Traits::kTileABytes;
+  Element *staging = reinterpret_cast<Element *>(sB + S * Traits::kTileBBytes);
+  uint64_t *full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
+  uint64_t *empty = full + S;
+  const int m_tiles = (ep.rows + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int tiles = m_tiles * ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
+  const int k_tiles = (k_total + BK - 1) / BK;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      sm90::mbarrier_init(&full[s], 128);
+      sm90::mbarrier_init(&empty[s], Traits::kConsumers);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x / 128 == Traits::kConsumers) { // producer
+    sm90::warpgroup_reg_dealloc<kProducerRegs>();
+    const int tid = threadIdx.x % 128;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int m0 = (tile % m_tiles) * Traits::kBlockM, n0 = (tile / m_tiles) * Traits::kBlockN;
+      const ALoader load_a(a, m0, tid);
+      const BLoader load_b(b, n0, tid);
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        sm90::mbarrier_wait(&empty[stage], phase ^ 1);
+        load_a.load(reinterpret_cast<Element *>(sA + stage * Traits::kTileABytes), kt * BK);
+        load_b.load(reinterpret_cast<Element *>(sB + stage * Traits::kTileBBytes), kt * BK);
+        sm90::fence_proxy_async_shared(); // the element gathers' plain stores, for wgmma
+        sm90::cp_async_mbarrier_arrive_noinc(&full[stage]);
+        if (++stage == S) stage = 0, phase ^= 1;
+      }
+    }
+    return;
+  }
+  sm90::warpgroup_reg_alloc<kConsumerRegs>();
+  consume_tiles<Traits, Epilogue, false, false>(ep, sA, sB, staging, full, empty, k_tiles);
+#endif
+}
+
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+cudaError_t launch_tile_gemm_sm90_gather(const typename ALoader::Operand &a,
+                                         const typename BLoader::Operand &b,
+                                         const typename Epilogue::Params &ep, int k_total,
+                                         int device, cudaStream_t stream) {
+  const int64_t tiles = int64_t((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM) *
+                        ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
+  if (tiles == 0) return cudaSuccess;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidValue; // the kernel counts tiles in int
+  const int sms = device_sm_count(device);
+  if (sms <= 0) return cudaErrorInvalidDevice;
+  const unsigned blocks = unsigned(tiles < sms ? tiles : sms);
+  return launch_kernel_sm90(tile_gemm_sm90_gather_kernel<Traits, ALoader, BLoader, Epilogue>,
+                            dim3(blocks), dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream,
+                            a, b, ep, k_total);
 }
 
 } // namespace gemm

@@ -91,6 +91,13 @@ __device__ __forceinline__ void tma_load_4d(void *dst, const CUtensorMap *map, u
                : "memory");
 }
 
+// cp.async.mbarrier.arrive.noinc: one arrival on `bar` once all of this thread's earlier
+// cp.async copies have landed (the barrier's count includes these arrivals).
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint64_t *bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar))
+               : "memory");
+}
+
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy
 // accesses (wgmma / TMA reading or overwriting them).
 __device__ __forceinline__ void fence_proxy_async_shared() {

@@ -11,6 +11,8 @@ namespace conv {
 
 // f16 / bf16 forward on the tensor-core GEMM core (params->algo picks im2col or implicit).
 template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t s);
+// The same on Hopper's wgmma mainloop (conv_gemm_sm90.cuh), one group only.
+template <typename T> cudaError_t conv2d_fwd_gemm_sm90(const fk_conv2d_params &p, cudaStream_t s);
 // f16 / bf16 backward on the GEMM core; needs conv2d_bwd_workspace_bytes of workspace.
 template <typename T> cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t s);
 // Direct (SIMT, f32 accumulation) kernels: the f32 forward and backward (correctness over

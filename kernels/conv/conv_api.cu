@@ -58,9 +58,15 @@ extern "C" int32_t fk_conv2d_fwd(const fk_conv2d_params *p, void *stream) {
   fk::DeviceGuard guard(p->device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
+  // Hopper: the wgmma mainloop for one group (grouped convolutions keep the sm80 kernels).
+  const bool sm90 = p->shape.groups == 1 && fk::use_sm90_kernels(p->device);
   switch (p->dtype) {
-  case FK_DTYPE_F16: return fk::conv::conv2d_fwd_gemm<__half>(*p, s);
-  case FK_DTYPE_BF16: return fk::conv::conv2d_fwd_gemm<__nv_bfloat16>(*p, s);
+  case FK_DTYPE_F16:
+    return sm90 ? fk::conv::conv2d_fwd_gemm_sm90<__half>(*p, s)
+                : fk::conv::conv2d_fwd_gemm<__half>(*p, s);
+  case FK_DTYPE_BF16:
+    return sm90 ? fk::conv::conv2d_fwd_gemm_sm90<__nv_bfloat16>(*p, s)
+                : fk::conv::conv2d_fwd_gemm<__nv_bfloat16>(*p, s);
   default: return fk::conv::conv2d_fwd_direct<float>(*p, s);
   }
 }

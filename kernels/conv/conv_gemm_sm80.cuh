@@ -175,14 +175,10 @@ gemm::StridedOperand<T> weight_operand(const void *w_ptr, const int64_t (&ws)[4]
   return w;
 }
 
-template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t stream) {
-  using Traits = gemm::ConvGemmTraits<T>;
+// The forward's epilogue: y [, y_pre] = act(acc + bias) at (n, p, q) x k with y's strides.
+template <typename T> gemm::EpilogueParams<T> conv_epilogue_params(const fk_conv2d_params &p) {
   const fk_conv2d_shape &s = p.shape;
   const ConvDims d(s);
-  if (d.m == 0 || d.k_group == 0) return cudaSuccess;
-  const Im2colOperand<T> x = im2col_operand<T>(p.x, p.x_strides, s);
-  const gemm::StridedOperand<T> w = weight_operand<T>(p.weight, p.w_strides, s);
-
   gemm::EpilogueParams<T> ep{};
   ep.out = static_cast<T *>(p.y);
   ep.out_pre = static_cast<T *>(p.y_pre);
@@ -195,25 +191,40 @@ template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cud
   ep.vec = p.y_strides[1] == 1 && p.y_strides[0] % 8 == 0 && p.y_strides[2] % 8 == 0 &&
            p.y_strides[3] % 8 == 0 && (d.k_group % 8 == 0 || s.groups == 1) && aligned16(p.y) &&
            (p.y_pre == nullptr || aligned16(p.y_pre));
+  return ep;
+}
+
+// The im2col algorithm's A operand: the workspace's (groups, M, K_gemm padded to 8) matrix.
+template <typename T> gemm::StridedOperand<T> col_operand(void *workspace, const ConvDims &d) {
+  gemm::StridedOperand<T> a{};
+  a.base = static_cast<const T *>(workspace);
+  a.row_map = IndexMap3::linear(d.k_gemm_padded);
+  a.col_map = IndexMap3::linear(1);
+  a.rows = d.m, a.cols = d.k_gemm;
+  a.group_stride = int64_t(d.m) * d.k_gemm_padded;
+  a.vec = true; // rows padded to 16 bytes, workspace 256-byte aligned
+  return a;
+}
+
+template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t stream) {
+  using Traits = gemm::ConvGemmTraits<T>;
+  const fk_conv2d_shape &s = p.shape;
+  const ConvDims d(s);
+  if (d.m == 0 || d.k_group == 0) return cudaSuccess;
+  const Im2colOperand<T> x = im2col_operand<T>(p.x, p.x_strides, s);
+  const gemm::StridedOperand<T> w = weight_operand<T>(p.weight, p.w_strides, s);
+  const gemm::EpilogueParams<T> ep = conv_epilogue_params<T>(p);
 
   if (p.algo == FK_CONV_ALGO_IMPLICIT_GEMM)
     return gemm::launch_tile_gemm<Traits, Im2colLoader<Traits, Traits::kBlockM>,
                                   gemm::StridedLoader<Traits, Traits::kBlockN>>(x, w, ep, d.k_gemm,
                                                                                 s.groups, stream);
 
-  T *col = static_cast<T *>(p.workspace);
-  const cudaError_t err = launch_im2col(x, col, s.groups, stream);
+  const cudaError_t err = launch_im2col(x, static_cast<T *>(p.workspace), s.groups, stream);
   if (err != cudaSuccess) return err;
-  gemm::StridedOperand<T> a{};
-  a.base = col;
-  a.row_map = IndexMap3::linear(d.k_gemm_padded);
-  a.col_map = IndexMap3::linear(1);
-  a.rows = d.m, a.cols = d.k_gemm;
-  a.group_stride = int64_t(d.m) * d.k_gemm_padded;
-  a.vec = true; // rows padded to 16 bytes, workspace 256-byte aligned
   return gemm::launch_tile_gemm<Traits, gemm::StridedLoader<Traits, Traits::kBlockM>,
-                                gemm::StridedLoader<Traits, Traits::kBlockN>>(a, w, ep, d.k_gemm,
-                                                                              s.groups, stream);
+                                gemm::StridedLoader<Traits, Traits::kBlockN>>(
+      col_operand<T>(p.workspace, d), w, ep, d.k_gemm, s.groups, stream);
 }
 
 } // namespace conv

@@ -434,6 +434,23 @@ std::vector<Entry> all_cases() {
     cases.push_back({"fwd " + describe(c), [c](Result &r) {
                        by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
                      }});
+  // The forward again on an emulated Hopper device: one-group half-precision convolutions
+  // take the wgmma mainloop with the gathering producer (conv_gemm_sm90.cuh) for every
+  // algorithm run; the others the sm80 kernels. Plus a case with several tiles per SM and
+  // k-tiles past the 4 stages.
+  std::vector<ConvCase> on_sm90(std::begin(fwd), std::end(fwd));
+  on_sm90.push_back({2, 64, 16, 16, 136, 3, 3, 1, 1, 1, 1, 1, 1, 1, true, true, true, RELU, BF16});
+  for (const ConvCase &c : on_sm90)
+    cases.push_back({"fwd sm90 " + describe(c), [c](Result &r) {
+                       emu::g_sm90 = true;
+                       const int launches0 = fk::g_emu_sm90_launches;
+                       by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
+                       emu::g_sm90 = false;
+                       const bool want = c.groups == 1 && c.dtype != FK_DTYPE_F32;
+                       if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
+                         r.fail("sm90 launches " +
+                                std::to_string(fk::g_emu_sm90_launches - launches0));
+                     }});
   const ConvCase bwd[] = {
       {2, 8, 7, 7, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, true, false, NONE, F16},
       {1, 16, 9, 8, 8, 3, 3, 2, 2, 1, 1, 1, 1, 1, true, true, false, NONE, BF16},

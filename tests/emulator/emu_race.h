@@ -120,8 +120,17 @@ __attribute__((no_sanitize_thread)) inline void access(const void *p, size_t n, 
     }
   }
 }
+// Forgets what the shadow knows of n bytes: an asynchronous copy ordered by an mbarrier
+// (which the epoch model cannot express) has landed there; its ordering is checked by the
+// emulator's poisoning instead (mock/sm90.cuh).
+__attribute__((no_sanitize_thread)) inline void forget(const void *p, size_t n) {
+  const size_t off = size_t(static_cast<const unsigned char *>(p) - g_smem);
+  if (off >= fk::kEmuSmemStorage) return;
+  for (size_t x = off; x < off + n && x < fk::kEmuSmemStorage; ++x) g_shadow[x] = Cell{};
+}
 #else
 inline void access(const void *, size_t, char, const void *) {}
+inline void forget(const void *, size_t) {}
 #endif
 } // namespace race
 

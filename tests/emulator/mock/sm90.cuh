@@ -20,6 +20,8 @@
 //   then (the latest legal moment: a stage refilled before the wait shows as NaN); the
 //   accumulators read as NaN between the issue and that wait, and a write to them in between
 //   is reported. Products summed in k order per 16-k slice.
+// - cp.async.mbarrier.arrive.noinc: the thread's cp.async copies land with the barrier's
+//   phase (NaN and reported to a wgmma until then) and count as an arrival.
 // - setmaxnreg (a warpgroup collective, no other effect here), named barriers (bar.sync id,
 //   count: the race check counts their completion as a block barrier, which is exact for
 //   kernels whose other threads touch shared memory only through TMA and mbarriers;
@@ -50,6 +52,7 @@
 #define tma_load_2d ptx_tma_load_2d
 #define tma_load_4d ptx_tma_load_4d
 #define fence_proxy_async_shared ptx_fence_proxy_async_shared
+#define cp_async_mbarrier_arrive_noinc ptx_cp_async_mbarrier_arrive_noinc
 #define named_barrier_sync ptx_named_barrier_sync
 #define named_barrier_arrive ptx_named_barrier_arrive
 #define warpgroup_reg_alloc ptx_warpgroup_reg_alloc
@@ -71,6 +74,7 @@
 #undef tma_load_2d
 #undef tma_load_4d
 #undef fence_proxy_async_shared
+#undef cp_async_mbarrier_arrive_noinc
 #undef named_barrier_sync
 #undef named_barrier_arrive
 #undef warpgroup_reg_alloc
@@ -169,6 +173,7 @@ EMU_UNTRACKED inline void land(MBarrier &m) {
     for (size_t i = 0; i < l.dst.size(); ++i) {
       memcpy(g_smem + l.dst[i], &l.data[i], 2);
       pending[l.dst[i]] = pending[l.dst[i] + 1] = 0;
+      race::forget(g_smem + l.dst[i], 2); // cp.async copies (below) were marked in flight
     }
   m.landings.clear();
 }
@@ -300,6 +305,35 @@ inline void tma_load_4d(void *dst, const CUtensorMap *map, uint64_t *bar, int c0
                         int c3) {
   const int c[4] = {c0, c1, c2, c3};
   tma_load(dst, map, bar, 4, c);
+}
+
+// cp.async.mbarrier.arrive.noinc: this thread's cp.async copies so far (committed or
+// not) land with the barrier's phase instead of at a cp.async.wait_group, and count as one
+// of its arrivals. Their destinations read as NaN, and are reported if a wgmma reads them,
+// until then.
+EMU_UNTRACKED inline void cp_async_mbarrier_arrive_noinc(uint64_t *bar) {
+  emu::sm90::MBarrier &m = emu::sm90::mbar(bar);
+  emu::sm90::before_event(m);
+  emu::sm90::Landing l;
+  auto take = [&](const std::vector<emu::CopyOp> &ops) {
+    for (const emu::CopyOp &op : ops)
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t a = uint32_t(static_cast<unsigned char *>(op.dst) - emu::g_smem) + 2 * i;
+        uint16_t v;
+        memcpy(&v, op.data + 2 * i, 2);
+        l.dst.push_back(a);
+        l.data.push_back(v);
+        emu::sm90::block().tma_pending[a] = emu::sm90::block().tma_pending[a + 1] = 1;
+      }
+  };
+  for (const auto &g : emu::g_cur->groups) take(g);
+  take(emu::g_cur->open);
+  emu::g_cur->groups.clear();
+  emu::g_cur->open.clear();
+  m.landings.push_back(std::move(l));
+  if (m.pending == 0) emu::fail("mbarrier arrival beyond its count (phase still waits for bytes)");
+  --m.pending;
+  ++m.changed.gen;
 }
 
 inline void named_barrier_sync(int id, int count) {
