@@ -18,12 +18,16 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 import flashkernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import SM80_PATH, sm80_path  # noqa: E402
 
 # (H = W, C, K, R = S, stride, padding)
 LAYERS = [
@@ -72,6 +76,8 @@ def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
         "flashkernels": ours(),
         "flashkernels_im2col": ours("im2col"),
         "flashkernels_implicit": ours("implicit_gemm"),
+        # On Hopper the forward takes the wgmma mainloop; this is its sm80 kernel.
+        SM80_PATH: sm80_path(ours()),
         "cudnn": lambda: F.conv2d(x, w, b, **kw),
     }
     with torch.no_grad():

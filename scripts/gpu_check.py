@@ -215,9 +215,9 @@ def quick_steps():
         )
         for s in SMOKE_SUITES
     ]
-    # On an H100 / H200 the dense attention and FFN forwards take their TMA + wgmma kernels
-    # (every GPU step above and below tests those); their sm80 kernels once more on the same
-    # device.
+    # On an H100 / H200 the dense attention forward, the conv forward and the FFN take their
+    # Hopper kernels (every GPU step above and below tests those); their sm80 kernels once
+    # more on the same device.
     smoke += [
         Step(
             f"smoke-{s}-sm80",
@@ -226,7 +226,7 @@ def quick_steps():
             45,
             {"FLASHKERNELS_NO_SM90": "1"},
         )
-        for s in ("gpu_attention_full", "gpu_ffn")
+        for s in ("gpu_attention_full", "gpu_conv", "gpu_ffn")
     ]
     suites = [
         Step(
