@@ -39,7 +39,7 @@ fi
 # The ops with an sm_90a path again on an emulated Hopper device (EMU_ARCH=sm90: the C
 # entries take their TMA + wgmma kernels).
 EMU_ARCH=sm90 cargo test "${features[@]}" --test gpu_ffn -- --ignored
-EMU_ARCH=sm90 cargo test "${features[@]}" --test gpu_attention_full -- --ignored smoke
+EMU_ARCH=sm90 cargo test "${features[@]}" --test gpu_attention_full --test gpu_conv -- --ignored smoke
 cargo test "${features[@]}" --lib --test errors --test errors_device --test errors_conv \
   --test limits_device
 echo "GPU tests on the emulator ran in $((SECONDS - start)) s"
