@@ -13,8 +13,10 @@ namespace conv {
 template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t s);
 // The same on Hopper's wgmma mainloop (conv_gemm_sm90.cuh), one group only.
 template <typename T> cudaError_t conv2d_fwd_gemm_sm90(const fk_conv2d_params &p, cudaStream_t s);
-// f16 / bf16 backward on the GEMM core; needs conv2d_bwd_workspace_bytes of workspace.
-template <typename T> cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t s);
+// f16 / bf16 backward on the GEMM core; needs conv2d_bwd_workspace_bytes of workspace. sm90:
+// its GEMMs on Hopper's wgmma mainloop (one group only).
+template <typename T>
+cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t s, bool sm90);
 // Direct (SIMT, f32 accumulation) kernels: the f32 forward and backward (correctness over
 // speed), and dbias of every dtype.
 template <typename T> cudaError_t conv2d_fwd_direct(const fk_conv2d_params &p, cudaStream_t s);

@@ -92,9 +92,10 @@ extern "C" int32_t fk_conv2d_bwd(const fk_conv2d_bwd_params *p, void *stream) {
   fk::DeviceGuard guard(p->device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
+  const bool sm90 = p->shape.groups == 1 && fk::use_sm90_kernels(p->device);
   switch (p->dtype) {
-  case FK_DTYPE_F16: return fk::conv::conv2d_bwd_gemm<__half>(*p, s);
-  case FK_DTYPE_BF16: return fk::conv::conv2d_bwd_gemm<__nv_bfloat16>(*p, s);
+  case FK_DTYPE_F16: return fk::conv::conv2d_bwd_gemm<__half>(*p, s, sm90);
+  case FK_DTYPE_BF16: return fk::conv::conv2d_bwd_gemm<__nv_bfloat16>(*p, s, sm90);
   default: return fk::conv::conv2d_bwd_direct<float>(*p, s);
   }
 }

@@ -4,9 +4,12 @@
 //   whose window covers it: a fixed summation order, no atomics.
 // - dweight: dW_g[k, kk] = sum_m dy[m, g K/groups + k] col_g[m, kk] with col = im2col(x)
 //   in the workspace (GEMM over the N P Q output pixels).
-// dbias is the direct per-channel reduction.
+// dbias is the direct per-channel reduction. With sm90 (Hopper, one group) both GEMMs run on
+// gemm_sm90.cuh's wgmma mainloop with the gathering producer (the same loaders and
+// epilogues), else on the sm80 core.
 #pragma once
 
+#include "../common/gemm_sm90.cuh"
 #include "conv_gemm_sm80.cuh"
 
 namespace fk {
@@ -39,11 +42,27 @@ __global__ void col2im_kernel(const float *dcol, const fk_conv2d_bwd_params p, i
   }
 }
 
+// One GEMM of the backward, both operands gathered by StridedLoader: on Hopper's mainloop
+// (one group) or on the sm80 core.
+template <template <class> class Epilogue, typename T, class Params>
+cudaError_t conv_bwd_gemm_run(bool sm90, const gemm::StridedOperand<T> &a,
+                              const gemm::StridedOperand<T> &b, const Params &ep, int k_total,
+                              int groups, int device, cudaStream_t stream) {
+  if (sm90) {
+    using Tr = gemm::TileGemmTraitsSm90<T, 128, 4>;
+    using L = gemm::GatherLoaderTraits<T>;
+    return gemm::launch_tile_gemm_sm90_gather<Tr, gemm::StridedLoader<L, Tr::kBlockM>,
+                                              gemm::StridedLoader<L, Tr::kBlockN>, Epilogue<Tr>>(
+        a, b, ep, k_total, device, stream);
+  }
+  using Tr = gemm::ConvGemmTraits<T>;
+  return gemm::launch_tile_gemm<Tr, gemm::StridedLoader<Tr, Tr::kBlockM>,
+                                gemm::StridedLoader<Tr, Tr::kBlockN>, Epilogue<Tr>>(
+      a, b, ep, k_total, groups, stream);
+}
+
 template <typename T>
-cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t stream) {
-  using Traits = gemm::ConvGemmTraits<T>;
-  using RowsM = gemm::StridedLoader<Traits, Traits::kBlockM>;
-  using RowsN = gemm::StridedLoader<Traits, Traits::kBlockN>;
+cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t stream, bool sm90) {
   const fk_conv2d_shape &s = p.shape;
   const ConvDims d(s);
   const int64_t *dys = p.dy_strides;
@@ -71,8 +90,8 @@ cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t stream) 
              p.w_strides[3] % 8 == 0 && wt.group_stride % 8 == 0 && aligned16(p.weight);
     const gemm::F32MatrixParams ep{dcol, d.k_gemm_padded, int64_t(d.m) * d.k_gemm_padded, d.m,
                                    d.k_gemm};
-    err = gemm::launch_tile_gemm<Traits, RowsM, RowsN, gemm::F32Epilogue<Traits>>(
-        dy, wt, ep, d.k_group, s.groups, stream);
+    err = conv_bwd_gemm_run<gemm::F32Epilogue>(sm90, dy, wt, ep, d.k_group, s.groups, p.device,
+                                               stream);
     const int64_t total = int64_t(s.n) * s.c * s.h * s.w;
     const int blocks = int(std::min<int64_t>((total + 255) / 256, int64_t(1) << 20));
     if (err == cudaSuccess)
@@ -103,7 +122,8 @@ cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t stream) 
     ep.activation = FK_ACT_NONE;
     ep.vec = false;
     if (err == cudaSuccess)
-      err = gemm::launch_tile_gemm<Traits, RowsM, RowsN>(dyt, colt, ep, d.m, s.groups, stream);
+      err = conv_bwd_gemm_run<gemm::StagedEpilogue>(sm90, dyt, colt, ep, d.m, s.groups, p.device,
+                                                    stream);
   }
 
   if (err == cudaSuccess && p.dbias != nullptr) err = conv2d_dbias<T>(p, stream);

@@ -7,6 +7,7 @@ namespace fk {
 namespace conv {
 template cudaError_t conv2d_fwd_gemm<__nv_bfloat16>(const fk_conv2d_params &, cudaStream_t);
 template cudaError_t conv2d_fwd_gemm_sm90<__nv_bfloat16>(const fk_conv2d_params &, cudaStream_t);
-template cudaError_t conv2d_bwd_gemm<__nv_bfloat16>(const fk_conv2d_bwd_params &, cudaStream_t);
+template cudaError_t conv2d_bwd_gemm<__nv_bfloat16>(const fk_conv2d_bwd_params &, cudaStream_t,
+                                                    bool);
 } // namespace conv
 } // namespace fk

@@ -7,6 +7,6 @@ namespace fk {
 namespace conv {
 template cudaError_t conv2d_fwd_gemm<__half>(const fk_conv2d_params &, cudaStream_t);
 template cudaError_t conv2d_fwd_gemm_sm90<__half>(const fk_conv2d_params &, cudaStream_t);
-template cudaError_t conv2d_bwd_gemm<__half>(const fk_conv2d_bwd_params &, cudaStream_t);
+template cudaError_t conv2d_bwd_gemm<__half>(const fk_conv2d_bwd_params &, cudaStream_t, bool);
 } // namespace conv
 } // namespace fk

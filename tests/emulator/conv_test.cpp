@@ -469,6 +469,19 @@ std::vector<Entry> all_cases() {
     cases.push_back({"bwd " + describe(c), [c](Result &r) {
                        by_dtype(c.dtype, [&](auto t) { conv_bwd_case<decltype(t)>(c, r); });
                      }});
+  // The backward on the emulated Hopper device: one-group half-precision cases run both
+  // GEMMs on the wgmma mainloop (gathering producer).
+  for (const ConvCase &c : bwd)
+    cases.push_back({"bwd sm90 " + describe(c), [c](Result &r) {
+                       emu::g_sm90 = true;
+                       const int launches0 = fk::g_emu_sm90_launches;
+                       by_dtype(c.dtype, [&](auto t) { conv_bwd_case<decltype(t)>(c, r); });
+                       emu::g_sm90 = false;
+                       const bool want = c.groups == 1 && c.dtype != FK_DTYPE_F32;
+                       if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
+                         r.fail("sm90 launches " +
+                                std::to_string(fk::g_emu_sm90_launches - launches0));
+                     }});
   const int MAX = FK_POOL_MAX, AVG = FK_POOL_AVG;
   // n c h w kh kw sh sw ph pw dh dw ceil kind include_pad divisor dtype nhwc ties
   const PoolCase pools[] = {
