@@ -1,6 +1,6 @@
 // Hopper (sm_90a) mainloop of the tile GEMM core, beside gemm_sm80.cuh's: per output tile
 //
-//   out[m, n] = epilogue(sum_k A[m, k] B[n, k]),   A: M x K, B: N x K, both row-major (K-major)
+//   out[m, n] = epilogue(sum_k A[m, k] B[n, k])
 //
 // - a producer warpgroup whose one elected thread streams A and B tiles (BM x 64 and BN x 64,
 //   128-byte swizzle) into kStages shared-memory stages with TMA, each stage guarded by a
@@ -25,6 +25,9 @@
 //   same (row, hidden unit) of both products;
 // - kStackedK: the reduction runs over map_b's k < k_split, then over map_b2's (A's k goes on
 //   from k_split): [W1; W3] stacked along K without a copy.
+// Operands TMA cannot describe (the implicit im2col matrix, weights through their strides)
+// take the second kernel at the end, whose producer warpgroup runs the sm80 core's loader
+// policies with cp.async instead of TMA; the consumers are the same (consume_tiles).
 #pragma once
 
 #include "launch.cuh"
