@@ -30,7 +30,6 @@ template <class Traits, bool kHasMask>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     dense_fwd_kernel(const fk_attention_fwd_params p) {
   using Element = typename Traits::Element;
-  using Tile = typename Traits::Tile;
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
   constexpr int BN = Traits::kBlockN;

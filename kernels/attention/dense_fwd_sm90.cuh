@@ -300,10 +300,9 @@ cudaError_t run_dense_fwd_sm90(const fk_attention_fwd_params &p, cudaStream_t st
   // Persistent: one block per multiprocessor at most (the kernel counts tiles in int).
   const int64_t tiles =
       int64_t((s.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM) * s.heads * s.batch;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
-  const int sms = device_sm_count(s.device);
-  if (sms <= 0) return cudaErrorInvalidDevice;
-  const dim3 grid(unsigned(tiles < sms ? tiles : sms));
+  unsigned blocks;
+  if ((err = persistent_blocks(tiles, s.device, blocks)) || blocks == 0) return err;
+  const dim3 grid(blocks);
   return launch_kernel_sm90(dense_fwd_sm90_kernel<Traits, kHasMask>, grid,
                             dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, mq, mk, mv,
                             p);

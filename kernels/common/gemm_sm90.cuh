@@ -57,16 +57,34 @@ template <typename Element_, int kBlockN_, int kStages_> struct TileGemmTraitsSm
   }
 };
 
+// Where both kernels below keep their stages, epilogue staging and barriers: from the
+// dynamic shared memory's base aligned up to the swizzle's 1024 bytes.
+template <class Traits> struct StageSmem {
+  unsigned char *a, *b;                 // kStages A tiles, kStages B tiles
+  typename Traits::Element *staging;    // the epilogue's
+  uint64_t *full, *empty;               // kStages each
+  __device__ explicit StageSmem(unsigned char *raw) {
+    unsigned char *base = raw + ((1024 - smem_addr(raw) % 1024) % 1024);
+    a = base;
+    b = a + Traits::kStages * Traits::kTileABytes;
+    staging =
+        reinterpret_cast<typename Traits::Element *>(b + Traits::kStages * Traits::kTileBBytes);
+    full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
+    empty = full + Traits::kStages;
+  }
+};
+
 // The consumer warpgroups' side of both producers below: for each of this block's tiles
 // (m-fastest), wait for each k-tile's stage, run its wgmma (one group kept in flight: a
 // stage is released once the wgmma after it was issued and its own has retired), then the
 // epilogue.
 template <class Traits, class Epilogue, bool kAMn, bool kBMn>
 __device__ __forceinline__ void consume_tiles(const typename Epilogue::Params &ep,
-                                              unsigned char *sA, unsigned char *sB,
-                                              typename Traits::Element *staging, uint64_t *full,
-                                              uint64_t *empty, int k_tiles) {
+                                              const StageSmem<Traits> &sm, int k_tiles) {
 #ifdef FK_SM90_DEVICE_CODE
+  unsigned char *sA = sm.a, *sB = sm.b;
+  uint64_t *full = sm.full, *empty = sm.empty;
+  typename Traits::Element *staging = sm.staging;
   using Element = typename Traits::Element;
   constexpr int S = Traits::kStages, NT = Traits::kNTiles, BK = Traits::kBlockK;
   const int m_tiles = (ep.rows + Traits::kBlockM - 1) / Traits::kBlockM;
@@ -127,15 +145,11 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
                           const __grid_constant__ CUtensorMap map_b2,
                           const typename Epilogue::Params ep, int k_total, int k_split) {
 #ifdef FK_SM90_DEVICE_CODE
-  using Element = typename Traits::Element;
   constexpr int S = Traits::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
-  unsigned char *sA = base;
-  unsigned char *sB = sA + S * Traits::kTileABytes;
-  Element *staging = reinterpret_cast<Element *>(sB + S * Traits::kTileBBytes);
-  uint64_t *full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
-  uint64_t *empty = full + S;
+  const StageSmem<Traits> sm(smem_raw);
+  unsigned char *sA = sm.a, *sB = sm.b;
+  uint64_t *full = sm.full, *empty = sm.empty;
 
   const int m_tiles = (ep.rows + Traits::kBlockM - 1) / Traits::kBlockM;
   const int n_tiles = (ep.cols + Traits::kBlockN - 1) / Traits::kBlockN;
@@ -203,7 +217,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 
   // Consumers.
   sm90::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  consume_tiles<Traits, Epilogue, kAMn, kBMn>(ep, sA, sB, staging, full, empty, k_tiles);
+  consume_tiles<Traits, Epilogue, kAMn, kBMn>(ep, sm, k_tiles);
 #endif
 }
 
@@ -216,11 +230,9 @@ cudaError_t launch_tile_gemm_sm90(const CUtensorMap &map_a, const CUtensorMap &m
                                   int k_total, int device, cudaStream_t stream, int k_split = 0) {
   const int64_t tiles = int64_t((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM) *
                         ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
-  if (tiles == 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue; // the kernel counts tiles in int
-  const int sms = device_sm_count(device);
-  if (sms <= 0) return cudaErrorInvalidDevice;
-  const unsigned blocks = unsigned(tiles < sms ? tiles : sms);
+  unsigned blocks;
+  const cudaError_t err = persistent_blocks(tiles, device, blocks);
+  if (err != cudaSuccess || blocks == 0) return err;
   return launch_kernel_sm90(tile_gemm_sm90_kernel<Traits, Epilogue, kAMn, kBMn, kB>, dim3(blocks),
                             dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, map_a, map_b,
                             map_b2, ep, k_total, k_split);
@@ -250,12 +262,9 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   // implicit kernel spilled 88 bytes, at 72 up to 284.
   constexpr int kProducerRegs = 120, kConsumerRegs = 192;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
-  unsigned char *sA = base;
-  unsigned char *sB = sA + S * Traits::kTileABytes;
-  Element *staging = reinterpret_cast<Element *>(sB + S * Traits::kTileBBytes);
-  uint64_t *full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
-  uint64_t *empty = full + S;
+  const StageSmem<Traits> sm(smem_raw);
+  unsigned char *sA = sm.a, *sB = sm.b;
+  uint64_t *full = sm.full, *empty = sm.empty;
   const int m_tiles = (ep.rows + Traits::kBlockM - 1) / Traits::kBlockM;
   const int tiles = m_tiles * ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
   const int k_tiles = (k_total + BK - 1) / BK;
@@ -290,7 +299,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     return;
   }
   sm90::warpgroup_reg_alloc<kConsumerRegs>();
-  consume_tiles<Traits, Epilogue, false, false>(ep, sA, sB, staging, full, empty, k_tiles);
+  consume_tiles<Traits, Epilogue, false, false>(ep, sm, k_tiles);
 #endif
 }
 
@@ -301,11 +310,9 @@ cudaError_t launch_tile_gemm_sm90_gather(const typename ALoader::Operand &a,
                                          int device, cudaStream_t stream) {
   const int64_t tiles = int64_t((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM) *
                         ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
-  if (tiles == 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue; // the kernel counts tiles in int
-  const int sms = device_sm_count(device);
-  if (sms <= 0) return cudaErrorInvalidDevice;
-  const unsigned blocks = unsigned(tiles < sms ? tiles : sms);
+  unsigned blocks;
+  const cudaError_t err = persistent_blocks(tiles, device, blocks);
+  if (err != cudaSuccess || blocks == 0) return err;
   return launch_kernel_sm90(tile_gemm_sm90_gather_kernel<Traits, ALoader, BLoader, Epilogue>,
                             dim3(blocks), dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream,
                             a, b, ep, k_total);

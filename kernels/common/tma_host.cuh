@@ -1,8 +1,8 @@
 // Host side of TMA: tensor maps (CUtensorMap) encoded through the driver's
 // cuTensorMapEncodeTiled, found at run time with cudaGetDriverEntryPointByVersion so that
 // nothing links libcuda (the Rust crate links only the static CUDA runtime). The CPU
-// emulator replaces this file (tests/emulator/mock/tma_host.cuh) by an encoder that checks
-// the driver's rules and stores the map for its TMA emulation.
+// emulator replaces only driver_encode_tiled (tests/emulator/mock/tma_host.cuh), so the
+// checks and encoders here are the ones it tests.
 #pragma once
 
 #include <cuda.h>
@@ -32,12 +32,13 @@ inline bool tma_strides_ok(const void *base, int rank, const int64_t *strides) {
   return true;
 }
 
-// A map of a rank-`rank` (2..5) tensor of 16-bit elements: dims innermost first (dims[0]
-// unit-stride), strides[i] (elements) of dims[i + 1]; boxes of box[i] elements, box[0] = 64
-// (128 bytes: one swizzle span); 128-byte swizzle, zero fill outside.
-inline cudaError_t encode_map_sw128(CUtensorMap *map, const void *base, int rank,
-                                    const int64_t *dims, const int64_t *strides,
-                                    const uint32_t *box, bool bf16) {
+// The driver's cuTensorMapEncodeTiled with the maps' fixed choices (16-bit elements, no
+// interleave, 128-byte swizzle, zero fill), found once through the runtime. The CPU
+// emulator defines FK_EMULATED_TMA_ENCODER and its own (tests/emulator/mock/tma_host.cuh).
+#ifndef FK_EMULATED_TMA_ENCODER
+inline cudaError_t driver_encode_tiled(CUtensorMap *map, const void *base, bool bf16,
+                                       cuuint32_t rank, const cuuint64_t *dims,
+                                       const cuuint64_t *strides, const cuuint32_t *box) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void *fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -48,22 +49,34 @@ inline cudaError_t encode_map_sw128(CUtensorMap *map, const void *base, int rank
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   if (encode == nullptr) return cudaErrorNotSupported;
-  if (rank < 2 || rank > 5 || !tma_strides_ok(base, rank, strides) || box[0] != 64)
-    return cudaErrorInvalidValue;
-  cuuint64_t d[5], st[4];
-  cuuint32_t bx[5], es[5];
-  for (int i = 0; i < rank; ++i) {
-    if (dims[i] < 1 || dims[i] > (int64_t(1) << 32) || box[i] < 1 || box[i] > 256)
-      return cudaErrorInvalidValue;
-    d[i] = cuuint64_t(dims[i]), bx[i] = box[i], es[i] = 1;
-    if (i + 1 < rank) st[i] = cuuint64_t(strides[i]) * 2;
-  }
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
   const CUresult r =
-      encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-             cuuint32_t(rank), const_cast<void *>(base), d, st, bx, es,
+      encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
+             const_cast<void *>(base), dims, strides, box, elem_strides,
              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+#endif
+
+// A map of a rank-`rank` (2..5) tensor of 16-bit elements: dims innermost first (dims[0]
+// unit-stride), strides[i] (elements) of dims[i + 1]; boxes of box[i] elements, box[0] = 64
+// (128 bytes: one swizzle span); 128-byte swizzle, zero fill outside. Checks the driver's
+// rules first, so a refusal is cudaErrorInvalidValue before any driver call.
+inline cudaError_t encode_map_sw128(CUtensorMap *map, const void *base, int rank,
+                                    const int64_t *dims, const int64_t *strides,
+                                    const uint32_t *box, bool bf16) {
+  if (rank < 2 || rank > 5 || !tma_strides_ok(base, rank, strides) || box[0] != 64)
+    return cudaErrorInvalidValue;
+  cuuint64_t d[5], st[4];
+  cuuint32_t bx[5];
+  for (int i = 0; i < rank; ++i) {
+    if (dims[i] < 1 || dims[i] > (int64_t(1) << 32) || box[i] < 1 || box[i] > 256)
+      return cudaErrorInvalidValue;
+    d[i] = cuuint64_t(dims[i]), bx[i] = box[i];
+    if (i + 1 < rank) st[i] = cuuint64_t(strides[i]) * 2;
+  }
+  return driver_encode_tiled(map, base, bf16, cuuint32_t(rank), d, st, bx);
 }
 
 // A 2-D map of the (rows x cols, row stride ld) matrix of 16-bit elements, boxes of

@@ -33,8 +33,8 @@ cudaError_t emu_launch_kernel(size_t smem_limit, void (*kernel)(KernelArgs...), 
 }
 
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                          size_t smem_bytes, cudaStream_t, Args &&...args) {
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t, Args &&...args) {
   return emu_launch_kernel(kEmuMaxSmem, kernel, grid, block, smem_bytes,
                            std::forward<Args>(args)...);
 }
@@ -54,5 +54,15 @@ inline bool use_sm90_kernels(int device) {
   return device_is_sm90(device) && !(off != nullptr && off[0] == '1');
 }
 inline int device_sm_count(int) { return 3; }
+
+// As launch.cuh's (the emulated device's 3 multiprocessors).
+inline cudaError_t persistent_blocks(int64_t tiles, int device, unsigned &blocks) {
+  blocks = 0;
+  if (tiles <= 0) return cudaSuccess;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  const int sms = device_sm_count(device);
+  blocks = unsigned(tiles < sms ? tiles : sms);
+  return cudaSuccess;
+}
 
 } // namespace fk

@@ -34,9 +34,9 @@
 // TMA.
 #pragma once
 #include "emu.h"
-#include <limits>
 #include "mma_sm80.cuh" // the emulated one (smem_addr as a shared-memory offset)
 #include "tma_host.cuh" // emu::TensorMap
+#include <limits>
 
 #ifndef __grid_constant__
 #define __grid_constant__
@@ -342,8 +342,10 @@ inline void named_barrier_sync(int id, int count) {
   if (count % 32 || count < 32 || count > int(emu::g_bdim.x * emu::g_bdim.y * emu::g_bdim.z))
     emu::fail("named barrier thread count");
   emu::Barrier &n = b.named[id];
-  if (n.count == 0) n.expected = count, n.block_epoch = true;
-  else if (n.expected != count) emu::fail("named barrier used with two thread counts at once");
+  if (n.count == 0)
+    n.expected = count, n.block_epoch = true;
+  else if (n.expected != count)
+    emu::fail("named barrier used with two thread counts at once");
   emu::barrier_wait(n);
 }
 // bar.arrive: counts toward the phase without waiting. A phase with such an arrival orders
@@ -354,8 +356,10 @@ inline void named_barrier_arrive(int id, int count) {
   if (count % 32 || count < 32 || count > int(emu::g_bdim.x * emu::g_bdim.y * emu::g_bdim.z))
     emu::fail("named barrier thread count");
   emu::Barrier &n = b.named[id];
-  if (n.count == 0) n.expected = count;
-  else if (n.expected != count) emu::fail("named barrier used with two thread counts at once");
+  if (n.count == 0)
+    n.expected = count;
+  else if (n.expected != count)
+    emu::fail("named barrier used with two thread counts at once");
   n.block_epoch = false;
   if (++n.count == n.expected) {
     n.count = 0;
@@ -409,14 +413,16 @@ inline uint32_t desc_element_address_mn(uint64_t desc, int mn, int k) {
   const uint32_t lbo = uint32_t((desc >> 16) & 0x3FFF) << 4;
   const uint32_t sbo = uint32_t((desc >> 32) & 0x3FFF) << 4;
   if (((desc >> 49) & 7) != 0) emu::fail("wgmma descriptor base_offset != 0 (not emulated)");
-  if (int(desc >> 62) != 1) emu::fail("MN-major wgmma operand without the 128-byte swizzle (not emulated)");
+  if (int(desc >> 62) != 1)
+    emu::fail("MN-major wgmma operand without the 128-byte swizzle (not emulated)");
   if (start % 1024) emu::fail("MN-major wgmma descriptor start not on a swizzle atom (1024 B)");
   const uint32_t a = start + uint32_t(mn / 64) * lbo + uint32_t(k / 8) * sbo +
                      uint32_t(k % 8) * 128 + uint32_t(mn % 64) * 2;
   return swizzle_address(a, 128);
 }
 
-template <typename T> EMU_UNTRACKED float desc_element(uint64_t desc, int r, int k, bool mn = false) {
+template <typename T>
+EMU_UNTRACKED float desc_element(uint64_t desc, int r, int k, bool mn = false) {
   const uint32_t a = mn ? desc_element_address_mn(desc, r, k) : desc_element_address(desc, r, k);
   if (a % 2 || a + 2 > emu::g_smem_bytes) emu::fail("wgmma operand past the shared memory");
   if (emu::sm90::block().tma_pending[a])
@@ -435,8 +441,8 @@ std::vector<float> wgmma_compute(const emu::sm90::WgmmaOp &op, const std::vector
   float a[2][16];
   for (int h = 0; h < 2; ++h)
     for (int k = 0; k < 16; ++k)
-      a[h][k] = op.a_regs ? op.a_vals[h][k]
-                          : desc_element<T>(op.da, 16 * w + g + 8 * h, k, op.a_mn);
+      a[h][k] =
+          op.a_regs ? op.a_vals[h][k] : desc_element<T>(op.da, 16 * w + g + 8 * h, k, op.a_mn);
   std::vector<float> out(size_t(op.n / 2));
   for (int i = 0; i < op.n / 2; ++i) {
     const int j = i / 4, h = (i % 4) / 2, col = 8 * j + 2 * q + (i % 2);
@@ -460,8 +466,8 @@ void wgmma_issue(float (&d)[N / 2], const uint32_t *a, uint64_t desc_a, uint64_t
   emu::sm90::warpgroup_sync();
   if (b.wg_desc[0][wg] != desc_a || b.wg_desc[1][wg] != desc_b)
     emu::fail("wgmma descriptors differ across the warpgroup");
-  emu::sm90::WgmmaOp op{desc_a, desc_b, N, accumulate, a != nullptr, a_mn, b_mn, {}, false,
-                        true,   d,      {}, &wgmma_compute<T>};
+  emu::sm90::WgmmaOp op{desc_a, desc_b, N, accumulate, a != nullptr,     a_mn, b_mn, {},
+                        false,  true,   d, {},         &wgmma_compute<T>};
   if (a != nullptr) { // rows g, g + 8 of this warp: lanes 4 g' + kk / 2 hold them
     const int warp0 = emu::g_cur->flat / 32 * 32, g = (t % 32) / 4;
     for (int h = 0; h < 2; ++h)

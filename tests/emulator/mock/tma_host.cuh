@@ -1,16 +1,12 @@
 // Stands in for kernels/common/tma_host.cuh in the emulator's build: the real header is
-// included (its tma_matrix_ok / tma_strides_ok are the ones under test) with the encoders
-// renamed out of the way; the encoder below checks what cuTensorMapEncodeTiled checks for
-// the maps the kernels ask for and stores the map in the CUtensorMap's 128 bytes, where
-// mock/sm90.cuh's TMA emulation reads it.
+// included (its checks and encoders are the ones under test) with the driver call below
+// in place of cuTensorMapEncodeTiled: it checks the driver's rules and stores the map in the
+// CUtensorMap's 128 bytes, where mock/sm90.cuh's TMA emulation reads it.
 #pragma once
 #include "emu.h"
 
-#define encode_map_sw128 driver_encode_map_sw128
-#define encode_matrix_map_sw128 driver_encode_matrix_map_sw128
-#include "kernels/common/tma_host.cuh"
-#undef encode_map_sw128
-#undef encode_matrix_map_sw128
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 namespace emu {
 
@@ -38,31 +34,32 @@ inline const TensorMap &tensor_map(const CUtensorMap *m) {
 
 namespace fk {
 
-inline cudaError_t encode_map_sw128(CUtensorMap *map, const void *base, int rank,
-                                    const int64_t *dims, const int64_t *strides,
-                                    const uint32_t *box, bool) {
-  // The driver's rules (cuTensorMapEncodeTiled) for the maps asked for here: a 16-byte-
-  // aligned address, strides that are multiples of 16 bytes below 2^40, dims in
-  // [1, 2^32], box dims in [1, 256], the box's inner extent (64 elements, 128 bytes) at
-  // most the swizzle span.
-  if (rank < 2 || rank > 5 || !tma_strides_ok(base, rank, strides) || box[0] != 64)
-    return cudaErrorInvalidValue;
+// cuTensorMapEncodeTiled as the emulator's: what the driver checks of the maps asked for
+// (16-byte-aligned address, strides multiples of 16 bytes below 2^40, dims in [1, 2^32],
+// box dims in [1, 256], the box's inner extent at most the 128-byte swizzle span), then the
+// map stored in the CUtensorMap's 128 bytes. encode_map_sw128 (the real one) checks these
+// rules itself first; one that reaches here broken is a bug in it.
+inline cudaError_t driver_encode_tiled(CUtensorMap *map, const void *base, bool, cuuint32_t rank,
+                                       const cuuint64_t *dims, const cuuint64_t *strides,
+                                       const cuuint32_t *box) {
+  if (reinterpret_cast<uintptr_t>(base) % 16) emu::fail("tensor map of a misaligned base");
+  if (rank < 2 || rank > 5) emu::fail("tensor map rank out of 2..5");
+  if (box[0] * 2 > 128) emu::fail("tensor map box wider than its swizzle span");
   emu::TensorMap t{};
   t.magic = emu::kTensorMapMagic;
   t.base = static_cast<const unsigned char *>(base);
-  t.rank = rank;
-  for (int i = 0; i < rank; ++i) {
-    if (dims[i] < 1 || dims[i] > (int64_t(1) << 32) || box[i] < 1 || box[i] > 256)
-      return cudaErrorInvalidValue;
-    t.dims[i] = uint64_t(dims[i]);
+  t.rank = int(rank);
+  for (cuuint32_t i = 0; i < rank; ++i) {
+    if (dims[i] < 1 || dims[i] > (1ull << 32) || box[i] < 1 || box[i] > 256)
+      emu::fail("tensor map dims or box out of range");
+    t.dims[i] = dims[i];
     t.box[i] = box[i];
     if (i > 0) {
-      if ((strides[i - 1] * 2) % 16 || strides[i - 1] * 2 >= (int64_t(1) << 40))
-        emu::fail("tma_strides_ok accepted a stride the driver refuses");
-      t.strides[i - 1] = uint64_t(strides[i - 1]) * 2;
+      if (strides[i - 1] % 16 || strides[i - 1] >= (1ull << 40))
+        emu::fail("tensor map stride not a multiple of 16 bytes below 2^40");
+      t.strides[i - 1] = strides[i - 1];
     }
   }
-  if (reinterpret_cast<uintptr_t>(base) % 16) emu::fail("tma_strides_ok accepted a misaligned base");
   t.swizzle_bytes = 128;
   t.elem_bytes = 2;
   memset(map, 0, sizeof *map);
@@ -70,14 +67,7 @@ inline cudaError_t encode_map_sw128(CUtensorMap *map, const void *base, int rank
   return cudaSuccess;
 }
 
-// The real one's body, over the emulated encoder.
-inline cudaError_t encode_matrix_map_sw128(CUtensorMap *map, const void *base, int64_t rows,
-                                           int64_t cols, int64_t ld, int box_rows, bool bf16) {
-  if (!tma_matrix_ok(base, ld, rows, cols) || box_rows < 1 || box_rows > 256)
-    return cudaErrorInvalidValue;
-  const int64_t dims[2] = {cols, rows}, strides[1] = {ld};
-  const uint32_t box[2] = {64, uint32_t(box_rows)};
-  return encode_map_sw128(map, base, 2, dims, strides, box, bf16);
-}
-
 } // namespace fk
+
+#define FK_EMULATED_TMA_ENCODER 1
+#include "kernels/common/tma_host.cuh"
