@@ -27,6 +27,7 @@
 #pragma once
 
 #include "../common/launch.cuh"
+#include "../common/persistent.cuh"
 #include "../common/sm90.cuh"
 #include "../common/tma_host.cuh"
 #include "common/softmax.cuh"

@@ -15,7 +15,8 @@
 // The epilogue policies are gemm_sm80.cuh's (they take accumulators by (row, col) in
 // mma.sync's m16n8 fragment layout, which is wgmma's per warp): Traits here says kMTiles = 1
 // and kNTiles = BN / 8 per warp, kNThreads = the consumers, and epilogue_barrier() is a named
-// barrier over the consumers. One group (blockIdx.z == 0) per launch.
+// barrier over the consumers. The TMA kernel runs one group (blockIdx.z == 0) per launch;
+// the gathering one takes groups along blockIdx.z as the sm80 core does.
 // Operand layouts (template flags): A and B each K-major (a row-major M x K / N x K matrix:
 // boxes of 64 k x rows) or MN-major (a row-major K x M / K x N matrix, as a transposed
 // operand is: boxes of 64 m-or-n x 64 k, one per 64-wide block; wgmma's transpose bit).
@@ -30,7 +31,9 @@
 // policies with cp.async instead of TMA; the consumers are the same (consume_tiles).
 #pragma once
 
+#include "gemm_sm80.cuh" // the epilogue and loader policies, SplitKLoader
 #include "launch.cuh"
+#include "persistent.cuh"
 #include "sm90.cuh"
 
 namespace fk {
@@ -303,19 +306,34 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 #endif
 }
 
+// Groups as the sm80 core's launch_tile_gemm has them: blockIdx.z is the group the loaders
+// and epilogue offset by, each group a persistent slice of the grid (the SMs shared out).
 template <class Traits, class ALoader, class BLoader, class Epilogue>
 cudaError_t launch_tile_gemm_sm90_gather(const typename ALoader::Operand &a,
                                          const typename BLoader::Operand &b,
                                          const typename Epilogue::Params &ep, int k_total,
-                                         int device, cudaStream_t stream) {
+                                         int groups, int device, cudaStream_t stream) {
   const int64_t tiles = int64_t((ep.rows + Traits::kBlockM - 1) / Traits::kBlockM) *
                         ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
   unsigned blocks;
-  const cudaError_t err = persistent_blocks(tiles, device, blocks);
+  const cudaError_t err = persistent_blocks(tiles, device, blocks, groups);
   if (err != cudaSuccess || blocks == 0) return err;
   return launch_kernel_sm90(tile_gemm_sm90_gather_kernel<Traits, ALoader, BLoader, Epilogue>,
-                            dim3(blocks), dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream,
-                            a, b, ep, k_total);
+                            dim3(blocks, 1, unsigned(groups)), dim3(Traits::kLaunchThreads),
+                            Traits::kSmemBytes, stream, a, b, ep, k_total);
+}
+
+// Split-K on the gathering kernel (gemm_sm80.cuh's SplitKLoader around both loaders):
+// groups = (the caller's groups) x splits, splits fastest in blockIdx.z.
+template <class Traits, class ALoader, class BLoader, class Epilogue>
+cudaError_t launch_tile_gemm_sm90_gather_split(const typename ALoader::Operand &a,
+                                               const typename BLoader::Operand &b,
+                                               const typename Epilogue::Params &ep, int k_split,
+                                               int splits, int groups, int device,
+                                               cudaStream_t stream) {
+  return launch_tile_gemm_sm90_gather<Traits, SplitKLoader<ALoader>, SplitKLoader<BLoader>,
+                                      Epilogue>({a, k_split, splits}, {b, k_split, splits}, ep,
+                                                k_split, groups * splits, device, stream);
 }
 
 } // namespace gemm

@@ -71,24 +71,10 @@ inline bool use_sm90_kernels(int device) {
   return device_is_sm90(device) && !(off != nullptr && off[0] == '1');
 }
 
-// A persistent grid for `tiles` tiles: min(tiles, multiprocessors) blocks, 0 when there is
-// nothing to do; an error when the kernels' int tile counter or the device query fails.
-inline cudaError_t persistent_blocks(int64_t tiles, int device, unsigned &blocks);
-
 // Multiprocessors of `device` (persistent grids), or 0 if it cannot be asked.
 inline int device_sm_count(int device) {
   int n = 0;
   return cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess ? n : 0;
-}
-
-inline cudaError_t persistent_blocks(int64_t tiles, int device, unsigned &blocks) {
-  blocks = 0;
-  if (tiles <= 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue; // the kernels count tiles in int
-  const int sms = device_sm_count(device);
-  if (sms <= 0) return cudaErrorInvalidDevice;
-  blocks = unsigned(tiles < sms ? tiles : sms);
-  return cudaSuccess;
 }
 
 } // namespace fk

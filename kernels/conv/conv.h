@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "../include/fk_conv.h"
 
 namespace fk {
@@ -11,10 +13,10 @@ namespace conv {
 
 // f16 / bf16 forward on the tensor-core GEMM core (params->algo picks im2col or implicit).
 template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t s);
-// The same on Hopper's wgmma mainloop (conv_gemm_sm90.cuh), one group only.
+// The same on Hopper's wgmma mainloop (conv_gemm_sm90.cuh).
 template <typename T> cudaError_t conv2d_fwd_gemm_sm90(const fk_conv2d_params &p, cudaStream_t s);
-// f16 / bf16 backward on the GEMM core; needs conv2d_bwd_workspace_bytes of workspace. sm90:
-// its GEMMs on Hopper's wgmma mainloop (one group only).
+// f16 / bf16 backward on the GEMM core (BwdPlan below); sm90: its GEMMs on Hopper's wgmma
+// mainloop.
 template <typename T>
 cudaError_t conv2d_bwd_gemm(const fk_conv2d_bwd_params &p, cudaStream_t s, bool sm90);
 // Direct (SIMT, f32 accumulation) kernels: the f32 forward and backward (correctness over
@@ -38,6 +40,44 @@ inline int64_t col_matrix_bytes(const fk_conv2d_shape &s, size_t elem) {
   const ConvDims d(s);
   return (int64_t(s.groups) * d.m * d.k_gemm_padded * int64_t(elem) + 255) / 256 * 256;
 }
+
+// How the f16 / bf16 backward runs and the workspace it needs: one place for the launcher
+// and fk_conv2d_bwd_workspace_bytes. dx runs before dweight, so their regions overlap.
+// - dx: with the implicit algorithm and unit strides, dx is the forward implicit GEMM of dy
+//   with the weights flipped and transposed (copied into the workspace, (C, R, S, K/groups)
+//   contiguous): no col2im. Otherwise dcol = dy W in f32 (col_matrix_bytes(s, 4)), then
+//   col2im.
+// - dweight: im2col(x) in the workspace, then the GEMM over the N P Q pixels split along
+//   them into dw_splits f32 partials (after col), summed in a fixed order: deterministic.
+//   The splits depend on the shape only (enough tiles for a large GPU: ~256), each at least
+//   4 k-tiles of 64 pixels, none empty. No pixels (an empty batch): dweight is zeros, no
+//   workspace.
+struct BwdPlan {
+  bool dx_implicit;
+  int dw_splits, dw_k_split; // pixels per split, a multiple of 64
+  int64_t dx_bytes, col_bytes, partial_bytes;
+  explicit BwdPlan(const fk_conv2d_bwd_params &p) {
+    const fk_conv2d_shape &s = p.shape;
+    const ConvDims d(s);
+    const auto round256 = [](int64_t b) { return (b + 255) / 256 * 256; };
+    dx_implicit = p.algo == FK_CONV_ALGO_IMPLICIT_GEMM && s.stride_h == 1 && s.stride_w == 1;
+    const int64_t flipped = int64_t(s.c) * s.r * s.s * d.k_group * 2;
+    dx_bytes = p.dx == nullptr ? 0 : dx_implicit ? round256(flipped) : col_matrix_bytes(s, 4);
+    const int m_ktiles = (d.m + 63) / 64;
+    const int64_t tiles = int64_t(s.groups) * ((d.k_group + 127) / 128) * ((d.k_gemm + 127) / 128);
+    int64_t splits = (256 + tiles - 1) / tiles;
+    splits = std::min<int64_t>({splits, m_ktiles / 4, 64, 65535 / s.groups});
+    splits = std::max<int64_t>(splits, 1);
+    dw_k_split = int((m_ktiles + splits - 1) / splits) * 64;
+    dw_splits = dw_k_split > 0 ? (d.m + dw_k_split - 1) / dw_k_split : 1;
+    col_bytes = p.dweight == nullptr ? 0 : col_matrix_bytes(s, 2);
+    partial_bytes = p.dweight == nullptr || d.m == 0
+                        ? 0
+                        : round256(int64_t(s.groups) * dw_splits * d.k_group * d.k_gemm *
+                                   int64_t(sizeof(float)));
+  }
+  int64_t workspace_bytes() const { return std::max(dx_bytes, col_bytes + partial_bytes); }
+};
 
 inline bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

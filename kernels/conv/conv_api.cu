@@ -58,8 +58,7 @@ extern "C" int32_t fk_conv2d_fwd(const fk_conv2d_params *p, void *stream) {
   fk::DeviceGuard guard(p->device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
-  // Hopper: the wgmma mainloop for one group (grouped convolutions keep the sm80 kernels).
-  const bool sm90 = p->shape.groups == 1 && fk::use_sm90_kernels(p->device);
+  const bool sm90 = fk::use_sm90_kernels(p->device); // Hopper: the wgmma mainloop
   switch (p->dtype) {
   case FK_DTYPE_F16:
     return sm90 ? fk::conv::conv2d_fwd_gemm_sm90<__half>(*p, s)
@@ -71,8 +70,9 @@ extern "C" int32_t fk_conv2d_fwd(const fk_conv2d_params *p, void *stream) {
   }
 }
 
-// f16 / bf16: GEMMs through im2col workspaces whichever algo is asked for (an implicit
-// backward is not written yet); f32: direct kernels, no workspace.
+// f16 / bf16: GEMMs as fk::conv::BwdPlan lays them out (the implicit algorithm computes dx
+// without col2im where the strides are 1; dweight goes through im2col either way); f32:
+// direct kernels, no workspace.
 extern "C" int32_t fk_conv2d_bwd_supports(const fk_conv2d_bwd_params *p) {
   return p != nullptr && shape_ok(p->shape) &&
          (is_half_type(p->dtype) || p->dtype == FK_DTYPE_F32) &&
@@ -81,7 +81,7 @@ extern "C" int32_t fk_conv2d_bwd_supports(const fk_conv2d_bwd_params *p) {
 
 extern "C" int64_t fk_conv2d_bwd_workspace_bytes(const fk_conv2d_bwd_params *p) {
   if (p == nullptr || !fk_conv2d_bwd_supports(p) || !is_half_type(p->dtype)) return 0;
-  return fk::conv::col_matrix_bytes(p->shape, 2) + fk::conv::col_matrix_bytes(p->shape, 4);
+  return fk::conv::BwdPlan(*p).workspace_bytes();
 }
 
 extern "C" int32_t fk_conv2d_bwd(const fk_conv2d_bwd_params *p, void *stream) {
@@ -92,7 +92,7 @@ extern "C" int32_t fk_conv2d_bwd(const fk_conv2d_bwd_params *p, void *stream) {
   fk::DeviceGuard guard(p->device);
   if (guard.status() != cudaSuccess) return guard.status();
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool sm90 = p->shape.groups == 1 && fk::use_sm90_kernels(p->device);
+  const bool sm90 = fk::use_sm90_kernels(p->device);
   switch (p->dtype) {
   case FK_DTYPE_F16: return fk::conv::conv2d_bwd_gemm<__half>(*p, s, sm90);
   case FK_DTYPE_BF16: return fk::conv::conv2d_bwd_gemm<__nv_bfloat16>(*p, s, sm90);

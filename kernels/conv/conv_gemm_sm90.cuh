@@ -2,8 +2,8 @@
 // or the implicit im2col gather from x as A, the weights as B, bias + activation + y_pre in
 // the staged epilogue) on gemm_sm90.cuh's wgmma mainloop with a gathering producer
 // warpgroup: the sm80 loader policies (Im2colLoader, StridedLoader) fill the 128-byte-
-// swizzled stages with cp.async and signal them on mbarriers. One group (the persistent
-// kernel has no group dimension): grouped and depthwise convolutions stay on the sm80 path.
+// swizzled stages with cp.async and signal them on mbarriers. Groups run along blockIdx.z
+// as on the sm80 core.
 #pragma once
 
 #include "../common/gemm_sm90.cuh"
@@ -26,13 +26,13 @@ cudaError_t conv2d_fwd_gemm_sm90(const fk_conv2d_params &p, cudaStream_t stream)
   using WLoader = gemm::StridedLoader<Loader, Traits::kBlockN>;
   if (p.algo == FK_CONV_ALGO_IMPLICIT_GEMM)
     return gemm::launch_tile_gemm_sm90_gather<Traits, Im2colLoader<Loader, Traits::kBlockM>,
-                                              WLoader, Epilogue>(x, w, ep, d.k_gemm, p.device,
-                                                                 stream);
+                                              WLoader, Epilogue>(x, w, ep, d.k_gemm, s.groups,
+                                                                 p.device, stream);
   const cudaError_t err = launch_im2col(x, static_cast<T *>(p.workspace), s.groups, stream);
   if (err != cudaSuccess) return err;
   return gemm::launch_tile_gemm_sm90_gather<Traits, gemm::StridedLoader<Loader, Traits::kBlockM>,
-                                            WLoader, Epilogue>(col_operand<T>(p.workspace, d), w,
-                                                               ep, d.k_gemm, p.device, stream);
+                                            WLoader, Epilogue>(
+      col_operand<T>(p.workspace, d), w, ep, d.k_gemm, s.groups, p.device, stream);
 }
 
 } // namespace conv

@@ -91,12 +91,14 @@ typedef struct {
   int64_t dx_strides[4];
   int64_t dw_strides[4];
   fk_conv2d_shape shape;
-  int32_t algo;
+  int32_t algo; /* implicit GEMM: dx without col2im (and its f32 workspace) at stride 1;
+                   dweight goes through an im2col workspace with either algo */
   int32_t dtype;
   int32_t device;
 } fk_conv2d_bwd_params;
 
 int32_t fk_conv2d_bwd_supports(const fk_conv2d_bwd_params *params);
+/* Depends on which of dx / dweight are requested (NULL or not); pointers are not read. */
 int64_t fk_conv2d_bwd_workspace_bytes(const fk_conv2d_bwd_params *params);
 int32_t fk_conv2d_bwd(const fk_conv2d_bwd_params *params, void *stream);
 

@@ -6,11 +6,11 @@
 // Usage: conv_test [case index...] (all cases by default).
 #include "emu.h"
 
-#include "emulated/conv/conv_bwd_gemm_sm80.cuh"
-#include "emulated/conv/conv_gemm_f16.cu"
-#include "emulated/conv/conv_gemm_bf16.cu"
-#include "emulated/conv/conv_direct.cu"
 #include "emulated/conv/conv_api.cu"
+#include "emulated/conv/conv_bwd_gemm_sm80.cuh"
+#include "emulated/conv/conv_direct.cu"
+#include "emulated/conv/conv_gemm_bf16.cu"
+#include "emulated/conv/conv_gemm_f16.cu"
 #include "emulated/conv/pool.cu"
 
 #include <random>
@@ -105,8 +105,7 @@ struct Result {
   void check(const char *what, const Check &c, long touched) {
     const bool good = c.bad == 0 && c.nonfinite == 0 && touched == 0 && c.count > 0;
     char buf[200];
-    snprintf(buf, sizeof buf, " %s %.2f%s", what, c.worst,
-             good ? "" : " <-- BAD");
+    snprintf(buf, sizeof buf, " %s %.2f%s", what, c.worst, good ? "" : " <-- BAD");
     line += buf;
     if (!good) {
       snprintf(buf, sizeof buf, " (bad %ld nonfinite %ld pad-touched %ld of %ld)", c.bad,
@@ -203,8 +202,8 @@ template <typename T> void conv_fwd_case(const ConvCase &cc, Result &res) {
       // Only the half-precision implicit GEMM may refuse, and only where the header says
       // it must (x not channels-last or C/groups not a multiple of 8): any other refusal
       // would let a case pass unchecked.
-      const bool must_refuse = run >= 1 && cc.dtype != FK_DTYPE_F32 &&
-                               !(cc.nhwc && (cc.c / cc.groups) % 8 == 0);
+      const bool must_refuse =
+          run >= 1 && cc.dtype != FK_DTYPE_F32 && !(cc.nhwc && (cc.c / cc.groups) % 8 == 0);
       if (!must_refuse)
         res.fail(run == 0 ? "im2col refused" : "implicit GEMM refused a case it supports");
       if (run == 1) res.line += " implicit:-";
@@ -233,43 +232,32 @@ template <typename T> void conv_fwd_case(const ConvCase &cc, Result &res) {
   }
 }
 
+// Four runs: im2col and the implicit GEMM with every gradient asked for, then the implicit
+// GEMM with dx alone and im2col with dweight alone (the workspace is sized for what is
+// asked). Half precision only; f32 (direct kernels) runs once.
 template <typename T> void conv_bwd_case(const ConvCase &cc, Result &res) {
   ConvProblem<T> pb(cc, 7);
   const int cg = cc.c / cc.groups, kg = cc.k / cc.groups;
   const bool grads_nhwc = cc.nhwc != cc.flip_grads;
-  Tensor4<T> dx(cc.n, cc.c, cc.h, cc.w, grads_nhwc, 4), dw(cc.k, cg, cc.r, cc.s, grads_nhwc, 2);
-  emu::DeviceArray<T> db(cc.k, to_e<T>(NAN));
-  fk_conv2d_bwd_params p{};
-  p.x = pb.x.data.data(), p.weight = pb.w.data.data(), p.dy = pb.dy.data.data();
-  p.dx = dx.data.data(), p.dweight = dw.data.data(), p.dbias = cc.bias ? db.data() : nullptr;
-  for (int i = 0; i < 4; ++i) {
-    p.x_strides[i] = pb.x.st[i], p.w_strides[i] = pb.w.st[i], p.dy_strides[i] = pb.dy.st[i];
-    p.dx_strides[i] = dx.st[i], p.dw_strides[i] = dw.st[i];
-  }
-  p.shape = pb.s, p.algo = FK_CONV_ALGO_IM2COL, p.dtype = cc.dtype;
-  if (!fk_conv2d_bwd_supports(&p)) return res.fail("unsupported");
-  const int64_t ws_bytes = fk_conv2d_bwd_workspace_bytes(&p);
-  emu::DeviceArray<unsigned char> ws(size_t(ws_bytes), 0xFF, 256); // NaN: unwritten shows
-  p.workspace = ws_bytes ? ws.data() : nullptr;
-  const int rc = fk_conv2d_bwd(&p, nullptr);
-  if (rc != 0) return res.fail("rc " + std::to_string(rc));
   const fk_conv2d_shape &s = pb.s;
-  const double tol = tol_of(cc.dtype);
-  Check cx{tol, tol}, cw{tol, tol}, cb{tol, tol};
-  dx.for_each([&](int n, int c, int h, int wi) {
+  // The f64 references, in for_each order, computed once.
+  std::vector<double> ref_dx, ref_dw, ref_db;
+  Tensor4<T>(cc.n, cc.c, cc.h, cc.w, grads_nhwc, 4).for_each([&](int n, int c, int h, int wi) {
+    // The taps (r, ss) whose output position (op, q) reads input (h, wi).
     const int g = c / cg;
     double acc = 0;
-    for (int k = g * kg; k < (g + 1) * kg; ++k)
-      for (int op = 0; op < s.p; ++op)
-        for (int q = 0; q < s.q; ++q)
-          for (int r = 0; r < s.r; ++r)
-            for (int ss = 0; ss < s.s; ++ss)
-              if (op * s.stride_h - s.pad_h + r * s.dil_h == h &&
-                  q * s.stride_w - s.pad_w + ss * s.dil_w == wi)
-                acc += pb.dy.get(n, k, op, q) * pb.w.get(k, c - g * cg, r, ss);
-    cx.add(dx.get(n, c, h, wi), acc);
+    for (int r = 0; r < s.r; ++r)
+      for (int ss = 0; ss < s.s; ++ss) {
+        const int ph = h + s.pad_h - r * s.dil_h, qw = wi + s.pad_w - ss * s.dil_w;
+        if (ph < 0 || qw < 0 || ph % s.stride_h != 0 || qw % s.stride_w != 0) continue;
+        const int op = ph / s.stride_h, q = qw / s.stride_w;
+        if (op >= s.p || q >= s.q) continue;
+        for (int k = g * kg; k < (g + 1) * kg; ++k)
+          acc += pb.dy.get(n, k, op, q) * pb.w.get(k, c - g * cg, r, ss);
+      }
+    ref_dx.push_back(acc);
   });
-  dw.for_each([&](int k, int c, int r, int ss) {
+  Tensor4<T>(cc.k, cg, cc.r, cc.s, grads_nhwc, 2).for_each([&](int k, int c, int r, int ss) {
     const int g = k / kg;
     double acc = 0;
     for (int n = 0; n < s.n; ++n)
@@ -280,19 +268,55 @@ template <typename T> void conv_bwd_case(const ConvCase &cc, Result &res) {
           if (h >= 0 && h < s.h && wi >= 0 && wi < s.w)
             acc += pb.dy.get(n, k, op, q) * pb.x.get(n, g * cg + c, h, wi);
         }
-    cw.add(dw.get(k, c, r, ss), acc);
+    ref_dw.push_back(acc);
   });
-  res.check("dx", cx, dx.pad_touched());
-  res.check("dw", cw, dw.pad_touched());
-  if (cc.bias) {
-    for (int k = 0; k < cc.k; ++k) {
-      double acc = 0;
-      pb.dy.for_each([&](int n, int kk, int op, int q) {
-        if (kk == k) acc += pb.dy.get(n, kk, op, q);
-      });
-      cb.add(to_f(db[k]), acc);
+  for (int k = 0; k < cc.k; ++k) {
+    double acc = 0;
+    pb.dy.for_each([&](int n, int kk, int op, int q) {
+      if (kk == k) acc += pb.dy.get(n, kk, op, q);
+    });
+    ref_db.push_back(acc);
+  }
+  const int runs = cc.dtype == FK_DTYPE_F32 ? 1 : 4;
+  for (int run = 0; run < runs; ++run) {
+    const bool implicit = run == 1 || run == 2, want_dx = run != 3, want_dw = run != 2;
+    Tensor4<T> dx(cc.n, cc.c, cc.h, cc.w, grads_nhwc, 4), dw(cc.k, cg, cc.r, cc.s, grads_nhwc, 2);
+    emu::DeviceArray<T> db(cc.k, to_e<T>(NAN));
+    fk_conv2d_bwd_params p{};
+    p.x = pb.x.data.data(), p.weight = pb.w.data.data(), p.dy = pb.dy.data.data();
+    p.dx = want_dx ? dx.data.data() : nullptr, p.dweight = want_dw ? dw.data.data() : nullptr;
+    p.dbias = cc.bias && run < 2 ? db.data() : nullptr;
+    for (int i = 0; i < 4; ++i) {
+      p.x_strides[i] = pb.x.st[i], p.w_strides[i] = pb.w.st[i], p.dy_strides[i] = pb.dy.st[i];
+      p.dx_strides[i] = dx.st[i], p.dw_strides[i] = dw.st[i];
     }
-    res.check("db", cb, 0); // a write past db's end is caught by its allocation
+    p.shape = pb.s, p.dtype = cc.dtype;
+    p.algo = implicit ? FK_CONV_ALGO_IMPLICIT_GEMM : FK_CONV_ALGO_IM2COL;
+    res.line += run == 0 ? " im2col:" : run == 1 ? " implicit:" : run == 2 ? " dx:" : " dw:";
+    if (!fk_conv2d_bwd_supports(&p)) return res.fail("unsupported");
+    const int64_t ws_bytes = fk_conv2d_bwd_workspace_bytes(&p);
+    emu::DeviceArray<unsigned char> ws(size_t(ws_bytes), 0xFF, 256); // NaN: unwritten shows
+    p.workspace = ws_bytes ? ws.data() : nullptr;
+    const int rc = fk_conv2d_bwd(&p, nullptr);
+    if (rc != 0) return res.fail("rc " + std::to_string(rc));
+    const double tol = tol_of(cc.dtype);
+    if (want_dx) {
+      Check cx{tol, tol};
+      size_t i = 0;
+      dx.for_each([&](int n, int c, int h, int wi) { cx.add(dx.get(n, c, h, wi), ref_dx[i++]); });
+      res.check("dx", cx, dx.pad_touched());
+    }
+    if (want_dw) {
+      Check cw{tol, tol};
+      size_t i = 0;
+      dw.for_each([&](int k, int c, int r, int ss) { cw.add(dw.get(k, c, r, ss), ref_dw[i++]); });
+      res.check("dw", cw, dw.pad_touched());
+    }
+    if (p.dbias != nullptr) {
+      Check cb{tol, tol};
+      for (int k = 0; k < cc.k; ++k) cb.add(to_f(db[k]), ref_db[k]);
+      res.check("db", cb, 0); // a write past db's end is caught by its allocation
+    }
   }
 }
 
@@ -319,9 +343,8 @@ template <typename T> void pool_case(const PoolCase &pc, Result &res) {
   x.fill(rng);
   dy.fill(rng);
   if (pc.ties) // few distinct values: first-maximum ties everywhere
-    x.for_each([&](int a, int b, int c, int e) {
-      x.at(a, b, c, e) = to_e<T>(float(int(rng() % 3)));
-    });
+    x.for_each(
+        [&](int a, int b, int c, int e) { x.at(a, b, c, e) = to_e<T>(float(int(rng() % 3))); });
   const size_t outs = size_t(pc.n) * pc.c * P * Q;
   emu::DeviceArray<int32_t> idx(outs, -7);
   fk_pool2d_params f{};
@@ -357,7 +380,7 @@ template <typename T> void pool_case(const PoolCase &pc, Result &res) {
       int h1 = std::min(h0 + pc.kh, pc.h + pc.ph), w1 = std::min(w0 + pc.kw, pc.w + pc.pw);
       const int padded = (h1 - h0) * (w1 - w0);
       h0 = std::max(h0, 0), w0 = std::max(w0, 0), h1 = std::min(h1, pc.h), w1 = std::min(w1, pc.w);
-      divisor[o] = pc.divisor > 0 ? pc.divisor
+      divisor[o] = pc.divisor > 0         ? pc.divisor
                    : pc.count_include_pad ? padded
                                           : (h1 - h0) * (w1 - w0);
       double sum = 0;
@@ -394,9 +417,12 @@ template <typename T> void pool_case(const PoolCase &pc, Result &res) {
 }
 
 template <class F> void by_dtype(int dtype, F f) {
-  if (dtype == FK_DTYPE_F16) f(__half());
-  else if (dtype == FK_DTYPE_BF16) f(__nv_bfloat16());
-  else f(float());
+  if (dtype == FK_DTYPE_F16)
+    f(__half());
+  else if (dtype == FK_DTYPE_BF16)
+    f(__nv_bfloat16());
+  else
+    f(float());
 }
 
 struct Entry {
@@ -434,8 +460,8 @@ std::vector<Entry> all_cases() {
     cases.push_back({"fwd " + describe(c), [c](Result &r) {
                        by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
                      }});
-  // The forward again on an emulated Hopper device: one-group half-precision convolutions
-  // take the wgmma mainloop with the gathering producer (conv_gemm_sm90.cuh) for every
+  // The forward again on an emulated Hopper device: half-precision convolutions (grouped
+  // ones too) take the wgmma mainloop with the gathering producer (conv_gemm_sm90.cuh) for every
   // algorithm run; the others the sm80 kernels. Plus a case with several tiles per SM and
   // k-tiles past the 4 stages.
   std::vector<ConvCase> on_sm90(std::begin(fwd), std::end(fwd));
@@ -446,7 +472,7 @@ std::vector<Entry> all_cases() {
                        const int launches0 = fk::g_emu_sm90_launches;
                        by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
                        emu::g_sm90 = false;
-                       const bool want = c.groups == 1 && c.dtype != FK_DTYPE_F32;
+                       const bool want = c.dtype != FK_DTYPE_F32;
                        if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
                          r.fail("sm90 launches " +
                                 std::to_string(fk::g_emu_sm90_launches - launches0));
@@ -464,20 +490,29 @@ std::vector<Entry> all_cases() {
       {2, 16, 8, 8, 24, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, false, false, NONE, F16},
       {1, 24, 8, 8, 16, 1, 1, 1, 1, 0, 0, 1, 1, 1, true, true, false, NONE, BF16, true},
       {1, 5, 7, 6, 12, 3, 3, 2, 2, 2, 2, 2, 1, 1, true, true, false, NONE, F16},
+      // dweight split over pixels (BwdPlan): 2 even splits; 2 uneven, grouped, NCHW; 5.
+      {2, 8, 16, 16, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, true, true, false, NONE, BF16},
+      {1, 16, 23, 29, 16, 3, 3, 1, 1, 1, 1, 1, 1, 2, false, true, false, NONE, F16},
+      {1, 8, 40, 40, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, true, false, false, NONE, F16},
+      // The implicit dx's derived padding dil (R-1) - pad: negative (1x1, pad 1), dilated,
+      // asymmetric.
+      {1, 8, 5, 6, 16, 1, 1, 1, 1, 1, 1, 1, 1, 1, true, true, false, NONE, F16},
+      {1, 16, 9, 9, 16, 3, 3, 1, 1, 2, 2, 2, 2, 2, true, false, false, NONE, BF16},
+      {1, 8, 7, 10, 8, 3, 5, 1, 1, 0, 2, 1, 2, 1, true, true, false, NONE, BF16, true},
   };
   for (const ConvCase &c : bwd)
     cases.push_back({"bwd " + describe(c), [c](Result &r) {
                        by_dtype(c.dtype, [&](auto t) { conv_bwd_case<decltype(t)>(c, r); });
                      }});
-  // The backward on the emulated Hopper device: one-group half-precision cases run both
-  // GEMMs on the wgmma mainloop (gathering producer).
+  // The backward on the emulated Hopper device: half-precision cases run every GEMM on the
+  // wgmma mainloop (gathering producer).
   for (const ConvCase &c : bwd)
     cases.push_back({"bwd sm90 " + describe(c), [c](Result &r) {
                        emu::g_sm90 = true;
                        const int launches0 = fk::g_emu_sm90_launches;
                        by_dtype(c.dtype, [&](auto t) { conv_bwd_case<decltype(t)>(c, r); });
                        emu::g_sm90 = false;
-                       const bool want = c.groups == 1 && c.dtype != FK_DTYPE_F32;
+                       const bool want = c.dtype != FK_DTYPE_F32;
                        if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
                          r.fail("sm90 launches " +
                                 std::to_string(fk::g_emu_sm90_launches - launches0));
@@ -497,10 +532,12 @@ std::vector<Entry> all_cases() {
   for (const PoolCase &c : pools) {
     char buf[200];
     snprintf(buf, sizeof buf, "pool %s %s %s %dx%d k%dx%d s%d,%d p%d,%d d%d,%d%s%s%s",
-             dtype_name(c.dtype), c.kind == MAX ? "max" : "avg", c.nhwc ? "nhwc" : "nchw", c.h, c.w, c.kh, c.kw, c.sh,
-             c.sw, c.ph, c.pw, c.dh, c.dw, c.ceil_mode ? " ceil" : "",
+             dtype_name(c.dtype), c.kind == MAX ? "max" : "avg", c.nhwc ? "nhwc" : "nchw", c.h, c.w,
+             c.kh, c.kw, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw, c.ceil_mode ? " ceil" : "",
              c.kind == AVG ? (c.count_include_pad ? " incl-pad" : " excl-pad") : "",
-             c.ties ? " ties" : c.divisor ? " divisor" : "");
+             c.ties      ? " ties"
+             : c.divisor ? " divisor"
+                         : "");
     cases.push_back({buf, [c](Result &r) {
                        by_dtype(c.dtype, [&](auto t) { pool_case<decltype(t)>(c, r); });
                      }});
@@ -526,24 +563,46 @@ int api_checks() {
   p.algo = FK_CONV_ALGO_IMPLICIT_GEMM, p.dtype = FK_DTYPE_F16;
   expect("implicit nhwc c8 supported", fk_conv2d_supports(&p) == 1);
   expect("implicit workspace 0", fk_conv2d_workspace_bytes(&p) == 0);
-  auto q = p; q.x_strides[1] = 2; expect("implicit strided c unsupported", !fk_conv2d_supports(&q));
-  q = p; q.shape.c = q.shape.k = 4; expect("implicit c4 unsupported", !fk_conv2d_supports(&q));
-  q = p; q.algo = FK_CONV_ALGO_IM2COL; q.x_strides[1] = 2;
+  auto q = p;
+  q.x_strides[1] = 2;
+  expect("implicit strided c unsupported", !fk_conv2d_supports(&q));
+  q = p;
+  q.shape.c = q.shape.k = 4;
+  expect("implicit c4 unsupported", !fk_conv2d_supports(&q));
+  q = p;
+  q.algo = FK_CONV_ALGO_IM2COL;
+  q.x_strides[1] = 2;
   expect("im2col strided supported", fk_conv2d_supports(&q) == 1);
   expect("im2col workspace", fk_conv2d_workspace_bytes(&q) == 256);
-  q = p; q.dtype = FK_DTYPE_F32; expect("f32 supported", fk_conv2d_supports(&q) == 1);
-  q = p; q.dtype = 9; expect("dtype 9 unsupported", !fk_conv2d_supports(&q));
+  q = p;
+  q.dtype = FK_DTYPE_F32;
+  expect("f32 supported", fk_conv2d_supports(&q) == 1);
+  q = p;
+  q.dtype = 9;
+  expect("dtype 9 unsupported", !fk_conv2d_supports(&q));
   auto refused = [&](const char *what, fk_conv2d_params r) {
     const int launches0 = fk::g_emu_launches;
-    expect(what, fk_conv2d_fwd(&r, nullptr) == cudaErrorInvalidValue &&
-                     fk::g_emu_launches == launches0);
+    expect(what,
+           fk_conv2d_fwd(&r, nullptr) == cudaErrorInvalidValue && fk::g_emu_launches == launches0);
   };
-  q = p; q.shape.groups = 3; refused("groups 3", q);
-  q = p; q.shape.p = 5; refused("wrong p", q);
-  q = p; q.y = nullptr; refused("null y", q);
-  q = p; q.activation = 4; refused("activation 4", q);
-  q = p; q.algo = FK_CONV_ALGO_IM2COL; refused("im2col without workspace", q);
-  q = p; q.x_strides[1] = 2; refused("implicit unsupported layout", q);
+  q = p;
+  q.shape.groups = 3;
+  refused("groups 3", q);
+  q = p;
+  q.shape.p = 5;
+  refused("wrong p", q);
+  q = p;
+  q.y = nullptr;
+  refused("null y", q);
+  q = p;
+  q.activation = 4;
+  refused("activation 4", q);
+  q = p;
+  q.algo = FK_CONV_ALGO_IM2COL;
+  refused("im2col without workspace", q);
+  q = p;
+  q.x_strides[1] = 2;
+  refused("implicit unsupported layout", q);
   expect("null params", fk_conv2d_fwd(nullptr, nullptr) == cudaErrorInvalidValue);
   fk_pool2d_params f{};
   f.x = f.y = dummy, f.n = f.c = 1, f.h = f.w = 4, f.p = f.q = 2;
@@ -556,10 +615,17 @@ int api_checks() {
   for (int i = 0; i < 4; ++i) b.dx_strides[i] = b.dw_strides[i] = nhwc[i];
   b.shape = p.shape, b.algo = FK_CONV_ALGO_IMPLICIT_GEMM, b.dtype = FK_DTYPE_BF16;
   expect("bwd supported", fk_conv2d_bwd_supports(&b) == 1);
-  expect("bwd workspace", fk_conv2d_bwd_workspace_bytes(&b) == 256 + 512);
+  // Implicit: dx from the flipped weights (128 B) or dweight's im2col (256 B) + partials
+  // (256 B), which run one after the other in one region; im2col: dx's f32 dcol (512 B).
+  expect("bwd workspace", fk_conv2d_bwd_workspace_bytes(&b) == 512);
+  auto bq = b;
+  bq.dweight = nullptr;
+  expect("bwd workspace dx", fk_conv2d_bwd_workspace_bytes(&bq) == 256);
+  bq.algo = FK_CONV_ALGO_IM2COL;
+  expect("bwd workspace dx im2col", fk_conv2d_bwd_workspace_bytes(&bq) == 512);
   const int launches0 = fk::g_emu_launches;
-  expect("bwd without workspace", fk_conv2d_bwd(&b, nullptr) == cudaErrorInvalidValue &&
-                                      fk::g_emu_launches == launches0);
+  expect("bwd without workspace",
+         fk_conv2d_bwd(&b, nullptr) == cudaErrorInvalidValue && fk::g_emu_launches == launches0);
   b.dtype = FK_DTYPE_F32;
   expect("bwd f32 workspace 0", fk_conv2d_bwd_workspace_bytes(&b) == 0);
   // An empty batch: dweight and dbias are zeros, written all the same.

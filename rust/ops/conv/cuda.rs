@@ -187,6 +187,27 @@ fn check_support(
                 MAX_GEMM_COLUMNS,
             )])?;
         }
+        if direction == Direction::Backward && p.stride == [1, 1] {
+            // The implicit dx is a forward convolution of dy: rows N H W, reduction
+            // K/groups R S, columns C/groups.
+            check_each(&[
+                (
+                    "batch * height * width (backward)",
+                    product(&[p.n, p.h, p.w]),
+                    MAX_GEMM_EXTENT,
+                ),
+                (
+                    "out_channels / groups * kernel_h * kernel_w (backward)",
+                    product(&[p.k / p.groups, p.r, p.s]),
+                    MAX_GEMM_EXTENT,
+                ),
+                (
+                    "in_channels / groups (backward)",
+                    (p.c / p.groups) as u64,
+                    MAX_GEMM_COLUMNS,
+                ),
+            ])?;
+        }
     }
     check_views(device, views)
 }

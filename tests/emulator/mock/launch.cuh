@@ -55,14 +55,4 @@ inline bool use_sm90_kernels(int device) {
 }
 inline int device_sm_count(int) { return 3; }
 
-// As launch.cuh's (the emulated device's 3 multiprocessors).
-inline cudaError_t persistent_blocks(int64_t tiles, int device, unsigned &blocks) {
-  blocks = 0;
-  if (tiles <= 0) return cudaSuccess;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
-  const int sms = device_sm_count(device);
-  blocks = unsigned(tiles < sms ? tiles : sms);
-  return cudaSuccess;
-}
-
 } // namespace fk
