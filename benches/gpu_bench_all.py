@@ -99,6 +99,12 @@ def conv_layer(layer, nhwc, train, headline=False):
     )
 
 
+def gemm_case(size):
+    """Issue 18's plain GEMM (size^3, bf16) as the 1x1 NHWC convolution whose GEMM it is,
+    next to cuBLAS (torch.matmul) on the same data."""
+    return Case("gemm", f"{size}^3 as 1x1 NHWC conv", "bf16", "size", size, lambda r: conv.run_gemm(size, r), 15)
+
+
 def ffn_case(d, gated, train, headline=False):
     """The fused feed-forward block (bf16, 8192 tokens) vs torch eager and torch.compile of
     the same nn.Linear layers; torch.compile's first call (tens of seconds) is in est_s."""
@@ -233,6 +239,7 @@ def cases():
     yield longformer("prefix", False)
     for layer in r50[1:]:
         yield conv_layer(layer, True, False)
+    yield gemm_case(8192)
     for layer in r50:
         yield conv_layer(layer, False, False)
     yield pool_case("avg", False)

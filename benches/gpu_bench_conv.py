@@ -4,7 +4,8 @@ Layers: the ResNet-50 layers of ../shared/ANCHORS.md, batch 32, bf16, in NHWC
 (channels_last) and NCHW memory. For each: ours with the plan's algorithm and with each
 algorithm forced (im2col, implicit GEMM), with the im2col workspace size; cuDNN via
 torch.nn.functional.conv2d on the same tensors. Also forward + backward (autograd) for
-the 3x3 layers. Each case is checked against torch in float32 before timing.
+the 3x3 layers. Each case is checked against torch in float32 before timing. Without
+--quick, also the plain GEMM 8192^3 (as a 1x1 NHWC convolution) next to cuBLAS.
 Timing: CUDA events (triton.testing.do_bench, median), contenders interleaved over
 several rounds, median of the rounds. FLOPs: 2 * N * K * P * Q * (C / groups) * R * S.
 
@@ -127,6 +128,45 @@ def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
     return row
 
 
+def run_gemm(size, rounds):
+    """The plain GEMM of issue 18's speed goal, size^3, as the 1x1 convolution whose GEMM it
+    is (NHWC x of N H W = size pixels by C = size channels, K = size filters): our tile GEMM
+    core through the conv entry (on Hopper the gathering producer, not TMA) next to cuBLAS
+    (torch.matmul on the same bf16 data) in the same run."""
+    gen = torch.Generator(device="cuda").manual_seed(size)
+    side = 32
+    n = size // (side * side)
+    x = torch.randn(n, size, side, side, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(size, size, 1, 1, device="cuda", dtype=torch.bfloat16, generator=gen) / size**0.5
+    w = w.to(memory_format=torch.channels_last)
+    a = x.permute(0, 2, 3, 1).reshape(size, size)  # the NHWC memory as (pixels, C)
+    bt = w.reshape(size, size).t()
+    fns = {
+        "flashkernels": lambda: flashkernels.conv2d(x, w),
+        SM80_PATH: sm80_path(lambda: flashkernels.conv2d(x, w)),
+        "cublas": lambda: torch.matmul(a, bt),
+    }
+    with torch.no_grad():
+        ref = torch.matmul(a.float(), bt.float())
+        got = fns["flashkernels"]().permute(0, 2, 3, 1).reshape(size, size)
+        err = rel_err(got, ref)
+    flops = 2.0 * size**3
+    times, errors = timed(fns, rounds)
+    row = {"gemm": size, "rel_err_vs_torch_fp32": err, "results": {}}
+    for name, ts in times.items():
+        if ts:
+            ms = statistics.median(ts)
+            row["results"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rounds_ms": ts}
+        else:
+            row["results"][name] = {"error": errors.get(name, "no timing")}
+    peer = row["results"]["cublas"].get("ms")
+    for name, r in row["results"].items():
+        if name != "cublas" and peer and r.get("ms"):
+            r["vs_cublas"] = peer / r["ms"]
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -160,9 +200,21 @@ def main():
                     f"{r['cudnn'].get('tflops', 0):.0f}",
                     flush=True,
                 )
+    gemm_rows = []
+    if not args.quick:
+        try:
+            gemm_rows.append(run_gemm(8192, args.rounds))
+            r = gemm_rows[-1]["results"]
+            print(
+                f"GEMM 8192^3: ours {r['flashkernels'].get('tflops', 0):.0f} TF/s, cuBLAS "
+                f"{r['cublas'].get('tflops', 0):.0f}",
+                flush=True,
+            )
+        except Exception as e:
+            print(f"GEMM 8192^3: failed: {e}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "conv.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "gemm_rows": gemm_rows}, f, indent=1)
     lines = [
         f"# conv2d, bf16, batch {BATCH} — {meta['device']} — {meta['date']} — commit {commit}",
         "",
@@ -180,6 +232,18 @@ def main():
         lines.append(
             f"- {r['H']}x{r['H']} {r['C']}->{r['K']} {r['R']}x{r['R']}/{r['stride']} "
             f"{r['layout']} train={r['train']} err {r['rel_err_vs_torch_fp32']:.1e}: " + "; ".join(cells)
+        )
+    for r in gemm_rows:
+        cells = []
+        for name, x in r["results"].items():
+            if "tflops" in x:
+                ratio = f" (x{x['vs_cublas']:.2f})" if "vs_cublas" in x else ""
+                cells.append(f"{name} {x['ms']:.3f} ms {x['tflops']:.0f}{ratio}")
+            else:
+                cells.append(f"{name}: {x['error']}")
+        lines.append(
+            f"- plain GEMM {r['gemm']}^3 as a 1x1 NHWC conv (x = cuBLAS time / ours) "
+            f"err {r['rel_err_vs_torch_fp32']:.1e}: " + "; ".join(cells)
         )
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "conv.md"), "w") as f:

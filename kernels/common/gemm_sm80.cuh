@@ -35,20 +35,27 @@ namespace gemm {
 
 // An index i unravelled as (i0, i1, i2), i2 fastest (sizes (*, d1, d2)), mapped to the
 // offset i0 s0 + i1 s1 + i2 s2: output pixels (n, p, q), filter taps (r, s, c), or a plain
-// stride (d1 = d2 = 1).
+// stride (d1 = d2 = 1). The divisions by d1 and d2 are FastDivs prepared on the host: the
+// loaders unravel a column per k-tile and a row per output row.
 struct IndexMap3 {
-  int d1, d2;
-  int64_t s0, s1, s2;
+  FastDiv div1, div2; // by d1, d2
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  IndexMap3() = default;
+  __host__ __device__ IndexMap3(int d1, int d2, int64_t s0_, int64_t s1_, int64_t s2_)
+      : div1(d1), div2(d2), s0(s0_), s1(s1_), s2(s2_) {}
+  int d1() const { return div1.d; }
+  int d2() const { return div2.d; }
   __host__ __device__ __forceinline__ int64_t offset(int i) const {
-    const int i2 = i % d2, rest = i / d2;
-    return (rest / d1) * s0 + (rest % d1) * s1 + i2 * s2;
+    const int rest = div2.div(i), i2 = i - rest * div2.d;
+    const int i0 = div1.div(rest), i1 = rest - i0 * div1.d;
+    return i0 * s0 + i1 * s1 + i2 * s2;
   }
   static IndexMap3 linear(int64_t stride) { return {1, 1, stride, 0, 0}; }
   // Runs of 8 consecutive indices starting at a multiple of 8 are contiguous and, given a
   // 16-byte-aligned base, 16-byte aligned.
   bool vectorizable() const {
-    if (d1 == 1 && d2 == 1) return s0 == 1;
-    return s2 == 1 && d2 % 8 == 0 && s1 % 8 == 0 && s0 % 8 == 0;
+    if (d1() == 1 && d2() == 1) return s0 == 1;
+    return s2 == 1 && d2() % 8 == 0 && s1 % 8 == 0 && s0 % 8 == 0;
   }
 };
 
@@ -256,7 +263,7 @@ __device__ void StagedEpilogueT<Traits, Params_>::apply(
     }
   Traits::epilogue_barrier();
 
-  const bool n_unit = ep.col_map.d1 == 1 && ep.col_map.d2 == 1 && ep.col_map.s0 == 1;
+  const bool n_unit = ep.col_map.div1.d == 1 && ep.col_map.div2.d == 1 && ep.col_map.s0 == 1;
   if (n_unit) {
     constexpr int kChunks = BN / 8;
     for (int i = threadIdx.x; i < BM * kChunks; i += Traits::kNThreads) {

@@ -25,7 +25,8 @@ template <typename Element> struct Im2colOperand {
   int64_t xs[4]; // n, c, h, w
   int64_t group_stride; // C / groups channels
   int rows, cols;       // M, K_gemm
-  int p, q, h, w, s, c_group;
+  int h, w;
+  FastDiv p, q, s, c_group; // the divisions of the index arithmetic
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   bool vec; // 16-byte gathers allowed (implicit_gemm_gather_ok and an aligned x)
 };
@@ -40,7 +41,9 @@ template <class Traits, int ROWS> struct Im2colLoader {
   const Operand &op;
   const Element *x;
   int chunk, row_in_pass;
-  int64_t pixel_offset[kPasses]; // n * x_n; (h, w) enter per tap
+  // Per row: the image (its offset n x_n is formed per load: an int64 a row held across the
+  // mainloop is what would not fit in registers) and the window's top-left input position.
+  int image[kPasses];
   int h0[kPasses], w0[kPasses];  // top-left input position of the window; invalid rows: far out
   __device__ Im2colLoader(const Operand &op_, int row0, int tid)
       : op(op_), x(op_.x + blockIdx.z * op_.group_stride), chunk(tid % Traits::Tile::kChunksPerRow),
@@ -48,10 +51,11 @@ template <class Traits, int ROWS> struct Im2colLoader {
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int m = row0 + i * kRowsPerPass + row_in_pass;
-      const int q = m % op.q, np = m / op.q;
-      pixel_offset[i] = (np / op.p) * op.xs[0];
+      const int np = op.q.div(m), q = m - np * op.q.d;
+      const int n = op.p.div(np), p = np - n * op.p.d;
+      image[i] = n;
       // A row past M never matches an input position: h0 beyond any reachable row.
-      h0[i] = m < op.rows ? (np % op.p) * op.stride_h - op.pad_h : INT32_MAX / 2;
+      h0[i] = m < op.rows ? p * op.stride_h - op.pad_h : INT32_MAX / 2;
       w0[i] = q * op.stride_w - op.pad_w;
     }
   }
@@ -60,13 +64,13 @@ template <class Traits, int ROWS> struct Im2colLoader {
     const int col = k0 + chunk * 8;
     if (op.vec && col + 8 <= op.cols) {
       // Eight channels of one tap (C / groups % 8 == 0).
-      const int c = col % op.c_group, rs = col / op.c_group;
-      const int dh = (rs / op.s) * op.dil_h, dw = (rs % op.s) * op.dil_w;
+      const int rs = op.c_group.div(col), c = col - rs * op.c_group.d;
+      const int r = op.s.div(rs), dh = r * op.dil_h, dw = (rs - r * op.s.d) * op.dil_w;
 #pragma unroll
       for (int i = 0; i < kPasses; ++i) {
         const int h = h0[i] + dh, w = w0[i] + dw;
         const bool in = h >= 0 && h < op.h && w >= 0 && w < op.w;
-        const Element *src = in ? x + pixel_offset[i] + c + h * op.xs[2] + w * op.xs[3] : x;
+        const Element *src = in ? x + image[i] * op.xs[0] + c + h * op.xs[2] + w * op.xs[3] : x;
         cp_async_16(smem_addr(tile + Traits::Tile::offset(i * kRowsPerPass + row_in_pass, chunk)),
                     src, in ? 16 : 0);
       }
@@ -78,10 +82,10 @@ template <class Traits, int ROWS> struct Im2colLoader {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int kk = col + e;
-        const int c = kk % op.c_group, rs = kk / op.c_group;
-        const int h = h0[i] + (rs / op.s) * op.dil_h, w = w0[i] + (rs % op.s) * op.dil_w;
+        const int rs = op.c_group.div(kk), c = kk - rs * op.c_group.d, r = op.s.div(rs);
+        const int h = h0[i] + r * op.dil_h, w = w0[i] + (rs - r * op.s.d) * op.dil_w;
         const bool in = kk < op.cols && h >= 0 && h < op.h && w >= 0 && w < op.w;
-        v[e] = in ? x[pixel_offset[i] + c * op.xs[1] + h * op.xs[2] + w * op.xs[3]]
+        v[e] = in ? x[image[i] * op.xs[0] + c * op.xs[1] + h * op.xs[2] + w * op.xs[3]]
                   : from_float<Element>(0.f);
       }
       *reinterpret_cast<uint4 *>(tile +
@@ -103,14 +107,15 @@ __global__ void im2col_kernel(const Im2colOperand<Element> op, Element *col, int
     const int m = int(i / chunks % op.rows);
     const int g = int(i / chunks / op.rows);
     const Element *x = op.x + g * op.group_stride;
-    const int q = m % op.q, np = m / op.q, p = np % op.p;
-    const Element *xp = x + (np / op.p) * op.xs[0];
+    const int np = op.q.div(m), q = m - np * op.q.d;
+    const int n = op.p.div(np), p = np - n * op.p.d;
+    const Element *xp = x + n * op.xs[0];
     const int h0 = p * op.stride_h - op.pad_h, w0 = q * op.stride_w - op.pad_w;
     const int k0 = chunk * 8;
     alignas(16) Element v[8];
     if (op.vec && k0 + 8 <= op.cols) {
-      const int c = k0 % op.c_group, rs = k0 / op.c_group;
-      const int h = h0 + (rs / op.s) * op.dil_h, w = w0 + (rs % op.s) * op.dil_w;
+      const int rs = op.c_group.div(k0), c = k0 - rs * op.c_group.d, r = op.s.div(rs);
+      const int h = h0 + r * op.dil_h, w = w0 + (rs - r * op.s.d) * op.dil_w;
       if (h >= 0 && h < op.h && w >= 0 && w < op.w) {
         *reinterpret_cast<uint4 *>(v) =
             *reinterpret_cast<const uint4 *>(xp + c + h * op.xs[2] + w * op.xs[3]);
@@ -122,8 +127,8 @@ __global__ void im2col_kernel(const Im2colOperand<Element> op, Element *col, int
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int kk = k0 + e;
-        const int c = kk % op.c_group, rs = kk / op.c_group;
-        const int h = h0 + (rs / op.s) * op.dil_h, w = w0 + (rs % op.s) * op.dil_w;
+        const int rs = op.c_group.div(kk), c = kk - rs * op.c_group.d, r = op.s.div(rs);
+        const int h = h0 + r * op.dil_h, w = w0 + (rs - r * op.s.d) * op.dil_w;
         const bool in = kk < op.cols && h >= 0 && h < op.h && w >= 0 && w < op.w;
         v[e] = in ? xp[c * op.xs[1] + h * op.xs[2] + w * op.xs[3]] : from_float<Element>(0.f);
       }
@@ -142,7 +147,8 @@ Im2colOperand<T> im2col_operand(const void *x_ptr, const int64_t (&xs)[4],
   for (int i = 0; i < 4; ++i) x.xs[i] = xs[i];
   x.group_stride = int64_t(d.c_group) * xs[1];
   x.rows = d.m, x.cols = d.k_gemm;
-  x.p = s.p, x.q = s.q, x.h = s.h, x.w = s.w, x.s = s.s, x.c_group = d.c_group;
+  x.h = s.h, x.w = s.w;
+  x.p = FastDiv(s.p), x.q = FastDiv(s.q), x.s = FastDiv(s.s), x.c_group = FastDiv(d.c_group);
   x.stride_h = s.stride_h, x.stride_w = s.stride_w, x.pad_h = s.pad_h, x.pad_w = s.pad_w;
   x.dil_h = s.dil_h, x.dil_w = s.dil_w;
   x.vec = implicit_gemm_gather_ok(xs, s) && aligned16(x_ptr);

@@ -167,7 +167,7 @@ cudaError_t proj_fwd_one(const fk_linformer_proj_params &p, const void *x, fk_st
   const int used = proj_used_splits(p.seqlen, splits);
   const gemm::F32MatrixParams ep{ws, p.head_dim, int64_t(p.k_proj) * p.head_dim, p.k_proj,
                                  p.head_dim};
-  a.group_map.d2 = b.group_map.d2 = b.mask_map.d2 = used;
+  a.group_map.div2 = b.group_map.div2 = b.mask_map.div2 = FastDiv(used);
   cudaError_t err =
       gemm::launch_tile_gemm_split<Traits, ALoader, BLoader, gemm::F32Epilogue<Traits>>(
           a, b, ep, k_split, used, p.batch * H, stream);

@@ -546,6 +546,35 @@ std::vector<Entry> all_cases() {
 }
 
 // What the device would mis-handle is refused before any launch; supports() as documented.
+// fk::FastDiv (the gathers' index arithmetic) against / and %: every divisor near a power
+// of two and random ones, each with dividends at the edges (0, multiples of d and their
+// neighbours, 2^31 - 1) and random ones.
+bool fast_div_ok() {
+  std::mt19937 rng(5);
+  std::vector<int> divisors;
+  for (int l = 0; l < 31; ++l)
+    for (int delta = -2; delta <= 2; ++delta) {
+      const int64_t d = (int64_t(1) << l) + delta;
+      if (d >= 1 && d <= INT32_MAX) divisors.push_back(int(d));
+    }
+  for (int i = 0; i < 2000; ++i) divisors.push_back(int(rng() % INT32_MAX) + 1);
+  for (int i = 0; i < 2000; ++i) divisors.push_back(int(rng() % 4096) + 1);
+  for (const int d : divisors) {
+    const fk::FastDiv f(d);
+    std::vector<int64_t> ns = {0, 1, d - 1, d, int64_t(d) + 1, INT32_MAX, INT32_MAX - 1};
+    for (int64_t k : {int64_t(2), int64_t(3), int64_t(INT32_MAX) / d, int64_t(INT32_MAX) / d - 1})
+      for (int64_t e = -1; e <= 1; ++e) ns.push_back(k * d + e);
+    for (int i = 0; i < 50; ++i) ns.push_back(int64_t(rng() % (uint32_t(INT32_MAX) + 1u)));
+    for (const int64_t n : ns)
+      if (n >= 0 && n <= INT32_MAX && f.div(int(n)) != int(n / d)) {
+        printf("FastDiv(%d).div(%lld) = %d, want %lld\n", d, (long long)n, f.div(int(n)),
+               (long long)(n / d));
+        return false;
+      }
+  }
+  return true;
+}
+
 int api_checks() {
   int bad = 0;
   auto expect = [&](const char *what, bool ok) {
@@ -554,6 +583,7 @@ int api_checks() {
       ++bad;
     }
   };
+  expect("FastDiv matches integer division", fast_div_ok());
   alignas(16) static __half dummy[64];
   fk_conv2d_params p{};
   p.x = p.weight = p.y = dummy;
