@@ -60,6 +60,34 @@ def timed(fns, rounds):
     return times, errors
 
 
+def add_results(row, times, errors, flops, peer):
+    """row["results"]: each contender's median ms and TFLOP/s (or why it did not run), and
+    vs_<peer> = the peer's ms / its ms."""
+    row["results"] = {}
+    for name, ts in times.items():
+        if ts:
+            ms = statistics.median(ts)
+            row["results"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rounds_ms": ts}
+        else:
+            row["results"][name] = {"error": errors.get(name, "no timing")}
+    peer_ms = row["results"][peer].get("ms")
+    for name, r in row["results"].items():
+        if name != peer and peer_ms and r.get("ms"):
+            r[f"vs_{peer}"] = peer_ms / r["ms"]
+    return row
+
+
+def md_cells(results, peer):
+    cells = []
+    for name, x in results.items():
+        if "tflops" in x:
+            ratio = f" (x{x[f'vs_{peer}']:.2f})" if f"vs_{peer}" in x else ""
+            cells.append(f"{name} {x['ms']:.3f} ms {x['tflops']:.0f}{ratio}")
+        else:
+            cells.append(f"{name}: {x['error']}")
+    return "; ".join(cells)
+
+
 def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator(device="cuda").manual_seed(hw * c + k)
@@ -109,18 +137,8 @@ def run_layer(hw, c, k, rs, stride, pad, channels_last, train, rounds):
         "layout": "NHWC" if channels_last else "NCHW",
         "train": train,
         "rel_err_vs_torch_fp32": err,
-        "results": {},
     }
-    for name, ts in times.items():
-        if ts:
-            ms = statistics.median(ts)
-            row["results"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rounds_ms": ts}
-        else:
-            row["results"][name] = {"error": errors.get(name, "no timing")}
-    peer = row["results"]["cudnn"].get("ms")
-    for name, r in row["results"].items():
-        if name != "cudnn" and peer and r.get("ms"):
-            r["vs_cudnn"] = peer / r["ms"]
+    add_results(row, times, errors, flops, "cudnn")
     try:
         row["im2col_workspace_bytes"] = flashkernels.conv2d_workspace_bytes(x, w, algo="im2col", **kw)
     except (AttributeError, TypeError):
@@ -153,18 +171,7 @@ def run_gemm(size, rounds):
         err = rel_err(got, ref)
     flops = 2.0 * size**3
     times, errors = timed(fns, rounds)
-    row = {"gemm": size, "rel_err_vs_torch_fp32": err, "results": {}}
-    for name, ts in times.items():
-        if ts:
-            ms = statistics.median(ts)
-            row["results"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rounds_ms": ts}
-        else:
-            row["results"][name] = {"error": errors.get(name, "no timing")}
-    peer = row["results"]["cublas"].get("ms")
-    for name, r in row["results"].items():
-        if name != "cublas" and peer and r.get("ms"):
-            r["vs_cublas"] = peer / r["ms"]
-    return row
+    return add_results({"gemm": size, "rel_err_vs_torch_fp32": err}, times, errors, flops, "cublas")
 
 
 def main():
@@ -222,28 +229,14 @@ def main():
         "",
     ]
     for r in rows:
-        cells = []
-        for name, x in r["results"].items():
-            if "tflops" in x:
-                ratio = f" (x{x['vs_cudnn']:.2f})" if "vs_cudnn" in x else ""
-                cells.append(f"{name} {x['ms']:.3f} ms {x['tflops']:.0f}{ratio}")
-            else:
-                cells.append(f"{name}: {x['error']}")
         lines.append(
             f"- {r['H']}x{r['H']} {r['C']}->{r['K']} {r['R']}x{r['R']}/{r['stride']} "
-            f"{r['layout']} train={r['train']} err {r['rel_err_vs_torch_fp32']:.1e}: " + "; ".join(cells)
+            f"{r['layout']} train={r['train']} err {r['rel_err_vs_torch_fp32']:.1e}: " + md_cells(r["results"], "cudnn")
         )
     for r in gemm_rows:
-        cells = []
-        for name, x in r["results"].items():
-            if "tflops" in x:
-                ratio = f" (x{x['vs_cublas']:.2f})" if "vs_cublas" in x else ""
-                cells.append(f"{name} {x['ms']:.3f} ms {x['tflops']:.0f}{ratio}")
-            else:
-                cells.append(f"{name}: {x['error']}")
         lines.append(
             f"- plain GEMM {r['gemm']}^3 as a 1x1 NHWC conv (x = cuBLAS time / ours) "
-            f"err {r['rel_err_vs_torch_fp32']:.1e}: " + "; ".join(cells)
+            f"err {r['rel_err_vs_torch_fp32']:.1e}: " + md_cells(r["results"], "cublas")
         )
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "conv.md"), "w") as f:
