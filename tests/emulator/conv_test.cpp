@@ -468,14 +468,11 @@ std::vector<Entry> all_cases() {
   on_sm90.push_back({2, 64, 16, 16, 136, 3, 3, 1, 1, 1, 1, 1, 1, 1, true, true, true, RELU, BF16});
   for (const ConvCase &c : on_sm90)
     cases.push_back({"fwd sm90 " + describe(c), [c](Result &r) {
-                       emu::g_sm90 = true;
-                       const int launches0 = fk::g_emu_sm90_launches;
-                       by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
-                       emu::g_sm90 = false;
-                       const bool want = c.dtype != FK_DTYPE_F32;
-                       if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
-                         r.fail("sm90 launches " +
-                                std::to_string(fk::g_emu_sm90_launches - launches0));
+                       const int n = fk::sm90_launches_of(true, [&] {
+                         by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
+                       });
+                       if ((n > 0) != (c.dtype != FK_DTYPE_F32))
+                         r.fail("sm90 launches " + std::to_string(n));
                      }});
   const ConvCase bwd[] = {
       {2, 8, 7, 7, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, false, true, false, NONE, F16},
@@ -508,14 +505,11 @@ std::vector<Entry> all_cases() {
   // wgmma mainloop (gathering producer).
   for (const ConvCase &c : bwd)
     cases.push_back({"bwd sm90 " + describe(c), [c](Result &r) {
-                       emu::g_sm90 = true;
-                       const int launches0 = fk::g_emu_sm90_launches;
-                       by_dtype(c.dtype, [&](auto t) { conv_bwd_case<decltype(t)>(c, r); });
-                       emu::g_sm90 = false;
-                       const bool want = c.dtype != FK_DTYPE_F32;
-                       if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
-                         r.fail("sm90 launches " +
-                                std::to_string(fk::g_emu_sm90_launches - launches0));
+                       const int n = fk::sm90_launches_of(true, [&] {
+                         by_dtype(c.dtype, [&](auto t) { conv_bwd_case<decltype(t)>(c, r); });
+                       });
+                       if ((n > 0) != (c.dtype != FK_DTYPE_F32))
+                         r.fail("sm90 launches " + std::to_string(n));
                      }});
   const int MAX = FK_POOL_MAX, AVG = FK_POOL_AVG;
   // n c h w kh kw sh sw ph pw dh dw ceil kind include_pad divisor dtype nhwc ties

@@ -359,17 +359,15 @@ std::vector<Entry> all_cases() {
   on_sm90.insert(on_sm90.end(), std::begin(sm90_extra), std::end(sm90_extra));
   for (const FfnCase &c : on_sm90)
     out.push_back({"fwd sm90 " + describe(c), [c](Result &r) {
-                     emu::g_sm90 = true;
-                     const int launches0 = fk::g_emu_sm90_launches;
-                     if (c.dtype == FK_DTYPE_F16)
-                       ffn_fwd_case<__half>(c, r);
-                     else
-                       ffn_fwd_case<__nv_bfloat16>(c, r);
-                     emu::g_sm90 = false;
+                     const int n = fk::sm90_launches_of(true, [&] {
+                       if (c.dtype == FK_DTYPE_F16)
+                         ffn_fwd_case<__half>(c, r);
+                       else
+                         ffn_fwd_case<__nv_bfloat16>(c, r);
+                     });
                      const int want = c.unaligned ? 0 : 2; // unaligned: the sm80 fallback
-                     if (fk::g_emu_sm90_launches - launches0 != want)
-                       r.fail("sm90 launches " +
-                              std::to_string(fk::g_emu_sm90_launches - launches0) + ", want " +
+                     if (n != want)
+                       r.fail("sm90 launches " + std::to_string(n) + ", want " +
                               std::to_string(want));
                    }});
   const FfnCase bwd[] = {
@@ -396,18 +394,16 @@ std::vector<Entry> all_cases() {
   bwd_sm90.push_back({130, 72, 264, GELU, false, true, false, F16});
   for (const FfnCase &c : bwd_sm90)
     out.push_back({"bwd sm90 " + describe(c), [c](Result &r) {
-                     emu::g_sm90 = true;
-                     const int launches0 = fk::g_emu_sm90_launches;
-                     if (c.dtype == FK_DTYPE_F16)
-                       ffn_bwd_case<__half>(c, r);
-                     else
-                       ffn_bwd_case<__nv_bfloat16>(c, r);
-                     emu::g_sm90 = false;
+                     const int n = fk::sm90_launches_of(true, [&] {
+                       if (c.dtype == FK_DTYPE_F16)
+                         ffn_bwd_case<__half>(c, r);
+                       else
+                         ffn_bwd_case<__nv_bfloat16>(c, r);
+                     });
                      // recompute, dh, dx, dW1 [, dW3], dW2; unaligned: the sm80 fallback
                      const int want = c.unaligned ? 0 : c.gated ? 6 : 5;
-                     if (fk::g_emu_sm90_launches - launches0 != want)
-                       r.fail("sm90 launches " +
-                              std::to_string(fk::g_emu_sm90_launches - launches0) + ", want " +
+                     if (n != want)
+                       r.fail("sm90 launches " + std::to_string(n) + ", want " +
                               std::to_string(want));
                    }});
   return out;

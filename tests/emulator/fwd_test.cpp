@@ -169,15 +169,13 @@ int main(int argc, char **argv) {
   int bad = argc > 1 ? 0 : api_checks();
   bad += run_cases(all, argc, argv, [](const Case &c, Report &r) {
     const bool sm90 = c.name.rfind("sm90 ", 0) == 0;
-    emu::g_sm90 = sm90;
-    const int launches0 = fk::g_emu_sm90_launches;
-    c.dtype == FK_DTYPE_F16 ? fwd_case<__half>(c, r) : fwd_case<__nv_bfloat16>(c, r);
-    emu::g_sm90 = false;
+    const int n = fk::sm90_launches_of(sm90, [&] {
+      c.dtype == FK_DTYPE_F16 ? fwd_case<__half>(c, r) : fwd_case<__nv_bfloat16>(c, r);
+    });
     // Which kernel ran: the Hopper one exactly where it applies.
     const bool want = sm90 && !c.varlen && c.nq[0] > 0 && c.nk[0] > 0;
-    if ((fk::g_emu_sm90_launches - launches0 > 0) != want)
-      r.fail(format("sm90 kernel launches %d, want %s", fk::g_emu_sm90_launches - launches0,
-                    want ? "some" : "none"));
+    if ((n > 0) != want)
+      r.fail(format("sm90 kernel launches %d, want %s", n, want ? "some" : "none"));
   });
   printf(bad ? "forward: %d FAILED\n" : "forward: all passed\n", bad);
   return bad != 0;

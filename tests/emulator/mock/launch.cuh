@@ -55,4 +55,16 @@ inline bool use_sm90_kernels(int device) {
 }
 inline int device_sm_count(int) { return 3; }
 
+// Runs `body` on an emulated Hopper device (or, sm90 = false, an sm_80-class one), then
+// restores the device kind; returns how many sm_90a kernels it launched: the suites' check
+// that a C entry took the Hopper path exactly where it applies.
+template <class F> int sm90_launches_of(bool sm90, F &&body) {
+  const bool previous = emu::g_sm90;
+  const int before = g_emu_sm90_launches;
+  emu::g_sm90 = sm90;
+  body();
+  emu::g_sm90 = previous;
+  return g_emu_sm90_launches - before;
+}
+
 } // namespace fk
