@@ -20,10 +20,10 @@
 // LSE straight from the accumulators. Taken where every operand is TMA-describable and
 // the batch is dense (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
 // The consumers take turns issuing S = Q K^T (ping-pong on named barriers 2, 3) so that
-// one's softmax overlaps the other's wgmma. Head dims padded to 64 and 128 (128 x 128
-// tiles) and 256 (128 x 64). Not yet here (issue 17): intra-warpgroup overlap of softmax
-// with the next S, varlen (the C ABI gives the kernels no total row count, which a tensor
-// map needs).
+// one's softmax overlaps the other's wgmma, and within a consumer the softmax of key block
+// n overlaps the P V of block n - 1. Head dims padded to 64 and 128 (128 x 128 tiles) and
+// 256 (128 x 64). Not yet here (issue 17): varlen (the C ABI gives the kernels no total row
+// count, which a tensor map needs).
 #pragma once
 
 #include "../common/launch.cuh"
@@ -177,12 +177,18 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 
     sm90::mbarrier_wait(q_full, q_phase);
     q_phase ^= 1;
-    for (int n = tl.n_begin; n < tl.n_end; ++n) {
-      sm90::mbarrier_wait(&kv_full[stage], phase);
+    // Intra-warpgroup overlap (FlashAttention-3): one turn issues S_n = Q K_n^T and then
+    // O += P_{n-1} V_{n-1}; the softmax of S_n runs while that P V is in flight, and O is
+    // rescaled once it has retired. The first turn issues S only, one more the last P V.
+    uint32_t pf[BN / 16][4]; // P_{n-1} as mma.sync A fragments: read by the P V in flight
+    uint32_t(&pd)[BN / 4] = reinterpret_cast<uint32_t(&)[BN / 4]>(pf);
+    int prev_stage = -1; // the stage of P_{n-1}'s V
+    for (int n = tl.n_begin; n <= tl.n_end; ++n) {
+      const bool has_s = n < tl.n_end, has_pv = prev_stage >= 0;
+      if (!has_s && !has_pv) break; // no visible key block
+      if (has_s) sm90::mbarrier_wait(&kv_full[stage], phase);
       const unsigned char *k = sK + stage * Traits::kTileKVBytes;
-      const unsigned char *v = sV + stage * Traits::kTileKVBytes;
 
-      // S = Q K^T for this warpgroup's 64 rows and the block's BN keys.
       float s[1][kSTiles][4];
       float (&sd)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
 #pragma unroll
@@ -190,42 +196,64 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       sm90::fence_registers(sd);
       sm90::named_barrier_sync(kTurn + wg, kTurnThreads);
       sm90::wgmma_fence();
+      if (has_s) { // S = Q K^T for this warpgroup's 64 rows and the block's BN keys
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const int b = ks / 4, kb = 32 * (ks % 4);
-        const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
-        const uint64_t dk = sm90::make_smem_desc_sw128(k + b * BN * 128);
-        sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb),
-                                    sm90::advance_smem_desc(dk, kb), 1);
+        for (int ks = 0; ks < D / 16; ++ks) {
+          const int b = ks / 4, kb = 32 * (ks % 4);
+          const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
+          const uint64_t dk = sm90::make_smem_desc_sw128(k + b * BN * 128);
+          sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb),
+                                      sm90::advance_smem_desc(dk, kb), 1);
+        }
+        sm90::wgmma_commit();
       }
-      sm90::wgmma_commit();
+      if (has_pv) { // O += P V with V MN-major
+        const unsigned char *v = sV + prev_stage * Traits::kTileKVBytes;
+        sm90::fence_registers(od);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+          sm90::wgmma_rs_tb<Element, D>(
+              od, pf[kk], sm90::make_smem_desc_sw128_mn(v + kk * 16 * 128, BN * 128), 1);
+        sm90::wgmma_commit();
+      }
       sm90::named_barrier_arrive(kTurn + 1 - wg, kTurnThreads);
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers(sd);
-      // The last key block's S was the last read of Q: the producer may load the next one.
-      if (n + 1 == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
 
-      const int k0 = n * BN;
-      const bool need_mask =
-          (k0 + BN > nk) ||
-          (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
-          (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
-      if (need_mask) {
+      float alpha[1][2] = {{1.f, 1.f}};
+      if (has_s) {
+        if (has_pv)
+          sm90::wgmma_wait<1>(); // S has retired (groups retire in issue order)
+        else
+          sm90::wgmma_wait<0>();
+        sm90::fence_registers(sd);
+        // The last key block's S was the last read of Q: the producer may load the next one.
+        if (n + 1 == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
+        const int k0 = n * BN;
+        const bool need_mask =
+            (k0 + BN > nk) ||
+            (has_right && int64_t(k0) + BN - 1 > int64_t(m0) + diag + p.window_right) ||
+            (has_left && int64_t(k0) < int64_t(m0) + BM - 1 + diag - p.window_left);
+        if (need_mask) {
 #pragma unroll
-        for (int j = 0; j < kSTiles; ++j)
+          for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = k0 + j * 8 + 2 * t + (e & 1);
-            const int rel = col - (m0 + warp_row0 + g + (e >= 2 ? 8 : 0)) - diag;
-            if (col >= nk || (has_right && rel > p.window_right) ||
-                (has_left && rel < -p.window_left))
-              s[0][j][e] = -INFINITY;
-          }
+            for (int e = 0; e < 4; ++e) {
+              const int col = k0 + j * 8 + 2 * t + (e & 1);
+              const int rel = col - (m0 + warp_row0 + g + (e >= 2 ? 8 : 0)) - diag;
+              if (col >= nk || (has_right && rel > p.window_right) ||
+                  (has_left && rel < -p.window_left))
+                s[0][j][e] = -INFINITY;
+            }
+        }
+        softmax.update_probs(s, scale_log2, alpha); // overlaps the P V in flight
       }
-      softmax.update(s, o, scale_log2);
-
-      // O += P V: P as mma.sync A fragments (n-tiles 2 kk and 2 kk + 1 of S), V MN-major.
-      uint32_t pf[BN / 16][4];
+      if (has_pv) {
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers(od);
+        sm90::fence_registers(pd); // P_{n-1}'s registers stay untouched until here
+        if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[prev_stage]);
+      }
+      if (!has_s) break;
+      attn::OnlineSoftmax<1>::rescale(o, alpha);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
@@ -233,16 +261,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
         pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
         pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
       }
-      sm90::fence_registers(od);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk)
-        sm90::wgmma_rs_tb<Element, D>(
-            od, pf[kk], sm90::make_smem_desc_sw128_mn(v + kk * 16 * 128, BN * 128), 1);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers(od);
-      if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
+      prev_stage = stage;
       if (++stage == 2) stage = 0, phase ^= 1;
     }
     if (tl.n_begin == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);

@@ -17,6 +17,8 @@
 // bits 7-9), so every such tile starts 1024-byte aligned.
 #pragma once
 
+#include <type_traits>
+
 #include <cuda.h> // CUtensorMap and the encoder's signature only; nothing links libcuda
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -141,10 +143,18 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Keeps the compiler from moving accumulator accesses across the asynchronous wgmma.
-template <int N> __device__ __forceinline__ void fence_registers(float (&d)[N]) {
+// Keeps the compiler from moving accumulator accesses across the asynchronous wgmma, and
+// (uint32_t: an A operand in registers) from reusing the registers of an A operand that an
+// issued wgmma may still read: fence it after the wait that retires the wgmma.
+template <typename T, int N> __device__ __forceinline__ void fence_registers(T (&d)[N]) {
+  static_assert(sizeof(T) == 4, "32-bit registers");
 #pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) {
+    if constexpr (std::is_same<T, float>::value)
+      asm volatile("" : "+f"(d[i])::"memory");
+    else
+      asm volatile("" : "+r"(d[i])::"memory");
+  }
 }
 
 // Shared-memory matrix descriptor: start address, leading / stride byte offsets (16-byte

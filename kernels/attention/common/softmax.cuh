@@ -37,6 +37,17 @@ template <int MT> struct OnlineSoftmax {
   template <int NT, int OT>
   __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&acc)[MT][OT][4],
                                          float scale_log2) {
+    float alpha[MT][2];
+    update_probs(s, scale_log2, alpha);
+    rescale(acc, alpha);
+  }
+
+  // update() in two steps, for a caller whose O is still being written by an asynchronous
+  // matmul (the Hopper forward overlaps this block's softmax with the previous block's
+  // P V): the max, the sums and P now, alpha = the factor O must still be scaled by ...
+  template <int NT>
+  __device__ __forceinline__ void update_probs(float (&s)[MT][NT][4], float scale_log2,
+                                               float (&alpha)[MT][2]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -50,14 +61,9 @@ template <int MT> struct OnlineSoftmax {
         // A row that has seen only masked keys keeps max -inf; subtract 0 instead so the
         // exponentials below are exp2(-inf) = 0 rather than NaN.
         const float m_use = mx == -INFINITY ? 0.f : mx;
-        const float alpha = exp2f(row_max[mt][r] - m_use);
+        alpha[mt][r] = exp2f(row_max[mt][r] - m_use);
         row_max[mt][r] = mx;
-        row_sum[mt][r] *= alpha;
-#pragma unroll
-        for (int i = 0; i < OT; ++i) {
-          acc[mt][i][2 * r] *= alpha;
-          acc[mt][i][2 * r + 1] *= alpha;
-        }
+        row_sum[mt][r] *= alpha[mt][r];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], scale_log2, -m_use));
@@ -65,6 +71,21 @@ template <int MT> struct OnlineSoftmax {
           row_sum[mt][r] += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
         }
       }
+  }
+
+  // ... and that scaling, once O may be written.
+  template <int OT>
+  static __device__ __forceinline__ void rescale(float (&acc)[MT][OT][4],
+                                                 const float (&alpha)[MT][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int i = 0; i < OT; ++i) {
+          acc[mt][i][2 * r] *= alpha[mt][r];
+          acc[mt][i][2 * r + 1] *= alpha[mt][r];
+        }
   }
 
   // Row r of m-tile mt, after the last key block: returns 1 / sum (0 for a row that saw no

@@ -376,7 +376,7 @@ template <int kRegs> void warpgroup_reg_dealloc() {
   emu::sm90::warpgroup_sync();
 }
 
-template <int N> void fence_registers(float (&)[N]) {}
+template <typename T, int N> void fence_registers(T (&)[N]) {}
 inline void wgmma_fence() { emu::sm90::warpgroup_sync(); }
 inline void wgmma_commit() {
   emu::sm90::warpgroup_sync();
