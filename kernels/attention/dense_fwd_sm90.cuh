@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     // O += P_{n-1} V_{n-1}; the softmax of S_n runs while that P V is in flight, and O is
     // rescaled once it has retired. The first turn issues S only, one more the last P V.
     uint32_t pf[BN / 16][4]; // P_{n-1} as mma.sync A fragments: read by the P V in flight
-    uint32_t(&pd)[BN / 4] = reinterpret_cast<uint32_t(&)[BN / 4]>(pf);
+    uint32_t (&pd)[BN / 4] = reinterpret_cast<uint32_t (&)[BN / 4]>(pf);
     int prev_stage = -1; // the stage of P_{n-1}'s V
     for (int n = tl.n_begin; n <= tl.n_end; ++n) {
       const bool has_s = n < tl.n_end, has_pv = prev_stage >= 0;
