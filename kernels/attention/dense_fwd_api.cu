@@ -44,23 +44,26 @@ cudaError_t dispatch_head_dim(const fk_attention_fwd_params &p, cudaStream_t s) 
 
 namespace fk {
 // TMA describes Q, K, V as (head_dim, rows, heads, batch) tensors (16-byte-aligned bases
-// and strides; a size-1 dimension's stride is never used); O is stored two elements at a
-// time. Varlen batches stay on the sm80 kernel for now, and so do empty key sequences (a
-// tensor map has no zero-sized dimension).
+// and strides; a size-1 dimension's stride is never used), varlen ones as one batch of
+// total_q / total_k packed rows; O is stored two elements at a time. No keys at all stay
+// on the sm80 kernel (a tensor map has no zero-sized dimension).
 bool dense_fwd_sm90_eligible(const fk_attention_fwd_params &p) {
   const fk_attention_shape &s = p.base.shape;
-  if (p.cu_seqlens_q != nullptr || s.seqlen_k < 1) return false;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int rows_q = varlen ? p.total_q : s.seqlen_q, rows_k = varlen ? p.total_k : s.seqlen_k;
+  const int batch = varlen ? 1 : s.batch;
+  if (rows_q < 1 || rows_k < 1) return false;
   const auto tma_ok = [&](const void *base, const fk_strides &st, int rows, int heads) {
     const int64_t strides[3] = {rows > 1 ? st.row : 8, heads > 1 ? st.head : 8,
-                                s.batch > 1 ? st.batch : 8};
+                                batch > 1 ? st.batch : 8};
     return tma_strides_ok(base, 4, strides);
   };
   const fk_strides &o = p.base.o_stride;
-  return tma_ok(p.base.q, p.base.q_stride, s.seqlen_q, s.heads) &&
-         tma_ok(p.base.k, p.base.k_stride, s.seqlen_k, s.heads_kv) &&
-         tma_ok(p.base.v, p.base.v_stride, s.seqlen_k, s.heads_kv) &&
+  return tma_ok(p.base.q, p.base.q_stride, rows_q, s.heads) &&
+         tma_ok(p.base.k, p.base.k_stride, rows_k, s.heads_kv) &&
+         tma_ok(p.base.v, p.base.v_stride, rows_k, s.heads_kv) &&
          reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && o.row % 2 == 0 && o.head % 2 == 0 &&
-         o.batch % 2 == 0;
+         (varlen || o.batch % 2 == 0);
 }
 } // namespace fk
 

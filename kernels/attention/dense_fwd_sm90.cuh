@@ -17,19 +17,24 @@
 //   mma.sync A fragments) and V MN-major from shared memory; the stage is released once
 //   that wgmma has retired.
 // K and V of block n + 1 stream in while block n is computed. The epilogue writes O and
-// LSE straight from the accumulators. Taken where every operand is TMA-describable and
-// the batch is dense (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
+// LSE straight from the accumulators. Taken where every operand is TMA-describable
+// (dense_fwd_sm90_eligible); otherwise, and off Hopper, the sm80 kernel.
 // The consumers take turns issuing S = Q K^T (ping-pong on named barriers 2, 3) so that
 // one's softmax overlaps the other's wgmma, and within a consumer the softmax of key block
 // n overlaps the P V of block n - 1. Head dims padded to 64 and 128 (128 x 128 tiles) and
-// 256 (128 x 64). Not yet here (issue 17): varlen (the C ABI gives the kernels no total row
-// count, which a tensor map needs).
+// 256 (128 x 64). Varlen batches: the tensor maps span the packed rows (total_q, total_k of
+// the C ABI) and each tile starts at its sequence's first row; rows of a box past the
+// sequence's end are the next sequence's (or zero fill past the last): their scores are
+// masked like keys past nk, their P is exactly 0, and query rows past nq are not stored
+// (a non-finite V there would still reach P V as 0 x inf = NaN; the sm80 kernel's
+// predicated loads have no such caveat).
 #pragma once
 
 #include "../common/launch.cuh"
 #include "../common/persistent.cuh"
 #include "../common/sm90.cuh"
 #include "../common/tma_host.cuh"
+#include "common/block_info.cuh"
 #include "common/softmax.cuh"
 #include "dense_fwd.h"
 
@@ -86,26 +91,31 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   uint64_t *q_full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
   uint64_t *q_empty = q_full + 1, *kv_full = q_full + 2, *kv_empty = kv_full + 2;
 
-  const int nq = p.base.shape.seqlen_q, nk = p.base.shape.seqlen_k, diag = nk - nq;
   const bool has_left = kHasMask && p.window_left >= 0;
   const bool has_right = kHasMask && p.window_right >= 0;
   const int heads = p.base.shape.heads, group = heads / p.base.shape.heads_kv;
-  const int m_blocks = (nq + BM - 1) / BM;
+  const int m_blocks = (p.base.shape.seqlen_q + BM - 1) / BM; // of the longest sequence
   const int tiles = m_blocks * heads * p.base.shape.batch;
   // Persistent: block b takes tiles b, b + gridDim.x, ...; tile i is query block
   // m_blocks - 1 - i / (heads batch) of (head, batch) = (i % heads, i / heads % batch), so
-  // the heaviest blocks under causal masking (the last ones) go first across all heads.
+  // the heaviest blocks under causal masking (the last ones) go first across all heads. A
+  // varlen sequence shorter than the longest skips its tiles past its end (`empty`);
+  // producer and consumers skip the same ones.
   struct Tile {
-    int m0, head, batch, n_begin, n_end;
+    attn::SeqInfo seq; // lengths and packed row offsets of the tile's sequence
+    int m0, head, n_begin, n_end, diag;
+    int map_batch; // the tensor maps' batch coordinate: the batch, or 0 (varlen: packed rows)
+    __device__ bool empty() const { return m0 >= seq.nq; }
   };
   const auto tile_at = [&](int i) {
-    Tile t;
     const int hb = heads * p.base.shape.batch;
+    Tile t{attn::SeqInfo(p, i % hb / heads), 0, 0, 0, 0, 0, 0};
     t.m0 = (m_blocks - 1 - i / hb) * BM;
     t.head = i % hb % heads;
-    t.batch = i % hb / heads;
-    visible_key_blocks<BM, BN>(t.m0, nk, diag, has_left, has_right, p.window_left, p.window_right,
-                               t.n_begin, t.n_end);
+    t.diag = t.seq.nk - t.seq.nq;
+    t.map_batch = t.seq.varlen ? 0 : t.seq.batch;
+    visible_key_blocks<BM, BN>(t.m0, t.seq.nk, t.diag, has_left, has_right, p.window_left,
+                               p.window_right, t.n_begin, t.n_end);
     return t;
   };
   const int wg = threadIdx.x / 128;
@@ -128,12 +138,14 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       uint32_t phase = 0, q_phase = 0;
       for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
         const Tile tl = tile_at(i);
+        if (tl.empty()) continue;
         const int head_kv = tl.head / group;
         sm90::mbarrier_wait(q_empty, q_phase ^ 1); // the consumers are done with the last Q
         sm90::mbarrier_arrive_expect_tx(q_full, Traits::kTileQBytes);
 #pragma unroll
         for (int b = 0; b < Traits::kDBlocks; ++b)
-          sm90::tma_load_4d(sQ + b * BM * 128, &map_q, q_full, 64 * b, tl.m0, tl.head, tl.batch);
+          sm90::tma_load_4d(sQ + b * BM * 128, &map_q, q_full, 64 * b, tl.seq.q_start + tl.m0,
+                            tl.head, tl.map_batch);
         q_phase ^= 1;
         for (int n = tl.n_begin; n < tl.n_end; ++n) {
           sm90::mbarrier_wait(&kv_empty[stage], phase ^ 1);
@@ -142,10 +154,10 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
           unsigned char *v = sV + stage * Traits::kTileKVBytes;
 #pragma unroll
           for (int b = 0; b < Traits::kDBlocks; ++b) {
-            sm90::tma_load_4d(k + b * BN * 128, &map_k, &kv_full[stage], 64 * b, n * BN, head_kv,
-                              tl.batch);
-            sm90::tma_load_4d(v + b * BN * 128, &map_v, &kv_full[stage], 64 * b, n * BN, head_kv,
-                              tl.batch);
+            sm90::tma_load_4d(k + b * BN * 128, &map_k, &kv_full[stage], 64 * b,
+                              tl.seq.k_start + n * BN, head_kv, tl.map_batch);
+            sm90::tma_load_4d(v + b * BN * 128, &map_v, &kv_full[stage], 64 * b,
+                              tl.seq.k_start + n * BN, head_kv, tl.map_batch);
           }
           if (++stage == 2) stage = 0, phase ^= 1;
         }
@@ -168,7 +180,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   uint32_t phase = 0, q_phase = 0;
   for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
     const Tile tl = tile_at(i);
-    const int m0 = tl.m0;
+    if (tl.empty()) continue;
+    const int m0 = tl.m0, nq = tl.seq.nq, nk = tl.seq.nk, diag = tl.diag;
     float o[1][kOTiles][4];
     float (&od)[D / 2] = reinterpret_cast<float (&)[D / 2]>(o);
 #pragma unroll
@@ -268,8 +281,10 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 
     // Epilogue: O and LSE straight from the accumulators (rows past nq and columns past
     // head_dim are not stored).
-    Element *out = static_cast<Element *>(p.o) + int64_t(tl.batch) * p.base.o_stride.batch +
-                   int64_t(tl.head) * p.base.o_stride.head;
+    Element *out =
+        static_cast<Element *>(p.o) +
+        tl.seq.q_offset(p.base.o_stride.batch, p.base.o_stride.row, p.base.o_stride.head, tl.head);
+    float *lse_out = p.lse + tl.seq.lse_offset(p, tl.head);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float lse;
@@ -284,9 +299,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
           *reinterpret_cast<uint32_t *>(orow + col) =
               ElemTraits<Element>::pack(o[0][j][2 * r] * inv_sum, o[0][j][2 * r + 1] * inv_sum);
       }
-      if (t == 0)
-        p.lse[int64_t(tl.batch) * p.base.lse_stride.batch +
-              int64_t(tl.head) * p.base.lse_stride.head + row] = lse;
+      if (t == 0) lse_out[row] = lse;
     }
   }
 #endif
@@ -308,14 +321,18 @@ cudaError_t run_dense_fwd_sm90(const fk_attention_fwd_params &p, cudaStream_t st
   using Traits = AttnFwdTraitsSm90<kHeadDim, Element>;
   constexpr bool kBf16 = std::is_same<Element, __nv_bfloat16>::value;
   const fk_attention_shape &s = p.base.shape;
+  // Varlen: one batch of the packed rows; the tiles find their sequence's rows on the device.
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int rows_q = varlen ? p.total_q : s.seqlen_q, rows_k = varlen ? p.total_k : s.seqlen_k;
+  const int batch = varlen ? 1 : s.batch;
   CUtensorMap mq, mk, mv;
   cudaError_t err;
-  if ((err = attention_map(&mq, p.base.q, p.base.q_stride, s.seqlen_q, s.heads, s.batch, s.head_dim,
+  if ((err = attention_map(&mq, p.base.q, p.base.q_stride, rows_q, s.heads, batch, s.head_dim,
                            Traits::kBlockM, kBf16)) ||
-      (err = attention_map(&mk, p.base.k, p.base.k_stride, s.seqlen_k, s.heads_kv, s.batch,
-                           s.head_dim, Traits::kBlockN, kBf16)) ||
-      (err = attention_map(&mv, p.base.v, p.base.v_stride, s.seqlen_k, s.heads_kv, s.batch,
-                           s.head_dim, Traits::kBlockN, kBf16)))
+      (err = attention_map(&mk, p.base.k, p.base.k_stride, rows_k, s.heads_kv, batch, s.head_dim,
+                           Traits::kBlockN, kBf16)) ||
+      (err = attention_map(&mv, p.base.v, p.base.v_stride, rows_k, s.heads_kv, batch, s.head_dim,
+                           Traits::kBlockN, kBf16)))
     return err;
   // Persistent: one block per multiprocessor at most (the kernel counts tiles in int).
   const int64_t tiles =

@@ -86,6 +86,9 @@ typedef struct {
   const int32_t *cu_seqlens_k; /* NULL iff cu_seqlens_q is NULL */
   int32_t window_left;         /* -1 = unbounded */
   int32_t window_right;        /* -1 = unbounded; causal callers pass 0 */
+  /* Varlen: the packed row counts total_q = cu_seqlens_q[B], total_k = cu_seqlens_k[B]
+   * (the extent a Hopper tensor map of Q or K / V needs; ignored for dense batches). */
+  int32_t total_q, total_k;
 } fk_attention_fwd_params;
 
 /* Dense attention backward (FlashAttention-2 style: scores recomputed tile by tile).

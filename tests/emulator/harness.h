@@ -217,6 +217,7 @@ int run_fwd(const Problem<T> &p, Tensor<T> &O, Lse &lse) {
   q.o = O.data.data(), q.lse = lse.data.data();
   set_common(q, p, lse, cuq, cuk);
   q.base.o_stride.batch = O.bs, q.base.o_stride.row = O.rs, q.base.o_stride.head = O.hs;
+  q.total_q = p.s.cq.back(), q.total_k = p.s.ck.back();
   return fk_attention_fwd(&q, nullptr);
 }
 

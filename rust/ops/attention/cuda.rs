@@ -282,6 +282,9 @@ pub(crate) unsafe fn launch_forward(
         cu_seqlens_k: seqs.k,
         window_left: window_arg(p.window_left),
         window_right: window_arg(p.window_right),
+        // Varlen only (cu_seqlens are i32, so the totals fit); ignored for dense batches.
+        total_q: p.seqlens.as_ref().map_or(0, |s| s.cu_seqlens_q[p.batch]),
+        total_k: p.seqlens.as_ref().map_or(0, |s| s.cu_seqlens_k[p.batch]),
     };
     // SAFETY: params were validated above; the caller vouches for the memory.
     let code = unsafe { ffi::fk_attention_fwd(&params, stream.raw()) };
