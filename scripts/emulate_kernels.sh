@@ -11,7 +11,8 @@
 #   plain   every case, threads in order (as the suites always ran); then every case once
 #           more under an adversarial schedule: cases 0, 3, 6, ... with a warp running ahead
 #           (runahead), 1, 4, 7, ... with the last warp ahead (runahead-last), 2, 5, 8, ...
-#           with warps in a random order (random:$EMU_SEED, default 1)
+#           with warps in a random order (random:$EMU_SEED, default 1); and cases 0, 3, 6,
+#           ... once more with warps stepped last to first (reverse)
 #   race    every case under the shared-memory race check (a missing barrier is a hazard,
 #           whatever the schedule)
 #   asan    AddressSanitizer + UBSan (alignment included) on cases 0, 3, 6, ... (every case
@@ -108,6 +109,9 @@ for s in longformer longformer_bwd fwd bwd linformer reformer conv ffn; do
   queue "$s:runahead" EMU_SCHEDULE=runahead EMU_CASES=3:0 -- "$obj/${s}_test"
   queue "$s:runahead-last" EMU_SCHEDULE=runahead-last EMU_CASES=3:1 -- "$obj/${s}_test"
   queue "$s:random" EMU_SCHEDULE="random:$seed" EMU_CASES=3:2 -- "$obj/${s}_test"
+  # Warps last to first: how a Hopper kernel's consumer released an mbarrier phase before
+  # all its threads had waited on it (a late thread then missed the phase) was found.
+  queue "$s:reverse" EMU_SCHEDULE=reverse EMU_CASES=3:0 -- "$obj/${s}_test"
 done
 # Negative controls: flavour, mode, what the failure must say.
 controls=(

@@ -6,8 +6,8 @@
 #include <cuda_fp16.h>
 
 #include "../common/launch.cuh"
-#include "../common/tma_host.cuh"
 #include "common/api_checks.h"
+#include "common/tma_maps.cuh"
 #include "dense_fwd.h"
 
 namespace {
@@ -49,21 +49,13 @@ namespace fk {
 // on the sm80 kernel (a tensor map has no zero-sized dimension).
 bool dense_fwd_sm90_eligible(const fk_attention_fwd_params &p) {
   const fk_attention_shape &s = p.base.shape;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int rows_q = varlen ? p.total_q : s.seqlen_q, rows_k = varlen ? p.total_k : s.seqlen_k;
-  const int batch = varlen ? 1 : s.batch;
-  if (rows_q < 1 || rows_k < 1) return false;
-  const auto tma_ok = [&](const void *base, const fk_strides &st, int rows, int heads) {
-    const int64_t strides[3] = {rows > 1 ? st.row : 8, heads > 1 ? st.head : 8,
-                                batch > 1 ? st.batch : 8};
-    return tma_strides_ok(base, 4, strides);
-  };
+  const MapExtent e(p);
   const fk_strides &o = p.base.o_stride;
-  return tma_ok(p.base.q, p.base.q_stride, rows_q, s.heads) &&
-         tma_ok(p.base.k, p.base.k_stride, rows_k, s.heads_kv) &&
-         tma_ok(p.base.v, p.base.v_stride, rows_k, s.heads_kv) &&
+  return attention_map_ok(p.base.q, p.base.q_stride, e.rows_q, s.heads, e.batch) &&
+         attention_map_ok(p.base.k, p.base.k_stride, e.rows_k, s.heads_kv, e.batch) &&
+         attention_map_ok(p.base.v, p.base.v_stride, e.rows_k, s.heads_kv, e.batch) &&
          reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && o.row % 2 == 0 && o.head % 2 == 0 &&
-         (varlen || o.batch % 2 == 0);
+         (e.batch == 1 || o.batch % 2 == 0);
 }
 } // namespace fk
 

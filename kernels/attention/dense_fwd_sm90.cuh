@@ -33,9 +33,9 @@
 #include "../common/launch.cuh"
 #include "../common/persistent.cuh"
 #include "../common/sm90.cuh"
-#include "../common/tma_host.cuh"
 #include "common/block_info.cuh"
 #include "common/softmax.cuh"
+#include "common/tma_maps.cuh"
 #include "dense_fwd.h"
 
 namespace fk {
@@ -106,6 +106,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     int m0, head, n_begin, n_end, diag;
     int map_batch; // the tensor maps' batch coordinate: the batch, or 0 (varlen: packed rows)
     __device__ bool empty() const { return m0 >= seq.nq; }
+    __device__ bool any_keys() const { return !empty() && n_begin < n_end; }
   };
   const auto tile_at = [&](int i) {
     const int hb = heads * p.base.shape.batch;
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       uint32_t phase = 0, q_phase = 0;
       for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
         const Tile tl = tile_at(i);
-        if (tl.empty()) continue;
+        if (!tl.any_keys()) continue; // no Q or K / V to load
         const int head_kv = tl.head / group;
         sm90::mbarrier_wait(q_empty, q_phase ^ 1); // the consumers are done with the last Q
         sm90::mbarrier_arrive_expect_tx(q_full, Traits::kTileQBytes);
@@ -188,8 +189,14 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     for (int e = 0; e < D / 2; ++e) od[e] = 0.f;
     attn::OnlineSoftmax<1> softmax;
 
-    sm90::mbarrier_wait(q_full, q_phase);
-    q_phase ^= 1;
+    // A tile without visible keys reads no Q: it neither waits for one nor releases it (a
+    // release before the warpgroup's every thread had seen this Q land could let the next
+    // Q's phase complete first, and a late thread would then wait for a parity that had
+    // already come and gone).
+    if (tl.any_keys()) {
+      sm90::mbarrier_wait(q_full, q_phase);
+      q_phase ^= 1;
+    }
     // Intra-warpgroup overlap (FlashAttention-3): one turn issues S_n = Q K_n^T and then
     // O += P_{n-1} V_{n-1}; the softmax of S_n runs while that P V is in flight, and O is
     // rescaled once it has retired. The first turn issues S only, one more the last P V.
@@ -277,7 +284,6 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       prev_stage = stage;
       if (++stage == 2) stage = 0, phase ^= 1;
     }
-    if (tl.n_begin == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
 
     // Epilogue: O and LSE straight from the accumulators (rows past nq and columns past
     // head_dim are not stored).
@@ -305,34 +311,21 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 #endif
 }
 
-// Tensor maps of Q, K, V as (head_dim, rows, heads, batch) tensors; boxes of 64 columns x
-// the block's rows. A stride of a size-1 dimension is never used: any valid one will do.
-inline cudaError_t attention_map(CUtensorMap *map, const void *base, const fk_strides &st, int rows,
-                                 int heads, int batch, int head_dim, int box_rows, bool bf16) {
-  const int64_t dims[4] = {head_dim, rows, heads, batch};
-  const int64_t strides[3] = {rows > 1 ? st.row : 8, heads > 1 ? st.head : 8,
-                              batch > 1 ? st.batch : 8};
-  const uint32_t box[4] = {64, uint32_t(box_rows), 1, 1};
-  return encode_map_sw128(map, base, 4, dims, strides, box, bf16);
-}
-
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_fwd_sm90(const fk_attention_fwd_params &p, cudaStream_t stream) {
   using Traits = AttnFwdTraitsSm90<kHeadDim, Element>;
   constexpr bool kBf16 = std::is_same<Element, __nv_bfloat16>::value;
   const fk_attention_shape &s = p.base.shape;
   // Varlen: one batch of the packed rows; the tiles find their sequence's rows on the device.
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int rows_q = varlen ? p.total_q : s.seqlen_q, rows_k = varlen ? p.total_k : s.seqlen_k;
-  const int batch = varlen ? 1 : s.batch;
+  const MapExtent e(p);
   CUtensorMap mq, mk, mv;
   cudaError_t err;
-  if ((err = attention_map(&mq, p.base.q, p.base.q_stride, rows_q, s.heads, batch, s.head_dim,
+  if ((err = attention_map(&mq, p.base.q, p.base.q_stride, e.rows_q, s.heads, e.batch, s.head_dim,
                            Traits::kBlockM, kBf16)) ||
-      (err = attention_map(&mk, p.base.k, p.base.k_stride, rows_k, s.heads_kv, batch, s.head_dim,
-                           Traits::kBlockN, kBf16)) ||
-      (err = attention_map(&mv, p.base.v, p.base.v_stride, rows_k, s.heads_kv, batch, s.head_dim,
-                           Traits::kBlockN, kBf16)))
+      (err = attention_map(&mk, p.base.k, p.base.k_stride, e.rows_k, s.heads_kv, e.batch,
+                           s.head_dim, Traits::kBlockN, kBf16)) ||
+      (err = attention_map(&mv, p.base.v, p.base.v_stride, e.rows_k, s.heads_kv, e.batch,
+                           s.head_dim, Traits::kBlockN, kBf16)))
     return err;
   // Persistent: one block per multiprocessor at most (the kernel counts tiles in int).
   const int64_t tiles =
