@@ -7,6 +7,7 @@
 
 #include "../common/launch.cuh"
 #include "common/api_checks.h"
+#include "common/tma_maps.cuh"
 #include "dense_bwd.h"
 
 namespace {
@@ -18,16 +19,43 @@ cudaError_t dispatch_mask(const fk_attention_bwd_params &p, cudaStream_t s) {
                   : fk::run_dense_bwd_sm80<D, T, false>(p, s);
 }
 
+template <int D, typename T>
+cudaError_t dispatch_mask_sm90(const fk_attention_bwd_params &p, cudaStream_t s) {
+  const bool has_mask = p.window_left >= 0 || p.window_right >= 0;
+  return has_mask ? fk::run_dense_bwd_sm90<D, T, true>(p, s)
+                  : fk::run_dense_bwd_sm90<D, T, false>(p, s);
+}
+
 // Head dims are padded up to the next compiled one; the kernels zero-fill the padded
-// columns on load and skip them on store.
+// columns on load and skip them on store. Hopper: dQ on wgmma up to 128.
 template <typename T>
 cudaError_t dispatch_head_dim(const fk_attention_bwd_params &p, cudaStream_t s) {
+  if (p.base.shape.head_dim <= 128 && fk::use_sm90_kernels(p.base.shape.device) &&
+      fk::dense_bwd_sm90_eligible(p))
+    return p.base.shape.head_dim <= 64 ? dispatch_mask_sm90<64, T>(p, s)
+                                       : dispatch_mask_sm90<128, T>(p, s);
   if (p.base.shape.head_dim <= 64) return dispatch_mask<64, T>(p, s);
   if (p.base.shape.head_dim <= 128) return dispatch_mask<128, T>(p, s);
   return dispatch_mask<256, T>(p, s);
 }
 
 } // namespace
+
+namespace fk {
+// TMA describes Q, dO, K, V as in the forward (dense_fwd_sm90_eligible); dQ is stored two
+// elements at a time.
+bool dense_bwd_sm90_eligible(const fk_attention_bwd_params &p) {
+  const fk_attention_shape &s = p.base.shape;
+  const MapExtent e(p);
+  const fk_strides &dq = p.dq_stride;
+  return attention_map_ok(p.base.q, p.base.q_stride, e.rows_q, s.heads, e.batch) &&
+         attention_map_ok(p.dout, p.do_stride, e.rows_q, s.heads, e.batch) &&
+         attention_map_ok(p.base.k, p.base.k_stride, e.rows_k, s.heads_kv, e.batch) &&
+         attention_map_ok(p.base.v, p.base.v_stride, e.rows_k, s.heads_kv, e.batch) &&
+         reinterpret_cast<uintptr_t>(p.dq) % 4 == 0 && dq.row % 2 == 0 && dq.head % 2 == 0 &&
+         (e.batch == 1 || dq.batch % 2 == 0);
+}
+} // namespace fk
 
 extern "C" int32_t fk_attention_bwd(const fk_attention_bwd_params *params, void *stream) {
   if (params == nullptr) return cudaErrorInvalidValue;

@@ -473,15 +473,14 @@ template <> struct DenseBwdConfigSm80<256> {
   static constexpr int kQBlockM = 64, kQBlockN = 16, kQMinBlocks = 1;
 };
 
+// Kernels 1 and 2 (Delta, then dK / dV): what the sm80 and the Hopper backward share.
 template <int kHeadDim, typename Element, bool kHasMask>
-cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t stream) {
+cudaError_t run_dense_bwd_delta_dkdv_sm80(const fk_attention_bwd_params &p, cudaStream_t stream) {
   using namespace dense_bwd_detail;
   using C = DenseBwdConfigSm80<kHeadDim>;
   using KV = DenseBwdKVTraitsSm80<kHeadDim, Element, C::kKVBlockN, C::kKVBlockM, C::kKVSplitRoles,
                                   C::kKVMinBlocks>;
-  using Q = DenseBwdQTraitsSm80<kHeadDim, Element, C::kQBlockM, C::kQBlockN, C::kQMinBlocks>;
-  static_assert(KV::kSmemBytes <= 99 * 1024 && Q::kSmemBytes <= 99 * 1024,
-                "shared memory must fit sm_86 / sm_89 (99 KB per block)");
+  static_assert(KV::kSmemBytes <= 99 * 1024, "shared memory must fit sm_86 / sm_89 (99 KB)");
   cudaError_t err = cudaSuccess;
   // Grids are sized by the longest sequence; an empty one would be a launch error, and
   // has nothing to compute (seqlen_q == 0 still needs dK = dV = 0, kernel 2 writes them).
@@ -496,16 +495,22 @@ cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t st
                     p.base.shape.batch);
     err = launch_kernel(dense_bwd_dkdv_kernel<KV, kHasMask>, grid, dim3(KV::kNThreads),
                         KV::kSmemBytes, stream, p);
-    if (err != cudaSuccess) return err;
   }
-  if (p.base.shape.seqlen_q > 0) {
-    const dim3 grid((p.base.shape.seqlen_q + Q::kBlockM - 1) / Q::kBlockM, p.base.shape.heads,
-                    p.base.shape.batch);
-    err = launch_kernel(dense_bwd_dq_kernel<Q, kHasMask>, grid, dim3(Q::kNThreads), Q::kSmemBytes,
-                        stream, p);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return err;
+}
+
+template <int kHeadDim, typename Element, bool kHasMask>
+cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &p, cudaStream_t stream) {
+  using namespace dense_bwd_detail;
+  using C = DenseBwdConfigSm80<kHeadDim>;
+  using Q = DenseBwdQTraitsSm80<kHeadDim, Element, C::kQBlockM, C::kQBlockN, C::kQMinBlocks>;
+  static_assert(Q::kSmemBytes <= 99 * 1024, "shared memory must fit sm_86 / sm_89 (99 KB)");
+  cudaError_t err = run_dense_bwd_delta_dkdv_sm80<kHeadDim, Element, kHasMask>(p, stream);
+  if (err != cudaSuccess || p.base.shape.seqlen_q == 0) return err;
+  const dim3 grid((p.base.shape.seqlen_q + Q::kBlockM - 1) / Q::kBlockM, p.base.shape.heads,
+                  p.base.shape.batch);
+  return launch_kernel(dense_bwd_dq_kernel<Q, kHasMask>, grid, dim3(Q::kNThreads), Q::kSmemBytes,
+                       stream, p);
 }
 
 } // namespace fk

@@ -115,6 +115,7 @@ typedef struct {
   fk_strides dv_stride;
   int32_t window_left;
   int32_t window_right;
+  int32_t total_q, total_k; /* varlen: as in fk_attention_fwd_params */
 } fk_attention_bwd_params;
 
 /* Head dims the dense kernels are compiled for (every multiple of 8 up to 256). */

@@ -8,6 +8,7 @@
 #include "harness.h"
 
 #include "emulated/attention/dense_bwd_sm80.cuh"
+#include "emulated/attention/dense_bwd_sm90.cuh"
 #include "emulated/attention/dense_bwd_api.cu"
 #include "emulated/attention/dense_fwd_sm80.cuh"
 #include "emulated/attention/dense_fwd_sm90.cuh"
@@ -89,6 +90,7 @@ template <typename T> void bwd_case(const Case &c, Report &r) {
   q.dq_stride.batch = dQ.bs, q.dq_stride.row = dQ.rs, q.dq_stride.head = dQ.hs;
   q.dk_stride.batch = dK.bs, q.dk_stride.row = dK.rs, q.dk_stride.head = dK.hs;
   q.dv_stride.batch = dV.bs, q.dv_stride.row = dV.rs, q.dv_stride.head = dV.hs;
+  q.total_q = s.cq.back(), q.total_k = s.ck.back();
   const long sw0 = emu::g_switches;
   const int launches0 = fk::g_emu_launches;
   const int rc = fk_attention_bwd(&q, nullptr);
@@ -208,9 +210,32 @@ int main(int argc, char **argv) {
     c.fwd_then_bwd = true;
     cases.push_back(c);
   }
+  // Every case again on an emulated Hopper device ("sm90 ..."): head dims up to 128 with
+  // queries and keys take dense_bwd_sm90.cuh's dQ kernel (TMA + wgmma; 128-row query blocks,
+  // 64-key stages); plus longer ones whose key blocks wrap the two stages' phases.
+  const std::vector<Case> sm90_extra = {
+      {"d128 bf16 gqa2 causal batch2 nk=600", BF, 2, 1, 128, {300, 300}, {600, 600}, false, -1, 0},
+      {"varlen d64 f16 window(50,20)", F, 1, 1, 64, {260, 3, 140}, {250, 130, 1}, true, 50, 20},
+  };
+  std::vector<Case> all = cases;
+  for (const std::vector<Case> *list : {static_cast<const std::vector<Case> *>(&cases), &sm90_extra})
+    for (Case c : *list) {
+      c.name = "sm90 " + c.name;
+      all.push_back(c);
+    }
   int bad = argc > 1 ? 0 : api_checks();
-  bad += run_cases(cases, argc, argv, [](const Case &c, Report &r) {
-    c.dtype == FK_DTYPE_F16 ? bwd_case<__half>(c, r) : bwd_case<__nv_bfloat16>(c, r);
+  bad += run_cases(all, argc, argv, [](const Case &c, Report &r) {
+    const bool sm90 = c.name.rfind("sm90 ", 0) == 0;
+    const int n = fk::sm90_launches_of(sm90, [&] {
+      c.dtype == FK_DTYPE_F16 ? bwd_case<__half>(c, r) : bwd_case<__nv_bfloat16>(c, r);
+    });
+    // Which dQ kernel ran: the Hopper one exactly where it applies (the forward of a
+    // fwd+bwd case runs on Hopper too where it can).
+    int total_q = 0, total_k = 0;
+    for (size_t b = 0; b < c.nq.size(); ++b) total_q += c.nq[b], total_k += c.nk[b];
+    const bool any = sm90 && total_q > 0 && total_k > 0;
+    const int want_n = any ? int(c.fwd_then_bwd) + int(c.D <= 128) : 0;
+    if (n != want_n) r.fail(format("sm90 kernel launches %d, want %d", n, want_n));
   });
   printf(bad ? "backward: %d FAILED\n" : "backward: all passed\n", bad);
   return bad != 0;

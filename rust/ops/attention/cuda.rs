@@ -194,6 +194,14 @@ fn upload_seqlens(p: &AttentionProblem, stream: &Stream) -> Result<DeviceSeqLens
     })
 }
 
+/// Varlen: the packed row counts of Q and K / V (the C ABI's total_q, total_k: cu_seqlens
+/// are i32, so they fit); (0, 0) for dense batches, where they are ignored.
+fn packed_rows(p: &AttentionProblem) -> (i32, i32) {
+    p.seqlens.as_ref().map_or((0, 0), |s| {
+        (s.cu_seqlens_q[p.batch], s.cu_seqlens_k[p.batch])
+    })
+}
+
 /// The part of every attention kernel's parameters that Q, K, V, O and LSE give: the
 /// Q, K, V pointers and the Q, K, V, O, LSE strides (dense and Longformer alike), and
 /// the problem's shape (`attention_shape`).
@@ -282,9 +290,8 @@ pub(crate) unsafe fn launch_forward(
         cu_seqlens_k: seqs.k,
         window_left: window_arg(p.window_left),
         window_right: window_arg(p.window_right),
-        // Varlen only (cu_seqlens are i32, so the totals fit); ignored for dense batches.
-        total_q: p.seqlens.as_ref().map_or(0, |s| s.cu_seqlens_q[p.batch]),
-        total_k: p.seqlens.as_ref().map_or(0, |s| s.cu_seqlens_k[p.batch]),
+        total_q: packed_rows(p).0,
+        total_k: packed_rows(p).1,
     };
     // SAFETY: params were validated above; the caller vouches for the memory.
     let code = unsafe { ffi::fk_attention_fwd(&params, stream.raw()) };
@@ -416,6 +423,8 @@ pub(crate) unsafe fn launch_backward(
         dv_stride: bsh(&dv.layout),
         window_left: window_arg(p.window_left),
         window_right: window_arg(p.window_right),
+        total_q: packed_rows(p).0,
+        total_k: packed_rows(p).1,
     };
     // SAFETY: params were validated above; the caller vouches for the memory.
     let code = unsafe { ffi::fk_attention_bwd(&params, stream.raw()) };
