@@ -7,6 +7,7 @@
 
 #include <stdlib.h>
 
+#include <atomic>
 #include <utility>
 
 namespace fk {
@@ -55,13 +56,22 @@ cudaError_t launch_kernel_sm90(void (*kernel)(KernelArgs...), dim3 grid, dim3 bl
 }
 
 // Does `device` run the sm_90a kernels? Compute capability 9.0 exactly: sm_90a code runs on
-// no other device.
+// no other device. Asked of the driver once per device (every C entry asks): the answer is
+// kept, a failed query is not (0 = not known yet, 1 = no, 2 = yes).
 inline bool device_is_sm90(int device) {
+  static std::atomic<unsigned char> known[64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const unsigned char k = known[device].load(std::memory_order_relaxed);
+    if (k != 0) return k == 2;
+  }
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
     return false;
-  return major == 9 && minor == 0;
+  const bool sm90 = major == 9 && minor == 0;
+  if (cached) known[device].store(sm90 ? 2 : 1, std::memory_order_relaxed);
+  return sm90;
 }
 
 // Should the C entries take the sm_90a kernels on `device`? FLASHKERNELS_NO_SM90=1 keeps
