@@ -14,7 +14,7 @@ namespace fk {
 // bounded (window_left >= 0 or window_right >= 0; causal included).
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_bwd_sm80(const fk_attention_bwd_params &params, cudaStream_t stream);
-// Hopper (dense_bwd_sm90.cuh): dQ on TMA + wgmma, Delta and dK / dV as above; head dims
+// Hopper (dense_bwd_sm90.cuh): dK / dV and dQ on TMA + wgmma, Delta as above; head dims
 // padded to 64 or 128, for a compute capability 9.0 device (use_sm90_kernels) and params
 // that dense_bwd_sm90_eligible accepts.
 template <int kHeadDim, typename Element, bool kHasMask>

@@ -42,18 +42,20 @@ cudaError_t dispatch_head_dim(const fk_attention_bwd_params &p, cudaStream_t s) 
 } // namespace
 
 namespace fk {
-// TMA describes Q, dO, K, V as in the forward (dense_fwd_sm90_eligible); dQ is stored two
-// elements at a time.
+// TMA describes Q, dO, K, V as in the forward (dense_fwd_sm90_eligible); dQ, dK and dV are
+// stored two elements at a time.
 bool dense_bwd_sm90_eligible(const fk_attention_bwd_params &p) {
   const fk_attention_shape &s = p.base.shape;
   const MapExtent e(p);
-  const fk_strides &dq = p.dq_stride;
+  const auto pairs_ok = [&](const void *base, const fk_strides &st) {
+    return reinterpret_cast<uintptr_t>(base) % 4 == 0 && st.row % 2 == 0 && st.head % 2 == 0 &&
+           (e.batch == 1 || st.batch % 2 == 0);
+  };
   return attention_map_ok(p.base.q, p.base.q_stride, e.rows_q, s.heads, e.batch) &&
          attention_map_ok(p.dout, p.do_stride, e.rows_q, s.heads, e.batch) &&
          attention_map_ok(p.base.k, p.base.k_stride, e.rows_k, s.heads_kv, e.batch) &&
          attention_map_ok(p.base.v, p.base.v_stride, e.rows_k, s.heads_kv, e.batch) &&
-         reinterpret_cast<uintptr_t>(p.dq) % 4 == 0 && dq.row % 2 == 0 && dq.head % 2 == 0 &&
-         (e.batch == 1 || dq.batch % 2 == 0);
+         pairs_ok(p.dq, p.dq_stride) && pairs_ok(p.dk, p.dk_stride) && pairs_ok(p.dv, p.dv_stride);
 }
 } // namespace fk
 

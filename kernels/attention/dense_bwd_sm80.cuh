@@ -473,7 +473,18 @@ template <> struct DenseBwdConfigSm80<256> {
   static constexpr int kQBlockM = 64, kQBlockN = 16, kQMinBlocks = 1;
 };
 
-// Kernels 1 and 2 (Delta, then dK / dV): what the sm80 and the Hopper backward share.
+// Kernel 1 (Delta): what the sm80 and the Hopper backward share. Grids are sized by the
+// longest sequence; an empty one would be a launch error, and has nothing to compute.
+template <typename Element>
+cudaError_t run_dense_bwd_delta_sm80(const fk_attention_bwd_params &p, cudaStream_t stream) {
+  using namespace dense_bwd_detail;
+  if (p.base.shape.seqlen_q == 0) return cudaSuccess;
+  const dim3 grid((p.base.shape.seqlen_q + kDeltaRows - 1) / kDeltaRows, p.base.shape.heads,
+                  p.base.shape.batch);
+  return launch_kernel(dense_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0, stream, p);
+}
+
+// Kernels 1 and 2 (Delta, then dK / dV).
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_bwd_delta_dkdv_sm80(const fk_attention_bwd_params &p, cudaStream_t stream) {
   using namespace dense_bwd_detail;
@@ -481,15 +492,9 @@ cudaError_t run_dense_bwd_delta_dkdv_sm80(const fk_attention_bwd_params &p, cuda
   using KV = DenseBwdKVTraitsSm80<kHeadDim, Element, C::kKVBlockN, C::kKVBlockM, C::kKVSplitRoles,
                                   C::kKVMinBlocks>;
   static_assert(KV::kSmemBytes <= 99 * 1024, "shared memory must fit sm_86 / sm_89 (99 KB)");
-  cudaError_t err = cudaSuccess;
-  // Grids are sized by the longest sequence; an empty one would be a launch error, and
-  // has nothing to compute (seqlen_q == 0 still needs dK = dV = 0, kernel 2 writes them).
-  if (p.base.shape.seqlen_q > 0) {
-    const dim3 grid((p.base.shape.seqlen_q + kDeltaRows - 1) / kDeltaRows, p.base.shape.heads,
-                    p.base.shape.batch);
-    err = launch_kernel(dense_bwd_delta_kernel<Element>, grid, dim3(kDeltaThreads), 0, stream, p);
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t err = run_dense_bwd_delta_sm80<Element>(p, stream);
+  if (err != cudaSuccess) return err;
+  // seqlen_q == 0 still needs dK = dV = 0: kernel 2 writes them.
   if (p.base.shape.seqlen_k > 0) {
     const dim3 grid((p.base.shape.seqlen_k + KV::kBlockN - 1) / KV::kBlockN, p.base.shape.heads_kv,
                     p.base.shape.batch);

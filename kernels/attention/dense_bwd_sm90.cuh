@@ -1,23 +1,29 @@
-// Dense attention backward for Hopper (sm_90a), first part: Delta and dK / dV are
-// dense_bwd_sm80.cuh's kernels 1 and 2; dQ (kernel 3) runs on TMA, mbarriers and wgmma.
+// Dense attention backward for Hopper (sm_90a): Delta is dense_bwd_sm80.cuh's kernel 1;
+// dK / dV and dQ run on TMA, mbarriers and wgmma, each in its own kernel as on the sm80
+// path (every gradient row summed by one block in a fixed order: deterministic, no atomics;
+// the price is computing S and P in both, 7 matmuls instead of 5).
 //
-// dQ: one block per (query block of 128 rows, query head, batch), the last query blocks
-// first (causal: the most work). Three warpgroups:
-// - the producer (setmaxnreg.dec), whose elected thread loads Q and dO once and the K and V
-//   tiles of every visible key block (64 keys) by TMA (128-byte swizzle, zero fill past the
-//   tensor and past head_dim) into two stages, each with a `full` mbarrier (bytes) and an
-//   `empty` one (one arrival per consumer);
-// - two consumers (setmaxnreg.inc) of 64 query rows each: S = Q K^T and dP = dO V^T by
-//   wgmma from shared memory (all K-major), then on the accumulators (mma.sync's m16n8
-//   fragment layout per warp, so common/ runs on them unchanged) the band (mask.cuh),
-//   P = exp2(S scale log2e - LSE log2e) and dS = P (dP - Delta) (softmax.cuh), then
-//   dQ += dS K by wgmma with dS from registers and K MN-major (as P V in the forward);
-//   the stage is released once that wgmma has retired.
-// Every dQ row is summed by one block in key order: deterministic, like the sm80 path.
+// Both kernels: three warpgroups, a producer (setmaxnreg.dec) whose elected thread loads
+// by TMA (128-byte swizzle, zero fill past the tensor and past head_dim) what a block keeps
+// once and, into two stages with `full` (bytes) and `empty` (one arrival per consumer)
+// mbarriers, what it streams; two consumers (setmaxnreg.inc) of 64 rows each that run the
+// score products by wgmma from shared memory (all K-major), the band (common/mask.cuh) and
+// the softmax backward (common/softmax.cuh) on the accumulators (mma.sync's m16n8 fragment
+// layout per warp, so common/ runs on them unchanged), then the gradient products by wgmma
+// with the left operand from registers and the right one MN-major (as P V in the forward),
+// releasing a stage once its last wgmma has retired.
+// - dK / dV (first): one block per (128 keys, kv head, batch) keeps K and V and streams Q
+//   and dO of every (query head of the GQA group, 64-query block) that sees the keys:
+//   S^T = K Q^T, dP^T = V dO^T, P^T, dS^T (the queries' LSE and Delta staged per step in
+//   the warpgroup's shared memory), dV += P^T dO, dK += dS^T Q.
+// - dQ: one block per (128 queries, head, batch), the last query blocks first (causal: the
+//   most work), keeps Q and dO and streams K and V in 64-key blocks: S = Q K^T,
+//   dP = dO V^T, P, dS, dQ += dS K.
 // Varlen batches: the maps span the packed rows (total_q / total_k); rows of a box past the
-// sequence are masked (keys) or not stored (queries), as in dense_fwd_sm90.cuh.
-// Head dims padded to 64 and 128 (Q, dO and two K / V stages: 128 KB at 128); 256 keeps the
-// sm80 kernel. Not yet here (issue 17): dK / dV on wgmma, a persistent scheduler.
+// sequence are masked or not stored, as in dense_fwd_sm90.cuh. Head dims padded to 64 and
+// 128 (the dK and dV accumulators, 64 + 64 registers at 128, must fit); 256 keeps the sm80
+// kernels. Not yet here (issue 17): a persistent scheduler, overlap of one step's softmax
+// with another's wgmma.
 #pragma once
 
 #include "../common/launch.cuh"
@@ -235,28 +241,274 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 #endif
 }
 
+// dK / dV: one block per (key block of 128, kv head, batch). The producer loads K and V once
+// and, for every (query head of the GQA group, query block of 64) that sees the key block,
+// Q and dO into two stages; each consumer owns 64 keys: S^T = K Q^T and dP^T = V dO^T by
+// wgmma from shared memory, the band, P^T and dS^T on the accumulators (the queries are the
+// columns: their LSE and Delta staged per step in this warpgroup's shared memory), then
+// dV += P^T dO and dK += dS^T Q by wgmma with P^T / dS^T from registers and dO / Q
+// MN-major. GQA's sum over the group is this loop: no atomics, deterministic.
+template <int kHeadDim_, typename Element_> struct AttnBwdKVTraitsSm90 {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "dK and dV accumulators must fit");
+  static constexpr int kBlockN = 128, kBlockM = 64; // keys per block, queries per step
+  static constexpr int kDBlocks = kHeadDim / 64;
+  static constexpr int kConsumers = 2, kLaunchThreads = 384;
+  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // K or V
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;  // one Q or dO stage
+  static constexpr size_t kStatsOffset = 2 * size_t(kTileKVBytes) + 4 * size_t(kTileQBytes);
+  // Per consumer, two steps of LSE (log2) and Delta for kBlockM queries.
+  static constexpr size_t kBarrierOffset = kStatsOffset + kConsumers * 2 * 2 * kBlockM * 4;
+  static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (1 + 2 * 2) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+template <class Traits, bool kHasMask>
+__global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
+    dense_bwd_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap map_q,
+                               const __grid_constant__ CUtensorMap map_do,
+                               const __grid_constant__ CUtensorMap map_k,
+                               const __grid_constant__ CUtensorMap map_v,
+                               const fk_attention_bwd_params p) {
+#ifdef FK_SM90_DEVICE_CODE
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, BM = Traits::kBlockM;
+  constexpr int kSTiles = BM / 8, kOTiles = D / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *sK = base;
+  unsigned char *sV = sK + Traits::kTileKVBytes;
+  unsigned char *sQ = sV + Traits::kTileKVBytes; // two stages
+  unsigned char *sdO = sQ + 2 * Traits::kTileQBytes;
+  float *stats = reinterpret_cast<float *>(base + Traits::kStatsOffset);
+  uint64_t *kv_full = reinterpret_cast<uint64_t *>(base + Traits::kBarrierOffset);
+  uint64_t *full = kv_full + 1, *empty = full + 2;
+
+  const int kv_head = blockIdx.y;
+  const attn::SeqInfo seq(p, blockIdx.z);
+  const int nq = seq.nq, nk = seq.nk, n0 = blockIdx.x * BN;
+  if (n0 >= nk) return; // past this sequence's keys (varlen)
+  const int diag = nk - nq, wl = p.window_left, wr = p.window_right;
+  const int group = p.base.shape.heads / p.base.shape.heads_kv, head0 = kv_head * group;
+  const int map_batch = seq.varlen ? 0 : seq.batch;
+  int m_begin, n_mblocks;
+  attn::query_blocks<kHasMask>(n0, BN, BM, nq, nk, diag, wl, wr, m_begin, n_mblocks);
+  const int n_iters = group * n_mblocks; // (query head, query block) pairs, head-major
+  const auto iter_head = [&](int it) { return head0 + it / n_mblocks; };
+  const auto iter_m0 = [&](int it) { return (m_begin + it % n_mblocks) * BM; };
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(kv_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&empty[s], Traits::kConsumers);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == Traits::kConsumers) { // producer
+    sm90::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x % 128 == 0 && n_iters > 0) {
+      sm90::mbarrier_arrive_expect_tx(kv_full, 2 * Traits::kTileKVBytes);
+#pragma unroll
+      for (int b = 0; b < Traits::kDBlocks; ++b) {
+        sm90::tma_load_4d(sK + b * BN * 128, &map_k, kv_full, 64 * b, seq.k_start + n0, kv_head,
+                          map_batch);
+        sm90::tma_load_4d(sV + b * BN * 128, &map_v, kv_full, 64 * b, seq.k_start + n0, kv_head,
+                          map_batch);
+      }
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int it = 0; it < n_iters; ++it) {
+        sm90::mbarrier_wait(&empty[stage], phase ^ 1);
+        sm90::mbarrier_arrive_expect_tx(&full[stage], 2 * Traits::kTileQBytes);
+        unsigned char *q = sQ + stage * Traits::kTileQBytes;
+        unsigned char *dout = sdO + stage * Traits::kTileQBytes;
+        const int row = seq.q_start + iter_m0(it), h = iter_head(it);
+#pragma unroll
+        for (int b = 0; b < Traits::kDBlocks; ++b) {
+          sm90::tma_load_4d(q + b * BM * 128, &map_q, &full[stage], 64 * b, row, h, map_batch);
+          sm90::tma_load_4d(dout + b * BM * 128, &map_do, &full[stage], 64 * b, row, h, map_batch);
+        }
+        if (++stage == 2) stage = 0, phase ^= 1;
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg owns keys n0 + 64 wg .. + 63; this thread keys row0, row0 + 8.
+  sm90::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
+  const int warp_row0 = 64 * wg + 16 * ((threadIdx.x / 32) % 4); // in the block
+  const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
+  float *my_stats = stats + wg * 2 * 2 * BM; // [step parity][lse2 | delta][BM]
+  float dv[1][kOTiles][4], dk[1][kOTiles][4];
+  float (&dvd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(dv);
+  float (&dkd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(dk);
+#pragma unroll
+  for (int e = 0; e < D / 2; ++e) dvd[e] = dkd[e] = 0.f;
+
+  if (n_iters > 0) sm90::mbarrier_wait(kv_full, 0);
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int it = 0; it < n_iters; ++it) {
+    const int h = iter_head(it), m0 = iter_m0(it);
+    // This step's queries' LSE (log2) and Delta into the warpgroup's buffer of this step's
+    // parity (the barrier of the step before ordered every read of it).
+    float *lse_s = my_stats + (it & 1) * 2 * BM, *delta_s = lse_s + BM;
+    if (tid < BM) {
+      const int i = m0 + tid;
+      const int64_t idx = seq.lse_offset(p, h) + i;
+      lse_s[tid] = i < nq ? attn::lse_log2(p.lse[idx]) : INFINITY;
+      delta_s[tid] = i < nq ? p.delta[idx] : 0.f;
+    }
+    sm90::named_barrier_sync(2 + wg, 128);
+    sm90::mbarrier_wait(&full[stage], phase);
+    const unsigned char *q = sQ + stage * Traits::kTileQBytes;
+    const unsigned char *dout = sdO + stage * Traits::kTileQBytes;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys and the step's BM queries.
+    float s[1][kSTiles][4], dp[1][kSTiles][4];
+    float (&sd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(s);
+    float (&dpd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(dp);
+#pragma unroll
+    for (int e = 0; e < BM / 2; ++e) sd[e] = dpd[e] = 0.f;
+    sm90::fence_registers(sd);
+    sm90::fence_registers(dpd);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int b = ks / 4, kb = 32 * (ks % 4);
+      const uint64_t dkey = sm90::make_smem_desc_sw128(sK + b * BN * 128 + wg * 64 * 128);
+      const uint64_t dq = sm90::make_smem_desc_sw128(q + b * BM * 128);
+      sm90::wgmma_ss<Element, BM>(sd, sm90::advance_smem_desc(dkey, kb),
+                                  sm90::advance_smem_desc(dq, kb), 1);
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int b = ks / 4, kb = 32 * (ks % 4);
+      const uint64_t dval = sm90::make_smem_desc_sw128(sV + b * BN * 128 + wg * 64 * 128);
+      const uint64_t ddo = sm90::make_smem_desc_sw128(dout + b * BM * 128);
+      sm90::wgmma_ss<Element, BM>(dpd, sm90::advance_smem_desc(dval, kb),
+                                  sm90::advance_smem_desc(ddo, kb), 1);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers(sd);
+    sm90::fence_registers(dpd);
+
+    if (attn::tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + warp_row0 + g + (e >= 2 ? 8 : 0);
+          const int query = m0 + j * 8 + 2 * t + (e & 1);
+          if (!attn::visible<kHasMask>(query, key, nq, nk, diag, wl, wr)) s[0][j][e] = -INFINITY;
+        }
+    }
+    attn::probs_cols(s[0], lse_s, scale_log2, t); // P^T
+    attn::ds_cols(dp[0], s[0], delta_s, t);        // dS^T = P^T (dP^T - Delta)
+
+    // dV += P^T dO and dK += dS^T Q: P^T, dS^T as mma.sync A fragments, dO and Q MN-major.
+    uint32_t pf[BM / 16][4], af[BM / 16][4];
+    uint32_t (&pfd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(pf);
+    uint32_t (&afd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(af);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+      pf[kk][1] = ElemTraits<Element>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+      pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+      af[kk][0] = ElemTraits<Element>::pack(dp[0][2 * kk][0], dp[0][2 * kk][1]);
+      af[kk][1] = ElemTraits<Element>::pack(dp[0][2 * kk][2], dp[0][2 * kk][3]);
+      af[kk][2] = ElemTraits<Element>::pack(dp[0][2 * kk + 1][0], dp[0][2 * kk + 1][1]);
+      af[kk][3] = ElemTraits<Element>::pack(dp[0][2 * kk + 1][2], dp[0][2 * kk + 1][3]);
+    }
+    sm90::fence_registers(dvd);
+    sm90::fence_registers(dkd);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+      sm90::wgmma_rs_tb<Element, D>(
+          dvd, pf[kk], sm90::make_smem_desc_sw128_mn(dout + kk * 16 * 128, BM * 128), 1);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+      sm90::wgmma_rs_tb<Element, D>(dkd, af[kk],
+                                    sm90::make_smem_desc_sw128_mn(q + kk * 16 * 128, BM * 128), 1);
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers(dvd);
+    sm90::fence_registers(dkd);
+    sm90::fence_registers(pfd);
+    sm90::fence_registers(afd);
+    if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[stage]);
+    if (++stage == 2) stage = 0, phase ^= 1;
+  }
+
+  // Epilogue: dK = scale dS^T Q, dV straight from the accumulators (keys no query sees get
+  // zeros; keys past nk and columns past head_dim are not stored).
+  Element *dkp = static_cast<Element *>(p.dk) +
+                 seq.k_offset(p.dk_stride.batch, p.dk_stride.row, p.dk_stride.head, kv_head);
+  Element *dvp = static_cast<Element *>(p.dv) +
+                 seq.k_offset(p.dv_stride.batch, p.dv_stride.row, p.dv_stride.head, kv_head);
+  const float scale = p.base.shape.softmax_scale;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + warp_row0 + g + 8 * r;
+    if (key >= nk) continue;
+    Element *krow = dkp + int64_t(key) * p.dk_stride.row;
+    Element *vrow = dvp + int64_t(key) * p.dv_stride.row;
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j) {
+      const int col = 8 * j + 2 * t;
+      if (col < p.base.shape.head_dim) {
+        *reinterpret_cast<uint32_t *>(krow + col) =
+            ElemTraits<Element>::pack(dk[0][j][2 * r] * scale, dk[0][j][2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t *>(vrow + col) =
+            ElemTraits<Element>::pack(dv[0][j][2 * r], dv[0][j][2 * r + 1]);
+      }
+    }
+  }
+#endif
+}
+
 template <int kHeadDim, typename Element, bool kHasMask>
 cudaError_t run_dense_bwd_sm90(const fk_attention_bwd_params &p, cudaStream_t stream) {
-  using Traits = AttnBwdDqTraitsSm90<kHeadDim, Element>;
+  using Q = AttnBwdDqTraitsSm90<kHeadDim, Element>;
+  using KV = AttnBwdKVTraitsSm90<kHeadDim, Element>;
   constexpr bool kBf16 = std::is_same<Element, __nv_bfloat16>::value;
-  cudaError_t err = run_dense_bwd_delta_dkdv_sm80<kHeadDim, Element, kHasMask>(p, stream);
   const fk_attention_shape &s = p.base.shape;
-  if (err != cudaSuccess || s.seqlen_q == 0) return err;
+  cudaError_t err = run_dense_bwd_delta_sm80<Element>(p, stream);
+  if (err != cudaSuccess) return err;
   const MapExtent e(p);
+  // Q and dO in boxes of each kernel's query rows, K and V of its key rows.
   CUtensorMap mq, mdo, mk, mv;
-  if ((err = attention_map(&mq, p.base.q, p.base.q_stride, e.rows_q, s.heads, e.batch, s.head_dim,
-                           Traits::kBlockM, kBf16)) ||
-      (err = attention_map(&mdo, p.dout, p.do_stride, e.rows_q, s.heads, e.batch, s.head_dim,
-                           Traits::kBlockM, kBf16)) ||
-      (err = attention_map(&mk, p.base.k, p.base.k_stride, e.rows_k, s.heads_kv, e.batch,
-                           s.head_dim, Traits::kBlockN, kBf16)) ||
-      (err = attention_map(&mv, p.base.v, p.base.v_stride, e.rows_k, s.heads_kv, e.batch,
-                           s.head_dim, Traits::kBlockN, kBf16)))
-    return err;
-  const dim3 grid((s.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, s.heads, s.batch);
-  return launch_kernel_sm90(dense_bwd_dq_sm90_kernel<Traits, kHasMask>, grid,
-                            dim3(Traits::kLaunchThreads), Traits::kSmemBytes, stream, mq, mdo, mk,
-                            mv, p);
+  const auto maps = [&](int q_rows, int k_rows) {
+    cudaError_t r;
+    if ((r = attention_map(&mq, p.base.q, p.base.q_stride, e.rows_q, s.heads, e.batch, s.head_dim,
+                           q_rows, kBf16)) ||
+        (r = attention_map(&mdo, p.dout, p.do_stride, e.rows_q, s.heads, e.batch, s.head_dim,
+                           q_rows, kBf16)) ||
+        (r = attention_map(&mk, p.base.k, p.base.k_stride, e.rows_k, s.heads_kv, e.batch,
+                           s.head_dim, k_rows, kBf16)) ||
+        (r = attention_map(&mv, p.base.v, p.base.v_stride, e.rows_k, s.heads_kv, e.batch,
+                           s.head_dim, k_rows, kBf16)))
+      return r;
+    return cudaSuccess;
+  };
+  if ((err = maps(KV::kBlockM, KV::kBlockN))) return err;
+  const dim3 kv_grid((s.seqlen_k + KV::kBlockN - 1) / KV::kBlockN, s.heads_kv, s.batch);
+  err = launch_kernel_sm90(dense_bwd_dkdv_sm90_kernel<KV, kHasMask>, kv_grid,
+                           dim3(KV::kLaunchThreads), KV::kSmemBytes, stream, mq, mdo, mk, mv, p);
+  if (err != cudaSuccess || s.seqlen_q == 0) return err;
+  if ((err = maps(Q::kBlockM, Q::kBlockN))) return err;
+  const dim3 q_grid((s.seqlen_q + Q::kBlockM - 1) / Q::kBlockM, s.heads, s.batch);
+  return launch_kernel_sm90(dense_bwd_dq_sm90_kernel<Q, kHasMask>, q_grid, dim3(Q::kLaunchThreads),
+                            Q::kSmemBytes, stream, mq, mdo, mk, mv, p);
 }
 
 } // namespace fk
