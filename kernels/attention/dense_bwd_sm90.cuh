@@ -30,6 +30,7 @@
 #include "../common/sm90.cuh"
 #include "common/block_info.cuh"
 #include "common/mask.cuh"
+#include "common/sm90_tiles.cuh"
 #include "common/softmax.cuh"
 #include "common/tma_maps.cuh"
 #include "dense_bwd_sm80.cuh"
@@ -163,20 +164,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     sm90::fence_registers(sd);
     sm90::fence_registers(dpd);
     sm90::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int b = ks / 4, kb = 32 * (ks % 4);
-      const uint64_t dk = sm90::advance_smem_desc(sm90::make_smem_desc_sw128(k + b * BN * 128), kb);
-      const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
-      sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb), dk, 1);
-    }
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int b = ks / 4, kb = 32 * (ks % 4);
-      const uint64_t dv = sm90::advance_smem_desc(sm90::make_smem_desc_sw128(v + b * BN * 128), kb);
-      const uint64_t ddo = sm90::make_smem_desc_sw128(sdO + b * BM * 128 + wg * 64 * 128);
-      sm90::wgmma_ss<Element, BN>(dpd, sm90::advance_smem_desc(ddo, kb), dv, 1);
-    }
+    attn::wgmma_rows_x_rows<Element, BN, D>(sd, sQ + wg * 64 * 128, BM, k);
+    attn::wgmma_rows_x_rows<Element, BN, D>(dpd, sdO + wg * 64 * 128, BM, v);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_registers(sd);
@@ -196,22 +185,13 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     attn::probs_rows(s[0], l2, scale_log2); // P
     attn::ds_rows(dp[0], s[0], dl);         // dS = P (dP - Delta)
 
-    // dQ += dS K: dS as mma.sync A fragments (n-tiles 2 kk and 2 kk + 1), K MN-major.
+    // dQ += dS K: dS from registers, K MN-major.
     uint32_t af[BN / 16][4];
     uint32_t (&afd)[BN / 4] = reinterpret_cast<uint32_t (&)[BN / 4]>(af);
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      af[kk][0] = ElemTraits<Element>::pack(dp[0][2 * kk][0], dp[0][2 * kk][1]);
-      af[kk][1] = ElemTraits<Element>::pack(dp[0][2 * kk][2], dp[0][2 * kk][3]);
-      af[kk][2] = ElemTraits<Element>::pack(dp[0][2 * kk + 1][0], dp[0][2 * kk + 1][1]);
-      af[kk][3] = ElemTraits<Element>::pack(dp[0][2 * kk + 1][2], dp[0][2 * kk + 1][3]);
-    }
+    attn::pack_a<Element>(dp[0], af);
     sm90::fence_registers(accd);
     sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      sm90::wgmma_rs_tb<Element, D>(accd, af[kk],
-                                    sm90::make_smem_desc_sw128_mn(k + kk * 16 * 128, BN * 128), 1);
+    attn::wgmma_regs_x_rows<Element, D, BN>(accd, af, k);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_registers(accd);
@@ -229,14 +209,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp_row0 + g + 8 * r;
     if (row >= nq) continue;
-    Element *drow = dq + int64_t(row) * p.dq_stride.row;
-#pragma unroll
-    for (int j = 0; j < kOTiles; ++j) {
-      const int col = 8 * j + 2 * t;
-      if (col < p.base.shape.head_dim)
-        *reinterpret_cast<uint32_t *>(drow + col) =
-            ElemTraits<Element>::pack(acc[0][j][2 * r] * scale, acc[0][j][2 * r + 1] * scale);
-    }
+    attn::store_row_pairs(dq + int64_t(row) * p.dq_stride.row, acc[0], r, scale,
+                          p.base.shape.head_dim, t);
   }
 #endif
 }
@@ -379,22 +353,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     sm90::fence_registers(sd);
     sm90::fence_registers(dpd);
     sm90::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int b = ks / 4, kb = 32 * (ks % 4);
-      const uint64_t dkey = sm90::make_smem_desc_sw128(sK + b * BN * 128 + wg * 64 * 128);
-      const uint64_t dq = sm90::make_smem_desc_sw128(q + b * BM * 128);
-      sm90::wgmma_ss<Element, BM>(sd, sm90::advance_smem_desc(dkey, kb),
-                                  sm90::advance_smem_desc(dq, kb), 1);
-    }
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int b = ks / 4, kb = 32 * (ks % 4);
-      const uint64_t dval = sm90::make_smem_desc_sw128(sV + b * BN * 128 + wg * 64 * 128);
-      const uint64_t ddo = sm90::make_smem_desc_sw128(dout + b * BM * 128);
-      sm90::wgmma_ss<Element, BM>(dpd, sm90::advance_smem_desc(dval, kb),
-                                  sm90::advance_smem_desc(ddo, kb), 1);
-    }
+    attn::wgmma_rows_x_rows<Element, BM, D>(sd, sK + wg * 64 * 128, BN, q);
+    attn::wgmma_rows_x_rows<Element, BM, D>(dpd, sV + wg * 64 * 128, BN, dout);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_registers(sd);
@@ -413,32 +373,17 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     attn::probs_cols(s[0], lse_s, scale_log2, t); // P^T
     attn::ds_cols(dp[0], s[0], delta_s, t);        // dS^T = P^T (dP^T - Delta)
 
-    // dV += P^T dO and dK += dS^T Q: P^T, dS^T as mma.sync A fragments, dO and Q MN-major.
+    // dV += P^T dO and dK += dS^T Q: P^T, dS^T from registers, dO and Q MN-major.
     uint32_t pf[BM / 16][4], af[BM / 16][4];
     uint32_t (&pfd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(pf);
     uint32_t (&afd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(af);
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-      pf[kk][1] = ElemTraits<Element>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-      pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-      pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      af[kk][0] = ElemTraits<Element>::pack(dp[0][2 * kk][0], dp[0][2 * kk][1]);
-      af[kk][1] = ElemTraits<Element>::pack(dp[0][2 * kk][2], dp[0][2 * kk][3]);
-      af[kk][2] = ElemTraits<Element>::pack(dp[0][2 * kk + 1][0], dp[0][2 * kk + 1][1]);
-      af[kk][3] = ElemTraits<Element>::pack(dp[0][2 * kk + 1][2], dp[0][2 * kk + 1][3]);
-    }
+    attn::pack_a<Element>(s[0], pf);
+    attn::pack_a<Element>(dp[0], af);
     sm90::fence_registers(dvd);
     sm90::fence_registers(dkd);
     sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
-      sm90::wgmma_rs_tb<Element, D>(
-          dvd, pf[kk], sm90::make_smem_desc_sw128_mn(dout + kk * 16 * 128, BM * 128), 1);
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
-      sm90::wgmma_rs_tb<Element, D>(dkd, af[kk],
-                                    sm90::make_smem_desc_sw128_mn(q + kk * 16 * 128, BM * 128), 1);
+    attn::wgmma_regs_x_rows<Element, D, BM>(dvd, pf, dout);
+    attn::wgmma_regs_x_rows<Element, D, BM>(dkd, af, q);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_registers(dvd);
@@ -460,18 +405,10 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + warp_row0 + g + 8 * r;
     if (key >= nk) continue;
-    Element *krow = dkp + int64_t(key) * p.dk_stride.row;
-    Element *vrow = dvp + int64_t(key) * p.dv_stride.row;
-#pragma unroll
-    for (int j = 0; j < kOTiles; ++j) {
-      const int col = 8 * j + 2 * t;
-      if (col < p.base.shape.head_dim) {
-        *reinterpret_cast<uint32_t *>(krow + col) =
-            ElemTraits<Element>::pack(dk[0][j][2 * r] * scale, dk[0][j][2 * r + 1] * scale);
-        *reinterpret_cast<uint32_t *>(vrow + col) =
-            ElemTraits<Element>::pack(dv[0][j][2 * r], dv[0][j][2 * r + 1]);
-      }
-    }
+    attn::store_row_pairs(dkp + int64_t(key) * p.dk_stride.row, dk[0], r, scale,
+                          p.base.shape.head_dim, t);
+    attn::store_row_pairs(dvp + int64_t(key) * p.dv_stride.row, dv[0], r, 1.f,
+                          p.base.shape.head_dim, t);
   }
 #endif
 }

@@ -34,6 +34,7 @@
 #include "../common/persistent.cuh"
 #include "../common/sm90.cuh"
 #include "common/block_info.cuh"
+#include "common/sm90_tiles.cuh"
 #include "common/softmax.cuh"
 #include "common/tma_maps.cuh"
 #include "dense_fwd.h"
@@ -217,23 +218,12 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       sm90::named_barrier_sync(kTurn + wg, kTurnThreads);
       sm90::wgmma_fence();
       if (has_s) { // S = Q K^T for this warpgroup's 64 rows and the block's BN keys
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          const int b = ks / 4, kb = 32 * (ks % 4);
-          const uint64_t dq = sm90::make_smem_desc_sw128(sQ + b * BM * 128 + wg * 64 * 128);
-          const uint64_t dk = sm90::make_smem_desc_sw128(k + b * BN * 128);
-          sm90::wgmma_ss<Element, BN>(sd, sm90::advance_smem_desc(dq, kb),
-                                      sm90::advance_smem_desc(dk, kb), 1);
-        }
+        attn::wgmma_rows_x_rows<Element, BN, D>(sd, sQ + wg * 64 * 128, BM, k);
         sm90::wgmma_commit();
       }
       if (has_pv) { // O += P V with V MN-major
-        const unsigned char *v = sV + prev_stage * Traits::kTileKVBytes;
         sm90::fence_registers(od);
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-          sm90::wgmma_rs_tb<Element, D>(
-              od, pf[kk], sm90::make_smem_desc_sw128_mn(v + kk * 16 * 128, BN * 128), 1);
+        attn::wgmma_regs_x_rows<Element, D, BN>(od, pf, sV + prev_stage * Traits::kTileKVBytes);
         sm90::wgmma_commit();
       }
       sm90::named_barrier_arrive(kTurn + 1 - wg, kTurnThreads);
@@ -274,13 +264,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       }
       if (!has_s) break;
       attn::OnlineSoftmax<1>::rescale(o, alpha);
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        pf[kk][0] = ElemTraits<Element>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-        pf[kk][1] = ElemTraits<Element>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-        pf[kk][2] = ElemTraits<Element>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-        pf[kk][3] = ElemTraits<Element>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      }
+      attn::pack_a<Element>(s[0], pf);
       prev_stage = stage;
       if (++stage == 2) stage = 0, phase ^= 1;
     }
@@ -297,14 +281,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       const float inv_sum = softmax.finalize(0, r, lse);
       const int row = m0 + warp_row0 + g + 8 * r;
       if (row >= nq) continue;
-      Element *orow = out + int64_t(row) * p.base.o_stride.row;
-#pragma unroll
-      for (int j = 0; j < kOTiles; ++j) {
-        const int col = 8 * j + 2 * t;
-        if (col < p.base.shape.head_dim)
-          *reinterpret_cast<uint32_t *>(orow + col) =
-              ElemTraits<Element>::pack(o[0][j][2 * r] * inv_sum, o[0][j][2 * r + 1] * inv_sum);
-      }
+      attn::store_row_pairs(out + int64_t(row) * p.base.o_stride.row, o[0], r, inv_sum,
+                            p.base.shape.head_dim, t);
       if (t == 0) lse_out[row] = lse;
     }
   }
