@@ -165,15 +165,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   };
   // LSE (log2 domain) and Delta of query m0 + tid of iteration it (tid < BM).
   auto fetch_stats = [&](int it, float &l2, float &dl) {
-    const int h = iter_head(it);
-    const int i = iter_m0(it) + tid;
-    l2 = INFINITY;
-    dl = 0.f;
-    if (i < nq) {
-      const int64_t idx = seq.lse_offset(p, h) + i;
-      l2 = lse_log2(p.lse[idx]);
-      dl = p.delta[idx];
-    }
+    query_stats(p, seq, iter_head(it), iter_m0(it) + tid, l2, dl);
   };
 
   if (n_iters > 0) {
@@ -375,16 +367,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
   // LSE (log2 domain) and Delta of this thread's rows g and g + 8.
   float l2[2], dl[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = m0 + warp_row0 + g + 8 * r;
-    l2[r] = INFINITY;
-    dl[r] = 0.f;
-    if (i < nq) {
-      const int64_t idx = seq.lse_offset(p, head) + i;
-      l2[r] = lse_log2(p.lse[idx]);
-      dl[r] = p.delta[idx];
-    }
-  }
+  for (int r = 0; r < 2; ++r) query_stats(p, seq, head, m0 + warp_row0 + g + 8 * r, l2[r], dl[r]);
 
   float acc[kOTiles][4];
   zero(acc);

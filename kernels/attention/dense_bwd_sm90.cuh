@@ -28,6 +28,7 @@
 
 #include "../common/launch.cuh"
 #include "../common/sm90.cuh"
+#include "../common/sm90_pipeline.cuh"
 #include "common/block_info.cuh"
 #include "common/mask.cuh"
 #include "common/sm90_tiles.cuh"
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN;
   constexpr int kSTiles = BN / 8, kOTiles = D / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *base = sm90::align_1024(smem_raw);
   unsigned char *sQ = base;
   unsigned char *sdO = sQ + Traits::kTileQBytes;
   unsigned char *sK = sdO + Traits::kTileQBytes;
@@ -85,11 +86,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 
   if (threadIdx.x == 0) {
     sm90::mbarrier_init(q_full, 1);
-    for (int s = 0; s < 2; ++s) {
-      sm90::mbarrier_init(&kv_full[s], 1);
-      sm90::mbarrier_init(&kv_empty[s], Traits::kConsumers);
-    }
-    sm90::fence_barrier_init();
+    sm90::init_stage_barriers(kv_full, kv_empty, 2, 1, Traits::kConsumers);
   }
   __syncthreads();
 
@@ -132,16 +129,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   // LSE (log2 domain) and Delta of this thread's rows (rows past nq: P = 0, dS = 0).
   float l2[2], dl[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = m0 + warp_row0 + g + 8 * r;
-    l2[r] = INFINITY;
-    dl[r] = 0.f;
-    if (i < nq) {
-      const int64_t idx = seq.lse_offset(p, head) + i;
-      l2[r] = attn::lse_log2(p.lse[idx]);
-      dl[r] = p.delta[idx];
-    }
-  }
+  for (int r = 0; r < 2; ++r)
+    attn::query_stats(p, seq, head, m0 + warp_row0 + g + 8 * r, l2[r], dl[r]);
   float acc[1][kOTiles][4];
   float (&accd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(acc);
 #pragma unroll
@@ -250,7 +239,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, BM = Traits::kBlockM;
   constexpr int kSTiles = BM / 8, kOTiles = D / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *base = sm90::align_1024(smem_raw);
   unsigned char *sK = base;
   unsigned char *sV = sK + Traits::kTileKVBytes;
   unsigned char *sQ = sV + Traits::kTileKVBytes; // two stages
@@ -275,11 +264,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 
   if (threadIdx.x == 0) {
     sm90::mbarrier_init(kv_full, 1);
-    for (int s = 0; s < 2; ++s) {
-      sm90::mbarrier_init(&full[s], 1);
-      sm90::mbarrier_init(&empty[s], Traits::kConsumers);
-    }
-    sm90::fence_barrier_init();
+    sm90::init_stage_barriers(full, empty, 2, 1, Traits::kConsumers);
   }
   __syncthreads();
 
@@ -333,12 +318,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     // This step's queries' LSE (log2) and Delta into the warpgroup's buffer of this step's
     // parity (the barrier of the step before ordered every read of it).
     float *lse_s = my_stats + (it & 1) * 2 * BM, *delta_s = lse_s + BM;
-    if (tid < BM) {
-      const int i = m0 + tid;
-      const int64_t idx = seq.lse_offset(p, h) + i;
-      lse_s[tid] = i < nq ? attn::lse_log2(p.lse[idx]) : INFINITY;
-      delta_s[tid] = i < nq ? p.delta[idx] : 0.f;
-    }
+    if (tid < BM) attn::query_stats(p, seq, h, m0 + tid, lse_s[tid], delta_s[tid]);
     sm90::named_barrier_sync(2 + wg, 128);
     sm90::mbarrier_wait(&full[stage], phase);
     const unsigned char *q = sQ + stage * Traits::kTileQBytes;

@@ -33,6 +33,7 @@
 #include "../common/launch.cuh"
 #include "../common/persistent.cuh"
 #include "../common/sm90.cuh"
+#include "../common/sm90_pipeline.cuh"
 #include "common/block_info.cuh"
 #include "common/sm90_tiles.cuh"
 #include "common/softmax.cuh"
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN;
   constexpr int kSTiles = BN / 8, kOTiles = D / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char *base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  unsigned char *base = sm90::align_1024(smem_raw);
   unsigned char *sQ = base;
   unsigned char *sK = sQ + Traits::kTileQBytes;
   unsigned char *sV = sK + 2 * Traits::kTileKVBytes;
@@ -123,13 +124,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    sm90::mbarrier_init(q_full, 1);
-    sm90::mbarrier_init(q_empty, Traits::kConsumers);
-    for (int s = 0; s < 2; ++s) {
-      sm90::mbarrier_init(&kv_full[s], 1);
-      sm90::mbarrier_init(&kv_empty[s], Traits::kConsumers);
-    }
-    sm90::fence_barrier_init();
+    sm90::init_stage_barriers(q_full, q_empty, 1, 1, Traits::kConsumers);
+    sm90::init_stage_barriers(kv_full, kv_empty, 2, 1, Traits::kConsumers);
   }
   __syncthreads();
 

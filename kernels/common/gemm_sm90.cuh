@@ -35,6 +35,7 @@
 #include "launch.cuh"
 #include "persistent.cuh"
 #include "sm90.cuh"
+#include "sm90_pipeline.cuh"
 
 namespace fk {
 namespace gemm {
@@ -67,7 +68,7 @@ template <class Traits> struct StageSmem {
   typename Traits::Element *staging;    // the epilogue's
   uint64_t *full, *empty;               // kStages each
   __device__ explicit StageSmem(unsigned char *raw) {
-    unsigned char *base = raw + ((1024 - smem_addr(raw) % 1024) % 1024);
+    unsigned char *base = sm90::align_1024(raw);
     a = base;
     b = a + Traits::kStages * Traits::kTileABytes;
     staging =
@@ -165,13 +166,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int k_tiles = k_tiles1 + (kB == BLoad::kStackedK ? (k_total - k_split + BK - 1) / BK : 0);
   const int wg = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      sm90::mbarrier_init(&full[s], 1);
-      sm90::mbarrier_init(&empty[s], Traits::kConsumers);
-    }
-    sm90::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) sm90::init_stage_barriers(full, empty, S, 1, Traits::kConsumers);
   __syncthreads();
 
   if (wg == Traits::kConsumers) { // producer
@@ -272,13 +267,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int tiles = m_tiles * ((ep.cols + Traits::kBlockN - 1) / Traits::kBlockN);
   const int k_tiles = (k_total + BK - 1) / BK;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      sm90::mbarrier_init(&full[s], 128);
-      sm90::mbarrier_init(&empty[s], Traits::kConsumers);
-    }
-    sm90::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) sm90::init_stage_barriers(full, empty, S, 128, Traits::kConsumers);
   __syncthreads();
 
   if (threadIdx.x / 128 == Traits::kConsumers) { // producer

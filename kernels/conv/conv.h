@@ -12,9 +12,9 @@ namespace fk {
 namespace conv {
 
 // f16 / bf16 forward on the tensor-core GEMM core (params->algo picks im2col or implicit).
-template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t s);
-// The same on Hopper's wgmma mainloop (conv_gemm_sm90.cuh).
-template <typename T> cudaError_t conv2d_fwd_gemm_sm90(const fk_conv2d_params &p, cudaStream_t s);
+// sm90: on Hopper's wgmma mainloop (gemm_sm90.cuh's gathering producer).
+template <typename T>
+cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t s, bool sm90);
 // f16 / bf16 backward on the GEMM core (BwdPlan below); sm90: its GEMMs on Hopper's wgmma
 // mainloop.
 template <typename T>

@@ -60,12 +60,8 @@ extern "C" int32_t fk_conv2d_fwd(const fk_conv2d_params *p, void *stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   const bool sm90 = fk::use_sm90_kernels(p->device); // Hopper: the wgmma mainloop
   switch (p->dtype) {
-  case FK_DTYPE_F16:
-    return sm90 ? fk::conv::conv2d_fwd_gemm_sm90<__half>(*p, s)
-                : fk::conv::conv2d_fwd_gemm<__half>(*p, s);
-  case FK_DTYPE_BF16:
-    return sm90 ? fk::conv::conv2d_fwd_gemm_sm90<__nv_bfloat16>(*p, s)
-                : fk::conv::conv2d_fwd_gemm<__nv_bfloat16>(*p, s);
+  case FK_DTYPE_F16: return fk::conv::conv2d_fwd_gemm<__half>(*p, s, sm90);
+  case FK_DTYPE_BF16: return fk::conv::conv2d_fwd_gemm<__nv_bfloat16>(*p, s, sm90);
   default: return fk::conv::conv2d_fwd_direct<float>(*p, s);
   }
 }

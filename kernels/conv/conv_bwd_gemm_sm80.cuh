@@ -18,9 +18,7 @@
 // epilogues), else on the sm80 core.
 #pragma once
 
-#include "../common/gemm_sm90.cuh"
 #include "conv_gemm_sm80.cuh"
-#include "conv_gemm_sm90.cuh"
 
 namespace fk {
 namespace conv {
@@ -52,35 +50,6 @@ __global__ void col2im_kernel(const float *dcol, const fk_conv2d_bwd_params p, i
   }
 }
 
-// One GEMM of the backward, both operands gathered by the loaders given: on Hopper's
-// mainloop or on the sm80 core; `splits` > 1 splits the reduction (SplitKLoader, groups x
-// splits along blockIdx.z).
-template <template <class, int> class Loader, template <class> class Epilogue, typename T,
-          class Operand, class Params>
-cudaError_t conv_bwd_gemm_run(bool sm90, const Operand &a, const Operand &b, const Params &ep,
-                              int k_total, int splits, int groups, int device,
-                              cudaStream_t stream) {
-  if (sm90) {
-    using Tr = gemm::TileGemmTraitsSm90<T, 128, 4>;
-    using L = gemm::GatherLoaderTraits<T>;
-    using A = Loader<L, Tr::kBlockM>;
-    using B = Loader<L, Tr::kBlockN>;
-    if (splits > 1)
-      return gemm::launch_tile_gemm_sm90_gather_split<Tr, A, B, Epilogue<Tr>>(
-          a, b, ep, k_total, splits, groups, device, stream);
-    return gemm::launch_tile_gemm_sm90_gather<Tr, A, B, Epilogue<Tr>>(a, b, ep, k_total, groups,
-                                                                      device, stream);
-  }
-  using Tr = gemm::ConvGemmTraits<T>;
-  using A = Loader<Tr, Tr::kBlockM>;
-  using B = Loader<Tr, Tr::kBlockN>;
-  if (splits > 1)
-    return gemm::launch_tile_gemm_split<Tr, A, B, Epilogue<Tr>>(a, b, ep, k_total, splits, groups,
-                                                                stream);
-  return gemm::launch_tile_gemm<Tr, A, B, Epilogue<Tr>>(a, b, ep, k_total, groups, stream);
-}
-
-template <class Traits, int ROWS> using PlainLoader = gemm::StridedLoader<Traits, ROWS>;
 template <class Traits, int ROWS> using GroupMappedLoader = gemm::MappedLoader<Traits, ROWS>;
 
 // The implicit dx's weights: w_flip[g C/groups + c][r'][s'][k] = W[g K/groups + k][c]
@@ -147,7 +116,7 @@ cudaError_t conv2d_bwd_dx_implicit(const fk_conv2d_bwd_params &p, cudaStream_t s
   t.pad_h = s.dil_h * (s.r - 1) - s.pad_h, t.pad_w = s.dil_w * (s.s - 1) - s.pad_w;
   f.activation = FK_ACT_NONE, f.algo = FK_CONV_ALGO_IMPLICIT_GEMM, f.dtype = p.dtype;
   f.device = p.device;
-  return sm90 ? conv2d_fwd_gemm_sm90<T>(f, stream) : conv2d_fwd_gemm<T>(f, stream);
+  return conv2d_fwd_gemm<T>(f, stream, sm90);
 }
 
 template <typename T>
@@ -174,7 +143,7 @@ cudaError_t conv2d_bwd_dx_col2im(const fk_conv2d_bwd_params &p, cudaStream_t str
            p.w_strides[3] % 8 == 0 && wt.group_stride % 8 == 0 && aligned16(p.weight);
   const gemm::F32MatrixParams ep{dcol, d.k_gemm_padded, int64_t(d.m) * d.k_gemm_padded, d.m,
                                  d.k_gemm};
-  cudaError_t err = conv_bwd_gemm_run<PlainLoader, gemm::F32Epilogue, T>(
+  cudaError_t err = conv_gemm_run<PlainLoader, PlainLoader, gemm::F32Epilogue, T>(
       sm90, dy, wt, ep, d.k_group, 1, s.groups, p.device, stream);
   const int64_t total = int64_t(s.n) * s.c * s.h * s.w;
   if (err == cudaSuccess)
@@ -218,7 +187,7 @@ cudaError_t conv2d_bwd_dweight(const fk_conv2d_bwd_params &p, const BwdPlan &pla
   colt.group_map.s0 = int64_t(d.m) * d.k_gemm_padded;
   colt.vec = false;
   const gemm::F32MatrixParams ep{partial, d.k_gemm, per_split, d.k_group, d.k_gemm};
-  err = conv_bwd_gemm_run<GroupMappedLoader, gemm::F32Epilogue, T>(
+  err = conv_gemm_run<GroupMappedLoader, GroupMappedLoader, gemm::F32Epilogue, T, true>(
       sm90, dyt, colt, ep, plan.dw_splits > 1 ? plan.dw_k_split : d.m, plan.dw_splits, s.groups,
       p.device, stream);
   if (err != cudaSuccess) return err;

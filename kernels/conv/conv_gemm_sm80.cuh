@@ -6,10 +6,12 @@
 // - implicit GEMM: A tiles are gathered from x straight into shared memory with 16-byte
 //   cp.async along C (unit channel stride, C / groups % 8 == 0), padding as zero-fill; an x
 //   pointer off 16-byte alignment falls back to an element gather.
-// The weight operand is read in place through its strides either way.
+// The weight operand is read in place through its strides either way. On Hopper the same
+// loaders and epilogues run on gemm_sm90.cuh's wgmma mainloop with its gathering producer
+// (conv_gemm_run picks the mainloop; the backward's GEMMs go through it too).
 #pragma once
 
-#include "../common/gemm_sm80.cuh"
+#include "../common/gemm_sm90.cuh" // and gemm_sm80.cuh
 #include "conv.h"
 
 #include <algorithm>
@@ -212,25 +214,54 @@ template <typename T> gemm::StridedOperand<T> col_operand(void *workspace, const
   return a;
 }
 
-template <typename T> cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t stream) {
-  using Traits = gemm::ConvGemmTraits<T>;
+// One GEMM of the family with the loaders given (template <class Traits, int ROWS>): on
+// Hopper's wgmma mainloop with the gathering producer (gemm_sm90.cuh) or on the sm80 core.
+// kMaySplit: `splits` > 1 splits the reduction (SplitKLoader, groups x splits along
+// blockIdx.z); without it no split kernel is compiled (splits must be 1).
+template <template <class, int> class ALoader, template <class, int> class BLoader,
+          template <class> class Epilogue, typename T, bool kMaySplit = false, class AOperand,
+          class BOperand, class Params>
+cudaError_t conv_gemm_run(bool sm90, const AOperand &a, const BOperand &b, const Params &ep,
+                          int k_total, int splits, int groups, int device, cudaStream_t stream) {
+  if (sm90) {
+    using Tr = gemm::TileGemmTraitsSm90<T, 128, 4>;
+    using L = gemm::GatherLoaderTraits<T>;
+    using A = ALoader<L, Tr::kBlockM>;
+    using B = BLoader<L, Tr::kBlockN>;
+    if constexpr (kMaySplit)
+      if (splits > 1)
+        return gemm::launch_tile_gemm_sm90_gather_split<Tr, A, B, Epilogue<Tr>>(
+            a, b, ep, k_total, splits, groups, device, stream);
+    return gemm::launch_tile_gemm_sm90_gather<Tr, A, B, Epilogue<Tr>>(a, b, ep, k_total, groups,
+                                                                      device, stream);
+  }
+  using Tr = gemm::ConvGemmTraits<T>;
+  using A = ALoader<Tr, Tr::kBlockM>;
+  using B = BLoader<Tr, Tr::kBlockN>;
+  if constexpr (kMaySplit)
+    if (splits > 1)
+      return gemm::launch_tile_gemm_split<Tr, A, B, Epilogue<Tr>>(a, b, ep, k_total, splits, groups,
+                                                                  stream);
+  return gemm::launch_tile_gemm<Tr, A, B, Epilogue<Tr>>(a, b, ep, k_total, groups, stream);
+}
+
+template <class Traits, int ROWS> using PlainLoader = gemm::StridedLoader<Traits, ROWS>;
+
+template <typename T>
+cudaError_t conv2d_fwd_gemm(const fk_conv2d_params &p, cudaStream_t stream, bool sm90) {
   const fk_conv2d_shape &s = p.shape;
   const ConvDims d(s);
   if (d.m == 0 || d.k_group == 0) return cudaSuccess;
   const Im2colOperand<T> x = im2col_operand<T>(p.x, p.x_strides, s);
   const gemm::StridedOperand<T> w = weight_operand<T>(p.weight, p.w_strides, s);
   const gemm::EpilogueParams<T> ep = conv_epilogue_params<T>(p);
-
   if (p.algo == FK_CONV_ALGO_IMPLICIT_GEMM)
-    return gemm::launch_tile_gemm<Traits, Im2colLoader<Traits, Traits::kBlockM>,
-                                  gemm::StridedLoader<Traits, Traits::kBlockN>>(x, w, ep, d.k_gemm,
-                                                                                s.groups, stream);
-
+    return conv_gemm_run<Im2colLoader, PlainLoader, gemm::StagedEpilogue, T>(
+        sm90, x, w, ep, d.k_gemm, 1, s.groups, p.device, stream);
   const cudaError_t err = launch_im2col(x, static_cast<T *>(p.workspace), s.groups, stream);
   if (err != cudaSuccess) return err;
-  return gemm::launch_tile_gemm<Traits, gemm::StridedLoader<Traits, Traits::kBlockM>,
-                                gemm::StridedLoader<Traits, Traits::kBlockN>>(
-      col_operand<T>(p.workspace, d), w, ep, d.k_gemm, s.groups, stream);
+  return conv_gemm_run<PlainLoader, PlainLoader, gemm::StagedEpilogue, T>(
+      sm90, col_operand<T>(p.workspace, d), w, ep, d.k_gemm, 1, s.groups, p.device, stream);
 }
 
 } // namespace conv

@@ -461,7 +461,7 @@ std::vector<Entry> all_cases() {
                        by_dtype(c.dtype, [&](auto t) { conv_fwd_case<decltype(t)>(c, r); });
                      }});
   // The forward again on an emulated Hopper device: half-precision convolutions (grouped
-  // ones too) take the wgmma mainloop with the gathering producer (conv_gemm_sm90.cuh) for every
+  // ones too) take the wgmma mainloop with the gathering producer (conv_gemm_sm80.cuh's conv_gemm_run) for every
   // algorithm run; the others the sm80 kernels. Plus a case with several tiles per SM and
   // k-tiles past the 4 stages.
   std::vector<ConvCase> on_sm90(std::begin(fwd), std::end(fwd));

@@ -107,6 +107,21 @@ __device__ __forceinline__ float lse_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
+// The backward's statistics of query row i of a sequence (common/block_info.cuh's SeqInfo)
+// and head: the forward's LSE in the log2 domain and Delta; rows past nq get +inf and 0, so
+// their P and dS are exactly 0.
+template <class Params, class Seq>
+__device__ __forceinline__ void query_stats(const Params &p, const Seq &seq, int head, int i,
+                                            float &l2, float &dl) {
+  l2 = INFINITY;
+  dl = 0.f;
+  if (i < seq.nq) {
+    const int64_t idx = seq.lse_offset(p, head) + i;
+    l2 = lse_log2(p.lse[idx]);
+    dl = p.delta[idx];
+  }
+}
+
 // Row-major score tile (rows g, g + 8 with lse2 l2[0], l2[1]): s := P where bit 4 j + e of
 // `allowed` is set, else 0.
 template <int NT>

@@ -189,6 +189,12 @@ inline bool settle(MBarrier &m) {
 }
 // An event of `m`'s next phase: the current one, if complete, completes first.
 inline void before_event(MBarrier &m) { settle(m); }
+// One arrival on the current phase (every arrive flavour ends with it).
+inline void arrive(MBarrier &m) {
+  if (m.pending == 0) emu::fail("mbarrier arrival beyond its count (phase still waits for bytes)");
+  --m.pending;
+  ++m.changed.gen;
+}
 
 } // namespace sm90
 } // namespace emu
@@ -209,17 +215,13 @@ inline void tma_prefetch_descriptor(const CUtensorMap *map) { (void)emu::tensor_
 inline void mbarrier_arrive(uint64_t *bar) {
   emu::sm90::MBarrier &m = emu::sm90::mbar(bar);
   emu::sm90::before_event(m);
-  if (m.pending == 0) emu::fail("mbarrier arrival beyond its count (phase still waits for bytes)");
-  --m.pending;
-  ++m.changed.gen;
+  emu::sm90::arrive(m);
 }
 inline void mbarrier_arrive_expect_tx(uint64_t *bar, uint32_t bytes) {
   emu::sm90::MBarrier &m = emu::sm90::mbar(bar);
   emu::sm90::before_event(m);
   m.tx += bytes;
-  if (m.pending == 0) emu::fail("mbarrier arrival beyond its count (phase still waits for bytes)");
-  --m.pending;
-  ++m.changed.gen;
+  emu::sm90::arrive(m);
 }
 // try_wait.parity: has the phase of this parity completed (the current phase's parity is
 // the other one)? A thread that finds it has not sleeps until the barrier changes, so a
@@ -331,9 +333,7 @@ EMU_UNTRACKED inline void cp_async_mbarrier_arrive_noinc(uint64_t *bar) {
   emu::g_cur->groups.clear();
   emu::g_cur->open.clear();
   m.landings.push_back(std::move(l));
-  if (m.pending == 0) emu::fail("mbarrier arrival beyond its count (phase still waits for bytes)");
-  --m.pending;
-  ++m.changed.gen;
+  emu::sm90::arrive(m);
 }
 
 inline void named_barrier_sync(int id, int count) {
