@@ -27,13 +27,14 @@ cudaError_t dispatch_mask_sm90(const fk_attention_bwd_params &p, cudaStream_t s)
 }
 
 // Head dims are padded up to the next compiled one; the kernels zero-fill the padded
-// columns on load and skip them on store. Hopper: dQ on wgmma up to 128.
+// columns on load and skip them on store.
 template <typename T>
 cudaError_t dispatch_head_dim(const fk_attention_bwd_params &p, cudaStream_t s) {
-  if (p.base.shape.head_dim <= 128 && fk::use_sm90_kernels(p.base.shape.device) &&
-      fk::dense_bwd_sm90_eligible(p))
-    return p.base.shape.head_dim <= 64 ? dispatch_mask_sm90<64, T>(p, s)
-                                       : dispatch_mask_sm90<128, T>(p, s);
+  if (fk::use_sm90_kernels(p.base.shape.device) && fk::dense_bwd_sm90_eligible(p)) {
+    if (p.base.shape.head_dim <= 64) return dispatch_mask_sm90<64, T>(p, s);
+    if (p.base.shape.head_dim <= 128) return dispatch_mask_sm90<128, T>(p, s);
+    return dispatch_mask_sm90<256, T>(p, s);
+  }
   if (p.base.shape.head_dim <= 64) return dispatch_mask<64, T>(p, s);
   if (p.base.shape.head_dim <= 128) return dispatch_mask<128, T>(p, s);
   return dispatch_mask<256, T>(p, s);

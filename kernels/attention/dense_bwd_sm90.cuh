@@ -12,18 +12,20 @@
 // layout per warp, so common/ runs on them unchanged), then the gradient products by wgmma
 // with the left operand from registers and the right one MN-major (as P V in the forward),
 // releasing a stage once its last wgmma has retired.
-// - dK / dV (first): one block per (128 keys, kv head, batch) keeps K and V and streams Q
+// - dK / dV (first): one block per (128 keys (D 256: 64), kv head, batch) keeps K and V and streams
+// Q
 //   and dO of every (query head of the GQA group, 64-query block) that sees the keys:
 //   S^T = K Q^T, dP^T = V dO^T, P^T, dS^T (the queries' LSE and Delta staged per step in
 //   the warpgroup's shared memory), dV += P^T dO, dK += dS^T Q.
 // - dQ: one block per (128 queries, head, batch), the last query blocks first (causal: the
-//   most work), keeps Q and dO and streams K and V in 64-key blocks: S = Q K^T,
+//   most work), keeps Q and dO and streams K and V in 64-key (D 256: 32) blocks: S = Q K^T,
 //   dP = dO V^T, P, dS, dQ += dS K.
 // Varlen batches: the maps span the packed rows (total_q / total_k); rows of a box past the
-// sequence are masked or not stored, as in dense_fwd_sm90.cuh. Head dims padded to 64 and
-// 128 (the dK and dV accumulators, 64 + 64 registers at 128, must fit); 256 keeps the sm80
-// kernels. Not yet here (issue 17): a persistent scheduler, overlap of one step's softmax
-// with another's wgmma.
+// sequence are masked or not stored, as in dense_fwd_sm90.cuh. Head dims padded to 64, 128
+// and 256; at 256 dK / dV blocks hold 64 keys, whose dV warpgroup 0 accumulates and dK
+// warpgroup 1 (one gradient is 128 registers a thread), and dQ streams 32-key stages. Not
+// yet here (issue 17): a persistent scheduler, overlap of one step's softmax with another's
+// wgmma.
 #pragma once
 
 #include "../common/launch.cuh"
@@ -41,11 +43,12 @@ namespace fk {
 template <int kHeadDim_, typename Element_> struct AttnBwdDqTraitsSm90 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "Q, dO and two K / V stages must fit");
-  static constexpr int kBlockM = 128, kBlockN = 64;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma n of sm90.cuh");
+  // D 256: 32-key stages (Q and dO take 128 KB; two stages of K and V another 64 KB).
+  static constexpr int kBlockM = 128, kBlockN = kHeadDim == 256 ? 32 : 64;
   static constexpr int kDBlocks = kHeadDim / 64; // 64-column sub-tiles (one swizzle span)
   static constexpr int kConsumers = 2, kLaunchThreads = 384;
-  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;  // Q or dO
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2; // Q or dO
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // one K or V stage
   static constexpr size_t kBarrierOffset = 2 * size_t(kTileQBytes) + 4 * size_t(kTileKVBytes);
   static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (1 + 2 * 2) + 1024;
@@ -172,7 +175,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
         }
     }
     attn::probs_rows(s[0], l2, scale_log2); // P
-    attn::ds_rows(dp[0], s[0], dl);         // dS = P (dP - Delta)
+    attn::ds_rows(dp[0], s[0], dl); // dS = P (dP - Delta)
 
     // dQ += dS K: dS from registers, K MN-major.
     uint32_t af[BN / 16][4];
@@ -204,22 +207,25 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 #endif
 }
 
-// dK / dV: one block per (key block of 128, kv head, batch). The producer loads K and V once
-// and, for every (query head of the GQA group, query block of 64) that sees the key block,
-// Q and dO into two stages; each consumer owns 64 keys: S^T = K Q^T and dP^T = V dO^T by
-// wgmma from shared memory, the band, P^T and dS^T on the accumulators (the queries are the
-// columns: their LSE and Delta staged per step in this warpgroup's shared memory), then
-// dV += P^T dO and dK += dS^T Q by wgmma with P^T / dS^T from registers and dO / Q
-// MN-major. GQA's sum over the group is this loop: no atomics, deterministic.
+// dK / dV: one block per (key block of 128 (D 256: 64), kv head, batch). The producer loads K and V
+// once and, for every (query head of the GQA group, query block of 64) that sees the key block, Q
+// and dO into two stages; each consumer owns 64 keys (D 256: the block's 64, and one of the two
+// gradients): S^T = K Q^T and dP^T = V dO^T by wgmma from shared memory, the band, P^T and dS^T on
+// the accumulators (the queries are the columns: their LSE and Delta staged per step in this
+// warpgroup's shared memory), then dV += P^T dO and dK += dS^T Q by wgmma with P^T / dS^T from
+// registers and dO / Q MN-major. GQA's sum over the group is this loop: no atomics, deterministic.
 template <int kHeadDim_, typename Element_> struct AttnBwdKVTraitsSm90 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "dK and dV accumulators must fit");
-  static constexpr int kBlockN = 128, kBlockM = 64; // keys per block, queries per step
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma n of sm90.cuh");
+  // D 256: a thread cannot hold both gradients' accumulators (2 x 128 registers), so the
+  // consumers split the roles over the same 64 keys: warpgroup 0 accumulates dV, 1 dK.
+  static constexpr bool kSplitRoles = kHeadDim == 256;
+  static constexpr int kBlockN = kSplitRoles ? 64 : 128, kBlockM = 64; // keys, queries a step
   static constexpr int kDBlocks = kHeadDim / 64;
   static constexpr int kConsumers = 2, kLaunchThreads = 384;
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // K or V
-  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;  // one Q or dO stage
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2; // one Q or dO stage
   static constexpr size_t kStatsOffset = 2 * size_t(kTileKVBytes) + 4 * size_t(kTileQBytes);
   // Per consumer, two steps of LSE (log2) and Delta for kBlockM queries.
   static constexpr size_t kBarrierOffset = kStatsOffset + kConsumers * 2 * 2 * kBlockM * 4;
@@ -298,97 +304,131 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     return;
   }
 
-  // Consumers: warpgroup wg owns keys n0 + 64 wg .. + 63; this thread keys row0, row0 + 8.
+  // Consumers. Without split roles warpgroup wg owns keys n0 + 64 wg .. + 63 and both their
+  // gradients; with them both own keys n0 .. + 63, warpgroup 0 their dV, 1 their dK. This
+  // thread: keys row0 and row0 + 8 of its warp's 16.
   sm90::warpgroup_reg_alloc<Traits::kConsumerRegs>();
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
-  const int warp_row0 = 64 * wg + 16 * ((threadIdx.x / 32) % 4); // in the block
+  const int wg_key0 = Traits::kSplitRoles ? 0 : 64 * wg; // in the block
+  const int warp_row0 = wg_key0 + 16 * ((threadIdx.x / 32) % 4);
   const float scale_log2 = p.base.shape.softmax_scale * attn::kLog2e;
   float *my_stats = stats + wg * 2 * 2 * BM; // [step parity][lse2 | delta][BM]
-  float dv[1][kOTiles][4], dk[1][kOTiles][4];
-  float (&dvd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(dv);
-  float (&dkd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(dk);
-#pragma unroll
-  for (int e = 0; e < D / 2; ++e) dvd[e] = dkd[e] = 0.f;
 
-  if (n_iters > 0) sm90::mbarrier_wait(kv_full, 0);
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int it = 0; it < n_iters; ++it) {
-    const int h = iter_head(it), m0 = iter_m0(it);
-    // This step's queries' LSE (log2) and Delta into the warpgroup's buffer of this step's
-    // parity (the barrier of the step before ordered every read of it).
-    float *lse_s = my_stats + (it & 1) * 2 * BM, *delta_s = lse_s + BM;
-    if (tid < BM) attn::query_stats(p, seq, h, m0 + tid, lse_s[tid], delta_s[tid]);
-    sm90::named_barrier_sync(2 + wg, 128);
-    sm90::mbarrier_wait(&full[stage], phase);
-    const unsigned char *q = sQ + stage * Traits::kTileQBytes;
-    const unsigned char *dout = sdO + stage * Traits::kTileQBytes;
+  // One consumer's work, for the gradients its role accumulates (compile-time flags).
+  const auto consume = [&](auto dv_role, auto dk_role) {
+    constexpr bool kDv = decltype(dv_role)::value, kDk = decltype(dk_role)::value;
+    constexpr int kGrads = int(kDv) + int(kDk);
+    float grad[kGrads][1][kOTiles][4]; // dV (where kDv) first, then dK
+    float (&dvd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(grad[0]);
+    float (&dkd)[D / 2] = reinterpret_cast<float (&)[D / 2]>(grad[kGrads - 1]);
+#pragma unroll
+    for (int i = 0; i < kGrads; ++i)
+#pragma unroll
+      for (int e = 0; e < D / 2; ++e) reinterpret_cast<float (&)[D / 2]>(grad[i])[e] = 0.f;
 
-    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys and the step's BM queries.
-    float s[1][kSTiles][4], dp[1][kSTiles][4];
-    float (&sd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(s);
-    float (&dpd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(dp);
-#pragma unroll
-    for (int e = 0; e < BM / 2; ++e) sd[e] = dpd[e] = 0.f;
-    sm90::fence_registers(sd);
-    sm90::fence_registers(dpd);
-    sm90::wgmma_fence();
-    attn::wgmma_rows_x_rows<Element, BM, D>(sd, sK + wg * 64 * 128, BN, q);
-    attn::wgmma_rows_x_rows<Element, BM, D>(dpd, sV + wg * 64 * 128, BN, dout);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers(sd);
-    sm90::fence_registers(dpd);
+    if (n_iters > 0) sm90::mbarrier_wait(kv_full, 0);
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int it = 0; it < n_iters; ++it) {
+      const int h = iter_head(it), m0 = iter_m0(it);
+      // This step's queries' LSE (log2) and Delta into the warpgroup's buffer of this step's
+      // parity (the barrier of the step before ordered every read of it).
+      float *lse_s = my_stats + (it & 1) * 2 * BM, *delta_s = lse_s + BM;
+      if (tid < BM) attn::query_stats(p, seq, h, m0 + tid, lse_s[tid], delta_s[tid]);
+      sm90::named_barrier_sync(2 + wg, 128);
+      sm90::mbarrier_wait(&full[stage], phase);
+      const unsigned char *q = sQ + stage * Traits::kTileQBytes;
+      const unsigned char *dout = sdO + stage * Traits::kTileQBytes;
 
-    if (attn::tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
+      // S^T = K Q^T (and for dK dP^T = V dO^T) for this warpgroup's 64 keys and the step's
+      // BM queries.
+      float s[1][kSTiles][4], dp[1][kSTiles][4];
+      float (&sd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(s);
+      float (&dpd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(dp);
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
+      for (int e = 0; e < BM / 2; ++e) sd[e] = 0.f;
+      sm90::fence_registers(sd);
+      if constexpr (kDk) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = n0 + warp_row0 + g + (e >= 2 ? 8 : 0);
-          const int query = m0 + j * 8 + 2 * t + (e & 1);
-          if (!attn::visible<kHasMask>(query, key, nq, nk, diag, wl, wr)) s[0][j][e] = -INFINITY;
-        }
+        for (int e = 0; e < BM / 2; ++e) dpd[e] = 0.f;
+        sm90::fence_registers(dpd);
+      }
+      sm90::wgmma_fence();
+      attn::wgmma_rows_x_rows<Element, BM, D>(sd, sK + wg_key0 * 128, BN, q);
+      if constexpr (kDk) attn::wgmma_rows_x_rows<Element, BM, D>(dpd, sV + wg_key0 * 128, BN, dout);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(sd);
+      if constexpr (kDk) sm90::fence_registers(dpd);
+
+      if (attn::tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
+#pragma unroll
+        for (int j = 0; j < kSTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = n0 + warp_row0 + g + (e >= 2 ? 8 : 0);
+            const int query = m0 + j * 8 + 2 * t + (e & 1);
+            if (!attn::visible<kHasMask>(query, key, nq, nk, diag, wl, wr)) s[0][j][e] = -INFINITY;
+          }
+      }
+      attn::probs_cols(s[0], lse_s, scale_log2, t); // P^T
+      if constexpr (kDk) attn::ds_cols(dp[0], s[0], delta_s, t); // dS^T = P^T (dP^T - Delta)
+
+      // dV += P^T dO and dK += dS^T Q: P^T, dS^T from registers, dO and Q MN-major.
+      uint32_t pf[BM / 16][4], af[BM / 16][4];
+      uint32_t (&pfd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(pf);
+      uint32_t (&afd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(af);
+      if constexpr (kDv) {
+        attn::pack_a<Element>(s[0], pf);
+        sm90::fence_registers(dvd);
+      }
+      if constexpr (kDk) {
+        attn::pack_a<Element>(dp[0], af);
+        sm90::fence_registers(dkd);
+      }
+      sm90::wgmma_fence();
+      if constexpr (kDv) attn::wgmma_regs_x_rows<Element, D, BM>(dvd, pf, dout);
+      if constexpr (kDk) attn::wgmma_regs_x_rows<Element, D, BM>(dkd, af, q);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      if constexpr (kDv) {
+        sm90::fence_registers(dvd);
+        sm90::fence_registers(pfd);
+      }
+      if constexpr (kDk) {
+        sm90::fence_registers(dkd);
+        sm90::fence_registers(afd);
+      }
+      if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[stage]);
+      if (++stage == 2) stage = 0, phase ^= 1;
     }
-    attn::probs_cols(s[0], lse_s, scale_log2, t); // P^T
-    attn::ds_cols(dp[0], s[0], delta_s, t);        // dS^T = P^T (dP^T - Delta)
 
-    // dV += P^T dO and dK += dS^T Q: P^T, dS^T from registers, dO and Q MN-major.
-    uint32_t pf[BM / 16][4], af[BM / 16][4];
-    uint32_t (&pfd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(pf);
-    uint32_t (&afd)[BM / 4] = reinterpret_cast<uint32_t (&)[BM / 4]>(af);
-    attn::pack_a<Element>(s[0], pf);
-    attn::pack_a<Element>(dp[0], af);
-    sm90::fence_registers(dvd);
-    sm90::fence_registers(dkd);
-    sm90::wgmma_fence();
-    attn::wgmma_regs_x_rows<Element, D, BM>(dvd, pf, dout);
-    attn::wgmma_regs_x_rows<Element, D, BM>(dkd, af, q);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers(dvd);
-    sm90::fence_registers(dkd);
-    sm90::fence_registers(pfd);
-    sm90::fence_registers(afd);
-    if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&empty[stage]);
-    if (++stage == 2) stage = 0, phase ^= 1;
-  }
-
-  // Epilogue: dK = scale dS^T Q, dV straight from the accumulators (keys no query sees get
-  // zeros; keys past nk and columns past head_dim are not stored).
-  Element *dkp = static_cast<Element *>(p.dk) +
-                 seq.k_offset(p.dk_stride.batch, p.dk_stride.row, p.dk_stride.head, kv_head);
-  Element *dvp = static_cast<Element *>(p.dv) +
-                 seq.k_offset(p.dv_stride.batch, p.dv_stride.row, p.dv_stride.head, kv_head);
-  const float scale = p.base.shape.softmax_scale;
+    // Epilogue: dK = scale dS^T Q, dV straight from the accumulators (keys no query sees
+    // get zeros; keys past nk and columns past head_dim are not stored).
+    Element *dkp = static_cast<Element *>(p.dk) +
+                   seq.k_offset(p.dk_stride.batch, p.dk_stride.row, p.dk_stride.head, kv_head);
+    Element *dvp = static_cast<Element *>(p.dv) +
+                   seq.k_offset(p.dv_stride.batch, p.dv_stride.row, p.dv_stride.head, kv_head);
+    const float scale = p.base.shape.softmax_scale;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = n0 + warp_row0 + g + 8 * r;
-    if (key >= nk) continue;
-    attn::store_row_pairs(dkp + int64_t(key) * p.dk_stride.row, dk[0], r, scale,
-                          p.base.shape.head_dim, t);
-    attn::store_row_pairs(dvp + int64_t(key) * p.dv_stride.row, dv[0], r, 1.f,
-                          p.base.shape.head_dim, t);
+    for (int r = 0; r < 2; ++r) {
+      const int key = n0 + warp_row0 + g + 8 * r;
+      if (key >= nk) continue;
+      if constexpr (kDk)
+        attn::store_row_pairs(dkp + int64_t(key) * p.dk_stride.row, grad[kGrads - 1][0], r, scale,
+                              p.base.shape.head_dim, t);
+      if constexpr (kDv)
+        attn::store_row_pairs(dvp + int64_t(key) * p.dv_stride.row, grad[0][0], r, 1.f,
+                              p.base.shape.head_dim, t);
+    }
+  };
+  if constexpr (Traits::kSplitRoles) {
+    if (wg == 0)
+      consume(std::true_type(), std::false_type());
+    else
+      consume(std::false_type(), std::true_type());
+  } else {
+    consume(std::true_type(), std::true_type());
   }
 #endif
 }
