@@ -98,11 +98,10 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int heads = p.base.shape.heads, group = heads / p.base.shape.heads_kv;
   const int m_blocks = (p.base.shape.seqlen_q + BM - 1) / BM; // of the longest sequence
   const int tiles = m_blocks * heads * p.base.shape.batch;
-  // Persistent: block b takes tiles b, b + gridDim.x, ...; tile i is query block
-  // m_blocks - 1 - i / (heads batch) of (head, batch) = (i % heads, i / heads % batch), so
-  // the heaviest blocks under causal masking (the last ones) go first across all heads. A
-  // varlen sequence shorter than the longest skips its tiles past its end (`empty`);
-  // producer and consumers skip the same ones.
+  // Persistent: block b takes tiles b, b + gridDim.x, ... (attn::TileCoords: the last query
+  // blocks of every head first, the heaviest under causal masking). A varlen sequence
+  // shorter than the longest skips its tiles past its end (`empty`); producer and consumers
+  // skip the same ones.
   struct Tile {
     attn::SeqInfo seq; // lengths and packed row offsets of the tile's sequence
     int m0, head, n_begin, n_end, diag;
@@ -111,10 +110,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     __device__ bool any_keys() const { return !empty() && n_begin < n_end; }
   };
   const auto tile_at = [&](int i) {
-    const int hb = heads * p.base.shape.batch;
-    Tile t{attn::SeqInfo(p, i % hb / heads), 0, 0, 0, 0, 0, 0};
-    t.m0 = (m_blocks - 1 - i / hb) * BM;
-    t.head = i % hb % heads;
+    const attn::TileCoords c(i, m_blocks, heads, p.base.shape.batch, true);
+    Tile t{attn::SeqInfo(p, c.batch), c.block * BM, c.head, 0, 0, 0, 0};
     t.diag = t.seq.nk - t.seq.nq;
     t.map_batch = t.seq.varlen ? 0 : t.seq.batch;
     visible_key_blocks<BM, BN>(t.m0, t.seq.nk, t.diag, has_left, has_right, p.window_left,

@@ -3,6 +3,7 @@
 // - SeqInfo: one sequence of a dense or variable-length (cu_seqlens) batch, its lengths and
 //   where its rows start in Q-like and K-like tensors and in LSE. Used by the dense
 //   forward and backward.
+// - TileCoords: a persistent grid's tile order (the Hopper kernels).
 // - fresh_thread_idx, fresh_block_idx_z: an index read again for an epilogue.
 // - LongformerRows, gathered_token: the rows of one side of a Longformer pass, contiguous
 //   tokens or a gathered list (q_rows / k_rows); LongformerWork: the slice of its CSR row
@@ -82,6 +83,20 @@ struct SeqInfo {
   __device__ __forceinline__ int64_t lse_offset(const Params &p, int head) const {
     return (varlen ? int64_t(q_start) : int64_t(batch) * p.base.lse_stride.batch) +
            int64_t(head) * p.base.lse_stride.head;
+  }
+};
+
+// Tile i of a persistent grid over (row block, head, batch), the heads and batches of a
+// row block adjacent: row block i / (heads batch) counted from the last (`from_last`: query
+// blocks, the heaviest first under causal masking) or from the first (key blocks, likewise),
+// head i % heads, batch i / heads % batch. Used by the Hopper attention kernels.
+struct TileCoords {
+  int block, head, batch;
+  __device__ __forceinline__ TileCoords(int i, int blocks, int heads, int batches, bool from_last) {
+    const int hb = heads * batches;
+    block = from_last ? blocks - 1 - i / hb : i / hb;
+    head = i % heads;
+    batch = i % hb / heads;
   }
 };
 
