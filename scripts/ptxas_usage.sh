@@ -4,13 +4,23 @@
 # slower. Compiles each kernels/**/*.cu with build.rs's flags, for sm_80 and sm_90a.
 #   scripts/ptxas_usage.sh [OUT.tsv]          (default: target/ptxas_usage.tsv)
 #   diff old.tsv new.tsv                      (no output: nothing changed)
+#   scripts/ptxas_usage.sh --hopper-check [OUT.tsv]
+#     (CI, about a minute) only the sources that use the Hopper primitives (sm90.cuh), only
+#     for sm_90a; fails where a kernel spills or ptxas serializes its wgmma (C7509 / C7510 /
+#     C7514: the pipelining the Hopper kernels exist for, silently gone).
 # Kernel names are mangled C++ (stable as long as the templates keep their names).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+hopper_check=0
+if [ "${1:-}" = --hopper-check ]; then
+  hopper_check=1
+  shift
+fi
 out="${1:-target/ptxas_usage.tsv}"
 eval "$(bash scripts/bootstrap.sh --env)"
 archs="${PTXAS_ARCHS:-sm_80 sm_90a}"
+[ "$hopper_check" = 0 ] || archs=sm_90a
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -23,7 +33,15 @@ compile() {
   nvcc -std=c++17 --use_fast_math -O3 -Ikernels/include "${gencodes[@]}" -Xptxas -v \
     -c "$src" -o /dev/null >"$log" 2>&1 || { cat "$log" >&2; return 1; }
 }
-find kernels -name '*.cu' | sort >"$work/sources"
+if [ "$hopper_check" = 1 ]; then
+  # The sources whose includes reach kernels/common/sm90.cuh (nvcc -M: host preprocessing).
+  for src in $(find kernels -name '*.cu' | sort); do
+    nvcc -std=c++17 -Ikernels/include -M "$src" 2>/dev/null | grep -q 'common/sm90\.cuh' &&
+      echo "$src"
+  done >"$work/sources"
+else
+  find kernels -name '*.cu' | sort >"$work/sources"
+fi
 # Each source on its own (nvcc is single-threaded); two at a time on small machines.
 jobs="${PTXAS_JOBS:-$(nproc)}"
 status=0
@@ -61,3 +79,17 @@ for (arch, name), r in sorted(rows.items()):
                      r.get("spill_ld", "?"), r.get("stack", "?"), r.get("smem", "?")]))
 ' >"$out"
 echo "ptxas_usage: $(($(wc -l <"$out") - 1)) kernels -> $out"
+
+if [ "$hopper_check" = 1 ]; then
+  bad=0
+  if grep -h "serialized" "$work"/*.log; then
+    echo "ptxas_usage: ptxas serialized the wgmma of the kernels above" >&2
+    bad=1
+  fi
+  if awk -F'\t' 'NR > 1 && ($4 != 0 || $5 != 0) { print; found = 1 } END { exit !found }' "$out"; then
+    echo "ptxas_usage: the kernels above spill (sm_90a)" >&2
+    bad=1
+  fi
+  [ "$bad" = 0 ] || exit 1
+  echo "ptxas_usage: $(wc -l <"$work/sources") Hopper sources: no spills, no serialized wgmma"
+fi

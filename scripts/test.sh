@@ -17,6 +17,9 @@ ruff format --check --no-cache .
 find kernels -name '*.cu' -o -name '*.cuh' -o -name '*.h' | sort | xargs clang-format --dry-run -Werror
 cargo fmt --check
 cargo clippy --all-targets --features python -- -D warnings
+# The Hopper kernels' sm_90a code: no spills, and no wgmma that ptxas serialized (about a
+# minute; the build only prints those as warnings).
+bash scripts/ptxas_usage.sh --hopper-check target/ptxas_hopper.tsv
 
 echo "== Rust tests (with the CUDA kernels built in)"
 cargo test --release

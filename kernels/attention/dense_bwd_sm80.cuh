@@ -210,14 +210,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     gemm_abt<D>(s, sK, warp_row0, sQs, lane);
 
     if (tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = n0 + warp_row0 + g + (e >= 2 ? 8 : 0);
-          const int query = m0 + j * 8 + 2 * t + (e & 1);
-          if (!visible<kHasMask>(query, key, nq, nk, diag, wl, wr)) s[j][e] = -INFINITY;
-        }
+      band_key_rows<kHasMask>(s, n0 + warp_row0 + g, m0 + 2 * t, nq, nk, diag, wl, wr);
     }
     // P^T = exp2(S^T scale log2e - lse2[query]); the query is the column: 2 t + (e & 1).
     probs_cols(s, lse_s, scale_log2, t);
@@ -393,14 +386,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm)
     gemm_abt<D>(s, sQ, warp_row0, sKs, lane);
 
     if (tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = m0 + warp_row0 + g + (e >= 2 ? 8 : 0);
-          const int key = n0 + j * 8 + 2 * t + (e & 1);
-          if (!visible<kHasMask>(query, key, nq, nk, diag, wl, wr)) s[j][e] = -INFINITY;
-        }
+      band_query_rows<kHasMask>(s, m0 + warp_row0 + g, n0 + 2 * t, nq, nk, diag, wl, wr);
     }
     // P = exp2(S scale log2e - lse2[row]); the row is g + 8 (e >= 2).
     probs_rows(s, l2, scale_log2);

@@ -51,6 +51,9 @@ template <int kHeadDim_, typename Element_> struct AttnBwdDqTraitsSm90 {
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma n of sm90.cuh");
   // D 256: 32-key stages (Q and dO take 128 KB; two stages of K and V another 64 KB).
   static constexpr int kBlockM = 128, kBlockN = kHeadDim == 256 ? 32 : 64;
+  // Overlap of the softmax backward with the last block's dQ product: where the registers
+  // allow (ptxas: D 256 spilled 28-36 bytes with it).
+  static constexpr bool kOverlap = kHeadDim <= 128;
   static constexpr int kDBlocks = kHeadDim / 64; // 64-column sub-tiles (one swizzle span)
   static constexpr int kConsumers = 2, kLaunchThreads = 384;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2; // Q or dO
@@ -176,71 +179,82 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       sm90::mbarrier_wait(q_full, q_phase);
       q_phase ^= 1;
     }
-    // Overlap: one turn issues S_n = Q K_n^T, dP_n = dO V_n^T and then dQ += dS_{n-1}
-    // K_{n-1}; the softmax backward of block n runs while that product is in flight. The
-    // first turn issues no dQ product, one more turn the last.
-    uint32_t af[BN / 16][4]; // dS_{n-1} as mma.sync A fragments: read by the product in flight
+    // Overlap (kOverlap): one turn issues S_n = Q K_n^T, dP_n = dO V_n^T and then dQ +=
+    // dS_{n-1} K_{n-1}; the softmax backward of block n runs while that product is in
+    // flight. The first turn issues no dQ product, one more turn the last. Without it a
+    // turn issues its own block's product once dS is packed. What a turn issues is a
+    // compile-time property of the turn (as in dense_fwd_sm90.cuh: run-time flags make
+    // ptxas serialize every wgmma).
+    uint32_t af[BN / 16][4]; // dS as mma.sync A fragments: read by the product in flight
     uint32_t (&afd)[BN / 4] = reinterpret_cast<uint32_t (&)[BN / 4]>(af);
-    int prev_stage = -1; // the stage of dS_{n-1}'s K
-    for (int n = tl.n_begin; n <= tl.n_end; ++n) {
-      const bool has_s = n < tl.n_end, has_dq = prev_stage >= 0;
-      if (!has_s && !has_dq) break; // no visible key block
-      if (has_s) sm90::mbarrier_wait(&kv_full[stage], phase);
+    int prev_stage = 0; // overlap: the stage of dS_{n-1}'s K
+    // dQ += dS K (dS from registers, K of stage st MN-major); its retirement and the stage's
+    // release.
+    const auto issue_dq = [&](int st) {
+      sm90::wgmma_fence();
+      sm90::fence_registers(accd);
+      attn::wgmma_regs_x_rows<Element, D, BN>(accd, af, sK + st * Traits::kTileKVBytes);
+      sm90::wgmma_commit();
+    };
+    const auto retire_dq = [&](int st) {
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(accd);
+      sm90::fence_registers(afd); // dS's registers stay untouched until here
+      if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[st]);
+    };
+    const auto turn = [&](int n, auto has_s, auto has_dq) {
+      constexpr bool kS = decltype(has_s)::value, kDQ = decltype(has_dq)::value;
+      if constexpr (kS) sm90::mbarrier_wait(&kv_full[stage], phase);
       const unsigned char *k = sK + stage * Traits::kTileKVBytes;
       const unsigned char *v = sV + stage * Traits::kTileKVBytes;
 
       float s[1][kSTiles][4], dp[1][kSTiles][4];
       float (&sd)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
       float (&dpd)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(dp);
+      if constexpr (kS) {
 #pragma unroll
-      for (int e = 0; e < BN / 2; ++e) sd[e] = dpd[e] = 0.f;
-      sm90::fence_registers(sd);
-      sm90::fence_registers(dpd);
+        for (int e = 0; e < BN / 2; ++e) sd[e] = dpd[e] = 0.f;
+        sm90::fence_registers(sd);
+        sm90::fence_registers(dpd);
+      }
       sm90::wgmma_fence();
-      if (has_s) { // S = Q K^T, dP = dO V^T for this warpgroup's 64 rows and BN keys
+      if constexpr (kS) { // S = Q K^T, dP = dO V^T for this warpgroup's 64 rows and BN keys
         attn::wgmma_rows_x_rows<Element, BN, D>(sd, sQ + wg * 64 * 128, BM, k);
         attn::wgmma_rows_x_rows<Element, BN, D>(dpd, sdO + wg * 64 * 128, BM, v);
         sm90::wgmma_commit();
       }
-      if (has_dq) { // dQ += dS K: dS from registers, K MN-major
-        sm90::fence_registers(accd);
-        attn::wgmma_regs_x_rows<Element, D, BN>(accd, af, sK + prev_stage * Traits::kTileKVBytes);
-        sm90::wgmma_commit();
-      }
-      if (has_s) {
-        if (has_dq)
-          sm90::wgmma_wait<1>(); // S and dP have retired (groups retire in issue order)
-        else
-          sm90::wgmma_wait<0>();
+      if constexpr (kDQ) issue_dq(prev_stage);
+      if constexpr (kS) {
+        sm90::wgmma_wait<kDQ ? 1 : 0>(); // S and dP have retired (groups retire in order)
         sm90::fence_registers(sd);
         sm90::fence_registers(dpd);
         // The last key block's S and dP were the last reads of Q and dO.
         if (n + 1 == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
         const int n0 = n * BN;
         if (attn::tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
-#pragma unroll
-          for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int query = m0 + warp_row0 + g + (e >= 2 ? 8 : 0);
-              const int key = n0 + j * 8 + 2 * t + (e & 1);
-              if (!attn::visible<kHasMask>(query, key, nq, nk, diag, wl, wr))
-                s[0][j][e] = -INFINITY;
-            }
+          attn::band_query_rows<kHasMask>(s[0], m0 + warp_row0 + g, n0 + 2 * t, nq, nk, diag, wl,
+                                          wr);
         }
         attn::probs_rows(s[0], l2, scale_log2); // P (overlaps the dQ product in flight)
-        attn::ds_rows(dp[0], s[0], dl); // dS = P (dP - Delta)
+        attn::ds_rows(dp[0], s[0], dl);         // dS = P (dP - Delta)
       }
-      if (has_dq) {
-        sm90::wgmma_wait<0>();
-        sm90::fence_registers(accd);
-        sm90::fence_registers(afd); // dS_{n-1}'s registers stay untouched until here
-        if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[prev_stage]);
+      if constexpr (kDQ) retire_dq(prev_stage);
+      if constexpr (kS) {
+        attn::pack_a<Element>(dp[0], af);
+        if constexpr (Traits::kOverlap) {
+          prev_stage = stage;
+        } else {
+          issue_dq(stage);
+          retire_dq(stage);
+        }
+        if (++stage == 2) stage = 0, phase ^= 1;
       }
-      if (!has_s) break;
-      attn::pack_a<Element>(dp[0], af);
-      prev_stage = stage;
-      if (++stage == 2) stage = 0, phase ^= 1;
+    };
+    if (tl.any_keys()) {
+      const std::integral_constant<bool, Traits::kOverlap> overlap;
+      turn(tl.n_begin, std::true_type(), std::false_type());
+      for (int n = tl.n_begin + 1; n < tl.n_end; ++n) turn(n, std::true_type(), overlap);
+      if constexpr (Traits::kOverlap) turn(tl.n_end, std::false_type(), std::true_type());
     }
 
     // Epilogue: dQ = scale dS K straight from the accumulators (rows without any visible
@@ -448,17 +462,18 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
         }
         if (tid == 0) sm90::mbarrier_arrive(&empty[st]);
       };
-      int prev_stage = -1; // overlap: the stage of step it - 1's Q and dO
-      for (int it = 0; it <= n_iters; ++it) {
-        const bool has_s = it < n_iters, has_grad = prev_stage >= 0;
-        if (!has_s && !has_grad) break; // no step
+      int prev_stage = 0; // overlap: the stage of step it - 1's Q and dO
+      // One turn: step it's score products and softmax backward (kS), step it - 1's
+      // gradient products (kGrad, overlap only). Compile-time flags, as in dQ.
+      const auto turn = [&](int it, auto has_s, auto has_grad) {
+        constexpr bool kS = decltype(has_s)::value, kGrad = decltype(has_grad)::value;
         const unsigned char *q = sQ + stage * Traits::kTileQBytes;
         const unsigned char *dout = sdO + stage * Traits::kTileQBytes;
         const int m0 = tl.step_m0(it);
         // This step's queries' LSE (log2) and Delta into the warpgroup's buffer of this
         // step's parity (the barrier of the step before ordered every read of it).
         float *lse_s = my_stats + (step & 1) * 2 * BM, *delta_s = lse_s + BM;
-        if (has_s) {
+        if constexpr (kS) {
           if (tid < BM)
             attn::query_stats(p, tl.seq, tl.step_head(it), m0 + tid, lse_s[tid], delta_s[tid]);
           sm90::named_barrier_sync(2 + wg, 128);
@@ -470,53 +485,53 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
         float s[1][kSTiles][4], dp[1][kSTiles][4];
         float (&sd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(s);
         float (&dpd)[BM / 2] = reinterpret_cast<float (&)[BM / 2]>(dp);
+        if constexpr (kS) {
 #pragma unroll
-        for (int e = 0; e < BM / 2; ++e) sd[e] = dpd[e] = 0.f;
-        sm90::fence_registers(sd);
-        if constexpr (kDk) sm90::fence_registers(dpd);
-        sm90::wgmma_fence();
-        if (has_s) {
+          for (int e = 0; e < BM / 2; ++e) sd[e] = dpd[e] = 0.f;
+          sm90::fence_registers(sd);
+          if constexpr (kDk) sm90::fence_registers(dpd);
+          sm90::wgmma_fence();
           attn::wgmma_rows_x_rows<Element, BM, D>(sd, sK + wg_key0 * 128, BN, q);
           if constexpr (kDk)
             attn::wgmma_rows_x_rows<Element, BM, D>(dpd, sV + wg_key0 * 128, BN, dout);
           sm90::wgmma_commit();
         }
-        if (has_grad) issue_grads(prev_stage);
-        if (has_s) {
-          if (has_grad)
-            sm90::wgmma_wait<1>(); // S^T (dP^T) retired (groups retire in issue order)
-          else
-            sm90::wgmma_wait<0>();
+        if constexpr (kGrad) issue_grads(prev_stage);
+        if constexpr (kS) {
+          sm90::wgmma_wait<kGrad ? 1 : 0>(); // S^T (dP^T) retired (groups retire in order)
           sm90::fence_registers(sd);
           if constexpr (kDk) sm90::fence_registers(dpd);
           // The last step's S^T and dP^T were the last reads of K and V.
           if (it + 1 == n_iters && tid == 0) sm90::mbarrier_arrive(kv_empty);
           if (attn::tile_needs_mask<kHasMask>(m0, BM, n0, BN, nq, nk, diag, wl, wr)) {
-#pragma unroll
-            for (int j = 0; j < kSTiles; ++j)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int key = n0 + warp_row0 + g + (e >= 2 ? 8 : 0);
-                const int query = m0 + j * 8 + 2 * t + (e & 1);
-                if (!attn::visible<kHasMask>(query, key, nq, nk, diag, wl, wr))
-                  s[0][j][e] = -INFINITY;
-              }
+            attn::band_key_rows<kHasMask>(s[0], n0 + warp_row0 + g, m0 + 2 * t, nq, nk, diag, wl,
+                                          wr);
           }
           attn::probs_cols(s[0], lse_s, scale_log2, t); // P^T
           if constexpr (kDk) attn::ds_cols(dp[0], s[0], delta_s, t); // dS^T = P^T (dP^T - Delta)
         }
-        if (has_grad) retire_grads(prev_stage);
-        if (!has_s) break;
-        if constexpr (kDv) attn::pack_a<Element>(s[0], pf);
-        if constexpr (kDk) attn::pack_a<Element>(dp[0], af);
-        if constexpr (kOverlap) {
-          prev_stage = stage;
-        } else {
-          issue_grads(stage);
-          retire_grads(stage);
+        if constexpr (kGrad) retire_grads(prev_stage);
+        if constexpr (kS) {
+          if constexpr (kDv) attn::pack_a<Element>(s[0], pf);
+          if constexpr (kDk) attn::pack_a<Element>(dp[0], af);
+          if constexpr (kOverlap) {
+            prev_stage = stage;
+          } else {
+            issue_grads(stage);
+            retire_grads(stage);
+          }
+          if (++stage == 2) stage = 0, phase ^= 1;
+          ++step;
         }
-        if (++stage == 2) stage = 0, phase ^= 1;
-        ++step;
+      };
+      if constexpr (kOverlap) {
+        if (n_iters > 0) {
+          turn(0, std::true_type(), std::false_type());
+          for (int it = 1; it < n_iters; ++it) turn(it, std::true_type(), std::true_type());
+          turn(n_iters, std::false_type(), std::true_type());
+        }
+      } else {
+        for (int it = 0; it < n_iters; ++it) turn(it, std::true_type(), std::false_type());
       }
 
       // Epilogue: dK = scale dS^T Q, dV straight from the accumulators (keys no query sees

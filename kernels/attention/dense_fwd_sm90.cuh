@@ -194,13 +194,15 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     // Intra-warpgroup overlap (FlashAttention-3): one turn issues S_n = Q K_n^T and then
     // O += P_{n-1} V_{n-1}; the softmax of S_n runs while that P V is in flight, and O is
     // rescaled once it has retired. The first turn issues S only, one more the last P V.
+    // Which products a turn issues is a compile-time property of the turn (kS, kPV): with
+    // run-time flags ptxas cannot pair each wgmma with its wait and serializes them all
+    // (C7514).
     uint32_t pf[BN / 16][4]; // P_{n-1} as mma.sync A fragments: read by the P V in flight
     uint32_t (&pd)[BN / 4] = reinterpret_cast<uint32_t (&)[BN / 4]>(pf);
-    int prev_stage = -1; // the stage of P_{n-1}'s V
-    for (int n = tl.n_begin; n <= tl.n_end; ++n) {
-      const bool has_s = n < tl.n_end, has_pv = prev_stage >= 0;
-      if (!has_s && !has_pv) break; // no visible key block
-      if (has_s) sm90::mbarrier_wait(&kv_full[stage], phase);
+    int prev_stage = 0; // the stage of P_{n-1}'s V
+    const auto turn = [&](int n, auto has_s, auto has_pv) {
+      constexpr bool kS = decltype(has_s)::value, kPV = decltype(has_pv)::value;
+      if constexpr (kS) sm90::mbarrier_wait(&kv_full[stage], phase);
       const unsigned char *k = sK + stage * Traits::kTileKVBytes;
 
       float s[1][kSTiles][4];
@@ -210,11 +212,11 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       sm90::fence_registers(sd);
       sm90::named_barrier_sync(kTurn + wg, kTurnThreads);
       sm90::wgmma_fence();
-      if (has_s) { // S = Q K^T for this warpgroup's 64 rows and the block's BN keys
+      if constexpr (kS) { // S = Q K^T for this warpgroup's 64 rows and the block's BN keys
         attn::wgmma_rows_x_rows<Element, BN, D>(sd, sQ + wg * 64 * 128, BM, k);
         sm90::wgmma_commit();
       }
-      if (has_pv) { // O += P V with V MN-major
+      if constexpr (kPV) { // O += P V with V MN-major
         sm90::fence_registers(od);
         attn::wgmma_regs_x_rows<Element, D, BN>(od, pf, sV + prev_stage * Traits::kTileKVBytes);
         sm90::wgmma_commit();
@@ -222,11 +224,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       sm90::named_barrier_arrive(kTurn + 1 - wg, kTurnThreads);
 
       float alpha[1][2] = {{1.f, 1.f}};
-      if (has_s) {
-        if (has_pv)
-          sm90::wgmma_wait<1>(); // S has retired (groups retire in issue order)
-        else
-          sm90::wgmma_wait<0>();
+      if constexpr (kS) {
+        sm90::wgmma_wait<kPV ? 1 : 0>(); // S has retired (groups retire in issue order)
         sm90::fence_registers(sd);
         // The last key block's S was the last read of Q: the producer may load the next one.
         if (n + 1 == tl.n_end && threadIdx.x % 128 == 0) sm90::mbarrier_arrive(q_empty);
@@ -249,17 +248,23 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
         }
         softmax.update_probs(s, scale_log2, alpha); // overlaps the P V in flight
       }
-      if (has_pv) {
+      if constexpr (kPV) {
         sm90::wgmma_wait<0>();
         sm90::fence_registers(od);
         sm90::fence_registers(pd); // P_{n-1}'s registers stay untouched until here
         if (threadIdx.x % 128 == 0) sm90::mbarrier_arrive(&kv_empty[prev_stage]);
       }
-      if (!has_s) break;
-      attn::OnlineSoftmax<1>::rescale(o, alpha);
-      attn::pack_a<Element>(s[0], pf);
-      prev_stage = stage;
-      if (++stage == 2) stage = 0, phase ^= 1;
+      if constexpr (kS) {
+        attn::OnlineSoftmax<1>::rescale(o, alpha);
+        attn::pack_a<Element>(s[0], pf);
+        prev_stage = stage;
+        if (++stage == 2) stage = 0, phase ^= 1;
+      }
+    };
+    if (tl.any_keys()) {
+      turn(tl.n_begin, std::true_type(), std::false_type());
+      for (int n = tl.n_begin + 1; n < tl.n_end; ++n) turn(n, std::true_type(), std::true_type());
+      turn(tl.n_end, std::false_type(), std::true_type());
     }
 
     // Epilogue: O and LSE straight from the accumulators (rows past nq and columns past

@@ -1,5 +1,6 @@
 // Who sees whom: the masks of the attention kernels, once.
-// - The dense band (visible, tile_needs_mask, key_blocks, query_blocks): the causal /
+// - The dense band (visible, band_query_rows / band_key_rows, tile_needs_mask, key_blocks,
+//   query_blocks): the causal /
 //   sliding-window mask of flashkernels.h for one sequence (aligned bottom-right: query i
 //   sees key j iff i + diag - window_left <= j <= i + diag + window_right, a side of -1
 //   unbounded): per element, per tile (whether any element needs the per-element test) and
@@ -31,6 +32,31 @@ __device__ __forceinline__ bool visible(int i, int j, int nq, int nk, int diag, 
     if (wr >= 0) ok = ok && j <= i + diag + wr;
   }
   return ok;
+}
+
+// The band over an accumulator tile in mma.sync's m16n8 fragment layout, hidden entries
+// set to -inf: this thread's rows are `row` and row + 8, its columns col0 + 8 j (+ 1).
+// Rows are queries (band_query_rows: S, dP) or keys (band_key_rows: S^T, dP^T of the
+// dK / dV kernels). Callers apply it to the tiles tile_needs_mask flags.
+template <bool kHasMask, int NT>
+__device__ __forceinline__ void band_query_rows(float (&s)[NT][4], int row, int col0, int nq,
+                                                int nk, int diag, int wl, int wr) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (!visible<kHasMask>(row + (e >= 2 ? 8 : 0), col0 + j * 8 + (e & 1), nq, nk, diag, wl, wr))
+        s[j][e] = -INFINITY;
+}
+template <bool kHasMask, int NT>
+__device__ __forceinline__ void band_key_rows(float (&s)[NT][4], int row, int col0, int nq, int nk,
+                                              int diag, int wl, int wr) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (!visible<kHasMask>(col0 + j * 8 + (e & 1), row + (e >= 2 ? 8 : 0), nq, nk, diag, wl, wr))
+        s[j][e] = -INFINITY;
 }
 
 // Whether some (query, key) of the tile [m0, m0 + bm) x [n0, n0 + bn) is not visible.
