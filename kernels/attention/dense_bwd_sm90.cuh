@@ -467,8 +467,6 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       // gradient products (kGrad, overlap only). Compile-time flags, as in dQ.
       const auto turn = [&](int it, auto has_s, auto has_grad) {
         constexpr bool kS = decltype(has_s)::value, kGrad = decltype(has_grad)::value;
-        const unsigned char *q = sQ + stage * Traits::kTileQBytes;
-        const unsigned char *dout = sdO + stage * Traits::kTileQBytes;
         const int m0 = tl.step_m0(it);
         // This step's queries' LSE (log2) and Delta into the warpgroup's buffer of this
         // step's parity (the barrier of the step before ordered every read of it).
@@ -491,9 +489,11 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
           sm90::fence_registers(sd);
           if constexpr (kDk) sm90::fence_registers(dpd);
           sm90::wgmma_fence();
-          attn::wgmma_rows_x_rows<Element, BM, D>(sd, sK + wg_key0 * 128, BN, q);
+          attn::wgmma_rows_x_rows<Element, BM, D>(sd, sK + wg_key0 * 128, BN,
+                                                  sQ + stage * Traits::kTileQBytes);
           if constexpr (kDk)
-            attn::wgmma_rows_x_rows<Element, BM, D>(dpd, sV + wg_key0 * 128, BN, dout);
+            attn::wgmma_rows_x_rows<Element, BM, D>(dpd, sV + wg_key0 * 128, BN,
+                                                    sdO + stage * Traits::kTileQBytes);
           sm90::wgmma_commit();
         }
         if constexpr (kGrad) issue_grads(prev_stage);
