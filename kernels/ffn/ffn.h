@@ -44,5 +44,20 @@ private:
   }
 };
 
+// The workspace's buffers for storage type T: u [and g] in f32, h and d_u in T ((tokens, K):
+// du, then dg when gated).
+template <typename T> struct FfnBwdBuffers {
+  float *u, *g;
+  T *h, *d_u;
+  explicit FfnBwdBuffers(const fk_ffn_bwd_params &p) {
+    const FfnBwdWorkspace ws(p);
+    auto *base = static_cast<unsigned char *>(p.workspace);
+    u = reinterpret_cast<float *>(base + ws.u);
+    g = p.w3 != nullptr ? reinterpret_cast<float *>(base + ws.g) : nullptr;
+    h = reinterpret_cast<T *>(base + ws.h);
+    d_u = reinterpret_cast<T *>(base + ws.d_u);
+  }
+};
+
 } // namespace ffn
 } // namespace fk

@@ -231,12 +231,9 @@ template <typename T> cudaError_t ffn_bwd(const fk_ffn_bwd_params &p, cudaStream
   using BLoader = gemm::StridedLoader<Traits, Traits::kBlockN>;
   using Plain = FfnEpilogue<Traits, false>;
   const bool gated = p.w3 != nullptr;
-  const FfnBwdWorkspace ws(p);
-  auto *base = static_cast<unsigned char *>(p.workspace);
-  float *u = reinterpret_cast<float *>(base + ws.u);
-  float *g = gated ? reinterpret_cast<float *>(base + ws.g) : nullptr;
-  T *h = reinterpret_cast<T *>(base + ws.h);
-  T *d_u = reinterpret_cast<T *>(base + ws.d_u); // (tokens, K): du, then dg when gated
+  const FfnBwdBuffers<T> buffers(p);
+  float *u = buffers.u, *g = buffers.g;
+  T *h = buffers.h, *d_u = buffers.d_u; // d_u: du, then dg when gated
   const int dh_n = p.d_hidden, k_cat = gated ? 2 * dh_n : dh_n;
   cudaError_t err;
 

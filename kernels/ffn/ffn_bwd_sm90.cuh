@@ -23,12 +23,9 @@ template <typename T> cudaError_t ffn_bwd_sm90(const fk_ffn_bwd_params &p, cudaS
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr int BM = Traits::kBlockM, BN = Traits::kBlockN;
   const bool gated = p.w3 != nullptr;
-  const FfnBwdWorkspace ws(p);
-  auto *base = static_cast<unsigned char *>(p.workspace);
-  float *u = reinterpret_cast<float *>(base + ws.u);
-  float *g = gated ? reinterpret_cast<float *>(base + ws.g) : nullptr;
-  T *h = reinterpret_cast<T *>(base + ws.h);
-  T *d_u = reinterpret_cast<T *>(base + ws.d_u); // (tokens, K): du, then dg when gated
+  const FfnBwdBuffers<T> buffers(p);
+  float *u = buffers.u, *g = buffers.g;
+  T *h = buffers.h, *d_u = buffers.d_u; // d_u: du, then dg when gated
   const int dh_n = p.d_hidden, k_cat = gated ? 2 * dh_n : dh_n, dev = p.device;
   // A row-major (rows x cols, row stride ld) matrix as tiles of box_rows x 64 columns: a
   // K-major operand's (box_rows = the block's rows), or an MN-major one's (64 k-rows).
