@@ -129,6 +129,7 @@ controls=(
   "plain wgmma-before-tma-lands emu: wgmma read shared memory whose TMA has not landed"
   "plain wgmma-accumulator-in-flight emu: wgmma accumulator written while the wgmma was in flight"
   "plain mbarrier-phase-never-completes emu: deadlock"
+  "plain setmaxnreg-over-register-file emu: deadlock"
 )
 for c in "${controls[@]}"; do
   read -r flavour mode _ <<<"$c"

@@ -22,7 +22,12 @@
 //   is reported. Products summed in k order per 16-k slice.
 // - cp.async.mbarrier.arrive.noinc: the thread's cp.async copies land with the barrier's
 //   phase (NaN and reported to a wgmma until then) and count as an arrival.
-// - setmaxnreg (a warpgroup collective, no other effect here), named barriers (bar.sync id,
+// - setmaxnreg (a warpgroup collective): each warpgroup's registers per thread, drawn from
+//   the multiprocessor's 64K (every Hopper kernel runs one block per multiprocessor). A
+//   warpgroup starts with the launch's share (65536 / threads rounded down to 8, at most
+//   256: the most ptxas may give a kernel of that many threads); .inc waits until the other
+//   warpgroups' registers leave room (requests that can never fit deadlock, as on the GPU),
+//   .dec frees them; .inc below or .dec above the current count is reported. Named barriers (bar.sync id,
 //   count: the race check counts their completion as a block barrier, which is exact for
 //   kernels whose other threads touch shared memory only through TMA and mbarriers;
 //   bar.arrive counts without waiting, and a phase with one orders nothing),
@@ -36,6 +41,7 @@
 #include "emu.h"
 #include "mma_sm80.cuh" // the emulated one (smem_addr as a shared-memory offset)
 #include "tma_host.cuh" // emu::TensorMap
+#include <algorithm>
 #include <limits>
 
 #ifndef __grid_constant__
@@ -125,6 +131,8 @@ struct BlockState {
   std::vector<uint64_t> wg_desc[2];  // per warpgroup: the collective's descriptors
   std::vector<uint32_t> wg_a;        // per thread: its A registers (wgmma with A in registers)
   std::vector<uint8_t> tma_pending;  // per shared-memory byte: a TMA's, not landed yet
+  std::vector<int> wg_regs;          // per warpgroup: registers per thread (setmaxnreg)
+  Barrier regs_changed;              // wakes a warpgroup waiting in setmaxnreg.inc
 };
 inline BlockState g_block_state;
 
@@ -142,6 +150,8 @@ inline BlockState &block() {
     b.wg_desc[1].assign(b.wg_bar.size(), 0);
     b.tma_pending.assign(fk::kEmuSmemStorage, 0);
     b.wg_a.assign(size_t(n) * 4, 0);
+    b.wg_regs.assign(b.wg_bar.size(), std::min(256, 65536 / n / 8 * 8));
+    b.regs_changed = Barrier{};
   }
   return b;
 }
@@ -153,6 +163,33 @@ inline void warpgroup_sync() {
   if (int(g_bdim.x * g_bdim.y * g_bdim.z) < 128 * (warpgroup() + 1))
     fail("warpgroup instruction in a block without that whole warpgroup");
   barrier_wait(b.wg_bar[warpgroup()]);
+}
+
+// setmaxnreg.inc (inc) / .dec to `regs` per thread for this warpgroup: its first thread
+// does the accounting (sleeping until an .inc fits the 64K register file), then the
+// warpgroup goes on together.
+inline void set_warpgroup_regs(int regs, bool inc) {
+  warpgroup_sync();
+  BlockState &b = block();
+  const int wg = warpgroup();
+  if (g_cur->flat % 128 == 0) {
+    if (inc ? regs < b.wg_regs[wg] : regs > b.wg_regs[wg])
+      fail(inc ? "setmaxnreg.inc below the warpgroup's current register count"
+               : "setmaxnreg.dec above the warpgroup's current register count");
+    for (;;) {
+      int64_t total = 0;
+      for (size_t w = 0; w < b.wg_regs.size(); ++w)
+        total += 128 * int64_t(int(w) == wg ? regs : b.wg_regs[w]);
+      if (total <= 65536) break;
+      g_cur->wait = &b.regs_changed; // until another warpgroup frees registers
+      g_cur->wait_gen = b.regs_changed.gen;
+      yield();
+      g_cur->wait = nullptr;
+    }
+    b.wg_regs[wg] = regs;
+    ++b.regs_changed.gen;
+  }
+  warpgroup_sync();
 }
 
 inline MBarrier &mbar(const uint64_t *p, bool must_exist = true) {
@@ -369,11 +406,11 @@ inline void named_barrier_arrive(int id, int count) {
 
 template <int kRegs> void warpgroup_reg_alloc() {
   static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg range");
-  emu::sm90::warpgroup_sync();
+  emu::sm90::set_warpgroup_regs(kRegs, true);
 }
 template <int kRegs> void warpgroup_reg_dealloc() {
   static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg range");
-  emu::sm90::warpgroup_sync();
+  emu::sm90::set_warpgroup_regs(kRegs, false);
 }
 
 template <typename T, int N> void fence_registers(T (&)[N]) {}

@@ -64,6 +64,18 @@ __global__ void neg_missing_cp_async_wait(const __half *g, float *out) {
   out[threadIdx.x] = __half2float(s[8 * threadIdx.x]);
   cp_async_wait<0>();
 }
+// Three warpgroups as the Hopper kernels split them: the producer frees registers
+// (setmaxnreg.dec to 24 a thread), the two consumers take kConsumer each (.inc). 240 fits the
+// 64K register file (24 + 2 x 240 warpgroups of 128 threads: 64512); 248 cannot, and a GPU
+// hangs in the .inc.
+template <int kConsumer> __global__ void setmaxnreg_split(float *out) {
+  if (threadIdx.x / 128 == 2) {
+    sm90::warpgroup_reg_dealloc<24>();
+    return;
+  }
+  sm90::warpgroup_reg_alloc<kConsumer>();
+  out[threadIdx.x] = 1.f;
+}
 // One warpgroup on Hopper's path: A and B (64 x 64 each, f16) by TMA with the 128-byte
 // swizzle into shared memory, completing on one mbarrier, then D = A Bᵀ by four wgmma
 // m64n64k16 from shared-memory descriptors; out is D row-major. bug 1: no wait on the
@@ -276,6 +288,11 @@ static int selftest() {
   const double rs_err = sm90_gemm_rs_control();
   printf("selftest sm90 wgmma, A in registers, B MN-major: max error %.3g\n", rs_err);
   expect("sm90 wgmma A-registers x MN-major B product", rs_err < 1e-4);
+  emu::DeviceArray<float> regs_out(256, 0.f);
+  emu::launch(dim3(1), dim3(384), 0, [&] { fk::setmaxnreg_split<240>(regs_out.data()); });
+  bool all = true;
+  for (int i = 0; i < 256; ++i) all = all && regs_out.data()[i] == 1.f;
+  expect("setmaxnreg 24 + 2 x 240 fits the register file", all);
   return bad;
 }
 
@@ -312,6 +329,9 @@ int main(int argc, char **argv) {
     sm90_gemm_control(2);
   } else if (mode == "mbarrier-phase-never-completes") {
     sm90_gemm_control(3);
+  } else if (mode == "setmaxnreg-over-register-file") {
+    emu::DeviceArray<float> regs_out(256, 0.f);
+    emu::launch(dim3(1), dim3(384), 0, [&] { fk::setmaxnreg_split<248>(regs_out.data()); });
   } else if (mode == "selftest") {
     const int bad = selftest();
     printf(bad ? "selftest: %d FAILED\n" : "selftest: all passed\n", bad);
