@@ -35,6 +35,7 @@
 #include "../common/sm90.cuh"
 #include "../common/sm90_pipeline.cuh"
 #include "common/block_info.cuh"
+#include "common/mask.cuh"
 #include "common/sm90_tiles.cuh"
 #include "common/softmax.cuh"
 #include "common/tma_maps.cuh"
@@ -57,23 +58,6 @@ template <int kHeadDim_, typename Element_> struct AttnFwdTraitsSm90 {
   static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (2 + 2 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
-
-// The key blocks [begin, end) that rows [m0, m0 + BM) see (masks of dense_fwd_sm80.cuh).
-template <int BM, int BN>
-__device__ __forceinline__ void visible_key_blocks(int m0, int nk, int diag, bool has_left,
-                                                   bool has_right, int window_left,
-                                                   int window_right, int &begin, int &end) {
-  begin = 0;
-  end = (nk + BN - 1) / BN;
-  if (has_right) {
-    const int64_t last_key = int64_t(m0) + BM - 1 + diag + window_right;
-    end = int(min(int64_t(end), max(int64_t(0), (last_key + BN) / BN)));
-  }
-  if (has_left) {
-    const int64_t first_key = int64_t(m0) + diag - window_left;
-    begin = int(min(int64_t(end), max(int64_t(0), first_key) / BN));
-  }
-}
 
 template <class Traits, bool kHasMask>
 __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
@@ -114,7 +98,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
     Tile t{attn::SeqInfo(p, c.batch), c.block * BM, c.head, 0, 0, 0, 0};
     t.diag = t.seq.nk - t.seq.nq;
     t.map_batch = t.seq.varlen ? 0 : t.seq.batch;
-    visible_key_blocks<BM, BN>(t.m0, t.seq.nk, t.diag, has_left, has_right, p.window_left,
+    attn::key_blocks<kHasMask>(t.m0, BM, BN, t.seq.nq, t.seq.nk, t.diag, p.window_left,
                                p.window_right, t.n_begin, t.n_end);
     return t;
   };

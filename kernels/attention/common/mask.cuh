@@ -5,9 +5,10 @@
 //   sees key j iff i + diag - window_left <= j <= i + diag + window_right, a side of -1
 //   unbounded): per element, per tile (whether any element needs the per-element test) and
 //   as the ranges of key blocks a query block sees and of query blocks a key block is seen
-//   by. Used by the dense backward (the dense forward keeps an equivalent per-element form
-//   that needs fewer registers there). The C entries have made a side that masks nothing
-//   unbounded (check_window), so 32-bit index arithmetic cannot overflow here.
+//   by. Used by the dense backward and the Hopper forward's key ranges (the forwards keep
+//   an equivalent per-element form that needs fewer registers there). The C entries have made a
+//   side that masks nothing unbounded (check_window), so 32-bit index arithmetic cannot overflow
+//   here.
 // - LongformerRule: THE RULE of fk_longformer.h for one (sequence, head). Used by the
 //   Longformer forward and backward.
 #pragma once
