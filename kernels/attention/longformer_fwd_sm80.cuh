@@ -51,7 +51,6 @@ template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     longformer_fwd_kernel(const fk_longformer_fwd_params p) {
   using Element = typename Traits::Element;
-  using Tile = typename Traits::Tile;
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
   constexpr int BN = Traits::kBlockN;

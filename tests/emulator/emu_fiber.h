@@ -80,6 +80,7 @@ namespace emu {
 struct Barrier {
   int count = 0, gen = 0, expected = 0;
   bool block_epoch = false; // the race check counts it as __syncthreads (named barriers)
+  const char *what = nullptr; // what its waiters wait in, for a deadlock report
 };
 
 struct CopyOp {

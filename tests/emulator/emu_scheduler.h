@@ -79,7 +79,7 @@ EMU_UNTRACKED inline void poison_smem(size_t bytes) {
 inline void run_block(uint3 block, std::vector<Fiber> &fibers) {
   g_block = block;
   const int n = int(fibers.size()), nw = n / 32;
-  g_block_bar = Barrier{0, 0, n};
+  g_block_bar = Barrier{0, 0, n, false, "__syncthreads"};
   g_warp_bar.assign(nw, Barrier{0, 0, 32});
   g_ws.assign(nw, WarpScratch{});
   ++race::g_epoch; // nothing of the previous block is unordered with this one
@@ -128,7 +128,12 @@ inline void run_block(uint3 block, std::vector<Fiber> &fibers) {
     if (!alive) break;
     // Nobody can run, yet some have not exited: they wait at a barrier that the others
     // (exited, or waiting at another barrier) never reach.
-    fail("deadlock: threads wait at a barrier that the others never reach");
+    std::string why;
+    for (const Fiber &f : fibers)
+      if (!f.done && f.wait && f.wait->what && why.find(f.wait->what) == std::string::npos)
+        why += std::string(why.empty() ? " (waiting in: " : "; ") + f.wait->what;
+    if (!why.empty()) why += ")";
+    fail(("deadlock: threads wait at a barrier that the others never reach" + why).c_str());
   }
   g_cur = nullptr;
   if (race::g_hazards) {

@@ -143,8 +143,8 @@ inline BlockState &block() {
     b.serial = race::g_block_serial;
     b.bars.clear();
     const int n = int(g_bdim.x * g_bdim.y * g_bdim.z);
-    b.wg_bar.assign((n + 127) / 128, Barrier{0, 0, 128});
-    for (Barrier &x : b.named) x = Barrier{};
+    b.wg_bar.assign((n + 127) / 128, Barrier{0, 0, 128, false, "a warpgroup collective"});
+    for (Barrier &x : b.named) x = Barrier{}, x.what = "bar.sync (named barrier)";
     b.threads.assign(n, ThreadState{});
     b.wg_desc[0].assign(b.wg_bar.size(), 0);
     b.wg_desc[1].assign(b.wg_bar.size(), 0);
@@ -152,6 +152,7 @@ inline BlockState &block() {
     b.wg_a.assign(size_t(n) * 4, 0);
     b.wg_regs.assign(b.wg_bar.size(), std::min(256, 65536 / n / 8 * 8));
     b.regs_changed = Barrier{};
+    b.regs_changed.what = "setmaxnreg.inc (the warpgroups' registers exceed the 64K file)";
   }
   return b;
 }
@@ -244,6 +245,7 @@ inline void mbarrier_init(uint64_t *bar, uint32_t count) {
   emu::sm90::MBarrier &m = emu::sm90::mbar(bar, false);
   m = emu::sm90::MBarrier{};
   m.count = m.pending = int(count);
+  m.changed.what = "mbarrier.try_wait";
 }
 inline void fence_barrier_init() {}
 inline void fence_proxy_async_shared() {}
