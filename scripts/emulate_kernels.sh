@@ -128,8 +128,8 @@ controls=(
   "race missing-cp-async-wait RACE read of a cp.async destination before its wait"
   "plain wgmma-before-tma-lands emu: wgmma read shared memory whose TMA has not landed"
   "plain wgmma-accumulator-in-flight emu: wgmma accumulator written while the wgmma was in flight"
-  "plain mbarrier-phase-never-completes emu: deadlock"
-  "plain setmaxnreg-over-register-file emu: deadlock"
+  "plain mbarrier-phase-never-completes emu: deadlock: threads wait at a barrier that the others never reach (waiting in: mbarrier.try_wait"
+  "plain setmaxnreg-over-register-file emu: deadlock: threads wait at a barrier that the others never reach (waiting in: setmaxnreg.inc"
 )
 for c in "${controls[@]}"; do
   read -r flavour mode _ <<<"$c"
