@@ -87,24 +87,9 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int wl = p.window_left, wr = p.window_right;
   const int m_blocks = (p.base.shape.seqlen_q + BM - 1) / BM; // of the longest sequence
   const int tiles = m_blocks * heads * p.base.shape.batch;
-  // Persistent: block b takes tiles b, b + gridDim.x, ... (attn::TileCoords: the last query
-  // blocks of every head first). A varlen sequence shorter than the longest skips its
-  // tiles past its end (`empty`); producer and consumers skip the same ones.
-  struct Tile {
-    attn::SeqInfo seq;
-    int m0, head, n_begin, n_end, diag, map_batch;
-    __device__ bool empty() const { return m0 >= seq.nq; }
-    __device__ bool any_keys() const { return !empty() && n_begin < n_end; }
-  };
-  const auto tile_at = [&](int i) {
-    const attn::TileCoords c(i, m_blocks, heads, p.base.shape.batch, true);
-    Tile t{attn::SeqInfo(p, c.batch), c.block * BM, c.head, 0, 0, 0, 0};
-    t.diag = t.seq.nk - t.seq.nq;
-    t.map_batch = t.seq.varlen ? 0 : t.seq.batch;
-    attn::key_blocks<kHasMask>(t.m0, BM, BN, t.seq.nq, t.seq.nk, t.diag, wl, wr, t.n_begin,
-                               t.n_end);
-    return t;
-  };
+  // Persistent: block b takes tiles b, b + gridDim.x, ... in attn::QueryTile's order (the
+  // last query blocks of every head first: the heaviest under causal masking).
+  const auto tile_at = [&](int i) { return attn::QueryTile::at<kHasMask, BM, BN>(p, i, m_blocks); };
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -119,7 +104,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       int stage = 0;
       uint32_t phase = 0, q_phase = 0;
       for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-        const Tile tl = tile_at(i);
+        const attn::QueryTile tl = tile_at(i);
         if (!tl.any_keys()) continue; // nothing to load
         sm90::mbarrier_wait(q_empty, q_phase ^ 1); // the consumers are done with the last Q, dO
         sm90::mbarrier_arrive_expect_tx(q_full, 2 * Traits::kTileQBytes);
@@ -160,7 +145,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   int stage = 0;
   uint32_t phase = 0, q_phase = 0;
   for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-    const Tile tl = tile_at(i);
+    const attn::QueryTile tl = tile_at(i);
     if (tl.empty()) continue;
     const int m0 = tl.m0, nq = tl.seq.nq, nk = tl.seq.nk, diag = tl.diag;
     // LSE (log2 domain) and Delta of this thread's rows (rows past nq: P = 0, dS = 0).

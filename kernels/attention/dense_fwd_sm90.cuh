@@ -82,26 +82,9 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const int heads = p.base.shape.heads, group = heads / p.base.shape.heads_kv;
   const int m_blocks = (p.base.shape.seqlen_q + BM - 1) / BM; // of the longest sequence
   const int tiles = m_blocks * heads * p.base.shape.batch;
-  // Persistent: block b takes tiles b, b + gridDim.x, ... (attn::TileCoords: the last query
-  // blocks of every head first, the heaviest under causal masking). A varlen sequence
-  // shorter than the longest skips its tiles past its end (`empty`); producer and consumers
-  // skip the same ones.
-  struct Tile {
-    attn::SeqInfo seq; // lengths and packed row offsets of the tile's sequence
-    int m0, head, n_begin, n_end, diag;
-    int map_batch; // the tensor maps' batch coordinate: the batch, or 0 (varlen: packed rows)
-    __device__ bool empty() const { return m0 >= seq.nq; }
-    __device__ bool any_keys() const { return !empty() && n_begin < n_end; }
-  };
-  const auto tile_at = [&](int i) {
-    const attn::TileCoords c(i, m_blocks, heads, p.base.shape.batch, true);
-    Tile t{attn::SeqInfo(p, c.batch), c.block * BM, c.head, 0, 0, 0, 0};
-    t.diag = t.seq.nk - t.seq.nq;
-    t.map_batch = t.seq.varlen ? 0 : t.seq.batch;
-    attn::key_blocks<kHasMask>(t.m0, BM, BN, t.seq.nq, t.seq.nk, t.diag, p.window_left,
-                               p.window_right, t.n_begin, t.n_end);
-    return t;
-  };
+  // Persistent: block b takes tiles b, b + gridDim.x, ... in attn::QueryTile's order (the
+  // last query blocks of every head first: the heaviest under causal masking).
+  const auto tile_at = [&](int i) { return attn::QueryTile::at<kHasMask, BM, BN>(p, i, m_blocks); };
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -116,7 +99,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
       int stage = 0;
       uint32_t phase = 0, q_phase = 0;
       for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-        const Tile tl = tile_at(i);
+        const attn::QueryTile tl = tile_at(i);
         if (!tl.any_keys()) continue; // no Q or K / V to load
         const int head_kv = tl.head / group;
         sm90::mbarrier_wait(q_empty, q_phase ^ 1); // the consumers are done with the last Q
@@ -158,7 +141,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   int stage = 0;
   uint32_t phase = 0, q_phase = 0;
   for (int i = blockIdx.x; i < tiles; i += gridDim.x) {
-    const Tile tl = tile_at(i);
+    const attn::QueryTile tl = tile_at(i);
     if (tl.empty()) continue;
     const int m0 = tl.m0, nq = tl.seq.nq, nk = tl.seq.nk, diag = tl.diag;
     float o[1][kOTiles][4];

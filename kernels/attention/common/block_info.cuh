@@ -3,7 +3,8 @@
 // - SeqInfo: one sequence of a dense or variable-length (cu_seqlens) batch, its lengths and
 //   where its rows start in Q-like and K-like tensors and in LSE. Used by the dense
 //   forward and backward.
-// - TileCoords: a persistent grid's tile order (the Hopper kernels).
+// - TileCoords, QueryTile: a persistent grid's tile order and query tiles (the Hopper
+//   kernels).
 // - fresh_thread_idx, fresh_block_idx_z: an index read again for an epilogue.
 // - LongformerRows, gathered_token: the rows of one side of a Longformer pass, contiguous
 //   tokens or a gathered list (q_rows / k_rows); LongformerWork: the slice of its CSR row
@@ -14,6 +15,7 @@
 #include <stdint.h>
 
 #include "../../include/fk_longformer.h"
+#include "mask.cuh"
 
 namespace fk {
 namespace attn {
@@ -97,6 +99,29 @@ struct TileCoords {
     block = from_last ? blocks - 1 - i / hb : i / hb;
     head = i % heads;
     batch = i % hb / heads;
+  }
+};
+
+// A query tile of the Hopper forward's and dQ's persistent grids: BM query rows of one
+// (head, sequence) and the blocks of BN keys they see. Tile i of m_blocks query blocks x
+// heads x batch (TileCoords: the last query blocks first). A varlen sequence shorter than
+// the longest has tiles past its end (empty()), which producer and consumers both skip.
+struct QueryTile {
+  SeqInfo seq; // lengths and packed row offsets of the tile's sequence
+  int m0, head, n_begin, n_end, diag;
+  int map_batch; // the tensor maps' batch coordinate: the batch, or 0 (varlen: packed rows)
+  __device__ bool empty() const { return m0 >= seq.nq; }
+  __device__ bool any_keys() const { return !empty() && n_begin < n_end; }
+
+  template <bool kHasMask, int BM, int BN, class Params>
+  static __device__ __forceinline__ QueryTile at(const Params &p, int i, int m_blocks) {
+    const TileCoords c(i, m_blocks, p.base.shape.heads, p.base.shape.batch, true);
+    QueryTile t{SeqInfo(p, c.batch), c.block * BM, c.head, 0, 0, 0, 0};
+    t.diag = t.seq.nk - t.seq.nq;
+    t.map_batch = t.seq.varlen ? 0 : t.seq.batch;
+    key_blocks<kHasMask>(t.m0, BM, BN, t.seq.nq, t.seq.nk, t.diag, p.window_left, p.window_right,
+                         t.n_begin, t.n_end);
+    return t;
   }
 };
 
