@@ -45,22 +45,19 @@
 
 namespace fk {
 
-template <int kHeadDim_, typename Element_> struct AttnBwdDqTraitsSm90 {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma n of sm90.cuh");
+template <int kHeadDim_, typename Element_>
+struct AttnBwdDqTraitsSm90 : attn::WarpgroupTraitsSm90<kHeadDim_, Element_> {
+  using Base = attn::WarpgroupTraitsSm90<kHeadDim_, Element_>;
+  using Base::kHeadDim, Base::kConsumers;
   // D 256: 32-key stages (Q and dO take 128 KB; two stages of K and V another 64 KB).
   static constexpr int kBlockM = 128, kBlockN = kHeadDim == 256 ? 32 : 64;
   // Overlap of the softmax backward with the last block's dQ product: where the registers
   // allow (ptxas: D 256 spilled 28-36 bytes with it).
   static constexpr bool kOverlap = kHeadDim <= 128;
-  static constexpr int kDBlocks = kHeadDim / 64; // 64-column sub-tiles (one swizzle span)
-  static constexpr int kConsumers = 2, kLaunchThreads = 384;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2; // Q or dO
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // one K or V stage
   static constexpr size_t kBarrierOffset = 2 * size_t(kTileQBytes) + 4 * size_t(kTileKVBytes);
   static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (2 + 2 * 2) + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
 template <class Traits, bool kHasMask>
@@ -265,23 +262,24 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
 // the accumulators (the queries are the columns: their LSE and Delta staged per step in this
 // warpgroup's shared memory), then dV += P^T dO and dK += dS^T Q by wgmma with P^T / dS^T from
 // registers and dO / Q MN-major. GQA's sum over the group is this loop: no atomics, deterministic.
-template <int kHeadDim_, typename Element_> struct AttnBwdKVTraitsSm90 {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma n of sm90.cuh");
+template <int kHeadDim_, typename Element_>
+struct AttnBwdKVTraitsSm90 : attn::WarpgroupTraitsSm90<kHeadDim_, Element_> {
+  using Base = attn::WarpgroupTraitsSm90<kHeadDim_, Element_>;
+  using Base::kHeadDim, Base::kConsumers;
   // D 256: a thread cannot hold both gradients' accumulators (2 x 128 registers), so the
   // consumers split the roles over the same 64 keys: warpgroup 0 accumulates dV, 1 dK.
   static constexpr bool kSplitRoles = kHeadDim == 256;
+  // Overlap (in the kernel) keeps step it - 1's packed P^T / dS^T live next to step it's
+  // S^T / dP^T and the gradients: only at D 64 does that fit the 240 registers (ptxas: D 128
+  // spilled 100-120 bytes, D 256 24-40 in its dK role and 4-24 in its dV role).
+  static constexpr bool kOverlap = kHeadDim == 64;
   static constexpr int kBlockN = kSplitRoles ? 64 : 128, kBlockM = 64; // keys, queries a step
-  static constexpr int kDBlocks = kHeadDim / 64;
-  static constexpr int kConsumers = 2, kLaunchThreads = 384;
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // K or V
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2; // one Q or dO stage
   static constexpr size_t kStatsOffset = 2 * size_t(kTileKVBytes) + 4 * size_t(kTileQBytes);
   // Per consumer, two steps of LSE (log2) and Delta for kBlockM queries.
   static constexpr size_t kBarrierOffset = kStatsOffset + kConsumers * 2 * 2 * kBlockM * 4;
   static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (2 + 2 * 2) + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
 template <class Traits, bool kHasMask>
@@ -392,10 +390,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1)
   const auto consume = [&](auto dv_role, auto dk_role) {
     constexpr bool kDv = decltype(dv_role)::value, kDk = decltype(dk_role)::value;
     constexpr int kGrads = int(kDv) + int(kDk);
-    // Overlap (below) keeps step it - 1's packed P^T / dS^T live next to step it's S^T /
-    // dP^T and the gradients: only at D 64 does that fit the 240 registers (ptxas: D 128
-    // spilled 100-120 bytes, D 256 24-40 in its dK role and 4-24 in its dV role).
-    constexpr bool kOverlap = D == 64;
+    constexpr bool kOverlap = Traits::kOverlap;
     int stage = 0, step = 0; // step: every step of this block's tiles (the stats' parity)
     uint32_t phase = 0, kv_phase = 0;
     for (int i = blockIdx.x; i < tiles; i += gridDim.x) {

@@ -43,20 +43,16 @@
 
 namespace fk {
 
-template <int kHeadDim_, typename Element_> struct AttnFwdTraitsSm90 {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
-                "wgmma n of the wrappers in sm90.cuh");
+template <int kHeadDim_, typename Element_>
+struct AttnFwdTraitsSm90 : attn::WarpgroupTraitsSm90<kHeadDim_, Element_> {
+  using Base = attn::WarpgroupTraitsSm90<kHeadDim_, Element_>;
+  using Base::kHeadDim, Base::kConsumers;
   // D 256: 64-key blocks (S = 32 accumulators, O = 128 per thread; 192 KB of stages).
   static constexpr int kBlockM = 128, kBlockN = kHeadDim == 256 ? 64 : 128, kStages = 2;
-  static constexpr int kDBlocks = kHeadDim / 64; // 64-column sub-tiles (one swizzle span)
-  static constexpr int kConsumers = 2, kLaunchThreads = 384;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2; // one K or V stage
   static constexpr size_t kBarrierOffset = size_t(kTileQBytes) + 4 * size_t(kTileKVBytes);
   static constexpr size_t kSmemBytes = kBarrierOffset + 8 * (2 + 2 * kStages) + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
 template <class Traits, bool kHasMask>

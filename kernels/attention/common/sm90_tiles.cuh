@@ -10,6 +10,19 @@
 namespace fk {
 namespace attn {
 
+// What the Hopper attention kernels' traits share: head dims padded to a wgmma n of
+// sm90.cuh, tiles as 64-column blocks (one 128-byte swizzle span each), a producer
+// warpgroup and two consumer warpgroups of 64 rows (384 threads), and the setmaxnreg split
+// of the 64K registers between them (24 + 2 x 240 a thread).
+template <int kHeadDim_, typename Element_> struct WarpgroupTraitsSm90 {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma n of sm90.cuh");
+  static constexpr int kDBlocks = kHeadDim / 64;
+  static constexpr int kConsumers = 2, kLaunchThreads = 384;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
 // acc (64 x N) += A B^T over the head dim D: A's 64 rows of the warpgroup at `a` (in a tile
 // of a_rows rows), B's N rows at `b` (a tile of N rows); both K-major. One wgmma group is
 // left open (the caller commits).
